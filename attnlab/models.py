@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,8 +218,23 @@ def load_model(
         kind = "hub"
         label = name
 
-    hf_model, tokenizer = _load_hf(model_dir if model_dir is not None else name, name, kind, device, dtype, trust_remote_code)
+    with _quiet_transformers():
+        hf_model, tokenizer = _load_hf(model_dir if model_dir is not None else name, name, kind, device, dtype, trust_remote_code)
     return wrap_hf_model(hf_model, tokenizer, name=name, source=kind, label=label)
+
+
+@contextmanager
+def _quiet_transformers():
+    """No per-tensor 'Loading weights' bars: loading takes well under a second once cached."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def wrap_hf_model(hf_model: Any, tokenizer: Any, *, name: str, source: str, label: str | None = None) -> LoadedModel:

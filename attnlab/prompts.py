@@ -1,0 +1,214 @@
+"""Prompts for profiling: the project's own generators, a user's text file, or JSONL.
+
+The built-in generators write synthetic text procedurally (no copied corpora) in a few
+registers that exercise different heads: narrative prose with recurring names (induction and
+coreference), key–value records (retrieval-like lookups), code (brackets, indentation) and
+lists. Each prompt is cut to an exact token length.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from attnlab.errors import PromptError
+
+KINDS = ("narrative", "records", "code", "list")
+
+_FIRST = ["Ada", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kemal",
+          "Lena", "Mateo", "Nia", "Oskar", "Priya", "Quinn", "Rosa", "Sven", "Tariq", "Uma", "Viktor",
+          "Wen", "Xenia", "Yusuf", "Zora"]
+_PLACES = ["the harbour", "the old mill", "the library", "the market square", "the north station",
+           "the orchard", "the bridge", "the museum", "the workshop", "the lighthouse", "the bakery"]
+_OBJECTS = ["a brass key", "a folded map", "a red notebook", "a wooden box", "a silver coin",
+            "a letter", "a lantern", "a compass", "a violin", "a jar of honey", "a broken watch"]
+_VERBS = ["found", "lost", "carried", "painted", "repaired", "hid", "sold", "borrowed", "opened", "weighed"]
+_TIMES = ["at dawn", "before noon", "in the evening", "late at night", "on Monday", "after the storm",
+          "during the festival", "in early spring"]
+_ADJ = ["quiet", "crowded", "narrow", "bright", "cold", "dusty", "enormous", "forgotten", "tidy"]
+_CITIES = ["Lisbon", "Oslo", "Nairobi", "Quito", "Hanoi", "Tbilisi", "Perth", "Montreal", "Kyoto", "Accra"]
+_FUNCS = ["load", "parse", "merge", "score", "filter", "render", "update", "split", "count", "rank"]
+_NOUNS = ["items", "rows", "tokens", "users", "events", "blocks", "pages", "records", "nodes", "files"]
+
+
+@dataclass
+class Prompt:
+    """One sample: a name, its token ids ``[1, n]`` and where it came from."""
+
+    name: str
+    input_ids: torch.Tensor
+    source: str
+    kind: str = ""
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[-1])
+
+
+def _narrative(rng: random.Random) -> str:
+    cast = rng.sample(_FIRST, 4)
+    out = []
+    for _ in range(6):
+        a, b = rng.sample(cast, 2)
+        out.append(
+            f"{a} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} near {rng.choice(_PLACES)} {rng.choice(_TIMES)}. "
+            f"The {rng.choice(_ADJ)} street was empty, so {a} asked {b} to wait. "
+            f"{b} counted {rng.randint(2, 99)} steps and said nothing."
+        )
+    return " ".join(out) + "\n\n"
+
+
+def _records(rng: random.Random) -> str:
+    lines = []
+    for _ in range(8):
+        lines.append(
+            f"Record {rng.randint(100, 9999)}: name={rng.choice(_FIRST)}, city={rng.choice(_CITIES)}, "
+            f"code={rng.randint(1000, 99999)}, status={rng.choice(['open', 'closed', 'pending'])}."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _code(rng: random.Random) -> str:
+    f, noun = rng.choice(_FUNCS), rng.choice(_NOUNS)
+    k = rng.randint(2, 9)
+    return (
+        f"def {f}_{noun}({noun}, limit={k}):\n"
+        f"    result = []\n"
+        f"    for i, item in enumerate({noun}):\n"
+        f"        if i >= limit:\n"
+        f"            break\n"
+        f"        result.append(item * {rng.randint(2, 7)})\n"
+        f"    return result\n\n"
+    )
+
+
+def _list(rng: random.Random) -> str:
+    return "".join(f"{i}. {rng.choice(_ADJ)} {rng.choice(_NOUNS)} from {rng.choice(_CITIES)}\n" for i in range(1, 9)) + "\n"
+
+
+_GENERATORS = {"narrative": _narrative, "records": _records, "code": _code, "list": _list}
+
+
+def generate_text(kind: str, rng: random.Random, min_chars: int) -> str:
+    """Synthetic text of one register, at least ``min_chars`` long."""
+    gen = _GENERATORS[kind]
+    parts: list[str] = []
+    total = 0
+    while total < min_chars:
+        parts.append(gen(rng))
+        total += len(parts[-1])
+    return "".join(parts)
+
+
+def builtin_prompts(
+    tokenizer, lengths: Sequence[int], n_samples: int, *, seed: int = 0, kinds: Sequence[str] = KINDS
+) -> list[Prompt]:
+    """``n_samples`` generated prompts, cycling through ``kinds`` and ``lengths`` (tokens).
+
+    Each prompt starts with the tokenizer's BOS token when it has one, as real inputs do.
+    """
+    if n_samples <= 0:
+        raise PromptError(f"--samples must be positive, got {n_samples}")
+    if not lengths or any(n <= 1 for n in lengths):
+        raise PromptError(f"--lengths must be token counts above 1, got {list(lengths)}")
+    unknown = [k for k in kinds if k not in _GENERATORS]
+    if unknown:
+        raise PromptError(f"unknown prompt kind(s) {unknown}: choose from {list(KINDS)}")
+    rng = random.Random(seed)
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    prompts = []
+    for i in range(n_samples):
+        kind = kinds[i % len(kinds)]
+        n = int(lengths[i % len(lengths)])
+        ids: list[int] = []
+        chars = n * 4
+        while len(bos) + len(ids) < n:
+            ids = tokenizer(generate_text(kind, rng, chars), add_special_tokens=False)["input_ids"]
+            chars *= 2
+        ids = (bos + ids)[:n]
+        prompts.append(Prompt(f"builtin-{i:03d}-{kind}-{n}", torch.tensor([ids]), "builtin", kind))
+    return prompts
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's contents, with clear errors for the usual mistakes."""
+    path = Path(path)
+    if not path.is_file():
+        raise PromptError(f"prompt file {path} does not exist: check the path")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise PromptError(
+            f"{path} is not UTF-8 text (bad byte at offset {exc.start}): convert it, e.g. `iconv -t utf-8 {path.name}`"
+        ) from exc
+    if not text.strip():
+        raise PromptError(f"{path} is empty: give a text file with some content")
+    return text
+
+
+def text_file_prompts(tokenizer, path: str | Path, lengths: Sequence[int], n_samples: int) -> list[Prompt]:
+    """Consecutive windows of a user's text file, of the requested token lengths."""
+    text = read_text_file(path)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
+    prompts, pos = [], 0
+    for i in range(n_samples):
+        n = int(lengths[i % len(lengths)])
+        body = n - len(bos)
+        if pos + body > len(ids):
+            if not prompts:
+                raise PromptError(
+                    f"{path} has {len(ids)} tokens, fewer than the {n} one sample needs: lower --lengths or give a longer file"
+                )
+            break
+        prompts.append(Prompt(f"{Path(path).stem}-{i:03d}-{n}", torch.tensor([bos + ids[pos : pos + body]]), str(path), "text"))
+        pos += body
+    return prompts
+
+
+def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat=None) -> list[Prompt]:
+    """One prompt per JSONL line ``{"text": ..., "name": optional}``."""
+    text = read_text_file(path)
+    prompts = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
+            raise PromptError(f'{path}:{lineno}: needs a non-empty "text" field, e.g. {{"text": "Once upon a time"}}')
+        name = str(obj.get("name", f"{Path(path).stem}-{lineno}"))
+        if chat and apply_chat is not None:
+            ids = apply_chat(obj["text"])
+        else:
+            ids = tokenizer(obj["text"], return_tensors="pt")["input_ids"]
+        prompts.append(Prompt(name, ids.to(torch.long), f"{path}:{lineno}", "jsonl"))
+    if not prompts:
+        raise PromptError(f"{path} has no prompts: add lines like {{\"text\": \"...\"}}")
+    return prompts
+
+
+def load_prompts(model, spec: str, *, lengths: Sequence[int], n_samples: int, chat: bool = False, seed: int = 0) -> list[Prompt]:
+    """Prompts from a spec: ``builtin`` (or ``builtin:narrative,code``), a ``.jsonl`` file, or a text file."""
+    if spec == "builtin" or spec.startswith("builtin:"):
+        kinds = spec.split(":", 1)[1].split(",") if ":" in spec else list(KINDS)
+        prompts = builtin_prompts(model.tokenizer, lengths, n_samples, seed=seed, kinds=kinds)
+    elif spec.endswith(".jsonl"):
+        prompts = jsonl_prompts(model.tokenizer, spec, chat=chat, apply_chat=lambda t: model.encode(t, chat=True))
+    else:
+        prompts = text_file_prompts(model.tokenizer, spec, lengths, n_samples)
+    if chat and not spec.endswith(".jsonl"):
+        if not model.has_chat_template:
+            raise PromptError(f"--chat was given but {model.name} has no chat template: drop --chat")
+        for p in prompts:
+            text = model.tokenizer.decode(p.input_ids[0], skip_special_tokens=True)
+            p.input_ids = model.encode(text, chat=True)
+    return prompts
