@@ -82,7 +82,7 @@ def capture(
     n = int(input_ids.shape[1])
     check_length(model, n, name)
     input_ids = input_ids.to(model.device)
-    accs = [HeadStatAccumulator(model.n_heads, n, config) for _ in range(model.n_layers)]
+    accs = [HeadStatAccumulator(model.n_heads, n, config, device=model.device) for _ in range(model.n_layers)]
     if path == "pattern":
         _run_pattern_path(model, input_ids, accs, config)
     else:
@@ -101,7 +101,8 @@ def _run_pattern_path(model: LoadedModel, input_ids: torch.Tensor, accs: list[He
         return hook
 
     hooks = [(f"blocks.{layer}.attn.hook_pattern", make_hook(layer)) for layer in range(model.n_layers)]
-    model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, return_type=None)
+    # Statistics need every layer's attention, not the logits: stop before the unembedding.
+    model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=model.n_layers)
 
 
 def qk_probabilities(query: torch.Tensor, key: torch.Tensor, start: int, end: int, scaling: float) -> torch.Tensor:
@@ -119,7 +120,7 @@ def qk_probabilities(query: torch.Tensor, key: torch.Tensor, start: int, end: in
     k = key.to(torch.float32)
     q = q.reshape(key.shape[0], group * (end - start), -1)  # fold each GQA group into rows
     scores = torch.matmul(q, k.transpose(-1, -2)).view(h, end - start, n) * scaling
-    future = torch.arange(n)[None, :] > torch.arange(start, end)[:, None]
+    future = torch.arange(n, device=query.device)[None, :] > torch.arange(start, end, device=query.device)[:, None]
     scores.masked_fill_(future, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
@@ -132,4 +133,4 @@ def _run_qk_path(model: LoadedModel, input_ids: torch.Tensor, accs: list[HeadSta
         return sdpa(query, key, value, scaling=scaling)
 
     with route_attention(model, attention):
-        model.hf_model(input_ids, use_cache=False)
+        model.hf_model.base_model(input_ids, use_cache=False)  # no unembedding: logits are not needed

@@ -112,10 +112,7 @@ def builtin_prompts(
 
     Each prompt starts with the tokenizer's BOS token when it has one, as real inputs do.
     """
-    if n_samples <= 0:
-        raise PromptError(f"--samples must be positive, got {n_samples}")
-    if not lengths or any(n <= 1 for n in lengths):
-        raise PromptError(f"--lengths must be token counts above 1, got {list(lengths)}")
+    _check_counts(lengths, n_samples)
     unknown = [k for k in kinds if k not in _GENERATORS]
     if unknown:
         raise PromptError(f"unknown prompt kind(s) {unknown}: choose from {list(KINDS)}")
@@ -152,8 +149,22 @@ def read_text_file(path: str | Path) -> str:
     return text
 
 
+def _check_counts(lengths: Sequence[int], n_samples: int) -> None:
+    if n_samples <= 0:
+        raise PromptError(f"--samples must be positive, got {n_samples}")
+    if not lengths or any(n <= 1 for n in lengths):
+        raise PromptError(f"--lengths must be token counts above 1, got {list(lengths)}")
+
+
+def _with_bos(tokenizer, ids: list[int]) -> list[int]:
+    """Prefix the tokenizer's BOS token when it has one and ``ids`` lack it, as real inputs do."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return ids if bos is None or (ids and ids[0] == bos) else [bos, *ids]
+
+
 def text_file_prompts(tokenizer, path: str | Path, lengths: Sequence[int], n_samples: int) -> list[Prompt]:
     """Consecutive windows of a user's text file, of the requested token lengths."""
+    _check_counts(lengths, n_samples)
     text = read_text_file(path)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     bos = [tokenizer.bos_token_id] if getattr(tokenizer, "bos_token_id", None) is not None else []
@@ -173,7 +184,8 @@ def text_file_prompts(tokenizer, path: str | Path, lengths: Sequence[int], n_sam
 
 
 def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat=None) -> list[Prompt]:
-    """One prompt per JSONL line ``{"text": ..., "name": optional}``."""
+    """One prompt per JSONL line ``{"text": ..., "name": optional}``, starting with BOS like
+    the other sources (or as the chat template starts it, with ``chat=True``)."""
     text = read_text_file(path)
     prompts = []
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -189,7 +201,7 @@ def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat
         if chat and apply_chat is not None:
             ids = apply_chat(obj["text"])
         else:
-            ids = tokenizer(obj["text"], return_tensors="pt")["input_ids"]
+            ids = torch.tensor([_with_bos(tokenizer, tokenizer(obj["text"])["input_ids"])])
         prompts.append(Prompt(name, ids.to(torch.long), f"{path}:{lineno}", "jsonl"))
     if not prompts:
         raise PromptError(f"{path} has no prompts: add lines like {{\"text\": \"...\"}}")

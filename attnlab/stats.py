@@ -48,7 +48,8 @@ class StatConfig:
         block_size: block of the block maps (tokens).
         last_queries: measure only the last ``k`` queries (``None`` = all).
         coverage_rows: at most this many rows are sorted for ``keys_frac``.
-        query_chunk: rows reduced at once (bounds transient memory to ``heads × chunk × n``).
+        query_chunk: rows reduced at once (bounds transient memory to ``heads × chunk × n``);
+            rounded down to a multiple of ``block_size`` (at least one block).
     """
 
     sink_tokens: tuple[int, ...] = (1, 4)
@@ -71,6 +72,12 @@ class StatConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if any(not 0 < c < 1 for c in self.coverages):
             raise ValueError(f"coverages must lie in (0, 1), got {self.coverages}")
+        if self.coverage_rows <= 0:
+            raise ValueError(f"coverage_rows must be positive, got {self.coverage_rows}")
+        if self.query_chunk <= 0:
+            raise ValueError(f"query_chunk must be positive, got {self.query_chunk}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"two statistics would share a name: {self.names}; give distinct sizes and coverages")
         if self.query_chunk % bs:
             object.__setattr__(self, "query_chunk", max(bs, (self.query_chunk // bs) * bs))
 
@@ -139,23 +146,25 @@ class HeadStatAccumulator:
     n_heads: int
     n_keys: int
     config: StatConfig
+    device: torch.device | str = "cpu"
     col: torch.Tensor = field(init=False)
     diag: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
         h, n, bs = self.n_heads, self.n_keys, self.config.block_size
+        dev = self.device
         self.n_blocks = math.ceil(n / bs)
-        self.col = torch.zeros(h, n, dtype=torch.float64)
-        self.diag = torch.zeros(h, n, dtype=torch.float64)
-        self.entropy_sum = torch.zeros(h, dtype=torch.float64)
+        self.col = torch.zeros(h, n, dtype=torch.float64, device=dev)
+        self.diag = torch.zeros(h, n, dtype=torch.float64, device=dev)
+        self.entropy_sum = torch.zeros(h, dtype=torch.float64, device=dev)
         self.entropy_rows = 0
-        self.coverage_sum = torch.zeros(h, len(self.config.coverages), dtype=torch.float64)
+        self.coverage_sum = torch.zeros(h, len(self.config.coverages), dtype=torch.float64, device=dev)
         self.coverage_count = 0
         self.rows = 0
-        self.block_sum = torch.zeros(h, self.n_blocks, self.n_blocks, dtype=torch.float64)
-        self.block_max = torch.zeros(h, self.n_blocks, self.n_blocks, dtype=torch.float32)
+        self.block_sum = torch.zeros(h, self.n_blocks, self.n_blocks, dtype=torch.float64, device=dev)
+        self.block_max = torch.zeros(h, self.n_blocks, self.n_blocks, dtype=torch.float32, device=dev)
         self.block_rows = torch.zeros(self.n_blocks, dtype=torch.float64)
-        self._coverage_pos = self.config.coverage_positions(n)
+        self._coverage_pos = self.config.coverage_positions(n).to(dev)
 
     @torch.no_grad()
     def update(self, probs: torch.Tensor, start: int) -> None:
@@ -173,15 +182,16 @@ class HeadStatAccumulator:
         if start < 0 or start + r > n:
             raise ValueError(f"rows {start}..{start + r - 1} fall outside a {n}-token sample")
         self.rows += r
-        self.col += probs.sum(1, dtype=torch.float64)
-        self.diag[:, : start + r] += _diagonal_sums(probs, start)
+        # per-chunk sums in fp32 (fast), running totals in fp64
+        self.col += probs.sum(1)
+        self.diag += _diagonal_sums(probs, start)
 
         # entropy, normalised by log(visible keys); the first token sees one key and is skipped
         ent = -torch.special.xlogy(probs, probs).sum(-1)  # [h, r]
-        pos = torch.arange(start, start + r)
+        pos = torch.arange(start, start + r, device=probs.device)
         keep = pos >= 1
         if keep.any():
-            self.entropy_sum += (ent[:, keep] / torch.log(pos[keep].to(torch.float32) + 1)).sum(-1, dtype=torch.float64)
+            self.entropy_sum += (ent[:, keep] / torch.log(pos[keep].to(torch.float32) + 1)).sum(-1)
             self.entropy_rows += int(keep.sum())
 
         cov = self._coverage_pos
@@ -209,19 +219,24 @@ class HeadStatAccumulator:
     def _update_blocks(self, probs: torch.Tensor, start: int) -> None:
         bs = self.config.block_size
         h, r, n = probs.shape
-        # Pad keys to whole blocks and rows out to the enclosing q-block boundaries, so that
-        # both pools are plain reshapes (padding is 0, which neither the sum nor the max sees
-        # since probabilities are >= 0).
+        # Pool keys first (a contiguous inner reduction over the big tensor), then rows on the
+        # small [h, r, k_blocks] result, padded out to the enclosing q-block boundaries.
+        # Padding is 0, which neither the sum nor the max sees (probabilities are >= 0).
+        kpad = self.n_blocks * bs - n
+        keyed = torch.nn.functional.pad(probs, (0, kpad)) if kpad else probs
+        keyed = keyed.reshape(h, r, self.n_blocks, bs)
+        row_sum, row_max = keyed.sum(-1), keyed.amax(-1)
         first = start // bs
         lead = start - first * bs
         nb = math.ceil((lead + r) / bs)
-        padded = torch.nn.functional.pad(probs, (0, self.n_blocks * bs - n, lead, nb * bs - lead - r))
-        tiles = padded.view(h, nb, bs, self.n_blocks, bs)
-        self.block_sum[:, first : first + nb] += tiles.sum((2, 4), dtype=torch.float64)
-        self.block_max[:, first : first + nb] = torch.maximum(self.block_max[:, first : first + nb], tiles.amax((2, 4)))
+        tail = nb * bs - lead - r
+        row_sum = torch.nn.functional.pad(row_sum, (0, 0, lead, tail)).view(h, nb, bs, self.n_blocks)
+        row_max = torch.nn.functional.pad(row_max, (0, 0, lead, tail)).view(h, nb, bs, self.n_blocks)
+        self.block_sum[:, first : first + nb] += row_sum.sum(2)
+        self.block_max[:, first : first + nb] = torch.maximum(self.block_max[:, first : first + nb], row_max.amax(2))
         rows = torch.full((nb,), float(bs), dtype=torch.float64)
         rows[0] -= lead
-        rows[-1] -= nb * bs - lead - r
+        rows[-1] -= tail
         self.block_rows[first : first + nb] += rows
 
     def finalize(self) -> SampleStats:
@@ -238,22 +253,29 @@ class HeadStatAccumulator:
         cols += [torch.topk(self.diag, min(k, n), dim=-1).values.sum(-1) / m for k in cfg.budgets]
         values = torch.stack(cols, dim=-1).to(torch.float32)
         rows = self.block_rows.clamp_min(1)
-        block_sum = (self.block_sum / rows[None, :, None]).to(torch.float32)
-        return SampleStats(values=values, block_sum=block_sum, block_max=self.block_max.clone(), block_rows=self.block_rows.to(torch.int32))
+        block_sum = (self.block_sum / rows.to(self.block_sum.device)[None, :, None]).to(torch.float32)
+        return SampleStats(
+            values=values.cpu(), block_sum=block_sum.cpu(), block_max=self.block_max.cpu(), block_rows=self.block_rows.to(torch.int32)
+        )
 
 
 def _diagonal_sums(probs: torch.Tensor, start: int) -> torch.Tensor:
-    """``out[h, d] = Σ_r probs[h, r, start + r - d]`` for ``d in [0, start + R)``.
+    """``out[h, d] = Σ_r probs[h, r, start + r - d]`` over ``d in [0, n)`` (0 where no such key).
 
-    Reverses the key axis and pads it so that, with a row stride of ``width - 1``, each
-    diagonal of the chunk lines up in one column of a strided view: one copy, one sum, no
-    ``[R, n]`` index tensor.
+    With rows of stride ``n``, element ``(r, start + r - d)`` sits at ``r·(n + 1) + start - d``:
+    a strided view with row stride ``n + 1`` lines every diagonal up in one column, without a
+    copy. Where ``d > start + r`` the view reads the previous row's future keys, which a causal
+    pattern holds at exactly 0. The chunk's first row would read before the tensor, so it is
+    added on its own.
     """
     h, r, n = probs.shape
-    depth = start + r
-    width = n + r
-    padded = torch.zeros(h, r, width, dtype=probs.dtype)
-    padded[:, :, :n] = probs.flip(-1)
-    offset0 = n - 1 - start
-    view = padded.as_strided((h, r, depth), (r * width, width - 1, 1), offset0)
-    return view.sum(1, dtype=torch.float64)
+    out = torch.zeros(h, n, dtype=torch.float32, device=probs.device)
+    out[:, : start + 1] += probs[:, 0, : start + 1].flip(-1)
+    if r > 1:
+        if probs.stride(-1) != 1 or probs.stride(-2) != n:
+            probs = probs.contiguous()
+        # element (1 + i, t) of the view is probs[:, 1 + i, (start + 1 + i) - (n - 1 - t)]
+        base = probs[:, 1:, :]
+        view = base.as_strided((h, r - 1, n), (base.stride(0), n + 1, 1), base.storage_offset() + start + 1 - (n - 1))
+        out += view.sum(1).flip(-1)
+    return out
