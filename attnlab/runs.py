@@ -351,3 +351,37 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
+
+
+def ensure_run(out: str | os.PathLike, model: dict[str, Any], kind: str, parameters: dict[str, Any]) -> Run:
+    """The run directory a stage adds its results to: an existing run of the same model, or a
+    new one (created atomically with a complete manifest).
+
+    Call it after the stage's work is done and before writing its files, so that a failed stage
+    leaves nothing behind. A stage's parameters are recorded under ``manifest["stages"][kind]``.
+    """
+    out = Path(out)
+    if out.exists():
+        run = Run.open(out)
+        mine = {k: run.model.get(k) for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim")}
+        theirs = {k: model.get(k) for k in mine}
+        if mine != theirs:
+            raise RunError(
+                f"run {out} was made with model {run.model.get('name')!r} {mine}, not {model.get('name')!r} {theirs}: "
+                "choose another --out"
+            )
+    else:
+        check_writable_target(out, force=False)
+        partial = partial_dir(out)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        manifest = new_manifest(kind, model, parameters)
+        manifest["status"] = "complete"
+        write_json(partial / MANIFEST, manifest)
+        finalize_partial(partial, out)
+        run = Run.open(out)
+    stages = dict(run.manifest.get("stages", {}))
+    stages[kind] = {"parameters": parameters, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    run.update_manifest(stages=stages)
+    return run

@@ -1,0 +1,97 @@
+"""Detections: one score per (head, head type), with the evidence behind it.
+
+This is the contract between the probes (and circuits) and every later stage. The table is
+long format, one row per (layer, head, head_type, probe):
+
+============  ==============================================================================
+column        meaning
+============  ==============================================================================
+layer, head   the query head
+kv_head       the KV head it reads (GQA); per-KV-head scores use ``head = -1``
+head_type     ``retrieval``, ``sink``, ``induction``, ``previous_token``, ``duplicate_token``,
+              ``local``, ``echo``, ``razor_induction``, ... (see `HEAD_TYPES`)
+score         the detector's score, higher = more of that type (each detector documents its range)
+probe         which prompt set / mode produced it (e.g. ``needle:passkey``, ``repeated_random``)
+evidence      JSON text: what the score rests on (samples, positions, tokens, thresholds)
+============  ==============================================================================
+
+Written as ``detections.parquet`` in a run directory. `write_detections` merges: rows of the
+same (head_type, probe) are replaced, others kept, so probes can run one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+
+from attnlab.runs import DETECTIONS, Run
+
+DETECTION_COLUMNS = ("layer", "head", "kv_head", "head_type", "score", "probe", "evidence")
+
+HEAD_TYPES = (
+    "retrieval",
+    "retrieval_kv",
+    "sink",
+    "hidden_sink",
+    "induction",
+    "previous_token",
+    "duplicate_token",
+    "local",
+    "echo",
+    "razor_induction",
+    "razor_induction_kv",
+    "echo_kv",
+)
+
+
+def detection_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """Build a detections DataFrame from dict rows; ``evidence`` may be any JSON-able object."""
+    records = []
+    for r in rows:
+        ev = r.get("evidence", {})
+        records.append(
+            {
+                "layer": int(r["layer"]),
+                "head": int(r["head"]),
+                "kv_head": int(r["kv_head"]),
+                "head_type": str(r["head_type"]),
+                "score": float(r["score"]),
+                "probe": str(r["probe"]),
+                "evidence": ev if isinstance(ev, str) else json.dumps(ev, default=_default),
+            }
+        )
+    return pd.DataFrame.from_records(records, columns=list(DETECTION_COLUMNS))
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_detections(run: Run, frame: pd.DataFrame) -> pd.DataFrame:
+    """Merge ``frame`` into the run's ``detections.parquet`` (atomically) and return the result."""
+    missing = [c for c in DETECTION_COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"detections need columns {missing}")
+    if run.has(DETECTIONS):
+        old = run.detections()
+        keys = set(zip(frame["head_type"], frame["probe"], strict=True))
+        keep = [(t, p) not in keys for t, p in zip(old["head_type"], old["probe"], strict=True)]
+        frame = pd.concat([old[keep], frame], ignore_index=True)
+    frame = frame[list(DETECTION_COLUMNS)].reset_index(drop=True)
+    run.write_table(DETECTIONS, frame)
+    return frame
+
+
+def top_heads(detections: pd.DataFrame, head_type: str, k: int = 20) -> pd.DataFrame:
+    """The ``k`` highest-scoring heads of one type (mean over probes)."""
+    rows = detections[detections["head_type"] == head_type]
+    if rows.empty:
+        known = sorted(detections["head_type"].unique())
+        raise KeyError(f"no {head_type!r} detections in this run (it has {known})")
+    agg = rows.groupby(["layer", "head", "kv_head"], as_index=False)["score"].mean()
+    return agg.sort_values("score", ascending=False).head(k).reset_index(drop=True)
