@@ -1,0 +1,85 @@
+"""Dense reference attention: the yardstick every kernel test measures against.
+
+Plain PyTorch, computed in a chosen dtype (fp64 for the "true" answer, the input dtype for
+the "same-dtype PyTorch" answer of the FlashAttention test convention), with an explicit
+boolean token mask. It materialises the ``[B, Hq, Nq, Nk]`` score matrix: small shapes only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from attnlab.kernels.index import KernelInputError
+
+REFERENCE_SHAPES = (
+    "reference_attention expects q [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D] with Hq a "
+    "multiple of Hkv; got q {q}, k {k}, v {v}."
+)
+REFERENCE_MASK = (
+    "token_mask must be a bool tensor broadcastable to [B, Hq, Nq, Nk] = {expected}; got "
+    "{got}."
+)
+
+
+def _bool_mask_broadcasts(mask: object, shape: tuple[int, ...]) -> bool:
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        return False
+    try:
+        return tuple(torch.broadcast_shapes(mask.shape, shape)) == shape
+    except RuntimeError:
+        return False
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    token_mask: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention with a boolean token mask, computed in ``dtype``.
+
+    Shapes: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``; query head ``h`` reads KV head
+    ``h // (Hq // Hkv)`` (GQA). ``token_mask`` (True = attend) broadcasts to
+    ``[B, Hq, Nq, Nk]``, e.g. ``[Hq, Nq, Nk]`` from `token_mask_from_index`; None attends
+    everything. ``scale`` defaults to ``1 / sqrt(D)``.
+
+    Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq])`` in ``dtype``; ``lse`` is the natural
+    log-sum-exp of the scaled, masked scores. A row with no attended key gets out 0 and lse
+    -inf, never NaN. In fp16/bf16 the softmax is ``torch.softmax`` on low-precision scores
+    and the probabilities are rounded to ``dtype`` before ``P @ V``: the eager baseline the
+    FlashAttention tests compare kernels against.
+    """
+    if (
+        q.dim() != 4 or k.dim() != 4 or v.shape != k.shape
+        or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]
+        or q.shape[1] % k.shape[1] != 0
+    ):  # fmt: skip
+        raise KernelInputError(
+            REFERENCE_SHAPES.format(q=tuple(q.shape), k=tuple(k.shape), v=tuple(v.shape))
+        )
+    batch, q_heads, n_q, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    n_k = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+
+    qd = q.to(dtype)
+    kd = k.to(dtype).repeat_interleave(group, dim=1)
+    vd = v.to(dtype).repeat_interleave(group, dim=1)
+    scores = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if token_mask is not None:
+        expected = (batch, q_heads, n_q, n_k)
+        if not _bool_mask_broadcasts(token_mask, expected):
+            raise KernelInputError(
+                REFERENCE_MASK.format(expected=list(expected), got=getattr(token_mask, "shape", token_mask))
+            )
+        scores = scores.masked_fill(~token_mask.to(scores.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    empty_row = torch.isneginf(lse)
+    # softmax of an all -inf row is NaN; such a row attends nothing, so it gets zeros
+    probs = torch.softmax(scores, dim=-1).masked_fill(empty_row[..., None], 0.0)
+    out = torch.matmul(probs, vd)
+    return out, lse

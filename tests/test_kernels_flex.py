@@ -1,0 +1,89 @@
+"""FlexAttention fed the same index: its BlockMask must mean exactly the index's token mask.
+
+Eager Flex (materialised scores) is fast on CPU; compiled Flex goes through Inductor, whose
+first compile takes seconds, so it runs on one small case.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton (Inductor may import it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from attnlab.kernels import (  # noqa: E402
+    block_masks_from_index,
+    flex_block_mask_from_index,
+    index_from_block_masks,
+    reference_attention,
+    token_mask_from_index,
+)
+from attnlab.kernels.flex import flex_block_sparse_attention  # noqa: E402
+from attnlab.kernels.synthetic import all_blocks, random_blocks, vertical_slash_blocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# eager Flex warns that it materialises the scores: that is what these small tests want
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+
+
+def mixed_index(n_q, n_k, block, causal):
+    generator = torch.Generator().manual_seed(n_q + n_k)
+    kept = torch.stack([
+        all_blocks(n_q, n_k, block),
+        all_blocks(n_q, n_k, block),
+        random_blocks(n_q, n_k, block, 0.4, generator=generator),
+        vertical_slash_blocks(n_q, n_k, block, columns=[0, 2], diagonals=[0, 1]),
+    ])  # fmt: skip
+    return index_from_block_masks(
+        kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal,
+        sink=[0, 4, 0, 0], window=[0, 24, 0, 0],
+    )  # fmt: skip
+
+
+def inputs(n_q, n_k, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, n_q, 16, generator=generator)
+    k = torch.randn(2, 2, n_k, 16, generator=generator)
+    v = torch.randn(2, 2, n_k, 16, generator=generator)
+    return (x.to(DEVICE, dtype) for x in (q, k, v))
+
+
+def test_block_mask_carries_the_same_blocks():
+    index = mixed_index(100, 100, 16, causal=True)
+    block_mask = flex_block_mask_from_index(index)
+    listed, full = block_masks_from_index(index)
+    assert block_mask.BLOCK_SIZE == (16, 16) and block_mask.seq_lengths == (100, 100)
+    assert torch.equal(block_mask.full_kv_num_blocks[0], full.sum(-1).int())
+    assert torch.equal(block_mask.kv_num_blocks[0], (listed & ~full).sum(-1).int())
+    # the dense mask Flex derives (mask_mod over every pair) is the index's token mask
+    dense = block_mask.to_dense()  # block level
+    assert torch.equal(dense[0].bool(), listed)
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(150, 150, True), (40, 100, False), (100, 40, True)])
+def test_eager_flex_matches_reference(n_q, n_k, causal):
+    index = mixed_index(n_q, n_k, 16, causal).to(DEVICE)
+    q, k, v = inputs(n_q, n_k)
+    out, lse = flex_block_sparse_attention(q, k, v, index, compiled=False)
+    gold_out, gold_lse = reference_attention(q, k, v, token_mask_from_index(index))
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(gold_lse))
+    finite = torch.isfinite(gold_lse)
+    torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
+
+
+def test_compiled_flex_matches_reference():
+    """Inductor compiles the Flex template for this index (a few seconds on CPU)."""
+    n_q, n_k = 100, 100
+    index = mixed_index(n_q, n_k, 16, causal=True).to(DEVICE)
+    q, k, v = inputs(n_q, n_k)
+    out, lse = flex_block_sparse_attention(q, k, v, index, compiled=True)
+    gold_out, gold_lse = reference_attention(q, k, v, token_mask_from_index(index))
+    assert not out.isnan().any()
+    torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
+    if lse is not None:  # CPU Inductor cannot return it
+        finite = torch.isfinite(gold_lse)
+        torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
