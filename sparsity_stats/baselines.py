@@ -1,0 +1,204 @@
+"""The usual uniform choices, at a given budget, for comparison with the budgeted policy.
+
+- **uniform streaming** (StreamingLLM): the same sink and window for every head; the window is
+  the largest that fits the budget.
+- **DuoAttention-style**: whole KV heads either dense ("retrieval heads") or streaming with one
+  sink/recent size; heads are ranked by their retrieval score (``detections.parquet``) or, when
+  the run has none, by how much attention streaming would lose (the signal DuoAttention's gates
+  learn); the most that fit the budget go dense.
+- **MInference-style**: MInference's fixed grid (stream_llm (100, 800); vertical_and_slash (30,
+  800), (100, 750), (500, 700), (3500, 100); block_sparse with 100 blocks of 64), each head
+  taking its best by recall, with no global budget. Its sizes are made for 128k-token prompts,
+  so the grid is scaled by one factor, the largest whose density fits the budget.
+
+Each returns a `BaselineResult` with a candidate per head and the same estimates as the
+budgeted policy (`ProfileEstimator`), so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .curves import ProfileEstimator
+from .kinds import Candidate
+
+MINFERENCE_GRID = (
+    ("streaming", 100, 800),
+    ("vertical_slash", 30, 800),
+    ("vertical_slash", 100, 750),
+    ("vertical_slash", 500, 700),
+    ("vertical_slash", 3500, 100),
+    ("block_topk", 100 * 64, 0),
+)
+
+
+@dataclass
+class BaselineResult:
+    """A baseline's choice per head and its expected recall, density and KV share ``[L, H]``."""
+
+    name: str
+    choices: list[list[Candidate]]
+    recall: np.ndarray
+    density: np.ndarray
+    kv: np.ndarray
+    within_budget: bool
+    detail: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean_recall(self) -> float:
+        return float(self.recall.mean())
+
+    @property
+    def mean_density(self) -> float:
+        return float(self.density.mean())
+
+    @property
+    def mean_kv(self) -> float:
+        return float(self.kv.mean())
+
+    def candidates(self) -> list[Candidate]:
+        """The distinct candidates this baseline uses."""
+        seen: dict[str, Candidate] = {}
+        for row in self.choices:
+            for c in row:
+                seen.setdefault(c.key(), c)
+        return list(seen.values())
+
+
+def _assemble(est: ProfileEstimator, name: str, choices: list[list[Candidate]], budget: float,
+              budget_kind: str, detail: str, params: dict[str, Any]) -> BaselineResult:
+    nl, nh = est.n_layers, est.n_heads
+    recall, density, kv = np.zeros((nl, nh)), np.zeros((nl, nh)), np.zeros((nl, nh))
+    for lay in range(nl):
+        for head in range(nh):
+            e = est.evaluate(choices[lay][head])
+            recall[lay, head], density[lay, head], kv[lay, head] = e.recall[lay, head], e.density[lay, head], e.kv[lay, head]
+    used = density.mean() if budget_kind == "density" else kv.mean()
+    return BaselineResult(name, choices, recall, density, kv, bool(used <= budget + 1e-12), detail, params)
+
+
+def _cost(e, budget_kind: str) -> float:
+    return float(e.density.mean() if budget_kind == "density" else e.kv.mean())
+
+
+def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int = 4, budget_kind: str = "density") -> BaselineResult:
+    """Same sink and window for all heads: the largest window within ``budget``."""
+    n = max(est.eval_lengths)
+
+    def cand(w: int) -> Candidate:
+        return Candidate.make("streaming", sink=sink, window=w)
+
+    lo, hi = 1, n
+    if _cost(est.evaluate(cand(1)), budget_kind) > budget:
+        hi = 1
+    while lo < hi:  # largest w with cost <= budget (cost is non-decreasing in w)
+        mid = (lo + hi + 1) // 2
+        if _cost(est.evaluate(cand(mid)), budget_kind) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    c = cand(lo)
+    choices = [[c] * est.n_heads for _ in range(est.n_layers)]
+    return _assemble(est, "uniform_streaming", choices, budget, budget_kind, f"sink {sink}, window {lo}", {"sink": sink, "window": lo})
+
+
+def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_scores: np.ndarray | None = None,
+                        sink: int = 64, recent: int = 256, budget_kind: str = "density") -> BaselineResult:
+    """Top-ranked KV heads dense, the rest streaming (sink, recent); as many dense as fit."""
+    nl, nh, nkv = est.n_layers, est.n_heads, est.n_kv_heads
+    group = nh // nkv
+    n = max(est.eval_lengths)
+    dense = Candidate.make("dense")
+
+    def stream(r: int) -> Candidate:
+        return Candidate.make("streaming", sink=min(sink, n), window=max(1, r))
+
+    r = min(recent, n)
+    if _cost(est.evaluate(stream(r)), budget_kind) > budget:  # shrink the recent window to fit
+        lo, hi = 1, r
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if _cost(est.evaluate(stream(mid)), budget_kind) <= budget:
+                lo = mid
+            else:
+                hi = mid - 1
+        r = lo
+    s_eval = est.evaluate(stream(r))
+    if retrieval_scores is not None:
+        score = retrieval_scores.reshape(nl, nkv, group).max(-1)
+        ranked_by = "retrieval score"
+    else:
+        score = (1 - s_eval.recall).reshape(nl, nkv, group).sum(-1)
+        ranked_by = "attention lost to streaming"
+    order = np.argsort(-score.reshape(-1), kind="stable")
+    s_cost = s_eval.density if budget_kind == "density" else s_eval.kv
+    base = float(s_cost.mean())
+    # each dense KV group adds (1 - its heads' streaming cost) * group / heads to the mean
+    k = 0
+    used = base
+    for g in order:
+        lay, kv = divmod(int(g), nkv)
+        heads = slice(kv * group, (kv + 1) * group)
+        add = float((1.0 - s_cost[lay, heads]).sum()) / (nl * nh)
+        if used + add > budget + 1e-12:
+            break
+        used += add
+        k += 1
+    dense_groups = {int(g) for g in order[:k]}
+    sc = stream(r)
+    choices = [[dense if (lay * nkv + head // group) in dense_groups else sc for head in range(nh)] for lay in range(nl)]
+    return _assemble(est, "duo_attention", choices, budget, budget_kind,
+                     f"{k} of {nl * nkv} KV heads dense (by {ranked_by}), rest sink {min(sink, n)} + recent {r}",
+                     {"dense_kv_heads": k, "sink": min(sink, n), "recent": r, "ranked_by": ranked_by})
+
+
+def _minference_choice(est: ProfileEstimator, scale: float) -> tuple[list[list[Candidate]], np.ndarray, np.ndarray]:
+    cands = []
+    for kind, a, b in MINFERENCE_GRID:
+        if kind == "streaming":
+            cands.append(Candidate.make("streaming", sink=max(1, round(a * scale)), window=max(1, round(b * scale))))
+        elif kind == "vertical_slash":
+            cands.append(Candidate.make("vertical_slash", vertical=max(1, round(a * scale)), slash=max(1, round(b * scale))))
+        else:
+            cands.append(Candidate.make("block_topk", topk=max(1, round(a * scale))))
+    evals = [est.evaluate(c) for c in cands]
+    rec = np.stack([e.recall for e in evals], -1)
+    den = np.stack([e.density for e in evals], -1)
+    # best recall; ties go to the cheaper candidate
+    best = np.lexsort((den, -np.round(rec, 12)), axis=-1)[..., 0]
+    li, hi = np.meshgrid(np.arange(est.n_layers), np.arange(est.n_heads), indexing="ij")
+    choices = [[cands[int(best[lay, head])] for head in range(est.n_heads)] for lay in range(est.n_layers)]
+    return choices, rec[li, hi, best], den[li, hi, best]
+
+
+def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str = "density") -> BaselineResult:
+    """Each head's best of MInference's grid (no global budget), grid scaled to fit ``budget``."""
+    n = max(est.eval_lengths)
+    scales = np.geomspace(1.0 / 3500, max(1.0, n / 100), 40)
+    fits = []
+    for s in scales:
+        choices, _, den = _minference_choice(est, float(s))
+        cost = den.mean() if budget_kind == "density" else 1.0
+        fits.append(cost <= budget + 1e-12)
+    ok = [i for i, f in enumerate(fits) if f]
+    if not ok:
+        scale = float(scales[0])
+    else:
+        i = max(ok)
+        scale = float(scales[i])
+        if i + 1 < len(scales):  # refine between the last fitting and the first failing scale
+            lo, hi = float(scales[i]), float(scales[i + 1])
+            for _ in range(8):
+                mid = (lo * hi) ** 0.5
+                _, _, den = _minference_choice(est, mid)
+                if den.mean() <= budget + 1e-12:
+                    lo = mid
+                else:
+                    hi = mid
+            scale = lo
+    choices, _, _ = _minference_choice(est, scale)
+    return _assemble(est, "minference", choices, budget, budget_kind, f"grid scaled by {scale:.3g}", {"scale": scale})

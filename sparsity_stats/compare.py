@@ -1,0 +1,156 @@
+"""The trade-off table and plot: budgeted policy against the usual uniform choices.
+
+`compare_policies` fits a `PolicyGenerator` at each budget and the three baselines
+(`attnlab.sparsity_stats.baselines`) at the same budget, all estimated from the same run. The
+baselines' own choices are offered to the optimiser as extra candidates, so at equal budget the
+budgeted policy's expected recall is never below a baseline that fits the budget, unless heads
+are protected (retrieval heads kept dense spend budget on what recall does not measure); then a
+``budgeted_unprotected`` row shows the same optimiser without protection, which always is. `tradeoff_figure` draws density against expected recall.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from attnlab.runs import Run, atomic_path
+
+from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
+from .curves import HeadCurves, compute_curves
+from .errors import PolicyError
+from .generator import PolicyGenerator, check_budget
+
+METHODS = ("budgeted", "budgeted_unprotected", "uniform_streaming", "duo_attention", "minference")
+COLUMNS = ("budget", "method", "density", "kv_share", "expected_recall", "min_head_recall", "dense_heads",
+           "within_budget", "optimality_gap", "detail")
+
+
+def _row(budget: float, r: BaselineResult) -> dict[str, Any]:
+    dense = sum(1 for row in r.choices for c in row if c.kind == "dense")
+    return {
+        "budget": budget, "method": r.name, "density": r.mean_density, "kv_share": r.mean_kv,
+        "expected_recall": r.mean_recall, "min_head_recall": float(r.recall.min()), "dense_heads": dense,
+        "within_budget": r.within_budget, "optimality_gap": float("nan"), "detail": r.detail,
+    }
+
+
+def _gen_row(budget: float, gen: PolicyGenerator, method: str) -> dict[str, Any]:
+    kinds = Counter(gen.curves_.candidates[int(i)].kind for i in gen.choice_.reshape(-1))
+    detail = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+    if gen.protected_ and method == "budgeted":
+        detail += f" ({len(gen.protected_)} protected)"
+    return {
+        "budget": budget, "method": method, "density": float(gen.expected_density_.mean()),
+        "kv_share": float(gen.expected_kv_.mean()), "expected_recall": float(gen.expected_recall_.mean()),
+        "min_head_recall": float(gen.expected_recall_.min()), "dense_heads": int(kinds.get("dense", 0)),
+        "within_budget": True, "optimality_gap": gen.optimality_gap_ / gen.choice_.size, "detail": detail,
+    }
+
+
+def compare_policies(
+    run: Run | str | os.PathLike | HeadCurves,
+    budgets: Sequence[float],
+    *,
+    budget_kind: str = "density",
+    progress: bool = False,
+    **generator_kwargs: Any,
+) -> pd.DataFrame:
+    """One row per (budget, method): mean density, KV share, expected recall (mean and worst
+    head), dense heads, whether the budget holds, the optimiser's gap, and what was chosen.
+
+    ``generator_kwargs`` go to `PolicyGenerator` (constraints, kinds, block size, ...).
+    """
+    budgets = [check_budget(b) for b in budgets]
+    if isinstance(run, HeadCurves):
+        curves = run
+    else:
+        run = run if isinstance(run, Run) else Run.open(run)
+        curves = compute_curves(
+            run, block_size=generator_kwargs.get("block_size"), eval_lengths=generator_kwargs.get("eval_lengths"),
+            kinds=generator_kwargs.get("kinds", PolicyGenerator().kinds), min_sink=int(generator_kwargs.get("min_sink", 4)),
+            elastic=generator_kwargs.get("elastic", "auto"), progress=progress,
+        )
+    est = curves.estimator
+    rows = []
+    it = budgets
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(budgets, desc="budgets", unit="budget", disable=None)
+    min_sink = int(generator_kwargs.get("min_sink", 4))
+    for b in it:
+        base = [
+            uniform_streaming(est, b, sink=max(4, min_sink), budget_kind=budget_kind),
+            duo_attention_style(est, b, retrieval_scores=curves.retrieval_scores, sink=max(min_sink, min(64, est.block_size)),
+                                budget_kind=budget_kind),
+        ]
+        if budget_kind == "density":
+            base.append(minference_style(est, b, budget_kind=budget_kind))
+        extra = [c for r in base if r.within_budget for c in r.candidates()]
+        kwargs = dict(generator_kwargs)
+        kwargs["extra_candidates"] = list(kwargs.get("extra_candidates", ())) + extra
+        try:
+            gen = PolicyGenerator(budget=b, budget_kind=budget_kind, **kwargs).fit(curves)
+            rows.append(_gen_row(b, gen, "budgeted"))
+        except PolicyError as exc:  # a budget below the constraints' minimum: say so in the table
+            gen = None
+            rows.append({"budget": b, "method": "budgeted", "density": float("nan"), "kv_share": float("nan"),
+                         "expected_recall": float("nan"), "min_head_recall": float("nan"), "dense_heads": 0,
+                         "within_budget": False, "optimality_gap": float("nan"), "detail": f"infeasible: {exc}"})
+        protecting = kwargs.get("protect_retrieval", "dense") != "none" or kwargs.get("protected_heads")
+        if protecting and (gen is None or gen.protected_):
+            # the same optimiser without protected heads: what protection costs in recall
+            free = {**kwargs, "protect_retrieval": "none", "protected_heads": ()}
+            try:
+                rows.append(_gen_row(b, PolicyGenerator(budget=b, budget_kind=budget_kind, **free).fit(curves), "budgeted_unprotected"))
+            except PolicyError:
+                pass
+        rows.extend(_row(b, r) for r in base)
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The comparison as fixed-width text (what ``attnlab policy compare`` prints)."""
+    show = table.copy()
+    for col in ("density", "kv_share", "expected_recall", "min_head_recall"):
+        show[col] = show[col].map(lambda v: f"{v:.4f}")
+    show["optimality_gap"] = show["optimality_gap"].map(lambda v: "" if pd.isna(v) else f"{v:.1e}")
+    show["within_budget"] = show["within_budget"].map(lambda v: "yes" if v else "NO")
+    return show.to_string(index=False)
+
+
+def tradeoff_figure(table: pd.DataFrame, title: str = "Expected recall vs density"):
+    """Plotly figure: density (x) against expected recall (y), one line per method."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    symbols = {"budgeted": "star", "budgeted_unprotected": "star-open", "uniform_streaming": "circle", "duo_attention": "square", "minference": "diamond"}
+    for method, sub in table.groupby("method", sort=False):
+        sub = sub.sort_values("density")
+        fig.add_trace(
+            go.Scatter(
+                x=sub["density"], y=sub["expected_recall"], mode="lines+markers", name=str(method),
+                marker={"symbol": symbols.get(str(method), "circle"), "size": 10 if method == "budgeted" else 8},
+                customdata=sub[["budget", "min_head_recall", "detail"]].to_numpy(),
+                hovertemplate=("budget %{customdata[0]}<br>density %{x:.4f}<br>expected recall %{y:.4f}"
+                               "<br>worst head %{customdata[1]:.3f}<br>%{customdata[2]}<extra>%{fullData.name}</extra>"),
+            )
+        )
+    fig.update_layout(title=title, xaxis_title="density (share of causal blocks computed)",
+                      yaxis_title="expected recall (attention mass kept)", template="plotly_white",
+                      legend={"orientation": "h", "y": -0.2})
+    return fig
+
+
+def write_tradeoff_html(table: pd.DataFrame, path: str | os.PathLike, title: str = "Expected recall vs density") -> Path:
+    """Write `tradeoff_figure` as a self-contained HTML file, atomically."""
+    path = Path(path)
+    fig = tradeoff_figure(table, title)
+    with atomic_path(path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    return path

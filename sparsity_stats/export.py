@@ -1,0 +1,537 @@
+"""Exporters and importers: per-head masks and other tools' policy formats.
+
+Exports (``attnlab export POLICY --format F --out DIR``), each a file other stacks can load:
+
+=============  ===================================  ============================================
+format         file(s) in ``DIR``                   content
+=============  ===================================  ============================================
+``npz``        ``masks.npz``                        per layer the layout's CSR arrays
+                                                    (``layer{l}.full_kv_count`` ...), optional
+                                                    dense ``layer{l}.block_mask``, ``__meta__``
+``safetensors````masks.safetensors``                the same arrays; metadata key ``attnlab``
+``flex``       ``flex_block_masks.safetensors``     FlexAttention's padded ``kv_num_blocks``,
+                                                    ``kv_indices``, ``full_*`` per layer;
+                                                    `load_flex_block_masks` rebuilds BlockMasks
+``minference`` ``minference_config.json``           MInference's per-layer
+                                                    ``{head: [kind, vertical, slash, score]}``
+``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads (1 = full,
+               ``config.json``                      0 = streaming) and ``sink_size``/``recent_size``
+=============  ===================================  ============================================
+
+Mask files carry the policy they were compiled from in their metadata, so `import_policy`
+reads every format back (a round trip is a test). MInference and DuoAttention files hold only
+sizes at one length: importing them needs the model identity (``--model``), and exporting
+resolves elastic sizes at ``--seq-len``.
+
+MInference mapping: ``dense`` <-> ``vertical_and_slash`` with both sizes = the model's context;
+``streaming`` <-> ``stream_llm`` (sink, window); ``vertical_slash`` <-> ``vertical_and_slash``;
+``block_topk`` with a fixed top-k <-> ``block_sparse`` (blocks, block size). ``a_shape`` and
+the gamma threshold have no MInference form: export refuses them unless ``lossy=True``
+(A-shape as ``stream_llm`` of whole blocks, gamma as its expected blocks per row).
+
+Nothing is written when the input is bad: all checks and all content come first, then each
+file is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnlab.runs import atomic_path
+
+from .errors import (
+    ERR_CORRUPT,
+    ERR_EXISTS,
+    ERR_FORMAT,
+    ERR_NOT_REPRESENTABLE,
+    ERR_SHAPE,
+    FormatError,
+    PolicyError,
+)
+from .kinds import Elastic, get_kind
+from .masks import BlockSparseLayout, check_block_size, check_seq_len, compile_policy
+from .policy import HeadPolicy, Policy, check_model
+
+EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
+IMPORT_FORMATS = EXPORT_FORMATS
+MASK_FORMATS = ("npz", "safetensors", "flex")
+MASKS_FORMAT = "attnlab-masks"
+MASKS_SCHEMA = 1
+FILENAMES = {
+    "npz": ("masks.npz",),
+    "safetensors": ("masks.safetensors",),
+    "flex": ("flex_block_masks.safetensors",),
+    "minference": ("minference_config.json",),
+    "duo": ("full_attention_heads.tsv", "config.json"),
+}
+_CSR = ("full_kv_count", "full_kv_offset", "full_kv_index", "kv_count", "kv_offset", "kv_index", "sink", "window")
+_FLEX = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "sink", "window")
+
+
+def _check_format(fmt: str, known: tuple[str, ...]) -> str:
+    if fmt not in known:
+        raise FormatError(ERR_FORMAT.format(got=fmt, known=", ".join(known)))
+    return fmt
+
+
+def _targets(out_dir: Path, fmt: str, force: bool) -> list[Path]:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FormatError(f"--out {out_dir} is a file: give a directory for the exported files")
+    paths = [out_dir / name for name in FILENAMES[fmt]]
+    for p in paths:
+        if p.exists() and not force:
+            raise FormatError(ERR_EXISTS.format(path=p))
+    return paths
+
+
+# -- export ---------------------------------------------------------------------------------
+def export_policy(
+    policy: Policy,
+    out_dir: str | os.PathLike,
+    fmt: str,
+    *,
+    seq_len: int | None = None,
+    block_size: int | None = None,
+    force: bool = False,
+    lossy: bool = False,
+    dense_blocks: bool = False,
+    progress: bool = False,
+) -> list[Path]:
+    """Write ``policy`` in format ``fmt`` into ``out_dir``; returns the files written.
+
+    Mask formats compile every layer at ``seq_len`` (required) and ``block_size`` (default: the
+    policy's); dynamic heads get their prior layout (estimate at run time with
+    `estimate_block_scores`). Config formats resolve sizes at ``seq_len`` (default: the longest
+    profiled length, else the model's context).
+    """
+    _check_format(fmt, EXPORT_FORMATS)
+    out_dir = Path(out_dir)
+    b = check_block_size(block_size if block_size is not None else policy.block_size)
+    if fmt in MASK_FORMATS:
+        if seq_len is None:
+            raise FormatError(f"--seq-len is required for {fmt} masks: the masks are compiled at one length")
+        n = check_seq_len(seq_len, policy.model)
+    else:
+        default = max(policy.profiled_lengths) if policy.profiled_lengths else policy.model.get("n_ctx")
+        n = check_seq_len(seq_len if seq_len is not None else (default or 4096), policy.model)
+    paths = _targets(out_dir, fmt, force)
+    if fmt in MASK_FORMATS:
+        layouts = compile_policy(policy, n, b, progress=progress)
+        meta = _mask_meta(policy, layouts, n, b)
+        writer = {"npz": _write_npz, "safetensors": _write_safetensors, "flex": _write_flex}[fmt]
+        writer(paths[0], layouts, meta, dense_blocks)
+    elif fmt == "minference":
+        content = json.dumps(minference_config(policy, n, b, lossy=lossy)) + "\n"
+        with atomic_path(paths[0]) as tmp:
+            tmp.write_text(content)
+    else:
+        tsv, config = duo_config(policy, n)
+        with ExitStack() as stack:  # both temporary files, then both renames
+            t1 = stack.enter_context(atomic_path(paths[0]))
+            t2 = stack.enter_context(atomic_path(paths[1]))
+            t1.write_text(tsv)
+            t2.write_text(json.dumps(config, indent=2) + "\n")
+    return paths
+
+
+def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int) -> dict[str, Any]:
+    return {
+        "format": MASKS_FORMAT,
+        "schema": MASKS_SCHEMA,
+        "seq_len": n,
+        "block_size": b,
+        "causal": True,
+        "n_layers": len(layouts),
+        "n_heads": policy.n_heads,
+        "model": policy.model,
+        "dynamic_heads": "prior layout; estimate per input with attnlab.sparsity_stats.estimate_block_scores",
+        "density": [[round(float(x), 6) for x in lay.density.tolist()] for lay in layouts],
+        "head_names": [list(lay.head_names) for lay in layouts],
+        "token_semantics": (
+            "query i (absolute qa = i + n_k - n_q) attends key j iff block (i//B, j//B) is listed and j < n_k "
+            "and j <= qa and (window[h] == 0 or j < sink[h] or qa - j < window[h])"
+        ),
+        "policy": policy.to_dict(),
+    }
+
+
+def _write_npz(path: Path, layouts: list[BlockSparseLayout], meta: dict[str, Any], dense_blocks: bool) -> None:
+    arrays: dict[str, np.ndarray] = {"__meta__": np.array(json.dumps(meta))}
+    for lay in layouts:
+        for name, t in lay.to_arrays().items():
+            arrays[f"layer{lay.layer}.{name}"] = t.numpy()
+        if dense_blocks:
+            arrays[f"layer{lay.layer}.block_mask"] = lay.block_mask().numpy()
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def _write_safetensors(path: Path, layouts: list[BlockSparseLayout], meta: dict[str, Any], dense_blocks: bool) -> None:
+    from attnlab.runs import write_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for lay in layouts:
+        for name, t in lay.to_arrays().items():
+            tensors[f"layer{lay.layer}.{name}"] = t
+        if dense_blocks:
+            tensors[f"layer{lay.layer}.block_mask"] = lay.block_mask()
+    write_safetensors(path, tensors, {"attnlab": json.dumps(meta)})
+
+
+def _write_flex(path: Path, layouts: list[BlockSparseLayout], meta: dict[str, Any], dense_blocks: bool) -> None:
+    from attnlab.runs import write_safetensors
+
+    tensors: dict[str, torch.Tensor] = {}
+    for lay in layouts:
+        for name, t in lay.padded().items():
+            tensors[f"layer{lay.layer}.{name}"] = t
+        tensors[f"layer{lay.layer}.sink"] = lay.sink
+        tensors[f"layer{lay.layer}.window"] = lay.window
+    write_safetensors(path, tensors, {"attnlab": json.dumps({**meta, "flex": True})})
+
+
+# -- MInference -----------------------------------------------------------------------------
+def minference_config(policy: Policy, seq_len: int, block_size: int | None = None, *, lossy: bool = False) -> list[dict[str, list]]:
+    """MInference's per-layer ``{head: [kind, vertical_size, slash_size, score]}`` for ``policy``
+    with sizes resolved at ``seq_len``. `FormatError` naming the first head it cannot represent."""
+    b = check_block_size(policy.block_size if block_size is None else block_size)
+    n_ctx = int(policy.model.get("n_ctx") or seq_len)
+    out = []
+    for lay in range(policy.n_layers):
+        layer: dict[str, list] = {}
+        for e in policy.layer(lay):
+            score = round(float(e.expected_recall if e.expected_recall is not None else 1.0), 4)
+            kind = get_kind(e.kind)
+            where = f"(layer {e.layer}, head {e.head})"
+            if e.kind == "dense":
+                entry = ["vertical_and_slash", n_ctx, n_ctx, score]
+            elif e.kind == "streaming":
+                s, w = kind.stream(e.params, seq_len)
+                entry = ["stream_llm", s, w, score]
+            elif e.kind == "vertical_slash":
+                entry = ["vertical_and_slash", e.params["vertical"].resolve(seq_len), e.params["slash"].resolve(seq_len), score]
+            elif e.kind == "block_topk" and "topk" in e.params:
+                entry = ["block_sparse", kind.topk_blocks(e.params, seq_len, b), b, score]
+            elif not lossy:
+                why = "A-shape keeps whole blocks, stream_llm whole tokens" if e.kind == "a_shape" else "a cumulative-mass threshold has no fixed size"
+                raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="minference", why=why + " (pass --lossy to approximate)"))
+            elif e.kind == "a_shape":
+                sb, wb = kind.block_counts(e.params, seq_len, b)
+                entry = ["stream_llm", sb * b, wb * b, score]
+            else:  # gamma, lossy: its expected blocks per query-block row
+                nb = -(-seq_len // b)
+                per_row = (e.expected_density or 0.5) * nb * (nb + 1) / 2 / nb
+                entry = ["block_sparse", max(2, round(per_row)), b, score]
+            layer[str(e.head)] = entry
+        out.append(layer)
+    return out
+
+
+def _read_json(path: Path, fmt: str) -> Any:
+    if not path.is_file():
+        raise FormatError(f"no {fmt} file at {path}: check the path")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt=fmt, reason=str(exc).splitlines()[0])) from None
+
+
+def _pow2(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and not (x & (x - 1))
+
+
+def _int_size(v: Any, where: str, field: str, *, allow_zero: bool = False) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0 or (v == 0 and not allow_zero):
+        raise FormatError(f"{where}: {field} must be a positive whole number of tokens, got {v!r}; fix the file")
+    return int(v)
+
+
+def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "minference", block_size: int = 64) -> Policy:
+    """A `Policy` from MInference's per-layer config (see the module docstring for the mapping)."""
+    model = check_model(model, "--model")
+    nl, nh = model["n_layers"], model["n_heads"]
+    n_ctx = int(model.get("n_ctx") or 0)
+    if not isinstance(config, list) or not all(isinstance(x, dict) for x in config):
+        raise FormatError(ERR_CORRUPT.format(path=source, fmt="MInference config", reason="expected a JSON list of per-layer objects"))
+    if len(config) != nl:
+        raise FormatError(ERR_SHAPE.format(path=source, what="the layer list", got=len(config), model=model.get("name"), expected=f"{nl} layers"))
+    group = nh // model["n_kv_heads"]
+    heads = []
+    for lay, layer in enumerate(config):
+        keys = sorted(layer, key=lambda k: int(k) if str(k).isdigit() else -1)
+        if [str(h) for h in range(nh)] != [str(k) for k in keys]:
+            raise FormatError(ERR_SHAPE.format(path=source, what=f"layer {lay}", got=f"heads {keys[:4]}...", model=model.get("name"), expected=f"heads '0'..'{nh - 1}'"))
+        for h in range(nh):
+            where = f"{source}: head (layer {lay}, head {h})"
+            entry = layer[str(h)]
+            if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str):
+                raise FormatError(f"{where}: expected [kind, vertical_size, slash_size, score], got {entry!r}; fix the file")
+            kind, v, s, score = entry
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise FormatError(f"{where}: score must be a number, got {score!r}; fix the file")
+            if kind == "vertical_and_slash":
+                v, s = _int_size(v, where, "vertical_size"), _int_size(s, where, "slash_size")
+                if n_ctx and v >= n_ctx and s >= n_ctx:
+                    k, params = "dense", {}
+                else:
+                    k, params = "vertical_slash", {"vertical": v, "slash": s}
+            elif kind == "stream_llm":
+                k, params = "streaming", {"sink": _int_size(v, where, "vertical_size (sink)", allow_zero=True), "window": _int_size(s, where, "slash_size (window)")}
+            elif kind == "block_sparse":
+                blocks = _int_size(v, where, "vertical_size (blocks)")
+                k, params = "block_topk", {"topk": blocks * (s if _pow2(s) else 64)}
+            else:
+                raise FormatError(f"{where}: unknown MInference kind {kind!r}; use vertical_and_slash, stream_llm or block_sparse")
+            spec = get_kind(k)
+            p = spec.validate(params, where)
+            heads.append(HeadPolicy(lay, h, h // group, k, p, float(min(1.0, max(0.0, score))), None,
+                                    f"imported from MInference ({kind} {v}, {s}); score = its retained attention on its search sample",
+                                    "exact"))
+    return Policy(model, block_size, heads, {"path": source, "format": "minference"})
+
+
+# -- DuoAttention ---------------------------------------------------------------------------
+def duo_config(policy: Policy, seq_len: int) -> tuple[str, dict[str, Any]]:
+    """DuoAttention's ``full_attention_heads.tsv`` text and ``config.json`` for ``policy``.
+
+    Every KV head must be all dense or all streaming with one (sink, recent) for the whole model;
+    `FormatError` names the first head that is not."""
+    nl, nh, nkv = policy.n_layers, policy.n_heads, int(policy.model["n_kv_heads"])
+    group = nh // nkv
+    sizes: tuple[int, int] | None = None
+    rows = []
+    for lay in range(nl):
+        row = []
+        for kv in range(nkv):
+            members = [policy.entry(lay, kv * group + j) for j in range(group)]
+            first = members[0]
+            for e in members:
+                where = f"(layer {e.layer}, head {e.head})"
+                if e.kind not in ("dense", "streaming"):
+                    raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="duo", why="DuoAttention heads are either full or streaming"))
+                if e.kind != first.kind:
+                    raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="duo", why=f"its KV head {kv} mixes {first.kind} and {e.kind}; generate with --gqa"))
+                if e.kind == "streaming":
+                    sw = get_kind("streaming").stream(e.params, seq_len)
+                    if sizes is None:
+                        sizes = sw
+                    elif sw != sizes:
+                        raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="duo", why=f"sink/window {sw} differ from {sizes}; DuoAttention has one sink_size and recent_size"))
+            row.append("1.0" if first.kind == "dense" else "0.0")
+        rows.append("\t".join(row))
+    sink, recent = sizes if sizes is not None else (64, 256)
+    config = {"sink_size": sink, "recent_size": recent, "exported_by": "attnlab", "model": policy.model.get("name"), "seq_len": seq_len}
+    return "\n".join(rows) + "\n", config
+
+
+def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: float = 0.5, sparsity: float | None = None,
+                  block_size: int = 64) -> Policy:
+    """A `Policy` from a DuoAttention pattern (a folder with ``full_attention_heads.tsv`` and
+    ``config.json``, or the TSV with the config beside it). A KV head is dense when its gate is
+    ``>= threshold``; with ``sparsity``, the lowest-gated share of KV heads streams instead
+    (DuoAttention's deployment rule)."""
+    model = check_model(model, "--model")
+    p = Path(path)
+    tsv = p / "full_attention_heads.tsv" if p.is_dir() else p
+    cfg_path = tsv.parent / "config.json"
+    if not tsv.is_file():
+        raise FormatError(f"no DuoAttention full_attention_heads.tsv at {tsv}: give the pattern folder or the TSV")
+    try:
+        gates = np.loadtxt(tsv, dtype=float, delimiter="\t", ndmin=2)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason=str(exc).splitlines()[0])) from None
+    nl, nh, nkv = model["n_layers"], model["n_heads"], model["n_kv_heads"]
+    if gates.shape not in ((nl, nkv), (nl, nh)):
+        raise FormatError(ERR_SHAPE.format(path=tsv, what="the gate table", got=list(gates.shape), model=model.get("name"), expected=f"[{nl}, {nkv}] (layers x KV heads)"))
+    if not np.isfinite(gates).all():
+        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason="non-finite gate values"))
+    cfg = _read_json(cfg_path, "DuoAttention config.json")
+    if not isinstance(cfg, dict):
+        raise FormatError(ERR_CORRUPT.format(path=cfg_path, fmt="DuoAttention config.json", reason="expected an object"))
+    for key in ("sink_size", "recent_size"):
+        if key not in cfg:
+            raise FormatError(f"{cfg_path}: DuoAttention config.json needs {key!r}; add it")
+    where = str(cfg_path)
+    sink = _int_size(cfg["sink_size"], where, "sink_size", allow_zero=True)
+    recent = _int_size(cfg["recent_size"], where, "recent_size")
+    gates = np.clip(gates, 0, 1)
+    if sparsity is not None:
+        if not 0 <= sparsity <= 1:
+            raise FormatError(f"sparsity {sparsity} must be in [0, 1]: the share of KV heads that stream")
+        k = int(round(sparsity * gates.size))
+        order = np.argsort(gates.reshape(-1), kind="stable")
+        full = np.ones(gates.size, dtype=bool)
+        full[order[:k]] = False
+        full = full.reshape(gates.shape)
+    else:
+        full = gates >= threshold
+    per_head = gates.shape[1] == nh and nh != nkv
+    group = nh // nkv
+    heads = []
+    for lay in range(nl):
+        for h in range(nh):
+            col = h if per_head else h // group
+            dense = bool(full[lay, col])
+            kind = "dense" if dense else "streaming"
+            params = {} if dense else {"sink": Elastic(sink), "window": Elastic(recent)}
+            heads.append(HeadPolicy(lay, h, h // group, kind, params, None, None,
+                                    f"imported from DuoAttention (gate {gates[lay, col]:.3f} {'>=' if dense else '<'} cut)", "exact"))
+    return Policy(model, block_size, heads, {"path": str(tsv.parent), "format": "duo"})
+
+
+# -- reading mask files ---------------------------------------------------------------------
+@dataclass
+class MaskFile:
+    """A mask file read back: the layouts, the policy they came from, and the metadata."""
+
+    layouts: list[BlockSparseLayout]
+    policy: Policy
+    meta: dict[str, Any]
+
+
+def _parse_meta(raw: Any, path: Path, fmt: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw) if isinstance(raw, str) else None
+    except json.JSONDecodeError:
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != MASKS_FORMAT:
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt=f"attnlab {fmt} mask", reason="no attnlab mask metadata; a foreign file?"))
+    if meta.get("schema") != MASKS_SCHEMA:
+        raise FormatError(f"{path} has mask schema {meta.get('schema')!r}, this attnlab reads {MASKS_SCHEMA}: re-export it")
+    return meta
+
+
+def _read_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
+    if not path.is_file():
+        raise FormatError(f"no mask file at {path}: check the path (attnlab export writes masks.npz, masks.safetensors or flex_block_masks.safetensors)")
+    head = path.read_bytes()[:4]
+    if head[:2] == b"PK":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if "__meta__" not in z.files:
+                    raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason="no __meta__ entry; a foreign file?"))
+                meta = _parse_meta(str(z["__meta__"]), path, "npz")
+                arrays = {k: torch.from_numpy(np.array(z[k])) for k in z.files if k != "__meta__"}
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+            raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason=f"{type(exc).__name__}: {exc}")) from None
+        return arrays, meta, "npz"
+    from attnlab.runs import read_safetensors
+
+    try:
+        arrays, md = read_safetensors(path)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt="safetensors mask", reason=f"{type(exc).__name__}: {exc}")) from None
+    meta = _parse_meta(md.get("attnlab"), path, "safetensors")
+    return arrays, meta, "flex" if meta.get("flex") else "safetensors"
+
+
+def _unpad(padded_count: torch.Tensor, padded_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    count = padded_count[0].to(torch.int32)
+    h, qb, kb = padded_index.shape[1:]
+    keep = torch.arange(kb)[None, None, :] < count[..., None]
+    index = padded_index[0][keep].to(torch.int32)
+    flat = count.reshape(-1).to(torch.int64)
+    offset = (torch.cumsum(flat, 0) - flat).to(torch.int32).reshape(count.shape)
+    return count, offset, index
+
+
+def load_masks(path: str | os.PathLike, model: dict[str, Any] | None = None) -> MaskFile:
+    """Read an exported mask file (npz, safetensors or flex) back into layouts and its policy."""
+    path = Path(path)
+    arrays, meta, kind = _read_arrays(path)
+    try:
+        policy = Policy.from_dict(meta.get("policy"), model=model, path=f"{path} (embedded policy)")
+    except PolicyError as exc:
+        raise FormatError(str(exc)) from None
+    n, b, nl = int(meta["seq_len"]), int(meta["block_size"]), int(meta["n_layers"])
+    names = meta.get("head_names") or [[] for _ in range(nl)]
+    layouts = []
+    for lay in range(nl):
+        try:
+            if kind == "flex":
+                fc, fo, fi = _unpad(arrays[f"layer{lay}.full_kv_num_blocks"], arrays[f"layer{lay}.full_kv_indices"])
+                pc, po, pi = _unpad(arrays[f"layer{lay}.kv_num_blocks"], arrays[f"layer{lay}.kv_indices"])
+                a = {"full_kv_count": fc, "full_kv_offset": fo, "full_kv_index": fi, "kv_count": pc, "kv_offset": po,
+                     "kv_index": pi, "sink": arrays[f"layer{lay}.sink"], "window": arrays[f"layer{lay}.window"]}
+            else:
+                a = {name: arrays[f"layer{lay}.{name}"] for name in _CSR}
+        except KeyError as exc:
+            raise FormatError(ERR_CORRUPT.format(path=path, fmt=f"{kind} mask", reason=f"missing array {exc}")) from None
+        try:
+            layouts.append(BlockSparseLayout.from_arrays(a, block_size=b, n_q=n, n_k=n, causal=bool(meta.get("causal", True)),
+                                                         layer=lay, head_names=names[lay] if lay < len(names) else ()))
+        except Exception as exc:
+            raise FormatError(ERR_CORRUPT.format(path=path, fmt=f"{kind} mask", reason=f"layer {lay}: {exc}")) from None
+    return MaskFile(layouts, policy, meta)
+
+
+def load_flex_block_masks(path: str | os.PathLike) -> list:
+    """FlexAttention ``BlockMask`` per layer from an exported mask file (any of the three)."""
+    return [lay.to_flex_block_mask() for lay in load_masks(path).layouts]
+
+
+# -- import ---------------------------------------------------------------------------------
+def import_policy(
+    fmt: str,
+    path: str | os.PathLike,
+    model: dict[str, Any] | None = None,
+    *,
+    threshold: float = 0.5,
+    sparsity: float | None = None,
+    block_size: int = 64,
+    seq_len: int | None = None,
+    estimator=None,
+) -> Policy:
+    """Read a policy from ``fmt`` (`IMPORT_FORMATS`). Config formats need ``model`` (a run's
+    ``run.model``). Imported heads get ``expected_density`` at ``seq_len`` (default: the model's
+    context) and, given a `ProfileEstimator`, ``expected_recall`` from that run."""
+    _check_format(fmt, IMPORT_FORMATS)
+    if fmt in MASK_FORMATS:
+        return load_masks(path, model).policy
+    if model is None:
+        raise FormatError(f"importing {fmt} needs the model identity: pass --model RUN (a profiled run of the model) or a model JSON")
+    b = check_block_size(block_size)
+    if fmt == "minference":
+        pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)
+    else:
+        pol = duo_to_policy(path, model, threshold=threshold, sparsity=sparsity, block_size=b)
+    n = check_seq_len(seq_len or pol.model.get("n_ctx") or 4096, pol.model)
+    fill_expectations(pol, n, estimator)
+    return pol
+
+
+def fill_expectations(policy: Policy, seq_len: int, estimator=None) -> Policy:
+    """Set each head's ``expected_density`` (at ``seq_len``) and, with a `ProfileEstimator` of
+    the same model, ``expected_recall``; in place, returns ``policy``."""
+    from .curves import causal_tiles, count_tiles
+
+    b = policy.block_size
+    total = causal_tiles(seq_len, b)
+    cache: dict[str, tuple[float, str]] = {}
+    for e in policy.heads:
+        cand = e.candidate
+        key = cand.key()
+        if key not in cache:
+            kind = get_kind(e.kind)
+            bound = kind.block_bound(e.params, seq_len, b)
+            if kind.static and e.kind != "dense":
+                cache[key] = (count_tiles(kind.pattern(e.params, seq_len, b), seq_len, b) / total, "exact")
+            elif bound is not None:
+                cache[key] = (bound / total, "upper_bound" if e.kind == "vertical_slash" else "exact")
+            else:
+                cache[key] = (float("nan"), "expected")
+        d, how = cache[key]
+        e.expected_density = None if d != d else float(min(1.0, d))
+        e.density_is = how
+        if estimator is not None:
+            e.expected_recall = float(estimator.evaluate(cand).recall[e.layer, e.head])
+    return policy

@@ -1,0 +1,257 @@
+"""Exporters and importers: round trips through every format, refusals, and bad files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+import torch
+from attnlab.sparsity_stats import (
+    FormatError,
+    HeadPolicy,
+    Policy,
+    PolicyError,
+    PolicyGenerator,
+    compile_policy,
+    export_policy,
+    get_kind,
+    import_policy,
+    load_flex_block_masks,
+    load_masks,
+    make_synthetic_run,
+    minference_config,
+)
+from attnlab.sparsity_stats.cli import add_commands
+from attnlab.sparsity_stats.errors import MaskError
+
+MODEL = {"name": "toy-llm", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "n_ctx": 4096}
+
+
+def make_policy(per_layer, model=MODEL, block_size=16) -> Policy:
+    group = model["n_heads"] // model["n_kv_heads"]
+    heads = []
+    for lay, entries in enumerate(per_layer):
+        for h, (kind, params) in enumerate(entries):
+            heads.append(HeadPolicy(lay, h, h // group, kind, get_kind(kind).validate(params, "test"), 0.875, 0.25, "test"))
+    return Policy(dict(model), block_size, heads)  # no profiled lengths: no extrapolation warnings
+
+
+MIXED = make_policy([
+    [("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("a_shape", {"sink": 16, "window": 48}), ("vertical_slash", {"vertical": 32, "slash": 48})],
+    [("block_topk", {"topk": 64}), ("block_topk", {"gamma": 0.9}), ("streaming", {"sink": 0, "window": {"alpha": 8, "beta": 0.05}}), ("dense", {})],
+])
+MINFERENCE_OK = make_policy([
+    [("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("vertical_slash", {"vertical": 32, "slash": 48}), ("block_topk", {"topk": 64})],
+    [("streaming", {"sink": 64, "window": 256}), ("vertical_slash", {"vertical": 1000, "slash": 600}), ("dense", {}), ("block_topk", {"topk": 32})],
+])
+DUO_OK = make_policy([
+    [("dense", {}), ("dense", {}), ("streaming", {"sink": 64, "window": 256}), ("streaming", {"sink": 64, "window": 256})],
+    [("streaming", {"sink": 64, "window": 256}), ("streaming", {"sink": 64, "window": 256}), ("dense", {}), ("dense", {})],
+])
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def same_policy(a: Policy, b: Policy) -> bool:
+    return a.to_dict()["heads"] == b.to_dict()["heads"] and a.model == b.model and a.block_size == b.block_size
+
+
+@pytest.mark.parametrize("fmt", ["npz", "safetensors", "flex"])
+def test_mask_formats_round_trip(tmp_path, fmt):
+    paths = export_policy(MIXED, tmp_path, fmt, seq_len=200, block_size=16)
+    assert len(paths) == 1 and paths[0].is_file()
+    back = load_masks(paths[0], model=MODEL)
+    expected = compile_policy(MIXED, 200, 16)
+    assert len(back.layouts) == 2
+    for got, want in zip(back.layouts, expected, strict=True):
+        assert got.equals(want)
+        assert torch.equal(got.token_mask(), want.token_mask())
+    assert same_policy(back.policy, MIXED)
+    assert back.meta["seq_len"] == 200 and back.meta["block_size"] == 16
+    assert same_policy(import_policy(fmt, paths[0]), MIXED)
+
+
+def test_npz_is_readable_without_attnlab(tmp_path):
+    (path,) = export_policy(MIXED, tmp_path, "npz", seq_len=128, dense_blocks=True)
+    with np.load(path, allow_pickle=False) as z:
+        assert z["layer0.kv_count"].dtype == np.int32 and z["layer0.kv_count"].shape == (4, 8)
+        assert z["layer1.block_mask"].shape == (4, 8, 8)
+        meta = json.loads(str(z["__meta__"]))
+    assert meta["format"] == "attnlab-masks" and meta["policy"]["format"] == "attnlab-policy"
+
+
+def test_flex_file_rebuilds_block_masks(tmp_path):
+    (path,) = export_policy(MIXED, tmp_path, "flex", seq_len=96, block_size=16)
+    masks = load_flex_block_masks(path)
+    for bm, lay in zip(masks, compile_policy(MIXED, 96, 16), strict=True):
+        assert torch.equal(bm.to_dense()[0].bool(), lay.block_mask())
+
+
+def test_minference_round_trip(tmp_path):
+    (path,) = export_policy(MINFERENCE_OK, tmp_path, "minference", seq_len=2048)
+    config = json.loads(path.read_text())
+    assert config[0]["1"] == ["stream_llm", 4, 40, 0.875]
+    assert config[0]["0"] == ["vertical_and_slash", 4096, 4096, 0.875]  # dense = the whole context
+    assert config[1]["3"] == ["block_sparse", 2, 16, 0.875]
+    back = import_policy("minference", path, MODEL, block_size=16)
+    for a, b in zip(back.heads, MINFERENCE_OK.heads, strict=True):
+        assert (a.kind, get_kind(a.kind).to_json(a.params)) == (b.kind, get_kind(b.kind).to_json(b.params))
+        assert a.expected_recall == pytest.approx(0.875)
+        assert a.expected_density is not None and 0 < a.expected_density <= 1
+
+
+def test_minference_refuses_kinds_it_cannot_express(tmp_path):
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 2\) \(a_shape\) cannot be written in minference"):
+        export_policy(MIXED, tmp_path, "minference", seq_len=512)
+    assert not (tmp_path / "minference_config.json").exists()
+    (path,) = export_policy(MIXED, tmp_path, "minference", seq_len=512, lossy=True)
+    back = import_policy("minference", path, MODEL, block_size=16)
+    assert back.entry(0, 2).kind == "streaming" and back.entry(1, 1).kind == "block_topk"
+
+
+def test_duo_round_trip(tmp_path):
+    paths = export_policy(DUO_OK, tmp_path, "duo", seq_len=4096)
+    assert [p.name for p in paths] == ["full_attention_heads.tsv", "config.json"]
+    assert paths[0].read_text().splitlines() == ["1.0\t0.0", "0.0\t1.0"]
+    cfg = json.loads(paths[1].read_text())
+    assert (cfg["sink_size"], cfg["recent_size"]) == (64, 256)
+    back = import_policy("duo", tmp_path, MODEL, block_size=16)
+    assert [e.kind for e in back.heads] == [e.kind for e in DUO_OK.heads]
+    assert back.entry(0, 2).params["window"].resolve(4096) == 256
+    # DuoAttention's deployment rule: the lowest-gated share of KV heads streams
+    paths[0].write_text("0.9\t0.2\n0.4\t0.7\n")
+    half = import_policy("duo", paths[0], MODEL, sparsity=0.5)
+    assert [half.entry(lay, 2 * kv).kind for lay in range(2) for kv in range(2)] == ["dense", "streaming", "streaming", "dense"]
+    third = import_policy("duo", tmp_path, MODEL, threshold=0.3)
+    assert third.entry(1, 0).kind == "dense" and third.entry(0, 2).kind == "streaming"
+
+
+def test_duo_refuses_policies_it_cannot_express(tmp_path):
+    mixed_group = make_policy([[("dense", {}), ("streaming", {"sink": 4, "window": 64}), ("dense", {}), ("dense", {})]] * 2)
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 1\).*mixes dense and streaming; generate with --gqa"):
+        export_policy(mixed_group, tmp_path, "duo", seq_len=512)
+    vs = make_policy([[("dense", {}), ("dense", {}), ("vertical_slash", {"vertical": 64, "slash": 64}), ("dense", {})]] * 2)
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 2\) \(vertical_slash\).*either full or streaming"):
+        export_policy(vs, tmp_path, "duo", seq_len=512)
+    two_sizes = make_policy([[("dense", {}), ("dense", {}), ("streaming", {"sink": 4, "window": 64}), ("streaming", {"sink": 4, "window": 64})],
+                             [("streaming", {"sink": 4, "window": 32}), ("streaming", {"sink": 4, "window": 32}), ("dense", {}), ("dense", {})]])
+    with pytest.raises(FormatError, match=r"head \(layer 1, head 0\).*one sink_size and recent_size"):
+        export_policy(two_sizes, tmp_path, "duo", seq_len=512)
+    assert not any(tmp_path.iterdir())
+
+
+def test_existing_files_need_force(tmp_path):
+    (path,) = export_policy(MIXED, tmp_path, "npz", seq_len=64)
+    before = path.read_bytes()
+    with pytest.raises(FormatError, match="already exists"):
+        export_policy(MIXED, tmp_path, "npz", seq_len=128)
+    assert path.read_bytes() == before
+    export_policy(MIXED, tmp_path, "npz", seq_len=128, force=True)
+    assert load_masks(path).meta["seq_len"] == 128
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"seq_len": 8192}, MaskError, "beyond the model's context of 4096"),
+    ({"seq_len": 256, "block_size": 48}, MaskError, "power of two"),
+    ({"seq_len": 0}, MaskError, "positive"),
+    ({}, FormatError, "--seq-len is required"),
+])
+def test_bad_export_arguments_write_nothing(tmp_path, kwargs, error, match):
+    out = tmp_path / "masks"
+    with pytest.raises(error, match=match):
+        export_policy(MIXED, out, "safetensors", **kwargs)
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(FormatError, match="unknown format 'onnx'"):
+        export_policy(MIXED, out, "onnx", seq_len=64)
+
+
+def test_corrupt_and_foreign_files_are_refused(tmp_path):
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"PK\x03\x04 definitely not a zip")
+    with pytest.raises(FormatError, match="not a readable npz mask"):
+        load_masks(junk)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, weights=np.zeros(3))
+    with pytest.raises(FormatError, match="no __meta__"):
+        load_masks(foreign)
+    st = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(st))
+    with pytest.raises(FormatError, match="no attnlab mask metadata"):
+        load_masks(st)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(FormatError, match="not a readable safetensors mask"):
+        load_masks(bad)
+    (tmp_path / "mi.json").write_text("{oops")
+    with pytest.raises(FormatError, match="not a readable MInference config"):
+        import_policy("minference", tmp_path / "mi.json", MODEL)
+    (tmp_path / "mi2.json").write_text(json.dumps([{"0": ["vertical_and_slash", 30, 800, 0.9]}]))
+    with pytest.raises(FormatError, match="the layer list has shape 1"):
+        import_policy("minference", tmp_path / "mi2.json", MODEL)
+    layer = {str(h): ["vertical_and_slash", 30, 800, 0.9] for h in range(4)}
+    layer["2"] = ["diagonal", 1, 1, 0.5]
+    (tmp_path / "mi3.json").write_text(json.dumps([layer, layer]))
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 2\): unknown MInference kind 'diagonal'"):
+        import_policy("minference", tmp_path / "mi3.json", MODEL)
+    layer["2"] = ["stream_llm", 4, -5, 0.5]
+    (tmp_path / "mi4.json").write_text(json.dumps([layer, layer]))
+    with pytest.raises(FormatError, match="slash_size \\(window\\) must be a positive"):
+        import_policy("minference", tmp_path / "mi4.json", MODEL)
+    duo = tmp_path / "duo"
+    duo.mkdir()
+    (duo / "full_attention_heads.tsv").write_text("1\t0\t1\n0\t1\t0\n")
+    (duo / "config.json").write_text(json.dumps({"sink_size": 64, "recent_size": 256}))
+    with pytest.raises(FormatError, match=r"the gate table has shape \[2, 3\]"):
+        import_policy("duo", duo, MODEL)
+    (duo / "full_attention_heads.tsv").write_text("1\t0\n0\t1\n")
+    (duo / "config.json").write_text(json.dumps({"sink_size": 64}))
+    with pytest.raises(FormatError, match="needs 'recent_size'"):
+        import_policy("duo", duo, MODEL)
+    with pytest.raises(FormatError, match="needs the model identity"):
+        import_policy("duo", duo, None)
+
+
+def test_masks_for_another_model_are_refused(tmp_path):
+    (path,) = export_policy(MIXED, tmp_path, "safetensors", seq_len=64)
+    with pytest.raises(FormatError, match="n_heads differs"):
+        load_masks(path, model=dict(MODEL, n_heads=8, n_kv_heads=8))
+
+
+def test_cli_export_and_import_round_trip(tmp_path, capsys):
+    run = make_synthetic_run(tmp_path / "run", n_layers=2, n_heads=4, n_kv_heads=2, lengths=(256,), block_size=16)
+    pol_path = tmp_path / "policy.json"
+    PolicyGenerator(budget=0.5, gqa_consistent=True, kinds=("dense", "streaming", "vertical_slash")).fit(run).emit().save(pol_path)
+    assert cli("export", str(pol_path), "--seq-len", "256", "--format", "npz", "--out", str(tmp_path / "m"), "--model", str(run.path), "--quiet") == 0
+    assert "masks.npz" in capsys.readouterr().out
+    assert cli("export", str(pol_path), "--seq-len", "256", "--format", "minference", "--out", str(tmp_path / "m")) == 0
+    assert cli("import", "minference", str(tmp_path / "m" / "minference_config.json"), "--model", str(run.path),
+               "--block-size", "16", "--seq-len", "256", "--out", str(tmp_path / "back.json")) == 0
+    back = Policy.load(tmp_path / "back.json", model=run.model)
+    orig = Policy.load(pol_path)
+    assert [e.kind for e in back.heads] == [e.kind for e in orig.heads]
+    # a run as --model also gives the imported heads expected recall from its statistics
+    assert all(e.expected_recall is not None for e in back.heads)
+    for a, b in zip(back.heads, orig.heads, strict=True):
+        assert a.expected_recall == pytest.approx(b.expected_recall, abs=1e-6)
+    assert cli("import", "npz", str(tmp_path / "m" / "masks.npz"), "--out", str(tmp_path / "fromnpz.json")) == 0
+    assert same_policy(Policy.load(tmp_path / "fromnpz.json"), orig)
+    with pytest.raises(PolicyError, match="already exists"):
+        cli("import", "npz", str(tmp_path / "m" / "masks.npz"), "--out", str(tmp_path / "fromnpz.json"))
+    with pytest.raises(MaskError, match="beyond the model's context"):
+        cli("export", str(pol_path), "--seq-len", "999999", "--format", "flex", "--out", str(tmp_path / "f"))
+    assert not (tmp_path / "f").exists()
+
+
+def test_minference_config_is_per_layer_head_lists():
+    cfg = minference_config(MINFERENCE_OK, 1024)
+    assert len(cfg) == 2 and sorted(cfg[0]) == ["0", "1", "2", "3"]
+    assert all(isinstance(v, list) and len(v) == 4 for layer in cfg for v in layer.values())

@@ -1,0 +1,409 @@
+"""The policy generator: knapsack optimality, budgets and constraints, estimates, the policy file, the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from attnlab.sparsity_stats import (
+    Candidate,
+    Policy,
+    PolicyError,
+    PolicyGenerator,
+    ProfileEstimator,
+    compare_policies,
+    compile_policy,
+    compute_curves,
+    make_synthetic_run,
+    solve_mckp,
+    synthetic_attention,
+    token_mask,
+    uniform_streaming,
+)
+from attnlab.sparsity_stats.cli import add_commands
+from attnlab.sparsity_stats.knapsack import InfeasibleError
+from attnlab.sparsity_stats.synthetic import head_archetype
+
+LENGTHS = (512, 384)
+BLOCK = 16
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return make_synthetic_run(tmp_path_factory.mktemp("runs") / "r1", n_layers=2, n_heads=4, n_kv_heads=2,
+                              lengths=LENGTHS, block_size=BLOCK, retrieval_heads=((1, 3),))
+
+
+@pytest.fixture(scope="module")
+def curves(run):
+    return compute_curves(run)
+
+
+def cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+# -- the knapsack ---------------------------------------------------------------------------
+def _exhaustive(values, costs, capacity):
+    best = None
+    for choice in itertools.product(*[range(len(v)) for v in values]):
+        c = sum(costs[g][i] for g, i in enumerate(choice))
+        if c <= capacity:
+            v = sum(values[g][i] for g, i in enumerate(choice))
+            best = v if best is None else max(best, v)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_knapsack_matches_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(60):
+        groups = int(rng.integers(1, 6))
+        values = [rng.random(int(rng.integers(1, 6))).round(int(rng.integers(1, 4))) for _ in range(groups)]
+        costs = [rng.random(len(v)).round(int(rng.integers(1, 4))) for v in values]  # rounding makes ties
+        if rng.random() < 0.3:
+            costs[0][0] = 0.0
+        lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
+        capacity = float(lo + rng.random() * (hi - lo))
+        sol = solve_mckp(values, costs, capacity)
+        assert sol.optimal and sol.gap == 0
+        assert sol.cost <= capacity  # the budget holds exactly
+        assert sol.value == pytest.approx(_exhaustive(values, costs, capacity), abs=1e-9)
+        assert sol.upper_bound >= sol.value - 1e-12
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_integer_costs_are_solved_exactly_by_dynamic_programming(seed):
+    rng = np.random.default_rng(100 + seed)
+    unit = 1 / 36  # densities are kept blocks over causal blocks
+    for _ in range(40):
+        groups = int(rng.integers(2, 6))
+        values = [rng.random(int(rng.integers(2, 6))).round(2) for _ in range(groups)]
+        costs = [rng.integers(0, 36, len(v)) * unit for v in values]
+        lo, hi = sum(c.min() for c in costs), sum(c.max() for c in costs)
+        capacity = float(lo + rng.random() * (hi - lo))
+        truth = _exhaustive(values, costs, capacity)
+        dp = solve_mckp(values, costs, capacity, cost_unit=unit)
+        bb = solve_mckp(values, costs, capacity, cost_unit=unit, max_dp_cells=0)  # forces branch and bound
+        for sol in (dp, bb):
+            assert sol.optimal and sol.cost <= capacity + 1e-12
+            assert sol.value == pytest.approx(truth, abs=1e-9)
+        assert dp.nodes == 0  # no branching needed
+
+
+def test_knapsack_beats_greedy_where_greedy_fails():
+    # greedy by value/cost takes item (0.5, 0.5) first and then cannot afford the big one
+    values = [[0.0, 1.0, 1.9], [0.0, 0.1]]
+    costs = [[0.0, 0.5, 1.0], [0.0, 0.05]]
+    sol = solve_mckp(values, costs, 1.0)
+    assert list(sol.choice) == [2, 0] and sol.value == pytest.approx(1.9)
+
+
+def test_knapsack_reports_infeasibility_and_a_gap_when_stopped():
+    with pytest.raises(InfeasibleError) as exc:
+        solve_mckp([[1.0, 2.0], [1.0]], [[0.6, 0.9], [0.5]], 1.0)
+    assert exc.value.needed == pytest.approx(1.1)
+    rng = np.random.default_rng(7)
+    values = [np.sort(rng.random(30)) for _ in range(60)]
+    costs = [np.sort(rng.random(30)) for _ in range(60)]
+    sol = solve_mckp(values, costs, 15.0, max_nodes=1)
+    assert sol.cost <= 15.0
+    assert sol.upper_bound >= sol.value
+    assert sol.gap == pytest.approx(0.0 if sol.optimal else sol.upper_bound - sol.value, abs=1e-9)
+    full = solve_mckp(values, costs, 15.0)
+    assert full.optimal
+    assert sol.value <= full.value + 1e-9 <= sol.upper_bound + 1e-9
+
+
+# -- the generator --------------------------------------------------------------------------
+def test_budget_is_respected_and_matches_compiled_masks(run):
+    gen = PolicyGenerator(budget=0.35).fit(run)
+    policy = gen.emit()
+    n_heads = 8
+    assert gen.expected_density_.sum() <= 0.35 * n_heads + 1e-12
+    assert policy.budget["expected"] <= 0.35
+    layouts = compile_policy(policy, max(LENGTHS))
+    for lay in layouts:
+        for h, d in enumerate(lay.density.tolist()):
+            e = policy.entry(lay.layer, h)
+            if e.kind == "vertical_slash":
+                assert d <= e.expected_density + 1e-9  # an upper bound for any input
+            elif e.density_is == "exact":
+                assert d == pytest.approx(e.expected_density, abs=1e-9), e.kind
+    assert gen.optimality_gap_ == 0.0 and policy.summary["optimal"]
+
+
+def test_generator_is_optimal_over_its_curves(curves):
+    kinds = ("dense", "streaming", "a_shape")
+    gen = PolicyGenerator(budget=0.3, kinds=kinds, protect_retrieval="none").fit(curves)
+    allowed = [np.nonzero(gen.allowed_[lay, h])[0] for lay in range(2) for h in range(4)]
+    rec = [curves.recall[i // 4, i % 4] for i in range(8)]
+    den = [curves.density[i // 4, i % 4] for i in range(8)]
+    # brute force over the first four heads with the others fixed at the optimiser's choice
+    rest = [(i // 4, i % 4) for i in range(4, 8)]
+    cap = 0.3 * 8 - sum(den[i][gen.choice_[lay, h]] for i, (lay, h) in zip(range(4, 8), rest, strict=True))
+    best = _exhaustive([rec[i][allowed[i]] for i in range(4)], [den[i][allowed[i]] for i in range(4)], cap + 1e-12)
+    got = sum(rec[i][gen.choice_[0, i]] for i in range(4))
+    assert got == pytest.approx(best, abs=1e-9)
+    assert {curves.candidates[i].kind for i in gen.choice_.reshape(-1)} <= set(kinds)
+
+
+def test_retrieval_heads_are_protected(run, curves):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    assert head_archetype(1, 3, ((1, 3),)) == "retrieval"
+    e = policy.entry(1, 3)
+    assert e.kind == "dense" and "retrieval head" in e.reason
+    floor = PolicyGenerator(budget=0.4, protect_retrieval="floor", retrieval_floor=0.9).fit(curves)
+    assert floor.expected_recall_[1, 3] >= 0.9
+    none = PolicyGenerator(budget=0.4, protect_retrieval="none").fit(curves)
+    assert none.protected_ == []
+    extra = PolicyGenerator(budget=0.5, protected_heads=[(0, 1)]).fit(curves).emit()
+    assert extra.entry(0, 1).kind == "dense"
+
+
+def test_gqa_consistency_and_kv_budget(curves):
+    gen = PolicyGenerator(budget=0.45, gqa_consistent=True, protect_retrieval="none").fit(curves)
+    for lay in range(2):
+        for kv in range(2):
+            assert gen.choice_[lay, 2 * kv] == gen.choice_[lay, 2 * kv + 1]
+    kv = PolicyGenerator(budget=0.3, budget_kind="kv", protect_retrieval="none").fit(curves)
+    assert kv.expected_kv_.mean() <= 0.3 + 1e-12
+    assert (kv.choice_[:, 0::2] == kv.choice_[:, 1::2]).all()  # a KV budget implies shared KV heads
+    kinds = {curves.candidates[i].kind for i in kv.choice_.reshape(-1)}
+    assert kinds <= {"streaming", "a_shape", "dense"}  # only these can drop KV entries
+
+
+def test_min_sink_and_recall_floor(curves):
+    gen = PolicyGenerator(budget=0.5, min_sink=16, protect_retrieval="none").fit(curves)
+    policy = gen.emit()
+    for e in policy.heads:
+        if e.kind == "streaming":
+            assert e.params["sink"].resolve(512) >= 16
+    floor = PolicyGenerator(budget=0.6, recall_floor=0.9, protect_retrieval="none").fit(curves)
+    assert (floor.expected_recall_ >= 0.9 - 1e-12).all()
+    with pytest.raises(PolicyError, match="budget 0.05 is below what the constraints allow"):
+        PolicyGenerator(budget=0.05, recall_floor=0.999).fit(curves)
+
+
+@pytest.mark.parametrize("bad", [0, -0.1, 1.5, "x"])
+def test_budget_outside_zero_one_is_rejected(curves, bad):
+    with pytest.raises(PolicyError, match=r"outside \(0, 1\]"):
+        PolicyGenerator(budget=bad).fit(curves)
+
+
+def test_bad_generator_settings_are_rejected(curves):
+    with pytest.raises(PolicyError, match="budget kind 'flops'"):
+        PolicyGenerator(budget=0.2, budget_kind="flops").fit(curves)
+    with pytest.raises(PolicyError, match="unknown kind 'diagonal'"):
+        PolicyGenerator(budget=0.2, kinds=("dense", "diagonal")).fit(curves)
+    with pytest.raises(PolicyError, match="min_sink"):
+        PolicyGenerator(budget=0.2, min_sink=-1).fit(curves)
+    with pytest.raises(PolicyError, match="not fitted"):
+        PolicyGenerator().emit()
+
+
+@functools.cache
+def _probs(n: int, layer: int, head: int, sample: int) -> torch.Tensor:
+    """The attention make_synthetic_run profiled for this head and sample (same seed)."""
+    return synthetic_attention(n, head_archetype(layer, head, ((1, 3),)), 1000 * sample + 31 * layer + head)
+
+
+def _measured_recall(run_lengths, layer, head, mask_for):
+    kept, total = 0.0, 0
+    for s, n in enumerate(run_lengths):
+        probs = _probs(n, layer, head, s)
+        kept += float((probs * mask_for(n)).sum())
+        total += n
+    return kept / total
+
+
+def test_predicted_recall_matches_measured_attention(run):
+    est = ProfileEstimator.from_run(run)
+    n_eval = max(LENGTHS)
+    cases = [Candidate.make("a_shape", sink=16, window=64), Candidate.make("dense"),
+             Candidate.make("streaming", sink=4, window=64), Candidate.make("streaming", sink=16, window=100),
+             Candidate.make("streaming", sink=4, window=200)]
+    for cand in cases:
+        pat = cand.spec.pattern(cand.param_dict, n_eval, BLOCK)
+        full = token_mask(pat, n_eval, n_eval)[0].double()
+        pred = est.evaluate(cand).recall
+        for layer, head in [(0, 0), (0, 1), (0, 2), (1, 0)]:
+            measured = _measured_recall(LENGTHS, layer, head, lambda n, full=full: full[:n, :n])
+            tol = 1e-5 if cand.kind != "streaming" else 0.05  # block-granular kinds are exact on the profile
+            assert abs(pred[layer, head] - measured) <= tol, (cand.describe(), layer, head, pred[layer, head], measured)
+
+
+def test_stream_correction_uses_token_statistics(run):
+    # sink 4 inside a 16-token block: the uniform-within-block estimate misses the sink's weight
+    est = ProfileEstimator.from_run(run)
+    cand = Candidate.make("streaming", sink=4, window=16)
+    pat = cand.spec.pattern(cand.param_dict, 512, BLOCK)
+    full = token_mask(pat, 512, 512)[0].double()
+    est_plain = ProfileEstimator(run.block_maps(), run.model, profiled_lengths=LENGTHS)  # no statistics
+    for layer, head in [(0, 0), (1, 0)]:
+        measured = _measured_recall(LENGTHS, layer, head, lambda n: full[:n, :n])
+        corrected = est.evaluate(cand).recall[layer, head]
+        plain = est_plain.evaluate(cand).recall[layer, head]
+        assert abs(corrected - measured) < abs(plain - measured)
+        assert abs(corrected - measured) < 0.05
+
+
+def test_curves_table_and_reasons(curves):
+    frame = curves.to_frame()
+    assert len(frame) == 8 * len(curves.candidates)
+    assert set(frame["density_is"]) == {"exact", "upper_bound", "expected"}
+    assert frame["expected_recall"].between(0, 1).all()
+    assert (frame.loc[frame["kind"] == "dense", "expected_recall"] == 1.0).all()
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    for e in policy.heads:
+        assert e.describe().split("(")[0] in e.reason
+        assert "keeps" in e.reason and "density" in e.reason
+
+
+# -- the policy file ------------------------------------------------------------------------
+def test_policy_round_trips_through_json(tmp_path, curves):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    path = policy.save(tmp_path / "policy.json")
+    back = Policy.load(path, model=curves.model)
+    assert back.to_dict()["heads"] == policy.to_dict()["heads"]
+    assert back.model == policy.model and back.block_size == BLOCK
+    assert back.source_run["path"].endswith("r1")
+    assert back.profiled_lengths == sorted(set(LENGTHS))
+
+
+def _mutate(policy_dict, fn):
+    d = json.loads(json.dumps(policy_dict))
+    fn(d)
+    return d
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d["heads"][5].update(kind="diagonal"), r"head \(layer 1, head 1\): unknown kind 'diagonal'"),
+        (lambda d: d["heads"][2].update(kind="streaming", params={"sink": 4, "window": -8}), r"head \(layer 0, head 2\): size 'params.window' must be positive"),
+        (lambda d: d["heads"][2].update(kind="streaming", params={"sink": 4, "window": 0}), r"size 'params.window' must be positive"),
+        (lambda d: d["heads"][2].update(kind="streaming", params={"sink": 4}), r"needs parameter 'params.window'"),
+        (lambda d: d["heads"][2].update(kind="dense", params={"window": 3}), r"does not take parameter 'params.window'"),
+        (lambda d: d["heads"][1].update(expected_recall=1.7), r"head \(layer 0, head 1\): field 'expected_recall'"),
+        (lambda d: d["heads"][1].update(kv_head=1), r"field 'kv_head' is 1 but query head 1 reads KV head 0"),
+        (lambda d: d["heads"].pop(3), r"no entry for head \(layer 0, head 3\)"),
+        (lambda d: d["heads"].append(dict(d["heads"][0])), r"lists head \(layer 0, head 0\) twice"),
+        (lambda d: d.update(block_size=48), r"field 'block_size' must be a power of two"),
+        (lambda d: d.update(schema=9), r"policy schema 9"),
+        (lambda d: d.pop("format"), r"not an attnlab policy"),
+        (lambda d: d["heads"][0].update(kind="block_topk", params={"gamma": 1.5}), r"'params.gamma' must be a mass share"),
+    ],
+)
+def test_policy_validation_names_head_and_field(tmp_path, curves, mutate, match):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_mutate(policy.to_dict(), mutate)))
+    with pytest.raises(PolicyError, match=match):
+        Policy.load(path)
+
+
+def test_policy_for_another_model_or_corrupt_file_is_refused(tmp_path, curves):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    path = policy.save(tmp_path / "p.json")
+    other = dict(curves.model, n_heads=8, n_kv_heads=2)
+    with pytest.raises(PolicyError, match="n_heads differs"):
+        Policy.load(path, model=other)
+    with pytest.raises(PolicyError, match="name differs"):
+        Policy.load(path, model=dict(curves.model, name="other-model"))
+    (tmp_path / "c.json").write_text('{"format": "attnlab-policy", "heads": [')
+    with pytest.raises(PolicyError, match="not valid JSON"):
+        Policy.load(tmp_path / "c.json")
+    (tmp_path / "m.json").write_text(json.dumps([{"0": ["vertical_and_slash", 30, 800, 0.9]}]))
+    with pytest.raises(PolicyError, match="attnlab import minference"):
+        Policy.load(tmp_path / "m.json")
+
+
+# -- baselines and comparison ------------------------------------------------------------
+def test_uniform_streaming_takes_the_largest_window_that_fits(curves):
+    est = curves.estimator
+    r = uniform_streaming(est, 0.3)
+    w = r.params["window"]
+    assert r.within_budget and r.mean_density <= 0.3
+    bigger = est.evaluate(Candidate.make("streaming", sink=4, window=w + 1))
+    assert bigger.density.mean() > 0.3
+
+
+def test_budgeted_policy_dominates_baselines_at_equal_budget(curves):
+    table = compare_policies(curves, [0.3, 0.5])
+    for b, sub in table.groupby("budget"):
+        ours = sub[sub["method"] == "budgeted_unprotected"]["expected_recall"].item()
+        assert sub[sub["method"] == "budgeted"]["density"].item() <= b + 1e-12
+        for _, row in sub[sub["method"].isin(["uniform_streaming", "duo_attention", "minference"])].iterrows():
+            if row["within_budget"]:
+                assert row["density"] <= b + 1e-12
+                assert ours >= row["expected_recall"] - 1e-9, row["method"]
+    infeasible = compare_policies(curves, [0.05])
+    assert not infeasible[infeasible["method"] == "budgeted"]["within_budget"].item()
+
+
+# -- CLI ------------------------------------------------------------------------------------
+def test_cli_policy_writes_and_refuses_to_overwrite(run, tmp_path, capsys):
+    out = tmp_path / "policy.json"
+    assert cli("policy", str(run.path), "--budget", "0.4", "--out", str(out), "--quiet") == 0
+    assert "expected" in capsys.readouterr().out
+    before = out.read_text()
+    Policy.load(out, model=run.model)
+    with pytest.raises(PolicyError, match="already exists"):
+        cli("policy", str(run.path), "--budget", "0.2", "--out", str(out), "--quiet")
+    assert out.read_text() == before
+    assert cli("policy", str(run.path), "--budget", "0.5", "--out", str(out), "--force", "--gqa", "--quiet") == 0
+    assert Policy.load(out).budget["value"] == 0.5
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--budget", "1.5"], r"outside \(0, 1\]"),
+    (["--budget", "0"], r"outside \(0, 1\]"),
+    (["--kinds", "dense,wavy"], "unknown kind wavy"),
+    (["--lengths", "abc"], "comma-separated list"),
+    (["--protect-heads", "3-1"], "LAYER:HEAD"),
+])
+def test_cli_bad_input_writes_nothing(run, tmp_path, args, match):
+    out = tmp_path / "p.json"
+    with pytest.raises(PolicyError, match=match):
+        cli("policy", str(run.path), "--out", str(out), "--quiet", *args)
+    assert not out.exists()
+
+
+def test_cli_policy_compare_prints_table_and_writes_plot(run, tmp_path, capsys):
+    out = tmp_path / "cmp.csv"
+    assert cli("policy", "compare", str(run.path), "--budgets", "0.3,0.5", "--out", str(out), "--quiet") == 0
+    text = capsys.readouterr().out
+    assert "uniform_streaming" in text and "minference" in text and "duo_attention" in text
+    html = out.with_suffix(".html").read_text()
+    assert "plotly" in html.lower() and "budgeted" in html
+    assert len(out.read_text().splitlines()) == 1 + 2 * 5
+    with pytest.raises(PolicyError, match="needs a run directory"):
+        cli("policy", "compare")
+    with pytest.raises(PolicyError, match=r"outside \(0, 1\]"):
+        cli("policy", "compare", str(run.path), "--budgets", "0.2,2", "--out", str(tmp_path / "x.csv"))
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_estimator_pools_block_maps_to_a_coarser_block(run):
+    coarse = ProfileEstimator.from_run(run, block_size=32)
+    assert coarse.block_size == 32
+    cand = Candidate.make("a_shape", sink=32, window=64)
+    full = token_mask(cand.spec.pattern(cand.param_dict, 512, 32), 512, 512)[0].double()
+    pred = coarse.evaluate(cand).recall
+    for layer, head in [(0, 0), (0, 3), (1, 1)]:
+        measured = _measured_recall(LENGTHS, layer, head, lambda n: full[:n, :n])
+        assert pred[layer, head] == pytest.approx(measured, abs=1e-5)  # exact at its own block size
+    with pytest.raises(PolicyError, match="not a multiple"):
+        ProfileEstimator.from_run(run, block_size=8)
+    with pytest.raises(PolicyError, match="exceeds what the run's block maps cover"):
+        ProfileEstimator.from_run(run, eval_lengths=[4096])
+    assert torch.is_tensor(coarse.weighted_mass(256))
