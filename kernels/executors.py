@@ -1,0 +1,135 @@
+"""Executors: run a whole model under a sparse-attention policy, selected by name.
+
+=============  ===========================================================================
+executor       how each layer's attention runs
+=============  ===========================================================================
+``reference``  masked dense attention in fp32 with the policy's exact token-level mask
+               (`reference_attention`); the yardstick, O(n²) memory
+``flex``       FlexAttention with the compiled ``BlockMask`` (CPU and GPU)
+``triton``     the block-sparse Triton kernel (`block_sparse_attention`); on a CPU it runs
+               through ``TRITON_INTERPRET=1``: correct and slow, for tests
+=============  ===========================================================================
+
+The executor plugs into the model through transformers' attention-function registry
+(`attnlab.attention.route_attention`), so dense attention is restored when the ``with`` block
+ends, whatever happens inside it. Static policy kinds are compiled once per (layer, length);
+dynamic kinds (``vertical_slash``, ``block_topk``) are estimated from each input's own queries
+and keys (`estimate_block_scores`). Policies apply to prefill, as MInference's do: decode steps
+(one new query over a cache) attend densely.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from attnlab.attention import route_attention, sdpa
+from attnlab.errors import AttnlabError
+
+EXECUTORS = ("reference", "flex", "triton")
+
+_ERR_EXECUTOR = "unknown executor {name!r}: choose one of {choices}"
+_ERR_MODEL = (
+    "the policy is for {policy_model} ({p_layers} layers × {p_heads} heads) but the model is {model} "
+    "({m_layers} × {m_heads}): generate a policy from a run of this model (attnlab policy RUN)"
+)
+
+
+def check_executor(name: str) -> str:
+    if name not in EXECUTORS:
+        raise AttnlabError(_ERR_EXECUTOR.format(name=name, choices=", ".join(EXECUTORS)))
+    return name
+
+
+def prepare_triton() -> None:
+    """Choose the Triton interpreter on a machine without CUDA (must precede the kernel import)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def run_layout(executor: str, layout: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+    """One layer's sparse attention: ``q [b, H, n_q, d]``, ``k, v [b, H_kv, n_k, d]`` → ``(out [b, H, n_q, d], lse)``."""
+    if executor == "reference":
+        from attnlab.kernels.reference import reference_attention
+
+        mask = layout.token_mask().to(q.device)
+        out, lse = reference_attention(q, k, v, mask, scale=scaling, dtype=torch.float32)
+        return out.to(q.dtype), lse
+    if executor == "flex":
+        from attnlab.kernels.flex import flex_block_sparse_attention
+
+        return flex_block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
+    if executor == "triton":
+        prepare_triton()
+        from attnlab.kernels.block_sparse import block_sparse_attention
+
+        return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
+    raise AttnlabError(_ERR_EXECUTOR.format(name=executor, choices=", ".join(EXECUTORS)))
+
+
+class PolicyExecutor:
+    """Compiles a policy per layer and length, and runs attention under it.
+
+    Attributes:
+        layouts_: the last compiled layout of each layer (``{layer: BlockSparseLayout}``), for
+            reading the achieved density after a forward.
+    """
+
+    def __init__(self, policy: Any, executor: str = "flex", *, block_size: int | None = None):
+        self.policy = policy
+        self.executor = check_executor(executor)
+        self.block_size = block_size or policy.block_size
+        self._static: dict[tuple[int, int], Any] = {}
+        self.layouts_: dict[int, Any] = {}
+
+    def check_model(self, model: Any) -> None:
+        p = self.policy.model
+        if int(p["n_layers"]) != model.n_layers or int(p["n_heads"]) != model.n_heads:
+            raise AttnlabError(
+                _ERR_MODEL.format(
+                    policy_model=p.get("name"), p_layers=p["n_layers"], p_heads=p["n_heads"],
+                    model=model.name, m_layers=model.n_layers, m_heads=model.n_heads,
+                )
+            )
+
+    def layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> Any:
+        """The layer's layout for this input: ``q [H, n, d]``, ``k [H_kv, n, d]`` (one sample)."""
+        from attnlab.sparsity_stats.masks import compile_for_input, compile_layer
+
+        n = int(k.shape[-2])
+        if any(not e.static for e in self.policy.layer(layer)):
+            lay = compile_for_input(self.policy, layer, q.float().cpu(), k.float().cpu(), self.block_size)
+        else:
+            key = (layer, n)
+            if key not in self._static:
+                self._static[key] = compile_layer(self.policy, layer, n, self.block_size)
+            lay = self._static[key]
+        self.layouts_[layer] = lay
+        return lay
+
+    def sparse(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+        """``(out [b, H, n, d], lse [b, H, n])`` of the layer under the policy (prefill)."""
+        if query.shape[0] != 1:
+            raise AttnlabError("policy execution takes one sequence at a time (batch 1): loop over samples")
+        lay = self.layout(layer, query[0], key[0])
+        return run_layout(self.executor, lay, query, key, value, scaling)
+
+    def attention(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+        if query.shape[-2] != key.shape[-2]:  # decode over a cache: dense, as in MInference
+            return sdpa(query, key, value, scaling=scaling)
+        out, _ = self.sparse(layer, query, key, value, scaling)
+        return out.transpose(1, 2).contiguous()
+
+
+@contextmanager
+def run_with_policy(model: Any, policy: Any, executor: str = "flex", *, block_size: int | None = None) -> Iterator[PolicyExecutor]:
+    """Inside the block, ``model`` attends under ``policy``; dense attention comes back after."""
+    ex = PolicyExecutor(policy, executor, block_size=block_size)
+    ex.check_model(model)
+    with route_attention(model, ex.attention):
+        yield ex
+
