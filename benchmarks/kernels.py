@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
 from attnlab.kernels import BlockSparseIndexTensors, index_from_block_masks
 from attnlab.kernels.synthetic import causal_blocks, topk_blocks, vertical_slash_blocks
 
@@ -144,6 +145,7 @@ def bench_pattern(
     Returns ``(index, kernel_ms, flex_ms)``; ``flex_ms`` is NaN when Flex is skipped or fails.
     """
     import torch.nn.functional as F
+
     from attnlab.kernels import block_sparse_attention, flex_block_mask_from_index
     from attnlab.kernels.flex import flex_block_sparse_attention
 

@@ -23,6 +23,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+
 from attnlab.kernels.index import (
     SUPPORTED_BLOCK_SIZES,
     BlockSparseIndex,

@@ -13,6 +13,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import torch
+
 from attnlab.kernels.index import BlockSparseIndex, block_masks_from_index
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from attnlab.kernels.index import KernelInputError
 
 REFERENCE_SHAPES = (

@@ -149,14 +149,13 @@ def validate_policy(
         needle_samples: passkey samples for needle accuracy (0 = skip).
     """
     from attnlab.kernels.executors import PolicyExecutor
-
     from attnlab.prompts import builtin_prompts
 
     ex = PolicyExecutor(policy, executor)
     ex.check_model(model)
-    if prompt_tokens > model.n_ctx:
-        raise AttnlabError(f"--tokens {prompt_tokens} is beyond {model.name}'s context of {model.n_ctx}: lower it")
     if prompts is None:
+        if prompt_tokens > model.n_ctx:
+            raise AttnlabError(f"--tokens {prompt_tokens} is beyond {model.name}'s context of {model.n_ctx}: lower it")
         prompts = builtin_prompts(model.tokenizer, [prompt_tokens], n_prompts, seed=seed + 1000)
     heads, kls, nll_d, nll_s = [], [], [], []
     t_dense = t_sparse = 0.0

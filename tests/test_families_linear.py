@@ -16,6 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
+from attnlab.errors import AttnlabError, PromptError
 from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.probes.families import (
     FAMILIES,
@@ -33,8 +35,6 @@ from attnlab.probes.linear import (
     run_linear_probe,
 )
 from attnlab.probes.repeated import ProbeError, word_token_pool
-
-from attnlab.errors import AttnlabError, PromptError
 from attnlab.runs import HEAD_STATS, Run, ensure_run
 
 # --------------------------------------------------------------------------- families

@@ -22,6 +22,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
 from attnlab.kernels import (  # noqa: E402
     BlockSparseIndexTensors,
     KernelInputError,

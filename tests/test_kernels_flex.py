@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
 from attnlab.kernels import (  # noqa: E402
     block_masks_from_index,
     flex_block_mask_from_index,

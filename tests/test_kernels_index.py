@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+
 from attnlab.kernels import (
     BlockSparseIndex,
     KernelInputError,

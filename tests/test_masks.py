@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+
 from attnlab.sparsity_stats import (
     BlockSparseLayout,
     Elastic,

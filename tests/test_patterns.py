@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+
 from attnlab.sparsity_stats.patterns import (
     and_masks,
     generate_blocks,

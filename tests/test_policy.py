@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from attnlab.sparsity_stats import (
     Candidate,
     Policy,

@@ -19,6 +19,9 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from transformer_lens import head_detector as tl
+
+from attnlab.errors import AttnlabError
 from attnlab.probes.detections import top_heads
 from attnlab.probes.local import local_mass, local_scores, probe_local, streaming_mass
 from attnlab.probes.repeated import (
@@ -38,9 +41,6 @@ from attnlab.probes.repeated import (
     tl_detect_head,
 )
 from attnlab.probes.sinks import hidden_sink, key_importance, probe_sinks, sink_share
-from transformer_lens import head_detector as tl
-
-from attnlab.errors import AttnlabError
 from attnlab.prompts import builtin_prompts
 
 # --------------------------------------------------------------------------- constructed patterns

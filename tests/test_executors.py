@@ -1,0 +1,113 @@
+"""Executors agree with each other and with dense attention; validation reports and restores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_ids
+
+from attnlab.errors import AttnlabError
+from attnlab.kernels.executors import EXECUTORS, run_with_policy
+from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
+from attnlab.sparsity_stats.validation import VALIDATION_HEADS, VALIDATION_SUMMARY, validate_policy
+
+MIXED = [
+    ("dense", {}),
+    ("streaming", {"sink": 4, "window": 24}),
+    ("block_topk", {"topk": 2}),
+    ("vertical_slash", {"vertical": 2, "slash": 2}),
+    ("a_shape", {"sink": 16, "window": 32}),
+]
+
+
+def make_policy(model, kinds=MIXED, block_size=16) -> Policy:
+    """Every head gets a kind, cycling through ``kinds`` (all of the vocabulary by default)."""
+    heads = []
+    i = 0
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            kind, params = kinds[i % len(kinds)]
+            i += 1
+            heads.append({"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": kind, "params": params})
+    return Policy.from_dict(
+        {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity(), "block_size": block_size, "heads": heads}
+    )
+
+
+def logits_under(model, policy, executor, ids):
+    with torch.no_grad(), run_with_policy(model, policy, executor) as ex:
+        out = model.hf_model(ids, use_cache=False).logits
+    return out, ex
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_executors_agree_with_each_other(request, model_name):
+    model = request.getfixturevalue(model_name)
+    policy = make_policy(model)
+    ids = random_ids(83, seed=4)
+    ref, ex = logits_under(model, policy, "reference", ids)
+    dens = torch.cat([ex.layouts_[layer].density for layer in range(model.n_layers)])
+    assert (dens < 1).any() and (dens == 1).any(), "the mixed policy must really be sparse on some heads"
+    for name in ("flex", "triton"):
+        got, _ = logits_under(model, policy, name, ids)
+        torch.testing.assert_close(got, ref, atol=2e-4, rtol=1e-4)
+    with torch.no_grad():
+        dense = model.hf_model(ids).logits
+    assert (dense - ref).abs().max() > 1e-3, "a sparse policy should change the logits"
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_all_dense_policy_equals_dense_model(tiny_llama, executor):
+    policy = make_policy(tiny_llama, kinds=[("dense", {})])
+    ids = random_ids(70, seed=5)
+    with torch.no_grad():
+        dense = tiny_llama.hf_model(ids).logits
+    got, _ = logits_under(tiny_llama, policy, executor, ids)
+    torch.testing.assert_close(got, dense, atol=1e-4, rtol=1e-4)
+
+
+def test_policy_for_another_model_is_refused(tiny_llama, tiny_gpt2):
+    policy = make_policy(tiny_llama)
+    policy.model = {**policy.model, "n_heads": 8}
+    with pytest.raises(AttnlabError, match="policy is for"):
+        with run_with_policy(tiny_gpt2, policy, "flex"):
+            pass
+    with pytest.raises(AttnlabError, match="unknown executor"):
+        with run_with_policy(tiny_llama, make_policy(tiny_llama), "cuda-magic"):
+            pass
+
+
+def test_validation_report_and_restore(tiny_llama, tmp_path):
+    from attnlab.prompts import builtin_prompts
+
+    policy = make_policy(tiny_llama)
+    ids = random_ids(64, seed=6)
+    with torch.no_grad():
+        before = tiny_llama.bridge(ids)
+    prompts = builtin_prompts(tiny_llama.tokenizer, [96], 2, seed=9)
+    report = validate_policy(tiny_llama, policy, executor="flex", prompts=prompts, out=tmp_path / "v", progress=False)
+    with torch.no_grad():
+        after = tiny_llama.bridge(ids)
+    assert torch.equal(before, after), "dense attention must be restored after validation"
+    heads = report.heads
+    assert len(heads) == tiny_llama.n_layers * tiny_llama.n_heads
+    dense_rows = heads[heads["kind"] == "dense"]
+    assert (dense_rows["rel_l2"] < 1e-5).all() and (dense_rows["density"] == 1).all()
+    sparse_rows = heads[heads["density"] < 1]
+    assert (sparse_rows["rel_l2"] > 0).all()
+    s = report.summary
+    assert s["kl_mean"] > 0 and s["ppl_dense"] > 1 and s["ppl_sparse"] > 1
+    assert 0 < s["density_mean"] < 1
+    assert (tmp_path / "v" / VALIDATION_HEADS).is_file() and (tmp_path / "v" / VALIDATION_SUMMARY).is_file()
+    assert "perplexity" in report.format()
+
+
+@pytest.mark.slow
+def test_executors_agree_on_embedded_model(embedded):
+    policy = make_policy(embedded, block_size=64)
+    ids = embedded.encode("In the quiet harbour town the fishermen counted their nets. " * 20)[:, :200]
+    ref, ex = logits_under(embedded, policy, "reference", ids)
+    assert torch.cat([lay.density for lay in ex.layouts_.values()]).min() < 1
+    for name in ("flex", "triton"):
+        got, _ = logits_under(embedded, policy, name, ids)
+        torch.testing.assert_close(got, ref, atol=5e-4, rtol=1e-4)
