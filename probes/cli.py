@@ -1,0 +1,198 @@
+"""``attnlab probe ...`` and ``attnlab heads RUN``: head detectors from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from attnlab.errors import AttnlabError
+
+PROBES = ("retrieval", "sinks", "induction", "previous", "duplicate", "echo", "local", "families", "linear", "all")
+#: CLI probe name → head types of `probes.repeated.probe_repeated`.
+_REPEATED = {
+    "induction": ("induction", "razor_induction"),
+    "previous": ("previous_token",),
+    "duplicate": ("duplicate_token",),
+    "echo": ("echo",),
+}
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _load(args: argparse.Namespace):
+    from attnlab.models import load_model
+
+    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _print_top(detections, head_type: str, top: int) -> None:
+    from attnlab.probes.detections import top_heads
+
+    rows = detections[detections["head_type"] == head_type]
+    if rows.empty:
+        return
+    best = top_heads(rows, head_type, top)
+    print(f"top {head_type} heads: " + "  ".join(f"L{int(r.layer)}.H{int(r.head)}={r.score:.3f}" for r in best.itertuples()))
+
+
+def _retrieval(model, args) -> None:
+    from attnlab.probes.retrieval import probe_retrieval
+
+    res = probe_retrieval(
+        model, args.out, lengths=args.lengths or (512, 1024), depths=args.depths, n_samples=args.samples,
+        mode=args.mode, haystack=args.haystack, causal_ks=args.causal_k, draws=args.draws, seed=args.seed,
+        progress=not args.quiet,
+    )
+    s = res["summary"]
+    _print_top(res["detections"], "retrieval", args.top)
+    keys = ("samples", "accuracy", "counted", "retrieval_heads", "mode_spearman", "split_half_spearman", "seconds_per_sample")
+    print("retrieval: " + ", ".join(f"{k}={_fmt(s.get(k))}" for k in keys if k in s))
+    causal = s.get("causal") or {}
+    if causal:
+        print("causal check (needle accuracy): " + json.dumps(causal, default=_fmt)[:600])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _sinks(model, args) -> None:
+    from attnlab.probes.sinks import probe_sinks
+
+    res = probe_sinks(model, args.out, n_samples=args.samples or 8, lengths=args.lengths or (512,), eps=args.eps,
+                      seed=args.seed, progress=not args.quiet)
+    _print_top(res.detections, "sink", args.top)
+    _print_top(res.detections, "hidden_sink", args.top)
+    _print_summary(res.summary)
+
+
+def _repeated(model, args, which) -> None:
+    from attnlab.probes.repeated import probe_repeated
+
+    res = probe_repeated(model, args.out, which=which, seq_len=args.seq_len, repeats=args.repeats,
+                         n_samples=args.samples or 8, seed=args.seed, progress=not args.quiet)
+    for t in which:
+        _print_top(res.detections, t, args.top)
+    _print_summary(res.summary)
+
+
+def _local(model, args) -> None:
+    from attnlab.probes.local import probe_local
+
+    res = probe_local(model, args.out, n_samples=args.samples or 4, lengths=args.lengths or (512,), window=args.window,
+                      sink_tokens=args.sink_tokens, seed=args.seed, progress=not args.quiet)
+    _print_top(res.detections, "local", args.top)
+    _print_summary(res.summary)
+
+
+def _families(args) -> None:
+    from attnlab.probes.families import compute_families
+
+    fam = compute_families(args.out, seed=args.seed)
+    counts = fam["family"].value_counts()
+    print("head families: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _linear(model, args) -> None:
+    from attnlab.probes.linear import run_linear_probe
+
+    res = run_linear_probe(model, args.out, label_file=args.labels, seed=args.seed, progress=not args.quiet)
+    table = res.probes
+    if len(table):
+        best = table.sort_values("test_acc", ascending=False).head(args.top)
+        print("best linear probes (held-out accuracy): " + "  ".join(
+            f"L{int(r.layer)}.H{int(r.head)}={r.test_acc:.3f}" for r in best.itertuples()))
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    short = {k: v for k, v in summary.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    if short:
+        print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(short.items())[:8]))
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    from attnlab.runs import check_writable_target
+
+    if args.probe == "families":
+        _families(args)
+        return 0
+    # a probe adds to an existing run of the same model, or creates one; refuse a plain file early
+    check_writable_target(args.out, force=True)
+    model = _load(args)
+    todo = ["sinks", "induction", "previous", "duplicate", "echo", "local", "retrieval"] if args.probe == "all" else [args.probe]
+    for name in todo:
+        if name == "retrieval":
+            _retrieval(model, args)
+        elif name == "sinks":
+            _sinks(model, args)
+        elif name in _REPEATED:
+            _repeated(model, args, _REPEATED[name])
+        elif name == "local":
+            _local(model, args)
+        elif name == "linear":
+            _linear(model, args)
+    if args.probe == "all":
+        _families(args)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_heads(args: argparse.Namespace) -> int:
+    from attnlab.probes.detections import top_heads
+    from attnlab.runs import Run
+
+    run = Run.open(args.run)
+    det = run.detections()
+    try:
+        best = top_heads(det, args.type, args.top)
+    except KeyError as exc:
+        raise AttnlabError(f"{exc.args[0]}: run `attnlab probe {args.type} --out {args.run}` first") from None
+    print(f"{'layer':>5} {'head':>4} {'kv':>3} {'score':>8}")
+    for r in best.itertuples():
+        print(f"{int(r.layer):>5} {int(r.head):>4} {int(r.kv_head):>3} {r.score:>8.4f}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from attnlab.cli import add_model_argument, int_list
+
+    p = sub.add_parser("probe", help="detect head types (retrieval, sinks, induction, ...) into a run directory")
+    p.add_argument("probe", choices=PROBES, help="which detector; 'all' runs every one, then the head families")
+    add_model_argument(p)
+    p.add_argument("--out", required=True, help="run directory (created, or added to when it holds this model's run)")
+    p.add_argument("--samples", type=int, default=None, help="number of samples (each probe has its own default)")
+    p.add_argument("--lengths", type=int_list, default=None, help="prompt/context lengths in tokens")
+    p.add_argument("--depths", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (retrieval)")
+    p.add_argument("--mode", choices=("greedy", "teacher"), default="greedy", help="retrieval scoring mode")
+    p.add_argument("--haystack", default=None, help="a UTF-8 text file to build haystacks from (retrieval)")
+    p.add_argument("--causal-k", type=_ints, default=[5, 10, 20], help="K of the causal check (retrieval); empty to skip")
+    p.add_argument("--draws", type=int, default=3, help="random-head draws per K in the causal check")
+    p.add_argument("--eps", type=float, default=0.3, help="sink threshold ε (sinks)")
+    p.add_argument("--seq-len", type=int, default=50, help="random-sequence length (induction/previous/duplicate/echo)")
+    p.add_argument("--repeats", type=int, default=2, help="repetitions of the random sequence")
+    p.add_argument("--window", type=int, default=64, help="local window (local)")
+    p.add_argument("--sink-tokens", type=int, default=4, help="sink tokens kept with the window (local)")
+    p.add_argument("--labels", default=None, help="JSONL of {text, labels: [[start_char, end_char], ...]} (linear)")
+    p.add_argument("--top", type=int, default=10, help="heads to print")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("heads", help="the top heads of one type in a run")
+    p.add_argument("run")
+    p.add_argument("--type", required=True, help="retrieval, sink, induction, previous_token, duplicate_token, local, echo, ...")
+    p.add_argument("--top", type=int, default=20)
+    p.set_defaults(func=_cmd_heads)
