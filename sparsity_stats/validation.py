@@ -223,16 +223,14 @@ def validate_policy(
 
 
 def needle_accuracy(model: Any, executor: Any, n: int, length: int, *, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
-    """Passkey retrieval with dense and with sparse prefill (greedy answers, dense decode)."""
-    from attnlab.probes.needle import build_needle_samples, grade_answer, greedy_answer  # noqa: PLC0415
+    """Passkey retrieval with dense and with sparse prefill (greedy answers; decode is dense)."""
+    from attnlab.probes.needle import greedy_answer, needle_samples
 
-    samples = build_needle_samples(model, lengths=[length], n_samples=n, kinds=("passkey",), seed=seed)
+    samples = needle_samples(model, lengths=[length], kinds=("passkey",), n_samples=n, seed=seed)
     rows = []
     for s in tqdm(samples, desc="needle accuracy", unit="sample", disable=not progress):
-        with route_attention(model):
-            dense = greedy_answer(model, s)
-        with route_attention(model, executor.attention):
-            sparse = greedy_answer(model, s)
-        rows.append({"sample": s.name, "answer": s.answer, "dense": dense, "sparse": sparse,
-                     "correct_dense": grade_answer(s, dense), "correct_sparse": grade_answer(s, sparse)})
+        dense = greedy_answer(model, s)
+        sparse = greedy_answer(model, s, attention=executor.attention)
+        rows.append({"sample": s.name, "answer": s.answer, "dense": dense.text, "sparse": sparse.text,
+                     "correct_dense": bool(dense.contains), "correct_sparse": bool(sparse.contains)})
     return rows
