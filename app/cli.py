@@ -1,0 +1,71 @@
+"""``attnlab dashboard [RUNS_DIR]``: start the Streamlit dashboard on a folder of run directories.
+
+It runs ``python -m streamlit run <attnlab.app>/dashboard.py -- RUNS_DIR`` headless, bound to
+127.0.0.1 unless ``--host`` says otherwise (the dashboard reads local files: exposing it on a
+network is a choice to make explicitly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from attnlab.errors import AttnlabError
+
+DASHBOARD = Path(__file__).with_name("dashboard.py")
+
+_ERR_NO_DIR = "runs folder {path} does not exist: give a folder of run directories (e.g. `attnlab dashboard runs`), or create a run with `attnlab profile --model smollm2-135m --out {path}/demo`"
+_ERR_NOT_DIR = "{path} is a file, not a folder of run directories: give the folder that holds the runs (e.g. its parent)"
+_ERR_PORT = "--port must be between 1 and 65535, got {port}"
+_ERR_NO_STREAMLIT = "streamlit is not installed in this Python ({python}): install it with `{python} -m pip install streamlit`"
+
+
+def dashboard_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
+    """The command line that serves the dashboard on ``runs_dir`` (checked; nothing started)."""
+    runs = Path(runs_dir)
+    if not runs.exists():
+        raise AttnlabError(_ERR_NO_DIR.format(path=runs))
+    if not runs.is_dir():
+        raise AttnlabError(_ERR_NOT_DIR.format(path=runs))
+    if not 0 < int(port) < 65536:
+        raise AttnlabError(_ERR_PORT.format(port=port))
+    if importlib.util.find_spec("streamlit") is None:
+        raise AttnlabError(_ERR_NO_STREAMLIT.format(python=sys.executable))
+    return [
+        sys.executable, "-m", "streamlit", "run", str(DASHBOARD),
+        "--server.address", host, "--server.port", str(int(port)), "--server.headless", "true",
+        "--browser.gatherUsageStats", "false", "--client.toolbarMode", "viewer",
+        "--", str(runs.resolve()),
+    ]
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    cmd = dashboard_command(args.runs_dir, args.host, args.port)
+    print(f"attnlab dashboard on {args.runs_dir}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
+    env = {**os.environ, "ATTNLAB_RUNS_DIR": cmd[-1]}
+    if os.name == "posix":
+        # become the server: a signal that stops `attnlab dashboard` then stops Streamlit too,
+        # instead of leaving it running without its parent
+        os.execve(cmd[0], cmd, env)
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``dashboard``."""
+    p = subparsers.add_parser(
+        "dashboard",
+        help="explore heads, design policies and read validations in a browser (Streamlit)",
+        description="Serve the attnlab dashboard on a folder of run directories: head atlas, policy studio, "
+        "validation, retrieval heads, head families. Reads what the CLI stored; recomputes nothing.",
+    )
+    p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of run directories (default: runs)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.set_defaults(func=_cmd_dashboard)

@@ -1,0 +1,388 @@
+"""The Streamlit dashboard (`attnlab.app`), driven headless with Streamlit's AppTest.
+
+A real tiny run is produced here: `attnlab.profile` on the two-layer GQA llama, the sink probe,
+head families, a budgeted policy and its validation against dense attention (reference
+executor). Two tables that would need a working language model are written by hand, in their
+documented columns: retrieval detections and ``causal_check.parquet`` (a random-weight model
+retrieves nothing). Bad inputs: an old schema, damaged files, a table of an older layout, a run
+with only a manifest, an unreadable manifest, an empty and a missing runs folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from attnlab.app import cli as app_cli
+from attnlab.app import data
+from attnlab.cli import build_parser
+from attnlab.cli import main as attnlab_main
+from attnlab.probes.detections import detection_frame, write_detections
+from attnlab.profile import head_means, profile
+from attnlab.prompts import builtin_prompts
+from attnlab.runs import Run
+from attnlab.sparsity_stats import PolicyGenerator
+
+DASHBOARD = str(Path(data.__file__).with_name("dashboard.py"))
+#: ``causal_check.parquet``'s columns, as `attnlab.probes.causal` documents them.
+CAUSAL_COLUMNS = ("condition", "k", "draw", "method", "heads", "accuracy", "n_correct", "n_samples", "mean_rouge1")
+PAGES = ("Runs", "Head atlas", "Policy studio", "Validation", "Retrieval", "Head families")
+
+
+@pytest.fixture(scope="module")
+def runs_root(tmp_path_factory, tiny_llama) -> Path:
+    """A runs folder with one complete run of the tiny llama (every table the dashboard reads)."""
+    from attnlab.probes.families import compute_families
+    from attnlab.probes.sinks import probe_sinks
+    from attnlab.sparsity_stats.validation import validate_policy
+
+    root = tmp_path_factory.mktemp("runs")
+    out = root / "tiny"
+    model = tiny_llama
+    profile(model, builtin_prompts(model.tokenizer, [256, 512], n_samples=2), out, progress=False)
+    probe_sinks(model, out, n_samples=2, lengths=(128,), chat=False, progress=False)
+    run = Run.open(out)
+    write_detections(run, detection_frame(
+        {"layer": la, "head": h, "kv_head": h // 2, "head_type": "retrieval", "score": 0.02 + 0.1 * (la * 4 + h) / 8,
+         "probe": "needle:passkey", "evidence": {"hand_written": True}}
+        for la in range(2) for h in range(4)
+    ))
+    compute_families(run)
+    policy = PolicyGenerator(budget=0.6).fit(run).emit()
+    policy.save(run.file("policy.json"))
+    validate_policy(model, policy, executor="reference", n_prompts=1, prompt_tokens=256, out=out, progress=False)
+    rows = [("dense", 0, 0, "zero", "[]", 0.75, 3, 4, 0.8)]
+    for k in (1, 2):
+        rows.append(("top", k, 0, "zero", "[[1, 3]]", 0.25, 1, 4, 0.3))
+        for draw in range(2):
+            rows.append(("random", k, draw, "zero", "[[0, 1]]", 0.5 + 0.25 * draw, 2 + draw, 4, 0.6))
+    run.write_table("causal_check.parquet", pd.DataFrame(rows, columns=list(CAUSAL_COLUMNS)))
+    return root
+
+
+@pytest.fixture(scope="module")
+def bad_root(runs_root, tmp_path_factory) -> Path:
+    """Runs that cannot be read, or only partly, next to one good run."""
+    root = tmp_path_factory.mktemp("bad")
+    good = runs_root / "tiny"
+    shutil.copytree(good, root / "good")
+    old = shutil.copytree(good, root / "old_schema")
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "manifest.json").write_text(json.dumps({**manifest, "schema": 0}))
+    corrupt = shutil.copytree(good, root / "corrupt")
+    for name in ("head_stats.parquet", "detections.parquet", "families.parquet", "validation_heads.parquet",
+                 "causal_check.parquet"):
+        (corrupt / name).write_bytes(b"PAR1 this is not parquet")
+    (corrupt / "validation.json").write_text("{not json")
+    (corrupt / "policy.json").write_text("{not json")
+    maps_only = shutil.copytree(good, root / "corrupt_maps")
+    (maps_only / "block_maps.safetensors").write_bytes(b"\x00\x01junk")
+    older = shutil.copytree(good, root / "old_layout")
+    pd.read_parquet(older / "head_stats.parquet").rename(columns={"statistic": "stat"}).to_parquet(older / "head_stats.parquet")
+    pd.read_parquet(older / "families.parquet").drop(columns=["pc1"]).to_parquet(older / "families.parquet")
+    bare = root / "manifest_only"
+    bare.mkdir()
+    (bare / "manifest.json").write_text(json.dumps({**manifest, "tables": {}}))
+    broken = root / "broken_manifest"
+    broken.mkdir()
+    (broken / "manifest.json").write_text("{")
+    return root
+
+
+def app(monkeypatch, root: Path | str) -> AppTest:
+    monkeypatch.setenv("ATTNLAB_RUNS_DIR", str(root))
+    at = AppTest.from_file(DASHBOARD, default_timeout=90)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def goto(at: AppTest, page: str, run: str | None = None) -> AppTest:
+    if run is not None:
+        at.selectbox(key="run").set_value(run)
+    at.radio(key="page").set_value(page).run()
+    assert not at.exception, (page, run, [e.value for e in at.exception])
+    return at
+
+
+def figures(at: AppTest) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def arr(value) -> np.ndarray:
+    """A figure's data array: plotly writes numpy arrays as base64 typed arrays."""
+    if isinstance(value, dict) and "bdata" in value:
+        out = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+        shape = value.get("shape")
+        return out.reshape([int(x) for x in str(shape).split(",")]) if shape else out
+    return np.array(value, dtype=float)
+
+
+def table_with(at: AppTest, column: str) -> pd.DataFrame:
+    """The first table on the page that has ``column``."""
+    return next(d.value for d in at.dataframe if column in d.value.columns)
+
+
+def metrics(at: AppTest) -> dict[str, str]:
+    return {m.label: m.value for m in at.metric}
+
+
+def texts(elements) -> str:
+    return "\n".join(e.value for e in elements)
+
+
+# -- a real run --------------------------------------------------------------------------------
+def test_runs_page_lists_the_run_with_model_and_parameters(monkeypatch, runs_root):
+    at = app(monkeypatch, runs_root)
+    assert at.radio(key="page").value == "Runs"
+    overview = at.dataframe[0].value
+    assert list(overview["run"]) == ["tiny"]
+    row = overview.iloc[0]
+    assert (row["layers"], row["heads"], row["kv_heads"], row["samples"]) == (2, 4, 2, 2)
+    assert row["lengths"] == "256, 512"
+    assert metrics(at) == {"layers": "2", "query heads": "4", "KV heads": "2", "samples": "2"}
+    assert "has every table the dashboard reads" in texts(at.success)
+    assert not at.error
+
+
+def test_every_page_draws_its_charts(monkeypatch, runs_root):
+    at = app(monkeypatch, runs_root)
+    expected = {"Head atlas": 2, "Policy studio": 3, "Validation": 1, "Retrieval": 2, "Head families": 1}
+    for page, n_charts in expected.items():
+        goto(at, page)
+        assert not at.error, (page, texts(at.error))
+        assert len(at.get("plotly_chart")) == n_charts, page
+        assert at.header[0].value == page
+
+
+def test_head_atlas_heatmap_shows_stored_statistic_and_gqa_groups(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Head atlas")
+    heat = figures(at)[0]
+    z = arr(heat["data"][0]["z"])
+    means = head_means(Run.open(runs_root / "tiny"))
+    expect = means.pivot(index="layer", columns="head", values="sink_mass_1").to_numpy()
+    np.testing.assert_allclose(z, expect, rtol=1e-9)
+    assert heat["layout"]["xaxis"]["ticktext"] == ["H0·KV0", "H1·KV0", "H2·KV1", "H3·KV1"]
+    lines = [s for s in heat["layout"]["shapes"] if s["type"] == "line"]
+    assert [s["x0"] for s in lines] == [1.5]  # one separator between the two KV groups
+    assert "2 KV heads, 2 per KV head" in texts(at.caption)
+
+
+def test_picking_a_head_shows_its_values(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Head atlas")
+    means = head_means(Run.open(runs_root / "tiny")).set_index(["layer", "head"])
+    before = arr(figures(at)[1]["data"][0]["z"])
+    at.selectbox(key="atlas_layer").set_value(1)
+    at.selectbox(key="atlas_head").set_value(3).run()
+    assert not at.exception
+    assert "Layer 1, head 3 (reads KV head 1)" in texts(at.subheader)
+    assert metrics(at)["sink_mass_1"] == f"{means.loc[(1, 3), 'sink_mass_1']:.4f}"
+    values = table_with(at, "samples").set_index("statistic")
+    assert values.loc["entropy_norm", "mean"] == pytest.approx(means.loc[(1, 3), "entropy_norm"])
+    assert values.loc["entropy_norm", "samples"] == 2
+    heat, block = figures(at)[:2]
+    rect = next(s for s in heat["layout"]["shapes"] if s["type"] == "rect")
+    assert (rect["x0"], rect["y0"]) == (2.5, 0.5)
+    assert not np.array_equal(arr(block["data"][0]["z"]), before, equal_nan=True)  # the picked head's block map
+    # a detection score colours the heads instead
+    at.radio(key="atlas_source").set_value("detection score").run()
+    at.selectbox(key="atlas_metric").set_value("retrieval").run()
+    z = arr(figures(at)[0]["data"][0]["z"])
+    np.testing.assert_allclose(z[1, 3], 0.02 + 0.1 * 7 / 8)
+
+
+def test_budget_slider_changes_the_policy(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Policy studio")
+    assert not at.error
+    first = metrics(at)
+    grid = figures(at)[0]
+    assert arr(grid["data"][0]["z"]).shape == (2, 4)
+    assert float(first["expected density"]) <= 0.5 + 1e-9
+    at.slider(key="policy_budget").set_value(1.0).run()
+    assert not at.exception and not at.error
+    full = metrics(at)
+    assert full != first
+    assert float(full["expected recall"]) >= float(first["expected recall"])
+    assert float(full["expected density"]) > float(first["expected density"])
+    # the same numbers as the library at that budget, from the stored statistics
+    ref = PolicyGenerator(budget=1.0).fit(Run.open(runs_root / "tiny")).emit()
+    assert full["expected recall"] == f"{ref.summary['expected_recall']:.3f}"
+    assert "budget 1.00" in figures(at)[0]["layout"]["title"]["text"]
+    table = table_with(at, "method")
+    assert {"budgeted", "uniform_streaming", "duo_attention", "minference"} <= set(table["method"])
+    assert len(at.get("download_button")) == 3  # policy, comparison, stored policy
+
+
+def test_kv_budget_and_gqa_sharing(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Policy studio")
+    at.radio(key="policy_budget_kind").set_value("kv")
+    at.slider(key="policy_budget").set_value(0.8).run()
+    assert not at.exception and not at.error
+    assert "budget kv 0.80" in texts(at.caption)
+    kinds = np.array(json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["text"])
+    assert kinds.shape == (2, 4) and all(kinds.ravel())
+    assert (kinds[:, 0::2] == kinds[:, 1::2]).all()  # a KV budget makes the two heads of a KV head agree
+    ref = PolicyGenerator(budget=0.8, budget_kind="kv").fit(Run.open(runs_root / "tiny")).emit()
+    assert metrics(at)["expected recall"] == f"{ref.summary['expected_recall']:.3f}"
+
+
+def test_a_rewritten_table_is_read_again(monkeypatch, runs_root, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    at = goto(app(monkeypatch, root), "Head families")
+    fam = pd.read_parquet(root / "tiny" / "families.parquet")
+    assert {t["name"] for t in figures(at)[0]["data"]} == set(fam["family"].astype(str))
+    Run.open(root / "tiny").write_table("families.parquet", fam.assign(family="renamed by a new run"))
+    at.run()
+    assert {t["name"] for t in figures(at)[0]["data"]} == {"renamed by a new run"}
+
+
+def test_budget_below_the_constraints_is_a_message(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Policy studio")
+    at.slider(key="policy_budget").set_value(0.05).run()
+    assert not at.exception
+    assert "Move the budget slider up" in texts(at.error)
+    assert table_with(at, "method").shape[0] > 0  # the trade-off still shows
+
+
+def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, runs_root):
+    run = Run.open(runs_root / "tiny")
+    at = goto(app(monkeypatch, runs_root), "Validation")
+    summary = json.loads(run.file("validation.json").read_text())
+    assert metrics(at)["achieved density"] == f"{summary['density_mean']:.3f}"
+    heads = pd.read_parquet(run.file("validation_heads.parquet")).groupby(["layer", "head"])["rel_l2"].mean()
+    z = arr(figures(at)[0]["data"][0]["z"])
+    np.testing.assert_allclose(z[1, 2], heads.loc[(1, 2)])
+    at.selectbox(key="validation_metric").set_value("lse_err").run()
+    assert "lse_err per head" in figures(at)[0]["layout"]["title"]["text"]
+
+    goto(at, "Retrieval")
+    board = table_with(at, "rank")
+    assert (board.iloc[0]["layer"], board.iloc[0]["head"]) == (1, 3)
+    causal = figures(at)[1]
+    assert {t["name"] for t in causal["data"]} == {"dense", "top", "random"}
+    at.selectbox(key="retrieval_type").set_value("sink").run()
+    assert "sink heads" in figures(at)[0]["layout"]["title"]["text"]
+
+    goto(at, "Head families")
+    fam = pd.read_parquet(run.file("families.parquet"))
+    points = sum(len(arr(t["x"])) for t in figures(at)[0]["data"])
+    assert points == len(fam) == 8
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["empty", "missing"])
+def test_no_runs_is_a_message_on_every_page(monkeypatch, tmp_path, name):
+    root = tmp_path / name
+    if name == "empty":
+        root.mkdir()
+    at = app(monkeypatch, root)
+    for page in PAGES:
+        goto(at, page)
+        assert "attnlab profile" in texts(at.info), page
+        assert not at.error
+
+
+def test_damaged_and_old_runs_are_messages_and_other_runs_keep_working(monkeypatch, bad_root):
+    at = app(monkeypatch, bad_root)
+    errors = texts(at.error)
+    assert "old_schema" in errors and "schema version 0" in errors
+    assert "broken_manifest" in errors and "not valid JSON" in errors
+    expect = {
+        ("old_schema", "Head atlas"): "schema version 0",
+        ("broken_manifest", "Policy studio"): "not valid JSON",
+        ("corrupt", "Head atlas"): "head_stats.parquet is not a readable Parquet file",
+        ("corrupt", "Policy studio"): "attnlab profile",
+        ("corrupt", "Validation"): "validation.json is not valid JSON",
+        ("corrupt", "Retrieval"): "detections.parquet is not a readable Parquet file",
+        ("corrupt", "Head families"): "families.parquet is not a readable Parquet file",
+        ("corrupt_maps", "Policy studio"): "block_maps.safetensors is not a readable block-map file",
+        ("old_layout", "Head atlas"): "lacks the column(s) ['statistic']",
+        ("old_layout", "Policy studio"): "older attnlab",
+        ("old_layout", "Head families"): "lacks the column(s) ['pc1']",
+    }
+    for (run, page), message in expect.items():
+        goto(at, page, run)
+        assert message in texts(at.error), (run, page, texts(at.error))
+        assert "Traceback" not in texts(at.error)
+    for page in PAGES[1:]:
+        goto(at, page, "manifest_only")
+        assert not at.error
+        assert "attnlab " in texts(at.info), page
+    goto(at, "Runs", "manifest_only")
+    assert "attnlab probe all" in texts(at.info)
+    # the healthy run next to them still draws everything
+    for page in PAGES[1:]:
+        goto(at, page, "good")
+        assert not at.error, (page, texts(at.error))
+        assert at.get("plotly_chart"), page
+    # a damaged table hurts only its part of a page
+    goto(at, "Head atlas", "corrupt_maps")
+    assert len(at.get("plotly_chart")) == 1 and "block-map" in texts(at.error)
+
+
+def test_runs_folder_from_argument_then_environment():
+    assert data.runs_dir_from(["elsewhere"], {"ATTNLAB_RUNS_DIR": "env"}) == Path("elsewhere")
+    assert data.runs_dir_from([], {"ATTNLAB_RUNS_DIR": "env"}) == Path("env")
+    assert data.runs_dir_from([], {}) == Path("runs")
+
+
+# -- the command ---------------------------------------------------------------------------------
+def test_dashboard_command_is_registered_and_checks_its_input(tmp_path, capsys):
+    args = build_parser().parse_args(["dashboard", str(tmp_path)])
+    assert (args.host, args.port, args.runs_dir) == ("127.0.0.1", 8501, str(tmp_path))
+    cmd = app_cli.dashboard_command(tmp_path, args.host, args.port)
+    assert cmd[:5] == [sys.executable, "-m", "streamlit", "run", DASHBOARD] and Path(cmd[4]).is_file()
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--server.headless") + 1] == "true"
+    assert cmd[-2:] == ["--", str(tmp_path.resolve())]
+    assert attnlab_main(["dashboard", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: runs folder") and "attnlab profile" in err and "Traceback" not in err
+    assert attnlab_main(["dashboard", str(tmp_path), "--port", "0"]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_on_localhost(runs_root, tmp_path):
+    port = _free_port()
+    log = (tmp_path / "server.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "attnlab.cli", "dashboard", str(runs_root), "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline, health = time.time() + 60, None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read()
+                break
+            except OSError:
+                time.sleep(0.5)
+        assert health == b"ok", (tmp_path / "server.log").read_text()
+        page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+        assert "<html" in page.lower()
+        # `attnlab dashboard` is the server itself: stopping it stops Streamlit, nothing is left behind
+        proc.terminate()
+        assert proc.wait(15) is not None
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
