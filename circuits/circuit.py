@@ -1,0 +1,183 @@
+"""A discovered circuit: selection from scores, ``circuit.json``, a graph figure, protected heads.
+
+`select_circuit` keeps the heads whose score reaches ``threshold`` × the largest head score, and
+the edges (head → head, head → logits) whose score reaches ``threshold`` × the largest edge
+score among edges between kept nodes. `discover` runs task → scores → circuit (→ faithfulness);
+`save_circuit` writes ``circuit.json`` into a run directory via `attnlab.runs.ensure_run`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attnlab.runs import ensure_run
+
+from .faithfulness import faithfulness_curve, rank_heads
+from .patching import Scores, score_heads
+from .tasks import Task
+
+CIRCUIT_FILE = "circuit.json"
+#: Default selection: a head (edge) is kept when its score is at least this fraction of the
+#: largest head (edge) score.
+DEFAULT_THRESHOLD = 0.5
+LOGITS = "logits"
+
+
+@dataclass
+class Circuit:
+    """Nodes ``(layer, head)``, edges ``((layer, head), (layer, head) | "logits")`` with scores."""
+
+    nodes: list[tuple[int, int]]
+    edges: list[tuple[tuple[int, int], Any]]
+    node_scores: dict[tuple[int, int], float]
+    edge_scores: dict[tuple[tuple[int, int], Any], float]
+    method: str
+    direction: str
+    threshold: float
+    task: dict = field(default_factory=dict)
+    clean_metric: float = 0.0
+    corrupted_metric: float = 0.0
+    faithfulness: dict | None = None
+    all_scores: list[list[float]] | None = None
+
+    def head_edges(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        return [(s, r) for s, r in self.edges if r != LOGITS]
+
+    def to_json(self) -> dict:
+        def node_name(n):
+            return LOGITS if n == LOGITS else f"L{n[0]}.H{n[1]}"
+
+        return {
+            "schema": 1,
+            "method": self.method,
+            "direction": self.direction,
+            "threshold": self.threshold,
+            "task": self.task,
+            "clean_metric": self.clean_metric,
+            "corrupted_metric": self.corrupted_metric,
+            "nodes": [{"layer": n[0], "head": n[1], "name": node_name(n), "score": self.node_scores[n]} for n in self.nodes],
+            "edges": [
+                {"from": node_name(s), "to": node_name(r), "score": self.edge_scores[(s, r)]} for s, r in self.edges
+            ],
+            "scores": self.all_scores,
+            "faithfulness": self.faithfulness,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Circuit:
+        def parse(name):
+            if name == LOGITS:
+                return LOGITS
+            layer, head = name[1:].split(".H")
+            return (int(layer), int(head))
+
+        nodes = [(int(n["layer"]), int(n["head"])) for n in obj["nodes"]]
+        edges = [(parse(e["from"]), parse(e["to"])) for e in obj["edges"]]
+        return cls(
+            nodes=nodes, edges=edges,
+            node_scores={(int(n["layer"]), int(n["head"])): float(n["score"]) for n in obj["nodes"]},
+            edge_scores={(parse(e["from"]), parse(e["to"])): float(e["score"]) for e in obj["edges"]},
+            method=obj["method"], direction=obj["direction"], threshold=obj["threshold"], task=obj.get("task", {}),
+            clean_metric=obj.get("clean_metric", 0.0), corrupted_metric=obj.get("corrupted_metric", 0.0),
+            faithfulness=obj.get("faithfulness"), all_scores=obj.get("scores"),
+        )
+
+
+def select_circuit(scores: Scores, *, threshold: float = DEFAULT_THRESHOLD, task: Task | None = None) -> Circuit:
+    """Heads with ``score >= threshold * max score``; edges between kept heads (and to the
+    logits) with ``score >= threshold * max edge score``. Activation scores give no edges."""
+    nodes_t = scores.nodes
+    top = float(nodes_t.max()) if nodes_t.numel() else 0.0
+    n_layers, n_heads = nodes_t.shape
+    nodes = [
+        (layer, h) for layer in range(n_layers) for h in range(n_heads)
+        if top > 0 and float(nodes_t[layer, h]) >= threshold * top
+    ]
+    node_scores = {n: float(nodes_t[n]) for n in nodes}
+    candidates: dict = {}
+    if scores.edges is not None:
+        for s in nodes:
+            for r in nodes:
+                if r[0] > s[0]:
+                    candidates[(s, r)] = float(scores.edges[s[0], s[1], r[0], r[1]])
+            candidates[(s, LOGITS)] = float(scores.logit_edges[s])  # type: ignore[index]
+    edge_top = max(candidates.values(), default=0.0)
+    edges = [e for e, v in candidates.items() if edge_top > 0 and v >= threshold * edge_top]
+    return Circuit(
+        nodes=nodes, edges=edges, node_scores=node_scores, edge_scores={e: candidates[e] for e in edges},
+        method=scores.method, direction=scores.direction, threshold=threshold,
+        task=task.describe() if task is not None else {}, clean_metric=scores.clean_metric,
+        corrupted_metric=scores.corrupted_metric, all_scores=nodes_t.tolist(),
+    )
+
+
+def discover(
+    model, task: Task, *, method: str = "attribution", direction: str = "denoising",
+    threshold: float = DEFAULT_THRESHOLD, faithfulness: bool = True, sizes=None,
+) -> Circuit:
+    """Score every head (and edge), select the circuit and (optionally) measure its faithfulness."""
+    scores = score_heads(model, task, method=method, direction=direction)
+    circuit = select_circuit(scores, threshold=threshold, task=task)
+    if faithfulness:
+        circuit.faithfulness = faithfulness_curve(model, task, rank_heads(scores.nodes), sizes=sizes, circuit=circuit.nodes)
+    return circuit
+
+
+def save_circuit(circuit: Circuit, model, out: str | Path, parameters: dict | None = None) -> Path:
+    """Write ``circuit.json`` into the run directory ``out`` (created if needed)."""
+    params = {"method": circuit.method, "direction": circuit.direction, "threshold": circuit.threshold,
+              "task": circuit.task.get("name"), **(parameters or {})}
+    run = ensure_run(out, model.identity(), "circuit", params)
+    return run.write_json(CIRCUIT_FILE, circuit.to_json())
+
+
+def load_circuit(path: str | Path) -> Circuit:
+    """A `Circuit` from ``circuit.json`` or from a run directory holding one."""
+    import json
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / CIRCUIT_FILE
+    return Circuit.from_json(json.loads(path.read_text()))
+
+
+def protected_heads(circuit: Circuit | dict) -> list[tuple[int, int]]:
+    """The circuit's heads as ``(layer, head)`` pairs, for ``PolicyGenerator(protected_heads=...)``."""
+    if isinstance(circuit, dict):
+        circuit = Circuit.from_json(circuit)
+    return sorted((int(a), int(b)) for a, b in circuit.nodes)
+
+
+def circuit_figure(circuit: Circuit, *, n_layers: int | None = None, n_heads: int | None = None):
+    """A plotly graph: heads at (head, layer), the logits on top, edges as lines (width ∝ score)."""
+    import plotly.graph_objects as go
+
+    n_layers = n_layers or (max((n[0] for n in circuit.nodes), default=0) + 1)
+    n_heads = n_heads or (max((n[1] for n in circuit.nodes), default=0) + 1)
+
+    def pos(n):
+        return ((n_heads - 1) / 2, n_layers) if n == LOGITS else (n[1], n[0])
+
+    fig = go.Figure()
+    top = max((abs(v) for v in circuit.edge_scores.values()), default=1.0) or 1.0
+    for (s, r), v in circuit.edge_scores.items():
+        (x0, y0), (x1, y1) = pos(s), pos(r)
+        fig.add_trace(go.Scatter(x=[x0, x1], y=[y0, y1], mode="lines", line={"width": 1 + 6 * abs(v) / top},
+                                 hoverinfo="text", text=f"{v:.3g}", showlegend=False))
+    xs = [pos(n)[0] for n in circuit.nodes] + [pos(LOGITS)[0]]
+    ys = [pos(n)[1] for n in circuit.nodes] + [pos(LOGITS)[1]]
+    labels = [f"L{n[0]}.H{n[1]}" for n in circuit.nodes] + [LOGITS]
+    fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition="top center",
+                             marker={"size": 14}, showlegend=False))
+    fig.update_layout(title=f"circuit ({circuit.method}, {circuit.task.get('name', '')})",
+                      xaxis_title="head", yaxis_title="layer")
+    return fig
+
+
+def scores_tensor(circuit: Circuit) -> torch.Tensor:
+    """All head scores ``[layers, heads]`` stored with the circuit."""
+    return torch.tensor(circuit.all_scores or [])

@@ -1,0 +1,61 @@
+"""``attnlab circuit``: head-level circuit discovery from the command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from attnlab.errors import AttnlabError
+
+
+def _cmd_circuit(args: argparse.Namespace) -> int:
+    from attnlab.models import load_model
+
+    from .circuit import discover, save_circuit
+    from .patching import DIRECTIONS, METHODS
+    from .tasks import BUILTIN_TASKS, load_task
+
+    if args.method not in METHODS:
+        raise AttnlabError(f"--method must be one of {list(METHODS)}, got {args.method!r}")
+    if args.direction not in DIRECTIONS:
+        raise AttnlabError(f"--direction must be one of {list(DIRECTIONS)}, got {args.direction!r}")
+    if args.task not in BUILTIN_TASKS and not args.task.endswith(".jsonl"):
+        raise AttnlabError(f"unknown task {args.task!r}: use one of {list(BUILTIN_TASKS)} or a .jsonl file")
+    if args.task.endswith(".jsonl") and not Path(args.task).is_file():
+        raise AttnlabError(f"task file {args.task} does not exist")
+    if not 0 < args.threshold <= 1:
+        raise AttnlabError(f"--threshold must be in (0, 1], got {args.threshold}")
+    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    task = load_task(model, args.task, n=args.examples, seed=args.seed)
+    circuit = discover(model, task, method=args.method, direction=args.direction, threshold=args.threshold,
+                       faithfulness=not args.no_faithfulness)
+    path = save_circuit(circuit, model, args.out, {"examples": len(task), "seed": args.seed})
+    print(f"task {task.name}: clean {circuit.clean_metric:.3f}, corrupted {circuit.corrupted_metric:.3f} (logit difference)")
+    print("heads: " + "  ".join(f"L{a}.H{b}={circuit.node_scores[(a, b)]:.3f}" for a, b in circuit.nodes))
+    if circuit.edges:
+        def name(n):
+            return n if isinstance(n, str) else f"L{n[0]}.H{n[1]}"
+
+        print("edges: " + "  ".join(f"{name(s)}->{name(r)}" for s, r in circuit.edges))
+    if circuit.faithfulness:
+        f = circuit.faithfulness
+        print(f"faithfulness of the circuit {f.get('circuit_f', float('nan')):.3f}, completeness "
+              f"{f.get('completeness', float('nan')):.3f}, smallest circuit reaching {f['level']}: {f['smallest_at_level']}")
+    print(f"wrote {path}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    from attnlab.cli import add_model_argument
+
+    p = subparsers.add_parser("circuit", help="discover a head-level circuit for a task")
+    add_model_argument(p)
+    p.add_argument("--task", required=True, help="ioi | induction | greater_than | FILE.jsonl (clean, corrupted, correct, wrong)")
+    p.add_argument("--method", default="attribution", help="attribution (EAP, with edges) | ig | activation (exact, one forward per head)")
+    p.add_argument("--direction", default="denoising", help="denoising (patch clean into corrupted) | noising")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep heads/edges scoring at least this fraction of the best (default 0.5)")
+    p.add_argument("--examples", type=int, default=8, help="examples of a built-in task (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve")
+    p.add_argument("--out", required=True, help="run directory to write circuit.json into (created if needed)")
+    p.set_defaults(func=_cmd_circuit)

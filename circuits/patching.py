@@ -1,0 +1,303 @@
+"""Head-level patching: exact activation patching and attribution patching (nodes and edges).
+
+Every forward here runs attention through `attnlab.attention.route_attention`, whose function
+receives each layer's queries/keys/values and returns ``z [batch, n, heads, head_dim]`` — the
+per-head attention output before ``W_O`` (what TransformerLens calls ``hook_z``), for Llama- and
+GPT-2-style models alike. A head is patched by replacing its slice of ``z`` with the same slice
+from another run. Residual-stream inputs of each block (and of the final norm) are read with
+PyTorch forward pre-hooks, which, like the routing, are always removed when a forward ends,
+also when it raises.
+
+- `activation_patching`: one forward per head. ``denoising``: run the corrupted input with one
+  head's ``z`` taken from the clean run, effect = m(patched) − m(corrupted); ``noising``: run
+  the clean input with the corrupted ``z``, effect = m(clean) − m(patched).
+- `attribution_patching`: one clean and one corrupted forward plus one backward give every
+  head's linear estimate ``(z_clean − z_corrupted) · ∂m/∂z`` of the same effect, and (EAP,
+  Syed et al.) every edge's estimate: sender → receiver through the residual stream is
+  ``Δout_s · ∂m/∂x_r`` where ``Δout_s = (z_clean − z_corrupted)_s W_O,s`` is the change the
+  sender writes into the residual stream and ``∂m/∂x_r`` the gradient of the metric with
+  respect to the receiver's own residual input (the backward through head ``r`` alone, back to
+  its block's input); sender → logits uses the gradient at the final residual stream.
+- ``method="ig"``: EAP-IG — the same scores with gradients averaged over a few forwards whose
+  input embeddings lie between the corrupted and the clean ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from attnlab.attention import route_attention, sdpa
+from attnlab.errors import AttnlabError
+
+from .tasks import Task, logit_diff
+
+DIRECTIONS = ("denoising", "noising")
+METHODS = ("attribution", "activation", "ig")
+
+
+class PatchingError(AttnlabError):
+    """A patching request that does not fit the model or the task."""
+
+
+# ---------------------------------------------------------------------------------------
+# model plumbing
+# ---------------------------------------------------------------------------------------
+def _decoder_layers(model) -> list:
+    base = model.hf_model.base_model
+    for name in ("layers", "h"):
+        layers = getattr(base, name, None)
+        if layers is not None:
+            return list(layers)
+    raise PatchingError(f"cannot find the decoder layers of {model.name!r} (expected .layers or .h)")
+
+
+def _final_norm(model):
+    base = model.hf_model.base_model
+    for name in ("norm", "ln_f", "final_layernorm"):
+        mod = getattr(base, name, None)
+        if mod is not None:
+            return mod
+    raise PatchingError(f"cannot find the final norm of {model.name!r} (expected .norm or .ln_f)")
+
+
+def _out_proj(model, layer: int):
+    hf = model.bridge.blocks[layer].attn.original_component
+    for name in ("o_proj", "c_proj", "out_proj", "dense"):
+        mod = getattr(hf, name, None)
+        if mod is not None:
+            return mod
+    raise PatchingError(f"cannot find the output projection of layer {layer} ({type(hf).__name__})")
+
+
+def head_writes(model, layer: int, dz: torch.Tensor) -> torch.Tensor:
+    """What each head writes into the residual stream for a change ``dz [B, n, heads, d]`` of
+    its ``z``: ``[heads, B, n, d_model]`` (the output projection, without its bias)."""
+    proj = _out_proj(model, layer)
+    b, n, h, d = dz.shape
+    eye = torch.eye(h, dtype=dz.dtype, device=dz.device)
+    per_head = (dz[None] * eye[:, None, None, :, None]).reshape(h, b, n, h * d)  # [h, B, n, h*d]
+    zero = proj(torch.zeros(1, h * d, dtype=dz.dtype, device=dz.device))
+    return proj(per_head) - zero
+
+
+@dataclass
+class Trace:
+    """What one forward recorded: logits, every layer's ``z`` and residual inputs."""
+
+    logits: torch.Tensor
+    z: list[torch.Tensor] = field(default_factory=list)
+    resid: list[torch.Tensor] = field(default_factory=list)
+    resid_final: torch.Tensor | None = None
+
+
+@contextmanager
+def traced(model, *, patch: dict[int, tuple[list[int], torch.Tensor]] | None = None) -> Iterator[Trace]:
+    """Route attention (recording ``z``, optionally patching heads) and hook the residual stream.
+
+    ``patch``: ``{layer: (heads, z_source [B, n, heads, d])}`` — those heads' ``z`` is replaced
+    by the source's. Inside the block, call ``model.hf_model(ids)`` and fill ``trace.logits``
+    yourself, or use `forward`. Routing and hooks are removed on exit, also on error.
+    """
+    trace = Trace(logits=torch.empty(0))
+    n_layers = model.n_layers
+    trace.z = [None] * n_layers  # type: ignore[list-item]
+    trace.resid = [None] * n_layers  # type: ignore[list-item]
+    patch = patch or {}
+
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+        out = sdpa(query, key, value, scaling=scaling)
+        if layer in patch:
+            heads, source = patch[layer]
+            if source.shape != out.shape:
+                raise PatchingError(f"patch for layer {layer} has shape {tuple(source.shape)}, the run has {tuple(out.shape)}")
+            out = out.clone()
+            out[:, :, heads, :] = source[:, :, heads, :].to(out.dtype)
+        trace.z[layer] = out
+        return out
+
+    def pre_hook(layer: int):
+        def hook(module, args, kwargs):
+            x = args[0] if args else kwargs.get("hidden_states")
+            trace.resid[layer] = x
+
+        return hook
+
+    def final_hook(module, args, kwargs):
+        trace.resid_final = args[0] if args else kwargs.get("hidden_states", kwargs.get("input"))
+
+    handles = []
+    try:
+        for layer, mod in enumerate(_decoder_layers(model)):
+            handles.append(mod.register_forward_pre_hook(pre_hook(layer), with_kwargs=True))
+        handles.append(_final_norm(model).register_forward_pre_hook(final_hook, with_kwargs=True))
+        with route_attention(model, attention):
+            yield trace
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def forward(model, ids: torch.Tensor | None, *, patch=None, grad: bool = False, embeds: torch.Tensor | None = None) -> Trace:
+    """One routed forward of ``ids [B, n]`` (or ``embeds [B, n, d_model]``); with ``grad=True``
+    the trace keeps the graph."""
+    with torch.set_grad_enabled(grad), traced(model, patch=patch) as trace:
+        if embeds is not None:
+            trace.logits = model.hf_model(inputs_embeds=embeds, use_cache=False).logits
+        else:
+            trace.logits = model.hf_model(ids.to(model.device), use_cache=False).logits
+    return trace
+
+
+# ---------------------------------------------------------------------------------------
+# scores
+# ---------------------------------------------------------------------------------------
+@dataclass
+class Scores:
+    """Per-head (and, for attribution, per-edge) effects in metric units (logit difference).
+
+    ``nodes [layers, heads]``; ``edges [layers, heads, layers, heads]`` sender → receiver
+    (zero unless the sender's layer is earlier); ``logit_edges [layers, heads]`` head → logits.
+    ``clean_metric`` / ``corrupted_metric``: the task metric on the two inputs.
+    """
+
+    nodes: torch.Tensor
+    method: str
+    direction: str
+    clean_metric: float
+    corrupted_metric: float
+    edges: torch.Tensor | None = None
+    logit_edges: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    @property
+    def total_effect(self) -> float:
+        return self.clean_metric - self.corrupted_metric
+
+
+def _check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise PatchingError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}")
+
+
+def task_metrics(model, task: Task) -> tuple[float, float]:
+    """Mean clean and corrupted logit difference over the task."""
+    clean = corr = 0.0
+    total = len(task)
+    with torch.no_grad():
+        for c_ids, x_ids, good, bad in task.groups():
+            w = c_ids.shape[0] / total
+            clean += w * float(logit_diff(forward(model, c_ids).logits, good, bad))
+            corr += w * float(logit_diff(forward(model, x_ids).logits, good, bad))
+    return clean, corr
+
+
+def activation_patching(model, task: Task, *, direction: str = "denoising", heads=None) -> Scores:
+    """Exact per-head patching effect (one forward per head and length group).
+
+    ``heads``: the ``(layer, head)`` pairs to patch (default: all); the others score 0.
+    """
+    import time
+
+    _check_direction(direction)
+    t0 = time.perf_counter()
+    todo = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)] if heads is None else list(heads)
+    scores = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
+    clean_m = corr_m = 0.0
+    total = len(task)
+    with torch.no_grad():
+        for c_ids, x_ids, good, bad in task.groups():
+            w = c_ids.shape[0] / total
+            clean, corr = forward(model, c_ids), forward(model, x_ids)
+            mc, mx = float(logit_diff(clean.logits, good, bad)), float(logit_diff(corr.logits, good, bad))
+            clean_m += w * mc
+            corr_m += w * mx
+            base_ids, source = (x_ids, clean) if direction == "denoising" else (c_ids, corr)
+            for layer, h in todo:
+                patched = forward(model, base_ids, patch={layer: ([h], source.z[layer])})
+                mp = float(logit_diff(patched.logits, good, bad))
+                scores[layer, h] += w * ((mp - mx) if direction == "denoising" else (mc - mp))
+    return Scores(scores.float(), "activation", direction, clean_m, corr_m, seconds=time.perf_counter() - t0)
+
+
+def attribution_patching(
+    model, task: Task, *, direction: str = "denoising", edges: bool = True, ig_steps: int = 0,
+) -> Scores:
+    """Attribution patching (EAP): every head's and every edge's linear estimate.
+
+    Gradients are taken on the corrupted run (``denoising``) or the clean run (``noising``);
+    both estimate the effect with a positive sign when the head carries the clean behaviour.
+    ``ig_steps > 0``: EAP-IG (Hanna et al.) — the gradients are averaged over ``ig_steps``
+    forwards whose input embeddings lie between the corrupted and the clean ones.
+    """
+    import time
+
+    _check_direction(direction)
+    t0 = time.perf_counter()
+    L, H = model.n_layers, model.n_heads
+    nodes = torch.zeros(L, H, dtype=torch.float64)
+    edge_scores = torch.zeros(L, H, L, H, dtype=torch.float64)
+    logit_edges = torch.zeros(L, H, dtype=torch.float64)
+    clean_m = corr_m = 0.0
+    total = len(task)
+    for c_ids, x_ids, good, bad in task.groups():
+        w = c_ids.shape[0] / total
+        with torch.no_grad():
+            clean, corr = forward(model, c_ids), forward(model, x_ids)
+        clean_m += w * float(logit_diff(clean.logits, good, bad))
+        corr_m += w * float(logit_diff(corr.logits, good, bad))
+        delta = [(clean.z[layer] - corr.z[layer]).detach() for layer in range(L)]
+        writes = [head_writes(model, layer, delta[layer]).detach() for layer in range(L)] if edges else []
+        if ig_steps > 0:
+            alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
+        else:
+            alphas = [None]
+        for alpha in alphas:
+            if alpha is None:
+                base_ids = x_ids if direction == "denoising" else c_ids
+            weight = w / len(alphas)
+            with torch.enable_grad():
+                if alpha is None:
+                    trace = forward(model, base_ids, grad=True)
+                else:  # EAP-IG: input embeddings between corrupted and clean
+                    emb = model.hf_model.get_input_embeddings()
+                    e_clean, e_corr = emb(c_ids.to(model.device)).detach(), emb(x_ids.to(model.device)).detach()
+                    trace = forward(model, None, grad=True, embeds=e_corr + alpha * (e_clean - e_corr))
+                metric = logit_diff(trace.logits, good, bad)
+                wanted = list(trace.z) + ([trace.resid_final] if edges else [])
+                grads = torch.autograd.grad(metric, wanted, retain_graph=edges, allow_unused=True)
+                dz = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads[:L], trace.z, strict=False)]
+                for layer in range(L):
+                    nodes[layer] += weight * (delta[layer] * dz[layer]).sum(dim=(0, 1, 3)).double()
+                if edges:
+                    d_final = grads[L]
+                    for layer in range(L):
+                        logit_edges[layer] += weight * (writes[layer] * d_final[None]).sum(dim=(1, 2, 3)).double()
+                    for r_layer in range(1, L):
+                        for r in range(H):
+                            mask = torch.zeros_like(dz[r_layer])
+                            mask[:, :, r, :] = dz[r_layer][:, :, r, :]
+                            (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=mask, retain_graph=True)
+                            for s_layer in range(r_layer):
+                                edge_scores[s_layer, :, r_layer, r] += weight * (writes[s_layer] * g[None]).sum(dim=(1, 2, 3)).double()
+                del trace, grads
+    method = "ig" if ig_steps > 0 else "attribution"
+    return Scores(
+        nodes.float(), method, direction, clean_m, corr_m,
+        edges=edge_scores.float() if edges else None, logit_edges=logit_edges.float() if edges else None,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def score_heads(model, task: Task, *, method: str = "attribution", direction: str = "denoising", ig_steps: int = 5) -> Scores:
+    """Dispatch on ``method``: ``attribution`` (EAP, with edges), ``ig`` or ``activation``."""
+    if method == "attribution":
+        return attribution_patching(model, task, direction=direction)
+    if method == "ig":
+        return attribution_patching(model, task, direction=direction, ig_steps=ig_steps)
+    if method == "activation":
+        return activation_patching(model, task, direction=direction)
+    raise PatchingError(f"method must be one of {list(METHODS)}, got {method!r}")

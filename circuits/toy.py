@@ -1,0 +1,186 @@
+"""Toy models whose circuit is known, for checking circuit discovery.
+
+`train_induction_model` trains a two-layer attention-only transformer (a Llama config — RoPE,
+RMSNorm — with its MLPs zeroed and frozen, wrapped by `attnlab.models.wrap_hf_model`) on random
+segments repeated until the sequence is full. It grows the induction circuit of Olsson et al.
+(2022): a previous-token head in layer 0 whose output the layer-1 induction head reads through
+its keys (K-composition); the loss falls from log(vocab) ≈ 3.4 to < 0.1 in ~500 steps (~10 s on
+one core).
+
+By default one of the two heads of each layer is silenced (its output-projection columns fixed
+at zero), so the circuit is unique: with every head live, gradient descent splits the work
+between redundant heads (measured: two layer-1 heads with induction scores 0.41 and 0.39 and
+both carrying ~40 % of the logit difference), and "the" circuit would be ill-defined.
+`pattern_scores` measures previous-token and induction scores from the attention patterns,
+independently of any circuit-discovery method, so discovery can be checked against them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from attnlab.models import LoadedModel, wrap_hf_model
+
+
+@dataclass
+class ToyInduction:
+    model: LoadedModel
+    vocab: int
+    n_ctx: int
+    losses: list[float]
+    seconds: float
+    dead_heads: tuple[tuple[int, int], ...] = ()
+
+
+def toy_tokenizer(vocab: int):
+    """A word-level tokenizer over the names ``t0 .. t{vocab-1}`` (``t0`` is BOS), so the bridge
+    boots offline and the toy's token ids read as text."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="t0", eos_token="t0", unk_token="t0", pad_token="t0",
+        add_bos_token=True, name_or_path=f"toy-{vocab}",
+    )
+
+
+def repeated_batch(
+    batch: int, n: int, vocab: int, generator: torch.Generator, *, min_len: int = 4, dead_heads: tuple[tuple[int, int], ...] = ((0, 1), (1, 1)), max_len: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random segments repeated until the sequence is full.
+
+    Returns ``ids [batch, n]`` (position 0 is BOS = 0, then a segment of random length of random
+    tokens 1..vocab-1, repeated) and ``mask [batch, n]``: True at the positions whose next token
+    an induction circuit can predict (from the second copy on). The random segment length stops
+    a model from predicting by absolute position.
+    """
+    max_len = max_len or (n - 1) // 2
+    ids = torch.zeros(batch, n, dtype=torch.long)
+    mask = torch.zeros(batch, n, dtype=torch.bool)
+    lengths = torch.randint(min_len, max_len + 1, (batch,), generator=generator)
+    for b in range(batch):
+        length = int(lengths[b])
+        segment = torch.randint(1, vocab, (length,), generator=generator)
+        ids[b, 1:] = segment.repeat((n - 1) // length + 1)[: n - 1]
+        mask[b, length + 1 : n - 1] = True
+    return ids, mask
+
+
+def train_induction_model(
+    *, arch: str = "llama", vocab: int = 32, d_model: int = 32, n_heads: int = 2, n_ctx: int = 32, steps: int = 500,
+    batch: int = 64, lr: float = 1e-2, seed: int = 0, pos_std: float | None = None, min_len: int = 4, dead_heads: tuple[tuple[int, int], ...] = ((0, 1), (1, 1)), max_seconds: float = 60.0,
+    save_to: str | None = None,
+) -> ToyInduction:
+    """Train a two-layer attention-only model (``arch="llama"`` or ``"gpt2"``) on repeated
+    random segments (`repeated_batch`).
+
+    The MLP weights are zeroed and frozen (so each block is attention only); the loss counts
+    only the predictions an induction circuit can make. ``dead_heads`` are silenced (output
+    projection fixed at zero). Training stops after ``steps`` or ``max_seconds``. ``save_to``:
+    also write the trained model and tokenizer there as a Hugging Face directory.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab, hidden_size=d_model, intermediate_size=4, num_hidden_layers=2,
+            num_attention_heads=n_heads, num_key_value_heads=n_heads, max_position_embeddings=n_ctx,
+            tie_word_embeddings=False, bos_token_id=0, eos_token_id=0,
+        )
+        config._attn_implementation = "eager"
+        hf = LlamaForCausalLM(config)
+        blocks = hf.model.layers
+    else:
+        config = GPT2Config(
+            vocab_size=vocab, n_embd=d_model, n_layer=2, n_head=n_heads, n_positions=n_ctx,
+            n_inner=4, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
+        )
+        config._attn_implementation = "eager"
+        hf = GPT2LMHeadModel(config)
+        blocks = hf.transformer.h
+        if pos_std is not None:
+            with torch.no_grad():
+                hf.transformer.wpe.weight.normal_(0.0, pos_std)
+    for block in blocks:
+        for p in block.mlp.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+    for layer, head in dead_heads:  # output projection columns fixed at zero: the head writes nothing
+        proj = blocks[layer].self_attn.o_proj if arch == "llama" else blocks[layer].attn.c_proj
+        head_dim = d_model // n_heads
+        cols = slice(head * head_dim, (head + 1) * head_dim)
+        keep = torch.ones_like(proj.weight)
+        if arch == "llama":
+            keep[:, cols] = 0
+        else:  # Conv1D stores [in, out]
+            keep[cols, :] = 0
+        with torch.no_grad():
+            proj.weight.mul_(keep)
+        proj.weight.register_hook(lambda grad, keep=keep: grad * keep)
+    params = [p for p in hf.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    hf.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is fastest, more only contend on busy cores
+    try:
+        _train(hf, opt, steps, batch, n_ctx, vocab, gen, min_len, losses, t0, max_seconds)
+    finally:
+        torch.set_num_threads(threads)
+    hf.eval()
+    tokenizer = toy_tokenizer(vocab)
+    if save_to is not None:  # a plain HF directory, loadable with `attnlab.load_model(save_to)`
+        hf.save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
+    model = wrap_hf_model(hf, tokenizer, name="toy-induction", source="config", label="toy-induction")
+    return ToyInduction(model, vocab, n_ctx, losses, time.perf_counter() - t0, tuple(dead_heads))
+
+
+def _train(hf, opt, steps, batch, n_ctx, vocab, gen, min_len, losses, t0, max_seconds) -> None:
+    for _ in range(steps):
+        ids, mask = repeated_batch(batch, n_ctx, vocab, gen, min_len=min_len)
+        logits = hf(ids).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits[mask[:, :-1]], ids[:, 1:][mask[:, :-1]])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if time.perf_counter() - t0 > max_seconds:
+            break
+
+
+@torch.no_grad()
+def pattern_scores(toy: ToyInduction, *, n: int = 16, seed: int = 123) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(previous_token, induction)`` scores ``[layers, heads]`` from attention patterns on
+    fresh repeated sequences: the mean attention to the previous position, and the mean
+    attention (at positions an induction circuit can predict) to the position just after the
+    last earlier occurrence of the current token. Only heads that write something count, so
+    silenced heads score 0."""
+    model = toy.model
+    ids, mask = repeated_batch(n, toy.n_ctx, toy.vocab, torch.Generator().manual_seed(seed))
+    _, cache = model.bridge.run_with_cache(ids)
+    prev = torch.zeros(model.n_layers, model.n_heads)
+    ind = torch.zeros(model.n_layers, model.n_heads)
+    for layer in range(model.n_layers):
+        p = cache[f"blocks.{layer}.attn.hook_pattern"]  # [b, heads, q, k]
+        prev[layer] = torch.stack([p[:, :, i, i - 1] for i in range(2, ids.shape[1])], -1).mean((0, 2))
+        rows = []
+        for b in range(n):
+            for i in range(ids.shape[1]):
+                if mask[b, i]:
+                    earlier = [k for k in range(1, i) if ids[b, k] == ids[b, i]]
+                    if earlier:
+                        rows.append(p[b, :, i, earlier[-1] + 1])
+        ind[layer] = torch.stack(rows).mean(0)
+    for layer, head in toy.dead_heads:
+        prev[layer, head] = ind[layer, head] = 0.0
+    return prev, ind

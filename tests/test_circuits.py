@@ -1,0 +1,319 @@
+"""Circuit discovery: tasks, patching, faithfulness, output, CLI — checked on a toy model whose
+circuit is known (a two-layer attention-only transformer trained here to do induction)."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+import torch
+
+from attnlab.circuits.circuit import (
+    Circuit,
+    circuit_figure,
+    discover,
+    load_circuit,
+    protected_heads,
+    save_circuit,
+    scores_tensor,
+    select_circuit,
+)
+from attnlab.circuits.faithfulness import (
+    FaithfulnessError,
+    curve_summary,
+    faithfulness,
+    faithfulness_curve,
+    rank_heads,
+    smallest_reaching,
+)
+from attnlab.circuits.patching import (
+    PatchingError,
+    _decoder_layers,
+    _final_norm,
+    activation_patching,
+    attribution_patching,
+    forward,
+    task_metrics,
+)
+from attnlab.circuits.tasks import (
+    TaskError,
+    check_task,
+    greater_than_task,
+    induction_task,
+    ioi_task,
+    jsonl_task,
+    load_task,
+)
+from attnlab.circuits.toy import pattern_scores, train_induction_model
+from attnlab.cli import main
+from attnlab.models import tiny_model
+
+PREV, IND = (0, 0), (1, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# the toy whose circuit is known
+# ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "model"
+    toy = train_induction_model(save_to=str(path))
+    toy.path = path
+    return toy
+
+
+@pytest.fixture(scope="module")
+def toy_task(toy):
+    return induction_task(vocab=(1, toy.vocab), n=8, length=8, bos=0)
+
+
+def test_toy_grows_previous_token_and_induction_heads(toy):
+    assert toy.seconds < 60
+    assert toy.losses[-1] < 0.3 < 3.0 < toy.losses[0]
+    prev, ind = pattern_scores(toy)
+    # independently of any patching: head 0.0 attends to the previous token, head 1.0 to the
+    # token after the earlier occurrence of the current one; nothing else does
+    assert prev[PREV] > 0.5 and ind[IND] > 0.4
+    assert prev.flatten().topk(2).values[1] < 0.1 and ind.flatten().topk(2).values[1] < 0.1
+
+
+def _precision_recall(found, truth):
+    found, truth = set(found), set(truth)
+    hit = len(found & truth)
+    return hit / max(len(found), 1), hit / len(truth)
+
+
+@pytest.mark.parametrize("method", ["attribution", "ig", "activation"])
+def test_discovery_recovers_the_induction_circuit(toy, toy_task, method):
+    circuit = discover(toy.model, toy_task, method=method, faithfulness=False)
+    assert _precision_recall(circuit.nodes, [PREV, IND]) == (1.0, 1.0)
+    if method != "activation":  # edges come from gradients
+        assert _precision_recall(circuit.head_edges(), [(PREV, IND)]) == (1.0, 1.0)
+        assert (IND, "logits") in circuit.edges
+    assert circuit.clean_metric - circuit.corrupted_metric > 5
+
+
+def test_attribution_tracks_activation_patching_on_the_toy(toy, toy_task):
+    attr = attribution_patching(toy.model, toy_task)
+    act = activation_patching(toy.model, toy_task)
+    assert attr.clean_metric == pytest.approx(act.clean_metric, abs=1e-4)
+    assert rank_heads(attr.nodes)[:2] == rank_heads(act.nodes)[:2]
+    assert torch.allclose(attr.nodes, act.nodes, atol=0.25 * act.total_effect)
+    # the edge from the previous-token head to the induction head carries its whole effect
+    assert attr.edges[0, 0, 1, 0] == pytest.approx(float(attr.nodes[PREV]), rel=0.05)
+
+
+def test_faithfulness_of_the_toy_circuit(toy, toy_task):
+    circuit = discover(toy.model, toy_task)
+    f = circuit.faithfulness
+    assert f["circuit_f"] > 0.95 and abs(f["completeness"]) < 0.05
+    assert f["smallest_at_level"] == 2
+    assert f["f"][0] == pytest.approx(0.0) and f["f"][-1] == pytest.approx(1.0)
+    # one mean per head over all positions (attnlab.probes.ablation's mean ablation) agrees here
+    g = faithfulness_curve(toy.model, toy_task, rank_heads(attribution_patching(toy.model, toy_task).nodes),
+                           means="global", circuit=circuit.nodes)
+    assert g["circuit_f"] > 0.9 and g["smallest_at_level"] == 2
+    with pytest.raises(FaithfulnessError, match="means"):
+        faithfulness_curve(toy.model, toy_task, rank_heads(scores_tensor(circuit)), means="median")
+
+
+def test_noising_direction_and_metrics(toy, toy_task):
+    clean, corr = task_metrics(toy.model, toy_task)
+    noised = activation_patching(toy.model, toy_task, direction="noising")
+    assert noised.clean_metric == pytest.approx(clean, abs=1e-4) and noised.corrupted_metric == pytest.approx(corr, abs=1e-4)
+    # knocking out either head of the circuit in the clean run loses most of the behaviour
+    assert noised.nodes[PREV] > 0.5 * (clean - corr) and noised.nodes[IND] > 0.5 * (clean - corr)
+    with pytest.raises(PatchingError, match="direction"):
+        activation_patching(toy.model, toy_task, direction="sideways")
+
+
+# ---------------------------------------------------------------------------------------
+# attribution is exact where the metric is linear in z
+# ---------------------------------------------------------------------------------------
+def test_attribution_equals_activation_patching_on_a_linear_toy():
+    model = tiny_model("gpt2", n_layers=1, seed=3)
+    with torch.no_grad():  # attention only (no MLP), larger weights so effects are not tiny
+        for p in model.hf_model.transformer.h[0].mlp.parameters():
+            p.zero_()
+        model.hf_model.transformer.h[0].attn.c_attn.weight.mul_(10)
+        model.hf_model.transformer.h[0].attn.c_proj.weight.mul_(10)
+    norm = _final_norm(model)
+    object.__setattr__(norm, "forward", types.MethodType(lambda self, x, *a, **k: x, norm))  # logits linear in z
+    task = induction_task(vocab=(100, 5000), n=3, length=6, seed=1)
+    attr = attribution_patching(model, task, edges=False)
+    act = activation_patching(model, task)
+    assert act.nodes.abs().max() > 1e-2
+    assert torch.allclose(attr.nodes, act.nodes, atol=1e-4, rtol=1e-3)
+    noised_attr = attribution_patching(model, task, direction="noising", edges=False)
+    noised_act = activation_patching(model, task, direction="noising")
+    assert torch.allclose(noised_attr.nodes, noised_act.nodes, atol=1e-4, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------------------------
+# hooks and routing are always removed
+# ---------------------------------------------------------------------------------------
+def _clean_state(model):
+    layers_ok = all(not m._forward_pre_hooks for m in _decoder_layers(model))
+    norm_ok = not _final_norm(model)._forward_pre_hooks
+    routed = any("forward" in block.attn.__dict__ for block in model.bridge.blocks)
+    return layers_ok and norm_ok and not routed and model.hf_model.config._attn_implementation != "attnlab"
+
+
+def test_hooks_removed_after_success_and_error(tiny_llama):
+    ids = torch.randint(100, 1000, (2, 6))
+    before = tiny_llama.bridge(ids)
+    trace = forward(tiny_llama, ids)
+    assert len(trace.z) == 2 and trace.resid_final is not None and _clean_state(tiny_llama)
+    bad = {1: ([0], torch.zeros(2, 5, 4, 16))}  # wrong length: the routed function raises mid-forward
+    with pytest.raises(PatchingError, match="shape"):
+        forward(tiny_llama, ids, patch=bad)
+    assert _clean_state(tiny_llama)
+    assert torch.allclose(tiny_llama.bridge(ids), before, atol=1e-5)
+    task = induction_task(vocab=(100, 1000), n=2, length=5)
+    attribution_patching(tiny_llama, task)
+    assert _clean_state(tiny_llama)
+
+
+# ---------------------------------------------------------------------------------------
+# faithfulness arithmetic on hand-made numbers
+# ---------------------------------------------------------------------------------------
+def test_faithfulness_arithmetic():
+    assert faithfulness(3.0, m_empty=1.0, m_full=5.0) == pytest.approx(0.5)
+    assert faithfulness([1.0, 4.2, 5.0, 6.0], 1.0, 5.0) == pytest.approx([0.0, 0.8, 1.0, 1.25])
+    assert faithfulness(-1.0, m_empty=-3.0, m_full=-5.0) == pytest.approx(-1.0)
+    with pytest.raises(FaithfulnessError, match="undefined"):
+        faithfulness(1.0, 2.0, 2.0)
+    assert smallest_reaching([0, 1, 2, 4], [0.0, 0.5, 0.79, 0.9]) == 4
+    assert smallest_reaching([4, 2, 0, 1], [0.9, 0.85, 0.0, 0.5]) == 2
+    assert smallest_reaching([0, 1], [0.0, 0.3]) is None
+    s = curve_summary([0, 2, 4], [0.0, 1.0, 1.0], n_total=4)
+    assert s["cpr"] == pytest.approx(0.75) and s["cmd"] == pytest.approx(0.25)
+    assert rank_heads(torch.tensor([[0.1, 0.5], [0.5, -1.0]])) == [(0, 1), (1, 0), (0, 0), (1, 1)]
+
+
+def test_select_circuit_thresholds():
+    from attnlab.circuits.patching import Scores
+
+    nodes = torch.tensor([[4.0, 1.0], [10.0, 6.0]])
+    edges = torch.zeros(2, 2, 2, 2)
+    edges[0, 0, 1, 0], edges[0, 0, 1, 1], edges[0, 1, 1, 0] = 8.0, 2.0, 9.0
+    logit_edges = torch.tensor([[0.0, 0.0], [10.0, 6.0]])
+    scores = Scores(nodes, "attribution", "denoising", 12.0, 2.0, edges=edges, logit_edges=logit_edges)
+    c = select_circuit(scores, threshold=0.5)
+    assert c.nodes == [(1, 0), (1, 1)] and c.edges == [((1, 0), "logits"), ((1, 1), "logits")]
+    c = select_circuit(scores, threshold=0.3)
+    assert c.nodes == [(0, 0), (1, 0), (1, 1)]
+    assert set(c.head_edges()) == {((0, 0), (1, 0))}  # 2.0 < 0.3 * 10; (0, 1) is not a node
+    assert protected_heads(c) == [(0, 0), (1, 0), (1, 1)]
+
+
+# ---------------------------------------------------------------------------------------
+# tasks
+# ---------------------------------------------------------------------------------------
+def test_builtin_tasks_build_on_the_project_tokenizer(tiny_gpt2):
+    tok = tiny_gpt2.tokenizer
+    ioi = ioi_task(tok, n=6)
+    for ex in ioi.examples:
+        assert ex.clean.shape == ex.corrupted.shape and (ex.clean != ex.corrupted).sum() == 1
+        assert ex.correct != ex.wrong
+        assert tok.decode([ex.correct]).strip() in tok.decode(ex.clean)
+    with pytest.raises(TaskError, match="Zyxwvutsrq"):
+        ioi_task(tok, names=["Ada", "Bruno", "Zyxwvutsrq"])
+    gt = greater_than_task(tok, n=4)
+    for ex in gt.examples:
+        assert int(tok.decode([ex.correct])) == int(tok.decode([ex.wrong])) + 2
+    ind = induction_task(vocab=(10, 40), n=3, length=6, bos=1)
+    ex = ind.examples[0]
+    assert ex.clean[0] == 1 and torch.equal(ex.clean[1:6], ex.clean[7:12]) and ex.correct == int(ex.clean[6])
+    assert int(ex.wrong) not in ex.clean.tolist() and (ex.clean != ex.corrupted).sum() == 1
+    assert [g[0].shape[0] for g in ioi.groups()] and sum(g[0].shape[0] for g in ioi.groups()) == 6
+    with pytest.raises(TaskError, match="unknown task"):
+        load_task(tiny_gpt2, "nonsense", check=False)
+
+
+def _write(path, rows):
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_jsonl_task_errors_name_the_line(tiny_gpt2, tmp_path):
+    tok = tiny_gpt2.tokenizer
+    good = {"clean": "When Ada and Bruno met, Bruno waved to", "corrupted": "When Ada and Bruno met, Chen waved to",
+            "correct": " Ada", "wrong": " Bruno"}
+    task = jsonl_task(tok, _write(tmp_path / "ok.jsonl", [good, good]))
+    assert len(task) == 2 and task.examples[1].label == "line 2"
+    cases = {
+        "missing": ({k: v for k, v in good.items() if k != "wrong"}, "missing.*'wrong'"),
+        "length": ({**good, "corrupted": "When Ada and Bruno met, Chen Chen waved to"}, "same length"),
+        "multi": ({**good, "correct": " Ada Lovelace"}, "not one"),
+        "json": ("{not json", "not valid JSON"),
+    }
+    for name, (row, message) in cases.items():
+        path = _write(tmp_path / f"{name}.jsonl", [good, row])
+        with pytest.raises(TaskError, match=rf"{name}\.jsonl:2: .*{message}"):
+            jsonl_task(tok, path)
+    same = _write(tmp_path / "same.jsonl", [good, {**good, "corrupted": good["clean"]}])
+    with pytest.raises(TaskError, match="line 2: the clean and corrupted logit differences are equal"):
+        check_task(tiny_gpt2, jsonl_task(tok, same))
+
+
+# ---------------------------------------------------------------------------------------
+# output and CLI
+# ---------------------------------------------------------------------------------------
+def test_circuit_json_figure_and_protected_heads(toy, toy_task, tmp_path):
+    from attnlab.runs import Run
+    from attnlab.sparsity_stats import PolicyGenerator
+
+    circuit = discover(toy.model, toy_task)
+    path = save_circuit(circuit, toy.model, tmp_path / "run")
+    obj = json.loads(path.read_text())
+    assert {n["name"] for n in obj["nodes"]} == {"L0.H0", "L1.H0"}
+    assert {"from": "L0.H0", "to": "L1.H0"} == {k: obj["edges"][0][k] for k in ("from", "to")}
+    assert obj["method"] == "attribution" and obj["task"]["name"] == "induction" and len(obj["scores"]) == 2
+    assert obj["faithfulness"]["smallest_at_level"] == 2
+    run = Run.open(tmp_path / "run")
+    assert "circuit" in run.manifest["stages"]
+    again = load_circuit(tmp_path / "run")
+    assert isinstance(again, Circuit) and again.edges == circuit.edges
+    assert protected_heads(again) == [PREV, IND] == protected_heads(obj)
+    gen = PolicyGenerator(protected_heads=protected_heads(again))
+    assert tuple(gen.protected_heads) == (PREV, IND)
+    fig = circuit_figure(circuit, n_layers=2, n_heads=2)
+    assert len(fig.data) == len(circuit.edges) + 1 and list(fig.data[-1].text) == ["L0.H0", "L1.H0", "logits"]
+
+
+def test_cli_circuit_on_a_jsonl_task(toy, toy_task, tmp_path, capsys):
+    def text(ids):
+        return " ".join(f"t{int(i)}" for i in ids[1:])  # the tokenizer adds the BOS itself
+
+    rows = [{"clean": text(e.clean), "corrupted": text(e.corrupted), "correct": f"t{e.correct}", "wrong": f"t{e.wrong}"}
+            for e in toy_task.examples]
+    task_file = _write(tmp_path / "induction.jsonl", rows)
+    out = tmp_path / "run"
+    assert main(["circuit", "--model", str(toy.path), "--task", str(task_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "L0.H0->L1.H0" in printed and "smallest circuit reaching 0.8: 2" in printed
+    assert protected_heads(load_circuit(out)) == [PREV, IND]
+    assert main(["circuit", "--model", str(toy.path), "--task", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert main(["circuit", "--model", str(toy.path), "--task", str(task_file), "--method", "magic", "--out", str(tmp_path / "y")]) == 2
+    assert main(["circuit", "--model", str(toy.path), "--task", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 3 and "unknown task 'nonsense'" in err and "--method" in err and "does not exist" in err
+    assert not any((tmp_path / name).exists() for name in "xyz")
+
+
+# ---------------------------------------------------------------------------------------
+# the embedded model
+# ---------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ioi_on_the_embedded_model(embedded):
+    from attnlab.circuits.tasks import IOI_TEMPLATES
+
+    task = ioi_task(embedded.tokenizer, n=4, templates=IOI_TEMPLATES[:1])  # one length: one batch
+    check_task(embedded, task)  # clean != corrupted for every example
+    scores = attribution_patching(embedded, task, edges=False)
+    assert scores.nodes.shape == (30, 9)
+    assert scores.clean_metric > scores.corrupted_metric + 1.0  # the model prefers the indirect object
+    exact = activation_patching(embedded, task, heads=rank_heads(scores.nodes)[:2])
+    assert (exact.nodes > 0).sum() == 2  # the top attributed heads do carry the behaviour
