@@ -5,7 +5,7 @@ The core package holds model loading (`load_model`), hook-based capture (`captur
 later stages live beside it: `attnlab.probes`, `attnlab.circuits`, `attnlab.sparsity_stats`,
 `attnlab.kernels`, `attnlab.app`.
 
-Names are imported lazily so that ``import attnlab`` stays cheap.
+Most names are imported lazily.
 """
 
 from __future__ import annotations
@@ -20,11 +20,9 @@ _LAZY = {
     "tiny_model": "attnlab.models",
     "LoadedModel": "attnlab.models",
     "EMBEDDED_NAME": "attnlab.models",
-    "capture": "attnlab.capture",
     "CaptureResult": "attnlab.capture",
     "StatConfig": "attnlab.stats",
     "HeadStatAccumulator": "attnlab.stats",
-    "profile": "attnlab.profile",
     "summarize": "attnlab.profile",
     "head_means": "attnlab.profile",
     "Run": "attnlab.runs",
@@ -35,6 +33,11 @@ _LAZY = {
     "route_attention": "attnlab.attention",
     "AttnlabError": "attnlab.errors",
 }
+
+# These two names are also submodules: importing ``attnlab.capture`` would otherwise replace
+# the lazy function with the module, so they are bound eagerly (after their submodule loads).
+from attnlab.capture import capture  # noqa: E402
+from attnlab.profile import profile  # noqa: E402
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
