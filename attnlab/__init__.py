@@ -36,10 +36,10 @@ _LAZY = {
 
 # These two names are also submodules: importing ``attnlab.capture`` would otherwise replace
 # the lazy function with the module, so they are bound eagerly (after their submodule loads).
-from attnlab.capture import capture  # noqa: E402
-from attnlab.profile import profile  # noqa: E402
+from attnlab.capture import capture as capture  # noqa: E402
+from attnlab.profile import profile as profile  # noqa: E402
 
-__all__ = sorted(_LAZY) + ["__version__"]
+__all__ = sorted([*_LAZY, "capture", "profile"]) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
