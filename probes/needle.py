@@ -613,16 +613,24 @@ def greedy_answer(
     ablation=None,
     max_new_tokens: int | None = None,
     stop_on_answer: bool = True,
+    attention=None,
 ) -> NeedleAnswer:
     """Prefill with SDPA, decode greedily with a KV cache, grade.
 
     ``ablation`` is an `attnlab.probes.ablation.HeadAblation` applied inside the routed
-    attention (prefill and every decode step), or None for the dense model.
+    attention (prefill and every decode step), or None for the dense model. ``attention`` is an
+    attention function (`attnlab.attention.route_attention`'s signature) used for the prefill,
+    e.g. a sparse policy's executor; decode steps stay dense.
     """
     from transformers import DynamicCache
 
+    prefill_fn = attention
+
     def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-        out = attention_output(query, key, value, scaling=scaling)
+        if prefill_fn is not None and query.shape[-2] == key.shape[-2]:
+            out = prefill_fn(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+        else:
+            out = attention_output(query, key, value, scaling=scaling)
         return out if ablation is None else ablation.apply(layer, out, value)
 
     limit = max_new_tokens or default_max_new_tokens(sample)

@@ -111,3 +111,17 @@ def test_executors_agree_on_embedded_model(embedded):
     for name in ("flex", "triton"):
         got, _ = logits_under(embedded, policy, name, ids)
         torch.testing.assert_close(got, ref, atol=5e-4, rtol=1e-4)
+
+
+def test_needle_accuracy_under_an_all_dense_policy_matches_dense(tiny_llama):
+    """Sparse prefill with a policy that keeps everything answers exactly as dense does."""
+    from attnlab.kernels.executors import PolicyExecutor
+    from attnlab.sparsity_stats.validation import needle_accuracy
+
+    ex = PolicyExecutor(make_policy(tiny_llama, kinds=[("dense", {})]), "reference")
+    rows = needle_accuracy(tiny_llama, ex, 2, 200, progress=False)
+    assert len(rows) == 2
+    for r in rows:
+        assert r["dense"] == r["sparse"]
+        assert isinstance(r["correct_dense"], bool) and r["correct_dense"] == r["correct_sparse"]
+    assert ex.layouts_, "the policy's prefill must have run through the executor"
