@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 
@@ -9,13 +10,15 @@ import pandas as pd
 import pytest
 import torch
 
-from attnlab import capture as capture_module
-from attnlab import profile as profile_module
 from attnlab.errors import RunError
 from attnlab.profile import head_means, profile, summarize
 from attnlab.prompts import builtin_prompts
 from attnlab.runs import HEAD_STATS, Run, atomic_path, partial_dir, write_json
 from attnlab.stats import StatConfig
+
+# attnlab.capture / attnlab.profile are the functions; the modules are reached by name
+capture_module = importlib.import_module("attnlab.capture")
+profile_module = importlib.import_module("attnlab.profile")
 
 CFG = StatConfig(block_size=16, query_chunk=32, windows=(4, 16), budgets=(4, 16))
 
