@@ -117,6 +117,15 @@ def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
+def _policy_label(policy: Any) -> str:
+    src = getattr(policy, "source_run", None)
+    if isinstance(src, dict):
+        src = src.get("path") or src.get("name")
+    budget = getattr(policy, "budget", None) or {}
+    value = budget.get("value", budget.get("budget")) if isinstance(budget, dict) else None
+    return f"from {src or 'a file'}" + (f" at budget {value}" if value is not None else "")
+
+
 def _nll_and_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
     logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
     nll = -logp.gather(-1, ids[0, 1:, None].to(logp.device)).mean()
@@ -184,7 +193,7 @@ def validate_policy(
         .agg(density=("density", "mean"), rel_l2=("rel_l2", "mean"), lse_err=("lse_err", "mean"), empty_rows=("empty_rows", "sum"))
     )
     summary: dict[str, Any] = {
-        "policy": str(getattr(policy, "source_run", None) or "policy"),
+        "policy": _policy_label(policy),
         "model": model.name,
         "executor": executor,
         "device": str(model.device) + ("" if model.device.type == "cuda" else " (CPU: times are not GPU speedups)"),
