@@ -27,6 +27,7 @@ CAUSAL_CHECK = "causal_check.parquet"
 CAUSAL_SUMMARY = "causal_check.json"
 VALIDATION_HEADS = "validation_heads.parquet"
 VALIDATION_SUMMARY = "validation.json"
+CIRCUIT = "circuit.json"  # `attnlab.circuits.circuit.CIRCUIT_FILE`
 
 #: Each file a later stage adds, and the command that adds it (``{run}`` is the run's path).
 TABLE_COMMANDS: dict[str, str] = {
@@ -38,6 +39,7 @@ TABLE_COMMANDS: dict[str, str] = {
     POLICY: "attnlab policy {run} --budget 0.15",
     VALIDATION_HEADS: "attnlab validate {run}/policy.json --model MODEL --out {run}",
     VALIDATION_SUMMARY: "attnlab validate {run}/policy.json --model MODEL --out {run}",
+    CIRCUIT: "attnlab circuit --task ioi --model MODEL --out {run}",
 }
 
 #: Columns each table must have for the dashboard to draw it.
@@ -61,8 +63,10 @@ def runs_dir_from(argv: list[str], environ: dict[str, str] | os._Environ) -> Pat
     return Path(environ.get(RUNS_DIR_ENV) or "runs")
 
 
-def command_for(filename: str, run_path: str | Path) -> str:
-    return TABLE_COMMANDS.get(filename, "the stage that writes it").format(run=run_path)
+def command_for(filename: str, run_path: str | Path, model: str | None = None) -> str:
+    """The command that writes ``filename`` into the run; ``model`` (the manifest's) replaces ``MODEL``."""
+    cmd = TABLE_COMMANDS.get(filename, "the stage that writes it").format(run=run_path)
+    return cmd.replace("MODEL", model) if model else cmd
 
 
 def file_key(path: str | Path) -> str:
@@ -150,7 +154,7 @@ def missing_tables(run: Run) -> list[tuple[str, str]]:
     out, seen = [], set()
     for name in TABLE_COMMANDS:
         if not run.has(name):
-            out.append((name, command_for(name, run.path)))
+            out.append((name, command_for(name, run.path, run.model.get("name"))))
             seen.add(name)
     return out
 
@@ -366,6 +370,172 @@ def block_map_figure(mass: np.ndarray, count: np.ndarray, block_size: int, title
     fig.update_layout(title=title, template="plotly_white", height=420,
                       xaxis={"title": f"key block ({block_size} tokens)"},
                       yaxis={"title": f"query block ({block_size} tokens)", "autorange": "reversed"})
+    return fig
+
+
+# -- one head ---------------------------------------------------------------------------------
+def head_detections(run_path: str | Path, layer: int, head: int) -> pd.DataFrame:
+    """Every detection of one query head (and of the KV head it reads, ``head = -1`` rows are
+    per KV head): ``head_type, score, probe, evidence``, best score first."""
+    det = read_table(run_path, DETECTIONS)
+    sel = det[(det["layer"] == layer) & (det["head"] == head)]
+    cols = [c for c in ("head_type", "score", "probe", "evidence") if c in sel.columns]
+    out = sel[cols].assign(head_type=sel["head_type"].astype(str))
+    return out.sort_values("score", ascending=False).reset_index(drop=True)
+
+
+def head_family(run_path: str | Path, layer: int, head: int) -> tuple[str | None, pd.DataFrame]:
+    """The head's family in ``families.parquet`` and the other heads of that family (``layer, head``)."""
+    fam = read_table(run_path, FAMILIES)
+    fam = fam.assign(family=fam["family"].astype(str))
+    row = fam[(fam["layer"] == layer) & (fam["head"] == head)]
+    if row.empty:
+        return None, fam.iloc[0:0][["layer", "head"]]
+    name = str(row["family"].iloc[0])
+    members = fam[(fam["family"] == name) & ~((fam["layer"] == layer) & (fam["head"] == head))]
+    return name, members[["layer", "head"]].reset_index(drop=True)
+
+
+# -- circuits -----------------------------------------------------------------------------------
+_ERR_CIRCUIT = "{path} is not a circuit attnlab can read ({why}); re-create it with `{command}`"
+
+
+def read_circuit(run_path: str | Path):
+    """The run's ``circuit.json`` as an `attnlab.circuits.circuit.Circuit`, checked against the
+    run's model shape; `RunError` (naming `attnlab circuit`) when missing or damaged."""
+    from attnlab.circuits.circuit import Circuit
+
+    run = Run.open(run_path)
+    command = command_for(CIRCUIT, run_path, run.model.get("name"))
+    raw = run.read_json(CIRCUIT, f"discover one with `{command}`")
+    path = run.file(CIRCUIT)
+    try:
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+        circuit = Circuit.from_json(raw)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        why = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise RunError(_ERR_CIRCUIT.format(path=path, why=why, command=command)) from exc
+    n_layers, n_heads = int(run.model.get("n_layers") or 0), int(run.model.get("n_heads") or 0)
+    outside = [n for n in circuit.nodes if not (0 <= n[0] < n_layers and 0 <= n[1] < n_heads)]
+    if n_layers and n_heads and outside:
+        raise RunError(_ERR_CIRCUIT.format(path=path, command=command,
+                                           why=f"heads {outside} are outside the run's {n_layers} layers × {n_heads} heads"))
+    f = circuit.faithfulness
+    if f is not None and (not isinstance(f, dict) or len(f.get("sizes", [])) != len(f.get("f", [])) or not f.get("sizes")):
+        raise RunError(_ERR_CIRCUIT.format(path=path, command=command,
+                                           why="its faithfulness curve has no sizes, or sizes and f of different lengths"))
+    return circuit
+
+
+def circuit_nodes(circuit, run_path: str | Path | None = None) -> pd.DataFrame:
+    """One row per circuit head: ``layer, head, name, score`` (its effect), edges in and out, and
+    the head's best detection and family when the run has them."""
+    ins: dict[tuple[int, int], int] = {}
+    outs: dict[tuple[int, int], int] = {}
+    for s, r in circuit.edges:
+        outs[s] = outs.get(s, 0) + 1
+        if r != "logits":
+            ins[r] = ins.get(r, 0) + 1
+    frame = pd.DataFrame([
+        {"layer": n[0], "head": n[1], "name": f"L{n[0]}.H{n[1]}", "score": circuit.node_scores.get(n, float("nan")),
+         "edges_in": ins.get(n, 0), "edges_out": outs.get(n, 0),
+         "to_logits": any(s == n and r == "logits" for s, r in circuit.edges)}
+        for n in circuit.nodes
+    ], columns=["layer", "head", "name", "score", "edges_in", "edges_out", "to_logits"])
+    if run_path is not None and not frame.empty:
+        run = Run.open(run_path)
+        if run.has(DETECTIONS):
+            try:
+                det = detection_means(run_path).set_index(["layer", "head"])
+                best = det.idxmax(axis=1)
+                frame["best_detection"] = [best.get((r.layer, r.head)) for r in frame.itertuples()]
+            except (AttnlabError, ValueError):
+                pass
+        if run.has(FAMILIES):
+            try:
+                fam = read_table(run_path, FAMILIES).set_index(["layer", "head"])["family"].astype(str)
+                frame["family"] = [fam.get((r.layer, r.head)) for r in frame.itertuples()]
+            except AttnlabError:
+                pass
+    return frame.sort_values("score", ascending=False).reset_index(drop=True)
+
+
+def circuit_edges(circuit) -> pd.DataFrame:
+    def name(n):
+        return n if isinstance(n, str) else f"L{n[0]}.H{n[1]}"
+
+    return pd.DataFrame([{"from": name(s), "to": name(r), "score": circuit.edge_scores.get((s, r), float("nan"))}
+                         for s, r in circuit.edges], columns=["from", "to", "score"]).sort_values("score", ascending=False)
+
+
+def faithfulness_figure(faith: dict, circuit_size: int):
+    """Faithfulness ``f`` of the top-``k`` heads against ``k``, with the level, the smallest size
+    reaching it, and the selected circuit (size, its own ``f``)."""
+    import plotly.graph_objects as go
+
+    sizes, f = [int(k) for k in faith["sizes"]], [float(v) for v in faith["f"]]
+    fig = go.Figure(go.Scatter(x=sizes, y=f, mode="lines+markers", name="top-k heads by score",
+                               hovertemplate="%{x} heads kept: f = %{y:.3f}<extra></extra>"))
+    level = faith.get("level")
+    if level is not None:
+        fig.add_hline(y=float(level), line={"dash": "dash", "color": "grey"}, annotation_text=f"level {level}")
+    if faith.get("smallest_at_level") is not None:
+        k = int(faith["smallest_at_level"])
+        fig.add_vline(x=k, line={"dash": "dot", "color": "green"}, annotation_text=f"smallest reaching: {k}")
+    if faith.get("circuit_f") is not None:
+        fig.add_trace(go.Scatter(x=[circuit_size], y=[float(faith["circuit_f"])], mode="markers", name="the circuit",
+                                 marker={"symbol": "star", "size": 16, "color": "black"}))
+    fig.update_layout(title="faithfulness of the top-k heads", template="plotly_white",
+                      xaxis_title="heads kept (the others mean-ablated)", yaxis_title="share of the task metric kept (f)",
+                      height=420, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+# -- two runs ------------------------------------------------------------------------------------
+def shape_mismatch(run_a: Run, run_b: Run) -> str | None:
+    """Why two runs cannot be compared head by head (another model shape), or None."""
+    keys = ("n_layers", "n_heads", "n_kv_heads")
+    a, b = ({k: r.model.get(k) for k in keys} for r in (run_a, run_b))
+    if a == b:
+        return None
+    return (f"runs {run_a.name} and {run_b.name} have different model shapes ({run_a.model.get('name')} {a} vs "
+            f"{run_b.model.get('name')} {b}): a head-by-head comparison needs two runs of the same model shape")
+
+
+def compare_figure(z_a: np.ndarray, z_b: np.ndarray, names: tuple[str, str], metric: str, n_kv_heads: int):
+    """Run A, run B and ``B − A`` of one per-head value, side by side (``[layers, heads]`` each)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    n_layers, n_heads = z_a.shape
+    diff = z_b - z_a
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True, horizontal_spacing=0.06,
+                        subplot_titles=(f"A: {names[0]}", f"B: {names[1]}", "B − A"))
+    lo = float(np.nanmin([np.nanmin(z_a), np.nanmin(z_b)])) if np.isfinite(z_a).any() or np.isfinite(z_b).any() else 0.0
+    hi = float(np.nanmax([np.nanmax(z_a), np.nanmax(z_b)])) if np.isfinite(z_a).any() or np.isfinite(z_b).any() else 1.0
+    span = float(np.nanmax(np.abs(diff))) if np.isfinite(diff).any() else 0.0
+    span = span or 1e-12
+    hover = "layer %{y}, head %{x}<br>" + metric + " %{z:.4f}<extra></extra>"
+    for col, (z, kw) in enumerate((
+        (z_a, {"coloraxis": "coloraxis"}), (z_b, {"coloraxis": "coloraxis"}),
+        (diff, {"coloraxis": "coloraxis2"}),
+    ), start=1):
+        fig.add_trace(go.Heatmap(z=z, x=list(range(n_heads)), y=list(range(n_layers)), hovertemplate=hover, **kw),
+                      row=1, col=col)
+    fig.update_layout(
+        template="plotly_white", height=max(320, 22 * n_layers + 160), title=f"{metric} per head: A, B and B − A",
+        coloraxis={"colorscale": "Viridis", "cmin": lo, "cmax": hi, "colorbar": {"title": metric, "x": 1.0, "len": 0.45, "y": 0.78}},
+        coloraxis2={"colorscale": "RdBu", "reversescale": True, "cmin": -span, "cmax": span,
+                    "colorbar": {"title": "B − A", "x": 1.0, "len": 0.45, "y": 0.22}},
+    )
+    fig.update_yaxes(autorange="reversed", title_text="layer", row=1, col=1)
+    group = max(1, n_heads // max(1, n_kv_heads))
+    for col in (1, 2, 3):
+        fig.update_xaxes(title_text="query head", row=1, col=col)
+        if group > 1:
+            for g in range(1, n_kv_heads):
+                fig.add_vline(x=g * group - 0.5, line={"color": "white", "width": 2}, row=1, col=col)
     return fig
 
 

