@@ -1,5 +1,6 @@
 """Circuit discovery: tasks, patching, faithfulness, output, CLI — checked on a toy model whose
-circuit is known (a two-layer attention-only transformer trained here to do induction)."""
+circuit is known (a three-layer, one-head-per-layer attention-only transformer trained here to
+do induction; which heads form the circuit is read off their attention patterns, not assumed)."""
 
 from __future__ import annotations
 
@@ -45,11 +46,11 @@ from attnlab.circuits.tasks import (
     jsonl_task,
     load_task,
 )
-from attnlab.circuits.toy import pattern_scores, train_induction_model
+from attnlab.circuits.toy import known_circuit, pattern_scores, train_induction_model
 from attnlab.cli import main
 from attnlab.models import tiny_model
 
-PREV, IND = (0, 0), (1, 0)
+PREV, IND, OTHER = (0, 0), (1, 0), (2, 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -73,9 +74,11 @@ def test_toy_grows_previous_token_and_induction_heads(toy):
     assert toy.losses[-1] < 0.3 < 3.0 < toy.losses[0]
     prev, ind = pattern_scores(toy)
     # independently of any patching: head 0.0 attends to the previous token, head 1.0 to the
-    # token after the earlier occurrence of the current one; nothing else does
+    # token after the earlier occurrence of the current one; the live head 2.0 does neither
     assert prev[PREV] > 0.5 and ind[IND] > 0.4
-    assert prev.flatten().topk(2).values[1] < 0.1 and ind.flatten().topk(2).values[1] < 0.1
+    assert prev.flatten().topk(2).values[1] < 0.2 and ind.flatten().topk(2).values[1] < 0.2
+    nodes, edges = known_circuit(toy)
+    assert nodes == [PREV, IND] and edges == [(PREV, IND), (IND, "logits")]
 
 
 def _precision_recall(found, truth):
@@ -86,11 +89,16 @@ def _precision_recall(found, truth):
 
 @pytest.mark.parametrize("method", ["attribution", "ig", "activation"])
 def test_discovery_recovers_the_induction_circuit(toy, toy_task, method):
-    circuit = discover(toy.model, toy_task, method=method, faithfulness=False)
-    assert _precision_recall(circuit.nodes, [PREV, IND]) == (1.0, 1.0)
+    # the truth comes from the attention patterns (`known_circuit`), not from any patching
+    truth_nodes, truth_edges = known_circuit(toy)
+    circuit = discover(toy.model, toy_task, method=method, faithfulness=False)  # default threshold
+    assert _precision_recall(circuit.nodes, truth_nodes) == (1.0, 1.0)
+    assert OTHER not in circuit.nodes  # a live head outside the circuit is left out
     if method != "activation":  # edges come from gradients
+        # head -> head and head -> logits: exactly prev -> induction and induction -> logits,
+        # not prev -> logits (the previous-token head acts only through the induction head)
+        assert _precision_recall(circuit.edges, truth_edges) == (1.0, 1.0)
         assert _precision_recall(circuit.head_edges(), [(PREV, IND)]) == (1.0, 1.0)
-        assert (IND, "logits") in circuit.edges
     assert circuit.clean_metric - circuit.corrupted_metric > 5
 
 
@@ -98,8 +106,13 @@ def test_attribution_tracks_activation_patching_on_the_toy(toy, toy_task):
     attr = attribution_patching(toy.model, toy_task)
     act = activation_patching(toy.model, toy_task)
     assert attr.clean_metric == pytest.approx(act.clean_metric, abs=1e-4)
-    assert rank_heads(attr.nodes)[:2] == rank_heads(act.nodes)[:2]
-    assert torch.allclose(attr.nodes, act.nodes, atol=0.25 * act.total_effect)
+    # each head of a serial circuit carries the whole effect (exact: 13.5 and 13.6), so only
+    # the top two as a set is stable
+    assert set(rank_heads(attr.nodes)[:2]) == set(rank_heads(act.nodes)[:2]) == {PREV, IND}
+    # a linear estimate through the induction head's softmax: measured within 31 % here
+    for head in (PREV, IND):
+        assert float(attr.nodes[head]) == pytest.approx(float(act.nodes[head]), rel=0.35)
+    assert abs(float(attr.nodes[OTHER])) < 0.1 * act.total_effect and abs(float(act.nodes[OTHER])) < 0.1 * act.total_effect
     # the edge from the previous-token head to the induction head carries its whole effect
     assert attr.edges[0, 0, 1, 0] == pytest.approx(float(attr.nodes[PREV]), rel=0.05)
 
@@ -270,7 +283,7 @@ def test_circuit_json_figure_and_protected_heads(toy, toy_task, tmp_path):
     obj = json.loads(path.read_text())
     assert {n["name"] for n in obj["nodes"]} == {"L0.H0", "L1.H0"}
     assert {"from": "L0.H0", "to": "L1.H0"} == {k: obj["edges"][0][k] for k in ("from", "to")}
-    assert obj["method"] == "attribution" and obj["task"]["name"] == "induction" and len(obj["scores"]) == 2
+    assert obj["method"] == "attribution" and obj["task"]["name"] == "induction" and len(obj["scores"]) == 3
     assert obj["faithfulness"]["smallest_at_level"] == 2
     run = Run.open(tmp_path / "run")
     assert "circuit" in run.manifest["stages"]
@@ -279,7 +292,7 @@ def test_circuit_json_figure_and_protected_heads(toy, toy_task, tmp_path):
     assert protected_heads(again) == [PREV, IND] == protected_heads(obj)
     gen = PolicyGenerator(protected_heads=protected_heads(again))
     assert tuple(gen.protected_heads) == (PREV, IND)
-    fig = circuit_figure(circuit, n_layers=2, n_heads=2)
+    fig = circuit_figure(circuit, n_layers=3, n_heads=1)
     assert len(fig.data) == len(circuit.edges) + 1 and list(fig.data[-1].text) == ["L0.H0", "L1.H0", "logits"]
 
 
