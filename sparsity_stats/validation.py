@@ -9,8 +9,11 @@ and the needle accuracy move, next to the sparsity actually achieved and the tim
   the policy with the chosen executor — and the layer passes the *dense* output on, so each
   head's error is measured on real dense activations rather than compounded through depth:
   ``rel_l2 = ||o_sparse - o_dense|| / ||o_dense||`` over the head's rows, ``lse_err`` = mean
-  ``|lse_sparse - lse_dense|`` over rows that keep at least one key, ``density`` = kept causal
-  blocks / causal blocks.
+  ``|lse_sparse - lse_dense|`` over rows that keep at least one key, ``recall`` = mean over rows
+  of the dense attention mass the kept keys hold, ``exp(lse_sparse - lse_dense)`` (0 for a row
+  that keeps nothing; compare with the policy's expected recall), ``density`` = kept causal
+  blocks / causal blocks. Compiled Flex on a CPU returns no LSE; there the sparse LSE is the
+  fp32 reference's on the layout's token mask (the same keys).
 - **Per model** (``validation.json``): mean KL(dense ‖ sparse) of the next-token
   distributions over all positions, perplexity of the prompts dense and sparse, needle accuracy
   dense and sparse (probe suite, greedy answers; sparse prefill, dense decode), mean density,
@@ -58,6 +61,12 @@ class ValidationReport:
             f"  logits KL(dense‖sparse) {s['kl_mean']:.5f} nats/token; perplexity {s['ppl_dense']:.3f} → "
             f"{s['ppl_sparse']:.3f} ({s['ppl_delta']:+.3f})",
         ]
+        if s.get("recall_mean") is not None:
+            expected = s.get("expected_recall")
+            lines.append(
+                f"  attention mass kept per head: mean {s['recall_mean']:.3f}, worst {s['recall_min']:.3f}"
+                + (f" (policy expected mean {expected:.3f})" if isinstance(expected, float) else "")
+            )
         if s.get("needle_dense") is not None:
             lines.append(
                 f"  needle accuracy {s['needle_dense']:.2f} dense → {s['needle_sparse']:.2f} sparse "
@@ -84,6 +93,7 @@ def _dense_reference(q, k, v, scaling):
     return out.to(q.dtype), lse
 
 
+@torch.no_grad()
 def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFrame:
     """Per-head errors of one prompt: one forward, both attentions per layer, dense passed on."""
     rows: list[dict[str, Any]] = []
@@ -91,23 +101,30 @@ def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFr
     def attention(layer, query, key, value, *, scaling, attention_mask=None):
         dense, dense_lse = _dense_reference(query, key, value, scaling)
         sparse, sparse_lse = executor.sparse(layer, query, key, value, scaling)
+        lay = executor.layouts_[layer]
+        if sparse_lse is None:  # compiled Flex on a CPU gives no LSE: take it from the layout's token mask
+            from attnlab.kernels.reference import reference_attention
+
+            _, sparse_lse = reference_attention(query, key, value, lay.token_mask().to(query.device), scale=scaling,
+                                                dtype=torch.float32)
         diff = (sparse.float() - dense.float())[0]  # [H, n, d]
         norm = dense.float()[0].flatten(1).norm(dim=1).clamp_min(1e-30)
         rel = diff.flatten(1).norm(dim=1) / norm
-        lay = executor.layouts_[layer]
         dens = lay.density
         kinds = [e.kind for e in executor.policy.layer(layer)]
         for h in range(query.shape[1]):
-            ok = torch.isfinite(sparse_lse[0, h]) if sparse_lse is not None else None
-            if sparse_lse is not None and ok.any():
-                lse_err = float((sparse_lse[0, h][ok].float() - dense_lse[0, h][ok].float()).abs().mean())
-            else:
-                lse_err = float("nan")
+            ok = torch.isfinite(sparse_lse[0, h])
+            if ok.any():
+                gap = sparse_lse[0, h].float() - dense_lse[0, h].float()
+                lse_err = float(gap[ok].abs().mean())
+                recall = float(torch.where(ok, gap.clamp(max=0.0).exp(), torch.zeros_like(gap)).mean())
+            else:  # the head keeps nothing: no LSE to compare, and no mass kept
+                lse_err, recall = float("nan"), 0.0
             rows.append(
                 {
                     "layer": layer, "head": h, "kv_head": h // (query.shape[1] // key.shape[1]), "kind": kinds[h],
-                    "density": float(dens[h]), "rel_l2": float(rel[h]), "lse_err": lse_err,
-                    "empty_rows": int((~ok).sum()) if ok is not None else 0,
+                    "density": float(dens[h]), "rel_l2": float(rel[h]), "lse_err": lse_err, "recall": recall,
+                    "empty_rows": int((~ok).sum()),
                 }
             )
         return dense.transpose(1, 2).contiguous()
@@ -190,8 +207,11 @@ def validate_policy(
     table = pd.concat(heads, ignore_index=True)
     per_head = (
         table.groupby(["layer", "head", "kv_head", "kind"], as_index=False)
-        .agg(density=("density", "mean"), rel_l2=("rel_l2", "mean"), lse_err=("lse_err", "mean"), empty_rows=("empty_rows", "sum"))
+        .agg(density=("density", "mean"), rel_l2=("rel_l2", "mean"), lse_err=("lse_err", "mean"),
+             recall=("recall", "mean"), empty_rows=("empty_rows", "sum"))
     )
+    expected = {(e.layer, e.head): e.expected_recall for e in policy.heads}
+    per_head["expected_recall"] = [expected.get((int(a), int(b))) for a, b in zip(per_head["layer"], per_head["head"], strict=True)]
     summary: dict[str, Any] = {
         "policy": _policy_label(policy),
         "model": model.name,
@@ -205,6 +225,8 @@ def validate_policy(
         "rel_l2_mean": float(per_head["rel_l2"].mean()),
         "rel_l2_max": float(per_head["rel_l2"].max()),
         "lse_err_mean": float(per_head["lse_err"].mean()),
+        "recall_mean": float(per_head["recall"].mean()),
+        "recall_min": float(per_head["recall"].min()),
         "kl_mean": float(sum(kls) / len(kls)),
         "ppl_dense": math.exp(sum(nll_d) / len(nll_d)),
         "ppl_sparse": math.exp(sum(nll_s) / len(nll_s)),

@@ -99,7 +99,9 @@ def test_validation_report_and_restore(tiny_llama, tmp_path):
     assert s["kl_mean"] > 0 and s["ppl_dense"] > 1 and s["ppl_sparse"] > 1
     assert 0 < s["density_mean"] < 1
     assert (tmp_path / "v" / VALIDATION_HEADS).is_file() and (tmp_path / "v" / VALIDATION_SUMMARY).is_file()
-    assert "perplexity" in report.format()
+    assert "perplexity" in report.format() and "attention mass kept" in report.format()
+    assert 0 < s["recall_min"] <= s["recall_mean"] < 1
+    assert (dense_rows["recall"] > 1 - 1e-6).all() and heads["expected_recall"].notna().sum() == 0  # hand-made policy
 
 
 @pytest.mark.slow
@@ -125,3 +127,27 @@ def test_needle_accuracy_under_an_all_dense_policy_matches_dense(tiny_llama):
         assert r["dense"] == r["sparse"]
         assert isinstance(r["correct_dense"], bool) and r["correct_dense"] == r["correct_sparse"]
     assert ex.layouts_, "the policy's prefill must have run through the executor"
+
+
+@pytest.mark.parametrize("executor", ["flex", "reference"])
+def test_head_errors_recall_is_the_dense_mass_the_layout_keeps(tiny_llama, executor):
+    """``recall`` per head = mean over rows of the dense attention mass on the kept keys, checked
+    against the bridge's own attention patterns (flex on a CPU has no LSE: the token-mask path)."""
+    from attnlab.kernels.executors import PolicyExecutor
+    from attnlab.sparsity_stats.validation import head_errors
+
+    model = tiny_llama
+    policy = make_policy(model, kinds=[("streaming", {"sink": 4, "window": 24}), ("dense", {}), ("block_topk", {"topk": 2})])
+    ex = PolicyExecutor(policy, executor)
+    ids = random_ids(90, seed=11)
+    table = head_errors(model, ex, ids)
+    with torch.no_grad():
+        _, cache = model.bridge.run_with_cache(ids)
+    for layer in range(model.n_layers):
+        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # [H, n, n]
+        kept = ex.layouts_[layer].token_mask().to(pattern.device)
+        want = (pattern * kept).sum(-1).mean(-1)
+        got = torch.tensor(table[table["layer"] == layer].sort_values("head")["recall"].to_numpy(), dtype=torch.float64)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (table.loc[table["kind"] == "dense", "recall"] > 1 - 1e-6).all()
+    assert (table.loc[table["kind"] == "streaming", "recall"] < 0.999).all()
