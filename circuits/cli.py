@@ -12,6 +12,7 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     from attnlab.models import load_model
 
     from .circuit import discover, save_circuit
+    from .faithfulness import REFINE_MODES, refine_circuit
     from .patching import DIRECTIONS, METHODS
     from .tasks import BUILTIN_TASKS, load_task
 
@@ -25,10 +26,18 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         raise AttnlabError(f"task file {args.task} does not exist")
     if not 0 < args.threshold <= 1:
         raise AttnlabError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.refine is not None and args.refine not in REFINE_MODES:
+        raise AttnlabError(f"--refine must be one of {list(REFINE_MODES)}, got {args.refine!r}")
+    if args.refine_step < 1:
+        raise AttnlabError(f"--refine-step must be at least 1, got {args.refine_step}")
     model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     task = load_task(model, args.task, n=args.examples, seed=args.seed)
     circuit = discover(model, task, method=args.method, direction=args.direction, threshold=args.threshold,
                        faithfulness=not args.no_faithfulness)
+    if args.refine:
+        refined = refine_circuit(model, task, mode=args.refine, step=args.refine_step)
+        keys = ("mode", "sizes", "f", "smallest_at_level", "circuit", "level", "m_full", "m_empty")
+        circuit.faithfulness = {**(circuit.faithfulness or {}), "refined": {k: refined[k] for k in keys}}
     path = save_circuit(circuit, model, args.out, {"examples": len(task), "seed": args.seed})
     print(f"task {task.name}: clean {circuit.clean_metric:.3f}, corrupted {circuit.corrupted_metric:.3f} (logit difference)")
     print("heads: " + "  ".join(f"L{a}.H{b}={circuit.node_scores[(a, b)]:.3f}" for a, b in circuit.nodes))
@@ -37,10 +46,17 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
             return n if isinstance(n, str) else f"L{n[0]}.H{n[1]}"
 
         print("edges: " + "  ".join(f"{name(s)}->{name(r)}" for s, r in circuit.edges))
-    if circuit.faithfulness:
+    if circuit.faithfulness and "f" in circuit.faithfulness:
         f = circuit.faithfulness
         print(f"faithfulness of the circuit {f.get('circuit_f', float('nan')):.3f}, completeness "
               f"{f.get('completeness', float('nan')):.3f}, smallest circuit reaching {f['level']}: {f['smallest_at_level']}")
+    if args.refine:
+        r = circuit.faithfulness["refined"]
+        if r["circuit"] is None:
+            print(f"refined ({r['mode']}): no circuit on the path reached {r['level']} (largest f {max(r['f']):.3f})")
+        else:
+            print(f"refined ({r['mode']}): {len(r['circuit'])} heads reach faithfulness {r['level']}: "
+                  + "  ".join(f"L{a}.H{b}" for a, b in r["circuit"]))
     print(f"wrote {path}")
     return 0
 
@@ -57,5 +73,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--examples", type=int, default=8, help="examples of a built-in task (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve")
+    p.add_argument("--refine", default=None, metavar="MODE",
+                   help="also search the smallest faithful circuit by re-scoring heads under the current circuit: "
+                   "grow (add heads from none) | prune (remove heads from all); stored under faithfulness.refined")
+    p.add_argument("--refine-step", type=int, default=1, help="heads added or removed per refinement step (default 1)")
     p.add_argument("--out", required=True, help="run directory to write circuit.json into (created if needed)")
     p.set_defaults(func=_cmd_circuit)

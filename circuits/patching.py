@@ -8,7 +8,8 @@ from another run. Residual-stream inputs of each block (and of the final norm) a
 PyTorch forward pre-hooks, which, like the routing, are always removed when a forward ends,
 also when it raises.
 
-- `activation_patching`: one forward per head. ``denoising``: run the corrupted input with one
+- `activation_patching`: one patched run per head (``batch_heads`` of them stacked along the
+  batch of one forward). ``denoising``: run the corrupted input with one
   head's ``z`` taken from the clean run, effect = m(patched) − m(corrupted); ``noising``: run
   the clean input with the corrupted ``z``, effect = m(clean) − m(patched).
 - `attribution_patching`: one clean and one corrupted forward plus one backward give every
@@ -17,7 +18,8 @@ also when it raises.
   ``Δout_s · ∂m/∂x_r`` where ``Δout_s = (z_clean − z_corrupted)_s W_O,s`` is the change the
   sender writes into the residual stream and ``∂m/∂x_r`` the gradient of the metric with
   respect to the receiver's own residual input (the backward through head ``r`` alone, back to
-  its block's input); sender → logits uses the gradient at the final residual stream.
+  its block's input; the heads of a layer go through one batched backward); sender → logits
+  uses the gradient at the final residual stream.
 - ``method="ig"``: EAP-IG — the same scores with gradients averaged over a few forwards whose
   input embeddings lie between the corrupted and the clean ones.
 """
@@ -75,9 +77,21 @@ def _out_proj(model, layer: int):
 
 def head_writes(model, layer: int, dz: torch.Tensor) -> torch.Tensor:
     """What each head writes into the residual stream for a change ``dz [B, n, heads, d]`` of
-    its ``z``: ``[heads, B, n, d_model]`` (the output projection, without its bias)."""
+    its ``z``: ``[heads, B, n, d_model]`` (the output projection, without its bias).
+
+    A linear (``nn.Linear``, possibly inside a bridge component) or GPT-2 ``Conv1D``
+    projection is applied head by head through its weight's slices (``heads`` products of
+    ``[B·n, d] @ [d, d_model]``); any other module through the projection of per-head
+    one-hot copies of ``dz``.
+    """
     proj = _out_proj(model, layer)
     b, n, h, d = dz.shape
+    inner = getattr(proj, "original_component", None) or proj
+    weight = getattr(inner, "weight", None)
+    if isinstance(inner, torch.nn.Linear) and weight is not None and weight.shape[1] == h * d:
+        return torch.einsum("bnhd,mhd->hbnm", dz, weight.view(-1, h, d).to(dz.dtype))
+    if type(inner).__name__ == "Conv1D" and weight is not None and weight.shape[0] == h * d:
+        return torch.einsum("bnhd,hdm->hbnm", dz, weight.view(h, d, -1).to(dz.dtype))
     eye = torch.eye(h, dtype=dz.dtype, device=dz.device)
     per_head = (dz[None] * eye[:, None, None, :, None]).reshape(h, b, n, h * d)  # [h, B, n, h*d]
     zero = proj(torch.zeros(1, h * d, dtype=dz.dtype, device=dz.device))
@@ -141,14 +155,20 @@ def traced(model, *, patch: dict[int, tuple[list[int], torch.Tensor]] | None = N
             handle.remove()
 
 
-def forward(model, ids: torch.Tensor | None, *, patch=None, grad: bool = False, embeds: torch.Tensor | None = None) -> Trace:
+def forward(
+    model, ids: torch.Tensor | None, *, patch=None, grad: bool = False, embeds: torch.Tensor | None = None,
+    last_only: bool = False,
+) -> Trace:
     """One routed forward of ``ids [B, n]`` (or ``embeds [B, n, d_model]``); with ``grad=True``
-    the trace keeps the graph."""
+    the trace keeps the graph. ``last_only``: unembed the last position only (``logits
+    [B, 1, vocab]``, all the task metric reads; the unembedding of every position is the
+    largest single cost of a forward over a large vocabulary)."""
+    extra = {"logits_to_keep": 1} if last_only else {}
     with torch.set_grad_enabled(grad), traced(model, patch=patch) as trace:
         if embeds is not None:
-            trace.logits = model.hf_model(inputs_embeds=embeds, use_cache=False).logits
+            trace.logits = model.hf_model(inputs_embeds=embeds, use_cache=False, **extra).logits
         else:
-            trace.logits = model.hf_model(ids.to(model.device), use_cache=False).logits
+            trace.logits = model.hf_model(ids.to(model.device), use_cache=False, **extra).logits
     return trace
 
 
@@ -190,19 +210,27 @@ def task_metrics(model, task: Task) -> tuple[float, float]:
     with torch.no_grad():
         for c_ids, x_ids, good, bad in task.groups():
             w = c_ids.shape[0] / total
-            clean += w * float(logit_diff(forward(model, c_ids).logits, good, bad))
-            corr += w * float(logit_diff(forward(model, x_ids).logits, good, bad))
+            clean += w * float(logit_diff(forward(model, c_ids, last_only=True).logits, good, bad))
+            corr += w * float(logit_diff(forward(model, x_ids, last_only=True).logits, good, bad))
     return clean, corr
 
 
-def activation_patching(model, task: Task, *, direction: str = "denoising", heads=None) -> Scores:
-    """Exact per-head patching effect (one forward per head and length group).
+def activation_patching(
+    model, task: Task, *, direction: str = "denoising", heads=None, batch_heads: int = 1,
+) -> Scores:
+    """Exact per-head patching effect (one patched run per head and length group).
 
     ``heads``: the ``(layer, head)`` pairs to patch (default: all); the others score 0.
+    ``batch_heads``: patched runs stacked along the batch dimension of one forward
+    (``batch_heads`` heads × the group's examples; each copy of the batch has its own head
+    patched). 1 is one forward per head; larger values give the same scores up to float
+    rounding, faster where the per-forward overhead dominates.
     """
     import time
 
     _check_direction(direction)
+    if batch_heads < 1:
+        raise PatchingError(f"batch_heads must be at least 1, got {batch_heads}")
     t0 = time.perf_counter()
     todo = [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)] if heads is None else list(heads)
     scores = torch.zeros(model.n_layers, model.n_heads, dtype=torch.float64)
@@ -211,20 +239,50 @@ def activation_patching(model, task: Task, *, direction: str = "denoising", head
     with torch.no_grad():
         for c_ids, x_ids, good, bad in task.groups():
             w = c_ids.shape[0] / total
-            clean, corr = forward(model, c_ids), forward(model, x_ids)
+            clean, corr = forward(model, c_ids, last_only=True), forward(model, x_ids, last_only=True)
             mc, mx = float(logit_diff(clean.logits, good, bad)), float(logit_diff(corr.logits, good, bad))
             clean_m += w * mc
             corr_m += w * mx
             base_ids, source = (x_ids, clean) if direction == "denoising" else (c_ids, corr)
-            for layer, h in todo:
-                patched = forward(model, base_ids, patch={layer: ([h], source.z[layer])})
-                mp = float(logit_diff(patched.logits, good, bad))
-                scores[layer, h] += w * ((mp - mx) if direction == "denoising" else (mc - mp))
+            for start in range(0, len(todo), batch_heads):
+                chunk = todo[start : start + batch_heads]
+                if batch_heads == 1:
+                    (layer, h), = chunk
+                    patched = forward(model, base_ids, patch={layer: ([h], source.z[layer])}, last_only=True)
+                    mps = [float(logit_diff(patched.logits, good, bad))]
+                else:
+                    mps = _stacked_patch_metrics(model, base_ids, source.z, chunk, good, bad)
+                for (layer, h), mp in zip(chunk, mps, strict=True):
+                    scores[layer, h] += w * ((mp - mx) if direction == "denoising" else (mc - mp))
     return Scores(scores.float(), "activation", direction, clean_m, corr_m, seconds=time.perf_counter() - t0)
+
+
+def _stacked_patch_metrics(model, base_ids: torch.Tensor, source_z: list[torch.Tensor], chunk, good, bad) -> list[float]:
+    """Mean metric of ``base_ids [B, n]`` with each head of ``chunk`` patched from ``source_z``,
+    one copy of the batch per head, all in one forward of batch ``len(chunk) × B``."""
+    b, k = base_ids.shape[0], len(chunk)
+    rows: dict[int, list[tuple[int, int]]] = {}
+    for j, (layer, h) in enumerate(chunk):
+        rows.setdefault(int(layer), []).append((j, int(h)))
+
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+        out = sdpa(query, key, value, scaling=scaling)
+        if layer in rows:
+            out = out.clone()
+            src = source_z[layer].to(out.dtype)
+            for j, h in rows[layer]:
+                out[j * b : (j + 1) * b, :, h, :] = src[:, :, h, :]
+        return out
+
+    with route_attention(model, attention):
+        logits = model.hf_model(base_ids.repeat(k, 1).to(model.device), use_cache=False, logits_to_keep=1).logits
+    diff = logit_diff(logits, good.repeat(k), bad.repeat(k), reduce=False).double().view(k, b).mean(1)
+    return diff.tolist()
 
 
 def attribution_patching(
     model, task: Task, *, direction: str = "denoising", edges: bool = True, ig_steps: int = 0,
+    batch_edges: bool = True,
 ) -> Scores:
     """Attribution patching (EAP): every head's and every edge's linear estimate.
 
@@ -232,6 +290,9 @@ def attribution_patching(
     both estimate the effect with a positive sign when the head carries the clean behaviour.
     ``ig_steps > 0``: EAP-IG (Hanna et al.) — the gradients are averaged over ``ig_steps``
     forwards whose input embeddings lie between the corrupted and the clean ones.
+    ``batch_edges``: the receivers' backward passes run as one batched (``is_grads_batched``)
+    backward per receiver layer; False runs one backward per receiver head (the reference,
+    ``heads × layers`` backward passes; the same scores up to float rounding).
     """
     import time
 
@@ -246,11 +307,14 @@ def attribution_patching(
     for c_ids, x_ids, good, bad in task.groups():
         w = c_ids.shape[0] / total
         with torch.no_grad():
-            clean, corr = forward(model, c_ids), forward(model, x_ids)
+            clean, corr = forward(model, c_ids, last_only=True), forward(model, x_ids, last_only=True)
         clean_m += w * float(logit_diff(clean.logits, good, bad))
         corr_m += w * float(logit_diff(corr.logits, good, bad))
         delta = [(clean.z[layer] - corr.z[layer]).detach() for layer in range(L)]
-        writes = [head_writes(model, layer, delta[layer]).detach() for layer in range(L)] if edges else []
+        # positions before the first one where clean and corrupted differ write nothing (their z
+        # is the same in both runs): edge products skip them
+        start = _first_changed_position(delta) if edges else 0
+        writes = [head_writes(model, layer, delta[layer][:, start:]).detach() for layer in range(L)] if edges else []
         if ig_steps > 0:
             alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
         else:
@@ -261,11 +325,11 @@ def attribution_patching(
             weight = w / len(alphas)
             with torch.enable_grad():
                 if alpha is None:
-                    trace = forward(model, base_ids, grad=True)
+                    trace = forward(model, base_ids, grad=True, last_only=True)
                 else:  # EAP-IG: input embeddings between corrupted and clean
                     emb = model.hf_model.get_input_embeddings()
                     e_clean, e_corr = emb(c_ids.to(model.device)).detach(), emb(x_ids.to(model.device)).detach()
-                    trace = forward(model, None, grad=True, embeds=e_corr + alpha * (e_clean - e_corr))
+                    trace = forward(model, None, grad=True, embeds=e_corr + alpha * (e_clean - e_corr), last_only=True)
                 metric = logit_diff(trace.logits, good, bad)
                 wanted = list(trace.z) + ([trace.resid_final] if edges else [])
                 grads = torch.autograd.grad(metric, wanted, retain_graph=edges, allow_unused=True)
@@ -273,16 +337,15 @@ def attribution_patching(
                 for layer in range(L):
                     nodes[layer] += weight * (delta[layer] * dz[layer]).sum(dim=(0, 1, 3)).double()
                 if edges:
-                    d_final = grads[L]
-                    for layer in range(L):
-                        logit_edges[layer] += weight * (writes[layer] * d_final[None]).sum(dim=(1, 2, 3)).double()
-                    for r_layer in range(1, L):
-                        for r in range(H):
-                            mask = torch.zeros_like(dz[r_layer])
-                            mask[:, :, r, :] = dz[r_layer][:, :, r, :]
-                            (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=mask, retain_graph=True)
-                            for s_layer in range(r_layer):
-                                edge_scores[s_layer, :, r_layer, r] += weight * (writes[s_layer] * g[None]).sum(dim=(1, 2, 3)).double()
+                    d_final = grads[L][:, start:]
+                    if batch_edges:
+                        flat = torch.stack(writes).reshape(L * H, -1)  # [senders, B*n*d_model], layer-major
+                        logit_edges += weight * (flat @ d_final.reshape(-1)).reshape(L, H).double()
+                        _edges_batched(trace, dz, flat, edge_scores, weight, start)
+                    else:
+                        for layer in range(L):
+                            logit_edges[layer] += weight * (writes[layer] * d_final[None]).sum(dim=(1, 2, 3)).double()
+                        _edges_loop(trace, dz, writes, edge_scores, weight, start)
                 del trace, grads
     method = "ig" if ig_steps > 0 else "attribution"
     return Scores(
@@ -292,12 +355,58 @@ def attribution_patching(
     )
 
 
-def score_heads(model, task: Task, *, method: str = "attribution", direction: str = "denoising", ig_steps: int = 5) -> Scores:
-    """Dispatch on ``method``: ``attribution`` (EAP, with edges), ``ig`` or ``activation``."""
+def _first_changed_position(delta: list[torch.Tensor]) -> int:
+    """The first position where any head's ``z`` differs between the two runs (0 if none)."""
+    changed = torch.stack([d.abs().amax(dim=(0, 2, 3)) for d in delta]).amax(0) > 0  # [n]
+    return int(changed.nonzero()[0, 0]) if bool(changed.any()) else 0
+
+
+def _edges_loop(trace: Trace, dz: list[torch.Tensor], writes: list[torch.Tensor], edge_scores: torch.Tensor,
+                weight: float, start: int = 0) -> None:
+    """Edge scores, one backward per receiver head (the reference for `_edges_batched`)."""
+    L, H = len(trace.z), dz[0].shape[2]
+    for r_layer in range(1, L):
+        for r in range(H):
+            mask = torch.zeros_like(dz[r_layer])
+            mask[:, :, r, :] = dz[r_layer][:, :, r, :]
+            (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=mask, retain_graph=True)
+            g = g[:, start:]
+            for s_layer in range(r_layer):
+                edge_scores[s_layer, :, r_layer, r] += weight * (writes[s_layer] * g[None]).sum(dim=(1, 2, 3)).double()
+
+
+def _edges_batched(trace: Trace, dz: list[torch.Tensor], senders: torch.Tensor, edge_scores: torch.Tensor,
+                   weight: float, start: int = 0) -> None:
+    """Edge scores with one batched backward per receiver layer.
+
+    The gradient of receiver head ``r``'s term ``dz_r · z_r`` with respect to its block's input
+    is a vector-Jacobian product of ``z`` (layer ``r``) with a grad-output that is ``dz`` on head
+    ``r`` and zero elsewhere; the ``H`` one-head grad-outputs of a layer go through
+    ``autograd.grad(..., is_grads_batched=True)`` together (``L − 1`` backward calls instead of
+    ``(L − 1) · H``). Sender · receiver products are one matrix product per receiver layer,
+    ``senders [(layers·H), B·n'·d_model] @ g.T`` with ``n'`` the positions from ``start`` on.
+    """
+    L, H = len(trace.z), dz[0].shape[2]
+    eye = torch.eye(H, dtype=dz[0].dtype, device=dz[0].device)
+    for r_layer in range(1, L):
+        outs = dz[r_layer][None] * eye[:, None, None, :, None]  # [H, B, n, H, d]: head r's slice only
+        (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=outs, retain_graph=True,
+                                   is_grads_batched=True)
+        g = g[:, :, start:].reshape(H, -1)  # [H receivers, B*n'*d_model]
+        prod = senders[: r_layer * H] @ g.T  # [r_layer*H senders, H receivers]
+        edge_scores[:r_layer, :, r_layer, :] += weight * prod.reshape(r_layer, H, H).double()
+
+
+def score_heads(
+    model, task: Task, *, method: str = "attribution", direction: str = "denoising", ig_steps: int = 5,
+    batch_heads: int = 1,
+) -> Scores:
+    """Dispatch on ``method``: ``attribution`` (EAP, with edges), ``ig`` or ``activation``
+    (``batch_heads``: see `activation_patching`)."""
     if method == "attribution":
         return attribution_patching(model, task, direction=direction)
     if method == "ig":
         return attribution_patching(model, task, direction=direction, ig_steps=ig_steps)
     if method == "activation":
-        return activation_patching(model, task, direction=direction)
+        return activation_patching(model, task, direction=direction, batch_heads=batch_heads)
     raise PatchingError(f"method must be one of {list(METHODS)}, got {method!r}")
