@@ -3,6 +3,9 @@
 `select_circuit` keeps the heads whose score reaches ``threshold`` × the largest head score, and
 the edges (head → head, head → logits) whose score reaches ``threshold`` × the largest edge
 score among edges between kept nodes. `discover` runs task → scores → circuit (→ faithfulness);
+with ``cut="faithfulness"`` the circuit is instead the smallest top-``k`` of the head ranking
+whose faithfulness reaches the level (0.8) on the measured curve, so the curve justifies the cut
+(the edges are still those between kept heads scoring ``threshold`` × the best edge).
 `save_circuit` writes ``circuit.json`` into a run directory via `attnlab.runs.ensure_run`.
 """
 
@@ -17,7 +20,7 @@ import torch
 from attnlab.runs import ensure_run
 
 from .faithfulness import faithfulness_curve, rank_heads
-from .patching import Scores, score_heads
+from .patching import PatchingError, Scores, score_heads
 from .tasks import Task
 
 CIRCUIT_FILE = "circuit.json"
@@ -25,6 +28,8 @@ CIRCUIT_FILE = "circuit.json"
 #: largest head (edge) score.
 DEFAULT_THRESHOLD = 0.5
 LOGITS = "logits"
+#: How `discover` cuts the ranking: by score threshold, or where the faithfulness curve reaches its level.
+CUTS = ("threshold", "faithfulness")
 
 
 @dataclass
@@ -87,16 +92,23 @@ class Circuit:
         )
 
 
-def select_circuit(scores: Scores, *, threshold: float = DEFAULT_THRESHOLD, task: Task | None = None) -> Circuit:
-    """Heads with ``score >= threshold * max score``; edges between kept heads (and to the
-    logits) with ``score >= threshold * max edge score``. Activation scores give no edges."""
+def select_circuit(
+    scores: Scores, *, threshold: float = DEFAULT_THRESHOLD, task: Task | None = None,
+    nodes: list[tuple[int, int]] | None = None,
+) -> Circuit:
+    """Heads with ``score >= threshold * max score`` (or the given ``nodes``); edges between kept
+    heads (and to the logits) with ``score >= threshold * max edge score``. Activation scores
+    give no edges."""
     nodes_t = scores.nodes
     top = float(nodes_t.max()) if nodes_t.numel() else 0.0
     n_layers, n_heads = nodes_t.shape
-    nodes = [
-        (layer, h) for layer in range(n_layers) for h in range(n_heads)
-        if top > 0 and float(nodes_t[layer, h]) >= threshold * top
-    ]
+    if nodes is None:
+        nodes = [
+            (layer, h) for layer in range(n_layers) for h in range(n_heads)
+            if top > 0 and float(nodes_t[layer, h]) >= threshold * top
+        ]
+    else:
+        nodes = sorted((int(a), int(b)) for a, b in nodes)
     node_scores = {n: float(nodes_t[n]) for n in nodes}
     candidates: dict = {}
     if scores.edges is not None:
@@ -117,13 +129,35 @@ def select_circuit(scores: Scores, *, threshold: float = DEFAULT_THRESHOLD, task
 
 def discover(
     model, task: Task, *, method: str = "attribution", direction: str = "denoising",
-    threshold: float = DEFAULT_THRESHOLD, faithfulness: bool = True, sizes=None,
+    threshold: float = DEFAULT_THRESHOLD, faithfulness: bool = True, sizes=None, cut: str = "threshold",
+    level: float = 0.8,
 ) -> Circuit:
-    """Score every head (and edge), select the circuit and (optionally) measure its faithfulness."""
+    """Score every head (and edge), select the circuit and (optionally) measure its faithfulness.
+
+    ``cut``: ``"threshold"`` keeps heads scoring ``threshold`` × the best; ``"faithfulness"``
+    keeps the smallest top-``k`` of the ranking whose faithfulness reaches ``level`` on the
+    curve (all heads when no measured size does; ``faithfulness["cut"]`` says which).
+    """
+    if cut not in CUTS:
+        raise PatchingError(f"cut must be one of {list(CUTS)}, got {cut!r}")
+    if cut == "faithfulness" and not faithfulness:
+        raise PatchingError("cut='faithfulness' needs the faithfulness curve: do not turn it off")
     scores = score_heads(model, task, method=method, direction=direction)
     circuit = select_circuit(scores, threshold=threshold, task=task)
-    if faithfulness:
-        circuit.faithfulness = faithfulness_curve(model, task, rank_heads(scores.nodes), sizes=sizes, circuit=circuit.nodes)
+    if not faithfulness:
+        return circuit
+    ranking = rank_heads(scores.nodes)
+    if cut == "threshold":
+        circuit.faithfulness = faithfulness_curve(model, task, ranking, sizes=sizes, circuit=circuit.nodes, level=level)
+        circuit.faithfulness["cut"] = "threshold"
+        return circuit
+    curve = faithfulness_curve(model, task, ranking, sizes=sizes, level=level)
+    k = curve["smallest_at_level"]
+    k = len(ranking) if k is None else k
+    circuit = select_circuit(scores, threshold=threshold, task=task, nodes=ranking[:k])
+    extra = faithfulness_curve(model, task, ranking, sizes=[], circuit=circuit.nodes, level=level)
+    circuit.faithfulness = {**curve, "circuit_f": extra["circuit_f"], "completeness": extra["completeness"],
+                            "cut": "faithfulness", "cut_size": k}
     return circuit
 
 

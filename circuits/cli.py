@@ -11,7 +11,7 @@ from attnlab.errors import AttnlabError
 def _cmd_circuit(args: argparse.Namespace) -> int:
     from attnlab.models import load_model
 
-    from .circuit import discover, save_circuit
+    from .circuit import CUTS, discover, save_circuit
     from .faithfulness import REFINE_MODES, refine_circuit
     from .patching import DIRECTIONS, METHODS
     from .tasks import BUILTIN_TASKS, load_task
@@ -26,6 +26,10 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         raise AttnlabError(f"task file {args.task} does not exist")
     if not 0 < args.threshold <= 1:
         raise AttnlabError(f"--threshold must be in (0, 1], got {args.threshold}")
+    if args.cut not in CUTS:
+        raise AttnlabError(f"--cut must be one of {list(CUTS)}, got {args.cut!r}")
+    if args.cut == "faithfulness" and args.no_faithfulness:
+        raise AttnlabError("--cut faithfulness needs the faithfulness curve: drop --no-faithfulness")
     if args.refine is not None and args.refine not in REFINE_MODES:
         raise AttnlabError(f"--refine must be one of {list(REFINE_MODES)}, got {args.refine!r}")
     if args.refine_step < 1:
@@ -33,14 +37,15 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
     task = load_task(model, args.task, n=args.examples, seed=args.seed)
     circuit = discover(model, task, method=args.method, direction=args.direction, threshold=args.threshold,
-                       faithfulness=not args.no_faithfulness)
+                       faithfulness=not args.no_faithfulness, cut=args.cut)
     if args.refine:
         refined = refine_circuit(model, task, mode=args.refine, step=args.refine_step)
         keys = ("mode", "sizes", "f", "smallest_at_level", "circuit", "level", "m_full", "m_empty")
         circuit.faithfulness = {**(circuit.faithfulness or {}), "refined": {k: refined[k] for k in keys}}
     path = save_circuit(circuit, model, args.out, {"examples": len(task), "seed": args.seed})
     print(f"task {task.name}: clean {circuit.clean_metric:.3f}, corrupted {circuit.corrupted_metric:.3f} (logit difference)")
-    print("heads: " + "  ".join(f"L{a}.H{b}={circuit.node_scores[(a, b)]:.3f}" for a, b in circuit.nodes))
+    print(f"heads ({len(circuit.nodes)}, cut by {args.cut}): "
+          + "  ".join(f"L{a}.H{b}={circuit.node_scores[(a, b)]:.3f}" for a, b in circuit.nodes))
     if circuit.edges:
         def name(n):
             return n if isinstance(n, str) else f"L{n[0]}.H{n[1]}"
@@ -73,6 +78,9 @@ def add_commands(subparsers) -> None:
     p.add_argument("--examples", type=int, default=8, help="examples of a built-in task (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-faithfulness", action="store_true", help="skip the faithfulness curve")
+    p.add_argument("--cut", default="threshold",
+                   help="threshold (heads scoring --threshold x the best) | faithfulness (the smallest top-k whose "
+                   "faithfulness reaches 0.8 on the curve)")
     p.add_argument("--refine", default=None, metavar="MODE",
                    help="also search the smallest faithful circuit by re-scoring heads under the current circuit: "
                    "grow (add heads from none) | prune (remove heads from all); stored under faithfulness.refined")

@@ -48,6 +48,7 @@ from attnlab.circuits.tasks import (
 )
 from attnlab.circuits.toy import known_circuit, pattern_scores, train_induction_model
 from attnlab.cli import main
+from attnlab.errors import AttnlabError
 from attnlab.models import tiny_model
 
 PREV, IND, OTHER = (0, 0), (1, 0), (2, 0)
@@ -129,6 +130,22 @@ def test_faithfulness_of_the_toy_circuit(toy, toy_task):
     assert g["circuit_f"] > 0.9 and g["smallest_at_level"] == 2
     with pytest.raises(FaithfulnessError, match="means"):
         faithfulness_curve(toy.model, toy_task, rank_heads(scores_tensor(circuit)), means="median")
+
+
+def test_faithfulness_cut_takes_the_smallest_top_k_reaching_the_level(toy, toy_task):
+    circuit = discover(toy.model, toy_task, cut="faithfulness")
+    f = circuit.faithfulness
+    ranking = rank_heads(attribution_patching(toy.model, toy_task, edges=False).nodes)
+    k = f["smallest_at_level"]
+    assert f["cut"] == "faithfulness" and f["cut_size"] == k == 2
+    assert circuit.nodes == sorted(ranking[:k]) and f["circuit_f"] >= f["level"]
+    # a higher level than any measured size reaches keeps every head, and says so
+    every = discover(toy.model, toy_task, cut="faithfulness", level=10.0)
+    assert every.faithfulness["smallest_at_level"] is None and len(every.nodes) == toy.model.n_layers * toy.model.n_heads
+    with pytest.raises(AttnlabError, match="cut"):
+        discover(toy.model, toy_task, cut="faithfulness", faithfulness=False)
+    with pytest.raises(AttnlabError, match="cut must be"):
+        discover(toy.model, toy_task, cut="magic")
 
 
 def test_noising_direction_and_metrics(toy, toy_task):
