@@ -70,7 +70,7 @@ class ValidationReport:
         if s.get("needle_dense") is not None:
             lines.append(
                 f"  needle accuracy {s['needle_dense']:.2f} dense → {s['needle_sparse']:.2f} sparse "
-                f"({s['needle_n']} samples)"
+                f"({s['needle_n']} samples; prefill density {s.get('needle_prefill_density', float('nan')):.3f})"
             )
         lines.append(
             f"  time: dense SDPA forward {s['time_dense_s']:.2f} s, sparse forward {s['time_sparse_s']:.2f} s "
@@ -243,6 +243,7 @@ def validate_policy(
         summary["needle_n"] = len(samples)
         summary["needle_dense"] = sum(s["correct_dense"] for s in samples) / len(samples)
         summary["needle_sparse"] = sum(s["correct_sparse"] for s in samples) / len(samples)
+        summary["needle_prefill_density"] = sum(s["prefill_density"] for s in samples) / len(samples)
     report = ValidationReport(per_head, summary, samples=samples)
     if out is not None:
         run = ensure_run(out, model.identity(), "validate", {"executor": executor, "prompt_tokens": summary["prompt_tokens"],
@@ -262,6 +263,9 @@ def needle_accuracy(model: Any, executor: Any, n: int, length: int, *, seed: int
     for s in tqdm(samples, desc="needle accuracy", unit="sample", disable=not progress):
         dense = greedy_answer(model, s)
         sparse = greedy_answer(model, s, attention=executor.attention)
+        layouts = executor.layouts_.values()
+        density = float(torch.cat([lay.density for lay in layouts]).mean()) if layouts else float("nan")
         rows.append({"sample": s.name, "answer": s.answer, "dense": dense.text, "sparse": sparse.text,
-                     "correct_dense": bool(dense.contains), "correct_sparse": bool(sparse.contains)})
+                     "correct_dense": bool(dense.contains), "correct_sparse": bool(sparse.contains),
+                     "prefill_tokens": int(s.input_ids.shape[-1]), "prefill_density": density})
     return rows

@@ -126,6 +126,7 @@ def test_needle_accuracy_under_an_all_dense_policy_matches_dense(tiny_llama):
     for r in rows:
         assert r["dense"] == r["sparse"]
         assert isinstance(r["correct_dense"], bool) and r["correct_dense"] == r["correct_sparse"]
+        assert r["prefill_density"] == 1.0 and r["prefill_tokens"] > 100
     assert ex.layouts_, "the policy's prefill must have run through the executor"
 
 
