@@ -29,6 +29,10 @@ from .kinds import KINDS
 _ERR_LIST = "{flag} {got!r} is not a comma-separated list of {what}: e.g. {example}"
 
 
+#: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
+FEW_BLOCKS = 64
+
+
 def _floats(text: str, flag: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
@@ -117,6 +121,13 @@ def _policy(args: argparse.Namespace) -> int:
     gap = "optimal" if s["optimal"] else f"gap <= {s['optimality_gap_per_head']:.2e} recall per head"
     print(f"  optimiser   {s['n_candidates']} candidates per head, {s['solver_nodes']} nodes, {gap}")
     print(f"  wrote       {out}")
+    n_eval = max(policy.eval_lengths or [0])
+    if n_eval and n_eval // policy.block_size < FEW_BLOCKS:
+        finer = max(16, 1 << (max(n_eval // FEW_BLOCKS, 1).bit_length() - 1))  # a power of two, at least 16
+        hint = (f"; profile with --block-size {finer} for finer ones (README: Validating a policy)"
+                if finer < policy.block_size else "")
+        print(f"note: at {n_eval} tokens a {policy.block_size}-token block leaves {n_eval // policy.block_size} blocks per row, "
+              f"so patterns are coarse{hint}", file=sys.stderr)
     return 0
 
 

@@ -365,6 +365,20 @@ def test_cli_policy_writes_and_refuses_to_overwrite(run, tmp_path, capsys):
     assert Policy.load(out).budget["value"] == 0.5
 
 
+def test_cli_policy_suggests_a_smaller_block_when_rows_have_few_blocks(tmp_path, capsys):
+    def policy_note(block, length):
+        r = make_synthetic_run(tmp_path / f"b{block}-{length}", n_layers=2, n_heads=4, n_kv_heads=2,
+                               lengths=(length,), block_size=block)
+        assert cli("policy", str(r.path), "--budget", "0.6", "--out", str(tmp_path / f"p{block}-{length}.json"), "--quiet") == 0
+        return capsys.readouterr().err
+
+    assert "blocks per row" not in policy_note(16, 1024)  # 64 blocks per row: fine
+    err = policy_note(64, 512)
+    assert "at 512 tokens a 64-token block leaves 8 blocks per row" in err and "--block-size 16" in err
+    err = policy_note(16, 512)  # already the smallest block suggested: a note, no hint
+    assert "leaves 32 blocks per row" in err and "--block-size" not in err
+
+
 @pytest.mark.parametrize("args,match", [
     (["--budget", "1.5"], r"outside \(0, 1\]"),
     (["--budget", "0"], r"outside \(0, 1\]"),
