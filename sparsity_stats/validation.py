@@ -56,8 +56,9 @@ class ValidationReport:
         lines = [
             f"policy {s['policy']} on {s['model']} with the {s['executor']} executor "
             f"({s['n_prompts']} prompts of {s['prompt_tokens']} tokens)",
-            f"  achieved density {s['density_mean']:.3f} (expected {s.get('expected_density')}),"
-            f" per-head output error rel-L2 mean {s['rel_l2_mean']:.4f}, max {s['rel_l2_max']:.4f}",
+            f"  achieved density {s['density_mean']:.3f}"
+            + (f" (expected {s['expected_density']:.3f})," if isinstance(s.get("expected_density"), float) else ",")
+            + f" per-head output error rel-L2 mean {s['rel_l2_mean']:.4f}, max {s['rel_l2_max']:.4f}",
             f"  logits KL(dense‖sparse) {s['kl_mean']:.5f} nats/token; perplexity {s['ppl_dense']:.3f} → "
             f"{s['ppl_sparse']:.3f} ({s['ppl_delta']:+.3f})",
         ]
