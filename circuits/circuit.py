@@ -20,7 +20,7 @@ import torch
 from attnlab.runs import ensure_run
 
 from .faithfulness import faithfulness_curve, rank_heads
-from .patching import PatchingError, Scores, score_heads
+from .patching import PatchingError, Scores, path_patching, score_heads
 from .tasks import Task
 
 CIRCUIT_FILE = "circuit.json"
@@ -48,6 +48,8 @@ class Circuit:
     corrupted_metric: float = 0.0
     faithfulness: dict | None = None
     all_scores: list[list[float]] | None = None
+    #: exact effect of each checked edge by path patching (`verify_edges`), in metric units
+    edge_checks: dict[tuple[tuple[int, int], Any], float] = field(default_factory=dict)
 
     def head_edges(self) -> list[tuple[tuple[int, int], tuple[int, int]]]:
         return [(s, r) for s, r in self.edges if r != LOGITS]
@@ -66,7 +68,9 @@ class Circuit:
             "corrupted_metric": self.corrupted_metric,
             "nodes": [{"layer": n[0], "head": n[1], "name": node_name(n), "score": self.node_scores[n]} for n in self.nodes],
             "edges": [
-                {"from": node_name(s), "to": node_name(r), "score": self.edge_scores[(s, r)]} for s, r in self.edges
+                {"from": node_name(s), "to": node_name(r), "score": self.edge_scores[(s, r)],
+                 **({"path_patching": self.edge_checks[(s, r)]} if (s, r) in self.edge_checks else {})}
+                for s, r in self.edges
             ],
             "scores": self.all_scores,
             "faithfulness": self.faithfulness,
@@ -89,6 +93,8 @@ class Circuit:
             method=obj["method"], direction=obj["direction"], threshold=obj["threshold"], task=obj.get("task", {}),
             clean_metric=obj.get("clean_metric", 0.0), corrupted_metric=obj.get("corrupted_metric", 0.0),
             faithfulness=obj.get("faithfulness"), all_scores=obj.get("scores"),
+            edge_checks={(parse(e["from"]), parse(e["to"])): float(e["path_patching"])
+                         for e in obj["edges"] if "path_patching" in e},
         )
 
 
@@ -159,6 +165,15 @@ def discover(
     circuit.faithfulness = {**curve, "circuit_f": extra["circuit_f"], "completeness": extra["completeness"],
                             "cut": "faithfulness", "cut_size": k}
     return circuit
+
+
+def verify_edges(model, task: Task, circuit: Circuit, *, direction: str | None = None) -> dict:
+    """Path-patch every edge of ``circuit`` (`attnlab.circuits.patching.path_patching`): the exact
+    effect each edge's attribution score estimates, stored in ``circuit.edge_checks`` (and in
+    ``circuit.json``). Returns ``{edge: effect}``."""
+    direction = direction or circuit.direction
+    circuit.edge_checks = {(s, r): path_patching(model, task, s, r, direction=direction) for s, r in circuit.edges}
+    return circuit.edge_checks
 
 
 def save_circuit(circuit: Circuit, model, out: str | Path, parameters: dict | None = None) -> Path:

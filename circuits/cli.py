@@ -11,7 +11,7 @@ from attnlab.errors import AttnlabError
 def _cmd_circuit(args: argparse.Namespace) -> int:
     from attnlab.models import load_model
 
-    from .circuit import CUTS, discover, save_circuit
+    from .circuit import CUTS, discover, save_circuit, verify_edges
     from .faithfulness import REFINE_MODES, refine_circuit
     from .patching import DIRECTIONS, METHODS
     from .tasks import BUILTIN_TASKS, load_task
@@ -42,6 +42,10 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         refined = refine_circuit(model, task, mode=args.refine, step=args.refine_step)
         keys = ("mode", "sizes", "f", "smallest_at_level", "circuit", "level", "m_full", "m_empty")
         circuit.faithfulness = {**(circuit.faithfulness or {}), "refined": {k: refined[k] for k in keys}}
+    if args.verify_edges:
+        if not circuit.edges:
+            print("no edges to verify (activation patching gives none; try --method attribution or ig)")
+        verify_edges(model, task, circuit)
     path = save_circuit(circuit, model, args.out, {"examples": len(task), "seed": args.seed})
     print(f"task {task.name}: clean {circuit.clean_metric:.3f}, corrupted {circuit.corrupted_metric:.3f} (logit difference)")
     print(f"heads ({len(circuit.nodes)}, cut by {args.cut}): "
@@ -51,6 +55,8 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
             return n if isinstance(n, str) else f"L{n[0]}.H{n[1]}"
 
         print("edges: " + "  ".join(f"{name(s)}->{name(r)}" for s, r in circuit.edges))
+        for (s, r), exact in circuit.edge_checks.items():
+            print(f"  path patching {name(s)}->{name(r)}: exact {exact:.3f}, attribution {circuit.edge_scores[(s, r)]:.3f}")
     if circuit.faithfulness and "f" in circuit.faithfulness:
         f = circuit.faithfulness
         print(f"faithfulness of the circuit {f.get('circuit_f', float('nan')):.3f}, completeness "
@@ -81,6 +87,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--cut", default="threshold",
                    help="threshold (heads scoring --threshold x the best) | faithfulness (the smallest top-k whose "
                    "faithfulness reaches 0.8 on the curve)")
+    p.add_argument("--verify-edges", action="store_true",
+                   help="path-patch every edge of the circuit: its exact effect next to the attribution estimate")
     p.add_argument("--refine", default=None, metavar="MODE",
                    help="also search the smallest faithful circuit by re-scoring heads under the current circuit: "
                    "grow (add heads from none) | prune (remove heads from all); stored under faithfulness.refined")

@@ -19,6 +19,7 @@ from attnlab.circuits.circuit import (
     save_circuit,
     scores_tensor,
     select_circuit,
+    verify_edges,
 )
 from attnlab.circuits.faithfulness import (
     FaithfulnessError,
@@ -35,6 +36,7 @@ from attnlab.circuits.patching import (
     activation_patching,
     attribution_patching,
     forward,
+    path_patching,
     task_metrics,
 )
 from attnlab.circuits.tasks import (
@@ -148,6 +150,29 @@ def test_faithfulness_cut_takes_the_smallest_top_k_reaching_the_level(toy, toy_t
         discover(toy.model, toy_task, cut="magic")
 
 
+def test_path_patching_verifies_the_toy_edges(toy, toy_task, tmp_path, capsys):
+    act = activation_patching(toy.model, toy_task)
+    total = act.total_effect
+    # the previous-token head acts only through the induction head: its edge carries its whole
+    # effect, its direct path to the logits almost none; the induction head acts on the logits
+    prev_ind = path_patching(toy.model, toy_task, PREV, IND)
+    assert prev_ind == pytest.approx(float(act.nodes[PREV]), rel=0.05) and prev_ind > 0.5 * total
+    assert abs(path_patching(toy.model, toy_task, PREV, "logits")) < 0.05 * total
+    assert path_patching(toy.model, toy_task, IND, "logits") == pytest.approx(float(act.nodes[IND]), rel=0.05)
+    assert path_patching(toy.model, toy_task, PREV, IND, direction="noising") > 0.5 * total
+    with pytest.raises(AttnlabError, match="earlier layer"):
+        path_patching(toy.model, toy_task, IND, PREV)
+    with pytest.raises(AttnlabError, match="outside"):
+        path_patching(toy.model, toy_task, (0, 0), (7, 0))
+    assert _clean_state(toy.model)
+    # the CLI stores each edge's exact effect in circuit.json next to its score
+    circuit = discover(toy.model, toy_task, faithfulness=False)
+    checks = verify_edges(toy.model, toy_task, circuit)
+    assert set(checks) == set(circuit.edges) and checks[(PREV, IND)] == pytest.approx(prev_ind)
+    save_circuit(circuit, toy.model, tmp_path / "c")
+    assert load_circuit(tmp_path / "c").edge_checks == pytest.approx(checks)
+
+
 def test_noising_direction_and_metrics(toy, toy_task):
     clean, corr = task_metrics(toy.model, toy_task)
     noised = activation_patching(toy.model, toy_task, direction="noising")
@@ -178,6 +203,11 @@ def test_attribution_equals_activation_patching_on_a_linear_toy():
     noised_attr = attribution_patching(model, task, direction="noising", edges=False)
     noised_act = activation_patching(model, task, direction="noising")
     assert torch.allclose(noised_attr.nodes, noised_act.nodes, atol=1e-4, rtol=1e-3)
+    # head -> logits edges: path patching is the exact quantity the edge score estimates linearly
+    with_edges = attribution_patching(model, task)
+    exact = torch.tensor([path_patching(model, task, (0, h), "logits") for h in range(model.n_heads)])
+    assert torch.allclose(exact, with_edges.logit_edges[0], atol=1e-4, rtol=1e-3)
+    assert torch.allclose(exact, act.nodes[0], atol=1e-4, rtol=1e-3)  # one layer: the edge is the head's whole effect
 
 
 # ---------------------------------------------------------------------------------------
