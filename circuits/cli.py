@@ -77,7 +77,7 @@ def add_commands(subparsers) -> None:
 
     p = subparsers.add_parser("circuit", help="discover a head-level circuit for a task")
     add_model_argument(p)
-    p.add_argument("--task", required=True, help="ioi | induction | greater_than | FILE.jsonl (clean, corrupted, correct, wrong)")
+    p.add_argument("--task", required=True, help="ioi | induction | greater_than | needle (passkey retrieval, 512 tokens or half the context) | FILE.jsonl (clean, corrupted, correct, wrong)")
     p.add_argument("--method", default="attribution", help="attribution (EAP, with edges) | ig | activation (exact, one forward per head)")
     p.add_argument("--direction", default="denoising", help="denoising (patch clean into corrupted) | noising")
     p.add_argument("--threshold", type=float, default=0.5, help="keep heads/edges scoring at least this fraction of the best (default 0.5)")

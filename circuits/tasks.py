@@ -5,7 +5,8 @@ answer token each. Its metric is the logit difference ``logit[correct] - logit[w
 last position, averaged over the examples. Examples of different lengths are kept apart and
 batched by length (`Task.groups`).
 
-Built-in tasks (`ioi_task`, `induction_task`, `greater_than_task`) and user tasks from JSONL
+Built-in tasks (`ioi_task`, `induction_task`, `greater_than_task`, `needle_task` — passkey
+retrieval from the probe suite) and user tasks from JSONL
 (`jsonl_task`: one ``{"clean", "corrupted", "correct", "wrong"}`` object per line). `load_task`
 picks one from a name or a path, and `check_task` refuses a task with nothing to explain (clean
 metric equal to corrupted metric).
@@ -23,7 +24,7 @@ import torch
 from attnlab.errors import AttnlabError
 from attnlab.prompts import _FIRST, _OBJECTS, _PLACES
 
-BUILTIN_TASKS = ("ioi", "induction", "greater_than")
+BUILTIN_TASKS = ("ioi", "induction", "greater_than", "needle")
 
 
 class TaskError(AttnlabError):
@@ -238,6 +239,48 @@ def greater_than_task(tokenizer, *, n: int = 8, seed: int = 0, templates=None) -
 _FIELDS = ("clean", "corrupted", "correct", "wrong")
 
 
+# ---------------------------------------------------------------------------------------
+# needle retrieval (the probe suite's passkey samples)
+# ---------------------------------------------------------------------------------------
+def needle_task(model, *, n: int = 8, length: int | None = None, seed: int = 0) -> Task:
+    """Passkey retrieval: the probe suite's passkey samples (`attnlab.probes.needle`) of ``length``
+    tokens (default 512, or half the model's context when that is shorter).
+
+    Clean: the haystack with the passkey, the question and the answer's lead-in (plus any
+    separator the tokenizer writes before digits, so the next token is the passkey's first).
+    Corrupted: the same prompt with every digit of the passkey *in the haystack* replaced by
+    another digit (same token count), so the context no longer supports the clean answer.
+    Correct = the passkey's first token; wrong = the corrupted passkey's first token.
+    """
+    from attnlab.probes.needle import needle_samples
+
+    tokenizer = model.tokenizer
+    length = int(length or min(512, model.n_ctx // 2))
+    g = random.Random(seed)
+    digits = {}
+    for d in "0123456789":
+        ids = list(tokenizer(d, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            raise TaskError(f"the needle task needs single-token digits; {type(tokenizer).__name__} splits {d!r} into {ids}")
+        digits[d] = ids[0]
+    by_id = {v: k for k, v in digits.items()}
+    examples = []
+    for i, sample in enumerate(needle_samples(model, lengths=[length], kinds=("passkey",), n_samples=n, seed=seed)):
+        start, end = sample.needle_span
+        if any(t not in by_id for t in sample.answer_ids):
+            raise TaskError(f"needle task, {sample.name}: the passkey {sample.answer!r} is not written as one token per digit "
+                            "by this tokenizer; use a JSONL task with your own clean/corrupted prompts")
+        sep = sample.target_ids[: len(sample.target_ids) - len(sample.answer_ids)]
+        clean = torch.cat([sample.input_ids[0], torch.tensor(sep, dtype=torch.long)])
+        corrupted = clean.clone()
+        for pos in range(start, end):
+            old = by_id[int(clean[pos])]
+            corrupted[pos] = digits[g.choice([d for d in "0123456789" if d != old])]
+        examples.append(Example(clean, corrupted, int(clean[start]), int(corrupted[start]), label=f"example {i} ({sample.name})"))
+    return Task("needle", examples, f"passkey retrieval at {length} tokens; corrupted: the passkey's digits replaced in the haystack",
+                extra={"length": length})
+
+
 def jsonl_task(tokenizer, path: str | Path) -> Task:
     """One ``{"clean", "corrupted", "correct", "wrong"}`` object per line (texts; the answers
     single tokens, usually with a leading space). Errors name the line."""
@@ -273,13 +316,15 @@ def jsonl_task(tokenizer, path: str | Path) -> Task:
 
 
 def load_task(model, spec: str, *, n: int = 8, seed: int = 0, check: bool = True) -> Task:
-    """A built-in task by name (``ioi``, ``induction``, ``greater_than``) or a JSONL file."""
+    """A built-in task by name (``ioi``, ``induction``, ``greater_than``, ``needle``) or a JSONL file."""
     if spec == "ioi":
         task = ioi_task(model.tokenizer, n=n, seed=seed)
     elif spec == "induction":
         task = induction_task_for(model, n=n, seed=seed)
     elif spec == "greater_than":
         task = greater_than_task(model.tokenizer, n=n, seed=seed)
+    elif spec == "needle":
+        task = needle_task(model, n=n, seed=seed)
     elif spec.endswith(".jsonl") or Path(spec).exists():
         task = jsonl_task(model.tokenizer, spec)
     else:

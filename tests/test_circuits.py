@@ -292,6 +292,17 @@ def test_builtin_tasks_build_on_the_project_tokenizer(tiny_gpt2):
         load_task(tiny_gpt2, "nonsense", check=False)
 
 
+def test_needle_task_corrupts_only_the_passkey(tiny_llama):
+    task = load_task(tiny_llama, "needle", n=3, check=False)
+    assert task.name == "needle" and len(task) == 3
+    for ex in task.examples:
+        changed = (ex.clean != ex.corrupted).nonzero().flatten().tolist()
+        assert changed and changed == list(range(changed[0], changed[-1] + 1))  # one contiguous span
+        assert ex.correct == int(ex.clean[changed[0]]) and ex.wrong == int(ex.corrupted[changed[0]]) != ex.correct
+        digits = {tiny_llama.tokenizer.decode([int(t)]) for t in ex.clean[changed[0]:changed[-1] + 1]}
+        assert all(d.isdigit() for d in digits)
+
+
 def _write(path, rows):
     path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
     return path
@@ -377,3 +388,13 @@ def test_ioi_on_the_embedded_model(embedded):
     assert scores.clean_metric > scores.corrupted_metric + 1.0  # the model prefers the indirect object
     exact = activation_patching(embedded, task, heads=rank_heads(scores.nodes)[:2])
     assert (exact.nodes > 0).sum() == 2  # the top attributed heads do carry the behaviour
+
+
+@pytest.mark.slow
+def test_needle_task_on_the_embedded_model(embedded):
+    from attnlab.circuits.tasks import needle_task
+
+    task = needle_task(embedded, n=2, length=256)
+    clean, corrupted = check_task(embedded, task)
+    # the model copies the passkey from its context: the clean one, and after corruption the other
+    assert (clean > 1).all() and (corrupted < -1).all()
