@@ -10,7 +10,7 @@ Steps:
 - a runs folder holding one run of the embedded model made by the real pipeline (cached under
   ``benchmarks/out/dashboard_runs/``; ``--fresh`` rebuilds it, ``--runs DIR`` uses yours):
   `attnlab.profile` on 4 built-in prompts of 512 tokens, the sink probe, head families, a
-  budgeted policy and an IOI circuit (attribution patching, 4 examples, faithfulness curve);
+  budgeted policy and an IOI circuit (EAP-IG, 8 examples, cut where faithfulness reaches 0.8);
 - open the dashboard, visit every page once (warms `st.cache_data` / `st.cache_resource`:
   tables, policy curves, and the inspector's model and its first prompt — timed apart as the
   cold cost), then switch to each page ``--repeat`` times in turn and time each switch;
@@ -62,8 +62,9 @@ def build_runs(root: Path) -> Path:
     probe_sinks(model, out, n_samples=2, lengths=(256,), chat=False, progress=False)
     compute_families(run)
     PolicyGenerator(budget=0.6).fit(run).emit().save(run.file("policy.json"))
-    task = load_task(model, "ioi", n=4)
-    save_circuit(discover(model, task, method="attribution"), model, out, {"examples": len(task)})
+    task = load_task(model, "ioi", n=8)
+    circuit = discover(model, task, method="ig", cut="faithfulness")  # cut where the curve reaches 0.8
+    save_circuit(circuit, model, out, {"examples": len(task)})
     print(f"built {out} in {time.perf_counter() - t0:.0f} s", flush=True)
     return root
 
