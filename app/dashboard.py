@@ -734,12 +734,34 @@ def page_policy(ctx: dict) -> None:
             show_problem(exc)
 
 
+def validation_pareto(ctx: dict) -> None:
+    """Every validated policy of this model in the runs folder: density against a chosen cost."""
+    try:
+        overview = data.validation_overview(ctx["entries"], ctx["entry"].run.model)
+    except Exception as exc:  # noqa: BLE001
+        show_problem(exc)
+        return
+    if overview.empty:
+        return
+    st.subheader("Validated policies in this runs folder")
+    measures = [m for m in data.PARETO_MEASURES if overview[m].notna().any()]
+    measure = st.selectbox("against density", measures, key="pareto_measure",
+                           format_func=lambda m: data.PARETO_MEASURES[m][0])
+    plot(data.pareto_figure(overview, measure), "validation_pareto")
+    st.dataframe(overview.sort_values("density"), hide_index=True, width="stretch")
+    st.caption("One point per run holding `validation.json` (`attnlab validate POLICY --out RUN`); red points are "
+               "on the Pareto front. Validate baselines the same way (`attnlab import` or `attnlab policy compare`) "
+               "to see them here.")
+
+
 def page_validation(ctx: dict) -> None:
     st.header("Validation")
     run, path = ctx["entry"].run, str(ctx["entry"].path)
+    validation_pareto(ctx)
     if not run.has(data.VALIDATION_HEADS) and not run.has(data.VALIDATION_SUMMARY):
         missing(path, data.VALIDATION_HEADS, "Validation")
         return
+    st.subheader(f"Run {ctx['entry'].name}")
     n_layers, n_heads, n_kv = shape_of(run)
     if run.has(data.VALIDATION_SUMMARY):
         try:

@@ -545,3 +545,71 @@ def json_text(obj: Any) -> str:
 
 def manifest_path(run_path: str | Path) -> Path:
     return Path(run_path) / MANIFEST
+
+
+#: What the Validation page's Pareto plot can put against density (column, label, lower is better).
+PARETO_MEASURES = {
+    "rel_l2_mean": ("per-head output error, rel-L2 (mean)", True),
+    "kl_mean": ("KL(dense‖sparse), nats/token", True),
+    "ppl_delta": ("perplexity change", True),
+    "needle_delta": ("needle accuracy change (sparse − dense)", False),
+    "recall_mean": ("attention mass kept per head (mean)", False),
+}
+
+
+def validation_overview(entries: list[RunEntry], model: dict[str, Any] | None = None) -> pd.DataFrame:
+    """One row per run holding ``validation.json`` (of ``model``'s shape when given): the policy,
+    its achieved density and what it cost (`PARETO_MEASURES`). Unreadable summaries are skipped."""
+    rows = []
+    shape = None if model is None else (model.get("n_layers"), model.get("n_heads"))
+    for e in entries:
+        if e.run is None or not e.run.has(VALIDATION_SUMMARY):
+            continue
+        if shape is not None and (e.run.model.get("n_layers"), e.run.model.get("n_heads")) != shape:
+            continue
+        try:
+            s = read_json(e.path, VALIDATION_SUMMARY)
+            density = float(s["density_mean"])
+        except Exception:  # noqa: BLE001 - a damaged summary is reported on its own run's page
+            continue
+        nd, ns = s.get("needle_dense"), s.get("needle_sparse")
+        rows.append({
+            "run": e.name, "policy": s.get("policy", ""), "executor": s.get("executor", ""),
+            "prompt_tokens": s.get("prompt_tokens"), "density": density,
+            "rel_l2_mean": s.get("rel_l2_mean"), "kl_mean": s.get("kl_mean"), "ppl_delta": s.get("ppl_delta"),
+            "needle_delta": None if nd is None or ns is None else float(ns) - float(nd),
+            "recall_mean": s.get("recall_mean"),
+        })
+    columns = ["run", "policy", "executor", "prompt_tokens", "density", *PARETO_MEASURES]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray, *, lower_is_better: bool = True) -> np.ndarray:
+    """Mask of the points no other point beats: lower density and a better ``y`` (lower when
+    ``lower_is_better``), at least as good in both and strictly better in one."""
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float) if lower_is_better else -np.asarray(y, dtype=float)
+    keep = np.ones(len(x), dtype=bool)
+    for i in range(len(x)):
+        beaten = (x <= x[i]) & (y <= y[i]) & ((x < x[i]) | (y < y[i]))
+        keep[i] = not beaten.any()
+    return keep
+
+
+def pareto_figure(frame: pd.DataFrame, measure: str):
+    """Density against one measure for every validated policy, the Pareto front joined by a line."""
+    import plotly.graph_objects as go
+
+    label, lower = PARETO_MEASURES[measure]
+    df = frame.dropna(subset=[measure]).sort_values("density")
+    front = pareto_front(df["density"].to_numpy(), df[measure].to_numpy(), lower_is_better=lower)
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df["density"], y=df[measure], mode="markers", name="validated policy",
+                             marker={"size": 11, "color": ["#d62728" if f else "#7f7f7f" for f in front]},
+                             text=[f"{r.run}: {r.policy} ({r.executor}, {r.prompt_tokens} tokens)" for r in df.itertuples()],
+                             hovertemplate="%{text}<br>density %{x:.3f}<br>" + label + " %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=df["density"][front], y=df[measure][front], mode="lines", name="Pareto front",
+                             line={"color": "#d62728", "dash": "dot"}))
+    fig.update_layout(title=f"{label} against achieved density ({len(df)} validated policies)",
+                      xaxis_title="achieved density (share of dense causal attention)", yaxis_title=label)
+    return fig

@@ -147,12 +147,15 @@ def _policy_compare(args: argparse.Namespace) -> int:
         _refuse_existing(p, args.force)
     kwargs = _generator_kwargs(args)
     progress = kwargs.pop("progress")
-    table = compare_policies(run, budgets, budget_kind=args.budget_kind, progress=progress, **kwargs)
+    table = compare_policies(run, budgets, budget_kind=args.budget_kind, progress=progress,
+                             policies_out=args.save_policies, **kwargs)
     print(format_table(table))
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     write_tradeoff_html(table, html, title=f"{run.model.get('name', run.name)}: expected recall vs {args.budget_kind}")
     print(f"wrote {out} and {html}")
+    if args.save_policies:
+        print(f"saved the policies to {args.save_policies}/ (attnlab validate DIR/METHOD-BUDGET.json --out RUN)")
     return 0
 
 
@@ -248,6 +251,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--retrieval-floor", type=float, default=0.95, help="recall floor of protected heads with --protect floor")
     p.add_argument("--recall-floor", type=float, default=None, help="recall floor of every head")
     p.add_argument("--protect-heads", default=None, help="extra heads to protect, LAYER:HEAD,... (e.g. circuit heads)")
+    p.add_argument("--save-policies", default=None, metavar="DIR",
+                   help="compare: also save every compared policy (budgeted and baselines) as DIR/METHOD-BUDGET.json, "
+                   "for `attnlab validate`")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_policy)

@@ -58,13 +58,21 @@ def compare_policies(
     *,
     budget_kind: str = "density",
     progress: bool = False,
+    policies_out: str | os.PathLike | None = None,
     **generator_kwargs: Any,
 ) -> pd.DataFrame:
     """One row per (budget, method): mean density, KV share, expected recall (mean and worst
     head), dense heads, whether the budget holds, the optimiser's gap, and what was chosen.
 
     ``generator_kwargs`` go to `PolicyGenerator` (constraints, kinds, block size, ...).
+    ``policies_out``: a folder to save every compared policy into as ``{method}-{budget}.json``
+    (budgeted and baselines alike), ready for ``attnlab validate``.
     """
+    from .generator import policy_from_choices
+
+    save_dir = None if policies_out is None else Path(policies_out)
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
     budgets = [check_budget(b) for b in budgets]
     if isinstance(run, HeadCurves):
         curves = run
@@ -97,6 +105,8 @@ def compare_policies(
         try:
             gen = PolicyGenerator(budget=b, budget_kind=budget_kind, **kwargs).fit(curves)
             rows.append(_gen_row(b, gen, "budgeted"))
+            if save_dir is not None:
+                gen.emit().save(save_dir / f"budgeted-{b:g}.json")
         except PolicyError as exc:  # a budget below the constraints' minimum: say so in the table
             gen = None
             rows.append({"budget": b, "method": "budgeted", "density": float("nan"), "kv_share": float("nan"),
@@ -111,6 +121,13 @@ def compare_policies(
             except PolicyError:
                 pass
         rows.extend(_row(b, r) for r in base)
+        if save_dir is not None:
+            for r in base:
+                choices = {(la, h): c for la, row in enumerate(r.choices) for h, c in enumerate(row)}
+                policy_from_choices(curves.extend(r.candidates()), choices, reason=f"{r.name} baseline ({r.detail})",
+                                    budget={"kind": budget_kind, "value": b,
+                                            "expected": float(r.mean_density if budget_kind == "density" else r.mean_kv)}
+                                    ).save(save_dir / f"{r.name}-{b:g}.json")
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 

@@ -277,10 +277,12 @@ def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, r
     summary = json.loads(run.file("validation.json").read_text())
     assert metrics(at)["achieved density"] == f"{summary['density_mean']:.3f}"
     heads = pd.read_parquet(run.file("validation_heads.parquet")).groupby(["layer", "head"])["rel_l2"].mean()
-    z = arr(figures(at)[0]["data"][0]["z"])
+    figs = figures(at)
+    assert "against achieved density (1 validated policies)" in figs[0]["layout"]["title"]["text"]  # the Pareto view
+    z = arr(figs[1]["data"][0]["z"])
     np.testing.assert_allclose(z[1, 2], heads.loc[(1, 2)])
     at.selectbox(key="validation_metric").set_value("lse_err").run()
-    assert "lse_err per head" in figures(at)[0]["layout"]["title"]["text"]
+    assert "lse_err per head" in figures(at)[1]["layout"]["title"]["text"]
 
     goto(at, "Retrieval")
     board = table_with(at, "rank")
@@ -294,6 +296,37 @@ def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, r
     fam = pd.read_parquet(run.file("families.parquet"))
     points = sum(len(arr(t["x"])) for t in figures(at)[0]["data"])
     assert points == len(fam) == 8
+
+
+def test_pareto_front_on_hand_made_points():
+    density = np.array([0.1, 0.2, 0.3, 0.2, 0.5])
+    error = np.array([0.5, 0.3, 0.1, 0.4, 0.1])
+    # (0.2, 0.4) is beaten by (0.2, 0.3); (0.5, 0.1) by (0.3, 0.1)
+    assert data.pareto_front(density, error).tolist() == [True, True, True, False, False]
+    accuracy = np.array([0.5, 0.7, 0.9, 0.6, 0.9])  # higher is better
+    assert data.pareto_front(density, accuracy, lower_is_better=False).tolist() == [True, True, True, False, False]
+
+
+def test_validation_page_plots_every_validated_policy_against_density(monkeypatch, runs_root, tmp_path, tiny_llama):
+    from attnlab.sparsity_stats.validation import validate_policy
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    dense_policy = PolicyGenerator(budget=1.0).fit(Run.open(root / "tiny")).emit()
+    validate_policy(tiny_llama, dense_policy, executor="reference", n_prompts=1, prompt_tokens=256, out=root / "dense",
+                    progress=False)
+    summaries = {name: json.loads((root / name / "validation.json").read_text()) for name in ("tiny", "dense")}
+    at = goto(app(monkeypatch, root), "Validation", "tiny")
+    pareto = figures(at)[0]
+    points = pareto["data"][0]
+    xs, ys = arr(points["x"]), arr(points["y"])
+    want = sorted((s["density_mean"], s["rel_l2_mean"]) for s in summaries.values())
+    np.testing.assert_allclose(sorted(zip(xs, ys, strict=True)), want, atol=1e-9)
+    assert "2 validated policies" in pareto["layout"]["title"]["text"]
+    at.selectbox(key="pareto_measure").set_value("ppl_delta").run()
+    pareto = figures(at)[0]
+    assert pareto["layout"]["yaxis"]["title"]["text"] == "perplexity change"
+    np.testing.assert_allclose(sorted(arr(pareto["data"][0]["y"])), sorted(s["ppl_delta"] for s in summaries.values()), atol=1e-9)
 
 
 # -- head inspector ------------------------------------------------------------------------------

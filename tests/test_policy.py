@@ -8,6 +8,7 @@ import itertools
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -406,6 +407,22 @@ def test_cli_policy_compare_prints_table_and_writes_plot(run, tmp_path, capsys):
     with pytest.raises(PolicyError, match=r"outside \(0, 1\]"):
         cli("policy", "compare", str(run.path), "--budgets", "0.2,2", "--out", str(tmp_path / "x.csv"))
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_cli_policy_compare_saves_every_policy_for_validation(run, tmp_path, capsys):
+    out, saved = tmp_path / "cmp.csv", tmp_path / "policies"
+    assert cli("policy", "compare", str(run.path), "--budgets", "0.3,0.5", "--out", str(out), "--save-policies", str(saved),
+               "--quiet") == 0
+    assert "saved the policies" in capsys.readouterr().out
+    table = pd.read_csv(out)
+    names = {p.name for p in saved.glob("*.json")}
+    assert names == {f"{m}-{b:g}.json" for m in ("budgeted", "uniform_streaming", "duo_attention", "minference") for b in (0.3, 0.5)}
+    for row in table[table["method"] != "budgeted_unprotected"].itertuples():
+        policy = Policy.load(saved / f"{row.method}-{row.budget:g}.json", model=run.model)
+        # the saved policy is the one the table describes
+        assert policy.expected_density == pytest.approx(row.density, abs=1e-6)
+        assert policy.expected_recall == pytest.approx(row.expected_recall, abs=1e-6)
+        assert policy.budget["value"] == row.budget
 
 
 def test_estimator_pools_block_maps_to_a_coarser_block(run):
