@@ -125,7 +125,7 @@ def compare_policies(
             for r in base:
                 choices = {(la, h): c for la, row in enumerate(r.choices) for h, c in enumerate(row)}
                 policy_from_choices(curves.extend(r.candidates()), choices, reason=f"{r.name} baseline ({r.detail})",
-                                    budget={"kind": budget_kind, "value": b,
+                                    budget={"kind": budget_kind, "value": b, "method": r.name,
                                             "expected": float(r.mean_density if budget_kind == "density" else r.mean_kv)}
                                     ).save(save_dir / f"{r.name}-{b:g}.json")
     return pd.DataFrame(rows, columns=list(COLUMNS))

@@ -141,7 +141,9 @@ def _policy_label(policy: Any) -> str:
         src = src.get("path") or src.get("name")
     budget = getattr(policy, "budget", None) or {}
     value = budget.get("value", budget.get("budget")) if isinstance(budget, dict) else None
-    return f"from {src or 'a file'}" + (f" at budget {value}" if value is not None else "")
+    method = budget.get("method") if isinstance(budget, dict) else None
+    return ((f"{method} baseline " if method else "") + f"from {src or 'a file'}"
+            + (f" at budget {value}" if value is not None else ""))
 
 
 def _nll_and_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, torch.Tensor]:

@@ -152,3 +152,13 @@ def test_head_errors_recall_is_the_dense_mass_the_layout_keeps(tiny_llama, execu
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (table.loc[table["kind"] == "dense", "recall"] > 1 - 1e-6).all()
     assert (table.loc[table["kind"] == "streaming", "recall"] < 0.999).all()
+
+
+def test_policy_label_names_a_baseline(tiny_llama):
+    from attnlab.sparsity_stats.validation import _policy_label
+
+    policy = make_policy(tiny_llama)
+    policy.budget = {"kind": "density", "value": 0.3}
+    assert _policy_label(policy) == "from a file at budget 0.3"
+    policy.budget = {"kind": "density", "value": 0.3, "method": "minference"}
+    assert _policy_label(policy) == "minference baseline from a file at budget 0.3"

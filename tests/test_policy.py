@@ -423,6 +423,7 @@ def test_cli_policy_compare_saves_every_policy_for_validation(run, tmp_path, cap
         assert policy.expected_density == pytest.approx(row.density, abs=1e-6)
         assert policy.expected_recall == pytest.approx(row.expected_recall, abs=1e-6)
         assert policy.budget["value"] == row.budget
+        assert policy.budget.get("method") == (None if row.method == "budgeted" else row.method)
 
 
 def test_estimator_pools_block_maps_to_a_coarser_block(run):
