@@ -172,7 +172,7 @@ def test_runs_page_lists_the_run_with_model_and_parameters(monkeypatch, runs_roo
 
 def test_every_page_draws_its_charts(monkeypatch, runs_root):
     at = app(monkeypatch, runs_root)
-    expected = {"Head atlas": 2, "Head inspector": 1, "Policy studio": 3, "Validation": 1, "Retrieval": 2,
+    expected = {"Head atlas": 2, "Head inspector": 1, "Policy studio": 3, "Validation": 2, "Retrieval": 2,
                 "Head families": 1, "Circuits": 2}
     for page, n_charts in expected.items():
         goto(at, page)
