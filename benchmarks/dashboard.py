@@ -9,7 +9,8 @@ Steps:
 
 - a runs folder holding one run of the embedded model made by the real pipeline (cached under
   ``benchmarks/out/dashboard_runs/``; ``--fresh`` rebuilds it, ``--runs DIR`` uses yours):
-  `attnlab.profile` on 4 built-in prompts of 512 tokens, the sink probe, head families, a
+  `attnlab.profile` on 4 built-in prompts of 512 tokens, the sink and retrieval probes (6 needles,
+  causal check at K = 5), head families, a
   budgeted policy and an IOI circuit (EAP-IG, 8 examples, cut where faithfulness reaches 0.8);
 - open the dashboard, visit every page once (warms `st.cache_data` / `st.cache_resource`:
   tables, policy curves, and the inspector's model and its first prompt — timed apart as the
@@ -49,6 +50,7 @@ def build_runs(root: Path) -> Path:
     from attnlab.circuits.tasks import load_task
     from attnlab.models import load_model
     from attnlab.probes.families import compute_families
+    from attnlab.probes.retrieval import probe_retrieval
     from attnlab.probes.sinks import probe_sinks
     from attnlab.profile import profile
     from attnlab.prompts import builtin_prompts
@@ -60,6 +62,7 @@ def build_runs(root: Path) -> Path:
     t0 = time.perf_counter()
     run = profile(model, builtin_prompts(model.tokenizer, [512], n_samples=4), out, progress=False)
     probe_sinks(model, out, n_samples=2, lengths=(256,), chat=False, progress=False)
+    probe_retrieval(model, out, n_samples=6, lengths=(512,), causal_ks=(5,), draws=2, progress=False)
     compute_families(run)
     PolicyGenerator(budget=0.6).fit(run).emit().save(run.file("policy.json"))
     task = load_task(model, "ioi", n=8)
@@ -75,7 +78,7 @@ SCREENSHOT_HEAD = (11, 1)
 
 def screenshots(root: Path, out: Path) -> None:
     """The README's dashboard pictures from ``root`` in headless chromium (the browser test's
-    DevTools client): atlas, policy studio, head inspector, circuits."""
+    DevTools client): atlas, policy studio, head inspector, retrieval, circuits."""
     import subprocess
     import tempfile
 
@@ -118,6 +121,11 @@ def screenshots(root: Path, out: Path) -> None:
                              "document.querySelectorAll('.js-plotly-plot').length === 1", 120)
                 time.sleep(1)
                 browser.screenshot(out / "inspector.png")
+                _click_label(browser, "Retrieval")
+                browser.wait("document.body.innerText.includes('Retrieval') && "
+                             "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
+                time.sleep(1)
+                browser.screenshot(out / "retrieval.png")
                 _click_label(browser, "Circuits")
                 browser.wait("document.body.innerText.includes('circuit faithfulness') && "
                              "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
@@ -127,7 +135,7 @@ def screenshots(root: Path, out: Path) -> None:
                 browser.close()
     finally:
         _stop(server)
-    print(f"wrote atlas.png, policy_studio.png, inspector.png, circuits.png to {out}")
+    print(f"wrote atlas.png, policy_studio.png, inspector.png, retrieval.png, circuits.png to {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
