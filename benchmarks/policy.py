@@ -318,8 +318,6 @@ def fit_policies(curves, budgets: Sequence[float], *, min_sink: int = 4) -> tupl
         minference_style,
         uniform_streaming,
     )
-    from attnlab.sparsity_stats.generator import policy_from_choices
-
     est = curves.estimator
     policies: dict[tuple[float, str], Any] = {}
     info: dict[tuple[float, str], dict] = {}
@@ -341,11 +339,7 @@ def fit_policies(curves, budgets: Sequence[float], *, min_sink: int = 4) -> tupl
             policies[(b, "budgeted")] = None
             info[(b, "budgeted")] = {"detail": f"infeasible: {exc}", "within_budget": False}
         for r in base:
-            ext = curves.extend(r.candidates())
-            choices = {(la, h): c for la, row in enumerate(r.choices) for h, c in enumerate(row)}
-            pol = policy_from_choices(ext, choices, reason=f"{r.name} baseline ({r.detail})",
-                                      budget={"kind": "density", "value": b, "expected": r.mean_density})
-            policies[(b, r.name)] = pol
+            policies[(b, r.name)] = r.to_policy(curves, b)
             info[(b, r.name)] = {"detail": r.detail, "within_budget": bool(r.within_budget)}
     return policies, info
 

@@ -60,6 +60,16 @@ class BaselineResult:
     def mean_kv(self) -> float:
         return float(self.kv.mean())
 
+    def to_policy(self, curves, budget: float, budget_kind: str = "density"):
+        """This baseline as a `Policy` (estimates from ``curves``, extended with its candidates);
+        ``policy.budget["method"]`` names the baseline."""
+        from .generator import policy_from_choices
+
+        choices = {(la, h): c for la, row in enumerate(self.choices) for h, c in enumerate(row)}
+        expected = self.mean_density if budget_kind == "density" else self.mean_kv
+        return policy_from_choices(curves.extend(self.candidates()), choices, reason=f"{self.name} baseline ({self.detail})",
+                                   budget={"kind": budget_kind, "value": budget, "method": self.name, "expected": expected})
+
     def candidates(self) -> list[Candidate]:
         """The distinct candidates this baseline uses."""
         seen: dict[str, Candidate] = {}

@@ -68,8 +68,6 @@ def compare_policies(
     ``policies_out``: a folder to save every compared policy into as ``{method}-{budget}.json``
     (budgeted and baselines alike), ready for ``attnlab validate``.
     """
-    from .generator import policy_from_choices
-
     save_dir = None if policies_out is None else Path(policies_out)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -123,11 +121,7 @@ def compare_policies(
         rows.extend(_row(b, r) for r in base)
         if save_dir is not None:
             for r in base:
-                choices = {(la, h): c for la, row in enumerate(r.choices) for h, c in enumerate(row)}
-                policy_from_choices(curves.extend(r.candidates()), choices, reason=f"{r.name} baseline ({r.detail})",
-                                    budget={"kind": budget_kind, "value": b, "method": r.name,
-                                            "expected": float(r.mean_density if budget_kind == "density" else r.mean_kv)}
-                                    ).save(save_dir / f"{r.name}-{b:g}.json")
+                r.to_policy(curves, b, budget_kind).save(save_dir / f"{r.name}-{b:g}.json")
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
