@@ -62,8 +62,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "dashboard",
         help="explore heads, design policies and read validations in a browser (Streamlit)",
-        description="Serve the attnlab dashboard on a folder of run directories: head atlas, policy studio, "
-        "validation, retrieval heads, head families. Reads what the CLI stored; recomputes nothing.",
+        description="Serve the attnlab dashboard on a folder of run directories: runs (and a two-run compare), "
+        "head atlas, head inspector, policy studio, validation, retrieval heads, head families, circuits. "
+        "It reads what the CLI stored; only the head inspector runs the run's model, on a prompt you choose.",
     )
     p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of run directories (default: runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")

@@ -14,7 +14,8 @@ One page per question:
 - **Head inspector** — what does this head attend to on this prompt, token by token (or block
   by block for a long prompt), and what do its statistics, detections and family say?
 - **Policy studio** — what does a policy at this budget keep, cost and lose, against baselines?
-- **Validation** — how far is each head's sparse output from dense?
+- **Validation** — how do the validated policies of this runs folder trade density for error,
+  perplexity and needle accuracy (the Pareto front), and how far is each head's sparse output from dense?
 - **Retrieval** — which heads retrieve, and does ablating them hurt?
 - **Head families** — which heads behave alike?
 - **Circuits** — which heads carry a task, with which effects, and how faithful is the circuit?
