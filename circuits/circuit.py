@@ -19,7 +19,8 @@ import torch
 
 from attnlab.runs import ensure_run
 
-from .faithfulness import faithfulness_curve, rank_heads
+from .faithfulness import faithfulness as faithfulness_of
+from .faithfulness import faithfulness_curve, metric_with_heads, rank_heads
 from .patching import PatchingError, Scores, path_patching, score_heads
 from .tasks import Task
 
@@ -161,8 +162,12 @@ def discover(
     k = curve["smallest_at_level"]
     k = len(ranking) if k is None else k
     circuit = select_circuit(scores, threshold=threshold, task=task, nodes=ranking[:k])
-    extra = faithfulness_curve(model, task, ranking, sizes=[], circuit=circuit.nodes, level=level)
-    circuit.faithfulness = {**curve, "circuit_f": extra["circuit_f"], "completeness": extra["completeness"],
+    # the circuit is a measured point of the curve; only its complement needs a run
+    circuit_f = curve["f"][curve["sizes"].index(k)] if k in curve["sizes"] else 1.0
+    kept = set(circuit.nodes)
+    complement = [(a, b) for a in range(model.n_layers) for b in range(model.n_heads) if (a, b) not in kept]
+    completeness = faithfulness_of(metric_with_heads(model, task, complement), curve["m_empty"], curve["m_full"])
+    circuit.faithfulness = {**curve, "circuit_f": circuit_f, "completeness": completeness,
                             "cut": "faithfulness", "cut_size": k}
     return circuit
 

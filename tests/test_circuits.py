@@ -141,6 +141,8 @@ def test_faithfulness_cut_takes_the_smallest_top_k_reaching_the_level(toy, toy_t
     k = f["smallest_at_level"]
     assert f["cut"] == "faithfulness" and f["cut_size"] == k == 2
     assert circuit.nodes == sorted(ranking[:k]) and f["circuit_f"] >= f["level"]
+    direct = faithfulness_curve(toy.model, toy_task, ranking, sizes=[], circuit=circuit.nodes)
+    assert f["circuit_f"] == pytest.approx(direct["circuit_f"]) and f["completeness"] == pytest.approx(direct["completeness"])
     # a higher level than any measured size reaches keeps every head, and says so
     every = discover(toy.model, toy_task, cut="faithfulness", level=10.0)
     assert every.faithfulness["smallest_at_level"] is None and len(every.nodes) == toy.model.n_layers * toy.model.n_heads
