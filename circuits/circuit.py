@@ -21,7 +21,7 @@ from attnlab.runs import ensure_run
 
 from .faithfulness import faithfulness as faithfulness_of
 from .faithfulness import faithfulness_curve, metric_with_heads, rank_heads
-from .patching import PatchingError, Scores, path_patching, score_heads
+from .patching import PatchingError, Scores, path_patching_edges, score_heads
 from .tasks import Task
 
 CIRCUIT_FILE = "circuit.json"
@@ -173,11 +173,13 @@ def discover(
 
 
 def verify_edges(model, task: Task, circuit: Circuit, *, direction: str | None = None) -> dict:
-    """Path-patch every edge of ``circuit`` (`attnlab.circuits.patching.path_patching`): the exact
-    effect each edge's attribution score estimates, stored in ``circuit.edge_checks`` (and in
-    ``circuit.json``). Returns ``{edge: effect}``."""
+    """Path-patch every edge of ``circuit`` (`attnlab.circuits.patching.path_patching_edges`: one
+    clean and one corrupted run shared by all edges): the exact effect each edge's attribution
+    score estimates, stored in ``circuit.edge_checks`` (and in ``circuit.json``). Returns
+    ``{edge: effect}``."""
     direction = direction or circuit.direction
-    circuit.edge_checks = {(s, r): path_patching(model, task, s, r, direction=direction) for s, r in circuit.edges}
+    circuit.edge_checks = dict(zip(circuit.edges, path_patching_edges(model, task, circuit.edges, direction=direction),
+                                   strict=True))
     return circuit.edge_checks
 
 

@@ -436,38 +436,46 @@ def path_patching(model, task: Task, sender, receiver, *, direction: str = "deno
     m(corrupted); noising mirrors it on the clean run (effect = m(clean) − m(patched)). This is the
     exact quantity attribution patching's edge score estimates linearly.
     """
+    return path_patching_edges(model, task, [(sender, receiver)], direction=direction)[0]
+
+
+def path_patching_edges(model, task: Task, edges, *, direction: str = "denoising") -> list[float]:
+    """`path_patching` of several ``(sender, receiver)`` edges, sharing the clean and corrupted runs."""
     _check_direction(direction)
-    s_layer, s_head = _node(sender)
-    r = _node(receiver)
     n_layers, n_heads = model.n_layers, model.n_heads
-    if not (0 <= s_layer < n_layers and 0 <= s_head < n_heads):
-        raise PatchingError(f"sender {sender} is outside the model's {n_layers} layers × {n_heads} heads")
-    if r != "logits":
-        r_layer, r_head = r
-        if not (0 <= r_layer < n_layers and 0 <= r_head < n_heads):
-            raise PatchingError(f"receiver {receiver} is outside the model's {n_layers} layers × {n_heads} heads")
-        if r_layer <= s_layer:
-            raise PatchingError(f"an edge runs from an earlier layer to a later one: {sender} → {receiver} does not")
-    total, effect = len(task), 0.0
+    checked = []
+    for sender, receiver in edges:
+        s_layer, s_head = _node(sender)
+        r = _node(receiver)
+        if not (0 <= s_layer < n_layers and 0 <= s_head < n_heads):
+            raise PatchingError(f"sender {sender} is outside the model's {n_layers} layers × {n_heads} heads")
+        if r != "logits":
+            if not (0 <= r[0] < n_layers and 0 <= r[1] < n_heads):
+                raise PatchingError(f"receiver {receiver} is outside the model's {n_layers} layers × {n_heads} heads")
+            if r[0] <= s_layer:
+                raise PatchingError(f"an edge runs from an earlier layer to a later one: {sender} → {receiver} does not")
+        checked.append(((s_layer, s_head), r))
+    total, effects = len(task), [0.0] * len(checked)
     with torch.no_grad():
         for c_ids, x_ids, good, bad in task.groups():
             clean, corr = forward(model, c_ids), forward(model, x_ids)
-            if direction == "denoising":
-                base_ids, base, dz = x_ids, corr, clean.z[s_layer] - corr.z[s_layer]
-            else:
-                base_ids, base, dz = c_ids, clean, corr.z[s_layer] - clean.z[s_layer]
-            delta = head_writes(model, s_layer, dz)[s_head]  # [B, n, d_model]
+            base_ids, base, other = (x_ids, corr, clean) if direction == "denoising" else (c_ids, clean, corr)
             m_base = float(logit_diff(base.logits, good, bad))
-            if r == "logits":
-                with _add_to_input(_final_norm(model), delta):
-                    m_patched = float(logit_diff(forward(model, base_ids).logits, good, bad))
-            else:
-                with _add_to_input(_decoder_layers(model)[r_layer], delta):
-                    shifted = forward(model, base_ids)
-                patched = forward(model, base_ids, patch={r_layer: ([r_head], shifted.z[r_layer])})
-                m_patched = float(logit_diff(patched.logits, good, bad))
-            effect += c_ids.shape[0] / total * ((m_patched - m_base) if direction == "denoising" else (m_base - m_patched))
-    return effect
+            writes: dict[int, torch.Tensor] = {}  # per sender layer: [heads, B, n, d_model]
+            for i, ((s_layer, s_head), r) in enumerate(checked):
+                if s_layer not in writes:
+                    writes[s_layer] = head_writes(model, s_layer, other.z[s_layer] - base.z[s_layer])
+                delta = writes[s_layer][s_head]  # [B, n, d_model]
+                if r == "logits":
+                    with _add_to_input(_final_norm(model), delta):
+                        m_patched = float(logit_diff(forward(model, base_ids).logits, good, bad))
+                else:
+                    with _add_to_input(_decoder_layers(model)[r[0]], delta):
+                        shifted = forward(model, base_ids)
+                    patched = forward(model, base_ids, patch={r[0]: ([r[1]], shifted.z[r[0]])})
+                    m_patched = float(logit_diff(patched.logits, good, bad))
+                effects[i] += c_ids.shape[0] / total * ((m_patched - m_base) if direction == "denoising" else (m_base - m_patched))
+    return effects
 
 
 def score_heads(
