@@ -261,7 +261,8 @@ def needle_task(model, *, n: int = 8, length: int | None = None, seed: int = 0) 
     for d in "0123456789":
         ids = list(tokenizer(d, add_special_tokens=False)["input_ids"])
         if len(ids) != 1:
-            raise TaskError(f"the needle task needs single-token digits; {type(tokenizer).__name__} splits {d!r} into {ids}")
+            raise TaskError(f"the needle task needs single-token digits, but {type(tokenizer).__name__} encodes {d!r} as "
+                            f"{ids}: write the prompts as a JSONL task (clean, corrupted, correct, wrong) instead")
         digits[d] = ids[0]
     by_id = {v: k for k, v in digits.items()}
     examples = []
