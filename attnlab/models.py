@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from attnlab.errors import ModelLoadError
+from attnlab.identity import ModelIdentity, weights_fingerprint
 
 EMBEDDED_NAME = "smollm2-135m"
 
@@ -131,18 +132,18 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.hf_model.parameters()).device
 
-    def identity(self) -> dict[str, Any]:
-        """The model identity written into manifests and policy files."""
-        return {
-            "name": self.name,
-            "source": self.source,
-            "architecture": self.architecture,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "n_ctx": self.n_ctx,
-        }
+    def identity(self) -> ModelIdentity:
+        """The model identity written into manifests and policy files (see `ModelIdentity`).
+
+        The weights fingerprint is computed once, on first use."""
+        fp = self.extra.get("fingerprint")
+        if fp is None:
+            fp = self.extra["fingerprint"] = weights_fingerprint(self.hf_model)
+        return ModelIdentity(
+            name=self.name, source=self.source, architecture=self.architecture,
+            n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+            head_dim=self.head_dim, n_ctx=self.n_ctx, fingerprint=fp,
+        )
 
     @property
     def has_chat_template(self) -> bool:

@@ -21,11 +21,13 @@ from tqdm.auto import tqdm
 from attnlab.capture import capture, check_length
 from attnlab.errors import RunError
 from attnlab.models import LoadedModel
+from attnlab.names import head_label
 from attnlab.prompts import Prompt
 from attnlab.runs import (
     BLOCK_MAPS,
     HEAD_STATS,
     MANIFEST,
+    PROFILE_ACCUM,
     BlockMaps,
     Run,
     check_writable_target,
@@ -39,8 +41,6 @@ from attnlab.runs import (
 )
 from attnlab.stats import StatConfig
 
-_PROGRESS = "progress.json"
-_ACCUM = "block_accum.safetensors"
 _ERR_OTHER_PARTIAL = (
     "{partial} holds an interrupted run with different parameters: rerun the original command "
     "to resume it, or pass --force to discard it"
@@ -105,7 +105,7 @@ def profile(
     if partial.exists():
         old = _read_manifest(partial)
         if old is not None and old.get("parameters") == parameters and old.get("model") == manifest["model"]:
-            done = set(_read_progress(partial))
+            done = _read_done(partial)
         elif force or old is None:
             shutil.rmtree(partial)
         else:
@@ -125,8 +125,9 @@ def profile(
         write_parquet(partial / "samples" / f"{i:05d}.parquet", sample_table(result.values(), names, prompt, i, probe, model.group_size))
         _add_sample_blocks(acc, result, config.block_size)
         done.add(i)
-        write_safetensors(partial / _ACCUM, acc)
-        write_json(partial / _PROGRESS, sorted(done))
+        # the samples done travel in the accumulator file's metadata: one atomic write, so a
+        # kill between two files can never count a sample twice
+        write_safetensors(partial / PROFILE_ACCUM, acc, {"done": json.dumps(sorted(done))})
         bar.update(1)
     bar.close()
 
@@ -143,10 +144,9 @@ def profile(
         count=count.to(torch.int32),
     ).save(partial / BLOCK_MAPS)
     shutil.rmtree(partial / "samples")
-    (partial / _ACCUM).unlink()
-    (partial / _PROGRESS).unlink()
+    (partial / PROFILE_ACCUM).unlink()
     manifest["status"] = "complete"
-    manifest["tables"] = {HEAD_STATS: len(table), BLOCK_MAPS: list(acc["sum"].shape)}
+    manifest["tables"] = {HEAD_STATS.filename: len(table), BLOCK_MAPS.filename: list(acc["sum"].shape)}
     write_json(partial / MANIFEST, manifest)
     finalize_partial(partial, out)
     return Run.open(out)
@@ -159,18 +159,22 @@ def _read_manifest(partial: Path) -> dict | None:
         return None
 
 
-def _read_progress(partial: Path) -> list[int]:
+def _read_done(partial: Path) -> set[int]:
+    """Samples an interrupted profile finished: kept in the accumulator file's metadata, so the
+    sums and the list can never disagree (a sample whose parquet shard is missing is redone)."""
     try:
-        return [int(i) for i in json.loads((partial / _PROGRESS).read_text())]
-    except (OSError, json.JSONDecodeError, ValueError):
-        return []
+        _, meta = read_safetensors(partial / PROFILE_ACCUM)
+        done = {int(i) for i in json.loads(meta.get("done", "[]"))}
+    except Exception:  # absent or unreadable (killed mid-write before the rename): start over
+        return set()
+    return done
 
 
 def _load_accum(partial: Path, done: set[int], model: LoadedModel, max_blocks: int) -> dict[str, torch.Tensor]:
     shape = (model.n_layers, model.n_heads, max_blocks, max_blocks)
-    if done and (partial / _ACCUM).is_file():
-        tensors, _ = read_safetensors(partial / _ACCUM)
-        if tuple(tensors["sum"].shape) == shape:
+    if done and (partial / PROFILE_ACCUM).is_file():
+        tensors, _ = read_safetensors(partial / PROFILE_ACCUM)
+        if tuple(tensors["sum"].shape) == shape and all((partial / "samples" / f"{i:05d}.parquet").is_file() for i in done):
             return tensors
         done.clear()
     return {
@@ -227,5 +231,5 @@ def summarize(run: Run, top: int = 5) -> str:
             continue
         best = means.sort_values(col, ascending=ascending).head(top)
         lines.append(title)
-        lines.append("  " + "  ".join(f"L{int(r.layer)}.H{int(r.head)}={getattr(r, col):.3f}" for r in best.itertuples()))
+        lines.append("  " + "  ".join(f"{head_label(r.layer, r.head)}={getattr(r, col):.3f}" for r in best.itertuples()))
     return "\n".join(lines)

@@ -32,19 +32,113 @@ import pandas as pd
 import torch
 
 from attnlab.errors import RunError
+from attnlab.identity import ModelIdentity
 
 SCHEMA_VERSION = 1
-
-MANIFEST = "manifest.json"
-HEAD_STATS = "head_stats.parquet"
-BLOCK_MAPS = "block_maps.safetensors"
-DETECTIONS = "detections.parquet"
-POLICY = "policy.json"
 
 #: Columns of ``head_stats.parquet`` (long format). ``kv_head`` is the KV head the query head
 #: reads (GQA); ``probe`` names the prompt set; ``sample`` indexes prompts within it;
 #: ``n_tokens`` is that prompt's length.
 HEAD_STATS_COLUMNS = ("layer", "head", "kv_head", "statistic", "probe", "sample", "n_tokens", "value")
+#: Columns of ``detections.parquet`` (see `attnlab.probes.detections`).
+DETECTION_COLUMNS = ("layer", "head", "kv_head", "head_type", "score", "probe", "evidence")
+
+
+# ---------------------------------------------------------------------------------------
+# the artifact registry: every file a run can hold, declared once
+# ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Artifact:
+    """One kind of file in a run directory.
+
+    Attributes:
+        key: short stable name (``"head_stats"``).
+        filename: the file's name in the run directory; nothing outside this module spells it.
+        format: ``parquet``, ``json`` or ``safetensors`` — decides how `Run.read` and
+            `Run.write` handle it.
+        holds: what the file holds, in one line.
+        made_by: the command that writes it; ``{run}`` is replaced by the run's path and
+            ``MODEL`` by the run's model name in `Artifact.command`.
+        columns: columns a Parquet artifact must have (checked on every read).
+        internal: resume state of an unfinished stage, not a result.
+
+    An `Artifact` is path-like (``run.path / HEAD_STATS``) and prints as its file name.
+    """
+
+    key: str
+    filename: str
+    format: str
+    holds: str
+    made_by: str
+    columns: tuple[str, ...] = ()
+    internal: bool = False
+
+    def __fspath__(self) -> str:
+        return self.filename
+
+    def __str__(self) -> str:
+        return self.filename
+
+    def command(self, run_path: str | os.PathLike, model: str | None = None) -> str:
+        """The command that (re)writes this artifact into the run at ``run_path``."""
+        cmd = self.made_by.format(run=run_path)
+        return cmd.replace("MODEL", model) if model else cmd
+
+
+#: Every artifact, by key, in the order a run gains them.
+ARTIFACTS: dict[str, Artifact] = {}
+
+
+def _declare(key: str, filename: str, fmt: str, holds: str, made_by: str, columns: tuple[str, ...] = (), internal: bool = False) -> Artifact:
+    art = Artifact(key, filename, fmt, holds, made_by, tuple(columns), internal)
+    ARTIFACTS[key] = art
+    return art
+
+
+MANIFEST = _declare("manifest", "manifest.json", "json", "schema, model identity, stages run with their parameters and summaries, versions, time",
+                    "attnlab profile --model MODEL --out {run}")
+HEAD_STATS = _declare("head_stats", "head_stats.parquet", "parquet", "per-head attention statistics, one row per (layer, head, statistic, probe, sample)",
+                      "attnlab profile --model MODEL --out {run} --force", HEAD_STATS_COLUMNS)
+BLOCK_MAPS = _declare("block_maps", "block_maps.safetensors", "safetensors", "block-level attention mass maps (sum- and max-pooled), see `BlockMaps`",
+                      "attnlab profile --model MODEL --out {run} --force")
+PROFILE_ACCUM = _declare("profile_accum", "block_accum.safetensors", "safetensors",
+                         "block-map sums of an unfinished profile and the samples they hold (resume state)",
+                         "attnlab profile --model MODEL --out {run}", internal=True)
+DETECTIONS = _declare("detections", "detections.parquet", "parquet", "a score per (head, head type) with its evidence",
+                      "attnlab probe all --model MODEL --out {run}", DETECTION_COLUMNS)
+FAMILIES = _declare("families", "families.parquet", "parquet", "head families (PCA + k-means over statistics and detections)",
+                    "attnlab probe families --model MODEL --out {run}", ("layer", "head", "kv_head", "pc1", "pc2", "family"))
+NEEDLE_RESULTS = _declare("needle_results", "needle_results.parquet", "parquet", "every needle sample of the retrieval probe and the model's answer",
+                          "attnlab probe retrieval --model MODEL --out {run}")
+RETRIEVAL_TRACE = _declare("retrieval_trace", "retrieval_trace.parquet", "parquet", "per decoding step, which heads copied from the needle",
+                           "attnlab probe retrieval --model MODEL --out {run}")
+RETRIEVAL_SUMMARY = _declare("retrieval_summary", "retrieval_summary.json", "json", "the retrieval probe's accuracy, stability and settings",
+                             "attnlab probe retrieval --model MODEL --out {run}")
+CAUSAL_CHECK = _declare("causal_check", "causal_check.parquet", "parquet", "needle accuracy with top-k retrieval heads ablated vs random heads",
+                        "attnlab probe retrieval --model MODEL --out {run}", ("condition", "k", "accuracy"))
+CAUSAL_SUMMARY = _declare("causal_summary", "causal_check.json", "json", "summary of the causal check (drop ratios)",
+                          "attnlab probe retrieval --model MODEL --out {run}")
+LINEAR_PROBES = _declare("linear_probes", "linear_probes.parquet", "parquet", "per-head linear probes with control-task selectivity",
+                         "attnlab probe linear --model MODEL --out {run}", ("property", "layer", "head", "test_acc"))
+POLICY = _declare("policy", "policy.json", "json", "a per-head sparse-attention policy (see `attnlab.sparsity_stats.policy`)",
+                  "attnlab policy {run} --budget 0.15 --out {run}/policy.json")
+VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "parquet", "per-head errors and recall of a validated policy",
+                            "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
+VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
+                              "attnlab validate {run}/policy.json --model MODEL --out {run}")
+CIRCUIT = _declare("circuit", "circuit.json", "json", "a head-level circuit: nodes, edges, faithfulness curve",
+                   "attnlab circuit --task ioi --model MODEL --out {run}")
+
+
+def artifact(key: str | Artifact) -> Artifact:
+    """The declared artifact for ``key`` (or the artifact itself)."""
+    if isinstance(key, Artifact):
+        return key
+    try:
+        return ARTIFACTS[key]
+    except KeyError:
+        raise RunError(f"unknown run artifact {key!r}: known are {', '.join(ARTIFACTS)}") from None
+
 
 _ERR_NO_RUN = "no run directory at {path}: run `attnlab profile --out {path}` first, or check the path"
 _ERR_NO_MANIFEST = "{path} has no manifest.json, so it is not an attnlab run directory (or it was written by hand)"
@@ -53,6 +147,7 @@ _ERR_SCHEMA = "run {path} has schema version {found}, this attnlab reads version
 _ERR_EXISTS = "{path} already exists: pass --force to overwrite it, or choose another --out"
 _ERR_UNWRITABLE = "cannot write to {path}: {reason}. Choose an --out in a folder you can write to"
 _ERR_MISSING_TABLE = "run {path} has no {name}: {hint}"
+_ERR_COLUMNS = "{path} lacks the column(s) {missing} (it has {have}): it was written by an older attnlab; re-create it with `{command}`"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -97,6 +192,8 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
     if hasattr(obj, "tolist"):
         return obj.tolist()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
@@ -171,10 +268,17 @@ class BlockMaps:
             return cls(int(meta["block_size"]), tensors["mass_sum"], tensors["mass_max"], tensors["count"])
         except KeyError as exc:
             raise RunError(f"{path} is not an attnlab block-map file (missing {exc}); re-run `attnlab profile`") from exc
+        except ValueError as exc:
+            raise RunError(f"{path} is not an attnlab block-map file (bad block_size); re-run `attnlab profile`") from exc
 
 
 class Run:
-    """A run directory on disk. Open one with `Run.open(path)`; it checks the manifest."""
+    """A run directory on disk.
+
+    Open one with `Run.open(path)` (checks the manifest), or `Run.coerce(run_or_path)` where a
+    function accepts either. Read and write its files only through the artifact registry:
+    ``run.read(DETECTIONS)``, ``run.write(DETECTIONS, df)``, ``run.has(FAMILIES)``.
+    """
 
     def __init__(self, path: str | os.PathLike, manifest: dict[str, Any]):
         self.path = Path(path)
@@ -195,12 +299,19 @@ class Run:
             manifest = json.loads(manifest_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise RunError(f"{manifest_path} is not valid JSON ({exc}); re-create the run with --force") from exc
+        if not isinstance(manifest, dict):
+            raise RunError(f"{manifest_path} is not an attnlab manifest (not a JSON object); re-create the run with --force")
         found = manifest.get("schema")
         if found != SCHEMA_VERSION:
             raise RunError(_ERR_SCHEMA.format(path=path, found=found, expected=SCHEMA_VERSION))
         if require_complete and manifest.get("status") != "complete":
             raise RunError(_ERR_INCOMPLETE.format(path=path, status=manifest.get("status")))
         return cls(path, manifest)
+
+    @classmethod
+    def coerce(cls, run: Run | str | os.PathLike) -> Run:
+        """``run`` itself when it is a `Run`, else the complete run opened at that path."""
+        return run if isinstance(run, Run) else cls.open(run)
 
     # -- identity -----------------------------------------------------------------------
     @property
@@ -209,59 +320,123 @@ class Run:
 
     @property
     def model(self) -> dict[str, Any]:
-        """Model identity: ``name``, ``n_layers``, ``n_heads``, ``n_kv_heads``, ``head_dim``, ``n_ctx``."""
+        """The manifest's model entry as stored (see `identity` for the checked form)."""
         return dict(self.manifest.get("model", {}))
 
-    def has(self, filename: str) -> bool:
-        return (self.path / filename).is_file()
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model this run was made with (`ModelIdentity`)."""
+        return ModelIdentity.from_dict(self.manifest.get("model", {}), where=f"run {self.path}")
 
-    def file(self, filename: str) -> Path:
-        return self.path / filename
+    def check_model(self, model: Any, *, fix: str = "choose another --out, or load the model this run was made with") -> None:
+        """`IdentityError` unless ``model`` (a `LoadedModel` or identity) is the run's model."""
+        ours = model.identity() if callable(getattr(model, "identity", None)) else ModelIdentity.from_dict(model)
+        ours.check(self.identity, subject=f"run {self.path}", fix=fix)
 
-    # -- readers ------------------------------------------------------------------------
-    def _require(self, filename: str, hint: str) -> Path:
-        p = self.path / filename
+    # -- artifacts ----------------------------------------------------------------------
+    def has(self, art: Artifact | str) -> bool:
+        return (self.path / _resolve(art)).is_file()
+
+    def file(self, art: Artifact | str) -> Path:
+        """The path of ``art`` in this run (whether or not it exists yet)."""
+        return self.path / _resolve(art)
+
+    def require(self, art: Artifact | str) -> Path:
+        """The path of ``art``; `RunError` naming the command that makes it when it is absent."""
+        art = _resolve(art)
+        p = self.path / art
         if not p.is_file():
-            raise RunError(_ERR_MISSING_TABLE.format(path=self.path, name=filename, hint=hint))
+            raise RunError(_ERR_MISSING_TABLE.format(path=self.path, name=art.filename, hint=f"run `{self.command_for(art)}`"))
         return p
 
+    def command_for(self, art: Artifact | str) -> str:
+        """The command that writes ``art`` into this run, with the run's model filled in."""
+        return _resolve(art).command(self.path, self.model.get("name"))
+
+    def read(self, art: Artifact | str) -> Any:
+        """Read an artifact: a DataFrame (columns checked) for Parquet, the parsed object for
+        JSON, ``(tensors, metadata)`` for safetensors. Absent or unreadable: `RunError`."""
+        art = _resolve(art)
+        p = self.require(art)
+        if art.format == "parquet":
+            df = _read_parquet(p)
+            missing = [c for c in art.columns if c not in df.columns]
+            if missing:
+                raise RunError(_ERR_COLUMNS.format(path=p, missing=", ".join(missing), have=", ".join(map(str, df.columns)),
+                                                   command=self.command_for(art)))
+            return df
+        if art.format == "json":
+            try:
+                return json.loads(p.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise RunError(f"{p} is not valid JSON ({exc}); re-create it with `{self.command_for(art)}`") from exc
+        try:
+            return read_safetensors(p)
+        except Exception as exc:  # safetensors raises its own error types for a corrupt file
+            raise RunError(f"{p} is not a readable safetensors file ({exc}); re-create it with `{self.command_for(art)}`") from exc
+
+    def read_optional(self, art: Artifact | str) -> Any | None:
+        """`read`, or ``None`` when the artifact is absent. A file that is there but unreadable
+        still raises: only a missing file means "not made yet"."""
+        return self.read(art) if self.has(art) else None
+
+    def write(self, art: Artifact | str, obj: Any) -> Path:
+        """Write an artifact atomically: a DataFrame for Parquet, a JSON-able object for JSON,
+        ``tensors`` or ``(tensors, metadata)`` for safetensors."""
+        art = _resolve(art)
+        p = self.path / art
+        if art.format == "parquet":
+            missing = [c for c in art.columns if c not in obj.columns]
+            if missing:
+                raise ValueError(f"{art.filename} needs column(s) {missing}")
+            write_parquet(p, obj)
+        elif art.format == "json":
+            write_json(p, obj)
+        else:
+            tensors, meta = obj if isinstance(obj, tuple) else (obj, None)
+            write_safetensors(p, tensors, meta)
+        return p
+
+    # the named readers every stage uses
     def head_stats(self) -> pd.DataFrame:
         """The long-format statistics table (`HEAD_STATS_COLUMNS`)."""
-        p = self._require(HEAD_STATS, "run `attnlab profile` to capture statistics")
-        return _read_parquet(p)
+        return self.read(HEAD_STATS)
 
     def block_maps(self) -> BlockMaps:
-        p = self._require(BLOCK_MAPS, "run `attnlab profile` to capture block maps")
-        return BlockMaps.load(p)
+        return BlockMaps.load(self.require(BLOCK_MAPS))
 
     def detections(self) -> pd.DataFrame:
-        p = self._require(DETECTIONS, "run `attnlab probe all --out RUN` to detect head types")
-        return _read_parquet(p)
+        return self.read(DETECTIONS)
 
-    def read_table(self, filename: str, hint: str) -> pd.DataFrame:
-        return _read_parquet(self._require(filename, hint))
-
-    def read_json(self, filename: str, hint: str) -> Any:
-        p = self._require(filename, hint)
-        try:
-            return json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{p} is not valid JSON ({exc}); re-create it") from exc
-
-    # -- writers (each atomic) ----------------------------------------------------------
-    def write_table(self, filename: str, df: pd.DataFrame) -> Path:
-        p = self.path / filename
-        write_parquet(p, df)
-        return p
-
-    def write_json(self, filename: str, obj: Any) -> Path:
-        p = self.path / filename
-        write_json(p, obj)
-        return p
+    # -- stages -------------------------------------------------------------------------
+    def record_stage(self, stage: str, *, parameters: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> None:
+        """Record in the manifest that ``stage`` ran (``stages[stage]``: parameters, summary, time).
+        Given fields replace the stage's old ones; others are kept."""
+        stages = dict(self.manifest.get("stages", {}))
+        entry = dict(stages.get(stage, {}))
+        if parameters is not None:
+            entry["parameters"] = parameters
+        if summary is not None:
+            entry["summary"] = summary
+        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        stages[stage] = entry
+        self.update_manifest(stages=stages)
 
     def update_manifest(self, **fields: Any) -> None:
         self.manifest.update(fields)
         write_json(self.path / MANIFEST, self.manifest)
+
+
+def _resolve(art: Artifact | str) -> Artifact:
+    """An `Artifact` from itself, its key or its file name."""
+    if isinstance(art, Artifact):
+        return art
+    if art in ARTIFACTS:
+        return ARTIFACTS[art]
+    for a in ARTIFACTS.values():
+        if a.filename == art:
+            return a
+    raise RunError(f"unknown run artifact {art!r}: known are {', '.join(ARTIFACTS)}")
 
 
 def _read_parquet(path: Path) -> pd.DataFrame:
@@ -311,13 +486,13 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def new_manifest(kind: str, model: dict[str, Any], parameters: dict[str, Any]) -> dict[str, Any]:
+def new_manifest(kind: str, model: Any, parameters: dict[str, Any]) -> dict[str, Any]:
     """A manifest for a new run, ``status`` ``"running"`` until the stage finishes."""
     return {
         "schema": SCHEMA_VERSION,
         "kind": kind,
         "status": "running",
-        "model": model,
+        "model": dict(model),
         "parameters": parameters,
         "versions": package_versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -353,35 +528,43 @@ def find_runs(root: str | os.PathLike) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / MANIFEST).is_file())
 
 
-def ensure_run(out: str | os.PathLike, model: dict[str, Any], kind: str, parameters: dict[str, Any]) -> Run:
+def preflight_run(out: str | os.PathLike, model: Any) -> Path:
+    """Fail before any work when ``out`` cannot take this model's results: an existing run that
+    is incomplete or of another model, or a folder that cannot be written. Creates nothing.
+
+    ``model`` is a `LoadedModel` or a `ModelIdentity`. This is the check `ensure_run` makes
+    again after the work."""
+    out = Path(out)
+    if out.exists():
+        Run.open(out).check_model(model)
+    else:
+        check_writable_target(out, force=False)
+    return out
+
+
+def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[str, Any]) -> Run:
     """The run directory a stage adds its results to: an existing run of the same model, or a
     new one (created atomically with a complete manifest).
 
-    Call it after the stage's work is done and before writing its files, so that a failed stage
-    leaves nothing behind. A stage's parameters are recorded under ``manifest["stages"][kind]``.
+    ``model`` is a `LoadedModel`, a `ModelIdentity` or an identity dict. Call it after the
+    stage's work is done and before writing its files, so that a failed stage leaves nothing
+    behind. A stage's parameters are recorded under ``manifest["stages"][kind]``.
     """
     out = Path(out)
+    identity = model.identity() if callable(getattr(model, "identity", None)) else ModelIdentity.from_dict(model)
     if out.exists():
         run = Run.open(out)
-        mine = {k: run.model.get(k) for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim")}
-        theirs = {k: model.get(k) for k in mine}
-        if mine != theirs:
-            raise RunError(
-                f"run {out} was made with model {run.model.get('name')!r} {mine}, not {model.get('name')!r} {theirs}: "
-                "choose another --out"
-            )
+        run.check_model(identity)
     else:
         check_writable_target(out, force=False)
         partial = partial_dir(out)
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        manifest = new_manifest(kind, model, parameters)
+        manifest = new_manifest(kind, identity, parameters)
         manifest["status"] = "complete"
         write_json(partial / MANIFEST, manifest)
         finalize_partial(partial, out)
         run = Run.open(out)
-    stages = dict(run.manifest.get("stages", {}))
-    stages[kind] = {"parameters": parameters, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    run.update_manifest(stages=stages)
+    run.record_stage(kind, parameters=parameters)
     return run

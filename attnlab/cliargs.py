@@ -1,0 +1,153 @@
+"""The command line's shared parts: argument types, validators and common options.
+
+Every ``cli`` module of every stage builds its options from these, so that a list, a budget
+or a ``--model`` reads and fails the same way everywhere:
+
+- lists are comma-separated (``--lengths 512,1024``) and parsed by `int_list`, `float_list`
+  or `name_list` (which also checks each name against its choices);
+- numbers that must lie in a range use `positive_int`, `nonneg_int`, `unit_float`
+  (``(0, 1]``), `fraction` (``[0, 1]``) or `finite_float` — ``nan`` and ``inf`` never pass;
+- every enumeration uses ``choices=``;
+- ``--model`` always means a model (`add_model_arguments`); a run directory is ``--run``.
+
+A bad value stops argparse with ``attnlab CMD: error: argument --x: ...`` (exit 2) before any
+work. The one error path for expected mistakes at run time is `attnlab.cli.main`: an
+`AttnlabError` prints one ``error:`` line (``ATTNLAB_DEBUG=1`` shows the traceback).
+
+This module is a leaf: it imports nothing from attnlab but the errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+EMBEDDED_MODEL = "smollm2-135m"
+
+
+def _split(text: str) -> list[str]:
+    return [v.strip() for v in str(text).split(",") if v.strip()]
+
+
+def _number(text: str, kind: type, what: str) -> Any:
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer ≥ 1."""
+    value = _number(text, int, "a positive integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    """An integer ≥ 0."""
+    value = _number(text, int, "a non-negative integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer ≥ 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Any finite number (``nan``/``inf`` refused)."""
+    return _number(text, float, "a number")
+
+
+def unit_float(text: str) -> float:
+    """A number in ``(0, 1]`` (budgets, shares)."""
+    value = finite_float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A number in ``[0, 1]`` (thresholds, recall floors, probabilities)."""
+    value = finite_float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _list_of(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        values = [item(v) for v in _split(text)]
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one {what}, comma-separated")
+        return values
+
+    parse.__name__ = f"{what.replace(' ', '_')}_list"
+    return parse
+
+
+#: ``512,1024`` → ``[512, 1024]`` (each a positive integer).
+int_list = _list_of(positive_int, "positive integer")
+#: ``0,16,64`` → ``[0, 16, 64]`` (each an integer ≥ 0).
+nonneg_int_list = _list_of(nonneg_int, "integer")
+#: ``0.05,0.1`` → ``[0.05, 0.1]`` (each finite).
+float_list = _list_of(finite_float, "number")
+#: ``0.05,0.1`` → each in ``(0, 1]``.
+unit_float_list = _list_of(unit_float, "number in (0, 1]")
+#: ``0,0.5,1`` → each in ``[0, 1]``.
+fraction_list = _list_of(fraction, "number in [0, 1]")
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """``a,b`` → ``["a", "b"]``, each one of ``choices`` (order kept, duplicates dropped)."""
+    allowed = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(_split(text)))
+        if not names:
+            raise argparse.ArgumentTypeError(f"expected at least one of {', '.join(allowed)}")
+        bad = [n for n in names if n not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, bad))}: choose from {', '.join(allowed)}")
+        return names
+
+    parse.__name__ = "name_list"
+    return parse
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = EMBEDDED_MODEL, required: bool = False) -> None:
+    """``--model`` (a model: embedded name, .gguf, HF directory or Hub id), ``--device`` and
+    ``--trust-remote-code`` (off by default)."""
+    help_default = f" (default: {default})" if default else ""
+    parser.add_argument("--model", default=None if required else default, required=required,
+                        help=f"embedded name, .gguf path, HF directory or Hub id{help_default}")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def load_model_from_args(args: argparse.Namespace, **kwargs: Any):
+    """`attnlab.models.load_model` with the options of `add_model_arguments`."""
+    from attnlab.models import load_model
+
+    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code, **kwargs)
+
+
+class DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's ``dest`` and prints one
+    deprecation note naming the new spelling."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, *, new: str, **kwargs: Any):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        print(f"note: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
