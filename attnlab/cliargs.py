@@ -151,3 +151,46 @@ class DeprecatedAlias(argparse.Action):
     def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
         print(f"note: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+class _AnyWord:
+    """The ``choices`` argparse checks for `add_subcommands` with a default: every sub-command's
+    name (for help and iteration), and any other word that is not an option, so that an unknown
+    first word can go to the default sub-command."""
+
+    def __init__(self, names: dict[str, argparse.ArgumentParser]):
+        self._names = names
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and not name.startswith("-")
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+class _SubcommandsWithDefault(argparse._SubParsersAction):
+    """Sub-commands where a first word that names none of them runs ``default`` with that word
+    as its first argument: ``attnlab policy RUN`` is ``attnlab policy make RUN``."""
+
+    def __init__(self, *args: Any, default_command: str, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.default_command = default_command
+        self.choices = _AnyWord(self._name_parser_map)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        if values and values[0] not in self._name_parser_map:
+            values = [self.default_command, *values]
+        super().__call__(parser, namespace, values, option_string)
+
+
+def add_subcommands(parser: argparse.ArgumentParser, *, dest: str, default: str | None = None, **kwargs: Any):
+    """Real sub-commands under ``parser`` (``attnlab policy compare``). With ``default``, a first
+    word that is no sub-command's name is the default sub-command's first argument, so
+    ``attnlab policy RUN --budget 0.1`` keeps meaning ``attnlab policy make RUN --budget 0.1``."""
+    if default is None:
+        return parser.add_subparsers(dest=dest, metavar="COMMAND", **kwargs)
+    parser.register("action", "parsers_with_default", _SubcommandsWithDefault)
+    return parser.add_subparsers(dest=dest, metavar="COMMAND", action="parsers_with_default", default_command=default, **kwargs)
