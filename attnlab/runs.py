@@ -462,6 +462,9 @@ def check_writable_target(out: str | os.PathLike, *, force: bool) -> Path:
         raise RunError(_ERR_EXISTS.format(path=out))
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a directory: remove it or choose another --out")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        # --force replaces a run, never an arbitrary folder with the user's files in it
+        raise RunError(f"{out} exists and is not an attnlab run (no {MANIFEST.filename}): --force only replaces runs; choose another --out")
     parent = out.parent
     probe = parent
     while not probe.exists():
