@@ -4,6 +4,7 @@ the shared CLI argument types — and runs written before the change still open.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -49,8 +50,8 @@ def test_identity_is_a_frozen_mapping_that_round_trips(tiny_llama):
     assert ident.fingerprint and len(ident.fingerprint) == 16
     again = ModelIdentity.from_dict(json.loads(json.dumps(ident.to_dict())))
     assert again == ident
-    with pytest.raises(Exception):
-        ident.n_layers = 3  # frozen
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ident.n_layers = 3
 
 
 def test_fingerprint_tells_weights_apart_not_names(tiny_llama):
