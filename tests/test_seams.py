@@ -213,3 +213,25 @@ def test_subcommands_with_a_default():
     assert vars(parser.parse_args(["runs/r1"])) == {"cmd": "make", "run": "runs/r1"}
     assert vars(parser.parse_args(["compare", "runs/r1"])) == {"cmd": "compare", "run": "runs/r1"}
     assert list(sub.choices) == ["make", "compare"]
+
+
+# -- the public API ---------------------------------------------------------------------------
+def test_public_api_resolves_every_name():
+    import attnlab
+
+    missing = [name for name in attnlab.__all__ if getattr(attnlab, name, None) is None]
+    assert not missing
+    assert callable(attnlab.capture) and callable(attnlab.profile)  # not the submodules of the same name
+    import attnlab.capture  # noqa: F401 - importing the submodule must not shadow the function
+
+    assert callable(attnlab.capture)
+    assert "HeadStatAccumulator" not in attnlab.__all__  # internals stay in their modules
+
+
+def test_import_attnlab_is_lazy():
+    import subprocess
+    import sys
+
+    code = "import sys, attnlab; print('torch' in sys.modules, 'attnlab.sparsity_stats' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]
