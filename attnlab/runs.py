@@ -150,6 +150,28 @@ _ERR_MISSING_TABLE = "run {path} has no {name}: {hint}"
 _ERR_COLUMNS = "{path} lacks the column(s) {missing} (it has {have}): it was written by an older attnlab; re-create it with `{command}`"
 
 
+#: Largest JSON file a run, policy or config may be (a manifest is a few kB; a policy of a
+#: 128-layer model under 10 MB).
+MAX_JSON_BYTES = 64 << 20
+
+
+def load_json(path: str | os.PathLike, *, what: str = "file", fix: str = "re-create it") -> Any:
+    """Parse a JSON file with limits: at most `MAX_JSON_BYTES`, no nesting deep enough to
+    exhaust the parser's recursion. Any failure is one `RunError` naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise RunError(f"{path} is {size} bytes, more than any attnlab {what} ({MAX_JSON_BYTES} bytes): {fix}")
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise RunError(f"{path} is nested too deeply to be an attnlab {what}: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}): {fix}") from exc
+    except OSError as exc:
+        raise RunError(f"cannot read {path} ({exc.strerror or exc}): {fix}") from exc
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -161,6 +183,49 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The lock file of a run directory (and of a partial one being built).
+LOCK_NAME = ".attnlab.lock"
+
+
+@contextmanager
+def file_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, wait: bool = True, what: str = "this run") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``name`` file in it) for the ``with`` block.
+
+    With ``wait=False`` a lock held by another process is a `RunError` that names its pid —
+    for work that must not run twice at once (two ``profile`` into one ``--out``). The lock
+    dies with its process, so a killed writer never leaves a stale lock."""
+    import fcntl
+
+    path = Path(folder) / name
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(f"{folder} is being written by attnlab (pid {holder}); wait for it to finish, or stop it, then rerun {what}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextmanager
@@ -176,6 +241,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs honour the umask
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -295,10 +361,7 @@ class Run:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise RunError(_ERR_NO_MANIFEST.format(path=path))
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{manifest_path} is not valid JSON ({exc}); re-create the run with --force") from exc
+        manifest = load_json(manifest_path, what="manifest", fix="re-create the run with --force")
         if not isinstance(manifest, dict):
             raise RunError(f"{manifest_path} is not an attnlab manifest (not a JSON object); re-create the run with --force")
         found = manifest.get("schema")
@@ -306,7 +369,11 @@ class Run:
             raise RunError(_ERR_SCHEMA.format(path=path, found=found, expected=SCHEMA_VERSION))
         if require_complete and manifest.get("status") != "complete":
             raise RunError(_ERR_INCOMPLETE.format(path=path, status=manifest.get("status")))
-        return cls(path, manifest)
+        run = cls(path, manifest)
+        run.identity  # noqa: B018 - a manifest whose model entry is unusable is refused here, once
+        if not isinstance(manifest.get("stages", {}), dict) or not isinstance(manifest.get("parameters", {}), dict):
+            raise RunError(f"{manifest_path} has a malformed stages/parameters entry; re-create the run with --force")
+        return run
 
     @classmethod
     def coerce(cls, run: Run | str | os.PathLike) -> Run:
@@ -366,10 +433,7 @@ class Run:
                                                    command=self.command_for(art)))
             return df
         if art.format == "json":
-            try:
-                return json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RunError(f"{p} is not valid JSON ({exc}); re-create it with `{self.command_for(art)}`") from exc
+            return load_json(p, what=art.key.replace("_", " "), fix=f"re-create it with `{self.command_for(art)}`")
         try:
             return read_safetensors(p)
         except Exception as exc:  # safetensors raises its own error types for a corrupt file
@@ -409,22 +473,38 @@ class Run:
         return self.read(DETECTIONS)
 
     # -- stages -------------------------------------------------------------------------
+    def locked(self):
+        """A context that holds this run's lock: wrap every read-merge-write of a run file in
+        it, so two processes adding to one run never lose each other's rows."""
+        return file_lock(self.path)
+
     def record_stage(self, stage: str, *, parameters: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> None:
         """Record in the manifest that ``stage`` ran (``stages[stage]``: parameters, summary, time).
         Given fields replace the stage's old ones; others are kept."""
-        stages = dict(self.manifest.get("stages", {}))
-        entry = dict(stages.get(stage, {}))
-        if parameters is not None:
-            entry["parameters"] = parameters
-        if summary is not None:
-            entry["summary"] = summary
-        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        stages[stage] = entry
-        self.update_manifest(stages=stages)
+        with self.locked():
+            self._reload_manifest()
+            stages = dict(self.manifest.get("stages", {}))
+            entry = dict(stages.get(stage, {}))
+            if parameters is not None:
+                entry["parameters"] = parameters
+            if summary is not None:
+                entry["summary"] = summary
+            entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            stages[stage] = entry
+            self.manifest["stages"] = stages
+            write_json(self.path / MANIFEST, self.manifest)
 
     def update_manifest(self, **fields: Any) -> None:
-        self.manifest.update(fields)
-        write_json(self.path / MANIFEST, self.manifest)
+        """Set top-level manifest fields (under the run's lock, over the manifest on disk)."""
+        with self.locked():
+            self._reload_manifest()
+            self.manifest.update(fields)
+            write_json(self.path / MANIFEST, self.manifest)
+
+    def _reload_manifest(self) -> None:
+        on_disk = load_json(self.path / MANIFEST, what="manifest", fix="re-create the run with --force")
+        if isinstance(on_disk, dict):
+            self.manifest = on_disk
 
 
 def _resolve(art: Artifact | str) -> Artifact:
