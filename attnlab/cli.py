@@ -85,9 +85,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for key in ("path", "probe", "lengths"):
         if key in params:
             print(f"  {key}: {params[key]}")
-    print("  files: " + ", ".join(sorted(p.name for p in run.path.iterdir() if p.is_file())))
+    print("  files: " + ", ".join(sorted(p.name for p in run.path.iterdir() if p.is_file() and not p.name.startswith("."))))
     if run.has(HEAD_STATS):
+        stats = run.head_stats()
+        if stats["value"].isna().all():
+            raise AttnlabError(f"{run.file(HEAD_STATS)} holds only NaN statistics: re-create it with `{run.command_for(HEAD_STATS)}`")
         print(summarize(run, top=args.top))
+    elif run.manifest.get("kind") == "profile":
+        raise AttnlabError(f"profile run {run.path} has lost its {HEAD_STATS}: re-create it with `{run.command_for(HEAD_STATS)}`")
     return 0
 
 

@@ -203,6 +203,7 @@ def load_model(
         verbose: print one line when a slow first-time dequantization happens.
     """
     name = str(source)
+    device = check_device(device)  # before any slow work
     path = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
         model_dir = _embedded_cache(EMBEDDED_MODELS[name], verbose=verbose)
@@ -316,12 +317,33 @@ def _repair_bridge_kv_cache(bridge: Any) -> None:
 # ---------------------------------------------------------------------------------------
 # loading and caching
 # ---------------------------------------------------------------------------------------
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, or one `ModelLoadError` naming the devices it does have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"--device {device!r} is not a torch device ({str(exc).splitlines()[0]}): use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} asks for a GPU but this torch has no CUDA device: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ModelLoadError(f"--device {device} is not supported: use cpu or cuda")
+    return dev
+
+
 def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{name!r} needs its own Python code to load; attnlab does not run a model's code unless you pass "
+                "--trust-remote-code (trust_remote_code=True): do so only for a model you trust"
+            ) from exc
         reason = _short_reason(exc, kind)
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=reason, embedded=EMBEDDED_NAME)) from exc
     try:
@@ -330,6 +352,11 @@ def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{name!r} needs its own Python code to load; attnlab does not run a model's code unless you pass "
+                "--trust-remote-code (trust_remote_code=True): do so only for a model you trust"
+            ) from exc
         if "Unrecognized configuration class" in str(exc):
             raise ModelLoadError(_ERR_NOT_CAUSAL.format(name=name, reason=type(config).__name__)) from exc
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc

@@ -537,6 +537,8 @@ def check_writable_target(out: str | os.PathLike, *, force: bool) -> Path:
 
     Returns ``out`` as a Path. Creates nothing.
     """
+    if not str(out).strip() or Path(out).name in ("", ".", ".."):
+        raise RunError(f"--out {str(out)!r} names no new folder: give a run folder such as runs/r1")
     out = Path(out)
     if out.exists() and not force:
         raise RunError(_ERR_EXISTS.format(path=out))

@@ -126,3 +126,43 @@ def test_outputs_honour_the_umask(run):
     finally:
         os.umask(old)
     assert (run.file(CIRCUIT).stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize("out", ["", ".", "x/..", "  "])
+def test_out_that_names_no_new_folder_is_refused(tmp_path, monkeypatch, out):
+    from attnlab.runs import check_writable_target
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match="names no new folder"):
+        check_writable_target(out, force=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("device,match", [("tpu9", "not a torch device"), ("cuda", "no CUDA device"), ("meta", "not supported")])
+def test_bad_devices_fail_before_loading(device, match):
+    import torch
+
+    from attnlab.errors import ModelLoadError
+    from attnlab.models import check_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        match = "cuda"  # on a GPU machine cuda is fine; the index check below still applies
+        assert check_device("cuda").type == "cuda"
+        with pytest.raises(ModelLoadError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+        return
+    with pytest.raises(ModelLoadError, match=match):
+        check_device(device)
+
+
+def test_info_refuses_a_profile_run_without_statistics(run, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import HEAD_STATS
+
+    stats = run.head_stats()
+    run.write(HEAD_STATS, stats.assign(value=float("nan")))
+    assert main(["info", str(run.path)]) == 2
+    assert "only NaN statistics" in capsys.readouterr().err
+    run.file(HEAD_STATS).unlink()
+    assert main(["info", str(run.path)]) == 2
+    assert "has lost its head_stats.parquet" in capsys.readouterr().err
