@@ -166,3 +166,17 @@ def test_info_refuses_a_profile_run_without_statistics(run, capsys):
     run.file(HEAD_STATS).unlink()
     assert main(["info", str(run.path)]) == 2
     assert "has lost its head_stats.parquet" in capsys.readouterr().err
+
+
+def test_a_killed_writers_temporary_is_cleaned_a_live_ones_kept(run):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run.path / f".{CIRCUIT.filename}.{dead.pid}.abc123.tmp"
+    live = run.path / f".{CIRCUIT.filename}.{os.getpid()}.def456.tmp"
+    stale.write_text("half")
+    live.write_text("half")
+    write_json(run.file(CIRCUIT), {"nodes": []})
+    assert not stale.exists() and live.exists()
