@@ -90,7 +90,9 @@ class ModelIdentity(Mapping):
         if key not in self._keys():
             raise KeyError(key)
         value = getattr(self, key)
-        return _thawed(value) if key == "attention" else value
+        if key == "attention":
+            return _thawed(value) if value else {}
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())

@@ -55,8 +55,8 @@ class Artifact:
     Attributes:
         key: short stable name (``"head_stats"``).
         filename: the file's name in the run directory; nothing outside this module spells it.
-        format: ``parquet``, ``json`` or ``safetensors`` — decides how `Run.read` and
-            `Run.write` handle it.
+        format: ``parquet``, ``csv``, ``json`` or ``safetensors`` — decides how `Run.read`
+            and `Run.write` handle it.
         holds: what the file holds, in one line.
         made_by: the command that writes it; ``{run}`` is replaced by the run's path and
             ``MODEL`` by the run's model name in `Artifact.command`.
@@ -123,6 +123,8 @@ LINEAR_PROBES = _declare("linear_probes", "linear_probes.parquet", "parquet", "p
                          "attnlab probe linear --model MODEL --out {run}", ("property", "layer", "head", "test_acc"))
 POLICY = _declare("policy", "policy.json", "json", "a per-head sparse-attention policy (see `attnlab.sparsity_stats.policy`)",
                   "attnlab policy {run} --budget 0.15 --out {run}/policy.json")
+POLICY_COMPARE = _declare("policy_compare", "policy_compare.csv", "csv", "the budgeted policy against the baselines at several budgets (the plot beside it as .html)",
+                          "attnlab policy compare {run} --budgets 0.05,0.1,0.2,0.4", ("budget", "method", "density", "expected_recall"))
 VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "parquet", "per-head errors and recall of a validated policy",
                             "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
 VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
@@ -443,8 +445,8 @@ class Run:
         JSON, ``(tensors, metadata)`` for safetensors. Absent or unreadable: `RunError`."""
         art = _resolve(art)
         p = self.require(art)
-        if art.format == "parquet":
-            df = _read_parquet(p)
+        if art.format in ("parquet", "csv"):
+            df = _read_parquet(p) if art.format == "parquet" else _read_csv(p)
             missing = [c for c in art.columns if c not in df.columns]
             if missing:
                 raise RunError(_ERR_COLUMNS.format(path=p, missing=", ".join(missing), have=", ".join(map(str, df.columns)),
@@ -467,11 +469,15 @@ class Run:
         ``tensors`` or ``(tensors, metadata)`` for safetensors."""
         art = _resolve(art)
         p = self.path / art
-        if art.format == "parquet":
+        if art.format in ("parquet", "csv"):
             missing = [c for c in art.columns if c not in obj.columns]
             if missing:
                 raise ValueError(f"{art.filename} needs column(s) {missing}")
-            write_parquet(p, obj)
+            if art.format == "parquet":
+                write_parquet(p, obj)
+            else:
+                with atomic_path(p) as tmp:
+                    obj.to_csv(tmp, index=False)
         elif art.format == "json":
             write_json(p, obj)
         else:
@@ -542,6 +548,13 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
         raise RunError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); re-create it") from exc
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas raises several types for a broken file
+        raise RunError(f"{path} is not a readable CSV table ({type(exc).__name__}: {exc}); re-create it") from exc
 
 
 def partial_dir(out: str | os.PathLike) -> Path:

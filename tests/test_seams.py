@@ -102,7 +102,7 @@ def test_registry_declares_every_artifact_once():
     names = [a.filename for a in ARTIFACTS.values()]
     assert len(names) == len(set(names))
     for art in ARTIFACTS.values():
-        assert art.format in ("parquet", "json", "safetensors") and art.holds and art.made_by.startswith("attnlab ")
+        assert art.format in ("parquet", "csv", "json", "safetensors") and art.holds and art.made_by.startswith("attnlab ")
     assert HEAD_STATS.columns[:2] == ("layer", "head") and "head_type" in DETECTIONS.columns
 
 
