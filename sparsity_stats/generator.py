@@ -23,7 +23,7 @@ Usage (scikit-learn shape)::
 
     gen = PolicyGenerator(budget=0.15).fit("runs/r1")
     policy = gen.emit()            # attnlab.sparsity_stats.Policy
-    policy.save("policy.json")
+    policy.save("budget-0.15.json")
     gen.optimality_gap_            # 0.0 when proven optimal
 """
 
