@@ -164,6 +164,21 @@ def _model_from(arg: str | None) -> tuple[Any, Any]:
     return (d.get("model") if isinstance(d, dict) and isinstance(d.get("model"), dict) else d), None
 
 
+#: Options only some formats read, as option → (dest, those formats): given with another format
+#: they would be silently ignored, so they are refused instead.
+_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference",)), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
+_IMPORT_ONLY_FOR = {"--threshold": ("threshold", ("duo",)), "--sparsity": ("sparsity", ("duo",)),
+                    "--block-size": ("block_size", ("minference", "duo")), "--seq-len": ("seq_len", ("minference", "duo"))}
+#: Defaults of the import options above (None on the parser, so that "given" can be told apart).
+_IMPORT_DEFAULTS = {"threshold": 0.5, "block_size": 64}
+
+
+def _refuse_unused(args: argparse.Namespace, only_for: dict[str, tuple[str, tuple[str, ...]]], verb: str) -> None:
+    for flag, (dest, formats) in only_for.items():
+        if args.format not in formats and getattr(args, dest) not in (None, False):
+            raise PolicyError(f"{flag} does not apply when you {verb} {args.format} (only {', '.join(formats)} read it): remove it")
+
+
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
@@ -173,6 +188,7 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_policy
     from .policy import Policy
 
+    _refuse_unused(args, _EXPORT_ONLY_FOR, "export")
     model, _ = _model_from(args.run)
     policy = Policy.load(args.policy, model=model)
     with warnings.catch_warnings(record=True) as caught:
@@ -188,6 +204,10 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from .export import MASK_FORMATS, import_policy
 
+    _refuse_unused(args, _IMPORT_ONLY_FOR, "import")
+    for dest, default in _IMPORT_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
     model, est = _model_from(args.run)
     out = Path(args.out)
     _refuse_existing(out, args.force)
@@ -305,9 +325,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     i.add_argument("path", metavar="PATH")
     _add_run_option(i, "the model the file is for (required for minference and duo)")
     i.add_argument("--out", required=True, help="policy JSON to write")
-    i.add_argument("--seq-len", type=positive_int, default=None, help="length for expected density (default: the model's context)")
-    i.add_argument("--block-size", type=positive_int, default=64, help="block size of the imported policy (default 64)")
-    i.add_argument("--threshold", type=fraction, default=0.5, help="duo: gate in [0, 1] from which a KV head is full (default 0.5)")
+    i.add_argument("--seq-len", type=positive_int, default=None,
+                   help="minference/duo: length for expected density (default: the model's context)")
+    i.add_argument("--block-size", type=positive_int, default=None, help="minference/duo: block size of the imported policy (default 64)")
+    i.add_argument("--threshold", type=fraction, default=None, help="duo: gate in [0, 1] from which a KV head is full (default 0.5)")
     i.add_argument("--sparsity", type=fraction, default=None, help="duo: share in [0, 1] of KV heads to stream (overrides --threshold)")
     i.add_argument("--force", action="store_true", help="overwrite --out")
     i.set_defaults(func=_import)

@@ -498,7 +498,7 @@ def import_policy(
     if fmt in MASK_FORMATS:
         return load_masks(path, model).policy
     if model is None:
-        raise FormatError(f"importing {fmt} needs the model identity: pass --model RUN (a profiled run of the model) or a model JSON")
+        raise FormatError(f"importing {fmt} needs the model identity: pass --run RUN (a profiled run of the model) or a model JSON")
     b = check_block_size(block_size)
     if fmt == "minference":
         pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)

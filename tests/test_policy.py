@@ -27,6 +27,7 @@ from attnlab.sparsity_stats import (
     compare_policies,
     compile_policy,
     compute_curves,
+    export_policy,
     make_synthetic_run,
     solve_mckp,
     synthetic_attention,
@@ -576,3 +577,21 @@ def test_the_v0_1_0_run_fixture_still_makes_a_policy(tmp_path, capsys):
     out = tmp_path / "p.json"
     assert main(["policy", str(FIXTURES / "run_v0_1_0"), "--budget", "0.8", "--out", str(out), "--quiet"]) == 0
     assert Policy.load(out, model=tiny_model("llama")).identity.name == "tiny-llama"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["export", "POLICY", "--format", "npz", "--seq-len", "64", "--out", "OUT", "--lossy"], "--lossy does not apply when you export npz"),
+    (["export", "POLICY", "--format", "duo", "--out", "OUT", "--dense-blocks"], "--dense-blocks does not apply when you export duo"),
+    (["import", "npz", "MASKS", "--out", "OUT", "--block-size", "32"], "--block-size does not apply when you import npz"),
+    (["import", "npz", "MASKS", "--out", "OUT", "--seq-len", "128"], "--seq-len does not apply when you import npz"),
+    (["import", "minference", "CONFIG", "--out", "OUT", "--threshold", "0.5"], "--threshold does not apply when you import minference"),
+    (["import", "minference", "CONFIG", "--out", "OUT", "--sparsity", "0.5"], "--sparsity does not apply when you import minference"),
+])
+def test_options_a_format_does_not_read_are_refused(run, tmp_path, capsys, argv, match):
+    pol = PolicyGenerator(budget=0.5).fit(run).emit().save(tmp_path / "p.json")
+    (masks,) = export_policy(Policy.load(pol), tmp_path / "m", "npz", seq_len=512)
+    paths = {"POLICY": str(pol), "OUT": str(tmp_path / "out"), "MASKS": str(masks), "CONFIG": str(tmp_path / "c.json")}
+    assert main([paths.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "out").exists()
