@@ -90,7 +90,7 @@ def model_entry(model: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def identity_of(model: Any) -> ModelIdentity:
+def _identity_of(model: Any) -> ModelIdentity:
     """The `ModelIdentity` of a `LoadedModel`, an identity, or an identity mapping."""
     if callable(getattr(model, "identity", None)):
         return model.identity()
@@ -251,8 +251,9 @@ class Policy:
         """`PolicyModelError` (a `PolicyError` and an `IdentityError`) unless ``model`` (a
         `LoadedModel`, a `ModelIdentity` or an identity mapping) is the model this policy was
         made for; the message names the first field that differs (`ModelIdentity.check`)."""
+        ours = _identity_of(model)
         try:
-            identity_of(model).check(self.identity, subject=f"policy {path}", fix="generate a policy from a run of this model")
+            ours.check(self.identity, subject=f"policy {path}", fix="generate a policy from a run of this model")
         except IdentityError as exc:
             raise PolicyModelError(str(exc)) from None
 
