@@ -34,6 +34,7 @@ from attnlab.cliargs import (
     unit_float,
     unit_float_list,
 )
+from attnlab.errors import AttnlabError
 from attnlab.names import parse_head_label
 from attnlab.runs import BLOCK_MAPS, POLICY, Run, atomic_path
 
@@ -59,7 +60,7 @@ def head_list(text: str) -> list[tuple[int, int]]:
                 lay, head = (int(x) for x in item.split(":"))
             else:
                 lay, head = parse_head_label(item)
-        except Exception:  # a malformed pair or label: argparse reports the whole value
+        except (ValueError, AttnlabError):  # a malformed pair or label: argparse reports the whole value
             raise argparse.ArgumentTypeError(_ERR_HEADS.format(got=text)) from None
         if lay < 0 or head < 0:
             raise argparse.ArgumentTypeError(_ERR_HEADS.format(got=text))

@@ -595,3 +595,11 @@ def test_options_a_format_does_not_read_are_refused(run, tmp_path, capsys, argv,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and match in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_protect_heads_takes_pairs_and_head_labels(run, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["policy", str(run.path), "--budget", "0.6", "--protect-heads", "L0.H1, 1:2", "--out", str(out), "--quiet"]) == 0
+    policy = Policy.load(out)
+    assert policy.entry(0, 1).kind == "dense" and policy.entry(1, 2).kind == "dense"
+    assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected by request"} == {(0, 1), (1, 2)}
