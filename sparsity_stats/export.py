@@ -59,7 +59,7 @@ from .errors import (
 )
 from .kinds import Elastic, get_kind
 from .masks import BlockSparseLayout, check_block_size, check_seq_len, compile_policy
-from .policy import HeadPolicy, Policy, check_model
+from .policy import HeadPolicy, Policy, model_entry
 
 EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
 IMPORT_FORMATS = EXPORT_FORMATS
@@ -257,7 +257,7 @@ def _int_size(v: Any, where: str, field: str, *, allow_zero: bool = False) -> in
 
 def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "minference", block_size: int = 64) -> Policy:
     """A `Policy` from MInference's per-layer config (see the module docstring for the mapping)."""
-    model = check_model(model, "--model")
+    model = model_entry(model, "--model")
     nl, nh = model["n_layers"], model["n_heads"]
     n_ctx = int(model.get("n_ctx") or 0)
     if not isinstance(config, list) or not all(isinstance(x, dict) for x in config):
@@ -339,7 +339,7 @@ def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: 
     ``config.json``, or the TSV with the config beside it). A KV head is dense when its gate is
     ``>= threshold``; with ``sparsity``, the lowest-gated share of KV heads streams instead
     (DuoAttention's deployment rule)."""
-    model = check_model(model, "--model")
+    model = model_entry(model, "--model")
     p = Path(path)
     tsv = p / "full_attention_heads.tsv" if p.is_dir() else p
     cfg_path = tsv.parent / "config.json"
@@ -498,7 +498,7 @@ def import_policy(
     if fmt in MASK_FORMATS:
         return load_masks(path, model).policy
     if model is None:
-        raise FormatError(f"importing {fmt} needs the model identity: pass --model RUN (a profiled run of the model) or a model JSON")
+        raise FormatError(f"importing {fmt} needs the model identity: pass --run RUN (a profiled run of the model) or a model JSON")
     b = check_block_size(block_size)
     if fmt == "minference":
         pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)
