@@ -36,7 +36,7 @@ from attnlab.cliargs import (
 )
 from attnlab.errors import AttnlabError
 from attnlab.names import parse_head_label
-from attnlab.runs import BLOCK_MAPS, POLICY, Run, atomic_path
+from attnlab.runs import BLOCK_MAPS, POLICY, POLICY_COMPARE, Run, atomic_path
 
 from .errors import ERR_EXISTS, PolicyError
 from .kinds import KINDS
@@ -44,7 +44,7 @@ from .kinds import KINDS
 #: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
 FEW_BLOCKS = 64
 #: The table ``attnlab policy compare`` writes into the run by default (the plot goes beside it).
-COMPARE_TABLE = "policy_compare.csv"
+COMPARE_TABLE = POLICY_COMPARE.filename
 
 _ERR_HEADS = "expected heads as LAYER:HEAD or L<layer>.H<head>, comma-separated (e.g. 3:1,10:4 or L3.H1), got {got!r}"
 
