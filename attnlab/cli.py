@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 from attnlab.errors import AttnlabError
 
-STAGE_CLIS = ("attnlab.probes.cli", "attnlab.sparsity_stats.cli", "attnlab.kernels.cli", "attnlab.circuits.cli", "attnlab.app.cli")
+STAGE_CLIS = ("attnlab.probes.cli", "attnlab.sparsity_stats.cli", "attnlab.sparsity_stats.validate_cli", "attnlab.circuits.cli", "attnlab.app.cli")
 
 
 def int_list(text: str) -> list[int]:
