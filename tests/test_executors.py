@@ -32,7 +32,7 @@ def make_policy(model, kinds=MIXED, block_size=16) -> Policy:
             i += 1
             heads.append({"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": kind, "params": params})
     return Policy.from_dict(
-        {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity(), "block_size": block_size, "heads": heads}
+        {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(), "block_size": block_size, "heads": heads}
     )
 
 
@@ -166,3 +166,21 @@ def test_policy_label_names_a_baseline(tiny_llama):
     assert _policy_label(policy) == "from a file at budget 0.3"
     policy.budget = {"kind": "density", "value": 0.3, "method": "minference"}
     assert _policy_label(policy) == "minference baseline from a file at budget 0.3"
+
+
+def test_validate_cli_refuses_bad_values_before_any_work(capsys):
+    """`attnlab validate` comes from sparsity_stats.validate_cli; argparse refuses out-of-range
+    values and unknown executors (exit 2) instead of replacing them."""
+    from attnlab.cli import build_parser
+    from attnlab.sparsity_stats import validate_cli
+
+    parser = build_parser()
+    args = parser.parse_args(["validate", "p.json", "--out", "r", "--executor", "triton", "--needle", "3"])
+    assert args.func is validate_cli._cmd_validate and args.executor == "triton" and args.needle == 3
+    assert args.model and args.device == "cpu" and args.prompts == 2 and args.tokens == 1024
+    for bad in (["--needle", "-3"], ["--executor", "cuda-magic"], ["--tokens", "0"], ["--prompts", "two"],
+                ["--needle-length", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["validate", "p.json", "--out", "r", *bad])
+        assert exc.value.code == 2, bad
+    assert "invalid choice: 'cuda-magic'" in capsys.readouterr().err

@@ -149,3 +149,31 @@ def test_reference_empty_rows_are_zero_not_nan():
         assert torch.isfinite(lse[0, 0]).all()
     with pytest.raises(KernelInputError, match="broadcastable"):
         reference_attention(q, k, v, mask.float())
+
+
+def test_kernels_is_a_leaf_package():
+    """kernels/ imports nothing of attnlab but its errors and itself, not even inside functions:
+    policies, probes, circuits and the app sit above it."""
+    import ast
+    from pathlib import Path
+
+    import attnlab.kernels
+
+    allowed = ("attnlab.errors", "attnlab.kernels")
+    package = Path(attnlab.kernels.__file__).parent
+    files = sorted(package.glob("*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: stays inside the package only at level 1
+                    assert node.level == 1, f"{path.name}: relative import above kernels"
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if name == "attnlab" or name.startswith("attnlab."):
+                    assert name.startswith(allowed), f"{path.name} imports {name}: kernels/ must stay a leaf"
