@@ -152,14 +152,14 @@ def test_reference_empty_rows_are_zero_not_nan():
 
 
 def test_kernels_is_a_leaf_package():
-    """kernels/ imports nothing of attnlab but its errors and itself, not even inside functions:
-    policies, probes, circuits and the app sit above it."""
+    """kernels/ imports nothing from the packages above it, not even inside functions: policies
+    (sparsity_stats), probes, circuits, the app and the CLI façade. The attnlab core is below."""
     import ast
     from pathlib import Path
 
     import attnlab.kernels
 
-    allowed = ("attnlab.errors", "attnlab.kernels")
+    above = tuple(f"attnlab.{name}" for name in ("sparsity_stats", "probes", "circuits", "app", "cli"))
     package = Path(attnlab.kernels.__file__).parent
     files = sorted(package.glob("*.py"))
     assert files
@@ -175,5 +175,7 @@ def test_kernels_is_a_leaf_package():
             else:
                 continue
             for name in names:
-                if name == "attnlab" or name.startswith("attnlab."):
-                    assert name.startswith(allowed), f"{path.name} imports {name}: kernels/ must stay a leaf"
+                assert name != "attnlab", f"{path.name} imports the attnlab façade: import the module itself"
+                assert not any(name == up or name.startswith(up + ".") for up in above), (
+                    f"{path.name} imports {name}: kernels/ must stay a leaf"
+                )
