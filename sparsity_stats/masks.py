@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -36,6 +36,9 @@ from .errors import (
 )
 from .kinds import BlockScores, get_kind, prior_block_scores
 from .patterns import Pattern, and_masks, generate_causal, generate_sink, generate_window, or_masks
+
+if TYPE_CHECKING:
+    from .policy import Policy
 
 Tensor = torch.Tensor
 
@@ -209,14 +212,14 @@ def _check_scores(scores: BlockScores, layer: int, n_heads: int, n: int, b: int)
         raise MaskError(ERR_SCORES_SHAPE.format(layer=layer, got=got, expected=f"[{n_heads}, {nb}(, {nb})]", n=n, block=b))
 
 
-def head_patterns(policy, layer: int, seq_len: int, block_size: int | None = None,
+def head_patterns(policy: Policy, layer: int, seq_len: int, block_size: int | None = None,
                   scores: BlockScores | None = None) -> list[Pattern]:
     """Each head's `Pattern` in ``layer`` at ``seq_len`` (dynamic heads from ``scores`` or the prior)."""
     b = check_block_size(policy.block_size if block_size is None else block_size)
     return [make() for make in _pattern_factories(policy, layer, seq_len, b, scores)]
 
 
-def _pattern_factories(policy, layer: int, n: int, b: int, scores: BlockScores | None) -> list[Callable[[], Pattern]]:
+def _pattern_factories(policy: Policy, layer: int, n: int, b: int, scores: BlockScores | None) -> list[Callable[[], Pattern]]:
     n_layers = int(policy.model["n_layers"])
     if not 0 <= layer < n_layers:
         raise MaskError(ERR_LAYER.format(layer=layer, n_layers=n_layers))
@@ -243,7 +246,7 @@ def _pattern_factories(policy, layer: int, n: int, b: int, scores: BlockScores |
     return [factory(e) for e in entries]
 
 
-def compile_layer(policy, layer: int, seq_len: int, block_size: int | None = None, *,
+def compile_layer(policy: Policy, layer: int, seq_len: int, block_size: int | None = None, *,
                   scores: BlockScores | None = None, _cache: dict | None = None) -> BlockSparseLayout:
     """One layer of a `Policy` compiled at ``seq_len`` tokens (prefill: ``n_q = n_k = seq_len``).
 
@@ -269,7 +272,7 @@ def compile_layer(policy, layer: int, seq_len: int, block_size: int | None = Non
     return out
 
 
-def estimate_layer_scores(policy, layer: int, q: Tensor, k: Tensor, block_size: int | None = None) -> BlockScores:
+def estimate_layer_scores(policy: Policy, layer: int, q: Tensor, k: Tensor, block_size: int | None = None) -> BlockScores:
     """`estimate_block_scores` for one layer under the rule its dynamic heads carry (the
     largest ``last_q`` of its vertical-slash heads; 64 by default). ``q [H, n, d]``, ``k [H_kv, n, d]``."""
     from .kinds import estimate_block_scores
@@ -279,7 +282,7 @@ def estimate_layer_scores(policy, layer: int, q: Tensor, k: Tensor, block_size: 
     return estimate_block_scores(q, k, b, last_q=max(last, default=64))
 
 
-def compile_for_input(policy, layer: int, q: Tensor, k: Tensor, block_size: int | None = None) -> BlockSparseLayout:
+def compile_for_input(policy: Policy, layer: int, q: Tensor, k: Tensor, block_size: int | None = None) -> BlockSparseLayout:
     """One layer compiled for one input (prefill of ``n = q.shape[-2]`` tokens): dynamic heads
     choose their blocks from this input's queries and keys."""
     n = int(q.shape[-2])
@@ -289,7 +292,7 @@ def compile_for_input(policy, layer: int, q: Tensor, k: Tensor, block_size: int 
     return compile_layer(policy, layer, n, block_size, scores=scores)
 
 
-def warn_if_extrapolating(policy, seq_len: int, factor: float = EXTRAPOLATION_FACTOR) -> bool:
+def warn_if_extrapolating(policy: Policy, seq_len: int, factor: float = EXTRAPOLATION_FACTOR) -> bool:
     """Warn (`ExtrapolationWarning`) when ``seq_len`` is far outside the profiled lengths."""
     lengths = [int(x) for x in (getattr(policy, "profiled_lengths", None) or [])]
     if not lengths:
@@ -306,7 +309,7 @@ def warn_if_extrapolating(policy, seq_len: int, factor: float = EXTRAPOLATION_FA
     return False
 
 
-def compile_policy(policy, seq_len: int, block_size: int | None = None, *,
+def compile_policy(policy: Policy, seq_len: int, block_size: int | None = None, *,
                    scores: Sequence[BlockScores | None] | Callable[[int], BlockScores | None] | None = None,
                    layers: Sequence[int] | None = None, progress: bool = False) -> list[BlockSparseLayout]:
     """Compile every layer (or ``layers``) of a policy at ``seq_len``; one layout per layer.
