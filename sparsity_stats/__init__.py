@@ -136,3 +136,10 @@ __all__ = [
     "uniform_streaming",
     "write_tradeoff_html",
 ]
+
+# -- executors and model-level validation (sparsity_stats/executors.py, validation.py) --------
+from .executors import EXECUTORS, PolicyExecutor, run_with_policy  # noqa: E402
+from .masks import layout_from_patterns  # noqa: E402
+from .validation import ValidationReport, validate_policy  # noqa: E402
+
+__all__ += ["EXECUTORS", "PolicyExecutor", "run_with_policy", "layout_from_patterns", "ValidationReport", "validate_policy"]
