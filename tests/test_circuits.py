@@ -331,6 +331,14 @@ def test_jsonl_task_errors_name_the_line(tiny_gpt2, tmp_path):
         check_task(tiny_gpt2, jsonl_task(tok, same))
 
 
+
+def exit_code(argv: list[str]) -> int:
+    """`attnlab.cli.main`'s exit status, also when argparse refuses a value (``SystemExit(2)``)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
 # ---------------------------------------------------------------------------------------
 # output and CLI
 # ---------------------------------------------------------------------------------------
@@ -368,9 +376,9 @@ def test_cli_circuit_on_a_jsonl_task(toy, toy_task, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "L0.H0->L1.H0" in printed and "smallest circuit reaching 0.8: 2" in printed
     assert protected_heads(load_circuit(out)) == [PREV, IND]
-    assert main(["circuit", "--model", str(toy.path), "--task", "nonsense", "--out", str(tmp_path / "x")]) == 2
-    assert main(["circuit", "--model", str(toy.path), "--task", str(task_file), "--method", "magic", "--out", str(tmp_path / "y")]) == 2
-    assert main(["circuit", "--model", str(toy.path), "--task", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", str(task_file), "--method", "magic", "--out", str(tmp_path / "y")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "unknown task 'nonsense'" in err and "--method" in err and "does not exist" in err
     assert not any((tmp_path / name).exists() for name in "xyz")

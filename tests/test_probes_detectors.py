@@ -24,8 +24,8 @@ from transformer_lens import head_detector as tl
 from attnlab.errors import AttnlabError
 from attnlab.probes.detections import top_heads
 from attnlab.probes.local import local_mass, local_scores, probe_local, streaming_mass
+from attnlab.probes.base import ProbeError, rank_stability, split_half_stability
 from attnlab.probes.repeated import (
-    ProbeError,
     detection_pattern,
     duplicate_token_detection,
     induction_detection,
@@ -33,11 +33,9 @@ from attnlab.probes.repeated import (
     mul_score,
     previous_token_detection,
     probe_repeated,
-    rank_stability,
     repeated_samples,
     repeated_scores,
     row_mass_score,
-    split_half_stability,
     tl_detect_head,
 )
 from attnlab.probes.sinks import hidden_sink, key_importance, probe_sinks, sink_share
@@ -352,7 +350,7 @@ def test_a_run_of_another_model_is_refused_before_any_work(tiny_llama, tiny_gpt2
         raise AssertionError("the probe ran the model before checking --out")
 
     monkeypatch.setattr("attnlab.probes.repeated.reduce_patterns", no_forward)
-    with pytest.raises(AttnlabError, match="choose another --out"):
+    with pytest.raises(AttnlabError, match="(?i)choose another --out"):
         probe_repeated(tiny_llama, tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "detections.parquet").exists()
 
