@@ -213,10 +213,20 @@ def circuit_from_json(obj: Any, *, where: str | Path, command: str, n_layers: in
         raise RunError(_ERR_CIRCUIT.format(path=where, command=command,
                                            why=f"heads {outside} are outside the run's {n_layers} layers × {n_heads} heads"))
     f = circuit.faithfulness
-    if f is not None and (not isinstance(f, dict) or len(f.get("sizes", [])) != len(f.get("f", [])) or not f.get("sizes")):
+    if f is not None and (not isinstance(f, dict) or not all(_curve_ok(c) for c in (f, f.get("refined")) if c is not None)):
         raise RunError(_ERR_CIRCUIT.format(path=where, command=command,
                                            why="its faithfulness curve has no sizes, or sizes and f of different lengths"))
     return circuit
+
+
+def _curve_ok(curve: Any) -> bool:
+    """A faithfulness curve is absent (only a refinement stored, ``--no-faithfulness``) or has
+    as many ``f`` values as ``sizes``, at least one."""
+    if not isinstance(curve, dict):
+        return False
+    if "sizes" not in curve and "f" not in curve:
+        return True
+    return bool(curve.get("sizes")) and len(curve.get("sizes", [])) == len(curve.get("f", []))
 
 
 def read_circuit(run: Run | str | os.PathLike) -> Circuit:
