@@ -71,6 +71,8 @@ TL_HEAD_NAMES = {
     "duplicate_token": "duplicate_token_head",
 }
 RAZOR_TYPES = ("echo", "razor_induction")
+#: The manifest stage this probe records.
+STAGE = "probe:repeated"
 
 _ERR_WHICH = "unknown head type(s) {bad} for the repeated-sequence probe: choose from {known}"
 _ERR_SEQ_LEN = "--seq-len must be at least 2 distinct tokens, got {seq_len}"
@@ -352,7 +354,6 @@ def probe_repeated(
 
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"seq_len": seq_len, "n_samples": n_samples, "types": {}}
-    kv = model.kv_heads()
     for types, reps in settings:
         samples = repeated_samples(model.tokenizer, seq_len=seq_len, repeats=reps, n_samples=n_samples, seed=seed)
         probe = f"repeated_random:x{reps}"
@@ -373,29 +374,39 @@ def probe_repeated(
                 "score": "row_mass (mean over rows with an earlier copy)" if t in RAZOR_TYPES else "mul: sum(A*D)/sum(A) over all rows",
                 "split_half_stability": finite(stability),
             }
-            for layer in range(model.n_layers):
-                for head in range(model.n_heads):
-                    rows.append({
-                        "layer": layer, "head": head, "kv_head": int(kv[head]), "head_type": t,
-                        "score": float(mean[layer, head]), "probe": probe,
-                        "evidence": {**evidence_base, "per_sample": [round(float(v), 4) for v in per_sample[:, layer, head]]},
-                    })
-            if t in RAZOR_TYPES:
-                pooled, argmax = kv_max_pool(mean, model.group_size)  # [L, KV]
-                for layer in range(model.n_layers):
-                    for g in range(model.n_kv_heads):
-                        rows.append({
-                            "layer": layer, "head": -1, "kv_head": g, "head_type": f"{t}_kv",
-                            "score": float(pooled[layer, g]), "probe": probe,
-                            "evidence": {**evidence_base, "pool": "max over the KV group's query heads", "argmax_head": int(argmax[layer, g])},
-                        })
+            rows += _type_rows(model, t, probe, per_sample, evidence_base)
 
     frame = detection_frame(rows)
     params = {"which": list(which), "seq_len": seq_len, "repeats": repeats, "razor_repeats": razor_repeats, "n_samples": n_samples, "seed": seed}
-    run = ensure_run(out, model.identity(), "probe:repeated", params)
+    run = ensure_run(out, model.identity(), STAGE, params)
     write_detections(run, frame)
-    run.record_stage("probe:repeated", summary=summary)
+    run.record_stage(STAGE, summary=summary)
     return ProbeResult(run, frame, summary)
+
+
+def _type_rows(model: LoadedModel, head_type: str, probe: str, per_sample: torch.Tensor, evidence_base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One head type's detection rows from its per-sample scores ``[samples, layers, heads]``:
+    one per query head, plus the ``{type}_kv`` rows (``head = -1``) for the RazorAttention types."""
+    kv = model.kv_heads()
+    mean = per_sample.mean(0)
+    rows: list[dict[str, Any]] = []
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            rows.append({
+                "layer": layer, "head": head, "kv_head": int(kv[head]), "head_type": head_type,
+                "score": float(mean[layer, head]), "probe": probe,
+                "evidence": {**evidence_base, "per_sample": [round(float(v), 4) for v in per_sample[:, layer, head]]},
+            })
+    if head_type in RAZOR_TYPES:
+        pooled, argmax = kv_max_pool(mean, model.group_size)  # [L, KV]
+        for layer in range(model.n_layers):
+            for g in range(model.n_kv_heads):
+                rows.append({
+                    "layer": layer, "head": -1, "kv_head": g, "head_type": f"{head_type}_kv",
+                    "score": float(pooled[layer, g]), "probe": probe,
+                    "evidence": {**evidence_base, "pool": "max over the KV group's query heads", "argmax_head": int(argmax[layer, g])},
+                })
+    return rows
 
 
 def _cross_check(model: LoadedModel, samples: Sequence[RepeatedSample], head_type: str, ours: torch.Tensor) -> dict[str, Any]:

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformer_lens import head_detector as tl
 
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, PromptError
 from attnlab.probes.base import ProbeError, rank_stability, split_half_stability
 from attnlab.probes.detections import top_heads
 from attnlab.probes.local import local_mass, local_scores, probe_local, streaming_mass
@@ -412,8 +412,10 @@ def _stage_summary(out, stage):
 def test_probe_errors_share_one_base():
     from attnlab.probes.ablation import AblationError
     from attnlab.probes.base import ProbeError as BaseError
+    from attnlab.probes.needle import NeedleError
 
     assert ProbeError is BaseError and issubclass(ProbeError, AttnlabError) and issubclass(AblationError, ProbeError)
+    assert issubclass(NeedleError, ProbeError) and issubclass(NeedleError, PromptError)
 
 
 def test_a_corrupt_detections_file_is_an_error_not_no_detections(tmp_path):
