@@ -30,6 +30,12 @@ _REPEATED = {
     "duplicate": ("duplicate_token",),
     "echo": ("echo",),
 }
+#: Head type → the ``attnlab probe`` detector that writes it.
+_PROBE_OF = {
+    "retrieval": "retrieval", "retrieval_kv": "retrieval", "sink": "sinks", "hidden_sink": "sinks",
+    "razor_induction_kv": "induction", "echo_kv": "echo", "local": "local",
+    **{t: name for name, types in _REPEATED.items() for t in types},
+}
 
 
 def _causal_ks(text: str) -> list[int]:
@@ -159,7 +165,7 @@ def _cmd_heads(args: argparse.Namespace) -> int:
     try:
         best = top_heads(det, args.type, args.top)
     except KeyError as exc:
-        raise AttnlabError(f"{exc.args[0]}: run `attnlab probe {args.type} --out {args.run}` first") from None
+        raise AttnlabError(f"{exc.args[0]}: run `attnlab probe {_PROBE_OF[args.type]} --out {args.run}` first") from None
     print(f"{'layer':>5} {'head':>4} {'kv':>3} {'score':>8}")
     for r in best.itertuples():
         print(f"{int(r.layer):>5} {int(r.head):>4} {int(r.kv_head):>3} {r.score:>8.4f}")

@@ -485,7 +485,7 @@ def probe_retrieval(
     K values); a mistake raises a `ProbeError` (an `AttnlabError`) and writes nothing.
 
     Returns:
-        A `ProbeResult`: ``detections`` (the merged table), ``summary``, ``tables``
+        A `ProbeResult`: ``detections`` (the rows this probe added), ``summary``, ``tables``
         ``needle_results``, ``retrieval_trace`` and ``causal_check`` (empty when skipped), and
         ``extras`` ``scores`` (`RetrievalScores` per mode), ``traces`` and ``samples``.
     """
@@ -530,7 +530,7 @@ def probe_retrieval(
                                 causal=causal_summary)
     tables = {NEEDLE_RESULTS.key: results, RETRIEVAL_TRACE.key: trace_frame(samples, traces), CAUSAL_CHECK.key: causal}
     run = ensure_run(out, model.identity(), STAGE, params)
-    detections = _write_retrieval(run, detections, tables, summary, causal_summary if causal_ks else None)
+    _write_retrieval(run, detections, tables, summary, causal_summary if causal_ks else None)
     return ProbeResult(run, detections, summary, tables, {"scores": scores, "traces": traces, "samples": samples})
 
 
@@ -580,10 +580,10 @@ def retrieval_summary(
 def _write_retrieval(
     run: Run, detections: pd.DataFrame, tables: dict[str, pd.DataFrame], summary: dict[str, Any],
     causal_summary: dict[str, Any] | None,
-) -> pd.DataFrame:
-    """Write the probe's artifacts into ``run``; returns the merged detections. The causal
+) -> None:
+    """Write the probe's artifacts into ``run`` (detections merged with the run's). The causal
     tables are written only when the check ran (``causal_summary`` not None)."""
-    detections = write_detections(run, detections)
+    write_detections(run, detections)
     run.write(NEEDLE_RESULTS, tables[NEEDLE_RESULTS.key])
     run.write(RETRIEVAL_TRACE, tables[RETRIEVAL_TRACE.key])
     if causal_summary is not None:
@@ -592,4 +592,3 @@ def _write_retrieval(
     stored = json.loads(json.dumps(summary, default=float))
     run.write(RETRIEVAL_SUMMARY, stored)
     run.record_stage(STAGE, summary=stored)
-    return detections

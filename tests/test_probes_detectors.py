@@ -481,3 +481,18 @@ def test_cli_heads_type_is_a_choice_and_causal_k_may_be_empty(tmp_path, capsys):
     assert _exit_code(["heads", str(tmp_path), "--type", "sink", "--top", "0"]) == 2
     args = build_parser().parse_args(["probe", "retrieval", "--out", str(tmp_path), "--causal-k", "", "--depths", "0,1"])
     assert args.causal_k == [] and args.depths == [0.0, 1.0]
+
+
+def test_cli_heads_prints_the_top_heads_or_names_the_probe_to_run(tmp_path, capsys):
+    from attnlab.probes.cli import _PROBE_OF
+    from attnlab.probes.detections import HEAD_TYPES, detection_frame, write_detections
+    from attnlab.runs import ensure_run
+
+    assert set(_PROBE_OF) == set(HEAD_TYPES)  # every head type names the detector that writes it
+    run = ensure_run(tmp_path / "run", {"name": "m", "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 4}, "test", {})
+    write_detections(run, detection_frame(
+        [{"layer": 0, "head": h, "kv_head": 0, "head_type": "sink", "score": s, "probe": "x", "evidence": {}} for h, s in ((0, 0.2), (1, 0.9))]))
+    assert _exit_code(["heads", str(run.path), "--type", "sink", "--top", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["0", "1", "0", "0.9000"]
+    assert _exit_code(["heads", str(run.path), "--type", "previous_token"]) == 2
+    assert f"run `attnlab probe previous --out {run.path}` first" in capsys.readouterr().err
