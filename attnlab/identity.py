@@ -196,7 +196,7 @@ def weights_fingerprint(hf_model: Any, *, sample: int = 4096) -> str:
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             flat = p.detach().reshape(-1)
             if flat.numel() > sample:
-                idx = torch.linspace(0, flat.numel() - 1, sample, device=flat.device).long()
+                idx = torch.arange(sample, device=flat.device) * (flat.numel() - 1) // (sample - 1)  # evenly spaced, exact (float32 linspace rounds past the end)
                 flat = flat[idx]
             h.update(flat.to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
