@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from attnlab.errors import AttnlabError, PromptError
-from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.probes.base import ProbeError, ProbeResult
+from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.probes.families import (
     _family_names,
     compute_families,
