@@ -27,6 +27,10 @@ _PLACES = ["the harbour", "the old mill", "the library", "the market square", "t
            "the orchard", "the bridge", "the museum", "the workshop", "the lighthouse", "the bakery"]
 _OBJECTS = ["a brass key", "a folded map", "a red notebook", "a wooden box", "a silver coin",
             "a letter", "a lantern", "a compass", "a violin", "a jar of honey", "a broken watch"]
+#: The generators' names, places and objects, public for other stages' templates (the IOI task).
+FIRST_NAMES: tuple[str, ...] = tuple(_FIRST)
+PLACES: tuple[str, ...] = tuple(_PLACES)
+OBJECTS: tuple[str, ...] = tuple(_OBJECTS)
 _VERBS = ["found", "lost", "carried", "painted", "repaired", "hid", "sold", "borrowed", "opened", "weighed"]
 _TIMES = ["at dawn", "before noon", "in the evening", "late at night", "on Monday", "after the storm",
           "during the festival", "in early spring"]

@@ -1,4 +1,4 @@
-"""A discovered circuit: selection from scores, ``circuit.json``, a graph figure, protected heads.
+"""A discovered circuit: selection from scores, its run file, a graph figure, protected heads.
 
 `select_circuit` keeps the heads whose score reaches ``threshold`` × the largest head score, and
 the edges (head → head, head → logits) whose score reaches ``threshold`` × the largest edge
@@ -6,25 +6,32 @@ score among edges between kept nodes. `discover` runs task → scores → circui
 with ``cut="faithfulness"`` the circuit is instead the smallest top-``k`` of the head ranking
 whose faithfulness reaches the level (0.8) on the measured curve, so the curve justifies the cut
 (the edges are still those between kept heads scoring ``threshold`` × the best edge).
-`save_circuit` writes ``circuit.json`` into a run directory via `attnlab.runs.ensure_run`.
+`save_circuit` writes it into a run directory (the `attnlab.runs.CIRCUIT` artifact) via
+`attnlab.runs.ensure_run`; `read_circuit` / `load_circuit` read it back through the run store and
+check it (fields, heads inside the run's model, a consistent faithfulness curve) in one place,
+for the CLI, the notebooks and the dashboard alike.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnlab.runs import ensure_run
+from attnlab.errors import AttnlabError, RunError
+from attnlab.names import head_label, parse_head_label
+from attnlab.runs import CIRCUIT, MANIFEST, Run, ensure_run
 
 from .faithfulness import faithfulness as faithfulness_of
 from .faithfulness import faithfulness_curve, metric_with_heads, rank_heads
 from .patching import PatchingError, Scores, path_patching_edges, score_heads
 from .tasks import Task
 
-CIRCUIT_FILE = "circuit.json"
+_ERR_CIRCUIT = "{path} is not a circuit attnlab can read ({why}); re-create it with `{command}`"
 #: Default selection: a head (edge) is kept when its score is at least this fraction of the
 #: largest head (edge) score.
 DEFAULT_THRESHOLD = 0.5
@@ -56,9 +63,6 @@ class Circuit:
         return [(s, r) for s, r in self.edges if r != LOGITS]
 
     def to_json(self) -> dict:
-        def node_name(n):
-            return LOGITS if n == LOGITS else f"L{n[0]}.H{n[1]}"
-
         return {
             "schema": 1,
             "method": self.method,
@@ -67,9 +71,9 @@ class Circuit:
             "task": self.task,
             "clean_metric": self.clean_metric,
             "corrupted_metric": self.corrupted_metric,
-            "nodes": [{"layer": n[0], "head": n[1], "name": node_name(n), "score": self.node_scores[n]} for n in self.nodes],
+            "nodes": [{"layer": n[0], "head": n[1], "name": node_label(n), "score": self.node_scores[n]} for n in self.nodes],
             "edges": [
-                {"from": node_name(s), "to": node_name(r), "score": self.edge_scores[(s, r)],
+                {"from": node_label(s), "to": node_label(r), "score": self.edge_scores[(s, r)],
                  **({"path_patching": self.edge_checks[(s, r)]} if (s, r) in self.edge_checks else {})}
                 for s, r in self.edges
             ],
@@ -80,10 +84,7 @@ class Circuit:
     @classmethod
     def from_json(cls, obj: dict) -> Circuit:
         def parse(name):
-            if name == LOGITS:
-                return LOGITS
-            layer, head = name[1:].split(".H")
-            return (int(layer), int(head))
+            return LOGITS if name == LOGITS else parse_head_label(name)
 
         nodes = [(int(n["layer"]), int(n["head"])) for n in obj["nodes"]]
         edges = [(parse(e["from"]), parse(e["to"])) for e in obj["edges"]]
@@ -175,7 +176,7 @@ def discover(
 def verify_edges(model, task: Task, circuit: Circuit, *, direction: str | None = None) -> dict:
     """Path-patch every edge of ``circuit`` (`attnlab.circuits.patching.path_patching_edges`: one
     clean and one corrupted run shared by all edges): the exact effect each edge's attribution
-    score estimates, stored in ``circuit.edge_checks`` (and in ``circuit.json``). Returns
+    score estimates, stored in ``circuit.edge_checks`` (and in the saved circuit). Returns
     ``{edge: effect}``."""
     direction = direction or circuit.direction
     circuit.edge_checks = dict(zip(circuit.edges, path_patching_edges(model, task, circuit.edges, direction=direction),
@@ -183,22 +184,77 @@ def verify_edges(model, task: Task, circuit: Circuit, *, direction: str | None =
     return circuit.edge_checks
 
 
+def node_label(node: Any) -> str:
+    """A circuit node's name: ``L{layer}.H{head}`` for a head, ``"logits"`` for the logits."""
+    return LOGITS if node == LOGITS else head_label(*node)
+
+
 def save_circuit(circuit: Circuit, model, out: str | Path, parameters: dict | None = None) -> Path:
-    """Write ``circuit.json`` into the run directory ``out`` (created if needed)."""
+    """Write the circuit into the run directory ``out`` (created if needed); returns its path."""
     params = {"method": circuit.method, "direction": circuit.direction, "threshold": circuit.threshold,
               "task": circuit.task.get("name"), **(parameters or {})}
     run = ensure_run(out, model.identity(), "circuit", params)
-    return run.write_json(CIRCUIT_FILE, circuit.to_json())
+    return run.write(CIRCUIT, circuit.to_json())
 
 
-def load_circuit(path: str | Path) -> Circuit:
-    """A `Circuit` from ``circuit.json`` or from a run directory holding one."""
-    import json
+def circuit_from_json(obj: Any, *, where: str | Path, command: str, n_layers: int = 0, n_heads: int = 0) -> Circuit:
+    """THE check of a stored circuit: a `Circuit` from the parsed JSON ``obj``, or a `RunError`
+    naming ``where`` and ``command`` (the fix) when a field is missing or malformed, a head lies
+    outside ``n_layers`` × ``n_heads`` (when given), or the faithfulness curve is inconsistent."""
+    try:
+        if not isinstance(obj, dict):
+            raise TypeError(f"a JSON {type(obj).__name__}, not an object")
+        circuit = Circuit.from_json(obj)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, AttnlabError) as exc:
+        why = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise RunError(_ERR_CIRCUIT.format(path=where, why=why, command=command)) from exc
+    outside = [n for n in circuit.nodes if not (0 <= n[0] < n_layers and 0 <= n[1] < n_heads)]
+    if n_layers and n_heads and outside:
+        raise RunError(_ERR_CIRCUIT.format(path=where, command=command,
+                                           why=f"heads {outside} are outside the run's {n_layers} layers × {n_heads} heads"))
+    f = circuit.faithfulness
+    if f is not None and (not isinstance(f, dict) or not all(_curve_ok(c) for c in (f, f.get("refined")) if c is not None)):
+        raise RunError(_ERR_CIRCUIT.format(path=where, command=command,
+                                           why="its faithfulness curve has no sizes, or sizes and f of different lengths"))
+    return circuit
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / CIRCUIT_FILE
-    return Circuit.from_json(json.loads(path.read_text()))
+
+def _curve_ok(curve: Any) -> bool:
+    """A faithfulness curve is absent (only a refinement stored, ``--no-faithfulness``) or has
+    as many ``f`` values as ``sizes``, at least one."""
+    if not isinstance(curve, dict):
+        return False
+    if "sizes" not in curve and "f" not in curve:
+        return True
+    return bool(curve.get("sizes")) and len(curve.get("sizes", [])) == len(curve.get("f", []))
+
+
+def read_circuit(run: Run | str | os.PathLike) -> Circuit:
+    """The circuit stored in ``run`` (a `Run` or its path), checked against the run's model
+    shape by `circuit_from_json`. Missing or damaged: `RunError` naming `attnlab circuit`."""
+    run = Run.coerce(run)
+    raw = run.read(CIRCUIT)
+    model = run.model
+    return circuit_from_json(raw, where=run.file(CIRCUIT), command=run.command_for(CIRCUIT),
+                             n_layers=int(model.get("n_layers") or 0), n_heads=int(model.get("n_heads") or 0))
+
+
+def load_circuit(source: Run | str | os.PathLike) -> Circuit:
+    """A `Circuit` from a run (or its directory) holding one, or from a circuit file: the run's
+    own (checked as `read_circuit` does) or a standalone copy (checked without a model shape)."""
+    if isinstance(source, Run) or Path(source).is_dir():
+        return read_circuit(source)
+    path = Path(source)
+    if path.name == CIRCUIT.filename and (path.parent / MANIFEST).is_file():
+        return read_circuit(path.parent)
+    command = CIRCUIT.command("RUN")
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunError(f"no circuit at {path}: discover one with `{command}`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}); re-create it with `{command}`") from exc
+    return circuit_from_json(raw, where=path, command=command)
 
 
 def protected_heads(circuit: Circuit | dict) -> list[tuple[int, int]]:
@@ -226,7 +282,7 @@ def circuit_figure(circuit: Circuit, *, n_layers: int | None = None, n_heads: in
                                  hoverinfo="text", text=f"{v:.3g}", showlegend=False))
     xs = [pos(n)[0] for n in circuit.nodes] + [pos(LOGITS)[0]]
     ys = [pos(n)[1] for n in circuit.nodes] + [pos(LOGITS)[1]]
-    labels = [f"L{n[0]}.H{n[1]}" for n in circuit.nodes] + [LOGITS]
+    labels = [head_label(*n) for n in circuit.nodes] + [LOGITS]
     fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers+text", text=labels, textposition="top center",
                              marker={"size": 14}, showlegend=False))
     fig.update_layout(title=f"circuit ({circuit.method}, {circuit.task.get('name', '')})",

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from attnlab.errors import AttnlabError
-from attnlab.prompts import _FIRST, _OBJECTS, _PLACES
+from attnlab.prompts import FIRST_NAMES, OBJECTS, PLACES
 
 BUILTIN_TASKS = ("ioi", "induction", "greater_than", "needle")
 
@@ -119,7 +119,7 @@ IOI_TEMPLATES = (
 #: Names from the project's prompt generators; by default `ioi_task` uses those that are single
 #: tokens (with a leading space) for the model's tokenizer, and refuses names a user gives that
 #: are not.
-IOI_NAMES = tuple(_FIRST)
+IOI_NAMES = FIRST_NAMES
 
 
 def ioi_task(
@@ -146,7 +146,7 @@ def ioi_task(
     for i in range(n):
         template = templates[i % len(templates)]
         a, b, c = rng.sample(names, 3)
-        place, obj = rng.choice(_PLACES), rng.choice(_OBJECTS)
+        place, obj = rng.choice(PLACES), rng.choice(OBJECTS)
         clean = template.format(A=a, B=b, S=b, place=place, obj=obj)
         corrupted = template.format(A=a, B=b, S=c, place=place, obj=obj)
         ci, xi = _encode(tokenizer, clean), _encode(tokenizer, corrupted)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from attnlab.models import LoadedModel, wrap_hf_model
+from attnlab.names import attn_hook
 
 
 @dataclass
@@ -169,7 +170,7 @@ def pattern_scores(toy: ToyInduction, *, n: int = 16, seed: int = 123) -> tuple[
     prev = torch.zeros(model.n_layers, model.n_heads)
     ind = torch.zeros(model.n_layers, model.n_heads)
     for layer in range(model.n_layers):
-        p = cache[f"blocks.{layer}.attn.hook_pattern"]  # [b, heads, q, k]
+        p = cache[attn_hook(layer, "hook_pattern")]  # [b, heads, q, k]
         prev[layer] = torch.stack([p[:, :, i, i - 1] for i in range(2, ids.shape[1])], -1).mean((0, 2))
         rows = []
         for b in range(n):

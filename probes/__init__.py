@@ -1,6 +1,7 @@
 """Probes: find what each head does, with evidence.
 
-Detectors write rows into a run's ``detections.parquet`` (`attnlab.probes.detections`):
+Detectors write rows into a run's detections (`attnlab.probes.detections`, the
+`attnlab.runs.DETECTIONS` artifact):
 
 - retrieval heads (Wu et al. 2024) on a needle-in-a-haystack suite, with a causal check
   (`probes.retrieval`, `probes.needle`, `probes.causal`);
@@ -12,6 +13,9 @@ Detectors write rows into a run's ``detections.parquet`` (`attnlab.probes.detect
   (`probes.linear`);
 - head ablation (zero, mean, uniform), shared with circuits (`probes.ablation`).
 
+Every probe returns a `ProbeResult` and raises `ProbeError` for what it cannot use
+(`probes.base`, with the helpers all detectors share).
+
 Submodules are imported on use, so ``import attnlab.probes`` stays cheap.
 """
 
@@ -21,6 +25,8 @@ import importlib
 from typing import Any
 
 _LAZY = {
+    "ProbeError": "attnlab.probes.base",
+    "ProbeResult": "attnlab.probes.base",
     "probe_retrieval": "attnlab.probes.retrieval",
     "needle_samples": "attnlab.probes.needle",
     "greedy_answer": "attnlab.probes.needle",
@@ -30,6 +36,7 @@ _LAZY = {
     "probe_sinks": "attnlab.probes.sinks",
     "probe_repeated": "attnlab.probes.repeated",
     "probe_local": "attnlab.probes.local",
+    "local_from_profile": "attnlab.probes.local",
     "compute_families": "attnlab.probes.families",
     "run_linear_probe": "attnlab.probes.linear",
     "fit_linear_probes": "attnlab.probes.linear",

@@ -39,7 +39,9 @@ from dataclasses import dataclass, field
 import torch
 
 from attnlab.attention import AttentionFn, route_attention, sdpa
-from attnlab.errors import AttnlabError
+from attnlab.names import attn_hook
+
+from .base import ProbeError
 
 ABLATION_METHODS = ("zero", "mean", "uniform")
 ABLATION_PATHS = ("bridge", "routed")
@@ -53,7 +55,7 @@ _ERR_NO_PROMPTS = "head_means needs at least one reference prompt"
 _ERR_BATCH = "routed ablation handles one sample at a time (batch 1), got a batch of {batch}"
 
 
-class AblationError(AttnlabError):
+class AblationError(ProbeError):
     """An ablation was asked for heads, a method or means that do not fit the model."""
 
 
@@ -230,9 +232,9 @@ def ablate_heads(
     try:
         for layer in ablation.layers:
             if ablation.method == "uniform":
-                point, fn = f"blocks.{layer}.attn.hook_pattern", ablation.pattern_hook(layer)
+                point, fn = attn_hook(layer, "hook_pattern"), ablation.pattern_hook(layer)
             else:
-                point, fn = f"blocks.{layer}.attn.hook_z", ablation.z_hook(layer)
+                point, fn = attn_hook(layer, "hook_z"), ablation.z_hook(layer)
             hook_point = model.bridge.hook_dict[point]
             handles.append((hook_point, hook_point.add_hook(fn, dir="fwd")))
         yield ablation
@@ -278,7 +280,7 @@ def head_means(model, prompts: Sequence[torch.Tensor], *, path: str = "routed") 
                 model.hf_model.base_model(ids, use_cache=False)
         else:
             hooks = [
-                (f"blocks.{layer}.attn.hook_z", lambda z, hook, layer=layer: add(layer, z))
+                (attn_hook(layer, "hook_z"), lambda z, hook, layer=layer: add(layer, z))
                 for layer in range(model.n_layers)
             ]
             model.bridge.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=model.n_layers)

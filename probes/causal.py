@@ -12,8 +12,8 @@ heads: ``drop_top / drop_random`` (drops from the dense accuracy) is large. The 
 inside the routed attention of the greedy decoder (`attnlab.probes.needle.greedy_answer`), so
 it is active during the SDPA prefill and every decoding step.
 
-`causal_check` returns one row per condition (``causal_check.parquet``); `summarize_causal`
-reduces it per K (``causal_check.json``). Any ranking of ``(layer, head)`` pairs works, so the
+`causal_check` returns one row per condition (the run's `attnlab.runs.CAUSAL_CHECK` table);
+`summarize_causal` reduces it per K (`attnlab.runs.CAUSAL_SUMMARY`). Any ranking of ``(layer, head)`` pairs works, so the
 circuits and other detectors can reuse it.
 """
 
@@ -27,15 +27,11 @@ from typing import Any
 import pandas as pd
 import torch
 
-from attnlab.errors import AttnlabError
-
 from .ablation import ABLATION_METHODS, HeadAblation
+from .base import ProbeError
 from .needle import NeedleSample, greedy_answer
 
-CAUSAL_CHECK = "causal_check.parquet"
-CAUSAL_SUMMARY = "causal_check.json"
-
-#: Columns of ``causal_check.parquet``: ``condition`` is ``dense``, ``top`` or ``random``;
+#: Columns of the causal check table (`attnlab.runs.CAUSAL_CHECK`): ``condition`` is ``dense``, ``top`` or ``random``;
 #: ``heads`` a JSON list of ``[layer, head]``; ``accuracy`` the share of samples whose greedy
 #: answer contains the value.
 CAUSAL_COLUMNS = ("condition", "k", "draw", "method", "heads", "accuracy", "n_correct", "n_samples", "mean_rouge1")
@@ -51,7 +47,7 @@ def random_heads(ranking: Sequence[tuple[int, int]], k: int, *, seed: int, draw:
     """
     pool = sorted(tuple(h) for h in ranking[k:])
     if len(pool) < k:
-        raise AttnlabError(_ERR_RANKING.format(n=len(ranking), k=k))
+        raise ProbeError(_ERR_RANKING.format(n=len(ranking), k=k))
     return sorted(random.Random(f"{seed}-{k}-{draw}").sample(pool, k))
 
 
@@ -106,13 +102,13 @@ def causal_check(
         one row per condition, columns `CAUSAL_COLUMNS`.
     """
     if method not in ABLATION_METHODS:
-        raise AttnlabError(_ERR_METHOD.format(methods=list(ABLATION_METHODS), method=method))
+        raise ProbeError(_ERR_METHOD.format(methods=list(ABLATION_METHODS), method=method))
     ranking = [(int(layer), int(h)) for layer, h in ranking]
     conditions: list[tuple[str, int, int, list[tuple[int, int]]]] = [("dense", 0, 0, [])] if dense else []
     for k in ks:
         k = int(k)
         if 2 * k > len(ranking):
-            raise AttnlabError(_ERR_RANKING.format(n=len(ranking), k=k))
+            raise ProbeError(_ERR_RANKING.format(n=len(ranking), k=k))
         conditions.append(("top", k, 0, sorted(ranking[:k])))
         for d in range(draws):
             conditions.append(("random", k, d, random_heads(ranking, k, seed=seed, draw=d)))

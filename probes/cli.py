@@ -6,7 +6,21 @@ import argparse
 import json
 from typing import Any
 
+from attnlab.cliargs import (
+    add_model_arguments,
+    add_quiet_argument,
+    fraction_list,
+    int_list,
+    load_model_from_args,
+    nonneg_int,
+    positive_int,
+    unit_float,
+)
 from attnlab.errors import AttnlabError
+from attnlab.names import head_label
+
+from .detections import HEAD_TYPES
+from .retrieval import MODES
 
 PROBES = ("retrieval", "sinks", "induction", "previous", "duplicate", "echo", "local", "families", "linear", "all")
 #: CLI probe name → head types of `probes.repeated.probe_repeated`.
@@ -16,26 +30,17 @@ _REPEATED = {
     "duplicate": ("duplicate_token",),
     "echo": ("echo",),
 }
+#: Head type → the ``attnlab probe`` detector that writes it.
+_PROBE_OF = {
+    "retrieval": "retrieval", "retrieval_kv": "retrieval", "sink": "sinks", "hidden_sink": "sinks",
+    "razor_induction_kv": "induction", "echo_kv": "echo", "local": "local",
+    **{t: name for name, types in _REPEATED.items() for t in types},
+}
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _load(args: argparse.Namespace):
-    from attnlab.models import load_model
-
-    return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+def _causal_ks(text: str) -> list[int]:
+    """``--causal-k``: `int_list`, or nothing (an empty value) to skip the causal check."""
+    return [] if not text.strip() else int_list(text)
 
 
 def _print_top(detections, head_type: str, top: int) -> None:
@@ -45,7 +50,7 @@ def _print_top(detections, head_type: str, top: int) -> None:
     if rows.empty:
         return
     best = top_heads(rows, head_type, top)
-    print(f"top {head_type} heads: " + "  ".join(f"L{int(r.layer)}.H{int(r.head)}={r.score:.3f}" for r in best.itertuples()))
+    print(f"top {head_type} heads: " + "  ".join(f"{head_label(r.layer, r.head)}={r.score:.3f}" for r in best.itertuples()))
 
 
 def _retrieval(model, args) -> None:
@@ -56,8 +61,8 @@ def _retrieval(model, args) -> None:
         mode=args.mode, haystack=args.haystack, causal_ks=args.causal_k, draws=args.draws, seed=args.seed,
         progress=not args.quiet,
     )
-    s = res["summary"]
-    _print_top(res["detections"], "retrieval", args.top)
+    s = res.summary
+    _print_top(res.detections, "retrieval", args.top)
     keys = ("samples", "accuracy", "counted", "retrieval_heads", "mode_spearman", "split_half_spearman", "seconds_per_sample")
     print("retrieval: " + ", ".join(f"{k}={_fmt(s.get(k))}" for k in keys if k in s))
     causal = s.get("causal") or {}
@@ -101,8 +106,8 @@ def _local(model, args) -> None:
 def _families(args) -> None:
     from attnlab.probes.families import compute_families
 
-    fam = compute_families(args.out, seed=args.seed)
-    counts = fam["family"].value_counts()
+    res = compute_families(args.out, seed=args.seed)
+    counts = res.tables["families"]["family"].value_counts()
     print("head families: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 
@@ -110,11 +115,11 @@ def _linear(model, args) -> None:
     from attnlab.probes.linear import run_linear_probe
 
     res = run_linear_probe(model, args.out, label_file=args.labels, seed=args.seed, progress=not args.quiet)
-    table = res.probes
+    table = res.tables["linear_probes"]
     if len(table):
         best = table.sort_values("test_acc", ascending=False).head(args.top)
         print("best linear probes (held-out accuracy): " + "  ".join(
-            f"L{int(r.layer)}.H{int(r.head)}={r.test_acc:.3f}" for r in best.itertuples()))
+            f"{head_label(r.layer, r.head)}={r.test_acc:.3f}" for r in best.itertuples()))
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -124,14 +129,16 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 
 def _cmd_probe(args: argparse.Namespace) -> int:
-    from attnlab.runs import check_writable_target
+    from attnlab.runs import check_writable_target, preflight_run
 
     if args.probe == "families":
         _families(args)
         return 0
-    # a probe adds to an existing run of the same model, or creates one; refuse a plain file early
+    # a probe adds to an existing run of the same model, or creates one; refuse a plain file
+    # before loading the model, and a run of another model before any probe runs
     check_writable_target(args.out, force=True)
-    model = _load(args)
+    model = load_model_from_args(args)
+    preflight_run(args.out, model)
     todo = ["sinks", "induction", "previous", "duplicate", "echo", "local", "retrieval"] if args.probe == "all" else [args.probe]
     for name in todo:
         if name == "retrieval":
@@ -154,12 +161,11 @@ def _cmd_heads(args: argparse.Namespace) -> int:
     from attnlab.probes.detections import top_heads
     from attnlab.runs import Run
 
-    run = Run.open(args.run)
-    det = run.detections()
+    det = Run.open(args.run).detections()
     try:
         best = top_heads(det, args.type, args.top)
     except KeyError as exc:
-        raise AttnlabError(f"{exc.args[0]}: run `attnlab probe {args.type} --out {args.run}` first") from None
+        raise AttnlabError(f"{exc.args[0]}: run `attnlab probe {_PROBE_OF[args.type]} --out {args.run}` first") from None
     print(f"{'layer':>5} {'head':>4} {'kv':>3} {'score':>8}")
     for r in best.itertuples():
         print(f"{int(r.layer):>5} {int(r.head):>4} {int(r.kv_head):>3} {r.score:>8.4f}")
@@ -167,32 +173,30 @@ def _cmd_heads(args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    from attnlab.cli import add_model_argument, int_list
-
     p = sub.add_parser("probe", help="detect head types (retrieval, sinks, induction, ...) into a run directory")
     p.add_argument("probe", choices=PROBES, help="which detector; 'all' runs every one, then the head families")
-    add_model_argument(p)
+    add_model_arguments(p)
     p.add_argument("--out", required=True, help="run directory (created, or added to when it holds this model's run)")
-    p.add_argument("--samples", type=int, default=None, help="number of samples (each probe has its own default)")
+    p.add_argument("--samples", type=positive_int, default=None, help="number of samples (each probe has its own default)")
     p.add_argument("--lengths", type=int_list, default=None, help="prompt/context lengths in tokens")
-    p.add_argument("--depths", type=_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (retrieval)")
-    p.add_argument("--mode", choices=("greedy", "teacher"), default="greedy", help="retrieval scoring mode")
+    p.add_argument("--depths", type=fraction_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths in [0, 1] (retrieval)")
+    p.add_argument("--mode", choices=MODES, default="greedy", help="retrieval scoring mode")
     p.add_argument("--haystack", default=None, help="a UTF-8 text file to build haystacks from (retrieval)")
-    p.add_argument("--causal-k", type=_ints, default=[5, 10, 20], help="K of the causal check (retrieval); empty to skip")
-    p.add_argument("--draws", type=int, default=3, help="random-head draws per K in the causal check")
-    p.add_argument("--eps", type=float, default=0.3, help="sink threshold ε (sinks)")
-    p.add_argument("--seq-len", type=int, default=50, help="random-sequence length (induction/previous/duplicate/echo)")
-    p.add_argument("--repeats", type=int, default=2, help="repetitions of the random sequence")
-    p.add_argument("--window", type=int, default=64, help="local window (local)")
-    p.add_argument("--sink-tokens", type=int, default=4, help="sink tokens kept with the window (local)")
+    p.add_argument("--causal-k", type=_causal_ks, default=[5, 10, 20], help="K of the causal check (retrieval); empty to skip")
+    p.add_argument("--draws", type=positive_int, default=3, help="random-head draws per K in the causal check")
+    p.add_argument("--eps", type=unit_float, default=0.3, help="sink threshold ε in (0, 1) (sinks)")
+    p.add_argument("--seq-len", type=positive_int, default=50, help="random-sequence length (induction/previous/duplicate/echo)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="repetitions of the random sequence")
+    p.add_argument("--window", type=positive_int, default=64, help="local window (local)")
+    p.add_argument("--sink-tokens", type=nonneg_int, default=4, help="sink tokens kept with the window (local)")
     p.add_argument("--labels", default=None, help="JSONL of {text, labels: [[start_char, end_char], ...]} (linear)")
-    p.add_argument("--top", type=int, default=10, help="heads to print")
+    p.add_argument("--top", type=positive_int, default=10, help="heads to print")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(p)
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("heads", help="the top heads of one type in a run")
     p.add_argument("run")
-    p.add_argument("--type", required=True, help="retrieval, sink, induction, previous_token, duplicate_token, local, echo, ...")
-    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--type", required=True, choices=HEAD_TYPES, help="the head type")
+    p.add_argument("--top", type=positive_int, default=20)
     p.set_defaults(func=_cmd_heads)

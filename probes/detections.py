@@ -15,21 +15,22 @@ probe         which prompt set / mode produced it (e.g. ``needle:passkey``, ``re
 evidence      JSON text: what the score rests on (samples, positions, tokens, thresholds)
 ============  ==============================================================================
 
-Written as ``detections.parquet`` in a run directory. `write_detections` merges: rows of the
-same (head_type, probe) are replaced, others kept, so probes can run one at a time.
+Stored in a run as the `attnlab.runs.DETECTIONS` artifact (columns `attnlab.runs.DETECTION_COLUMNS`).
+`write_detections` merges: rows of the same (head_type, probe) are replaced, others kept, so
+probes can run one at a time. An existing detections file that cannot be read is an error,
+never "no detections" (its rows would be lost by the merge).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
 
-from attnlab.runs import DETECTIONS, Run
-
-DETECTION_COLUMNS = ("layer", "head", "kv_head", "head_type", "score", "probe", "evidence")
+from attnlab.runs import DETECTION_COLUMNS, DETECTIONS, Run
 
 HEAD_TYPES = (
     "retrieval",
@@ -72,18 +73,22 @@ def _default(obj: Any) -> Any:
     return str(obj)
 
 
-def write_detections(run: Run, frame: pd.DataFrame) -> pd.DataFrame:
-    """Merge ``frame`` into the run's ``detections.parquet`` (atomically) and return the result."""
+def write_detections(run: Run | str | os.PathLike, frame: pd.DataFrame) -> pd.DataFrame:
+    """Merge ``frame`` into the run's detections (atomically) and return the merged table.
+
+    Rows of the same (head_type, probe) as ``frame``'s are replaced, others kept. An existing
+    file that cannot be read raises `attnlab.errors.RunError` (nothing is written)."""
+    run = Run.coerce(run)
     missing = [c for c in DETECTION_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"detections need columns {missing}")
-    if run.has(DETECTIONS):
-        old = run.detections()
+    old = run.read_optional(DETECTIONS)
+    if old is not None:
         keys = set(zip(frame["head_type"], frame["probe"], strict=True))
         keep = [(t, p) not in keys for t, p in zip(old["head_type"], old["probe"], strict=True)]
         frame = pd.concat([old[keep], frame], ignore_index=True)
     frame = frame[list(DETECTION_COLUMNS)].reset_index(drop=True)
-    run.write_table(DETECTIONS, frame)
+    run.write(DETECTIONS, frame)
     return frame
 
 

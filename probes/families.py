@@ -19,28 +19,29 @@ mean), then
   ``entropy_norm`` → "diffuse", ``induction`` → "induction", ...). Two families with the same
   dominant word get their second feature appended ("local+slash").
 
-The result is stored in the run as ``families.parquet``: ``layer, head, kv_head, pc1, pc2,
-family_id, family`` plus the raw (unstandardised) feature columns.
+The result is stored in the run as the `attnlab.runs.FAMILIES` artifact: ``layer, head, kv_head,
+pc1, pc2, family_id, family`` plus the raw (unstandardised) feature columns.
 """
 
 from __future__ import annotations
 
-import time
+import os
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from attnlab.profile import head_means
-from attnlab.runs import DETECTIONS, HEAD_STATS, Run
+from attnlab.runs import DETECTIONS, FAMILIES, HEAD_STATS, Run
 
-from .repeated import ProbeError
+from .base import ProbeError, ProbeResult
 
-FAMILIES = "families.parquet"
+#: The manifest stage this step records.
+STAGE = "families"
 KEY_COLUMNS = ("layer", "head", "kv_head")
 
 _ERR_NOTHING = (
-    "run {path} has neither head_stats.parquet nor detections.parquet: run `attnlab profile` or "
+    "run {path} has neither {stats} nor {detections}: run `attnlab profile` or "
     "`attnlab probe all` on it first"
 )
 _ERR_FEW_HEADS = "families need at least 3 heads with features, got {n}"
@@ -82,15 +83,15 @@ def head_features(run: Run) -> pd.DataFrame:
         means = head_means(run)
         means.columns = [str(c) for c in means.columns]
         parts.append(means)
-    if run.has(DETECTIONS):
-        det = run.detections()
+    det = run.read_optional(DETECTIONS)
+    if det is not None:
         det = det[det["head"] >= 0]
         if not det.empty:
             wide = det.pivot_table(index=list(KEY_COLUMNS), columns="head_type", values="score", aggfunc="mean").reset_index()
             wide.columns = [str(c) for c in wide.columns]
             parts.append(wide)
     if not parts:
-        raise ProbeError(_ERR_NOTHING.format(path=run.path))
+        raise ProbeError(_ERR_NOTHING.format(path=run.path, stats=HEAD_STATS.filename, detections=DETECTIONS.filename))
     frame = parts[0]
     for p in parts[1:]:
         frame = frame.merge(p, on=list(KEY_COLUMNS), how="outer")
@@ -194,23 +195,22 @@ def _family_names(z: np.ndarray, labels: np.ndarray, features: list[str]) -> dic
     return names
 
 
-def compute_families(run: Run | str, *, k_max: int = 8, silhouette_tolerance: float = 0.02, seed: int = 0) -> pd.DataFrame:
-    """Compute the head families of a run and store them as ``families.parquet`` in it.
+def compute_families(
+    run: Run | str | os.PathLike, *, k_max: int = 8, silhouette_tolerance: float = 0.02, seed: int = 0
+) -> ProbeResult:
+    """Compute the head families of a run and store them in it (`attnlab.runs.FAMILIES`).
 
     Args:
-        run: a `Run` or its path; it needs ``head_stats.parquet`` and/or ``detections.parquet``.
+        run: a `Run` or its path; it needs head statistics and/or detections.
         k_max: the largest number of families tried.
         silhouette_tolerance: see `fit_families`.
         seed: random state.
     Returns:
-        The families table (also written; the fit summary goes to the manifest under
-        ``stages["families"]``).
+        A `ProbeResult` whose ``tables["families"]`` is the families table (also written) and
+        whose summary is the fit's (also in the manifest under ``stages["families"]``).
     """
-    if not isinstance(run, Run):
-        run = Run.open(run)
+    run = Run.coerce(run)
     families, info = fit_families(head_features(run), k_max=k_max, silhouette_tolerance=silhouette_tolerance, seed=seed)
-    run.write_table(FAMILIES, families)
-    stages = dict(run.manifest.get("stages", {}))
-    stages["families"] = {"parameters": {"k_max": k_max, "silhouette_tolerance": silhouette_tolerance, "seed": seed}, "summary": info, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    run.update_manifest(stages=stages)
-    return families
+    run.write(FAMILIES, families)
+    run.record_stage(STAGE, parameters={"k_max": k_max, "silhouette_tolerance": silhouette_tolerance, "seed": seed}, summary=info)
+    return ProbeResult(run, summary=info, tables={FAMILIES.key: families})

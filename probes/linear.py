@@ -44,7 +44,6 @@ import json
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +55,12 @@ from tqdm.auto import tqdm
 from attnlab.capture import check_length
 from attnlab.errors import PromptError
 from attnlab.models import LoadedModel
+from attnlab.names import attn_hook
 from attnlab.prompts import read_text_file
-from attnlab.runs import Run, ensure_run
+from attnlab.runs import LINEAR_PROBES, ensure_run, preflight_run
 
-from .repeated import ProbeError, _record_summary, check_out
+from .base import ProbeError, ProbeResult
 
-LINEAR_PROBES = "linear_probes.parquet"
 LINEAR_COLUMNS = (
     "property", "layer", "head", "kv_head", "train_acc", "test_acc", "baseline_acc",
     "control_acc", "selectivity", "n_train", "n_test", "split",
@@ -248,7 +247,7 @@ def _head_outputs(model: LoadedModel, checked: list[tuple[torch.Tensor, np.ndarr
         ids, _ = checked[s]
         pos = torch.tensor(wanted[s])
         grabbed: dict[int, torch.Tensor] = {}
-        hooks = [(f"blocks.{layer}.attn.hook_z", _grab_z(layer, pos, grabbed)) for layer in layers]
+        hooks = [(attn_hook(layer, "hook_z"), _grab_z(layer, pos, grabbed)) for layer in layers]
         model.bridge.run_with_hooks(ids[None].to(model.device), fwd_hooks=hooks, stop_at_layer=stop)
         stacked = torch.stack([grabbed[layer] for layer in layers], 1).numpy()  # [p, L, H, d]
         for i, p in enumerate(wanted[s]):
@@ -347,15 +346,6 @@ def fit_linear_probes(
 # ---------------------------------------------------------------------------------------
 # the probe: write into a run
 # ---------------------------------------------------------------------------------------
-@dataclass
-class LinearProbeResult:
-    """The run written to, the probe table of this property, and a summary."""
-
-    run: Run
-    probes: pd.DataFrame
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
 def run_linear_probe(
     model: LoadedModel,
     out: str | Path,
@@ -372,8 +362,9 @@ def run_linear_probe(
     control: bool = True,
     seed: int = 0,
     progress: bool = True,
-) -> LinearProbeResult:
-    """Fit linear probes for one labelled property and store them in ``out/linear_probes.parquet``.
+) -> ProbeResult:
+    """Fit linear probes for one labelled property and store them in ``out``'s linear-probe table
+    (`attnlab.runs.LINEAR_PROBES`).
 
     Args:
         model: a `LoadedModel`.
@@ -388,10 +379,11 @@ def run_linear_probe(
             `fit_linear_probes`.
 
     Rows of other properties already in the table are kept; this property's are replaced.
+    Returns a `ProbeResult` whose ``tables["linear_probes"]`` holds this property's rows.
     """
     if label_file is not None and samples is not None:
         raise ProbeError(_ERR_NO_SOURCE)
-    check_out(out, model)
+    preflight_run(out, model)
     if label_file is None and samples is None:
         from .needle import needle_samples
 
@@ -427,14 +419,15 @@ def run_linear_probe(
         "property": prop, "source": source, "control": control, "layers": None if layers is None else [int(v) for v in layers],
         "test_fraction": test_fraction, "balance": balance, "max_per_class": max_per_class, "seed": seed,
     }
-    run = ensure_run(out, model.identity(), f"probe:linear:{prop}", params)
-    if run.has(LINEAR_PROBES):
-        old = run.read_table(LINEAR_PROBES, "")
+    stage = f"probe:linear:{prop}"
+    run = ensure_run(out, model.identity(), stage, params)
+    old = run.read_optional(LINEAR_PROBES)
+    if old is not None:
         table = pd.concat([old[old["property"] != prop], table], ignore_index=True)
     table = table[list(LINEAR_COLUMNS)]
-    run.write_table(LINEAR_PROBES, table)
-    _record_summary(run, f"probe:linear:{prop}", {**summary, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    return LinearProbeResult(run, table[table["property"] == prop].reset_index(drop=True), summary)
+    run.write(LINEAR_PROBES, table)
+    run.record_stage(stage, summary={**summary, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return ProbeResult(run, summary=summary, tables={LINEAR_PROBES.key: table[table["property"] == prop].reset_index(drop=True)})
 
 
 def _best(table: pd.DataFrame, column: str) -> dict[str, Any] | None:

@@ -41,21 +41,15 @@ from attnlab.capture import check_length
 from attnlab.models import LoadedModel
 from attnlab.profile import head_means
 from attnlab.prompts import KINDS, Prompt, builtin_prompts
-from attnlab.runs import HEAD_STATS, Run, ensure_run
+from attnlab.runs import HEAD_STATS, Run, ensure_run, preflight_run
 
+from .base import ProbeError, ProbeResult, finite, reduce_patterns, split_half_stability
 from .detections import detection_frame, write_detections
-from .repeated import (
-    ProbeError,
-    ProbeResult,
-    _finite,
-    _record_summary,
-    check_out,
-    reduce_patterns,
-    split_half_stability,
-)
 
 PROBE_CAPTURE = "streaming:capture"
 PROBE_PROFILE = "streaming:profile"
+#: The manifest stage this probe records.
+STAGE = "probe:local"
 
 _ERR_WINDOWS = "windows must be positive token counts, got {windows}"
 _ERR_WINDOW = "--window {window} must be one of the measured windows {windows}"
@@ -169,8 +163,8 @@ def probe_local(
     """
     windows = _check_args(sink_tokens, windows, window)
     if model is None:
-        return local_from_profile(Run.open(out), sink_tokens=sink_tokens, window=window)
-    check_out(out, model)
+        return local_from_profile(Run.coerce(out), sink_tokens=sink_tokens, window=window)
+    preflight_run(out, model)
     if prompts is None:
         prompts = builtin_prompts(model.tokenizer, lengths, n_samples, seed=seed, kinds=kinds)
     need = sink_tokens + max(windows) + 1
@@ -188,7 +182,7 @@ def probe_local(
     base = {
         "source": "capture", "sink_tokens": sink_tokens, "window": window, "n_samples": len(prompts),
         "lengths": sorted({p.n_tokens for p in prompts}), "measured_queries": "i >= sink_tokens + w",
-        "split_half_stability": _finite(stability),
+        "split_half_stability": finite(stability),
     }
     for layer in range(model.n_layers):
         for head in range(model.n_heads):
@@ -204,7 +198,7 @@ def probe_local(
     frame = detection_frame(rows)
     summary = {
         "source": "capture", "sink_tokens": sink_tokens, "window": window,
-        "split_half_stability": _finite(stability),
+        "split_half_stability": finite(stability),
         "heads_keeping_90pct": {str(w): int((mean[f"streaming_{w}"] >= 0.9).sum()) for w in windows},
         "n_heads": model.n_layers * model.n_heads,
     }
@@ -213,9 +207,9 @@ def probe_local(
         "windows": list(windows), "window": window, "kinds": list(kinds), "seed": seed,
         "prompts": [p.name for p in prompts],
     }
-    run = ensure_run(out, model.identity(), "probe:local", params)
+    run = ensure_run(out, model.identity(), STAGE, params)
     write_detections(run, frame)
-    _record_summary(run, "probe:local", summary)
+    run.record_stage(STAGE, summary=summary)
     return ProbeResult(run, frame, summary)
 
 
@@ -226,7 +220,7 @@ def local_from_profile(run: Run, *, sink_tokens: int = 4, window: int = 64) -> P
     and ``local_mass_{window}`` for the score.
     """
     if not run.has(HEAD_STATS):
-        raise ProbeError(f"run {run.path} has no {HEAD_STATS}: run `attnlab profile --out {run.path}` first, or give a model")
+        raise ProbeError(f"run {run.path} has no {HEAD_STATS.filename}: run `{run.command_for(HEAD_STATS)}` first, or give a model")
     means = head_means(run)
     stats = [str(c) for c in means.columns if str(c) not in ("layer", "head", "kv_head")]
     sink_col, local_col = f"sink_mass_{sink_tokens}", f"local_mass_{window}"
@@ -248,10 +242,10 @@ def local_from_profile(run: Run, *, sink_tokens: int = 4, window: int = 64) -> P
             },
         })
     frame = detection_frame(rows)
-    run = ensure_run(run.path, run.model, "probe:local", {"source": "profile", "sink_tokens": sink_tokens, "window": window})
+    run = ensure_run(run.path, run.identity, STAGE, {"source": "profile", "sink_tokens": sink_tokens, "window": window})
     write_detections(run, frame)
     summary = {"source": "profile", "sink_tokens": sink_tokens, "window": window}
-    _record_summary(run, "probe:local", summary)
+    run.record_stage(STAGE, summary=summary)
     return ProbeResult(run, frame, summary)
 
 

@@ -48,6 +48,8 @@ from attnlab.errors import PromptError
 from attnlab.prompts import KINDS as HAYSTACK_REGISTERS
 from attnlab.prompts import generate_text, read_text_file
 
+from .base import ProbeError
+
 NEEDLE_KINDS = ("passkey", "kv", "phrase")
 #: Context positions kept free for the answer: a sample may be at most ``n_ctx - ANSWER_ROOM`` long.
 ANSWER_ROOM = 32
@@ -95,8 +97,9 @@ _ERR_ANSWER_TOKENS = (
 _ERR_NO_SAMPLES = "n_samples must be positive (or None for the whole grid), got {n}"
 
 
-class NeedleError(PromptError):
-    """A needle-in-a-haystack sample cannot be built as asked."""
+class NeedleError(ProbeError, PromptError):
+    """A needle-in-a-haystack sample cannot be built as asked (a `ProbeError`, and a
+    `PromptError` as every prompt that cannot be built is)."""
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,9 @@ heads of a GQA group), so the probe also writes the max over each group's query 
 
 Scores are pure functions of ``[..., heads, n, n]`` patterns (`mul_score`, `row_mass_score`,
 the ``*_detection`` builders), so they can be checked on constructed patterns; `reduce_patterns`
-runs the model with a hook on every ``blocks.{l}.attn.hook_pattern`` and reduces each layer's
-pattern as it passes. The module also holds what every detector shares: `ProbeError`,
-`ProbeResult`, `rank_stability` and `split_half_stability` (the Spearman correlation of a
-score between two disjoint halves of the samples — how far a ranking can be trusted).
+(`attnlab.probes.base`) runs the model with a hook on every layer's ``hook_pattern`` and reduces
+each layer's pattern as it passes. What every detector shares (`ProbeError`, `ProbeResult`,
+`rank_stability`, `split_half_stability`) lives in `attnlab.probes.base`.
 
 `tl_detect_head` runs TransformerLens's own ``detect_head`` on the bridge (it accepts it: it
 needs ``cfg``, ``to_tokens`` and ``run_with_cache``, which the bridge has) over the same prompts,
@@ -42,20 +41,25 @@ so the probe can record its agreement with the reference implementation.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from attnlab.errors import AttnlabError, RunError
 from attnlab.models import LoadedModel
-from attnlab.runs import Run, check_writable_target, ensure_run
+from attnlab.runs import ensure_run, preflight_run
 
+from .base import (
+    ProbeError,
+    ProbeResult,
+    finite,
+    rank_stability,
+    reduce_patterns,
+    split_half_stability,
+)
 from .detections import detection_frame, write_detections
 
 #: Head types this probe can score (``which=`` of `probe_repeated`).
@@ -67,6 +71,8 @@ TL_HEAD_NAMES = {
     "duplicate_token": "duplicate_token_head",
 }
 RAZOR_TYPES = ("echo", "razor_induction")
+#: The manifest stage this probe records.
+STAGE = "probe:repeated"
 
 _ERR_WHICH = "unknown head type(s) {bad} for the repeated-sequence probe: choose from {known}"
 _ERR_SEQ_LEN = "--seq-len must be at least 2 distinct tokens, got {seq_len}"
@@ -80,20 +86,6 @@ _ERR_POOL = (
     "the tokenizer has only {size} distinct usable tokens, fewer than --seq-len {seq_len}: "
     "lower --seq-len"
 )
-
-
-class ProbeError(AttnlabError):
-    """A probe was given parameters or data it cannot use."""
-
-
-@dataclass
-class ProbeResult:
-    """What a probe returns: the run it wrote to, the detection rows it added, a summary
-    (also stored in the run's manifest under ``stages[<probe kind>]["summary"]``)."""
-
-    run: Run
-    detections: pd.DataFrame
-    summary: dict[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------------------
@@ -187,71 +179,6 @@ def kv_max_pool(scores: torch.Tensor, group_size: int) -> tuple[torch.Tensor, to
     values, idx = grouped.max(-1)
     base = torch.arange(grouped.shape[-2]) * group_size
     return values, idx + base
-
-
-# ---------------------------------------------------------------------------------------
-# stability
-# ---------------------------------------------------------------------------------------
-def rank_stability(scores_a: Any, scores_b: Any) -> float:
-    """Spearman rank correlation between two score vectors over the same heads.
-
-    Use it to ask whether a ranking of heads survives a change of samples or prompt kind.
-    Inputs of any shape (flattened; e.g. ``[layers, heads]``); NaN when either is constant.
-    """
-    from scipy.stats import spearmanr
-
-    a = np.asarray(torch.as_tensor(scores_a).detach().cpu(), dtype=np.float64).reshape(-1)
-    b = np.asarray(torch.as_tensor(scores_b).detach().cpu(), dtype=np.float64).reshape(-1)
-    if a.shape != b.shape:
-        raise ProbeError(f"rank_stability needs scores over the same heads, got {a.size} and {b.size} values")
-    if a.size < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
-        return float("nan")
-    return float(spearmanr(a, b).statistic)
-
-
-def split_half_stability(per_sample: torch.Tensor) -> float:
-    """`rank_stability` between the mean score over the even-numbered samples and over the
-    odd-numbered ones (two disjoint halves). ``per_sample`` ``[samples, ...]``; NaN with
-    fewer than 2 samples."""
-    per_sample = torch.as_tensor(per_sample)
-    if per_sample.shape[0] < 2:
-        return float("nan")
-    return rank_stability(per_sample[0::2].mean(0), per_sample[1::2].mean(0))
-
-
-# ---------------------------------------------------------------------------------------
-# running the model
-# ---------------------------------------------------------------------------------------
-PatternReducer = Callable[[int, torch.Tensor], dict[str, torch.Tensor]]
-
-
-@torch.no_grad()
-def reduce_patterns(model: LoadedModel, input_ids: torch.Tensor, reducer: PatternReducer) -> dict[str, torch.Tensor]:
-    """Run one forward over ``input_ids`` ``[1, n]`` and reduce every layer's attention pattern.
-
-    ``reducer(layer, pattern)`` gets the layer's pattern ``[heads, n, n]`` (float32, on the
-    model's device) and returns named tensors ``[heads, ...]``; the result stacks them over
-    layers: ``{name: [layers, heads, ...]}`` on the CPU. Only one layer's pattern is alive at a
-    time. Hooks already active on the bridge (``bridge.hooks(...)``) run first, so a patched
-    pattern is what gets reduced.
-    """
-    if input_ids.dim() == 1:
-        input_ids = input_ids[None]
-    out: list[dict[str, torch.Tensor] | None] = [None] * model.n_layers
-
-    def make_hook(layer: int) -> Callable:
-        def hook(pattern: torch.Tensor, hook=None):
-            out[layer] = {k: v.detach().cpu() for k, v in reducer(layer, pattern[0].to(torch.float32)).items()}
-            return None
-
-        return hook
-
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", make_hook(layer)) for layer in range(model.n_layers)]
-    model.bridge.run_with_hooks(input_ids.to(model.device), fwd_hooks=hooks, stop_at_layer=model.n_layers)
-    missing = [i for i, o in enumerate(out) if o is None]
-    if missing:
-        raise RuntimeError(f"hook_pattern did not fire for layers {missing}: the bridge does not expose patterns")
-    return {k: torch.stack([o[k] for o in out]) for k in out[0]}  # type: ignore[index]
 
 
 # ---------------------------------------------------------------------------------------
@@ -381,34 +308,6 @@ def _check_repeated_args(model: LoadedModel, which: Sequence[str], seq_len: int,
         raise ProbeError(_ERR_TOO_LONG.format(n=n, seq_len=seq_len, repeats=longest, n_ctx=model.n_ctx, model=model.name))
 
 
-def check_out(out: str | Path, model: LoadedModel) -> None:
-    """Fail before any work when ``out`` cannot take this model's results: an existing run
-    that is incomplete or of another model, or a folder that cannot be written (the checks
-    `attnlab.runs.ensure_run` makes after the work)."""
-    out = Path(out)
-    if out.exists():
-        run = Run.open(out)
-        shape = ("n_layers", "n_heads", "n_kv_heads", "head_dim")
-        mine = {k: run.model.get(k) for k in shape}
-        theirs = {k: model.identity().get(k) for k in shape}
-        if mine != theirs:
-            raise RunError(f"run {out} was made with model {run.model.get('name')!r} {mine}, not {model.name!r} {theirs}: choose another --out")
-    else:
-        check_writable_target(out, force=False)
-
-
-def _record_summary(run: Run, kind: str, summary: dict[str, Any]) -> None:
-    stages = dict(run.manifest.get("stages", {}))
-    stage = dict(stages.get(kind, {}))
-    stage["summary"] = summary
-    stages[kind] = stage
-    run.update_manifest(stages=stages)
-
-
-def _finite(x: float) -> float | None:
-    return None if x != x else round(float(x), 4)  # NaN -> None (JSON null)
-
-
 def probe_repeated(
     model: LoadedModel,
     out: str | Path,
@@ -444,7 +343,7 @@ def probe_repeated(
     """
     which = (which,) if isinstance(which, str) else tuple(dict.fromkeys(which))
     _check_repeated_args(model, which, seq_len, repeats, razor_repeats, n_samples)
-    check_out(out, model)
+    preflight_run(out, model)
     tl_types = [t for t in which if t not in RAZOR_TYPES]
     razor = [t for t in which if t in RAZOR_TYPES]
     settings = []
@@ -455,7 +354,6 @@ def probe_repeated(
 
     rows: list[dict[str, Any]] = []
     summary: dict[str, Any] = {"seq_len": seq_len, "n_samples": n_samples, "types": {}}
-    kv = model.kv_heads()
     for types, reps in settings:
         samples = repeated_samples(model.tokenizer, seq_len=seq_len, repeats=reps, n_samples=n_samples, seed=seed)
         probe = f"repeated_random:x{reps}"
@@ -464,7 +362,7 @@ def probe_repeated(
             per_sample = scores[t]  # [S, L, H]
             mean = per_sample.mean(0)
             stability = split_half_stability(per_sample)
-            info: dict[str, Any] = {"probe": probe, "split_half_stability": _finite(stability), "max": round(float(mean.max()), 4)}
+            info: dict[str, Any] = {"probe": probe, "split_half_stability": finite(stability), "max": round(float(mean.max()), 4)}
             if cross_check and t in TL_HEAD_NAMES:
                 info["transformer_lens"] = _cross_check(model, samples, t, mean)
             summary["types"][t] = info
@@ -474,31 +372,41 @@ def probe_repeated(
                 "n_samples": n_samples,
                 "seed": seed,
                 "score": "row_mass (mean over rows with an earlier copy)" if t in RAZOR_TYPES else "mul: sum(A*D)/sum(A) over all rows",
-                "split_half_stability": _finite(stability),
+                "split_half_stability": finite(stability),
             }
-            for layer in range(model.n_layers):
-                for head in range(model.n_heads):
-                    rows.append({
-                        "layer": layer, "head": head, "kv_head": int(kv[head]), "head_type": t,
-                        "score": float(mean[layer, head]), "probe": probe,
-                        "evidence": {**evidence_base, "per_sample": [round(float(v), 4) for v in per_sample[:, layer, head]]},
-                    })
-            if t in RAZOR_TYPES:
-                pooled, argmax = kv_max_pool(mean, model.group_size)  # [L, KV]
-                for layer in range(model.n_layers):
-                    for g in range(model.n_kv_heads):
-                        rows.append({
-                            "layer": layer, "head": -1, "kv_head": g, "head_type": f"{t}_kv",
-                            "score": float(pooled[layer, g]), "probe": probe,
-                            "evidence": {**evidence_base, "pool": "max over the KV group's query heads", "argmax_head": int(argmax[layer, g])},
-                        })
+            rows += _type_rows(model, t, probe, per_sample, evidence_base)
 
     frame = detection_frame(rows)
     params = {"which": list(which), "seq_len": seq_len, "repeats": repeats, "razor_repeats": razor_repeats, "n_samples": n_samples, "seed": seed}
-    run = ensure_run(out, model.identity(), "probe:repeated", params)
+    run = ensure_run(out, model.identity(), STAGE, params)
     write_detections(run, frame)
-    _record_summary(run, "probe:repeated", summary)
+    run.record_stage(STAGE, summary=summary)
     return ProbeResult(run, frame, summary)
+
+
+def _type_rows(model: LoadedModel, head_type: str, probe: str, per_sample: torch.Tensor, evidence_base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One head type's detection rows from its per-sample scores ``[samples, layers, heads]``:
+    one per query head, plus the ``{type}_kv`` rows (``head = -1``) for the RazorAttention types."""
+    kv = model.kv_heads()
+    mean = per_sample.mean(0)
+    rows: list[dict[str, Any]] = []
+    for layer in range(model.n_layers):
+        for head in range(model.n_heads):
+            rows.append({
+                "layer": layer, "head": head, "kv_head": int(kv[head]), "head_type": head_type,
+                "score": float(mean[layer, head]), "probe": probe,
+                "evidence": {**evidence_base, "per_sample": [round(float(v), 4) for v in per_sample[:, layer, head]]},
+            })
+    if head_type in RAZOR_TYPES:
+        pooled, argmax = kv_max_pool(mean, model.group_size)  # [L, KV]
+        for layer in range(model.n_layers):
+            for g in range(model.n_kv_heads):
+                rows.append({
+                    "layer": layer, "head": -1, "kv_head": g, "head_type": f"{head_type}_kv",
+                    "score": float(pooled[layer, g]), "probe": probe,
+                    "evidence": {**evidence_base, "pool": "max over the KV group's query heads", "argmax_head": int(argmax[layer, g])},
+                })
+    return rows
 
 
 def _cross_check(model: LoadedModel, samples: Sequence[RepeatedSample], head_type: str, ours: torch.Tensor) -> dict[str, Any]:
@@ -507,6 +415,6 @@ def _cross_check(model: LoadedModel, samples: Sequence[RepeatedSample], head_typ
     except ProbeError as exc:
         return {"skipped": str(exc)}
     return {
-        "spearman": _finite(rank_stability(ours, theirs)),
+        "spearman": finite(rank_stability(ours, theirs)),
         "max_abs_diff": float((ours - theirs).abs().max()),
     }

@@ -28,9 +28,9 @@ skips it because its prefill runs FlashAttention; the definition covers every ge
 
 Scores are per query head and per KV head (max over the query heads of the GQA group, head type
 ``retrieval_kv`` with ``head = -1``). `probe_retrieval` runs the whole probe for the CLI: needle
-suite, scores, split-half stability, the causal check (`attnlab.probes.causal`) and the run
-directory files (``detections.parquet``, ``needle_results.parquet``, ``retrieval_trace.parquet``,
-``causal_check.parquet``, ``retrieval_summary.json``).
+suite, scores, split-half stability, the causal check (`attnlab.probes.causal`) and the run's
+artifacts (`attnlab.runs`: ``DETECTIONS``, ``NEEDLE_RESULTS``, ``RETRIEVAL_TRACE``,
+``CAUSAL_CHECK``, ``CAUSAL_SUMMARY``, ``RETRIEVAL_SUMMARY``).
 """
 
 from __future__ import annotations
@@ -48,9 +48,18 @@ import pandas as pd
 import torch
 
 from attnlab.attention import check_routable, route_attention
-from attnlab.errors import AttnlabError, RunError
-from attnlab.runs import Run, check_writable_target, ensure_run
+from attnlab.runs import (
+    CAUSAL_CHECK,
+    CAUSAL_SUMMARY,
+    NEEDLE_RESULTS,
+    RETRIEVAL_SUMMARY,
+    RETRIEVAL_TRACE,
+    Run,
+    ensure_run,
+    preflight_run,
+)
 
+from .base import ProbeError, ProbeResult
 from .detections import detection_frame, write_detections
 from .needle import (
     NEEDLE_KINDS,
@@ -69,9 +78,8 @@ RETRIEVAL_THRESHOLD = 0.1
 #: ROUGE-1 recall above which a sample counts (Wu et al.'s filter).
 COUNT_THRESHOLD = 0.5
 
-NEEDLE_RESULTS = "needle_results.parquet"
-RETRIEVAL_TRACE = "retrieval_trace.parquet"
-RETRIEVAL_SUMMARY = "retrieval_summary.json"
+#: The manifest stage this probe records.
+STAGE = "probe:retrieval"
 
 _ERR_MODE = "retrieval mode must be one of {modes}, got {mode!r}"
 _ERR_TRACE_SHAPE = "argmax trace has {steps} steps but {tokens} tokens: one token per step is needed"
@@ -80,9 +88,6 @@ _ERR_K = (
     "random other heads needs K ≤ {half}; lower --causal-ks"
 )
 _ERR_DRAWS = "draws must be at least 1, got {draws}"
-_ERR_OUT_MODEL = (
-    "run {out} was made with model {theirs!r}, not {ours!r}: choose another --out"
-)
 _ERR_NO_SAMPLES = "no needle samples to score: give at least one length, depth and kind"
 
 
@@ -330,7 +335,7 @@ class RetrievalScores:
 def score_traces(traces: Sequence[RetrievalTrace], samples: Sequence[NeedleSample], mode: str) -> RetrievalScores:
     """Score traces in one mode: per-sample scores, copy events and the counting filter."""
     if mode not in MODES:
-        raise AttnlabError(_ERR_MODE.format(modes=list(MODES), mode=mode))
+        raise ProbeError(_ERR_MODE.format(modes=list(MODES), mode=mode))
     per_sample, hits, counted, rouge = [], [], [], []
     for trace, sample in zip(traces, samples, strict=True):
         h = retrieval_hits(trace.argmax(mode), trace.tokens(mode), sample.input_ids, sample.needle_span)
@@ -379,7 +384,7 @@ def detection_rows(scores: RetrievalScores, model, *, probe: str | None = None) 
 
 
 def results_frame(samples: Sequence[NeedleSample], traces: Sequence[RetrievalTrace]) -> pd.DataFrame:
-    """``needle_results.parquet``: one row per sample, graded in both modes."""
+    """The needle results table (`attnlab.runs.NEEDLE_RESULTS`): one row per sample, graded in both modes."""
     rows = []
     for s, t in zip(samples, traces, strict=True):
         rouge = rouge1_recall(s.answer, t.greedy_text)
@@ -396,7 +401,7 @@ def results_frame(samples: Sequence[NeedleSample], traces: Sequence[RetrievalTra
 
 
 def trace_frame(samples: Sequence[NeedleSample], traces: Sequence[RetrievalTrace]) -> pd.DataFrame:
-    """``retrieval_trace.parquet``: per sample, mode, step and head, the argmax key position,
+    """The retrieval trace table (`attnlab.runs.RETRIEVAL_TRACE`): per sample, mode, step and head, the argmax key position,
     the token there, the token produced, and whether that was a copy from the needle."""
     parts = []
     for s, t in zip(samples, traces, strict=True):
@@ -426,24 +431,13 @@ def trace_frame(samples: Sequence[NeedleSample], traces: Sequence[RetrievalTrace
 # ---------------------------------------------------------------------------------------
 # the probe, end to end
 # ---------------------------------------------------------------------------------------
-def _check_out(out: str | Path, model) -> None:
-    out = Path(out)
-    if out.exists():
-        run = Run.open(out)
-        keys = ("n_layers", "n_heads", "n_kv_heads", "head_dim")
-        if any(run.model.get(k) != model.identity()[k] for k in keys):
-            raise RunError(_ERR_OUT_MODEL.format(out=out, theirs=run.model.get("name"), ours=model.name))
-    else:
-        check_writable_target(out, force=False)
-
-
 def _check_causal(model, causal_ks: Sequence[int], draws: int) -> None:
     total = model.n_layers * model.n_heads
     for k in causal_ks:
         if int(k) < 1 or 2 * int(k) > total:
-            raise AttnlabError(_ERR_K.format(k=k, model=model.name, total=total, half=total // 2))
+            raise ProbeError(_ERR_K.format(k=k, model=model.name, total=total, half=total // 2))
     if causal_ks and draws < 1:
-        raise AttnlabError(_ERR_DRAWS.format(draws=draws))
+        raise ProbeError(_ERR_DRAWS.format(draws=draws))
 
 
 def _progress(items, enabled: bool, desc: str):
@@ -470,7 +464,7 @@ def probe_retrieval(
     max_new_tokens: int | None = None,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> ProbeResult:
     """The retrieval probe, end to end: scores, evidence, top heads and the causal check.
 
     Args:
@@ -478,7 +472,7 @@ def probe_retrieval(
         out: the run directory (created, or added to when it holds a run of the same model).
         lengths, depths, kinds, n_samples, haystack: the needle suite (see
             `attnlab.probes.needle.needle_samples`); ``n_samples=None`` = the whole grid.
-        mode: which score goes into ``detections.parquet``: ``greedy`` (Wu et al.) or
+        mode: which score goes into the detections: ``greedy`` (Wu et al.) or
             ``teacher``; both are computed (one pass) and their Spearman is in the summary.
         causal_ks, draws, ablation: the causal check — for each K, accuracy with the top-K heads
             ablated (``zero``, ``mean`` or ``uniform``) against ``draws`` sets of K random other
@@ -488,37 +482,30 @@ def probe_retrieval(
         progress: tqdm bars over samples.
 
     Everything is validated before any model work (suite, context lengths, output directory,
-    K values); a mistake raises an `AttnlabError` and writes nothing.
+    K values); a mistake raises a `ProbeError` (an `AttnlabError`) and writes nothing.
 
     Returns:
-        ``{"run", "detections", "needle_results", "causal_check", "summary", "scores", "traces",
-        "samples"}`` (``scores``: `RetrievalScores` per mode).
+        A `ProbeResult`: ``detections`` (the rows this probe added), ``summary``, ``tables``
+        ``needle_results``, ``retrieval_trace`` and ``causal_check`` (empty when skipped), and
+        ``extras`` ``scores`` (`RetrievalScores` per mode), ``traces`` and ``samples``.
     """
-    from .causal import causal_check, summarize_causal
-
     if mode not in MODES:
-        raise AttnlabError(_ERR_MODE.format(modes=list(MODES), mode=mode))
+        raise ProbeError(_ERR_MODE.format(modes=list(MODES), mode=mode))
     check_routable(model)
-    _check_out(out, model)
+    preflight_run(out, model)
     _check_causal(model, causal_ks, draws)
     samples = needle_samples(
         model, lengths=lengths, depths=depths, kinds=kinds, n_samples=n_samples, haystack=haystack, seed=seed
     )
     if not samples:
-        raise AttnlabError(_ERR_NO_SAMPLES)
+        raise ProbeError(_ERR_NO_SAMPLES)
     params = {
         "lengths": [int(n) for n in lengths], "depths": [float(d) for d in depths], "kinds": list(kinds),
         "n_samples": len(samples), "mode": mode, "haystack": None if haystack is None else str(haystack),
         "causal_ks": [int(k) for k in causal_ks], "draws": int(draws), "ablation": ablation,
         "max_new_tokens": max_new_tokens, "seed": int(seed),
     }
-    means = None
-    if ablation == "mean" and causal_ks:
-        from attnlab.prompts import builtin_prompts
-
-        from .ablation import head_means
-
-        means = head_means(model, builtin_prompts(model.tokenizer, [min(lengths)], 4, seed=seed + 1, kinds=["narrative"]))
+    means = _ablation_means(model, lengths, seed) if ablation == "mean" and causal_ks else None
 
     t0 = time.perf_counter()
     traces = [trace_sample(model, s, max_new_tokens=max_new_tokens) for s in _progress(samples, progress, "retrieval score")]
@@ -531,20 +518,47 @@ def probe_retrieval(
     causal = pd.DataFrame()
     causal_summary: dict[str, Any] = {}
     if causal_ks:
+        from .causal import causal_check, summarize_causal
+
         causal = causal_check(
             model, samples, primary.ranking(), ks=causal_ks, draws=draws, method=ablation, means=means,
             seed=seed, max_new_tokens=max_new_tokens, progress=progress,
         )
         causal_summary = summarize_causal(causal)
 
+    summary = retrieval_summary(model, scores, mode, results, seed=seed, seconds_per_sample=score_seconds / len(samples),
+                                causal=causal_summary)
+    tables = {NEEDLE_RESULTS.key: results, RETRIEVAL_TRACE.key: trace_frame(samples, traces), CAUSAL_CHECK.key: causal}
+    run = ensure_run(out, model.identity(), STAGE, params)
+    _write_retrieval(run, detections, tables, summary, causal_summary if causal_ks else None)
+    return ProbeResult(run, detections, summary, tables, {"scores": scores, "traces": traces, "samples": samples})
+
+
+def _ablation_means(model, lengths: Sequence[int], seed: int) -> torch.Tensor:
+    """Per-head mean outputs for mean ablation, from a few generated prompts."""
+    from attnlab.prompts import builtin_prompts
+
+    from .ablation import head_means
+
+    return head_means(model, builtin_prompts(model.tokenizer, [min(lengths)], 4, seed=seed + 1, kinds=["narrative"]))
+
+
+def retrieval_summary(
+    model, scores: dict[str, RetrievalScores], mode: str, results: pd.DataFrame, *, seed: int,
+    seconds_per_sample: float, causal: dict[str, Any],
+) -> dict[str, Any]:
+    """The probe's summary (`attnlab.runs.RETRIEVAL_SUMMARY`): accuracy overall and by length,
+    depth and kind, the top 20 heads of ``mode``, how many reach `RETRIEVAL_THRESHOLD`, the
+    split-half and between-mode Spearman, the time per sample and the causal check's summary."""
+    primary = scores[mode]
     score = primary.score
     top = [
         {"layer": layer, "head": h, "kv_head": model.kv_head(h), "score": round(float(score[layer, h]), 6)}
         for layer, h in primary.ranking()[:20]
     ]
-    summary = {
+    return {
         "mode": mode,
-        "samples": len(samples),
+        "samples": len(results),
         "accuracy": float(results["correct"].mean()),
         "mean_rouge1": float(results["rouge1"].mean()),
         "counted": {m: scores[m].n_counted for m in MODES},
@@ -558,21 +572,23 @@ def probe_retrieval(
         "nonzero_heads": int((score > 0).sum()),
         "split_half_spearman": {m: scores[m].split_half(seed) for m in MODES},
         "mode_spearman": spearman(scores["greedy"].score, scores["teacher"].score),
-        "seconds_per_sample": score_seconds / len(samples),
-        "causal": causal_summary,
+        "seconds_per_sample": seconds_per_sample,
+        "causal": causal,
     }
 
-    run = ensure_run(out, model.identity(), "probe:retrieval", params)
-    detections = write_detections(run, detections)
-    run.write_table(NEEDLE_RESULTS, results)
-    run.write_table(RETRIEVAL_TRACE, trace_frame(samples, traces))
-    if causal_ks:
-        from .causal import CAUSAL_CHECK, CAUSAL_SUMMARY
 
-        run.write_table(CAUSAL_CHECK, causal)
-        run.write_json(CAUSAL_SUMMARY, causal_summary)
-    run.write_json(RETRIEVAL_SUMMARY, json.loads(json.dumps(summary, default=float)))
-    return {
-        "run": run, "detections": detections, "needle_results": results, "causal_check": causal,
-        "summary": summary, "scores": scores, "traces": traces, "samples": samples,
-    }
+def _write_retrieval(
+    run: Run, detections: pd.DataFrame, tables: dict[str, pd.DataFrame], summary: dict[str, Any],
+    causal_summary: dict[str, Any] | None,
+) -> None:
+    """Write the probe's artifacts into ``run`` (detections merged with the run's). The causal
+    tables are written only when the check ran (``causal_summary`` not None)."""
+    write_detections(run, detections)
+    run.write(NEEDLE_RESULTS, tables[NEEDLE_RESULTS.key])
+    run.write(RETRIEVAL_TRACE, tables[RETRIEVAL_TRACE.key])
+    if causal_summary is not None:
+        run.write(CAUSAL_CHECK, tables[CAUSAL_CHECK.key])
+        run.write(CAUSAL_SUMMARY, causal_summary)
+    stored = json.loads(json.dumps(summary, default=float))
+    run.write(RETRIEVAL_SUMMARY, stored)
+    run.record_stage(STAGE, summary=stored)

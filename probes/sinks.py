@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,21 @@ from tqdm.auto import tqdm
 from attnlab.capture import check_length
 from attnlab.models import LoadedModel
 from attnlab.prompts import KINDS, Prompt, builtin_prompts
-from attnlab.runs import ensure_run
+from attnlab.runs import ensure_run, preflight_run
 
-from .detections import detection_frame, write_detections
-from .repeated import (
+from .base import (
     ProbeError,
     ProbeResult,
-    _finite,
-    _record_summary,
-    check_out,
+    finite,
     rank_stability,
     reduce_patterns,
     split_half_stability,
 )
+from .detections import detection_frame, write_detections
 
 PROBE = "sinks"
+#: The manifest stage this probe records.
+STAGE = "probe:sinks"
 
 _ERR_EPS = "--eps must lie in (0, 1), got {eps}"
 _ERR_MIN_QUERIES = "min_queries must be at least 1, got {min_queries}"
@@ -175,9 +176,28 @@ def probe_sinks(
         raise ProbeError(_ERR_EPS.format(eps=eps))
     if min_queries < 1:
         raise ProbeError(_ERR_MIN_QUERIES.format(min_queries=min_queries))
-    check_out(out, model)
+    preflight_run(out, model)
     if prompts is None:
         prompts = sink_prompts(model, n_samples=n_samples, lengths=lengths, chat=chat, kinds=kinds, seed=seed)
+    _check_prompts(model, prompts, min_queries)
+
+    measures = SinkMeasures.of(sink_importance(model, prompts, progress=progress), prompts, min_queries)
+    summary = _sink_summary(measures, prompts, eps=eps, min_queries=min_queries)
+    rows, hidden_tokens = _sink_rows(model, prompts, measures, summary, eps=eps, min_queries=min_queries)
+    summary["hidden_sink_tokens"] = dict(hidden_tokens.most_common(10))
+
+    frame = detection_frame(rows)
+    params = {
+        "n_samples": n_samples, "lengths": [int(n) for n in lengths], "eps": eps, "chat": chat,
+        "kinds": list(kinds), "min_queries": min_queries, "seed": seed, "prompts": [p.name for p in prompts],
+    }
+    run = ensure_run(out, model.identity(), STAGE, params)
+    write_detections(run, frame)
+    run.record_stage(STAGE, summary=summary)
+    return ProbeResult(run, frame, summary)
+
+
+def _check_prompts(model: LoadedModel, prompts: Sequence[Prompt], min_queries: int) -> None:
     if not prompts:
         raise ProbeError("no prompts for the sink probe: give --samples > 0")
     for p in prompts:
@@ -185,43 +205,82 @@ def probe_sinks(
         if p.n_tokens <= min_queries + 1:
             raise ProbeError(_ERR_SHORT.format(name=p.name, n=p.n_tokens, need=min_queries + 1, min_queries=min_queries))
 
-    importance = sink_importance(model, prompts, progress=progress)
-    first = torch.stack([imp[..., 0] for imp in importance])  # [S, L, H]
-    hidden = [hidden_sink(imp, min_queries) for imp in importance]
-    hidden_value = torch.stack([v for v, _ in hidden])  # [S, L, H]
-    hidden_pos = torch.stack([p for _, p in hidden])  # [S, L, H]
-    kinds_of = [p.source if p.source == "chat" else "builtin" for p in prompts]
-    kind_names = sorted(set(kinds_of))
-    by_kind = {k: first[[i for i, kk in enumerate(kinds_of) if kk == k]].mean(0) for k in kind_names}
-    hidden_by_kind = {k: hidden_value[[i for i, kk in enumerate(kinds_of) if kk == k]].mean(0) for k in kind_names}
-    tok = model.tokenizer
-    first_tokens = Counter(_token_text(tok, p.input_ids[0, 0]) for p in prompts)
 
+@dataclass
+class SinkMeasures:
+    """The sink probe's measurements over its prompts.
+
+    Attributes:
+        first: ``[samples, layers, heads]`` importance of token 0.
+        hidden_value: ``[samples, layers, heads]`` the strongest later sink's importance.
+        hidden_pos: ``[samples, layers, heads]`` its position.
+        kinds_of: each prompt's kind, ``"builtin"`` or ``"chat"``.
+    """
+
+    first: torch.Tensor
+    hidden_value: torch.Tensor
+    hidden_pos: torch.Tensor
+    kinds_of: list[str]
+
+    @classmethod
+    def of(cls, importance: Sequence[torch.Tensor], prompts: Sequence[Prompt], min_queries: int) -> SinkMeasures:
+        """From `sink_importance`'s ``[layers, heads, n_p]`` tensors, one per prompt."""
+        hidden = [hidden_sink(imp, min_queries) for imp in importance]
+        return cls(
+            first=torch.stack([imp[..., 0] for imp in importance]),
+            hidden_value=torch.stack([v for v, _ in hidden]),
+            hidden_pos=torch.stack([p for _, p in hidden]),
+            kinds_of=[p.source if p.source == "chat" else "builtin" for p in prompts],
+        )
+
+    @property
+    def kind_names(self) -> list[str]:
+        return sorted(set(self.kinds_of))
+
+    def of_kind(self, values: torch.Tensor, kind: str) -> torch.Tensor:
+        """The samples of ``values`` ``[samples, ...]`` whose prompt is of ``kind``."""
+        return values[[i for i, k in enumerate(self.kinds_of) if k == kind]]
+
+
+def _sink_summary(m: SinkMeasures, prompts: Sequence[Prompt], *, eps: float, min_queries: int) -> dict[str, Any]:
+    """The summary's shares and stabilities (``hidden_sink_tokens`` is added by the rows)."""
+    kind_names = m.kind_names
     summary: dict[str, Any] = {
         "eps": eps,
         "min_queries": min_queries,
         "n_prompts": len(prompts),
-        "prompt_kinds": {k: kinds_of.count(k) for k in kind_names},
-        "sink_share_first_token": round(sink_share(first[..., None], eps), 4),
-        "hidden_sink_share": round(float((hidden_value > eps).to(torch.float32).mean()), 4),
-        "split_half_stability": {"sink": _finite(split_half_stability(first)), "hidden_sink": _finite(split_half_stability(hidden_value))},
+        "prompt_kinds": {k: m.kinds_of.count(k) for k in kind_names},
+        "sink_share_first_token": round(sink_share(m.first[..., None], eps), 4),
+        "hidden_sink_share": round(float((m.hidden_value > eps).to(torch.float32).mean()), 4),
+        "split_half_stability": {"sink": finite(split_half_stability(m.first)), "hidden_sink": finite(split_half_stability(m.hidden_value))},
     }
     if len(kind_names) == 2:
         a, b = kind_names
         summary["kind_stability"] = {
             "kinds": [a, b],
-            "sink": _finite(rank_stability(by_kind[a], by_kind[b])),
-            "hidden_sink": _finite(rank_stability(hidden_by_kind[a], hidden_by_kind[b])),
+            "sink": finite(rank_stability(m.of_kind(m.first, a).mean(0), m.of_kind(m.first, b).mean(0))),
+            "hidden_sink": finite(rank_stability(m.of_kind(m.hidden_value, a).mean(0), m.of_kind(m.hidden_value, b).mean(0))),
         }
-    summary["sink_share_by_kind"] = {k: round(sink_share(first[[i for i, kk in enumerate(kinds_of) if kk == k]][..., None], eps), 4) for k in kind_names}
-    hidden_tokens: Counter[str] = Counter()
+    summary["sink_share_by_kind"] = {k: round(sink_share(m.of_kind(m.first, k)[..., None], eps), 4) for k in kind_names}
+    return summary
 
+
+def _sink_rows(
+    model: LoadedModel, prompts: Sequence[Prompt], m: SinkMeasures, summary: dict[str, Any], *, eps: float, min_queries: int
+) -> tuple[list[dict[str, Any]], Counter[str]]:
+    """The ``sink`` and ``hidden_sink`` detection rows of every head, and how many
+    (head, sample) pairs sink on each token text."""
+    tok = model.tokenizer
+    kind_names = m.kind_names
+    by_kind = {k: m.of_kind(m.first, k).mean(0) for k in kind_names}
+    first_tokens = Counter(_token_text(tok, p.input_ids[0, 0]) for p in prompts)
+    hidden_tokens: Counter[str] = Counter()
     rows: list[dict[str, Any]] = []
     kv = model.kv_heads()
     common = {"eps": eps, "n_samples": len(prompts), "lengths": sorted({p.n_tokens for p in prompts})}
     for layer in range(model.n_layers):
         for head in range(model.n_heads):
-            f = first[:, layer, head]
+            f = m.first[:, layer, head]
             rows.append({
                 "layer": layer, "head": head, "kv_head": int(kv[head]), "head_type": "sink",
                 "score": float(f.mean()), "probe": PROBE,
@@ -232,10 +291,10 @@ def probe_sinks(
                     "split_half_stability": summary["split_half_stability"]["sink"],
                 },
             })
-            hv, hp = hidden_value[:, layer, head], hidden_pos[:, layer, head]
+            hv, hp = m.hidden_value[:, layer, head], m.hidden_pos[:, layer, head]
             order = torch.argsort(hv, descending=True)[:3]
             top = [{
-                "sample": prompts[int(s)].name, "kind": kinds_of[int(s)], "position": int(hp[s]),
+                "sample": prompts[int(s)].name, "kind": m.kinds_of[int(s)], "position": int(hp[s]),
                 "token": _token_text(tok, prompts[int(s)].input_ids[0, int(hp[s])]), "importance": round(float(hv[s]), 4),
             } for s in order]
             sink_tokens = Counter(
@@ -252,14 +311,4 @@ def probe_sinks(
                     "split_half_stability": summary["split_half_stability"]["hidden_sink"],
                 },
             })
-    summary["hidden_sink_tokens"] = dict(hidden_tokens.most_common(10))
-
-    frame = detection_frame(rows)
-    params = {
-        "n_samples": n_samples, "lengths": [int(n) for n in lengths], "eps": eps, "chat": chat,
-        "kinds": list(kinds), "min_queries": min_queries, "seed": seed, "prompts": [p.name for p in prompts],
-    }
-    run = ensure_run(out, model.identity(), "probe:sinks", params)
-    write_detections(run, frame)
-    _record_summary(run, "probe:sinks", summary)
-    return ProbeResult(run, frame, summary)
+    return rows, hidden_tokens

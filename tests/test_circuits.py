@@ -331,6 +331,14 @@ def test_jsonl_task_errors_name_the_line(tiny_gpt2, tmp_path):
         check_task(tiny_gpt2, jsonl_task(tok, same))
 
 
+
+def exit_code(argv: list[str]) -> int:
+    """`attnlab.cli.main`'s exit status, also when argparse refuses a value (``SystemExit(2)``)."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
 # ---------------------------------------------------------------------------------------
 # output and CLI
 # ---------------------------------------------------------------------------------------
@@ -368,9 +376,9 @@ def test_cli_circuit_on_a_jsonl_task(toy, toy_task, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "L0.H0->L1.H0" in printed and "smallest circuit reaching 0.8: 2" in printed
     assert protected_heads(load_circuit(out)) == [PREV, IND]
-    assert main(["circuit", "--model", str(toy.path), "--task", "nonsense", "--out", str(tmp_path / "x")]) == 2
-    assert main(["circuit", "--model", str(toy.path), "--task", str(task_file), "--method", "magic", "--out", str(tmp_path / "y")]) == 2
-    assert main(["circuit", "--model", str(toy.path), "--task", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", str(task_file), "--method", "magic", "--out", str(tmp_path / "y")]) == 2
+    assert exit_code(["circuit", "--model", str(toy.path), "--task", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "z")]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 3 and "unknown task 'nonsense'" in err and "--method" in err and "does not exist" in err
     assert not any((tmp_path / name).exists() for name in "xyz")
@@ -400,3 +408,88 @@ def test_needle_task_on_the_embedded_model(embedded):
     clean, corrupted = check_task(embedded, task)
     # the model copies the passkey from its context: the clean one, and after corruption the other
     assert (clean > 1).all() and (corrupted < -1).all()
+
+
+# ---------------------------------------------------------------------------------------
+# the stored circuit: read through the run store and checked in one place
+# ---------------------------------------------------------------------------------------
+def _stored_circuit(tmp_path, **changes):
+    from attnlab.runs import CIRCUIT, ensure_run
+
+    run = ensure_run(tmp_path / "run", {"name": "m", "n_layers": 2, "n_heads": 2, "n_kv_heads": 1, "head_dim": 4}, "test", {})
+    circuit = Circuit(nodes=[(0, 1), (1, 0)], edges=[((0, 1), (1, 0)), ((1, 0), "logits")],
+                      node_scores={(0, 1): 1.0, (1, 0): 0.5}, edge_scores={((0, 1), (1, 0)): 0.7, ((1, 0), "logits"): 0.4},
+                      method="attribution", direction="denoising", threshold=0.5,
+                      faithfulness={"sizes": [0, 2], "f": [0.0, 1.0]})
+    obj = {**circuit.to_json(), **changes}
+    run.write(CIRCUIT, obj)
+    return run, circuit
+
+
+def test_load_circuit_reads_through_the_run_store(tmp_path):
+    from attnlab.circuits.circuit import read_circuit
+    from attnlab.runs import CIRCUIT
+
+    run, circuit = _stored_circuit(tmp_path)
+    for source in (run, run.path, str(run.path), run.path / CIRCUIT):
+        again = load_circuit(source)
+        assert again.nodes == circuit.nodes and again.edges == circuit.edges and again.edge_scores == circuit.edge_scores
+    assert read_circuit(run).to_json()["nodes"][0]["name"] == "L0.H1"
+    copy = tmp_path / "copy.json"  # a standalone copy, outside any run
+    copy.write_text((run.path / CIRCUIT).read_text())
+    assert load_circuit(copy).nodes == circuit.nodes
+    # a refinement stored without the faithfulness curve (--no-faithfulness --refine) is fine
+    refined = {"refined": {"mode": "prune", "sizes": [2, 1], "f": [1.0, 0.4]}}
+    assert load_circuit(_stored_circuit(tmp_path / "r", faithfulness=refined)[0]).faithfulness == refined
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: p.write_text("{not json"), "is not valid JSON"),
+        (lambda p: p.write_text(json.dumps({"schema": 1, "nodes": [{"layer": 0, "head": 1}]})), "is not a circuit attnlab can read \\(missing field"),
+        (lambda p: p.write_text(json.dumps([1, 2])), "not an object"),
+        (lambda p: p.unlink(), "attnlab circuit --task"),
+    ],
+)
+def test_a_damaged_circuit_is_one_error_naming_the_fix(tmp_path, damage, message):
+    from attnlab.errors import RunError
+    from attnlab.runs import CIRCUIT
+
+    run, _ = _stored_circuit(tmp_path)
+    damage(run.path / CIRCUIT)
+    with pytest.raises(RunError, match=message) as info:
+        load_circuit(run.path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_circuit_that_does_not_fit_its_run_is_refused(tmp_path):
+    from attnlab.errors import RunError
+
+    nodes = [{"layer": 5, "head": 0, "name": "L5.H0", "score": 1.0}]
+    with pytest.raises(RunError, match=r"outside the run's 2 layers × 2 heads"):
+        load_circuit(_stored_circuit(tmp_path / "a", nodes=nodes, edges=[])[0])
+    with pytest.raises(RunError, match="faithfulness curve"):
+        load_circuit(_stored_circuit(tmp_path / "b", faithfulness={"sizes": [0, 1, 2], "f": [0.0, 1.0]})[0])
+    with pytest.raises(RunError, match="not a head label"):
+        load_circuit(_stored_circuit(tmp_path / "c", edges=[{"from": "head 3", "to": "logits", "score": 1.0}])[0])
+
+
+@pytest.mark.parametrize(
+    "extra, option",
+    [
+        (["--threshold", "0"], "--threshold"),
+        (["--threshold", "1.5"], "--threshold"),
+        (["--examples", "0"], "--examples"),
+        (["--cut", "elbow"], "--cut"),
+        (["--direction", "sideways"], "--direction"),
+        (["--refine-step", "0"], "--refine-step"),
+    ],
+)
+def test_cli_circuit_refuses_out_of_range_values(extra, option, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the CLI loaded a model before checking its arguments")
+
+    monkeypatch.setattr("attnlab.models.load_model", no_model)
+    assert exit_code(["circuit", "--task", "ioi", *extra, "--out", str(tmp_path / "run")]) == 2
+    assert option in capsys.readouterr().err and not (tmp_path / "run").exists()

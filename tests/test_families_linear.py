@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from attnlab.errors import AttnlabError, PromptError
+from attnlab.probes.base import ProbeError, ProbeResult
 from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.probes.families import (
-    FAMILIES,
     _family_names,
     compute_families,
     family_word,
@@ -28,14 +28,13 @@ from attnlab.probes.families import (
     head_features,
 )
 from attnlab.probes.linear import (
-    LINEAR_PROBES,
     fit_linear_probes,
     needle_label_samples,
     read_label_file,
     run_linear_probe,
 )
-from attnlab.probes.repeated import ProbeError, word_token_pool
-from attnlab.runs import HEAD_STATS, Run, ensure_run
+from attnlab.probes.repeated import word_token_pool
+from attnlab.runs import FAMILIES, HEAD_STATS, LINEAR_PROBES, Run, ensure_run
 
 # --------------------------------------------------------------------------- families
 
@@ -88,14 +87,16 @@ def test_compute_families_round_trips_through_a_run(tmp_path):
     run = ensure_run(tmp_path / "run", model, "test", {})
     stats = features.melt(id_vars=["layer", "head", "kv_head"], value_vars=["sink_mass_1", "local_mass_64", "entropy_norm"], var_name="statistic")
     stats = stats.assign(probe="builtin", sample=0, n_tokens=64)
-    run.write_table(HEAD_STATS, stats[["layer", "head", "kv_head", "statistic", "probe", "sample", "n_tokens", "value"]])
+    run.write(HEAD_STATS, stats[["layer", "head", "kv_head", "statistic", "probe", "sample", "n_tokens", "value"]])
     det = detection_frame(
         [{"layer": r.layer, "head": r.head, "kv_head": r.kv_head, "head_type": "induction", "score": r.induction, "probe": "x", "evidence": {}} for r in features.itertuples()]
         + [{"layer": 0, "head": -1, "kv_head": 0, "head_type": "echo_kv", "score": 1.0, "probe": "x", "evidence": {}}]
     )
     write_detections(run, det)
     assert set(head_features(run).columns) == {"layer", "head", "kv_head", "sink_mass_1", "local_mass_64", "entropy_norm", "induction"}
-    families = compute_families(tmp_path / "run", k_max=5)
+    result = compute_families(tmp_path / "run", k_max=5)
+    assert isinstance(result, ProbeResult) and result.detections.empty and result.summary["k"] == 3
+    families = result.tables["families"]
     stored = pd.read_parquet(tmp_path / "run" / FAMILIES)
     assert len(stored) == 30 and list(stored["family"]) == list(families["family"]) == truth
     manifest = Run.open(tmp_path / "run").manifest
@@ -172,7 +173,8 @@ def test_needle_labels_and_run_linear_probe_merges_properties(tiny_llama, tmp_pa
     labelled = needle_label_samples(needles)
     assert labelled[2][1][12:18].tolist() == [1] * 6 and int(labelled[2][1].sum()) == 6
     result = run_linear_probe(tiny_llama, tmp_path / "run", samples=needles, layers=[1], progress=False)
-    assert result.summary["property"] == "inside_needle" and len(result.probes) == tiny_llama.n_heads
+    assert isinstance(result, ProbeResult)
+    assert result.summary["property"] == "inside_needle" and len(result.tables["linear_probes"]) == tiny_llama.n_heads
     label_file = tmp_path / "digits.jsonl"
     label_file.write_text("\n".join(json.dumps({"text": f"The code is {k}{k + 1}{k + 2} and then some words follow.", "labels": [[12, 15]]}) for k in range(1, 7)))
     run_linear_probe(tiny_llama, tmp_path / "run", label_file=label_file, layers=[0], progress=False)

@@ -199,5 +199,7 @@ def test_cli_refine_is_stored_with_the_circuit(tmp_path, capsys):
     assert refined["mode"] == "prune" and refined["sizes"] == [8, 4, 1]
     assert refined["f"][0] == pytest.approx(1.0, abs=1e-5)
     bad = argv[:-2] + ["--refine", "shrink", "--out", str(tmp_path / "x")]
-    assert main(bad) == 2 and "--refine" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse refuses the choice, exit 2
+        main(bad)
+    assert refused.value.code == 2 and "--refine" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

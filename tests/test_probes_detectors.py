@@ -21,11 +21,11 @@ import pytest
 import torch
 from transformer_lens import head_detector as tl
 
-from attnlab.errors import AttnlabError
+from attnlab.errors import AttnlabError, PromptError
+from attnlab.probes.base import ProbeError, rank_stability, split_half_stability
 from attnlab.probes.detections import top_heads
 from attnlab.probes.local import local_mass, local_scores, probe_local, streaming_mass
 from attnlab.probes.repeated import (
-    ProbeError,
     detection_pattern,
     duplicate_token_detection,
     induction_detection,
@@ -33,15 +33,14 @@ from attnlab.probes.repeated import (
     mul_score,
     previous_token_detection,
     probe_repeated,
-    rank_stability,
     repeated_samples,
     repeated_scores,
     row_mass_score,
-    split_half_stability,
     tl_detect_head,
 )
 from attnlab.probes.sinks import hidden_sink, key_importance, probe_sinks, sink_share
 from attnlab.prompts import builtin_prompts
+from attnlab.runs import DETECTIONS, MANIFEST
 
 # --------------------------------------------------------------------------- constructed patterns
 
@@ -242,7 +241,7 @@ def test_probe_repeated_finds_planted_heads(tiny_llama, tmp_path):
     # TransformerLens sees the same patched patterns and agrees exactly
     tl_summary = result.summary["types"]["induction"]["transformer_lens"]
     assert tl_summary["spearman"] >= 0.9 and tl_summary["max_abs_diff"] < 1e-5
-    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
     assert manifest["stages"]["probe:repeated"]["summary"]["types"]["previous_token"]["max"] == pytest.approx(0.96, abs=1e-3)
     ev = json.loads(det[(det.head_type == "induction") & (det.layer == 0) & (det["head"] == 1)].evidence.iloc[0])
     assert ev["repeats"] == 2 and len(ev["per_sample"]) == 2 and ev["split_half_stability"] is not None
@@ -352,9 +351,9 @@ def test_a_run_of_another_model_is_refused_before_any_work(tiny_llama, tiny_gpt2
         raise AssertionError("the probe ran the model before checking --out")
 
     monkeypatch.setattr("attnlab.probes.repeated.reduce_patterns", no_forward)
-    with pytest.raises(AttnlabError, match="choose another --out"):
+    with pytest.raises(AttnlabError, match="(?i)choose another --out"):
         probe_repeated(tiny_llama, tmp_path / "run", progress=False)
-    assert not (tmp_path / "run" / "detections.parquet").exists()
+    assert not (tmp_path / "run" / DETECTIONS).exists()
 
 
 # --------------------------------------------------------------------------- the embedded model
@@ -375,3 +374,125 @@ def test_embedded_model_agrees_with_transformer_lens_and_has_sinks(embedded, tmp
     assert result.summary["prompt_kinds"] == {"builtin": 2, "chat": 2}
     assert result.summary["sink_share_first_token"] > 0.3  # most heads sink on the first token
     assert result.summary["kind_stability"]["sink"] > 0.8
+
+
+# --------------------------------------------------------------------------- one base for every probe
+
+
+def test_every_probe_returns_the_one_result_type(tiny_llama, tmp_path):
+    from attnlab.probes.base import ProbeResult
+    from attnlab.probes.families import compute_families
+
+    out = tmp_path / "run"
+    prompts = builtin_prompts(tiny_llama.tokenizer, [48], 2, seed=1)
+    results = {
+        "probe:repeated": probe_repeated(tiny_llama, out, which=("induction",), seq_len=8, n_samples=2, cross_check=False, progress=False),
+        "probe:sinks": probe_sinks(tiny_llama, out, prompts=prompts, min_queries=8, chat=False, progress=False),
+        "probe:local": probe_local(tiny_llama, out, prompts=prompts, sink_tokens=4, windows=(4, 8), window=8, progress=False),
+    }
+    manifest = json.loads((out / MANIFEST).read_text())
+    for stage, result in results.items():
+        assert isinstance(result, ProbeResult) and result.run.path == out
+        assert len(result.detections) > 0 and result.tables == {} and result.extras == {}
+        assert manifest["stages"][stage]["summary"] == json.loads(json.dumps(result.summary))
+        assert result["summary"] is result.summary and result["detections"] is result.detections
+    # the detections of all three probes are merged in the run
+    assert set(results["probe:repeated"].run.detections()["head_type"]) == {"induction", "sink", "hidden_sink", "local"}
+    families = compute_families(out, k_max=3)
+    assert isinstance(families, ProbeResult) and families.detections.empty
+    assert list(families.tables) == ["families"] and families.summary == _stage_summary(out, "families")
+
+
+def _stage_summary(out, stage):
+    from attnlab.runs import Run
+
+    return Run.open(out).manifest["stages"][stage]["summary"]
+
+
+def test_probe_errors_share_one_base():
+    from attnlab.probes.ablation import AblationError
+    from attnlab.probes.base import ProbeError as BaseError
+    from attnlab.probes.needle import NeedleError
+
+    assert ProbeError is BaseError and issubclass(ProbeError, AttnlabError) and issubclass(AblationError, ProbeError)
+    assert issubclass(NeedleError, ProbeError) and issubclass(NeedleError, PromptError)
+
+
+def test_a_corrupt_detections_file_is_an_error_not_no_detections(tmp_path):
+    from attnlab.errors import RunError
+    from attnlab.probes.detections import detection_frame, write_detections
+    from attnlab.probes.families import compute_families
+    from attnlab.runs import ensure_run
+
+    run = ensure_run(tmp_path / "run", {"name": "m", "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 4}, "test", {})
+    rows = [{"layer": 0, "head": h, "kv_head": 0, "head_type": "sink", "score": 0.5, "probe": "x", "evidence": {}} for h in (0, 1)]
+    write_detections(run, detection_frame(rows))
+    (run.path / DETECTIONS).write_bytes(b"not parquet at all")
+    new = detection_frame([{**rows[0], "head_type": "local"}])
+    with pytest.raises(RunError, match="not a readable Parquet file"):
+        write_detections(run.path, new)  # a path works as well as a Run
+    assert (run.path / DETECTIONS).read_bytes() == b"not parquet at all"  # the old rows are not overwritten
+    with pytest.raises(RunError, match="not a readable Parquet file"):
+        compute_families(run)
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def _exit_code(argv):
+    from attnlab.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["probe", "sinks", "--top", "-1"], "--top"),
+        (["probe", "sinks", "--samples", "0"], "--samples"),
+        (["probe", "sinks", "--eps", "0"], "--eps"),
+        (["probe", "retrieval", "--depths", "0.5,1.5"], "--depths"),
+        (["probe", "retrieval", "--mode", "sampled"], "--mode"),
+        (["probe", "retrieval", "--causal-k", "5,x"], "--causal-k"),
+        (["probe", "retrieval", "--draws", "0"], "--draws"),
+        (["probe", "local", "--window", "0"], "--window"),
+        (["probe", "local", "--sink-tokens", "-1"], "--sink-tokens"),
+        (["probe", "induction", "--seq-len", "nan"], "--seq-len"),
+        (["probe", "nonsense"], "probe"),
+    ],
+)
+def test_cli_refuses_out_of_range_values_before_loading_a_model(argv, option, tmp_path, capsys, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the CLI loaded a model before checking its arguments")
+
+    monkeypatch.setattr("attnlab.models.load_model", no_model)
+    assert _exit_code([*argv, "--out", str(tmp_path / "run")]) == 2
+    assert option in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_cli_heads_type_is_a_choice_and_causal_k_may_be_empty(tmp_path, capsys):
+    from attnlab.cli import build_parser
+
+    assert _exit_code(["heads", str(tmp_path), "--type", "bogus"]) == 2
+    assert "--type" in capsys.readouterr().err
+    assert _exit_code(["heads", str(tmp_path), "--type", "sink", "--top", "0"]) == 2
+    args = build_parser().parse_args(["probe", "retrieval", "--out", str(tmp_path), "--causal-k", "", "--depths", "0,1"])
+    assert args.causal_k == [] and args.depths == [0.0, 1.0]
+
+
+def test_cli_heads_prints_the_top_heads_or_names_the_probe_to_run(tmp_path, capsys):
+    from attnlab.probes.cli import _PROBE_OF
+    from attnlab.probes.detections import HEAD_TYPES, detection_frame, write_detections
+    from attnlab.runs import ensure_run
+
+    assert set(_PROBE_OF) == set(HEAD_TYPES)  # every head type names the detector that writes it
+    run = ensure_run(tmp_path / "run", {"name": "m", "n_layers": 1, "n_heads": 2, "n_kv_heads": 1, "head_dim": 4}, "test", {})
+    write_detections(run, detection_frame(
+        [{"layer": 0, "head": h, "kv_head": 0, "head_type": "sink", "score": s, "probe": "x", "evidence": {}} for h, s in ((0, 0.2), (1, 0.9))]))
+    assert _exit_code(["heads", str(run.path), "--type", "sink", "--top", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ["0", "1", "0", "0.9000"]
+    assert _exit_code(["heads", str(run.path), "--type", "previous_token"]) == 2
+    assert f"run `attnlab probe previous --out {run.path}` first" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import torch
 
 from attnlab.errors import AttnlabError
 from attnlab.probes.ablation import HeadAblation
+from attnlab.probes.base import ProbeError, ProbeResult
 from attnlab.probes.causal import causal_check, needle_accuracy, random_heads, summarize_causal
 from attnlab.probes.needle import (
     Needle,
@@ -29,6 +30,14 @@ from attnlab.probes.retrieval import (
     score_traces,
     spearman,
     trace_sample,
+)
+from attnlab.runs import (
+    CAUSAL_CHECK,
+    DETECTIONS,
+    MANIFEST,
+    NEEDLE_RESULTS,
+    RETRIEVAL_SUMMARY,
+    RETRIEVAL_TRACE,
 )
 
 
@@ -272,31 +281,39 @@ def test_probe_retrieval_writes_the_run(tiny_llama, tmp_path):
         progress=False,
     )
     m = tiny_llama
-    det = pd.read_parquet(out / "detections.parquet")
+    det = pd.read_parquet(out / DETECTIONS)
     assert len(det[det["head_type"] == "retrieval"]) == m.n_layers * m.n_heads
     assert len(det[det["head_type"] == "retrieval_kv"]) == m.n_layers * m.n_kv_heads
     assert set(det["probe"]) == {"needle:greedy"}
-    results = pd.read_parquet(out / "needle_results.parquet")
+    results = pd.read_parquet(out / NEEDLE_RESULTS)
     assert len(results) == 4
     assert {"sample", "length", "depth", "kind", "answer", "correct", "rouge1"} <= set(results.columns)
-    causal = pd.read_parquet(out / "causal_check.parquet")
+    causal = pd.read_parquet(out / CAUSAL_CHECK)
     assert causal["condition"].tolist() == ["dense", "top", "random", "random"]
-    summary = json.loads((out / "retrieval_summary.json").read_text())
+    summary = json.loads((out / RETRIEVAL_SUMMARY).read_text())
     assert summary["samples"] == 4 and "split_half_spearman" in summary and "mode_spearman" in summary
-    trace = pd.read_parquet(out / "retrieval_trace.parquet")
+    trace = pd.read_parquet(out / RETRIEVAL_TRACE)
     assert set(trace["mode"]) == {"greedy", "teacher"} and trace["hit"].dtype == bool
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert "probe:retrieval" in manifest["stages"]
     assert result["summary"]["counted"]["greedy"] == int(results["counted"].sum())
+    # one result type: the tables it wrote, the in-memory scores, and the summary in the manifest
+    assert isinstance(result, ProbeResult) and result.run.path == out
+    assert result.summary is result["summary"] and result.detections.equals(det)
+    assert result.tables["needle_results"].equals(results) and result.tables["causal_check"].equals(causal)
+    assert set(result.extras) == {"scores", "traces", "samples"} and result["scores"]["greedy"].n_counted == summary["counted"]["greedy"]
+    assert manifest["stages"]["probe:retrieval"]["summary"]["samples"] == 4
+    with pytest.raises(KeyError, match="extras"):
+        result["nonsense"]
 
 
 def test_probe_retrieval_validates_before_any_work(tiny_llama, tmp_path):
     out = tmp_path / "r2"
     with pytest.raises(NeedleError, match="at most 480"):
         probe_retrieval(tiny_llama, out, lengths=(100, 1000), causal_ks=(1,), progress=False)
-    with pytest.raises(AttnlabError, match="lower --causal-ks"):
+    with pytest.raises(ProbeError, match="lower --causal-ks"):
         probe_retrieval(tiny_llama, out, lengths=(100,), causal_ks=(5,), progress=False)
-    with pytest.raises(AttnlabError, match="mode must be one of"):
+    with pytest.raises(ProbeError, match="mode must be one of"):
         probe_retrieval(tiny_llama, out, lengths=(100,), mode="sampled", progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
