@@ -62,7 +62,9 @@ PREV, IND, OTHER = (0, 0), (1, 0), (2, 0)
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     path = tmp_path_factory.mktemp("toy") / "model"
-    toy = train_induction_model(save_to=str(path))
+    # all 700 steps whatever the machine's load: a time cut-off would make the trained model,
+    # and so every number below, depend on how busy the cores were
+    toy = train_induction_model(save_to=str(path), max_seconds=float("inf"))
     toy.path = path
     return toy
 
@@ -73,7 +75,7 @@ def toy_task(toy):
 
 
 def test_toy_grows_previous_token_and_induction_heads(toy):
-    assert toy.seconds < 60
+    assert len(toy.losses) == 700
     assert toy.losses[-1] < 0.3 < 3.0 < toy.losses[0]
     prev, ind = pattern_scores(toy)
     # independently of any patching: head 0.0 attends to the previous token, head 1.0 to the
