@@ -15,10 +15,13 @@ Patterns are small composable predicates (`patterns`), attention-gym style; poli
 named compositions of them (`kinds`).
 """
 
+from attnlab.kernels import BlockSparseLayout
+
 from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
 from .compare import compare_policies, format_table, tradeoff_figure, write_tradeoff_html
 from .curves import HeadCurves, ProfileEstimator, compute_curves, default_candidates
 from .errors import ExtrapolationWarning, FormatError, MaskError, PolicyError, PolicyModelError
+from .executors import EXECUTORS, PolicyExecutor, run_layout, run_with_policy
 from .export import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,
@@ -29,7 +32,7 @@ from .export import (
     load_masks,
     minference_config,
 )
-from .generator import PolicyGenerator
+from .generator import PolicyGenerator, policy_from_choices
 from .kinds import (
     DYNAMIC_KINDS,
     KINDS,
@@ -44,12 +47,12 @@ from .kinds import (
 )
 from .knapsack import MCKPSolution, solve_mckp
 from .masks import (
-    BlockSparseLayout,
     compile_for_input,
     compile_layer,
     compile_policy,
     estimate_layer_scores,
     head_patterns,
+    layout_from_patterns,
 )
 from .patterns import (
     Pattern,
@@ -69,8 +72,17 @@ from .patterns import (
 )
 from .policy import POLICY_FORMAT, POLICY_SCHEMA, HeadPolicy, Policy
 from .synthetic import make_synthetic_run, synthetic_attention
+from .validation import ValidationReport, validate_policy
 
 __all__ = [
+    "EXECUTORS",
+    "PolicyExecutor",
+    "run_layout",
+    "run_with_policy",
+    "policy_from_choices",
+    "layout_from_patterns",
+    "ValidationReport",
+    "validate_policy",
     "and_masks",
     "BaselineResult",
     "BlockScores",
@@ -136,10 +148,3 @@ __all__ = [
     "uniform_streaming",
     "write_tradeoff_html",
 ]
-
-# -- executors and model-level validation (sparsity_stats/executors.py, validation.py) --------
-from .executors import EXECUTORS, PolicyExecutor, run_with_policy  # noqa: E402
-from .masks import layout_from_patterns  # noqa: E402
-from .validation import ValidationReport, validate_policy  # noqa: E402
-
-__all__ += ["EXECUTORS", "PolicyExecutor", "run_with_policy", "layout_from_patterns", "ValidationReport", "validate_policy"]
