@@ -120,10 +120,9 @@ class ModelIdentity(Mapping):
         for key in SHAPE_FIELDS[:2]:
             values[key] = _positive_int(data.get(key), where, key)
         values["n_kv_heads"] = _positive_int(data.get("n_kv_heads", values["n_heads"]), where, "n_kv_heads")
-        head_dim = data.get("head_dim")
-        values["head_dim"] = _positive_int(head_dim, where, "head_dim") if head_dim is not None else 0
-        n_ctx = data.get("n_ctx")
-        values["n_ctx"] = _positive_int(n_ctx, where, "n_ctx") if n_ctx is not None else 0
+        for key in ("head_dim", "n_ctx"):  # absent or 0 in older files: unknown
+            value = data.get(key)
+            values[key] = _positive_int(value, where, key) if value not in (None, 0) else 0
         fp = data.get("fingerprint")
         return cls(
             name=str(data.get("name", "")),

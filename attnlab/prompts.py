@@ -204,6 +204,8 @@ def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
+        except RecursionError:
+            raise PromptError(f"{path}:{lineno}: nested too deeply to be a prompt line; each line must be one JSON object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
             raise PromptError(f'{path}:{lineno}: needs a non-empty "text" field, e.g. {{"text": "Once upon a time"}}')
         name = str(obj.get("name", f"{Path(path).stem}-{lineno}"))

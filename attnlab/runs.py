@@ -158,21 +158,31 @@ _ERR_COLUMNS = "{path} lacks the column(s) {missing} (it has {have}): it was wri
 MAX_JSON_BYTES = 64 << 20
 
 
-def load_json(path: str | os.PathLike, *, what: str = "file", fix: str = "re-create it") -> Any:
+def load_json(path: str | os.PathLike, *, what: str = "file", fix: str = "re-create it", error: type[Exception] = RunError) -> Any:
     """Parse a JSON file with limits: at most `MAX_JSON_BYTES`, no nesting deep enough to
-    exhaust the parser's recursion. Any failure is one `RunError` naming the file and ``fix``."""
+    exhaust the parser's recursion. Any failure is one ``error`` (a `RunError` unless the
+    caller's stage has its own type) naming the file and ``fix``. Every JSON file attnlab reads
+    — manifests, policies, tool configs, circuits — goes through here."""
     path = Path(path)
     try:
         size = path.stat().st_size
         if size > MAX_JSON_BYTES:
-            raise RunError(f"{path} is {size} bytes, more than any attnlab {what} ({MAX_JSON_BYTES} bytes): {fix}")
-        return json.loads(path.read_text())
-    except RecursionError:
-        raise RunError(f"{path} is nested too deeply to be an attnlab {what}: {fix}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path} is not valid JSON ({exc}): {fix}") from exc
+            raise error(f"{path} is {size} bytes, more than any attnlab {what} ({MAX_JSON_BYTES} bytes): {fix}")
+        return loads_json(path.read_text(), where=str(path), what=what, fix=fix, error=error)
+    except UnicodeDecodeError as exc:
+        raise error(f"{path} is not valid JSON ({exc}): {fix}") from None
     except OSError as exc:
-        raise RunError(f"cannot read {path} ({exc.strerror or exc}): {fix}") from exc
+        raise error(f"cannot read {path} ({exc.strerror or exc}): {fix}") from None
+
+
+def loads_json(text: str, *, where: str, what: str = "file", fix: str = "re-create it", error: type[Exception] = RunError) -> Any:
+    """`load_json` for text already read (one JSONL line, say); ``where`` names it."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise error(f"{where} is nested too deeply to be an attnlab {what}: {fix}") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {fix}") from None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -14,7 +14,6 @@ for the CLI, the notebooks and the dashboard alike.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 
 from attnlab.errors import AttnlabError, RunError
 from attnlab.names import head_label, parse_head_label
-from attnlab.runs import CIRCUIT, MANIFEST, Run, ensure_run
+from attnlab.runs import CIRCUIT, MANIFEST, Run, ensure_run, load_json
 
 from .faithfulness import faithfulness as faithfulness_of
 from .faithfulness import faithfulness_curve, metric_with_heads, rank_heads
@@ -248,12 +247,9 @@ def load_circuit(source: Run | str | os.PathLike) -> Circuit:
     if path.name == CIRCUIT.filename and (path.parent / MANIFEST).is_file():
         return read_circuit(path.parent)
     command = CIRCUIT.command("RUN")
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise RunError(f"no circuit at {path}: discover one with `{command}`") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path} is not valid JSON ({exc}); re-create it with `{command}`") from exc
+    if not path.is_file():
+        raise RunError(f"no circuit at {path}: discover one with `{command}`")
+    raw = load_json(path, what="circuit", fix=f"re-create it with `{command}`")
     return circuit_from_json(raw, where=path, command=command)
 
 

@@ -297,6 +297,8 @@ def jsonl_task(tokenizer, path: str | Path) -> Task:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise TaskError(f"{where}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise TaskError(f"{where}: nested too deeply to be a task line") from None
         if not isinstance(obj, dict):
             raise TaskError(f"{where}: expected an object with fields {list(_FIELDS)}")
         missing = [f for f in _FIELDS if not isinstance(obj.get(f), str)]

@@ -129,6 +129,8 @@ def read_label_file(path: str | Path, tokenizer: Any) -> list[LabelledSample]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PromptError(_ERR_LINE_JSON.format(path=path, line=lineno, msg=exc.msg)) from exc
+        except RecursionError:
+            raise PromptError(_ERR_LINE_JSON.format(path=path, line=lineno, msg="nested too deeply")) from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
             raise PromptError(_ERR_LINE_TEXT.format(path=path, line=lineno))
         text, spans = obj["text"], obj.get("labels")

@@ -16,7 +16,6 @@ before writing.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import warnings
 from pathlib import Path
@@ -36,7 +35,7 @@ from attnlab.cliargs import (
 )
 from attnlab.errors import AttnlabError
 from attnlab.names import parse_head_label
-from attnlab.runs import BLOCK_MAPS, POLICY, POLICY_COMPARE, Run, atomic_path
+from attnlab.runs import BLOCK_MAPS, POLICY, POLICY_COMPARE, Run, atomic_path, load_json
 
 from .errors import ERR_EXISTS, PolicyError
 from .kinds import KINDS
@@ -158,10 +157,7 @@ def _model_from(arg: str | None) -> tuple[Any, Any]:
         return run.identity, est
     if not p.is_file():
         raise PolicyError(f"--run {arg}: no run directory or JSON file there; pass a profiled run of the model")
-    try:
-        d = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"--run {arg} is not valid JSON ({exc}); pass a run directory, or a JSON with n_layers, n_heads") from None
+    d = load_json(p, what="policy or profile", fix="pass a run directory, or a JSON with n_layers, n_heads", error=PolicyError)
     return (d.get("model") if isinstance(d, dict) and isinstance(d.get("model"), dict) else d), None
 
 

@@ -46,7 +46,6 @@ ERR_INFEASIBLE = (
 )
 
 # -- policy files ---------------------------------------------------------------------------
-ERR_NOT_JSON = "{path} is not valid JSON ({reason}): it is corrupt; regenerate it with `attnlab policy`"
 ERR_FOREIGN = (
     "{path} is not an attnlab policy (no 'format': 'attnlab-policy'); "
     "for MInference or DuoAttention files use `attnlab import minference|duo`"

@@ -52,7 +52,7 @@ from attnlab.kernels.layout import (
     BlockSparseLayout,
     csr_from_counts,
 )
-from attnlab.runs import atomic_path
+from attnlab.runs import atomic_path, load_json
 
 from .errors import (
     ERR_CORRUPT,
@@ -241,9 +241,10 @@ def _read_json(path: Path, fmt: str) -> Any:
     if not path.is_file():
         raise FormatError(f"no {fmt} file at {path}: check the path")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FormatError(ERR_CORRUPT.format(path=path, fmt=fmt, reason=str(exc).splitlines()[0])) from None
+        return load_json(path, what=f"{fmt} file", fix="", error=ValueError)
+    except ValueError as exc:  # keep this module's own wording: what the file should have been
+        reason = "nested too deeply" if "nested too deeply" in str(exc) else str(exc).split(" (", 1)[-1].split("):", 1)[0]
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt=fmt, reason=reason)) from None
 
 
 def _pow2(x: Any) -> bool:

@@ -32,7 +32,6 @@ written before identities had a weights fingerprint are matched by name and shap
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping
@@ -43,7 +42,7 @@ from typing import Any
 import pandas as pd
 
 from attnlab.identity import IdentityError, ModelIdentity
-from attnlab.runs import write_json
+from attnlab.runs import load_json, write_json
 
 from .errors import (
     ERR_FIELD,
@@ -51,7 +50,6 @@ from .errors import (
     ERR_HEAD_COUNT,
     ERR_HEAD_DUPLICATE,
     ERR_HEAD_MISSING,
-    ERR_NOT_JSON,
     ERR_POLICY_SCHEMA,
     MaskError,
     PolicyError,
@@ -336,9 +334,6 @@ class Policy:
         p = Path(path)
         if not p.is_file():
             raise PolicyError(f"no policy file at {p}: create one with `attnlab policy RUN --budget 0.15 --out {p}`")
-        try:
-            d = json.loads(p.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise PolicyError(ERR_NOT_JSON.format(path=p, reason=str(exc).splitlines()[0])) from None
+        d = load_json(p, what="policy", fix="it is corrupt; regenerate it with `attnlab policy`", error=PolicyError)
         return cls.from_dict(d, model=model, path=str(p))
 

@@ -180,3 +180,37 @@ def test_a_killed_writers_temporary_is_cleaned_a_live_ones_kept(run):
     live.write_text("half")
     write_json(run.file(CIRCUIT), {"nodes": []})
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("reader", ["policy", "minference", "circuit", "jsonl-prompts", "manifest"])
+def test_every_json_reader_refuses_deep_nesting_with_one_line(tmp_path, reader, tiny_llama):
+    """JSON nested 10^5 levels (a RecursionError in the parser) is one clear error everywhere."""
+    from attnlab.errors import AttnlabError
+
+    deep = "[" * 100_000 + "]" * 100_000
+    if reader == "policy":
+        from attnlab.sparsity_stats import Policy
+
+        (tmp_path / "p.json").write_text(deep)
+        call = lambda: Policy.load(tmp_path / "p.json")  # noqa: E731
+    elif reader == "minference":
+        from attnlab.sparsity_stats import import_policy
+
+        (tmp_path / "m.json").write_text(deep)
+        call = lambda: import_policy("minference", tmp_path / "m.json", model=tiny_llama.identity().to_dict(), seq_len=256)  # noqa: E731
+    elif reader == "circuit":
+        from attnlab.circuits import load_circuit
+
+        (tmp_path / "c.json").write_text(deep)
+        call = lambda: load_circuit(tmp_path / "c.json")  # noqa: E731
+    elif reader == "jsonl-prompts":
+        from attnlab.prompts import jsonl_prompts
+
+        (tmp_path / "p.jsonl").write_text(deep + "\n")
+        call = lambda: jsonl_prompts(tiny_llama.tokenizer, tmp_path / "p.jsonl")  # noqa: E731
+    else:
+        shutil.copytree(LEGACY_RUN, tmp_path / "r")
+        (tmp_path / "r" / MANIFEST).write_text(deep)
+        call = lambda: Run.open(tmp_path / "r")  # noqa: E731
+    with pytest.raises(AttnlabError, match="nested too deeply"):
+        call()
