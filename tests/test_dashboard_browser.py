@@ -169,7 +169,7 @@ EXCEPTIONS_JS = 'document.querySelectorAll(\'[data-testid="stException"]\').leng
 def _click_nav(browser: Browser, title: str) -> None:
     """Click the page ``title`` in the sidebar's page navigation (`st.navigation`)."""
     assert browser.wait(f"""(() => {{ const a = [...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
-        .find(a => a.innerText.trim() === {json.dumps(title)});
+        .find(a => a.innerText.trim().split('\\n').pop().trim() === {json.dumps(title)});  // after the icon's name
         if (!a) return false; a.click(); return true; }})()"""), f"no page {title!r} in the navigation"
 
 
@@ -192,9 +192,9 @@ PAGE_SHOWS = {
     "Head atlas": "(reads KV head",
     "Head inspector": "the whole 128 × 128 map",
     "Policy studio": "expected density",
-    "Validation": "Validation needs `validation_heads.parquet`",
-    "Retrieval": "The leaderboard needs `detections.parquet`",
-    "Head families": "Head families needs `families.parquet`",
+    "Validation": "Validation needs validation_heads.parquet",
+    "Retrieval": "The leaderboard needs detections.parquet",
+    "Head families": "Head families needs families.parquet",
     "Circuits": "circuit faithfulness",
 }
 
