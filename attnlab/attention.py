@@ -38,6 +38,42 @@ _state = threading.local()
 _registered = False
 
 _ERR_NESTED = "route_attention is already active on this thread; nesting is not supported"
+_ERR_BYPASS = (
+    "{cls} (layer {layer}; layers {layers} use it) ran its attention {n} times through attnlab's "
+    "attention function instead of once: it does not dispatch through transformers' attention "
+    "registry, so attnlab cannot measure or change what it computes. Use the pattern path "
+    "(--path pattern) for statistics; sparse executors cannot run on this model"
+)
+_ERR_NOT_REGISTRY = (
+    "{cls} computes attention itself instead of through transformers' attention registry "
+    "(layers {layers}): attnlab cannot route it. Use the pattern path (--path pattern) for "
+    "statistics; sparse executors cannot run on this model"
+)
+
+
+class RoutingError(AttnlabError):
+    """A model's attention did not (or cannot) run through attnlab's attention function."""
+
+
+def _layer_span(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    if layers == list(range(layers[0], layers[-1] + 1)) and len(layers) > 2:
+        return f"{layers[0]}-{layers[-1]}"
+    return ",".join(map(str, layers))
+
+
+def _uses_registry(module: Any) -> bool:
+    """Whether the module's forward looks its attention function up in transformers' registry
+    (the only way attnlab's function gets called). Read from the source; a module whose source
+    cannot be read is given the benefit of the doubt and checked at run time."""
+    import inspect
+
+    try:
+        src = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return True
+    return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
 _ERR_UNSUPPORTED = (
     "{what} is not supported by attnlab's attention routing ({detail}); use the pattern capture "
     "path (--path pattern) or the reference executor for this model"
@@ -72,6 +108,9 @@ def _dispatch(module: Any, query, key, value, attention_mask, dropout: float = 0
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = _state.layer_of.get(id(module), -1) if hasattr(_state, "layer_of") else -1
+    counts = getattr(_state, "counts", None)
+    if counts is not None:
+        counts[int(layer)] = counts.get(int(layer), 0) + 1
     out = fn(int(layer), query, key, value, scaling=float(scaling), attention_mask=attention_mask)
     return out, None
 
@@ -105,10 +144,14 @@ def check_routable(model: Any) -> None:
         layer_types = getattr(cfg, "layer_types", None) or []
         if not layer_types or any(t != "full_attention" for t in layer_types):
             raise AttnlabError(_ERR_UNSUPPORTED.format(what="sliding-window attention", detail=model.name))
-    for attn in _attention_modules(model):
-        hf = getattr(attn, "original_component", None)
+    modules = [getattr(attn, "original_component", None) for attn in _attention_modules(model)]
+    for hf in modules:
         if hf is None or getattr(hf, "sinks", None) is not None:
             raise AttnlabError(_ERR_UNSUPPORTED.format(what="this attention module", detail=type(hf).__name__))
+    for hf in modules:
+        if not _uses_registry(hf):
+            same = [i for i, m in enumerate(modules) if type(m) is type(hf)]
+            raise RoutingError(_ERR_NOT_REGISTRY.format(cls=type(hf).__name__, layers=_layer_span(same)))
 
 
 @contextmanager
@@ -129,13 +172,23 @@ def route_attention(model: Any, fn: AttentionFn | None = None) -> Iterator[None]
     swapped: list[Any] = []
     _state.fn = fn or _default_fn
     _state.layer_of = {}
+    _state.counts = {}
+    classes = [type(attn.original_component) for attn in modules]
     try:
         for layer, attn in enumerate(modules):
             hf = attn.original_component
             _state.layer_of[id(hf)] = layer
 
-            def forward(self, *args, _hf=hf, **kwargs):
-                return _hf(*args, **kwargs)
+            def forward(self, *args, _hf=hf, _layer=layer, **kwargs):
+                # every call of a layer's attention must reach attnlab's function exactly once,
+                # or the numbers measured or produced would silently be the model's own
+                before = _state.counts.get(_layer, 0)
+                out = _hf(*args, **kwargs)
+                ran = _state.counts.get(_layer, 0) - before
+                if ran != 1:
+                    same = [i for i, c in enumerate(classes) if c is type(_hf)]
+                    raise RoutingError(_ERR_BYPASS.format(cls=type(_hf).__name__, layer=_layer, layers=_layer_span(same), n=ran))
+                return out
 
             # The bridge forwards attribute writes to the wrapped module, so bypass it.
             object.__setattr__(attn, "forward", types.MethodType(forward, attn))
@@ -148,3 +201,4 @@ def route_attention(model: Any, fn: AttentionFn | None = None) -> Iterator[None]
             attn.__dict__.pop("forward", None)
         _state.fn = None
         _state.layer_of = {}
+        _state.counts = None

@@ -24,6 +24,7 @@ import torch
 from attnlab.attention import route_attention, sdpa
 from attnlab.errors import PromptError
 from attnlab.models import LoadedModel
+from attnlab.names import attn_hook
 from attnlab.stats import HeadStatAccumulator, SampleStats, StatConfig
 
 PATHS = ("pattern", "qk")
@@ -100,7 +101,7 @@ def _run_pattern_path(model: LoadedModel, input_ids: torch.Tensor, accs: list[He
 
         return hook
 
-    hooks = [(f"blocks.{layer}.attn.hook_pattern", make_hook(layer)) for layer in range(model.n_layers)]
+    hooks = [(attn_hook(layer, "hook_pattern"), make_hook(layer)) for layer in range(model.n_layers)]
     # Statistics need every layer's attention, not the logits: stop before the unembedding.
     model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=model.n_layers)
 

@@ -18,25 +18,24 @@ import os
 import sys
 from collections.abc import Sequence
 
+from attnlab.cliargs import (
+    add_model_arguments,
+    add_quiet_argument,
+    int_list,
+    nonneg_int,
+    positive_int,
+)
 from attnlab.errors import AttnlabError
 
-STAGE_CLIS = ("attnlab.probes.cli", "attnlab.sparsity_stats.cli", "attnlab.kernels.cli", "attnlab.circuits.cli", "attnlab.app.cli")
-
-
-def int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
-
-
-def add_model_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="embedded name, .gguf path, HF directory or Hub id (default: smollm2-135m)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
-    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+#: The stages' command modules, each with ``add_commands(subparsers)``. Named as strings: this
+#: façade sits above every stage, and a stage whose package is absent simply adds nothing.
+STAGE_CLIS = (
+    "attnlab.probes.cli",
+    "attnlab.sparsity_stats.cli",
+    "attnlab.sparsity_stats.validate_cli",
+    "attnlab.circuits.cli",
+    "attnlab.app.cli",
+)
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -52,7 +51,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from attnlab.models import load_model
+    from attnlab.cliargs import load_model_from_args
     from attnlab.profile import profile, summarize
     from attnlab.prompts import load_prompts
     from attnlab.runs import check_writable_target
@@ -63,7 +62,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         config = StatConfig(block_size=args.block_size, last_queries=args.last_queries, windows=tuple(args.windows))
     except ValueError as exc:
         raise AttnlabError(f"{exc}: fix the option") from None
-    model = load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code)
+    model = load_model_from_args(args)
     prompts = load_prompts(model, args.prompts, lengths=args.lengths, n_samples=args.samples, chat=args.chat, seed=args.seed)
     run = profile(
         model, prompts, args.out, config=config, path=args.path, probe=args.prompts.split(":")[0] if args.prompts.startswith("builtin") else os.path.basename(args.prompts),
@@ -86,9 +85,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     for key in ("path", "probe", "lengths"):
         if key in params:
             print(f"  {key}: {params[key]}")
-    print("  files: " + ", ".join(sorted(p.name for p in run.path.iterdir() if p.is_file())))
+    print("  files: " + ", ".join(sorted(p.name for p in run.path.iterdir() if p.is_file() and not p.name.startswith("."))))
     if run.has(HEAD_STATS):
+        stats = run.head_stats()
+        if stats["value"].isna().all():
+            raise AttnlabError(f"{run.file(HEAD_STATS)} holds only NaN statistics: re-create it with `{run.command_for(HEAD_STATS)}`")
         print(summarize(run, top=args.top))
+    elif run.manifest.get("kind") == "profile":
+        raise AttnlabError(f"profile run {run.path} has lost its {HEAD_STATS}: re-create it with `{run.command_for(HEAD_STATS)}`")
     return 0
 
 
@@ -107,25 +111,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("profile", help="capture per-head attention statistics into a run directory")
-    add_model_argument(p)
+    add_model_arguments(p)
     p.add_argument("--prompts", default="builtin", help="builtin | builtin:narrative,code,... | a text file | a .jsonl file")
-    p.add_argument("--lengths", type=int_list, default=[512, 1024], help="prompt lengths in tokens, cycled (default 512,1024)")
-    p.add_argument("--samples", type=int, default=8, help="number of prompts (default 8)")
+    p.add_argument("--lengths", type=int_list, default=None, help="prompt lengths in tokens, cycled (default 512,1024; not for .jsonl)")
+    p.add_argument("--samples", type=positive_int, default=None, help="number of prompts (default 8; not for .jsonl)")
     p.add_argument("--path", choices=("pattern", "qk"), default="pattern", help="pattern: exact from hook_pattern; qk: O(n) memory from q/k (long contexts)")
-    p.add_argument("--block-size", type=int, default=64, help="block size of the block maps (default 64)")
+    p.add_argument("--block-size", type=positive_int, default=64, help="block size of the block maps (default 64)")
     p.add_argument("--windows", type=int_list, default=[16, 64, 256, 1024], help="local-mass windows (default 16,64,256,1024)")
-    p.add_argument("--last-queries", type=int, default=None, help="measure only the last K queries (MInference's shortcut)")
+    p.add_argument("--last-queries", type=positive_int, default=None, help="measure only the last K queries (MInference's shortcut)")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=5, help="heads per summary line")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--top", type=positive_int, default=5, help="heads per summary line")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(p)
     p.set_defaults(func=_cmd_profile)
 
     p = sub.add_parser("info", help="describe a run directory")
     p.add_argument("run")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=positive_int, default=5, help="heads per summary line")
     p.set_defaults(func=_cmd_info)
 
     for module in STAGE_CLIS:

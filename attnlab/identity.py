@@ -90,7 +90,9 @@ class ModelIdentity(Mapping):
         if key not in self._keys():
             raise KeyError(key)
         value = getattr(self, key)
-        return _thawed(value) if key == "attention" else value
+        if key == "attention":
+            return _thawed(value) if value else {}
+        return value
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys())
@@ -196,7 +198,8 @@ def weights_fingerprint(hf_model: Any, *, sample: int = 4096) -> str:
             h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
             flat = p.detach().reshape(-1)
             if flat.numel() > sample:
-                idx = torch.linspace(0, flat.numel() - 1, sample, device=flat.device).long()
+                # integer spacing: a float32 linspace rounds its last index up past the end
+                idx = torch.arange(sample, device=flat.device, dtype=torch.int64) * (flat.numel() - 1) // (sample - 1)
                 flat = flat[idx]
             h.update(flat.to(torch.float32).cpu().numpy().tobytes())
     return h.hexdigest()[:16]

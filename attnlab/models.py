@@ -145,6 +145,18 @@ class LoadedModel:
             head_dim=self.head_dim, n_ctx=self.n_ctx, fingerprint=fp,
         )
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
+        """Generate with the KV cache, through the bridge (hooks fire at every step).
+
+        ``input_ids [1, n]`` → ``[1, n + new]`` token ids; greedy unless ``do_sample=True`` is
+        passed (any Hugging Face ``generate`` option works). This is the documented way to
+        generate on a loaded model; it equals the plain Hugging Face model's greedy tokens."""
+        kwargs.setdefault("do_sample", False)
+        kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+        ids = input_ids.to(self.device)
+        return self.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **kwargs)
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
@@ -191,6 +203,7 @@ def load_model(
         verbose: print one line when a slow first-time dequantization happens.
     """
     name = str(source)
+    device = check_device(device)  # before any slow work
     path = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
         model_dir = _embedded_cache(EMBEDDED_MODELS[name], verbose=verbose)
@@ -252,6 +265,7 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, *, name: str, source: str, labe
             f"Use a supported architecture, e.g. the embedded '{EMBEDDED_NAME}'"
         ) from exc
     bridge.eval()
+    _repair_bridge_kv_cache(bridge)
     n_heads = int(getattr(cfg, "num_attention_heads", None) or cfg.n_head)
     n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_heads)
     hidden = int(getattr(cfg, "hidden_size", None) or cfg.n_embd)
@@ -275,15 +289,61 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, *, name: str, source: str, labe
     )
 
 
+def _repair_bridge_kv_cache(bridge: Any) -> None:
+    """Make the bridge's attention read the KV cache under the name transformers 5 passes it.
+
+    Hugging Face decoder layers now hand the cache to attention as ``cache=``; the bridge's
+    re-implemented attention looks only for ``past_key_values`` / ``layer_past``, so with a
+    cache every decode step attended to itself alone, at position 0 — `generate` returned
+    garbage. Each attention component gets the cache under the name it reads; hooks keep
+    firing on every step."""
+    import types
+
+    for block in getattr(bridge, "blocks", []):
+        attn = getattr(block, "attn", None)
+        update = getattr(attn, "_update_kv_cache", None)
+        if update is None:
+            continue
+
+        def update_with_cache(self, k, v, _update=update, **kwargs):
+            if kwargs.get("past_key_values") is None and kwargs.get("layer_past") is None and kwargs.get("cache") is not None:
+                kwargs["past_key_values"] = kwargs["cache"]
+            return _update(k, v, **kwargs)
+
+        # the bridge forwards attribute writes to the wrapped module, so bypass it
+        object.__setattr__(attn, "_update_kv_cache", types.MethodType(update_with_cache, attn))
+
+
 # ---------------------------------------------------------------------------------------
 # loading and caching
 # ---------------------------------------------------------------------------------------
+def check_device(device: str | torch.device) -> torch.device:
+    """A torch device this machine has, or one `ModelLoadError` naming the devices it does have."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ModelLoadError(f"--device {device!r} is not a torch device ({str(exc).splitlines()[0]}): use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelLoadError(f"--device {device} asks for a GPU but this torch has no CUDA device: use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ModelLoadError(f"--device {device} is not supported: use cpu or cuda")
+    return dev
+
+
 def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
         config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{name!r} needs its own Python code to load; attnlab does not run a model's code unless you pass "
+                "--trust-remote-code (trust_remote_code=True): do so only for a model you trust"
+            ) from exc
         reason = _short_reason(exc, kind)
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=reason, embedded=EMBEDDED_NAME)) from exc
     try:
@@ -292,6 +352,11 @@ def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise ModelLoadError(
+                f"{name!r} needs its own Python code to load; attnlab does not run a model's code unless you pass "
+                "--trust-remote-code (trust_remote_code=True): do so only for a model you trust"
+            ) from exc
         if "Unrecognized configuration class" in str(exc):
             raise ModelLoadError(_ERR_NOT_CAUSAL.format(name=name, reason=type(config).__name__)) from exc
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc

@@ -26,11 +26,13 @@ from attnlab.prompts import Prompt
 from attnlab.runs import (
     BLOCK_MAPS,
     HEAD_STATS,
+    LOCK_NAME,
     MANIFEST,
     PROFILE_ACCUM,
     BlockMaps,
     Run,
     check_writable_target,
+    file_lock,
     finalize_partial,
     new_manifest,
     partial_dir,
@@ -99,17 +101,25 @@ def profile(
         **(extra_parameters or {}),
     }
     parameters = json.loads(json.dumps(parameters))  # tuples -> lists, as they read back
-    manifest = new_manifest("profile", model.identity(), parameters)
     partial = partial_dir(out)
+    partial.mkdir(parents=True, exist_ok=True)
+    # one profile per --out at a time: a second one is told who holds it, and never crashes
+    # into the first one's partial folder (the lock moves into the finished run with it)
+    with file_lock(partial, wait=False, what="the same command to resume"):
+        return _profile_locked(model, prompts, out, partial, config, path, probe, force, progress, parameters)
+
+
+def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, partial: Path, config: StatConfig, path: str,
+                    probe: str, force: bool, progress: bool, parameters: dict[str, Any]) -> Run:
+    manifest = new_manifest("profile", model.identity(), parameters)
     done: set[int] = set()
-    if partial.exists():
-        old = _read_manifest(partial)
-        if old is not None and old.get("parameters") == parameters and old.get("model") == manifest["model"]:
-            done = _read_done(partial)
-        elif force or old is None:
-            shutil.rmtree(partial)
-        else:
-            raise RunError(_ERR_OTHER_PARTIAL.format(partial=partial))
+    old = _read_manifest(partial)
+    if old is not None and old.get("parameters") == parameters and old.get("model") == manifest["model"]:
+        done = _read_done(partial)
+    elif force or old is None:
+        _clear(partial)
+    else:
+        raise RunError(_ERR_OTHER_PARTIAL.format(partial=partial))
     (partial / "samples").mkdir(parents=True, exist_ok=True)
     write_json(partial / MANIFEST, manifest)
 
@@ -150,6 +160,17 @@ def profile(
     write_json(partial / MANIFEST, manifest)
     finalize_partial(partial, out)
     return Run.open(out)
+
+
+def _clear(partial: Path) -> None:
+    """Empty a partial folder we hold the lock of (the lock file itself stays)."""
+    for p in partial.iterdir():
+        if p.name == LOCK_NAME:
+            continue
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _read_manifest(partial: Path) -> dict | None:

@@ -180,6 +180,11 @@ def text_file_prompts(tokenizer, path: str | Path, lengths: Sequence[int], n_sam
             break
         prompts.append(Prompt(f"{Path(path).stem}-{i:03d}-{n}", torch.tensor([bos + ids[pos : pos + body]]), str(path), "text"))
         pos += body
+    if len(prompts) < n_samples:
+        raise PromptError(
+            f"{path} has {len(ids)} tokens: enough for {len(prompts)} of the {n_samples} samples asked for "
+            f"at lengths {','.join(map(str, lengths))}; pass --samples {len(prompts)}, lower --lengths, or give a longer file"
+        )
     return prompts
 
 
@@ -208,8 +213,21 @@ def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat
     return prompts
 
 
-def load_prompts(model, spec: str, *, lengths: Sequence[int], n_samples: int, chat: bool = False, seed: int = 0) -> list[Prompt]:
-    """Prompts from a spec: ``builtin`` (or ``builtin:narrative,code``), a ``.jsonl`` file, or a text file."""
+def load_prompts(model, spec: str, *, lengths: Sequence[int] | None, n_samples: int | None, chat: bool = False, seed: int = 0) -> list[Prompt]:
+    """Prompts from a spec: ``builtin`` (or ``builtin:narrative,code``), a ``.jsonl`` file, or a text file.
+
+    ``lengths`` and ``n_samples`` shape built-in and text-file prompts (``None``: 512,1024 and
+    8); a JSONL file holds its prompts whole, so giving either for one is an error. Every
+    length is checked against the model's context before any prompt is built."""
+    if spec.endswith(".jsonl"):
+        if lengths is not None or n_samples is not None:
+            raise PromptError(f"{spec} is a JSONL file: its lines are the prompts, whole; drop --lengths/--samples")
+    else:
+        lengths = list(lengths) if lengths is not None else [512, 1024]
+        n_samples = n_samples if n_samples is not None else 8
+        for n in lengths:
+            if int(n) > model.n_ctx:
+                raise PromptError(f"--lengths {n} exceeds {model.name}'s context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
     if spec == "builtin" or spec.startswith("builtin:"):
         kinds = spec.split(":", 1)[1].split(",") if ":" in spec else list(KINDS)
         prompts = builtin_prompts(model.tokenizer, lengths, n_samples, seed=seed, kinds=kinds)

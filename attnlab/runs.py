@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,8 @@ class Artifact:
     Attributes:
         key: short stable name (``"head_stats"``).
         filename: the file's name in the run directory; nothing outside this module spells it.
-        format: ``parquet``, ``json`` or ``safetensors`` — decides how `Run.read` and
-            `Run.write` handle it.
+        format: ``parquet``, ``csv``, ``json`` or ``safetensors`` — decides how `Run.read`
+            and `Run.write` handle it.
         holds: what the file holds, in one line.
         made_by: the command that writes it; ``{run}`` is replaced by the run's path and
             ``MODEL`` by the run's model name in `Artifact.command`.
@@ -122,6 +123,8 @@ LINEAR_PROBES = _declare("linear_probes", "linear_probes.parquet", "parquet", "p
                          "attnlab probe linear --model MODEL --out {run}", ("property", "layer", "head", "test_acc"))
 POLICY = _declare("policy", "policy.json", "json", "a per-head sparse-attention policy (see `attnlab.sparsity_stats.policy`)",
                   "attnlab policy {run} --budget 0.15 --out {run}/policy.json")
+POLICY_COMPARE = _declare("policy_compare", "policy_compare.csv", "csv", "the budgeted policy against the baselines at several budgets (the plot beside it as .html)",
+                          "attnlab policy compare {run} --budgets 0.05,0.1,0.2,0.4", ("budget", "method", "density", "expected_recall"))
 VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "parquet", "per-head errors and recall of a validated policy",
                             "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
 VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
@@ -150,6 +153,28 @@ _ERR_MISSING_TABLE = "run {path} has no {name}: {hint}"
 _ERR_COLUMNS = "{path} lacks the column(s) {missing} (it has {have}): it was written by an older attnlab; re-create it with `{command}`"
 
 
+#: Largest JSON file a run, policy or config may be (a manifest is a few kB; a policy of a
+#: 128-layer model under 10 MB).
+MAX_JSON_BYTES = 64 << 20
+
+
+def load_json(path: str | os.PathLike, *, what: str = "file", fix: str = "re-create it") -> Any:
+    """Parse a JSON file with limits: at most `MAX_JSON_BYTES`, no nesting deep enough to
+    exhaust the parser's recursion. Any failure is one `RunError` naming the file and ``fix``."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise RunError(f"{path} is {size} bytes, more than any attnlab {what} ({MAX_JSON_BYTES} bytes): {fix}")
+        return json.loads(path.read_text())
+    except RecursionError:
+        raise RunError(f"{path} is nested too deeply to be an attnlab {what}: {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is not valid JSON ({exc}): {fix}") from exc
+    except OSError as exc:
+        raise RunError(f"cannot read {path} ({exc.strerror or exc}): {fix}") from exc
+
+
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -163,6 +188,65 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _remove_dead_temporaries(path: Path) -> None:
+    """Remove temporaries of ``path`` left by writers that were killed mid-write (their pid,
+    part of the name, is gone). A live writer's temporary is never touched."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if not parts or not parts[0].isdigit():
+            continue
+        pid = int(parts[0])
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
+
+
+def _umask() -> int:
+    try:  # Linux says it without changing it (os.umask would, briefly, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: The lock file of a run directory (and of a partial one being built).
+LOCK_NAME = ".attnlab.lock"
+
+
+@contextmanager
+def file_lock(folder: str | os.PathLike, *, name: str = LOCK_NAME, wait: bool = True, what: str = "this run") -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (a ``name`` file in it) for the ``with`` block.
+
+    With ``wait=False`` a lock held by another process is a `RunError` that names its pid —
+    for work that must not run twice at once (two ``profile`` into one ``--out``). The lock
+    dies with its process, so a killed writer never leaves a stale lock."""
+    import fcntl
+
+    path = Path(folder) / name
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise RunError(f"{folder} is being written by attnlab (pid {holder}); wait for it to finish, or stop it, then rerun {what}") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(str(os.getpid()))
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -171,11 +255,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _remove_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs honour the umask
         os.replace(tmp_path, path)
         _fsync_dir(path.parent)
     except BaseException:
@@ -295,10 +381,7 @@ class Run:
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             raise RunError(_ERR_NO_MANIFEST.format(path=path))
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RunError(f"{manifest_path} is not valid JSON ({exc}); re-create the run with --force") from exc
+        manifest = load_json(manifest_path, what="manifest", fix="re-create the run with --force")
         if not isinstance(manifest, dict):
             raise RunError(f"{manifest_path} is not an attnlab manifest (not a JSON object); re-create the run with --force")
         found = manifest.get("schema")
@@ -306,7 +389,11 @@ class Run:
             raise RunError(_ERR_SCHEMA.format(path=path, found=found, expected=SCHEMA_VERSION))
         if require_complete and manifest.get("status") != "complete":
             raise RunError(_ERR_INCOMPLETE.format(path=path, status=manifest.get("status")))
-        return cls(path, manifest)
+        run = cls(path, manifest)
+        run.identity  # noqa: B018 - a manifest whose model entry is unusable is refused here, once
+        if not isinstance(manifest.get("stages", {}), dict) or not isinstance(manifest.get("parameters", {}), dict):
+            raise RunError(f"{manifest_path} has a malformed stages/parameters entry; re-create the run with --force")
+        return run
 
     @classmethod
     def coerce(cls, run: Run | str | os.PathLike) -> Run:
@@ -358,18 +445,15 @@ class Run:
         JSON, ``(tensors, metadata)`` for safetensors. Absent or unreadable: `RunError`."""
         art = _resolve(art)
         p = self.require(art)
-        if art.format == "parquet":
-            df = _read_parquet(p)
+        if art.format in ("parquet", "csv"):
+            df = _read_parquet(p) if art.format == "parquet" else _read_csv(p)
             missing = [c for c in art.columns if c not in df.columns]
             if missing:
                 raise RunError(_ERR_COLUMNS.format(path=p, missing=", ".join(missing), have=", ".join(map(str, df.columns)),
                                                    command=self.command_for(art)))
             return df
         if art.format == "json":
-            try:
-                return json.loads(p.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise RunError(f"{p} is not valid JSON ({exc}); re-create it with `{self.command_for(art)}`") from exc
+            return load_json(p, what=art.key.replace("_", " "), fix=f"re-create it with `{self.command_for(art)}`")
         try:
             return read_safetensors(p)
         except Exception as exc:  # safetensors raises its own error types for a corrupt file
@@ -385,11 +469,15 @@ class Run:
         ``tensors`` or ``(tensors, metadata)`` for safetensors."""
         art = _resolve(art)
         p = self.path / art
-        if art.format == "parquet":
+        if art.format in ("parquet", "csv"):
             missing = [c for c in art.columns if c not in obj.columns]
             if missing:
                 raise ValueError(f"{art.filename} needs column(s) {missing}")
-            write_parquet(p, obj)
+            if art.format == "parquet":
+                write_parquet(p, obj)
+            else:
+                with atomic_path(p) as tmp:
+                    obj.to_csv(tmp, index=False)
         elif art.format == "json":
             write_json(p, obj)
         else:
@@ -409,22 +497,38 @@ class Run:
         return self.read(DETECTIONS)
 
     # -- stages -------------------------------------------------------------------------
+    def locked(self):
+        """A context that holds this run's lock: wrap every read-merge-write of a run file in
+        it, so two processes adding to one run never lose each other's rows."""
+        return file_lock(self.path)
+
     def record_stage(self, stage: str, *, parameters: dict[str, Any] | None = None, summary: dict[str, Any] | None = None) -> None:
         """Record in the manifest that ``stage`` ran (``stages[stage]``: parameters, summary, time).
         Given fields replace the stage's old ones; others are kept."""
-        stages = dict(self.manifest.get("stages", {}))
-        entry = dict(stages.get(stage, {}))
-        if parameters is not None:
-            entry["parameters"] = parameters
-        if summary is not None:
-            entry["summary"] = summary
-        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        stages[stage] = entry
-        self.update_manifest(stages=stages)
+        with self.locked():
+            self._reload_manifest()
+            stages = dict(self.manifest.get("stages", {}))
+            entry = dict(stages.get(stage, {}))
+            if parameters is not None:
+                entry["parameters"] = parameters
+            if summary is not None:
+                entry["summary"] = summary
+            entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            stages[stage] = entry
+            self.manifest["stages"] = stages
+            write_json(self.path / MANIFEST, self.manifest)
 
     def update_manifest(self, **fields: Any) -> None:
-        self.manifest.update(fields)
-        write_json(self.path / MANIFEST, self.manifest)
+        """Set top-level manifest fields (under the run's lock, over the manifest on disk)."""
+        with self.locked():
+            self._reload_manifest()
+            self.manifest.update(fields)
+            write_json(self.path / MANIFEST, self.manifest)
+
+    def _reload_manifest(self) -> None:
+        on_disk = load_json(self.path / MANIFEST, what="manifest", fix="re-create the run with --force")
+        if isinstance(on_disk, dict):
+            self.manifest = on_disk
 
 
 def _resolve(art: Artifact | str) -> Artifact:
@@ -446,6 +550,13 @@ def _read_parquet(path: Path) -> pd.DataFrame:
         raise RunError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); re-create it") from exc
 
 
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except Exception as exc:  # pandas raises several types for a broken file
+        raise RunError(f"{path} is not a readable CSV table ({type(exc).__name__}: {exc}); re-create it") from exc
+
+
 def partial_dir(out: str | os.PathLike) -> Path:
     """Where a run that will end up at ``out`` is built: ``<parent>/.<name>.partial``."""
     out = Path(out)
@@ -457,11 +568,16 @@ def check_writable_target(out: str | os.PathLike, *, force: bool) -> Path:
 
     Returns ``out`` as a Path. Creates nothing.
     """
+    if not str(out).strip() or Path(out).name in ("", ".", ".."):
+        raise RunError(f"--out {str(out)!r} names no new folder: give a run folder such as runs/r1")
     out = Path(out)
     if out.exists() and not force:
         raise RunError(_ERR_EXISTS.format(path=out))
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} exists and is not a directory: remove it or choose another --out")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        # --force replaces a run, never an arbitrary folder with the user's files in it
+        raise RunError(f"{out} exists and is not an attnlab run (no {MANIFEST.filename}): --force only replaces runs; choose another --out")
     parent = out.parent
     probe = parent
     while not probe.exists():

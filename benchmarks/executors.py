@@ -61,9 +61,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from attnlab.attention import route_attention
-    from attnlab.kernels.executors import PolicyExecutor
     from attnlab.models import load_model
     from attnlab.prompts import builtin_prompts
+    from attnlab.sparsity_stats.executors import PolicyExecutor
 
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m", verbose=False)

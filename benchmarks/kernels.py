@@ -2,7 +2,7 @@
 
 For every (pattern, length, head_dim) it times the kernel on an index of that pattern, dense
 causal ``scaled_dot_product_attention`` on the same q/k/v, and compiled FlexAttention on a
-BlockMask built from the same index (`flex_block_mask_from_index`), then prints one markdown
+BlockMask built from the same layout (`flex_block_mask`), then prints one markdown
 table row:
 
 - ``density``: computed blocks / blocks of dense causal attention (the work SDPA does);
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from attnlab.kernels import BlockSparseIndexTensors, index_from_block_masks
+from attnlab.kernels import BlockSparseLayout
 from attnlab.kernels.synthetic import causal_blocks, topk_blocks, vertical_slash_blocks
 
 PATTERNS = ("dense", "streaming", "vertical_slash", "topk50", "topk25", "topk10", "topk5", "mixed")
@@ -46,7 +46,7 @@ COLUMNS = (
 )  # fmt: skip
 
 
-def build_index(
+def build_layout(
     pattern: str,
     n: int,
     heads: int,
@@ -54,8 +54,8 @@ def build_index(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
-) -> BlockSparseIndexTensors:
-    """A causal index of ``pattern`` over ``n`` tokens for ``heads`` query heads."""
+) -> BlockSparseLayout:
+    """A causal layout of ``pattern`` over ``n`` tokens for ``heads`` query heads."""
     generator = torch.Generator(device="cpu").manual_seed(seed)  # small draws
     device_generator = torch.Generator(device=device).manual_seed(seed)  # [H, QB, KB] draws
     allowed = causal_blocks(n, n, block_size, device=device)
@@ -89,21 +89,21 @@ def build_index(
         kept |= torch.eye(q_blocks, k_blocks, dtype=torch.bool, device=device)  # diagonal
     else:
         raise ValueError(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
-    return index_from_block_masks(
+    return BlockSparseLayout.from_block_masks(
         kept.contiguous(), None, block_size=block_size, n_q=n, n_k=n, causal=True,
         sink=sink, window=window,
     )  # fmt: skip
 
 
-def density_of(index: BlockSparseIndexTensors) -> float:
+def density_of(index: BlockSparseLayout) -> float:
     """Computed blocks over the blocks dense causal attention computes."""
     causal = causal_blocks(index.n_q, index.n_k, index.block_size).sum().item() * index.n_heads
-    return index.blocks_per_head().sum().item() / causal
+    return index.kept_blocks().sum().item() / causal
 
 
-def kernel_flops(index: BlockSparseIndexTensors, head_dim: int, batch: int) -> float:
+def kernel_flops(index: BlockSparseLayout, head_dim: int, batch: int) -> float:
     """QK^T and PV over every computed block: 2 matmuls x 2 flops x B x B x D."""
-    blocks = index.blocks_per_head().sum().item()
+    blocks = index.kept_blocks().sum().item()
     return 4.0 * batch * blocks * index.block_size**2 * head_dim
 
 
@@ -139,18 +139,18 @@ def bench_pattern(
     args: argparse.Namespace,
     time_ms: Callable[[Callable[[], object]], float],
     flex_failed: set[str],
-) -> tuple[BlockSparseIndexTensors, float, float]:
+) -> tuple[BlockSparseLayout, float, float]:
     """Build ``pattern``'s index for q/k/v, check it once, time the kernel and Flex on it.
 
     Returns ``(index, kernel_ms, flex_ms)``; ``flex_ms`` is NaN when Flex is skipped or fails.
     """
     import torch.nn.functional as F
 
-    from attnlab.kernels import block_sparse_attention, flex_block_mask_from_index
+    from attnlab.kernels import block_sparse_attention, flex_block_mask
     from attnlab.kernels.flex import flex_block_sparse_attention
 
     n = q.shape[2]
-    index = build_index(pattern, n, q.shape[1], args.block_size, device=q.device)
+    index = build_layout(pattern, n, q.shape[1], args.block_size, device=q.device)
     # the first call validates the index; on the dense pattern it is also checked vs. SDPA
     out, _ = block_sparse_attention(q, k, v, index)
     if pattern == "dense":
@@ -164,7 +164,7 @@ def bench_pattern(
     flex_ms = math.nan
     if not args.no_flex:
         try:
-            mask = flex_block_mask_from_index(index)
+            mask = flex_block_mask(index)
             flex_block_sparse_attention(q, k, v, index, block_mask=mask)  # compile
             flex_ms = time_ms(lambda: flex_block_sparse_attention(q, k, v, index, block_mask=mask))
         except Exception as error:  # Flex's compile errors vary by version and shape

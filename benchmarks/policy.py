@@ -226,7 +226,7 @@ def measure_recall(
     nl, nh = model.n_layers, model.n_heads
     for name in names:
         pol = policies[name]
-        pol.check_model(model.identity(), name)
+        pol.check_model(model, name)
     ids_list = [p.input_ids if hasattr(p, "input_ids") else p for p in prompts]
     n_prompts = len(ids_list)
     kept = {name: np.zeros((n_prompts, nl, nh)) for name in names}
@@ -367,7 +367,7 @@ def _profile(model, args, prompts) -> tuple[Any, float, bool]:
             run = Run.open(out)
             got = run.manifest.get("parameters", {})
             same = (got.get("prompts") == want["names"] and got.get("lengths") == want["lengths"]
-                    and got.get("path") == "qk" and run.model == model.identity()
+                    and got.get("path") == "qk" and model.identity().mismatch(run.identity) is None
                     and (got.get("stat_config") or {}).get("block_size") == BLOCK)
             if same:
                 return run, 0.0, True

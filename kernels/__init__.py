@@ -1,17 +1,20 @@
-"""Block-sparse attention kernels: the Triton kernel, its dense reference, its index contract.
+"""Block-sparse attention kernels: the layout type, the Triton kernel, its dense reference, Flex.
 
-A per-head attention policy (dense, streaming, block-sparse, vertical-slash, ...) reaches
-the GPU as a `BlockSparseIndex`: per (head, query block), a sorted list of *full* key blocks
-(computed without masks) and one of *partial* key blocks (masked per token by bounds,
-causality and a per-head sink/window). `block_sparse_attention` runs every head of a layer
-in one Triton launch; `reference_attention` is the plain-PyTorch yardstick, fed the exact
-token mask from `token_mask_from_index`; `flex_block_mask_from_index` hands the same index
+A per-head attention layout (dense, streaming, block-sparse, vertical-slash, ...) reaches
+every executor as one `BlockSparseLayout`: per (head, query block), a sorted list of *full*
+key blocks (computed without masks) and one of *partial* key blocks (masked per token by
+bounds, causality and a per-head sink/window). `block_sparse_attention` runs every head of a
+layer in one Triton launch; `reference_attention` is the plain-PyTorch yardstick, fed the
+exact token mask from `BlockSparseLayout.token_mask`; `flex_block_mask` hands the same layout
 to FlexAttention (CPU or GPU).
 
-    from attnlab.kernels import index_from_block_masks, block_sparse_attention
-    index = index_from_block_masks(kept, None, block_size=64, n_q=n, n_k=n, causal=True,
-                                   sink=[0, 64], window=[0, 256])   # dense head, streaming head
-    out, lse = block_sparse_attention(q, k, v, index)                # [B, H, N, D], [B, H, N]
+    from attnlab.kernels import BlockSparseLayout, block_sparse_attention
+    layout = BlockSparseLayout.from_block_masks(kept, None, block_size=64, n_q=n, n_k=n,
+                                                causal=True, sink=[0, 64], window=[0, 256])
+    out, lse = block_sparse_attention(q, k, v, layout)                # [B, H, N, D], [B, H, N]
+
+This package is a leaf: it knows nothing of policies, probes or runs (the policy compiler in
+``attnlab.sparsity_stats`` builds layouts; its executors run models with them).
 
 CPU use (tests, laptops): the kernel runs under the Triton interpreter, which must be
 switched on **before triton or `attnlab.kernels.block_sparse` is imported**::
@@ -30,16 +33,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from attnlab.kernels.flex import flex_block_mask_from_index
-from attnlab.kernels.index import (
+from attnlab.kernels.flex import flex_block_mask, flex_block_sparse_attention, flex_mask_mod
+from attnlab.kernels.layout import (
     SUPPORTED_BLOCK_SIZES,
-    BlockSparseIndex,
-    BlockSparseIndexTensors,
+    TOKEN_SEMANTICS,
+    BlockSparseLayout,
     KernelInputError,
-    block_masks_from_index,
-    index_from_block_masks,
-    token_mask_from_index,
-    validate_index,
+    attends,
 )
 from attnlab.kernels.reference import reference_attention
 
@@ -48,23 +48,22 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SUPPORTED_BLOCK_SIZES",
-    "BlockSparseIndex",
-    "BlockSparseIndexTensors",
+    "TOKEN_SEMANTICS",
+    "BlockSparseLayout",
     "KernelInputError",
-    "block_masks_from_index",
+    "attends",
     "block_sparse_attention",
-    "flex_block_mask_from_index",
-    "index_from_block_masks",
+    "flex_block_mask",
+    "flex_block_sparse_attention",
+    "flex_mask_mod",
     "reference_attention",
-    "token_mask_from_index",
-    "validate_index",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # The kernel module imports triton and decorates the kernel, which fixes interpreter vs.
     # GPU mode for the process: defer that until someone actually asks for the kernel, so
-    # importing the index types (as policy code does) never decides it for them.
+    # importing the layout type (as policy code does) never decides it for them.
     if name == "block_sparse_attention":
         from attnlab.kernels.block_sparse import block_sparse_attention
 

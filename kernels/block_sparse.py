@@ -1,9 +1,9 @@
 """Block-sparse attention forward: FlashAttention-2 over per-head compressed block lists.
 
 One Triton program computes one (batch, query head, query block) tile of the output. It
-walks only the key blocks its head's index lists for that query block, in two loops:
+walks only the key blocks its head's `BlockSparseLayout` lists for that query block, in two loops:
 
-1. the **full** blocks, with no masking code at all (the index guarantees every pair of
+1. the **full** blocks, with no masking code at all (the layout guarantees every pair of
    those tiles is attended), and
 2. the **partial** blocks, which evaluate the token predicate (bounds, causal, sink/window).
 
@@ -24,13 +24,12 @@ import torch
 import triton
 import triton.language as tl
 
-from attnlab.kernels.index import (
+from attnlab.kernels.layout import (
+    BLOCK_SIZE_UNSUPPORTED,
     SUPPORTED_BLOCK_SIZES,
-    BlockSparseIndex,
-    CheckedIndex,
+    BlockSparseLayout,
     KernelInputError,
     _check_scalars,
-    validate_index,
 )
 
 # --- error messages ------------------------------------------------------------------------
@@ -63,16 +62,16 @@ GQA_HEADS = (
     "be a multiple of k/v heads."
 )
 INDEX_HEADS = (
-    "index.n_heads is {index_heads} but q has {q_heads} query heads; build one index entry "
+    "layout.n_heads is {index_heads} but q has {q_heads} query heads; build one layout entry "
     "per query head (not per KV head)."
 )
 SEQUENCE_LONGER = (
-    "{name} has {got} tokens but the index covers {field}={covered} only; tokens past the "
-    "index would never be attended. Build the index for n_q={n_q}, n_k={n_k}."
+    "{name} has {got} tokens but the layout covers {field}={covered} only; tokens past the "
+    "layout would never be attended. Build the layout for n_q={n_q}, n_k={n_k}."
 )
 SEQUENCE_SHORTER = (
-    "{name} has {got} tokens but the index was built for {field}={covered}; the causal "
-    "offset n_k - n_q and the block grid depend on both lengths. Build the index for "
+    "{name} has {got} tokens but the layout was built for {field}={covered}; the causal "
+    "offset n_k - n_q and the block grid depend on both lengths. Build the layout for "
     "n_q={n_q}, n_k={n_k}."
 )
 SCALE_BAD = "scale must be a finite float or None (1/sqrt(head_dim)); got {got!r}."
@@ -127,7 +126,8 @@ def _attend_kv_blocks(
 
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
         if MASKED:
-            # the token predicate of BlockSparseIndex, only ever evaluated here
+            # the token predicate of BlockSparseLayout (`attends`, conditions 2-4 of
+            # attnlab.kernels.layout), in triton.language; only ever evaluated here
             keep = key_ok[None, :]
             if CAUSAL:
                 keep = keep & (keys[None, :] <= q_pos[:, None])
@@ -273,13 +273,17 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         raise KernelInputError(NEEDS_DEVICE_OR_INTERPRETER)
 
 
-def _check_index_fits(index: BlockSparseIndex, q: torch.Tensor, k: torch.Tensor) -> None:
-    _check_scalars(index)
-    if index.n_heads != q.shape[1]:
-        raise KernelInputError(INDEX_HEADS.format(index_heads=index.n_heads, q_heads=q.shape[1]))
+def _check_layout_fits(layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor) -> None:
+    _check_scalars(layout)
+    if layout.block_size not in SUPPORTED_BLOCK_SIZES:
+        raise KernelInputError(
+            BLOCK_SIZE_UNSUPPORTED.format(got=layout.block_size, supported=SUPPORTED_BLOCK_SIZES)
+        )
+    if layout.n_heads != q.shape[1]:
+        raise KernelInputError(INDEX_HEADS.format(index_heads=layout.n_heads, q_heads=q.shape[1]))
     for name, got, field, covered in (
-        ("q", q.shape[2], "n_q", index.n_q),
-        ("k", k.shape[2], "n_k", index.n_k),
+        ("q", q.shape[2], "n_q", layout.n_q),
+        ("k", k.shape[2], "n_k", layout.n_k),
     ):
         if got != covered:
             message = SEQUENCE_LONGER if got > covered else SEQUENCE_SHORTER
@@ -289,16 +293,6 @@ def _check_index_fits(index: BlockSparseIndex, q: torch.Tensor, k: torch.Tensor)
                     n_q=q.shape[2], n_k=k.shape[2],
                 )
             )  # fmt: skip
-
-
-def _unchecked_index(index: BlockSparseIndex, device: torch.device) -> CheckedIndex:
-    """The index tensors as int32 on ``device``, trusting their contents."""
-    return CheckedIndex(
-        *(
-            getattr(index, name).to(device=device, dtype=torch.int32).contiguous()
-            for name in CheckedIndex._fields
-        )
-    )
 
 
 def _launch_config(block: int, block_d: int) -> tuple[int, int]:
@@ -318,33 +312,35 @@ def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    index: BlockSparseIndex,
+    layout: BlockSparseLayout,
     *,
     scale: float | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention restricted to the blocks ``index`` lists, per query head, in one launch.
+    """Attention restricted to the blocks ``layout`` lists, per query head, in one launch.
 
     Shapes: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]`` with ``Hq % Hkv == 0``; one dtype
-    (float16, float32, or bfloat16 on a GPU), contiguous, one device; ``index`` built for
+    (float16, float32, or bfloat16 on a GPU), contiguous, one device; ``layout`` built for
     ``n_heads = Hq``, ``n_q = Nq``, ``n_k = Nk``. ``scale`` defaults to ``1 / sqrt(D)``.
 
     Returns ``(out [B, Hq, Nq, D] in q.dtype, lse [B, Hq, Nq] float32)``: the softmax over
-    exactly the pairs `token_mask_from_index` marks, and its natural log-sum-exp. Rows that
+    exactly the pairs `BlockSparseLayout.token_mask` marks, and its natural log-sum-exp. Rows that
     attend nothing get out 0 and lse -inf.
 
     Everything is checked before the launch and a `KernelInputError` names the problem and
-    the fix. ``validate=False`` skips only the O(listed blocks) content checks of the index
-    (`validate_index`: ranges, order, overlap, full-block claims) -- for timing loops over an
-    index already validated once; a malformed index then gives wrong answers or faults.
+    the fix. ``validate=False`` skips only the O(listed blocks) content checks of the layout
+    (`BlockSparseLayout.validate`: ranges, order, overlap, full-block claims) -- for timing
+    loops over a layout already validated once; a malformed layout then gives wrong answers
+    or faults. Any object with the layout's attributes is accepted (`BlockSparseLayout.coerce`).
     """
     _check_inputs(q, k, v, scale)
-    _check_index_fits(index, q, k)
-    blocks = validate_index(index, device=q.device) if validate else _unchecked_index(index, q.device)
+    layout = BlockSparseLayout.coerce(layout)
+    _check_layout_fits(layout, q, k)
+    blocks = layout.validate(q.device) if validate else layout.to(q.device)
 
     batch, q_heads, n_q, head_dim = q.shape
     n_k = k.shape[2]
-    block = index.block_size
+    block = layout.block_size
     n_q_blocks = math.ceil(n_q / block)
     out = torch.empty_like(q)
     lse = torch.empty((batch, q_heads, n_q), dtype=torch.float32, device=q.device)
@@ -370,7 +366,7 @@ def block_sparse_attention(
         out.stride(0), out.stride(1), out.stride(2),
         n_q, n_k, n_q_blocks, q_heads, q_heads // k.shape[1],
         scale * _LOG2_E,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CAUSAL=index.causal,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CAUSAL=layout.causal,
         # fp32 inputs get true fp32 products (not TF32) to match an fp32 reference
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

@@ -1,20 +1,21 @@
-"""FlexAttention as a second executor of a `BlockSparseIndex` (CPU through Inductor, or GPU).
+"""FlexAttention as a second executor of a `BlockSparseLayout` (CPU through Inductor, or GPU).
 
-`flex_block_mask_from_index` turns the index into a FlexAttention ``BlockMask`` with the same
-split: our full blocks become Flex's ``full_kv_*`` (no ``mask_mod`` call), our partial blocks
-its ``kv_*`` (``mask_mod`` = the token predicate: bounds, causal, sink/window). The result
-computes exactly the mask `token_mask_from_index` describes, so it doubles as a baseline in
-the kernel benchmark and as a portable executor where Triton is unavailable.
+`flex_block_mask` turns the layout into a FlexAttention ``BlockMask`` with the same split: our
+full blocks become Flex's ``full_kv_*`` (no ``mask_mod`` call), our partial blocks its ``kv_*``
+(``mask_mod`` = block membership and `attends`: bounds, causal, sink/window). The result
+computes exactly the mask `BlockSparseLayout.token_mask` describes, so it doubles as a baseline
+in the kernel benchmark and as a portable executor where Triton is unavailable.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnlab.kernels.index import BlockSparseIndex, block_masks_from_index
+from attnlab.kernels.layout import BlockSparseLayout, attends
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -22,56 +23,46 @@ if TYPE_CHECKING:
 _COMPILED_FLEX: dict[str, Any] = {}
 
 
-def _ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """bool ``[H, QB, KB]`` -> Flex's (num_blocks ``[1, H, QB]``, indices ``[1, H, QB, KB]``).
+def flex_mask_mod(layout: BlockSparseLayout) -> Callable[..., torch.Tensor]:
+    """The layout's token semantics as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx)``.
 
-    Listed key blocks come first in each row, ascending; the rest of a row is padding that
-    Flex never reads (its count stops before it).
+    Compiled Flex calls it in partial blocks only (where the block lookup is always True);
+    eager Flex ignores the block lists and evaluates it everywhere, so it carries the block
+    lookup (condition 1) too. Built on the layout's device.
     """
-    as_int = blocks.to(torch.int32)
-    num_blocks = as_int.sum(-1, dtype=torch.int32)
-    indices = torch.argsort(as_int, dim=-1, descending=True, stable=True).to(torch.int32)
-    return num_blocks.unsqueeze(0).contiguous(), indices.unsqueeze(0).contiguous()
+    listed = layout.block_mask()
+    device = listed.device
+    sink = layout.sink.to(device=device, dtype=torch.int64)
+    window = layout.window.to(device=device, dtype=torch.int64)
+    offset, n_k, causal, block = layout.q_offset, layout.n_k, layout.causal, layout.block_size
+    last_q_block, last_k_block = layout.n_q_blocks - 1, layout.n_k_blocks - 1
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        in_block = listed[h, (q_idx // block).clamp(0, last_q_block), (kv_idx // block).clamp(0, last_k_block)]
+        return in_block & attends(q_idx + offset, kv_idx, n_k=n_k, sink=sink[h], window=window[h], causal=causal)
+
+    mask_mod.__name__ = f"block_layout_layer{layout.layer}" if layout.layer is not None else "block_layout"
+    return mask_mod
 
 
-def flex_block_mask_from_index(
-    index: BlockSparseIndex, device: torch.device | str | None = None
-) -> BlockMask:
-    """A FlexAttention ``BlockMask`` for ``index`` (batch dimension 1, broadcast over batch).
+def flex_block_mask(layout: BlockSparseLayout, device: torch.device | str | None = None) -> BlockMask:
+    """A FlexAttention ``BlockMask`` for ``layout`` (batch dimension 1, broadcast over batch).
 
-    Built on ``device`` (default: the index's) with ``BLOCK_SIZE = (block_size, block_size)``
-    and ``seq_lengths = (n_q, n_k)``. Uses O(H * QB * KB) memory, as every BlockMask does.
-    On GPU, FlexAttention's kernel tile must divide ``block_size``: use 64 or 128.
+    Validated and built on ``device`` (default: the layout's) with ``BLOCK_SIZE = (block_size,
+    block_size)`` and ``seq_lengths = (n_q, n_k)``, straight from the block lists (no mask
+    evaluation). Uses O(H * QB * KB) memory, as every BlockMask does. On GPU, FlexAttention's
+    kernel tile must divide ``block_size``: use 64 or 128.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
-    listed, full = block_masks_from_index(index, device=device)
-    partial = listed & ~full
-    kv_num_blocks, kv_indices = _ordered(partial)
-    full_kv_num_blocks, full_kv_indices = _ordered(full)
-
-    device = listed.device
-    sink = index.sink.to(device=device, dtype=torch.int64)
-    window = index.window.to(device=device, dtype=torch.int64)
-    offset, n_k, causal = index.n_k - index.n_q, index.n_k, index.causal
-    block = index.block_size
-
-    def block_sparse_index_predicate(b, h, q_idx, kv_idx):
-        # The full token semantics of BlockSparseIndex. Compiled Flex calls it in partial
-        # blocks only (where the block lookup is always True); eager Flex ignores the block
-        # lists and evaluates it everywhere, so it must carry the block lookup too.
-        q_abs = q_idx + offset
-        keep = listed[h, q_idx // block, kv_idx // block] & (kv_idx < n_k)
-        if causal:
-            keep = keep & (kv_idx <= q_abs)
-        streaming = (kv_idx < sink[h]) | (q_abs - kv_idx < window[h])
-        return keep & ((window[h] == 0) | streaming)
-
+    layout = BlockSparseLayout.coerce(layout).validate(device)
+    padded = layout.padded()
     return BlockMask.from_kv_blocks(
-        kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-        BLOCK_SIZE=(index.block_size, index.block_size),
-        mask_mod=block_sparse_index_predicate,
-        seq_lengths=(index.n_q, index.n_k),
+        padded["kv_num_blocks"], padded["kv_indices"],
+        padded["full_kv_num_blocks"], padded["full_kv_indices"],
+        BLOCK_SIZE=(layout.block_size, layout.block_size),
+        mask_mod=flex_mask_mod(layout),
+        seq_lengths=(layout.n_q, layout.n_k),
     )  # fmt: skip
 
 
@@ -79,7 +70,7 @@ def flex_block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    index: BlockSparseIndex,
+    layout: BlockSparseLayout,
     *,
     scale: float | None = None,
     block_mask: BlockMask | None = None,
@@ -93,13 +84,13 @@ def flex_block_sparse_attention(
     ``compiled=False`` runs Flex's eager path, which materialises the scores (fine for
     tests, slow and memory-hungry otherwise). Pass a prebuilt ``block_mask`` to keep its
     construction out of a timing loop. Compiled Flex recompiles per shape and per
-    (block size, causal, length) of the index; past torch._dynamo's recompile limit
+    (block size, causal, length) of the layout; past torch._dynamo's recompile limit
     (``torch._dynamo.config.cache_size_limit``, default 8) it silently runs eagerly.
     """
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
     if block_mask is None:
-        block_mask = flex_block_mask_from_index(index, device=q.device)
+        block_mask = flex_block_mask(layout, device=q.device)
     if compiled:
         if "flex" not in _COMPILED_FLEX:
             _COMPILED_FLEX["flex"] = torch.compile(flex_attention, dynamic=False)

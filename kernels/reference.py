@@ -2,7 +2,7 @@
 
 Plain PyTorch, computed in a chosen dtype (fp64 for the "true" answer, the input dtype for
 the "same-dtype PyTorch" answer of the FlashAttention test convention), with an explicit
-boolean token mask. It materialises the ``[B, Hq, Nq, Nk]`` score matrix: small shapes only.
+boolean token mask or the exact token mask of a `BlockSparseLayout`. It materialises the ``[B, Hq, Nq, Nk]`` score matrix: small shapes only.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from attnlab.kernels.index import KernelInputError
+from attnlab.kernels.layout import BlockSparseLayout, KernelInputError
 
 REFERENCE_SHAPES = (
     "reference_attention expects q [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D] with Hq a "
@@ -36,7 +36,7 @@ def reference_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    token_mask: torch.Tensor | None = None,
+    token_mask: torch.Tensor | BlockSparseLayout | None = None,
     *,
     scale: float | None = None,
     dtype: torch.dtype = torch.float64,
@@ -45,8 +45,9 @@ def reference_attention(
 
     Shapes: q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D]``; query head ``h`` reads KV head
     ``h // (Hq // Hkv)`` (GQA). ``token_mask`` (True = attend) broadcasts to
-    ``[B, Hq, Nq, Nk]``, e.g. ``[Hq, Nq, Nk]`` from `token_mask_from_index`; None attends
-    everything. ``scale`` defaults to ``1 / sqrt(D)``.
+    ``[B, Hq, Nq, Nk]``, e.g. ``[Hq, Nq, Nk]``; a `BlockSparseLayout` stands for its
+    `~BlockSparseLayout.token_mask` (small lengths); None attends everything. ``scale``
+    defaults to ``1 / sqrt(D)``.
 
     Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq])`` in ``dtype``; ``lse`` is the natural
     log-sum-exp of the scaled, masked scores. A row with no attended key gets out 0 and lse
@@ -71,6 +72,8 @@ def reference_attention(
     kd = k.to(dtype).repeat_interleave(group, dim=1)
     vd = v.to(dtype).repeat_interleave(group, dim=1)
     scores = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if isinstance(token_mask, BlockSparseLayout):
+        token_mask = token_mask.token_mask()
     if token_mask is not None:
         expected = (batch, q_heads, n_q, n_k)
         if not _bool_mask_broadcasts(token_mask, expected):

@@ -3,7 +3,7 @@
 These are stand-ins with the *shapes* of real head types (dense, streaming, block top-k,
 vertical-slash), not attention policies: real layouts come from ``attnlab.sparsity_stats``.
 Each function returns dense per-block booleans ``[QB, KB]`` (or ``[H, QB, KB]``) to be packed
-by `index_from_block_masks`, which also applies causality and sink/window, so "keep every
+by `BlockSparseLayout.from_block_masks`, which also applies causality and sink/window, so "keep every
 block" plus ``causal=True`` is dense causal attention and plus ``sink=64, window=256`` is a
 streaming head.
 """

@@ -18,7 +18,7 @@ named compositions of them (`kinds`).
 from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
 from .compare import compare_policies, format_table, tradeoff_figure, write_tradeoff_html
 from .curves import HeadCurves, ProfileEstimator, compute_curves, default_candidates
-from .errors import ExtrapolationWarning, FormatError, MaskError, PolicyError
+from .errors import ExtrapolationWarning, FormatError, MaskError, PolicyError, PolicyModelError
 from .export import (
     EXPORT_FORMATS,
     IMPORT_FORMATS,
@@ -124,6 +124,7 @@ __all__ = [
     "POLICY_SCHEMA",
     "PolicyError",
     "PolicyGenerator",
+    "PolicyModelError",
     "prior_block_scores",
     "ProfileEstimator",
     "scores_from_mass",
@@ -135,3 +136,10 @@ __all__ = [
     "uniform_streaming",
     "write_tradeoff_html",
 ]
+
+# -- executors and model-level validation (sparsity_stats/executors.py, validation.py) --------
+from .executors import EXECUTORS, PolicyExecutor, run_with_policy  # noqa: E402
+from .masks import layout_from_patterns  # noqa: E402
+from .validation import ValidationReport, validate_policy  # noqa: E402
+
+__all__ += ["EXECUTORS", "PolicyExecutor", "run_with_policy", "layout_from_patterns", "ValidationReport", "validate_policy"]

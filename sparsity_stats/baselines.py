@@ -3,7 +3,7 @@
 - **uniform streaming** (StreamingLLM): the same sink and window for every head; the window is
   the largest that fits the budget.
 - **DuoAttention-style**: whole KV heads either dense ("retrieval heads") or streaming with one
-  sink/recent size; heads are ranked by their retrieval score (``detections.parquet``) or, when
+  sink/recent size; heads are ranked by their retrieval score (the run's detections) or, when
   the run has none, by how much attention streaming would lose (the signal DuoAttention's gates
   learn); the most that fit the budget go dense.
 - **MInference-style**: MInference's fixed grid (stream_llm (100, 800); vertical_and_slash (30,

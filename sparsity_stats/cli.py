@@ -1,14 +1,16 @@
-"""Command-line commands of the policy stage: ``policy``, ``policy compare``, ``export``, ``import``.
+"""Command-line commands of the policy stage: ``policy make``, ``policy compare``, ``export``, ``import``.
 
 ::
 
-    attnlab policy RUN --budget 0.15 [--out policy.json]             # budgeted per-head policy
+    attnlab policy RUN --budget 0.15 [--out policy.json]             # = attnlab policy make RUN ...
     attnlab policy compare RUN --budgets 0.05,0.1,0.2,0.4            # table + HTML trade-off plot
     attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo --out masks/
-    attnlab import minference|duo|npz|safetensors|flex FILE --model RUN --out policy.json
+    attnlab import minference|duo|npz|safetensors|flex FILE --run RUN --out policy.json
 
-``attnlab/cli.py`` registers them with `add_commands`; each handler returns an exit code and
-raises `attnlab.errors.AttnlabError` (printed as one line) for bad input, before writing.
+``attnlab/cli.py`` registers them with `add_commands`; options are typed and range-checked by
+`attnlab.cliargs` (a bad value stops argparse, exit 2), and each handler raises
+`attnlab.errors.AttnlabError` (printed as one line by ``attnlab.cli.main``) for bad input,
+before writing.
 """
 
 from __future__ import annotations
@@ -20,57 +22,52 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from attnlab.cliargs import (
+    DeprecatedAlias,
+    add_quiet_argument,
+    add_subcommands,
+    fraction,
+    int_list,
+    name_list,
+    nonneg_int,
+    positive_int,
+    unit_float,
+    unit_float_list,
+)
 from attnlab.errors import AttnlabError
-from attnlab.runs import POLICY, Run, atomic_path
+from attnlab.names import parse_head_label
+from attnlab.runs import BLOCK_MAPS, POLICY, POLICY_COMPARE, Run, atomic_path
 
 from .errors import ERR_EXISTS, PolicyError
 from .kinds import KINDS
 
-_ERR_LIST = "{flag} {got!r} is not a comma-separated list of {what}: e.g. {example}"
-
-
 #: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
 FEW_BLOCKS = 64
+#: The table ``attnlab policy compare`` writes into the run by default (the plot goes beside it).
+COMPARE_TABLE = POLICY_COMPARE.filename
+
+_ERR_HEADS = "expected heads as LAYER:HEAD or L<layer>.H<head>, comma-separated (e.g. 3:1,10:4 or L3.H1), got {got!r}"
 
 
-def _floats(text: str, flag: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PolicyError(_ERR_LIST.format(flag=flag, got=text, what="numbers", example="0.05,0.1,0.2")) from None
-
-
-def _ints(text: str | None, flag: str) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise PolicyError(_ERR_LIST.format(flag=flag, got=text, what="whole numbers", example="2048,4096")) from None
-    if any(x <= 0 for x in out):
-        raise PolicyError(f"{flag} {text!r}: lengths must be positive token counts")
-    return out
-
-
-def _heads(text: str | None) -> list[tuple[int, int]]:
-    if not text:
-        return []
+def head_list(text: str) -> list[tuple[int, int]]:
+    """``3:1,L10.H4`` → ``[(3, 1), (10, 4)]`` (an argparse type: each ``LAYER:HEAD`` or a head label)."""
     out = []
-    for item in text.split(","):
+    for item in (x.strip() for x in str(text).split(",")):
+        if not item:
+            continue
         try:
-            lay, head = item.split(":")
-            out.append((int(lay), int(head)))
-        except ValueError:
-            raise PolicyError(f"--protect-heads {text!r}: give LAYER:HEAD pairs separated by commas, e.g. 3:1,10:4") from None
+            if ":" in item:
+                lay, head = (int(x) for x in item.split(":"))
+            else:
+                lay, head = parse_head_label(item)
+        except (ValueError, AttnlabError):  # a malformed pair or label: argparse reports the whole value
+            raise argparse.ArgumentTypeError(_ERR_HEADS.format(got=text)) from None
+        if lay < 0 or head < 0:
+            raise argparse.ArgumentTypeError(_ERR_HEADS.format(got=text))
+        out.append((lay, head))
+    if not out:
+        raise argparse.ArgumentTypeError(_ERR_HEADS.format(got=text))
     return out
-
-
-def _kinds(text: str) -> list[str]:
-    kinds = [k.strip() for k in text.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in KINDS]
-    if bad or not kinds:
-        raise PolicyError(f"--kinds {text!r}: unknown kind {bad[0] if bad else '(none)'}; use some of {','.join(KINDS)}")
-    return kinds
 
 
 def _refuse_existing(path: Path, force: bool) -> None:
@@ -81,41 +78,33 @@ def _refuse_existing(path: Path, force: bool) -> None:
 def _generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "block_size": args.block_size,
-        "eval_lengths": _ints(args.lengths, "--lengths"),
-        "kinds": _kinds(args.kinds),
+        "eval_lengths": args.lengths,
+        "kinds": args.kinds,
         "min_sink": args.min_sink,
         "protect_retrieval": args.protect,
         "retrieval_threshold": args.retrieval_threshold,
         "retrieval_floor": args.retrieval_floor,
         "recall_floor": args.recall_floor,
-        "protected_heads": _heads(args.protect_heads),
+        "protected_heads": args.protect_heads,
         "gqa_consistent": args.gqa,
         "progress": not args.quiet,
     }
 
 
-# -- policy -----------------------------------------------------------------------------------
-def _policy(args: argparse.Namespace) -> int:
-    if args.run == "compare":
-        if not args.compare_run:
-            raise PolicyError("`attnlab policy compare` needs a run directory: attnlab policy compare RUN --budgets 0.05,0.1,0.2,0.4")
-        return _policy_compare(args)
-    if args.compare_run:
-        raise PolicyError(f"unexpected argument {args.compare_run!r}: use `attnlab policy RUN --budget B` or `attnlab policy compare RUN`")
-    from .generator import PolicyGenerator, check_budget
+# -- policy make / policy compare -------------------------------------------------------------
+def _policy_make(args: argparse.Namespace) -> int:
+    from .generator import PolicyGenerator
 
-    budget = check_budget(args.budget)
     run = Run.open(args.run)
-    out = Path(args.out) if args.out else run.path / POLICY
+    out = Path(args.out) if args.out else run.file(POLICY)
     _refuse_existing(out, args.force)
-    kwargs = _generator_kwargs(args)
-    gen = PolicyGenerator(budget=budget, budget_kind=args.budget_kind, **kwargs).fit(run)
+    gen = PolicyGenerator(budget=args.budget, budget_kind=args.budget_kind, **_generator_kwargs(args)).fit(run)
     policy = gen.emit()
     policy.save(out)
     s = policy.summary
     kinds = ", ".join(f"{k} {v}" for k, v in s["kinds"].items() if v)
     print(f"policy for {policy.model.get('name')} ({policy.n_layers} layers x {policy.n_heads} heads), block {policy.block_size}")
-    print(f"  budget      {args.budget_kind} <= {budget:g}   expected {policy.budget['expected']:.4f}")
+    print(f"  budget      {args.budget_kind} <= {args.budget:g}   expected {policy.budget['expected']:.4f}")
     print(f"  recall      mean {s['expected_recall']:.4f}   worst head {s['min_head_recall']:.4f}")
     print(f"  heads       {kinds}" + (f"   ({len(s['protected_heads'])} protected)" if s["protected_heads"] else ""))
     gap = "optimal" if s["optimal"] else f"gap <= {s['optimality_gap_per_head']:.2e} recall per head"
@@ -134,25 +123,19 @@ def _policy(args: argparse.Namespace) -> int:
 def _policy_compare(args: argparse.Namespace) -> int:
     from .compare import compare_policies, format_table, write_tradeoff_html
 
-    budgets = _floats(args.budgets, "--budgets")
-    if not budgets:
-        raise PolicyError("--budgets is empty: give e.g. 0.05,0.1,0.2,0.4")
-    from .generator import check_budget
-
-    budgets = [check_budget(b) for b in budgets]
-    run = Run.open(args.compare_run)
-    out = Path(args.out) if args.out else run.path / "policy_compare.csv"
+    run = Run.open(args.run)
+    out = Path(args.out) if args.out else run.path / COMPARE_TABLE
     html = out.with_suffix(".html")
     for p in (out, html):
         _refuse_existing(p, args.force)
     kwargs = _generator_kwargs(args)
     progress = kwargs.pop("progress")
-    table = compare_policies(run, budgets, budget_kind=args.budget_kind, progress=progress,
+    table = compare_policies(run, args.budgets, budget_kind=args.budget_kind, progress=progress,
                              policies_out=args.save_policies, **kwargs)
     print(format_table(table))
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
-    write_tradeoff_html(table, html, title=f"{run.model.get('name', run.name)}: expected recall vs {args.budget_kind}")
+    write_tradeoff_html(table, html, title=f"{run.identity.name or run.name}: expected recall vs {args.budget_kind}")
     print(f"wrote {out} and {html}")
     if args.save_policies:
         print(f"saved the policies to {args.save_policies}/ (attnlab validate DIR/METHOD-BUDGET.json --out RUN)")
@@ -160,26 +143,41 @@ def _policy_compare(args: argparse.Namespace) -> int:
 
 
 # -- export / import ----------------------------------------------------------------------------
-def _model_from(arg: str | None) -> tuple[dict[str, Any] | None, Any]:
-    """Model identity (and an estimator when it is a run with block maps) from --model."""
+def _model_from(arg: str | None) -> tuple[Any, Any]:
+    """The model identity given by ``--run`` (and an estimator when it is a run with block maps)."""
     if not arg:
         return None, None
     p = Path(arg)
     if p.is_dir():
         run = Run.open(p)
         est = None
-        if run.has("block_maps.safetensors"):
+        if run.has(BLOCK_MAPS):
             from .curves import ProfileEstimator
 
             est = ProfileEstimator.from_run(run)
-        return run.model, est
+        return run.identity, est
     if not p.is_file():
-        raise PolicyError(f"--model {arg}: no run directory or model JSON there; pass a profiled run of the model")
+        raise PolicyError(f"--run {arg}: no run directory or JSON file there; pass a profiled run of the model")
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise PolicyError(f"--model {arg} is not valid JSON ({exc}); pass a run directory or a JSON with n_layers, n_heads") from None
+        raise PolicyError(f"--run {arg} is not valid JSON ({exc}); pass a run directory, or a JSON with n_layers, n_heads") from None
     return (d.get("model") if isinstance(d, dict) and isinstance(d.get("model"), dict) else d), None
+
+
+#: Options only some formats read, as option → (dest, those formats): given with another format
+#: they would be silently ignored, so they are refused instead.
+_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference",)), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
+_IMPORT_ONLY_FOR = {"--threshold": ("threshold", ("duo",)), "--sparsity": ("sparsity", ("duo",)),
+                    "--block-size": ("block_size", ("minference", "duo")), "--seq-len": ("seq_len", ("minference", "duo"))}
+#: Defaults of the import options above (None on the parser, so that "given" can be told apart).
+_IMPORT_DEFAULTS = {"threshold": 0.5, "block_size": 64}
+
+
+def _refuse_unused(args: argparse.Namespace, only_for: dict[str, tuple[str, tuple[str, ...]]], verb: str) -> None:
+    for flag, (dest, formats) in only_for.items():
+        if args.format not in formats and getattr(args, dest) not in (None, False):
+            raise PolicyError(f"{flag} does not apply when you {verb} {args.format} (only {', '.join(formats)} read it): remove it")
 
 
 def _print_warnings(caught: list[warnings.WarningMessage]) -> None:
@@ -191,7 +189,8 @@ def _export(args: argparse.Namespace) -> int:
     from .export import export_policy
     from .policy import Policy
 
-    model, _ = _model_from(args.model)
+    _refuse_unused(args, _EXPORT_ONLY_FOR, "export")
+    model, _ = _model_from(args.run)
     policy = Policy.load(args.policy, model=model)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -206,7 +205,11 @@ def _export(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from .export import MASK_FORMATS, import_policy
 
-    model, est = _model_from(args.model)
+    _refuse_unused(args, _IMPORT_ONLY_FOR, "import")
+    for dest, default in _IMPORT_DEFAULTS.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+    model, est = _model_from(args.run)
     out = Path(args.out)
     _refuse_existing(out, args.force)
     if est is not None and est.block_size != args.block_size:
@@ -214,7 +217,7 @@ def _import(args: argparse.Namespace) -> int:
     policy = import_policy(args.format, args.path, model, threshold=args.threshold, sparsity=args.sparsity,
                            block_size=args.block_size, seq_len=args.seq_len, estimator=None if args.format in MASK_FORMATS else est)
     policy.save(out)
-    kinds = {}
+    kinds: dict[str, int] = {}
     for e in policy.heads:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     print(f"imported {args.format} {args.path}: " + ", ".join(f"{k} {v}" for k, v in kinds.items()))
@@ -222,41 +225,78 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``policy`` (with ``policy compare``), ``export`` and ``import``."""
-    from .export import EXPORT_FORMATS, IMPORT_FORMATS
+# -- the parsers --------------------------------------------------------------------------------
+_RUN_HELP = ("a profiled run directory of the model, or a JSON file holding its identity (a policy, a run manifest, "
+             "or {name, n_layers, n_heads, n_kv_heads, ...})")
+
+
+def _add_run_option(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """``--run`` (a run or an identity JSON); ``--model``, its old spelling here, still works with a note."""
+    parser.add_argument("--run", default=None, metavar="RUN|JSON", help=f"{help_text}: {_RUN_HELP}")
+    parser.add_argument("--model", dest="run", action=DeprecatedAlias, new="--run", metavar="RUN|JSON",
+                        help="deprecated spelling of --run (here it never meant a model to load)")
+
+
+def _generator_options() -> argparse.ArgumentParser:
+    """The options ``policy make`` and ``policy compare`` share: what the optimiser may choose."""
     from .generator import BUDGET_KINDS, PROTECT
+
+    g = argparse.ArgumentParser(add_help=False)
+    g.add_argument("--budget-kind", choices=BUDGET_KINDS, default="density", help="density (FLOPs) or kv (KV cache) budget")
+    g.add_argument("--block-size", type=positive_int, default=None, help="policy block size (default: the run's block maps)")
+    g.add_argument("--lengths", type=int_list, default=None, help="comma-separated lengths to evaluate at (default: the longest profiled)")
+    g.add_argument("--kinds", type=name_list(KINDS), default=list(KINDS), metavar="KIND,...",
+                   help=f"kinds to choose from, some of {','.join(KINDS)} (default: all)")
+    g.add_argument("--min-sink", type=nonneg_int, default=4, help="minimum sink tokens of streaming/A-shape heads (default 4)")
+    g.add_argument("--gqa", action="store_true", help="heads sharing a KV head share a policy")
+    g.add_argument("--protect", choices=PROTECT, default="dense", help="retrieval heads: keep dense, hold a recall floor, or none")
+    g.add_argument("--retrieval-threshold", type=fraction, default=0.1, help="retrieval score in [0, 1] from which a head is protected (default 0.1)")
+    g.add_argument("--retrieval-floor", type=fraction, default=0.95, help="recall floor in [0, 1] of protected heads with --protect floor")
+    g.add_argument("--recall-floor", type=fraction, default=None, help="recall floor in [0, 1] of every head")
+    g.add_argument("--protect-heads", type=head_list, default=[], metavar="HEADS",
+                   help="extra heads to protect, LAYER:HEAD or L<layer>.H<head>, comma-separated (e.g. circuit heads)")
+    g.add_argument("--force", action="store_true", help="overwrite existing outputs")
+    add_quiet_argument(g)
+    return g
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``policy`` (sub-commands ``make``, the default, and ``compare``), ``export`` and ``import``."""
+    from .export import EXPORT_FORMATS, IMPORT_FORMATS
 
     p = subparsers.add_parser(
         "policy",
-        help="choose a sparse-attention policy per head within a budget (or: policy compare RUN)",
+        help="choose a sparse-attention policy per head within a budget (policy make RUN, policy compare RUN)",
         description="Fit per-head cost-recall curves from a profiled run and choose, per head, the pattern that "
         "keeps the most attention within a global budget (exact multiple-choice knapsack). "
-        "`attnlab policy compare RUN --budgets ...` compares against uniform streaming, DuoAttention- and "
-        "MInference-style baselines and writes a table and an HTML plot.",
+        "`attnlab policy RUN` is `attnlab policy make RUN`; `attnlab policy compare RUN --budgets ...` compares "
+        "against uniform streaming, DuoAttention- and MInference-style baselines and writes a table and an HTML plot.",
     )
-    p.add_argument("run", metavar="RUN", help="profiled run directory (or the word 'compare' followed by RUN)")
-    p.add_argument("compare_run", nargs="?", metavar="RUN", help=argparse.SUPPRESS)
-    p.add_argument("--budget", type=float, default=0.15, help="share of dense causal attention (or KV) to use, in (0, 1] (default 0.15)")
-    p.add_argument("--budgets", default="0.05,0.1,0.2,0.4", help="compare: comma-separated budgets")
-    p.add_argument("--budget-kind", choices=BUDGET_KINDS, default="density", help="density (FLOPs) or kv (KV cache) budget")
-    p.add_argument("--out", help="policy JSON (default RUN/policy.json); compare: table CSV (default RUN/policy_compare.csv, plot beside it)")
-    p.add_argument("--block-size", type=int, default=None, help="policy block size (default: the run's block maps)")
-    p.add_argument("--lengths", default=None, help="comma-separated lengths to evaluate at (default: the longest profiled)")
-    p.add_argument("--kinds", default=",".join(KINDS), help=f"kinds to choose from (default {','.join(KINDS)})")
-    p.add_argument("--min-sink", type=int, default=4, help="minimum sink tokens of streaming/A-shape heads (default 4)")
-    p.add_argument("--gqa", action="store_true", help="heads sharing a KV head share a policy")
-    p.add_argument("--protect", choices=PROTECT, default="dense", help="retrieval heads: keep dense, hold a recall floor, or none")
-    p.add_argument("--retrieval-threshold", type=float, default=0.1, help="retrieval score from which a head is protected (default 0.1)")
-    p.add_argument("--retrieval-floor", type=float, default=0.95, help="recall floor of protected heads with --protect floor")
-    p.add_argument("--recall-floor", type=float, default=None, help="recall floor of every head")
-    p.add_argument("--protect-heads", default=None, help="extra heads to protect, LAYER:HEAD,... (e.g. circuit heads)")
-    p.add_argument("--save-policies", default=None, metavar="DIR",
-                   help="compare: also save every compared policy (budgeted and baselines) as DIR/METHOD-BUDGET.json, "
-                   "for `attnlab validate`")
-    p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=_policy)
+    commands = add_subcommands(p, dest="policy_command", default="make", required=True)
+    shared = _generator_options()
+
+    make = commands.add_parser(
+        "make", parents=[shared], help="the budgeted policy of a run (the default: attnlab policy RUN)",
+        description="Choose one pattern per head that keeps the most expected attention within --budget.",
+    )
+    make.add_argument("run", metavar="RUN", help="profiled run directory")
+    make.add_argument("--budget", type=unit_float, default=0.15, help="share of dense causal attention (or KV) to use, in (0, 1] (default 0.15)")
+    make.add_argument("--out", help=f"policy JSON (default RUN/{POLICY.filename})")
+    make.set_defaults(func=_policy_make)
+
+    compare = commands.add_parser(
+        "compare", parents=[shared], help="the budgeted policy against uniform baselines at several budgets",
+        description="At each budget, the budgeted policy and uniform streaming, DuoAttention- and MInference-style "
+        "baselines, estimated from the same run: a table (CSV) and an HTML plot of expected recall against cost.",
+    )
+    compare.add_argument("run", metavar="RUN", help="profiled run directory")
+    compare.add_argument("--budgets", type=unit_float_list, default=[0.05, 0.1, 0.2, 0.4],
+                         help="comma-separated budgets, each in (0, 1] (default 0.05,0.1,0.2,0.4)")
+    compare.add_argument("--out", help=f"table CSV (default RUN/{COMPARE_TABLE}; the plot is written beside it as .html)")
+    compare.add_argument("--save-policies", default=None, metavar="DIR",
+                         help="also save every compared policy (budgeted and baselines) as DIR/METHOD-BUDGET.json, "
+                         "for `attnlab validate`")
+    compare.set_defaults(func=_policy_compare)
 
     e = subparsers.add_parser(
         "export",
@@ -267,41 +307,29 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("policy", metavar="POLICY", help="policy JSON from `attnlab policy`")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--seq-len", type=int, default=None, help="sequence length to compile at (required for masks)")
-    e.add_argument("--block-size", type=int, default=None, help="block size (default: the policy's)")
-    e.add_argument("--model", default=None, help="check the policy against this run's (or model JSON's) model")
+    e.add_argument("--seq-len", type=positive_int, default=None, help="sequence length to compile at (required for masks)")
+    e.add_argument("--block-size", type=positive_int, default=None, help="block size (default: the policy's)")
+    _add_run_option(e, "check the policy against this model")
     e.add_argument("--lossy", action="store_true", help="minference: approximate kinds it cannot express")
     e.add_argument("--dense-blocks", action="store_true", help="npz/safetensors: also store dense [heads, q_blocks, k_blocks] masks")
     e.add_argument("--force", action="store_true", help="overwrite existing files")
-    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_quiet_argument(e)
     e.set_defaults(func=_export)
 
     i = subparsers.add_parser(
         "import",
         help="read a MInference/DuoAttention config or an exported mask file as an attnlab policy",
-        description="Import FORMAT file PATH as an attnlab policy, validated against --model "
+        description="Import FORMAT file PATH as an attnlab policy, validated against --run "
         "(a profiled run of the model: its statistics also give expected recall).",
     )
     i.add_argument("format", choices=IMPORT_FORMATS)
     i.add_argument("path", metavar="PATH")
-    i.add_argument("--model", default=None, help="run directory or model JSON (required for minference and duo)")
+    _add_run_option(i, "the model the file is for (required for minference and duo)")
     i.add_argument("--out", required=True, help="policy JSON to write")
-    i.add_argument("--seq-len", type=int, default=None, help="length for expected density (default: the model's context)")
-    i.add_argument("--block-size", type=int, default=64, help="block size of the imported policy (default 64)")
-    i.add_argument("--threshold", type=float, default=0.5, help="duo: gate from which a KV head is full (default 0.5)")
-    i.add_argument("--sparsity", type=float, default=None, help="duo: share of KV heads to stream (overrides --threshold)")
+    i.add_argument("--seq-len", type=positive_int, default=None,
+                   help="minference/duo: length for expected density (default: the model's context)")
+    i.add_argument("--block-size", type=positive_int, default=None, help="minference/duo: block size of the imported policy (default 64)")
+    i.add_argument("--threshold", type=fraction, default=None, help="duo: gate in [0, 1] from which a KV head is full (default 0.5)")
+    i.add_argument("--sparsity", type=fraction, default=None, help="duo: share in [0, 1] of KV heads to stream (overrides --threshold)")
     i.add_argument("--force", action="store_true", help="overwrite --out")
     i.set_defaults(func=_import)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run these commands alone (the lead's ``attnlab`` CLI is the usual entry point)."""
-    parser = argparse.ArgumentParser(prog="attnlab")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except AttnlabError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2

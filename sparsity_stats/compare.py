@@ -75,9 +75,8 @@ def compare_policies(
     if isinstance(run, HeadCurves):
         curves = run
     else:
-        run = run if isinstance(run, Run) else Run.open(run)
         curves = compute_curves(
-            run, block_size=generator_kwargs.get("block_size"), eval_lengths=generator_kwargs.get("eval_lengths"),
+            Run.coerce(run), block_size=generator_kwargs.get("block_size"), eval_lengths=generator_kwargs.get("eval_lengths"),
             kinds=generator_kwargs.get("kinds", PolicyGenerator().kinds), min_sink=int(generator_kwargs.get("min_sink", 4)),
             elastic=generator_kwargs.get("elastic", "auto"), progress=progress,
         )

@@ -27,6 +27,7 @@ profiled prompts: causal attention of a prefix is the prefix of the attention).
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,8 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attnlab.errors import AttnlabError
-from attnlab.runs import BlockMaps, Run
+from attnlab.runs import DETECTIONS, HEAD_STATS, BlockMaps, Run
 
 from .errors import ERR_MAP_BLOCK, PolicyError
 from .kinds import KINDS, BlockTopK, Candidate, VerticalSlash, get_kind, select_vertical_slash
@@ -181,17 +181,20 @@ class ProfileEstimator:
         self._stats = self._read_stats(head_stats)
 
     @classmethod
-    def from_run(cls, run: Run | str, *, block_size: int | None = None, eval_lengths: Sequence[int] | None = None) -> ProfileEstimator:
-        """Read block maps, head statistics and profiled lengths from a run directory."""
-        run = run if isinstance(run, Run) else Run.open(run)
+    def from_run(cls, run: Run | str | os.PathLike, *, block_size: int | None = None,
+                 eval_lengths: Sequence[int] | None = None) -> ProfileEstimator:
+        """Read block maps, head statistics and profiled lengths from a run directory.
+
+        The estimator's ``model`` is the run's `ModelIdentity` (with its weights fingerprint),
+        which is what the policies made from it record."""
+        run = Run.coerce(run)
         maps = run.block_maps()
-        try:
-            stats = run.head_stats()
-        except AttnlabError:  # statistics are optional: recall then comes from the block maps alone
-            stats = None
+        # statistics are optional (recall then comes from the block maps alone); a file that is
+        # there but unreadable is an error, not "no statistics"
+        stats = run.read_optional(HEAD_STATS)
         lengths = (run.manifest.get("parameters") or {}).get("lengths") or []
         source = {"path": str(run.path), "name": run.name, "created": run.manifest.get("created")}
-        return cls(maps, run.model, head_stats=stats, profiled_lengths=lengths, block_size=block_size,
+        return cls(maps, run.identity.to_dict(), head_stats=stats, profiled_lengths=lengths, block_size=block_size,
                    eval_lengths=eval_lengths, source=source)
 
     # -- statistics used as corrections ---------------------------------------------------
@@ -526,17 +529,18 @@ class HeadCurves:
 
 
 def retrieval_scores_from_run(run: Run) -> np.ndarray | None:
-    """Max retrieval score per head ``[L, H]`` from ``detections.parquet``; None if absent."""
-    try:
-        det = run.detections()
-    except AttnlabError:  # no detections yet: nothing to protect
-        return None
-    if det is None or det.empty or "head_type" not in det.columns:
+    """Max retrieval score per head ``[L, H]`` from the run's detections (`DETECTIONS`); None
+    when the run has no detections file yet, or no retrieval rows in it. A detections file
+    that is there but unreadable or lacks columns raises `attnlab.errors.RunError`: silently
+    dropping it would drop the retrieval heads' protection."""
+    det = run.read_optional(DETECTIONS)
+    if det is None or det.empty:
         return None
     det = det[det["head_type"].astype(str) == "retrieval"]
     if det.empty:
         return None
-    nl, nh = int(run.model["n_layers"]), int(run.model["n_heads"])
+    identity = run.identity
+    nl, nh = identity.n_layers, identity.n_heads
     out = np.zeros((nl, nh))
     g = det.groupby(["layer", "head"])["score"].max().reset_index()
     ok = (g["layer"] >= 0) & (g["layer"] < nl) & (g["head"] >= 0) & (g["head"] < nh)
@@ -546,7 +550,7 @@ def retrieval_scores_from_run(run: Run) -> np.ndarray | None:
 
 
 def compute_curves(
-    run: Run | str | ProfileEstimator,
+    run: Run | str | os.PathLike | ProfileEstimator,
     candidates: Sequence[Candidate] | None = None,
     *,
     block_size: int | None = None,
@@ -565,7 +569,7 @@ def compute_curves(
     if isinstance(run, ProfileEstimator):
         est = run
     else:
-        run = run if isinstance(run, Run) else Run.open(run)
+        run = Run.coerce(run)
         est = ProfileEstimator.from_run(run, block_size=block_size, eval_lengths=eval_lengths)
         retrieval = retrieval_scores_from_run(run)
     if candidates is None:

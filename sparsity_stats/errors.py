@@ -7,10 +7,16 @@ one) and how to fix it. The CLI prints an `AttnlabError` as ``error: <message>``
 from __future__ import annotations
 
 from attnlab.errors import AttnlabError
+from attnlab.identity import IdentityError
 
 
 class PolicyError(AttnlabError):
     """A policy (file or generator setting) is invalid or does not fit the model."""
+
+
+class PolicyModelError(PolicyError, IdentityError):
+    """A policy was made for another model (raised by `Policy.check_model`, from the one
+    compatibility check `attnlab.identity.ModelIdentity.check`)."""
 
 
 class MaskError(AttnlabError):
@@ -47,10 +53,6 @@ ERR_FOREIGN = (
 )
 ERR_POLICY_SCHEMA = "{path} has policy schema {found!r}, this attnlab reads schema {expected}: regenerate it with `attnlab policy`"
 ERR_FIELD = "{where}: field {field!r} {problem}; {fix}"
-ERR_MODEL_MISMATCH = (
-    "policy {path} is for model {found} but the target is {expected} ({field} differs): "
-    "generate a policy from a run of this model"
-)
 ERR_HEAD_COUNT = (
     "policy {path} has {found} head entries, model {model} has {expected} "
     "({n_layers} layers x {n_heads} heads): regenerate the policy for this model"

@@ -46,6 +46,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnlab.kernels.layout import (
+    TENSOR_FIELDS,
+    TOKEN_SEMANTICS,
+    BlockSparseLayout,
+    csr_from_counts,
+)
 from attnlab.runs import atomic_path
 
 from .errors import (
@@ -58,8 +64,8 @@ from .errors import (
     PolicyError,
 )
 from .kinds import Elastic, get_kind
-from .masks import BlockSparseLayout, check_block_size, check_seq_len, compile_policy
-from .policy import HeadPolicy, Policy, check_model
+from .masks import check_block_size, check_seq_len, compile_policy
+from .policy import HeadPolicy, Policy, model_entry
 
 EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
 IMPORT_FORMATS = EXPORT_FORMATS
@@ -73,8 +79,6 @@ FILENAMES = {
     "minference": ("minference_config.json",),
     "duo": ("full_attention_heads.tsv", "config.json"),
 }
-_CSR = ("full_kv_count", "full_kv_offset", "full_kv_index", "kv_count", "kv_offset", "kv_index", "sink", "window")
-_FLEX = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "sink", "window")
 
 
 def _check_format(fmt: str, known: tuple[str, ...]) -> str:
@@ -156,10 +160,7 @@ def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int)
         "dynamic_heads": "prior layout; estimate per input with attnlab.sparsity_stats.estimate_block_scores",
         "density": [[round(float(x), 6) for x in lay.density.tolist()] for lay in layouts],
         "head_names": [list(lay.head_names) for lay in layouts],
-        "token_semantics": (
-            "query i (absolute qa = i + n_k - n_q) attends key j iff block (i//B, j//B) is listed and j < n_k "
-            "and j <= qa and (window[h] == 0 or j < sink[h] or qa - j < window[h])"
-        ),
+        "token_semantics": TOKEN_SEMANTICS,
         "policy": policy.to_dict(),
     }
 
@@ -257,7 +258,7 @@ def _int_size(v: Any, where: str, field: str, *, allow_zero: bool = False) -> in
 
 def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "minference", block_size: int = 64) -> Policy:
     """A `Policy` from MInference's per-layer config (see the module docstring for the mapping)."""
-    model = check_model(model, "--model")
+    model = model_entry(model, "--model")
     nl, nh = model["n_layers"], model["n_heads"]
     n_ctx = int(model.get("n_ctx") or 0)
     if not isinstance(config, list) or not all(isinstance(x, dict) for x in config):
@@ -339,7 +340,7 @@ def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: 
     ``config.json``, or the TSV with the config beside it). A KV head is dense when its gate is
     ``>= threshold``; with ``sparsity``, the lowest-gated share of KV heads streams instead
     (DuoAttention's deployment rule)."""
-    model = check_model(model, "--model")
+    model = model_entry(model, "--model")
     p = Path(path)
     tsv = p / "full_attention_heads.tsv" if p.is_dir() else p
     cfg_path = tsv.parent / "config.json"
@@ -434,14 +435,11 @@ def _read_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
     return arrays, meta, "flex" if meta.get("flex") else "safetensors"
 
 
-def _unpad(padded_count: torch.Tensor, padded_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    count = padded_count[0].to(torch.int32)
-    h, qb, kb = padded_index.shape[1:]
-    keep = torch.arange(kb)[None, None, :] < count[..., None]
-    index = padded_index[0][keep].to(torch.int32)
-    flat = count.reshape(-1).to(torch.int64)
-    offset = (torch.cumsum(flat, 0) - flat).to(torch.int32).reshape(count.shape)
-    return count, offset, index
+def _unpad(padded_count: torch.Tensor, padded_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `BlockSparseLayout.padded` for one list: ``(count, offset, index)``."""
+    count = padded_count[0]
+    keep = torch.arange(padded_index.shape[-1])[None, None, :] < count[..., None]
+    return csr_from_counts(count, padded_index[0][keep])
 
 
 def load_masks(path: str | os.PathLike, model: dict[str, Any] | None = None) -> MaskFile:
@@ -463,7 +461,7 @@ def load_masks(path: str | os.PathLike, model: dict[str, Any] | None = None) -> 
                 a = {"full_kv_count": fc, "full_kv_offset": fo, "full_kv_index": fi, "kv_count": pc, "kv_offset": po,
                      "kv_index": pi, "sink": arrays[f"layer{lay}.sink"], "window": arrays[f"layer{lay}.window"]}
             else:
-                a = {name: arrays[f"layer{lay}.{name}"] for name in _CSR}
+                a = {name: arrays[f"layer{lay}.{name}"] for name in TENSOR_FIELDS}
         except KeyError as exc:
             raise FormatError(ERR_CORRUPT.format(path=path, fmt=f"{kind} mask", reason=f"missing array {exc}")) from None
         try:
@@ -498,7 +496,7 @@ def import_policy(
     if fmt in MASK_FORMATS:
         return load_masks(path, model).policy
     if model is None:
-        raise FormatError(f"importing {fmt} needs the model identity: pass --model RUN (a profiled run of the model) or a model JSON")
+        raise FormatError(f"importing {fmt} needs the model identity: pass --run RUN (a profiled run of the model) or a model JSON")
     b = check_block_size(block_size)
     if fmt == "minference":
         pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)

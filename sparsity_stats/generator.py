@@ -8,7 +8,7 @@ the total expected recall, weighted by ``head_weights`` if given, subject to
 - a global **density** budget: mean over heads of the share of causal blocks computed
   <= ``budget`` (so ``0.15`` = 15% of dense causal attention), or a **KV** budget: mean over KV
   heads of the share of the KV cache kept <= ``budget`` (streaming heads keep sink + window);
-- **protected heads**: retrieval heads (``detections.parquet`` score >= ``retrieval_threshold``,
+- **protected heads**: retrieval heads (the run's detections score >= ``retrieval_threshold``,
   the Retrieval Head paper's 0.1) and any ``protected_heads`` stay dense, or keep at least
   ``retrieval_floor`` of their attention; ``recall_floor`` does the same for every head;
 - **minimum sink**: streaming and A-shape heads keep at least ``min_sink`` first tokens;
@@ -23,7 +23,7 @@ Usage (scikit-learn shape)::
 
     gen = PolicyGenerator(budget=0.15).fit("runs/r1")
     policy = gen.emit()            # attnlab.sparsity_stats.Policy
-    policy.save("policy.json")
+    policy.save("budget-0.15.json")
     gen.optimality_gap_            # 0.0 when proven optimal
 """
 
@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from attnlab.names import head_label
 from attnlab.runs import Run
 
 from .curves import HeadCurves, compute_curves
@@ -175,26 +176,36 @@ class PolicyGenerator:
     # -- fit ------------------------------------------------------------------------------
     def fit(self, data: Run | str | os.PathLike | HeadCurves) -> PolicyGenerator:
         """Evaluate the candidates on every head of a run (or take precomputed `HeadCurves`)
-        and solve the budgeted choice. Returns ``self``."""
+        and solve the budgeted choice. Returns ``self``.
+
+        Steps: the cost-recall curves (`_curves`), what each head may take (`_constraints`),
+        the groups that choose together (`_groups`), then the knapsack (`_solve`)."""
         self._check()
+        curves = self._curves(data)
+        self.curves_ = curves
+        self.allowed_, self.protected_ = self._constraints(curves)
+        self._solve(curves, self._groups(curves))
+        return self
+
+    def _curves(self, data: Run | str | os.PathLike | HeadCurves) -> HeadCurves:
+        """The curves to choose from: computed from the run, or given; always with dense and
+        ``extra_candidates``."""
         if isinstance(data, HeadCurves):
             curves = data
             if self.candidates is not None:
                 curves = curves.extend(self.candidates)
         else:
-            run = data if isinstance(data, Run) else Run.open(data)
             curves = compute_curves(
-                run, self.candidates, block_size=self.block_size, eval_lengths=self.eval_lengths,
+                Run.coerce(data), self.candidates, block_size=self.block_size, eval_lengths=self.eval_lengths,
                 kinds=self.kinds, min_sink=int(self.min_sink), elastic=self.elastic, progress=self.progress,
             )
-        curves = curves.extend([Candidate.make("dense"), *self.extra_candidates])
-        self.curves_ = curves
+        return curves.extend([Candidate.make("dense"), *self.extra_candidates])
+
+    def _constraints(self, curves: HeadCurves) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
+        """``allowed [L, H, C]`` (kinds, explicit grid, minimum sink, protected heads, recall
+        floors; dense is always allowed) and the protected heads ``(layer, head, why)``."""
         est = curves.estimator
         nl, nh, nc = curves.recall.shape
-        n_kv = est.n_kv_heads
-        group_size = nh // n_kv
-
-        # -- constraints ------------------------------------------------------------------
         allowed = np.ones((nl, nh, nc), dtype=bool)
         keys = [c.key() for c in curves.candidates]
         restrict = None if self.candidates is None else {c.key() for c in self.candidates}
@@ -208,15 +219,7 @@ class PolicyGenerator:
                 ok = self._meets_min_sink(c, est.eval_lengths, est.block_size)
             allowed[:, :, i] = ok
         allowed[:, :, dense_idx] = True
-        protected: list[tuple[int, int, str]] = []
-        scores = curves.retrieval_scores
-        if scores is not None and self.protect_retrieval != "none":
-            for lay, head in zip(*np.nonzero(scores >= self.retrieval_threshold), strict=False):
-                protected.append((int(lay), int(head), f"retrieval head (score {scores[lay, head]:.2f} >= {self.retrieval_threshold:g})"))
-        for lay, head in self.protected_heads:
-            if not (0 <= lay < nl and 0 <= head < nh):
-                raise PolicyError(f"protected head ({lay}, {head}) is outside the model's {nl} layers x {nh} heads")
-            protected.append((int(lay), int(head), "protected by request"))
+        protected = self._protected(curves.retrieval_scores, nl, nh)
         for lay, head, _why in protected:
             if self.protect_retrieval == "floor":
                 allowed[lay, head] &= curves.recall[lay, head] >= float(self.retrieval_floor) - 1e-12
@@ -226,21 +229,41 @@ class PolicyGenerator:
         if self.recall_floor is not None:
             allowed &= curves.recall >= float(self.recall_floor) - 1e-12
             allowed[:, :, dense_idx] = True
-        self.allowed_ = allowed
-        self.protected_ = protected
+        return allowed, protected
 
-        # -- groups and the knapsack ----------------------------------------------------
+    def _protected(self, scores: np.ndarray | None, nl: int, nh: int) -> list[tuple[int, int, str]]:
+        """Retrieval heads (score >= ``retrieval_threshold``) and ``protected_heads``, with why."""
+        protected: list[tuple[int, int, str]] = []
+        if scores is not None and self.protect_retrieval != "none":
+            for lay, head in zip(*np.nonzero(scores >= self.retrieval_threshold), strict=False):
+                protected.append((int(lay), int(head), f"retrieval head (score {scores[lay, head]:.2f} >= {self.retrieval_threshold:g})"))
+        for lay, head in self.protected_heads:
+            if not (0 <= lay < nl and 0 <= head < nh):
+                raise PolicyError(f"protected head {head_label(lay, head)} is outside the model's {nl} layers x {nh} heads")
+            protected.append((int(lay), int(head), "protected by request"))
+        return protected
+
+    def _groups(self, curves: HeadCurves) -> list[list[tuple[int, int]]]:
+        """The heads that choose one candidate together: a KV head's query heads (GQA
+        consistency, implied by a KV budget), else each head alone."""
+        nl, nh = curves.recall.shape[:2]
+        n_kv = curves.estimator.n_kv_heads
+        group_size = nh // n_kv
+        if self.gqa_consistent or self.budget_kind == "kv":
+            return [[(lay, kv * group_size + j) for j in range(group_size)] for lay in range(nl) for kv in range(n_kv)]
+        return [[(lay, head)] for lay in range(nl) for head in range(nh)]
+
+    def _solve(self, curves: HeadCurves, groups: list[list[tuple[int, int]]]) -> None:
+        """The multiple-choice knapsack over ``groups``; sets ``choice_``, the expected
+        recall/density/KV of the choice, and the solver's gap, bound and exchange rate."""
+        est = curves.estimator
+        nl, nh = curves.recall.shape[:2]
         weights = np.ones((nl, nh)) if self.head_weights is None else np.asarray(self.head_weights, dtype=float)
         if weights.shape != (nl, nh) or not np.isfinite(weights).all() or (weights < 0).any():
             raise PolicyError(f"head_weights must be a finite, non-negative [{nl}, {nh}] array")
-        grouped = self.gqa_consistent or self.budget_kind == "kv"
-        if grouped:
-            groups = [[(lay, kv * group_size + j) for j in range(group_size)] for lay in range(nl) for kv in range(n_kv)]
-        else:
-            groups = [[(lay, head)] for lay in range(nl) for head in range(nh)]
         values, costs, options = [], [], []
         for members in groups:
-            ok = np.logical_and.reduce([allowed[lay, head] for lay, head in members])
+            ok = np.logical_and.reduce([self.allowed_[lay, head] for lay, head in members])
             idx = np.nonzero(ok)[0]
             v = sum(weights[lay, head] * curves.recall[lay, head, idx] for lay, head in members)
             if self.budget_kind == "density":
@@ -251,10 +274,9 @@ class PolicyGenerator:
             values.append(np.asarray(v, dtype=float))
             costs.append(np.asarray(c, dtype=float))
             options.append(idx)
-        units = nl * nh if self.budget_kind == "density" else nl * n_kv
-        capacity = self.budget_ * units
+        units = nl * nh if self.budget_kind == "density" else nl * est.n_kv_heads
         try:
-            sol = solve_mckp(values, costs, capacity, max_nodes=self.max_nodes, cost_unit=self._cost_unit(est))
+            sol = solve_mckp(values, costs, self.budget_ * units, max_nodes=self.max_nodes, cost_unit=self._cost_unit(est))
         except InfeasibleError as exc:
             raise PolicyError(ERR_INFEASIBLE.format(budget=self.budget_, needed=exc.needed / units,
                                                     kind="mean density" if self.budget_kind == "density" else "mean KV share")) from None
@@ -276,7 +298,6 @@ class PolicyGenerator:
         self.upper_bound_ = float(sol.upper_bound)
         self.exchange_rate_ = float(sol.exchange_rate)
         self.units_ = units
-        return self
 
     def _cost_unit(self, est) -> float | None:
         """The unit every cost is a whole multiple of, when there is one (one evaluation length):

@@ -168,6 +168,186 @@ def _integer_dp(groups: list[tuple[np.ndarray, np.ndarray]], capacity: float, un
     return out
 
 
+class _Incumbent:
+    """The best integer solution found so far: a position per group into the Pareto lists."""
+
+    def __init__(self, pv: list[np.ndarray], pc: list[np.ndarray], pos: list[int]):
+        self.pv, self.pc = pv, pc
+        self.pos = list(pos)
+        self.value, self.cost = self.total(self.pos)
+
+    def total(self, p: list[int]) -> tuple[float, float]:
+        """``(value, cost)`` of positions ``p``, summed exactly (`math.fsum`)."""
+        return (math.fsum(float(self.pv[g][i]) for g, i in enumerate(p)),
+                math.fsum(float(self.pc[g][i]) for g, i in enumerate(p)))
+
+
+def _check_inputs(values: Sequence[Sequence[float]], costs: Sequence[Sequence[float]]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    vs = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
+    cs = [np.asarray(c, dtype=np.float64).reshape(-1) for c in costs]
+    if len(vs) != len(cs) or any(len(v) != len(c) or len(v) == 0 for v, c in zip(vs, cs, strict=False)):
+        raise ValueError("values and costs must list the same non-empty candidate sets per group")
+    if any(not (np.isfinite(v).all() and np.isfinite(c).all()) for v, c in zip(vs, cs, strict=False)):
+        raise ValueError("values and costs must be finite")
+    return vs, cs
+
+
+def _lp_relaxation(pv: list[np.ndarray], pc: list[np.ndarray], capacity: float, cheapest: float) -> tuple[list[int], float, float]:
+    """Step 2: the LP relaxation, greedily along the hull increments by decreasing slope.
+
+    Returns the hull positions taken before the fractional step (an integer solution), the LP
+    upper bound, and the exchange rate ``lambda`` (the slope of the fractional step, 0 if none)."""
+    n_groups = len(pv)
+    incs = []
+    for g in range(n_groups):
+        h = _hull(pc[g], pv[g])
+        for a, b in zip(h[:-1], h[1:], strict=False):
+            dc, dv = pc[g][b] - pc[g][a], pv[g][b] - pv[g][a]
+            incs.append(((dv / dc) if dc > 0 else math.inf, g, b, dc, dv))
+    incs.sort(key=lambda t: -t[0])
+    pos = [0] * n_groups  # position in Pareto list (on the hull)
+    room = capacity - cheapest
+    upper = math.fsum(float(v[0]) for v in pv)
+    lam = 0.0
+    for slope, g, b, dc, dv in incs:
+        if dc <= room:
+            room -= dc
+            upper += dv
+            pos[g] = b
+        else:
+            upper += room / dc * dv if dc > 0 else 0.0
+            lam = slope
+            break
+    return pos, upper, lam
+
+
+def _greedy_fill(best: _Incumbent, capacity: float) -> None:
+    """Step 2, continued: spend the room left by the LP's integer solution, one best gain at a time."""
+    pv, pc = best.pv, best.pc
+    lp_pos = list(best.pos)
+    while True:
+        room = capacity - best.cost
+        move = None
+        for g in range(len(pv)):
+            cur_v, cur_c = pv[g][best.pos[g]], pc[g][best.pos[g]]
+            ok = (pc[g] - cur_c <= room) & (pv[g] > cur_v)
+            if ok.any():
+                j = int(np.argmax(np.where(ok, pv[g] - cur_v, -np.inf)))
+                gain = pv[g][j] - cur_v
+                if move is None or gain > move[0]:
+                    move = (gain, g, j)
+        if move is None:
+            break
+        best.pos[move[1]] = move[2]
+        v2, c2 = best.total(best.pos)
+        if c2 > capacity:  # rounding: undo and stop
+            best.pos[move[1]] = lp_pos[move[1]]
+            break
+        best.value, best.cost = v2, c2
+
+
+def _survivors(red: list[np.ndarray], lag_upper: float, incumbent: float, atol: float) -> list[np.ndarray] | None:
+    """Step 3: per group, the candidates whose Lagrangian bound can still beat the incumbent;
+    None when some group has none left (then the incumbent is optimal)."""
+    survivors = []
+    for r in red:
+        delta = r.max() - r
+        survivors.append(np.nonzero(lag_upper - delta > incumbent + atol)[0])
+    return survivors if all(len(s) for s in survivors) else None
+
+
+def _search_survivors(best: _Incumbent, survivors: list[np.ndarray], red: list[np.ndarray], capacity: float, *,
+                      cost_unit: float | None, max_dp_cells: int, max_nodes: int, atol: float) -> tuple[bool, int]:
+    """Step 4: solve the groups left with more than one survivor exactly (dynamic programme over
+    integer costs, else branch and bound). Updates ``best``; returns ``(finished, nodes)``."""
+    pv, pc = best.pv, best.pc
+    n_groups = len(pv)
+    fixed = [g for g in range(n_groups) if len(survivors[g]) == 1]
+    free = [g for g in range(n_groups) if len(survivors[g]) > 1]
+    fixed_v = math.fsum(float(pv[g][survivors[g][0]]) for g in fixed)
+    fixed_c = math.fsum(float(pc[g][survivors[g][0]]) for g in fixed)
+    cap_free = capacity - fixed_c
+    free.sort(key=lambda g: -len(survivors[g]))
+    groups = [(pc[g][survivors[g]], pv[g][survivors[g]]) for g in free]
+
+    def with_free(free_pos: Sequence[int]) -> list[int]:
+        cand = list(best.pos)
+        for g in fixed:
+            cand[g] = int(survivors[g][0])
+        for gi, g in enumerate(free):
+            cand[g] = int(free_pos[gi])
+        return cand
+
+    dp_choice = _integer_dp(groups, cap_free, cost_unit, max_dp_cells)
+    if dp_choice is not None:  # exact dynamic programme over integer costs
+        cand = with_free([survivors[g][dp_choice[gi]] for gi, g in enumerate(free)])
+        v_tot, c_tot = best.total(cand)
+        if c_tot <= capacity * (1 + 1e-12) + 1e-12 and v_tot > best.value:
+            best.value, best.cost, best.pos = v_tot, c_tot, cand
+        return True, 0
+    lp = _SuffixLP(groups)
+    if free and lp.bound(0, cap_free) <= best.value - fixed_v + atol:
+        return True, 0  # the free groups' LP bound cannot beat the incumbent
+    # children of each depth: survivors by increasing reduced-value loss
+    children = []
+    for g in free:
+        s = survivors[g]
+        loss = red[g].max() - red[g][s]
+        order = s[np.argsort(loss, kind="stable")]
+        children.append([(int(i), float(pv[g][i]), float(pc[g][i])) for i in order])
+    return _branch_and_bound(best, children, lp, with_free, capacity, cap_free, fixed_v, max_nodes=max_nodes, atol=atol)
+
+
+def _branch_and_bound(best: _Incumbent, children: list[list[tuple[int, float, float]]], lp: _SuffixLP, with_free,
+                      capacity: float, cap_free: float, fixed_v: float, *, max_nodes: int, atol: float) -> tuple[bool, int]:
+    """Depth-first search over the free groups (``children[d]``: group ``d``'s survivors, best
+    first), each node bounded by the LP relaxation of the groups below it. Returns
+    ``(finished, nodes)``; ``finished`` is False when ``max_nodes`` stopped it."""
+    depth_n = len(children)
+    path = [0] * depth_n
+    val = [0.0] * (depth_n + 1)
+    cst = [0.0] * (depth_n + 1)
+    nxt = [0] * (depth_n + 1)
+    d = 0
+    nodes = 0
+    target = best.value - fixed_v  # value the free groups must beat
+    while d >= 0 and nodes < max_nodes:
+        if d == depth_n:
+            cand = with_free(path)
+            v_tot, c_tot = best.total(cand)
+            if c_tot <= capacity and v_tot > best.value + atol:
+                best.value, best.cost, best.pos = v_tot, c_tot, cand
+                target = best.value - fixed_v
+            d -= 1
+            continue
+        kids = children[d]
+        i = nxt[d]
+        advanced = False
+        while i < len(kids):
+            idx, v, c = kids[i]
+            i += 1
+            nodes += 1
+            nc = cst[d] + c
+            rem = cap_free - nc
+            if rem < 0:
+                continue
+            bound = val[d] + v + lp.bound(d + 1, rem)
+            if bound <= target + atol:
+                continue
+            path[d] = idx
+            val[d + 1] = val[d] + v
+            cst[d + 1] = nc
+            nxt[d] = i
+            d += 1
+            nxt[d] = 0
+            advanced = True
+            break
+        if not advanced:
+            nxt[d] = 0
+            d -= 1
+    return d < 0, nodes
+
+
 def solve_mckp(
     values: Sequence[Sequence[float]],
     costs: Sequence[Sequence[float]],
@@ -186,168 +366,42 @@ def solve_mckp(
     choices exceed ``capacity``. When every cost is a whole multiple of ``cost_unit`` (densities
     are kept blocks over causal blocks) the groups left after the reduction are solved by an
     exact dynamic programme over capacity, if its table fits ``max_dp_cells``; otherwise by the
-    branch and bound.
+    branch and bound. The steps are those of the module docstring.
     """
-    vs = [np.asarray(v, dtype=np.float64).reshape(-1) for v in values]
-    cs = [np.asarray(c, dtype=np.float64).reshape(-1) for c in costs]
-    if len(vs) != len(cs) or any(len(v) != len(c) or len(v) == 0 for v, c in zip(vs, cs, strict=False)):
-        raise ValueError("values and costs must list the same non-empty candidate sets per group")
-    if any(not (np.isfinite(v).all() and np.isfinite(c).all()) for v, c in zip(vs, cs, strict=False)):
-        raise ValueError("values and costs must be finite")
+    vs, cs = _check_inputs(values, costs)
     n_groups = len(vs)
     cheapest = math.fsum(float(c.min()) for c in cs)
     if cheapest > capacity:
         raise InfeasibleError(f"the cheapest choices cost {cheapest:.6g} > capacity {capacity:.6g}", cheapest)
 
+    # 1. dominated candidates out
     pareto = [_pareto(v, c) for v, c in zip(vs, cs, strict=False)]
     pv = [vs[g][p] for g, p in enumerate(pareto)]
     pc = [cs[g][p] for g, p in enumerate(pareto)]
 
-    # LP relaxation by greedy over hull increments
-    hulls = [_hull(pc[g], pv[g]) for g in range(n_groups)]
-    incs = []
-    for g, h in enumerate(hulls):
-        for a, b in zip(h[:-1], h[1:], strict=False):
-            dc, dv = pc[g][b] - pc[g][a], pv[g][b] - pv[g][a]
-            incs.append(((dv / dc) if dc > 0 else math.inf, g, b, dc, dv))
-    incs.sort(key=lambda t: -t[0])
-    pos = [0] * n_groups  # position in Pareto list (on the hull)
-    room = capacity - cheapest
-    upper = math.fsum(float(v[0]) for v in pv)
-    lam = 0.0
-    for slope, g, b, dc, dv in incs:
-        if dc <= room:
-            room -= dc
-            upper += dv
-            pos[g] = b
-        else:
-            upper += room / dc * dv if dc > 0 else 0.0
-            lam = slope
-            break
+    # 2. LP relaxation (bound, exchange rate, integer start) and a greedy fill
+    pos, upper, lam = _lp_relaxation(pv, pc, capacity, cheapest)
+    best = _Incumbent(pv, pc, pos)
+    _greedy_fill(best, capacity)
 
-    def total(p: list[int]) -> tuple[float, float]:
-        return (math.fsum(float(pv[g][i]) for g, i in enumerate(p)), math.fsum(float(pc[g][i]) for g, i in enumerate(p)))
-
-    # greedy fill of the integer solution
-    best_pos = list(pos)
-    best_val, best_cost = total(best_pos)
-    while True:
-        room = capacity - best_cost
-        move = None
-        for g in range(n_groups):
-            cur_v, cur_c = pv[g][best_pos[g]], pc[g][best_pos[g]]
-            ok = (pc[g] - cur_c <= room) & (pv[g] > cur_v)
-            if ok.any():
-                j = int(np.argmax(np.where(ok, pv[g] - cur_v, -np.inf)))
-                gain = pv[g][j] - cur_v
-                if move is None or gain > move[0]:
-                    move = (gain, g, j)
-        if move is None:
-            break
-        best_pos[move[1]] = move[2]
-        v2, c2 = total(best_pos)
-        if c2 > capacity:  # rounding: undo and stop
-            best_pos[move[1]] = pos[move[1]]
-            break
-        best_val, best_cost = v2, c2
-
-    # Lagrangian bound and reduction
+    # 3. Lagrangian bound and reduction; 4. exact search over what survives
     red = [pv[g] - lam * pc[g] for g in range(n_groups)]
     lag_upper = math.fsum(float(r.max()) for r in red) + lam * capacity
     upper = min(upper, lag_upper) if lam > 0 else upper
     atol = tol * max(1.0, abs(upper))
     nodes = 0
-    if upper - best_val > atol:
-        survivors = []
-        for g in range(n_groups):
-            delta = red[g].max() - red[g]
-            survivors.append(np.nonzero(lag_upper - delta > best_val + atol)[0])
-        if not all(len(s) for s in survivors):
-            upper = best_val  # some group cannot take part in a better solution: incumbent is optimal
+    if upper - best.value > atol:
+        survivors = _survivors(red, lag_upper, best.value, atol)
+        if survivors is None:
+            upper = best.value  # some group cannot take part in a better solution: incumbent is optimal
         else:
-            fixed = [g for g in range(n_groups) if len(survivors[g]) == 1]
-            free = [g for g in range(n_groups) if len(survivors[g]) > 1]
-            fixed_v = math.fsum(float(pv[g][survivors[g][0]]) for g in fixed)
-            fixed_c = math.fsum(float(pc[g][survivors[g][0]]) for g in fixed)
-            cap_free = capacity - fixed_c
-            free.sort(key=lambda g: -len(survivors[g]))
-            groups = [(pc[g][survivors[g]], pv[g][survivors[g]]) for g in free]
-            lp = _SuffixLP(groups)
-            # children of each depth: survivors by increasing reduced-value loss
-            children = []
-            for g in free:
-                s = survivors[g]
-                loss = red[g].max() - red[g][s]
-                order = s[np.argsort(loss, kind="stable")]
-                children.append([(int(i), float(pv[g][i]), float(pc[g][i])) for i in order])
-            depth_n = len(free)
-            dp_choice = _integer_dp([(pc[g][survivors[g]], pv[g][survivors[g]]) for g in free], cap_free, cost_unit, max_dp_cells)
-            if dp_choice is not None:  # exact dynamic programme over integer costs
-                cand = list(best_pos)
-                for g in fixed:
-                    cand[g] = int(survivors[g][0])
-                for gi, g in enumerate(free):
-                    cand[g] = int(survivors[g][dp_choice[gi]])
-                v_tot, c_tot = total(cand)
-                if c_tot <= capacity * (1 + 1e-12) + 1e-12 and v_tot > best_val:
-                    best_val, best_cost, best_pos = v_tot, c_tot, cand
-                upper = best_val
-                depth_n = -1  # skip the branch and bound
-            if depth_n == -1:
-                finished = True
-            elif depth_n == 0 or lp.bound(0, cap_free) > best_val - fixed_v + atol:
-                path = [0] * depth_n
-                val = [0.0] * (depth_n + 1)
-                cst = [0.0] * (depth_n + 1)
-                nxt = [0] * (depth_n + 1)
-                d = 0
-                target = best_val - fixed_v  # value the free groups must beat
-                while d >= 0 and nodes < max_nodes:
-                    if d == depth_n:
-                        cand = list(best_pos)
-                        for gi, g in enumerate(free):
-                            cand[g] = path[gi]
-                        for g in fixed:
-                            cand[g] = int(survivors[g][0])
-                        v_tot, c_tot = total(cand)
-                        if c_tot <= capacity and v_tot > best_val + atol:
-                            best_val, best_cost, best_pos = v_tot, c_tot, cand
-                            target = best_val - fixed_v
-                        d -= 1
-                        continue
-                    kids = children[d]
-                    i = nxt[d]
-                    advanced = False
-                    while i < len(kids):
-                        idx, v, c = kids[i]
-                        i += 1
-                        nodes += 1
-                        nc = cst[d] + c
-                        rem = cap_free - nc
-                        if rem < 0:
-                            continue
-                        bound = val[d] + v + lp.bound(d + 1, rem)
-                        if bound <= target + atol:
-                            continue
-                        path[d] = idx
-                        val[d + 1] = val[d] + v
-                        cst[d + 1] = nc
-                        nxt[d] = i
-                        d += 1
-                        nxt[d] = 0
-                        advanced = True
-                        break
-                    if not advanced:
-                        nxt[d] = 0
-                        d -= 1
-                finished = d < 0
-            else:
-                finished = True
+            finished, nodes = _search_survivors(best, survivors, red, capacity, cost_unit=cost_unit,
+                                                max_dp_cells=max_dp_cells, max_nodes=max_nodes, atol=atol)
             if finished:
-                upper = best_val
-    gap = max(0.0, upper - best_val)
+                upper = best.value
+    gap = max(0.0, upper - best.value)
     optimal = gap <= atol
-    choice = np.array([int(pareto[g][best_pos[g]]) for g in range(n_groups)], dtype=np.int64)
+    choice = np.array([int(pareto[g][best.pos[g]]) for g in range(n_groups)], dtype=np.int64)
     value = math.fsum(float(vs[g][choice[g]]) for g in range(n_groups))
     cost = math.fsum(float(cs[g][choice[g]]) for g in range(n_groups))
     return MCKPSolution(choice, value, cost, max(upper, value), 0.0 if optimal else gap, optimal, nodes, float(lam))

@@ -4,7 +4,8 @@ A policy is JSON (``policy.json``)::
 
     {
       "format": "attnlab-policy", "schema": 1,
-      "model": {"name": ..., "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "n_ctx": 8192},
+      "model": {"name": ..., "n_layers": 30, "n_heads": 9, "n_kv_heads": 3, "head_dim": 64, "n_ctx": 8192,
+                "fingerprint": "1d153e848eecd09c", ...},
       "block_size": 64,
       "budget": {"kind": "density", "value": 0.15, "expected": 0.1496},
       "profiled_lengths": [...], "eval_lengths": [...],
@@ -23,6 +24,10 @@ Sizes are elastic (``alpha + beta * N`` tokens, see `attnlab.sparsity_stats.kind
 ``density_is`` says whether ``expected_density`` is exact for any input (static kinds, fixed
 top-k), an upper bound (vertical-slash) or an expectation over the profile (gamma threshold).
 `Policy.load` validates everything and names the head and field of the first problem.
+
+The ``model`` entry is the model's `attnlab.identity.ModelIdentity` (`Policy.identity`);
+`Policy.check_model` asks the one compatibility check whether a model fits the policy. Files
+written before identities had a weights fingerprint are matched by name and shapes.
 """
 
 from __future__ import annotations
@@ -30,12 +35,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from attnlab.identity import IdentityError, ModelIdentity
 from attnlab.runs import write_json
 
 from .errors import (
@@ -44,19 +51,17 @@ from .errors import (
     ERR_HEAD_COUNT,
     ERR_HEAD_DUPLICATE,
     ERR_HEAD_MISSING,
-    ERR_MODEL_MISMATCH,
     ERR_NOT_JSON,
     ERR_POLICY_SCHEMA,
     MaskError,
     PolicyError,
+    PolicyModelError,
 )
 from .kinds import Candidate, get_kind
 from .masks import check_block_size
 
 POLICY_FORMAT = "attnlab-policy"
 POLICY_SCHEMA = 1
-#: Model fields that must agree between a policy and the model it is applied to.
-MODEL_IDENTITY = ("name", "n_layers", "n_heads", "n_kv_heads")
 DENSITY_IS = ("exact", "upper_bound", "expected")
 
 
@@ -68,19 +73,28 @@ def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def check_model(model: Any, where: str) -> dict[str, Any]:
-    """A model identity dict with positive head counts and n_kv_heads dividing n_heads."""
-    if not isinstance(model, dict):
+def model_entry(model: Any, where: str) -> dict[str, Any]:
+    """A policy's ``model`` entry, as the plain dict the file stores: read as a `ModelIdentity`
+    (positive layer and head counts), with ``n_kv_heads`` (default ``n_heads``) dividing
+    ``n_heads``. `PolicyError` names the field otherwise."""
+    if not isinstance(model, Mapping):
         raise PolicyError(ERR_FIELD.format(where=where, field="model", problem="must be an object", fix="give name, n_layers, n_heads, n_kv_heads"))
-    for key in ("n_layers", "n_heads"):
-        if not _is_int(model.get(key)) or model[key] < 1:
-            raise PolicyError(ERR_FIELD.format(where=where, field=f"model.{key}", problem=f"must be a positive integer, got {model.get(key)!r}", fix="copy the model identity from the run's manifest"))
+    try:
+        identity = ModelIdentity.from_dict(model, where=where)
+    except IdentityError as exc:
+        raise PolicyError(str(exc)) from None
+    if identity.n_heads % identity.n_kv_heads:
+        raise PolicyError(ERR_FIELD.format(where=where, field="model.n_kv_heads", problem=f"must divide n_heads={identity.n_heads}, got {identity.n_kv_heads!r}", fix="copy the model identity from the run's manifest"))
     out = dict(model)
-    out.setdefault("n_kv_heads", out["n_heads"])
-    kv = out["n_kv_heads"]
-    if not _is_int(kv) or kv < 1 or out["n_heads"] % kv:
-        raise PolicyError(ERR_FIELD.format(where=where, field="model.n_kv_heads", problem=f"must divide n_heads={out['n_heads']}, got {kv!r}", fix="copy the model identity from the run's manifest"))
+    out.update(n_layers=identity.n_layers, n_heads=identity.n_heads, n_kv_heads=identity.n_kv_heads)
     return out
+
+
+def _identity_of(model: Any) -> ModelIdentity:
+    """The `ModelIdentity` of a `LoadedModel`, an identity, or an identity mapping."""
+    if callable(getattr(model, "identity", None)):
+        return model.identity()
+    return ModelIdentity.from_dict(model, where="the target model")
 
 
 @dataclass
@@ -185,10 +199,17 @@ class Policy:
     schema: int = POLICY_SCHEMA
 
     def __post_init__(self) -> None:
+        if isinstance(self.model, ModelIdentity):
+            self.model = self.model.to_dict()
         self.heads = sorted(self.heads, key=lambda e: (e.layer, e.head))
         self._index = {(e.layer, e.head): e for e in self.heads}
 
     # -- access --------------------------------------------------------------------------
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model this policy was made for (its ``model`` entry as a `ModelIdentity`)."""
+        return ModelIdentity.from_dict(self.model, where="the policy's model entry")
+
     @property
     def n_layers(self) -> int:
         return int(self.model["n_layers"])
@@ -226,13 +247,15 @@ class Policy:
         ]
         return pd.DataFrame(rows)
 
-    def check_model(self, model: dict[str, Any], path: str = "policy") -> None:
-        """`PolicyError` unless ``model`` has this policy's name and head counts."""
-        target = dict(model)
-        target.setdefault("n_kv_heads", target.get("n_heads"))
-        for key in MODEL_IDENTITY:
-            if key in self.model and key in target and self.model[key] != target[key]:
-                raise PolicyError(ERR_MODEL_MISMATCH.format(path=path, found=_ident(self.model), expected=_ident(target), field=key))
+    def check_model(self, model: Any, path: str = "policy") -> None:
+        """`PolicyModelError` (a `PolicyError` and an `IdentityError`) unless ``model`` (a
+        `LoadedModel`, a `ModelIdentity` or an identity mapping) is the model this policy was
+        made for; the message names the first field that differs (`ModelIdentity.check`)."""
+        ours = _identity_of(model)
+        try:
+            ours.check(self.identity, subject=f"policy {path}", fix="generate a policy from a run of this model")
+        except IdentityError as exc:
+            raise PolicyModelError(str(exc)) from None
 
     # -- compile -------------------------------------------------------------------------
     def compile(self, seq_len: int, block_size: int | None = None, **kwargs: Any):
@@ -265,13 +288,14 @@ class Policy:
         return path
 
     @classmethod
-    def from_dict(cls, d: Any, model: dict[str, Any] | None = None, path: str = "policy") -> Policy:
-        """Validate a parsed policy; ``model`` (optional) must match its identity."""
+    def from_dict(cls, d: Any, model: Any = None, path: str = "policy") -> Policy:
+        """Validate a parsed policy; ``model`` (optional: a `LoadedModel`, `ModelIdentity` or
+        identity mapping) must fit it (`check_model`)."""
         if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
             raise PolicyError(ERR_FOREIGN.format(path=path))
         if d.get("schema") != POLICY_SCHEMA:
             raise PolicyError(ERR_POLICY_SCHEMA.format(path=path, found=d.get("schema"), expected=POLICY_SCHEMA))
-        pmodel = check_model(d.get("model"), path)
+        pmodel = model_entry(d.get("model"), path)
         bs = d.get("block_size")
         try:
             check_block_size(bs if _is_int(bs) else -1)
@@ -281,8 +305,7 @@ class Policy:
         if not isinstance(heads_raw, list):
             raise PolicyError(ERR_FIELD.format(where=path, field="heads", problem="must be a list", fix="regenerate the policy"))
         if model is not None:
-            tmp = cls(pmodel, bs, [])
-            tmp.check_model(model, path)
+            cls(pmodel, bs, []).check_model(model, path)
         expected = pmodel["n_layers"] * pmodel["n_heads"]
         heads: dict[tuple[int, int], HeadPolicy] = {}
         for raw in heads_raw:
@@ -294,7 +317,7 @@ class Policy:
             missing = next(((la, h) for la in range(pmodel["n_layers"]) for h in range(pmodel["n_heads"]) if (la, h) not in heads), None)
             if missing is not None and len(heads) < expected:
                 raise PolicyError(ERR_HEAD_MISSING.format(path=path, head=f"(layer {missing[0]}, head {missing[1]})"))
-            raise PolicyError(ERR_HEAD_COUNT.format(path=path, found=len(heads), model=_ident(pmodel), expected=expected, n_layers=pmodel["n_layers"], n_heads=pmodel["n_heads"]))
+            raise PolicyError(ERR_HEAD_COUNT.format(path=path, found=len(heads), model=ModelIdentity.from_dict(pmodel).describe(), expected=expected, n_layers=pmodel["n_layers"], n_heads=pmodel["n_heads"]))
         lengths = d.get("profiled_lengths") or []
         if not isinstance(lengths, list) or not all(_is_int(x) and x > 0 for x in lengths):
             raise PolicyError(ERR_FIELD.format(where=path, field="profiled_lengths", problem="must be a list of positive integers", fix="regenerate the policy"))
@@ -308,7 +331,7 @@ class Policy:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: dict[str, Any] | None = None) -> Policy:
+    def load(cls, path: str | os.PathLike, model: Any = None) -> Policy:
         """Read and validate ``path``; with ``model``, also check it is that model's policy."""
         p = Path(path)
         if not p.is_file():
@@ -319,6 +342,3 @@ class Policy:
             raise PolicyError(ERR_NOT_JSON.format(path=p, reason=str(exc).splitlines()[0])) from None
         return cls.from_dict(d, model=model, path=str(p))
 
-
-def _ident(model: dict[str, Any]) -> str:
-    return f"{model.get('name', '?')} ({model.get('n_layers')}x{model.get('n_heads')} heads, {model.get('n_kv_heads', model.get('n_heads'))} KV)"

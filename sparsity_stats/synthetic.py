@@ -10,8 +10,8 @@ Each head follows one archetype of the attention the field keeps finding:
 
 `synthetic_attention` draws one sample's attention probabilities ``[n, n]`` for an archetype;
 `make_synthetic_run` profiles several samples into a run directory with the same tables the
-real profiler writes (``head_stats.parquet``, ``block_maps.safetensors``, and
-``detections.parquet`` with retrieval scores), so every later stage can run on it.
+real profiler writes (`HEAD_STATS`, `BLOCK_MAPS`, and `DETECTIONS` with retrieval scores, see
+`attnlab.runs`), so every later stage can run on it.
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ import torch
 
 from attnlab.runs import (
     BLOCK_MAPS,
+    DETECTION_COLUMNS,
     DETECTIONS,
     HEAD_STATS,
+    HEAD_STATS_COLUMNS,
     MANIFEST,
     BlockMaps,
     Run,
@@ -166,7 +168,7 @@ def make_synthetic_run(
     denom = count.clamp(min=1).to(torch.float64)
     manifest = new_manifest("profile", model, {"lengths": [int(n) for n in lengths], "probe": "synthetic",
                                                "stat_config": {"block_size": block_size}})
-    write_parquet(path / HEAD_STATS, pd.DataFrame(rows, columns=["layer", "head", "kv_head", "statistic", "probe", "sample", "n_tokens", "value"]))
+    write_parquet(path / HEAD_STATS, pd.DataFrame(rows, columns=list(HEAD_STATS_COLUMNS)))
     BlockMaps(block_size, (acc_sum / denom).to(torch.float32), (acc_max / denom).to(torch.float32), count.to(torch.int32)).save(path / BLOCK_MAPS)
     if detections:
         rng = np.random.default_rng(seed)
@@ -176,7 +178,7 @@ def make_synthetic_run(
                 arch = head_archetype(lay, head, retrieval_heads)
                 score = 0.4 + 0.2 * rng.random() if arch == "retrieval" else 0.05 * rng.random()
                 det.append((lay, head, head // group, "retrieval", float(score), "needle", "synthetic"))
-        write_parquet(path / DETECTIONS, pd.DataFrame(det, columns=["layer", "head", "kv_head", "head_type", "score", "probe", "evidence"]))
+        write_parquet(path / DETECTIONS, pd.DataFrame(det, columns=list(DETECTION_COLUMNS)))
     manifest["status"] = "complete"
     write_json(path / MANIFEST, manifest)
     return Run.open(path)

@@ -4,7 +4,7 @@
 output is from dense on the model's own activations, and how much the logits, the perplexity
 and the needle accuracy move, next to the sparsity actually achieved and the time taken.
 
-- **Per head** (``validation_heads.parquet``): on each prompt, every layer's attention runs
+- **Per head** (`attnlab.runs.VALIDATION_HEADS`): on each prompt, every layer's attention runs
   twice on the same post-RoPE q/k/v — densely (fp32 reference with the causal mask) and under
   the policy with the chosen executor — and the layer passes the *dense* output on, so each
   head's error is measured on real dense activations rather than compounded through depth:
@@ -14,12 +14,12 @@ and the needle accuracy move, next to the sparsity actually achieved and the tim
   that keeps nothing; compare with the policy's expected recall), ``density`` = kept causal
   blocks / causal blocks. Compiled Flex on a CPU returns no LSE; there the sparse LSE is the
   fp32 reference's on the layout's token mask (the same keys).
-- **Per model** (``validation.json``): mean KL(dense ‖ sparse) of the next-token
+- **Per model** (`attnlab.runs.VALIDATION_SUMMARY`): mean KL(dense ‖ sparse) of the next-token
   distributions over all positions, perplexity of the prompts dense and sparse, needle accuracy
   dense and sparse (probe suite, greedy answers; sparse prefill, dense decode), mean density,
   and wall time of a dense SDPA forward and of the sparse forward.
 
-The executors live in `attnlab.kernels.executors`; this module imports them lazily.
+The executors (`attnlab.sparsity_stats.executors`) run the policy; the run store writes the report.
 """
 
 from __future__ import annotations
@@ -36,10 +36,16 @@ from tqdm.auto import tqdm
 
 from attnlab.attention import route_attention
 from attnlab.errors import AttnlabError
-from attnlab.runs import Run, ensure_run
+from attnlab.kernels.reference import reference_attention
+from attnlab.models import LoadedModel
+from attnlab.names import head_label
+from attnlab.prompts import Prompt, builtin_prompts
+from attnlab.runs import VALIDATION_HEADS, VALIDATION_SUMMARY, Run, ensure_run, preflight_run
 
-VALIDATION_HEADS = "validation_heads.parquet"
-VALIDATION_SUMMARY = "validation.json"
+from .executors import PolicyExecutor
+from .policy import Policy
+
+_ERR_TOKENS = "--tokens {tokens} is beyond {model}'s context of {n_ctx}: lower it"
 
 
 @dataclass
@@ -80,14 +86,13 @@ class ValidationReport:
         worst = self.heads.sort_values("rel_l2", ascending=False).head(5)
         lines.append(
             "  worst heads: "
-            + "  ".join(f"L{int(r.layer)}.H{int(r.head)} {r.kind} {r.rel_l2:.3f}" for r in worst.itertuples())
+            + "  ".join(f"{head_label(r.layer, r.head)} {r.kind} {r.rel_l2:.3f}" for r in worst.itertuples())
         )
         return "\n".join(lines)
 
 
-def _dense_reference(q, k, v, scaling):
-    from attnlab.kernels.reference import reference_attention
-
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal dense attention in fp32: the yardstick every head is measured against."""
     n_q, n_k = q.shape[-2], k.shape[-2]
     mask = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
     out, lse = reference_attention(q, k, v, mask.to(q.device), scale=scaling, dtype=torch.float32)
@@ -95,7 +100,7 @@ def _dense_reference(q, k, v, scaling):
 
 
 @torch.no_grad()
-def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFrame:
+def head_errors(model: LoadedModel, executor: PolicyExecutor, input_ids: torch.Tensor) -> pd.DataFrame:
     """Per-head errors of one prompt: one forward, both attentions per layer, dense passed on."""
     rows: list[dict[str, Any]] = []
 
@@ -104,10 +109,7 @@ def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFr
         sparse, sparse_lse = executor.sparse(layer, query, key, value, scaling)
         lay = executor.layouts_[layer]
         if sparse_lse is None:  # compiled Flex on a CPU gives no LSE: take it from the layout's token mask
-            from attnlab.kernels.reference import reference_attention
-
-            _, sparse_lse = reference_attention(query, key, value, lay.token_mask().to(query.device), scale=scaling,
-                                                dtype=torch.float32)
+            _, sparse_lse = reference_attention(query, key, value, lay.to(query.device), scale=scaling, dtype=torch.float32)
         diff = (sparse.float() - dense.float())[0]  # [H, n, d]
         norm = dense.float()[0].flatten(1).norm(dim=1).clamp_min(1e-30)
         rel = diff.flatten(1).norm(dim=1) / norm
@@ -135,7 +137,7 @@ def head_errors(model: Any, executor: Any, input_ids: torch.Tensor) -> pd.DataFr
     return pd.DataFrame(rows)
 
 
-def _policy_label(policy: Any) -> str:
+def _policy_label(policy: Policy) -> str:
     src = getattr(policy, "source_run", None)
     if isinstance(src, dict):
         src = src.get("path") or src.get("name")
@@ -152,62 +154,44 @@ def _nll_and_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, t
     return float(nll), logp
 
 
-@torch.no_grad()
-def validate_policy(
-    model: Any,
-    policy: Any,
-    *,
-    executor: str = "flex",
-    prompts: list | None = None,
-    n_prompts: int = 2,
-    prompt_tokens: int = 1024,
-    needle_samples: int = 0,
-    needle_length: int = 1024,
-    out: str | Path | None = None,
-    progress: bool = True,
-    seed: int = 0,
-) -> ValidationReport:
-    """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
+def _held_out_prompts(model: LoadedModel, n_prompts: int, prompt_tokens: int, seed: int) -> list[Prompt]:
+    """Built-in prompts on another seed than profiling's default (held out from the fit)."""
+    if prompt_tokens > model.n_ctx:
+        raise AttnlabError(_ERR_TOKENS.format(tokens=prompt_tokens, model=model.name, n_ctx=model.n_ctx))
+    return builtin_prompts(model.tokenizer, [prompt_tokens], n_prompts, seed=seed + 1000)
 
-    Args:
-        model: a `LoadedModel` of the policy's shape.
-        policy: a `Policy`.
-        executor: ``reference``, ``flex`` or ``triton``.
-        prompts: `attnlab.prompts.Prompt` list; default ``n_prompts`` built-in prompts of
-            ``prompt_tokens`` tokens (held-out: another seed than profiling's default).
-        needle_samples: passkey samples for needle accuracy (0 = skip).
-    """
-    from attnlab.kernels.executors import PolicyExecutor
-    from attnlab.prompts import builtin_prompts
 
-    ex = PolicyExecutor(policy, executor)
-    ex.check_model(model)
-    if prompts is None:
-        if prompt_tokens > model.n_ctx:
-            raise AttnlabError(f"--tokens {prompt_tokens} is beyond {model.name}'s context of {model.n_ctx}: lower it")
-        prompts = builtin_prompts(model.tokenizer, [prompt_tokens], n_prompts, seed=seed + 1000)
-    heads, kls, nll_d, nll_s = [], [], [], []
-    t_dense = t_sparse = 0.0
-    bar = tqdm(prompts, desc=f"validating ({executor})", unit="prompt", disable=not progress)
-    for i, p in enumerate(bar):
-        ids = p.input_ids.to(model.device)
-        h = head_errors(model, ex, ids)
-        h.insert(0, "sample", i)
-        heads.append(h)
+@dataclass
+class _ModelLevel:
+    """Per-prompt model-level measures: KL(dense ‖ sparse), NLLs and forward times."""
+
+    kl: list[float] = field(default_factory=list)
+    nll_dense: list[float] = field(default_factory=list)
+    nll_sparse: list[float] = field(default_factory=list)
+    time_dense_s: float = 0.0
+    time_sparse_s: float = 0.0
+
+    @torch.no_grad()
+    def add(self, model: LoadedModel, executor: PolicyExecutor, ids: torch.Tensor) -> None:
+        """One prompt: a dense SDPA forward (the fair time baseline) and a sparse one."""
         t0 = time.perf_counter()
-        with route_attention(model):  # dense SDPA: the fair time baseline
+        with route_attention(model):
             dense_logits = model.hf_model(ids, use_cache=False).logits
-        t_dense += time.perf_counter() - t0
+        self.time_dense_s += time.perf_counter() - t0
         t0 = time.perf_counter()
-        with route_attention(model, ex.attention):
+        with route_attention(model, executor.attention):
             sparse_logits = model.hf_model(ids, use_cache=False).logits
-        t_sparse += time.perf_counter() - t0
-        a, lp_d = _nll_and_logprobs(dense_logits, ids)
-        b, lp_s = _nll_and_logprobs(sparse_logits, ids)
-        nll_d.append(a)
-        nll_s.append(b)
-        kls.append(float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean()))
-    table = pd.concat(heads, ignore_index=True)
+        self.time_sparse_s += time.perf_counter() - t0
+        nll_d, lp_d = _nll_and_logprobs(dense_logits, ids)
+        nll_s, lp_s = _nll_and_logprobs(sparse_logits, ids)
+        self.nll_dense.append(nll_d)
+        self.nll_sparse.append(nll_s)
+        self.kl.append(float((lp_d.exp() * (lp_d - lp_s)).sum(-1).mean()))
+
+
+def _per_head_table(samples: list[pd.DataFrame], policy: Policy) -> pd.DataFrame:
+    """Mean of every prompt's per-head measures, with the policy's expected recall beside it."""
+    table = pd.concat(samples, ignore_index=True)
     per_head = (
         table.groupby(["layer", "head", "kv_head", "kind"], as_index=False)
         .agg(density=("density", "mean"), rel_l2=("rel_l2", "mean"), lse_err=("lse_err", "mean"),
@@ -215,6 +199,11 @@ def validate_policy(
     )
     expected = {(e.layer, e.head): e.expected_recall for e in policy.heads}
     per_head["expected_recall"] = [expected.get((int(a), int(b))) for a, b in zip(per_head["layer"], per_head["head"], strict=True)]
+    return per_head
+
+
+def _summary(model: LoadedModel, policy: Policy, executor: str, prompts: list[Prompt], per_head: pd.DataFrame,
+             measured: _ModelLevel) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "policy": _policy_label(policy),
         "model": model.name,
@@ -230,34 +219,87 @@ def validate_policy(
         "lse_err_mean": float(per_head["lse_err"].mean()),
         "recall_mean": float(per_head["recall"].mean()),
         "recall_min": float(per_head["recall"].min()),
-        "kl_mean": float(sum(kls) / len(kls)),
-        "ppl_dense": math.exp(sum(nll_d) / len(nll_d)),
-        "ppl_sparse": math.exp(sum(nll_s) / len(nll_s)),
-        "time_dense_s": t_dense,
-        "time_sparse_s": t_sparse,
+        "kl_mean": float(sum(measured.kl) / len(measured.kl)),
+        "ppl_dense": math.exp(sum(measured.nll_dense) / len(measured.nll_dense)),
+        "ppl_sparse": math.exp(sum(measured.nll_sparse) / len(measured.nll_sparse)),
+        "time_dense_s": measured.time_dense_s,
+        "time_sparse_s": measured.time_sparse_s,
         "needle_dense": None,
         "needle_sparse": None,
         "needle_n": 0,
     }
     summary["ppl_delta"] = summary["ppl_sparse"] - summary["ppl_dense"]
-    samples: list[dict[str, Any]] = []
-    if needle_samples > 0:
-        samples = needle_accuracy(model, ex, needle_samples, needle_length, seed=seed, progress=progress)
-        summary["needle_n"] = len(samples)
-        summary["needle_dense"] = sum(s["correct_dense"] for s in samples) / len(samples)
-        summary["needle_sparse"] = sum(s["correct_sparse"] for s in samples) / len(samples)
-        summary["needle_prefill_density"] = sum(s["prefill_density"] for s in samples) / len(samples)
-    report = ValidationReport(per_head, summary, samples=samples)
+    return summary
+
+
+def _add_needle(summary: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    summary["needle_n"] = len(samples)
+    summary["needle_dense"] = sum(s["correct_dense"] for s in samples) / len(samples)
+    summary["needle_sparse"] = sum(s["correct_sparse"] for s in samples) / len(samples)
+    summary["needle_prefill_density"] = sum(s["prefill_density"] for s in samples) / len(samples)
+
+
+def _write_report(out: str | Path, model: LoadedModel, policy: Policy, report: ValidationReport, needle_samples: int) -> Run:
+    s = report.summary
+    run = ensure_run(out, model, "validate", {"executor": s["executor"], "prompt_tokens": s["prompt_tokens"],
+                                              "n_prompts": s["n_prompts"], "needle_samples": needle_samples})
+    run.write(VALIDATION_HEADS, report.heads)
+    run.write(VALIDATION_SUMMARY, {**s, "needle": report.samples, "policy_file": policy.to_dict()})
+    return run
+
+
+@torch.no_grad()
+def validate_policy(
+    model: LoadedModel,
+    policy: Policy,
+    *,
+    executor: str = "flex",
+    prompts: list[Prompt] | None = None,
+    n_prompts: int = 2,
+    prompt_tokens: int = 1024,
+    needle_samples: int = 0,
+    needle_length: int = 1024,
+    out: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> ValidationReport:
+    """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
+
+    Args:
+        model: a `LoadedModel` the policy was made for.
+        policy: a `Policy`.
+        executor: ``reference``, ``flex`` or ``triton``.
+        prompts: `attnlab.prompts.Prompt` list; default ``n_prompts`` built-in prompts of
+            ``prompt_tokens`` tokens (held-out: another seed than profiling's default).
+        needle_samples: passkey samples for needle accuracy (0 = skip).
+        out: a run directory to add the report to (created if absent; checked before any work).
+    """
+    ex = PolicyExecutor(policy, executor)
+    ex.check_model(model)
     if out is not None:
-        run = ensure_run(out, model.identity(), "validate", {"executor": executor, "prompt_tokens": summary["prompt_tokens"],
-                                                             "n_prompts": len(prompts), "needle_samples": needle_samples})
-        run.write_table(VALIDATION_HEADS, per_head)
-        run.write_json(VALIDATION_SUMMARY, {**summary, "needle": samples, "policy_file": policy.to_dict()})
-        report.run = run
+        preflight_run(out, model)
+    if prompts is None:
+        prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
+    heads: list[pd.DataFrame] = []
+    measured = _ModelLevel()
+    for i, p in enumerate(tqdm(prompts, desc=f"validating ({executor})", unit="prompt", disable=not progress)):
+        ids = p.input_ids.to(model.device)
+        h = head_errors(model, ex, ids)
+        h.insert(0, "sample", i)
+        heads.append(h)
+        measured.add(model, ex, ids)
+    per_head = _per_head_table(heads, policy)
+    report = ValidationReport(per_head, _summary(model, policy, executor, prompts, per_head, measured))
+    if needle_samples > 0:
+        report.samples = needle_accuracy(model, ex, needle_samples, needle_length, seed=seed, progress=progress)
+        _add_needle(report.summary, report.samples)
+    if out is not None:
+        report.run = _write_report(out, model, policy, report, needle_samples)
     return report
 
 
-def needle_accuracy(model: Any, executor: Any, n: int, length: int, *, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+def needle_accuracy(model: LoadedModel, executor: PolicyExecutor, n: int, length: int, *, seed: int = 0,
+                    progress: bool = True) -> list[dict[str, Any]]:
     """Passkey retrieval with dense and with sparse prefill (greedy answers; decode is dense)."""
     from attnlab.probes.needle import greedy_answer, needle_samples
 

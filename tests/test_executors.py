@@ -7,9 +7,11 @@ import torch
 from conftest import random_ids
 
 from attnlab.errors import AttnlabError
-from attnlab.kernels.executors import EXECUTORS, run_with_policy
+from attnlab.names import attn_hook
+from attnlab.runs import VALIDATION_HEADS, VALIDATION_SUMMARY
+from attnlab.sparsity_stats.executors import EXECUTORS, run_with_policy
 from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
-from attnlab.sparsity_stats.validation import VALIDATION_HEADS, VALIDATION_SUMMARY, validate_policy
+from attnlab.sparsity_stats.validation import validate_policy
 
 MIXED = [
     ("dense", {}),
@@ -30,7 +32,7 @@ def make_policy(model, kinds=MIXED, block_size=16) -> Policy:
             i += 1
             heads.append({"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": kind, "params": params})
     return Policy.from_dict(
-        {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity(), "block_size": block_size, "heads": heads}
+        {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(), "block_size": block_size, "heads": heads}
     )
 
 
@@ -69,7 +71,7 @@ def test_all_dense_policy_equals_dense_model(tiny_llama, executor):
 def test_policy_for_another_model_is_refused(tiny_llama, tiny_gpt2):
     policy = make_policy(tiny_llama)
     policy.model = {**policy.model, "n_heads": 8}
-    with pytest.raises(AttnlabError, match="policy is for"):
+    with pytest.raises(AttnlabError, match="(is|was made) for model"):
         with run_with_policy(tiny_gpt2, policy, "flex"):
             pass
     with pytest.raises(AttnlabError, match="unknown executor"):
@@ -99,6 +101,8 @@ def test_validation_report_and_restore(tiny_llama, tmp_path):
     assert s["kl_mean"] > 0 and s["ppl_dense"] > 1 and s["ppl_sparse"] > 1
     assert 0 < s["density_mean"] < 1
     assert (tmp_path / "v" / VALIDATION_HEADS).is_file() and (tmp_path / "v" / VALIDATION_SUMMARY).is_file()
+    assert report.run is not None and report.run.read(VALIDATION_HEADS).shape[0] == len(heads)
+    assert report.run.read(VALIDATION_SUMMARY)["executor"] == "flex"
     assert "perplexity" in report.format() and "attention mass kept" in report.format()
     assert 0 < s["recall_min"] <= s["recall_mean"] < 1
     assert (dense_rows["recall"] > 1 - 1e-6).all() and heads["expected_recall"].notna().sum() == 0  # hand-made policy
@@ -117,7 +121,7 @@ def test_executors_agree_on_embedded_model(embedded):
 
 def test_needle_accuracy_under_an_all_dense_policy_matches_dense(tiny_llama):
     """Sparse prefill with a policy that keeps everything answers exactly as dense does."""
-    from attnlab.kernels.executors import PolicyExecutor
+    from attnlab.sparsity_stats.executors import PolicyExecutor
     from attnlab.sparsity_stats.validation import needle_accuracy
 
     ex = PolicyExecutor(make_policy(tiny_llama, kinds=[("dense", {})]), "reference")
@@ -134,7 +138,7 @@ def test_needle_accuracy_under_an_all_dense_policy_matches_dense(tiny_llama):
 def test_head_errors_recall_is_the_dense_mass_the_layout_keeps(tiny_llama, executor):
     """``recall`` per head = mean over rows of the dense attention mass on the kept keys, checked
     against the bridge's own attention patterns (flex on a CPU has no LSE: the token-mask path)."""
-    from attnlab.kernels.executors import PolicyExecutor
+    from attnlab.sparsity_stats.executors import PolicyExecutor
     from attnlab.sparsity_stats.validation import head_errors
 
     model = tiny_llama
@@ -145,7 +149,7 @@ def test_head_errors_recall_is_the_dense_mass_the_layout_keeps(tiny_llama, execu
     with torch.no_grad():
         _, cache = model.bridge.run_with_cache(ids)
     for layer in range(model.n_layers):
-        pattern = cache[f"blocks.{layer}.attn.hook_pattern"][0].double()  # [H, n, n]
+        pattern = cache[attn_hook(layer, "hook_pattern")][0].double()  # [H, n, n]
         kept = ex.layouts_[layer].token_mask().to(pattern.device)
         want = (pattern * kept).sum(-1).mean(-1)
         got = torch.tensor(table[table["layer"] == layer].sort_values("head")["recall"].to_numpy(), dtype=torch.float64)
@@ -162,3 +166,21 @@ def test_policy_label_names_a_baseline(tiny_llama):
     assert _policy_label(policy) == "from a file at budget 0.3"
     policy.budget = {"kind": "density", "value": 0.3, "method": "minference"}
     assert _policy_label(policy) == "minference baseline from a file at budget 0.3"
+
+
+def test_validate_cli_refuses_bad_values_before_any_work(capsys):
+    """`attnlab validate` comes from sparsity_stats.validate_cli; argparse refuses out-of-range
+    values and unknown executors (exit 2) instead of replacing them."""
+    from attnlab.cli import build_parser
+    from attnlab.sparsity_stats import validate_cli
+
+    parser = build_parser()
+    args = parser.parse_args(["validate", "p.json", "--out", "r", "--executor", "triton", "--needle", "3"])
+    assert args.func is validate_cli._cmd_validate and args.executor == "triton" and args.needle == 3
+    assert args.model and args.device == "cpu" and args.prompts == 2 and args.tokens == 1024
+    for bad in (["--needle", "-3"], ["--executor", "cuda-magic"], ["--tokens", "0"], ["--prompts", "two"],
+                ["--needle-length", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["validate", "p.json", "--out", "r", *bad])
+        assert exc.value.code == 2, bad
+    assert "invalid choice: 'cuda-magic'" in capsys.readouterr().err

@@ -24,15 +24,13 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from attnlab.kernels import (  # noqa: E402
-    BlockSparseIndexTensors,
+    BlockSparseLayout,
     KernelInputError,
     block_sparse_attention,
-    index_from_block_masks,
     reference_attention,
-    token_mask_from_index,
 )
 from attnlab.kernels import block_sparse as bs  # noqa: E402
-from attnlab.kernels import index as ix  # noqa: E402
+from attnlab.kernels import layout as ix  # noqa: E402
 from attnlab.kernels.synthetic import (  # noqa: E402
     all_blocks,
     no_blocks,
@@ -69,7 +67,7 @@ def qkv(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, device, seed=0):
 
 def assert_matches_reference(q, k, v, index, out, lse, *, scale=None):
     """The FlashAttention acceptance rule, for the output and the log-sum-exp."""
-    mask = token_mask_from_index(index).to(q.device)
+    mask = index.token_mask().to(q.device)
     gold_out, gold_lse = reference_attention(q, k, v, mask, scale=scale, dtype=torch.float64)
     same_out, same_lse = reference_attention(q, k, v, mask, scale=scale, dtype=q.dtype)
     assert out.shape == q.shape and out.dtype == q.dtype
@@ -104,7 +102,7 @@ def test_all_dense_causal_matches_sdpa(device, dtype, n):
     block = 32
     q, k, v = qkv(1, 2, 2, n, n, 32, dtype, device, seed=n)
     kept = all_blocks(n, n, block).expand(2, -1, -1)
-    index = index_from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=True)
     out, lse = block_sparse_attention(q, k, v, index)
     assert_matches_reference(q, k, v, index, out, lse)
 
@@ -122,7 +120,7 @@ def test_length_1023_sparse_causal(device, dtype):
     q, k, v = qkv(1, 1, 1, n, n, 16, dtype, device, seed=7)
     kept = random_blocks(n, n, block, 0.5, generator=torch.Generator().manual_seed(1))
     kept |= torch.eye(*kept.shape, dtype=torch.bool)  # keep the diagonal: no empty rows
-    index = index_from_block_masks(kept[None], None, block_size=block, n_q=n, n_k=n, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept[None], None, block_size=block, n_q=n, n_k=n, causal=True)
     out, lse = block_sparse_attention(q, k, v, index)
     assert_matches_reference(q, k, v, index, out, lse)
 
@@ -136,7 +134,7 @@ def test_every_block_size(device, block):
     kept = stack_heads(
         random_blocks(n, n, block, 0.6, generator=generator), all_blocks(n, n, block)
     )
-    index = index_from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=False)
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=False)
     out, lse = block_sparse_attention(q, k, v, index)
     assert_matches_reference(q, k, v, index, out, lse)
 
@@ -150,7 +148,7 @@ def heterogeneous_index(n_q, n_k, block, *, causal=True, seed=0):
         random_blocks(n_q, n_k, block, 0.4, generator=generator),
         vertical_slash_blocks(n_q, n_k, block, columns=[0, 2], diagonals=[0, 1]),
     )
-    return index_from_block_masks(
+    return BlockSparseLayout.from_block_masks(
         kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal,
         sink=[0, 4, 0, 0], window=[0, 24, 0, 0],
     )  # fmt: skip
@@ -163,7 +161,7 @@ def test_heterogeneous_heads_in_one_launch(device, dtype):
     index = heterogeneous_index(n, n, block)
     # every kind is really there: streaming has partial blocks off the diagonal, the random
     # head lists fewer blocks than the dense one
-    per_head = index.blocks_per_head()
+    per_head = index.kept_blocks()
     assert per_head[2] < per_head[0] and per_head[1] < per_head[0]
     q, k, v = qkv(2, 4, 2, n, n, 32, dtype, device, seed=3)
     out, lse = block_sparse_attention(q, k, v, index)
@@ -176,7 +174,7 @@ def test_gqa_groups(device, q_heads, kv_heads):
     n, block = 70, 32
     generator = torch.Generator().manual_seed(q_heads)
     kept = torch.stack([random_blocks(n, n, block, 0.7, generator=generator) for _ in range(q_heads)])
-    index = index_from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=True)
     q, k, v = qkv(1, q_heads, kv_heads, n, n, 16, torch.float32, device, seed=q_heads)
     out, lse = block_sparse_attention(q, k, v, index)
     assert_matches_reference(q, k, v, index, out, lse)
@@ -206,8 +204,8 @@ def test_queries_over_a_cache(device, dtype, n_q, n_k, causal):
 def test_density_zero_and_one_heads(device, dtype):
     n, block = 90, 32
     kept = stack_heads(no_blocks(n, n, block), all_blocks(n, n, block))
-    index = index_from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=False)
-    assert index.blocks_per_head().tolist() == [0, 9]
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=block, n_q=n, n_k=n, causal=False)
+    assert index.kept_blocks().tolist() == [0, 9]
     q, k, v = qkv(1, 2, 1, n, n, 16, dtype, device)
     out, lse = block_sparse_attention(q, k, v, index)
     assert (out[:, 0] == 0).all() and torch.isneginf(lse[:, 0]).all()
@@ -220,7 +218,7 @@ def test_query_block_with_no_kept_block(device):
     n, block = 96, 32
     kept = all_blocks(n, n, block).clone()
     kept[1] = False  # query block 1 keeps nothing
-    index = index_from_block_masks(kept[None], None, block_size=block, n_q=n, n_k=n, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept[None], None, block_size=block, n_q=n, n_k=n, causal=True)
     q, k, v = qkv(1, 1, 1, n, n, 16, torch.float32, device)
     out, lse = block_sparse_attention(q, k, v, index)
     assert (out[:, :, 32:64] == 0).all() and torch.isneginf(lse[:, :, 32:64]).all()
@@ -232,7 +230,7 @@ def test_query_block_with_no_kept_block(device):
 def test_non_causal_streaming_and_custom_scale(device):
     n, block = 81, 16
     kept = stack_heads(all_blocks(n, n, block), vertical_slash_blocks(n, n, block, columns=[4], diagonals=[0]))
-    index = index_from_block_masks(
+    index = BlockSparseLayout.from_block_masks(
         kept, None, block_size=block, n_q=n, n_k=n, causal=False, sink=[3, 0], window=[10, 0]
     )
     q, k, v = qkv(1, 2, 2, n, n, 24, torch.float32, device)  # head_dim 24: padded to 32
@@ -260,7 +258,7 @@ def test_random_configurations(device, seed):
     )  # fmt: skip
     window = [pick([0, 0, 7, 40]) for _ in range(heads)]
     sink = [pick([0, 3, 20]) for _ in range(heads)]
-    index = index_from_block_masks(
+    index = BlockSparseLayout.from_block_masks(
         kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal, sink=sink, window=window
     )
     dtype = pick([torch.float32, torch.float16])
@@ -277,7 +275,7 @@ def test_any_object_with_the_index_attributes_works(device):
     duck = SimpleNamespace(
         **{field.name: getattr(index, field.name) for field in dataclasses.fields(index)}
     )
-    for name in ix._TENSOR_FIELDS:
+    for name in ix.TENSOR_FIELDS:
         setattr(duck, name, getattr(duck, name).to(torch.int64))
     q, k, v = qkv(1, 4, 1, n, n, 16, torch.float32, device)
     expected = block_sparse_attention(q, k, v, index)
@@ -339,7 +337,7 @@ def _diagonal_claimed_full(index):
     # head 0 (dense causal), query block 1: its diagonal block 1 is partial; claim it full
     kept = torch.zeros(4, 3, 3, dtype=torch.bool)
     kept[0, 1, 1] = True
-    claimed = index_from_block_masks(kept, None, block_size=16, n_q=40, n_k=40, causal=True)
+    claimed = BlockSparseLayout.from_block_masks(kept, None, block_size=16, n_q=40, n_k=40, causal=True)
     return replace_tensor(
         claimed, full_kv_count=claimed.kv_count, full_kv_offset=claimed.kv_offset,
         full_kv_index=claimed.kv_index, kv_count=torch.zeros_like(claimed.kv_count),
@@ -454,15 +452,20 @@ def test_bf16_is_refused_under_the_interpreter(no_launch):
         block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), index)
 
 
-def test_index_builder_refuses_bad_masks():
+def test_index_builder_refuses_bad_masks(no_launch):
     kept = torch.ones(2, 3, 3, dtype=torch.bool)
+    # a layout takes any block size; the kernel refuses those it is not compiled for
+    block_8 = BlockSparseLayout.from_block_masks(kept, None, block_size=8, n_q=24, n_k=24, causal=True)
+    q = torch.zeros(1, 2, 24, 16)
     with pytest.raises(KernelInputError, match=fragment(ix.BLOCK_SIZE_UNSUPPORTED)):
-        index_from_block_masks(kept, None, block_size=8, n_q=24, n_k=24, causal=True)
+        block_sparse_attention(q, q, q, block_8)
+    with pytest.raises(KernelInputError, match=fragment(ix.INDEX_SCALAR_BAD)):
+        BlockSparseLayout.from_block_masks(kept, None, block_size=0, n_q=24, n_k=24, causal=True)
     with pytest.raises(KernelInputError, match=fragment(ix.BLOCK_MASK_SHAPE)):
-        index_from_block_masks(kept, None, block_size=16, n_q=100, n_k=40, causal=True)
+        BlockSparseLayout.from_block_masks(kept, None, block_size=16, n_q=100, n_k=40, causal=True)
     full = kept.clone()
     with pytest.raises(KernelInputError, match=fragment(ix.BLOCK_MASK_FULL_NOT_KEPT)):
-        index_from_block_masks(kept & False, full, block_size=16, n_q=40, n_k=40, causal=True)
+        BlockSparseLayout.from_block_masks(kept & False, full, block_size=16, n_q=40, n_k=40, causal=True)
     with pytest.raises(KernelInputError, match=fragment(ix.PER_HEAD_VALUE_BAD)):
-        index_from_block_masks(kept, None, block_size=16, n_q=40, n_k=40, causal=True, window=[1, 2, 3])
-    assert isinstance(heterogeneous_index(40, 40, 16), BlockSparseIndexTensors)
+        BlockSparseLayout.from_block_masks(kept, None, block_size=16, n_q=40, n_k=40, causal=True, window=[1, 2, 3])
+    assert isinstance(heterogeneous_index(40, 40, 16), BlockSparseLayout)

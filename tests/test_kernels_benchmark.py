@@ -1,5 +1,5 @@
 """The GPU benchmark script: it parses, explains itself, refuses to run without CUDA, and
-builds the index of every pattern it times with the density it claims."""
+builds the layout of every pattern it times with the density it claims."""
 
 import importlib.util
 import subprocess
@@ -37,18 +37,16 @@ def test_refuses_to_run_without_cuda():
     assert "needs a CUDA device" in result.stderr
 
 
-def test_patterns_build_valid_indexes_with_sensible_density():
+def test_patterns_build_valid_layouts_with_sensible_density():
     bench = load_benchmark()
-    from attnlab.kernels import block_masks_from_index, validate_index
-
     n, block = 4096, 64
     densities = {}
     for pattern in bench.PATTERNS:
-        index = bench.build_index(pattern, n, 4, block)
-        validate_index(index)
+        index = bench.build_layout(pattern, n, 4, block)
+        index.validate()
         densities[pattern] = bench.density_of(index)
         assert bench.kernel_flops(index, 64, 1) > 0
-        listed, _ = block_masks_from_index(index)
+        listed = index.block_mask()
         assert not (listed & ~torch.ones_like(listed[0]).tril()).any(), "not causal"
         assert listed.any(-1).all(), "every query block keeps a block (the diagonal)"
     assert densities["dense"] == pytest.approx(1.0)

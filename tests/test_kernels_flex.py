@@ -1,4 +1,4 @@
-"""FlexAttention fed the same index: its BlockMask must mean exactly the index's token mask.
+"""FlexAttention fed the same layout: its BlockMask must mean exactly the layout's token mask.
 
 Eager Flex (materialised scores) is fast on CPU; compiled Flex goes through Inductor, whose
 first compile takes seconds, so it runs on one small case.
@@ -15,11 +15,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from attnlab.kernels import (  # noqa: E402
-    block_masks_from_index,
-    flex_block_mask_from_index,
-    index_from_block_masks,
+    BlockSparseLayout,
+    attends,
+    flex_block_mask,
+    flex_mask_mod,
     reference_attention,
-    token_mask_from_index,
 )
 from attnlab.kernels.flex import flex_block_sparse_attention  # noqa: E402
 from attnlab.kernels.synthetic import all_blocks, random_blocks, vertical_slash_blocks  # noqa: E402
@@ -37,7 +37,7 @@ def mixed_index(n_q, n_k, block, causal):
         random_blocks(n_q, n_k, block, 0.4, generator=generator),
         vertical_slash_blocks(n_q, n_k, block, columns=[0, 2], diagonals=[0, 1]),
     ])  # fmt: skip
-    return index_from_block_masks(
+    return BlockSparseLayout.from_block_masks(
         kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal,
         sink=[0, 4, 0, 0], window=[0, 24, 0, 0],
     )  # fmt: skip
@@ -53,8 +53,8 @@ def inputs(n_q, n_k, dtype=torch.float32):
 
 def test_block_mask_carries_the_same_blocks():
     index = mixed_index(100, 100, 16, causal=True)
-    block_mask = flex_block_mask_from_index(index)
-    listed, full = block_masks_from_index(index)
+    block_mask = flex_block_mask(index)
+    listed, full = index.block_mask(), index.full_block_mask()
     assert block_mask.BLOCK_SIZE == (16, 16) and block_mask.seq_lengths == (100, 100)
     assert torch.equal(block_mask.full_kv_num_blocks[0], full.sum(-1).int())
     assert torch.equal(block_mask.kv_num_blocks[0], (listed & ~full).sum(-1).int())
@@ -68,7 +68,7 @@ def test_eager_flex_matches_reference(n_q, n_k, causal):
     index = mixed_index(n_q, n_k, 16, causal).to(DEVICE)
     q, k, v = inputs(n_q, n_k)
     out, lse = flex_block_sparse_attention(q, k, v, index, compiled=False)
-    gold_out, gold_lse = reference_attention(q, k, v, token_mask_from_index(index))
+    gold_out, gold_lse = reference_attention(q, k, v, index.token_mask())
     assert not out.isnan().any() and not lse.isnan().any()
     torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
     assert torch.equal(torch.isneginf(lse), torch.isneginf(gold_lse))
@@ -82,9 +82,38 @@ def test_compiled_flex_matches_reference():
     index = mixed_index(n_q, n_k, 16, causal=True).to(DEVICE)
     q, k, v = inputs(n_q, n_k)
     out, lse = flex_block_sparse_attention(q, k, v, index, compiled=True)
-    gold_out, gold_lse = reference_attention(q, k, v, token_mask_from_index(index))
+    gold_out, gold_lse = reference_attention(q, k, v, index.token_mask())
     assert not out.isnan().any()
     torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
     if lse is not None:  # CPU Inductor cannot return it
         finite = torch.isfinite(gold_lse)
         torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(100, 100, True), (40, 100, False), (100, 40, True)])
+def test_one_predicate_for_the_mask_flex_and_the_reference(n_q, n_k, causal):
+    """The layout's token mask is block membership AND `attends`; Flex's mask_mod evaluates the
+    same pairs, and the reference given the layout attends exactly those."""
+    index = mixed_index(n_q, n_k, 16, causal)
+    token_mask = index.token_mask()
+    h, i, j = (torch.arange(x) for x in (index.n_heads, n_q, n_k))
+    listed = index.block_mask()[h[:, None, None], (i // 16)[None, :, None], (j // 16)[None, None, :]]
+    predicate = attends(
+        (i + n_k - n_q)[None, :, None], j[None, None, :], n_k=n_k, causal=causal,
+        sink=index.sink.long()[:, None, None], window=index.window.long()[:, None, None],
+    )  # fmt: skip
+    assert torch.equal(token_mask, listed & predicate)
+    mask_mod = flex_mask_mod(index)
+    flex_pairs = mask_mod(0, h[:, None, None], i[None, :, None], j[None, None, :])
+    assert torch.equal(flex_pairs, token_mask)
+    # the dense mask Flex derives from its BlockMask (mask_mod over the listed blocks)
+    from torch.nn.attention.flex_attention import create_mask
+
+    assert torch.equal(create_mask(mask_mod, 1, index.n_heads, n_q, n_k, device="cpu")[0], token_mask)
+    # the reference given the layout attends exactly listed & attends: its log-sum-exp is that
+    # of the scores over those pairs (GQA: query head h reads KV head h // 2)
+    q, k, v = (x.double() for x in inputs(n_q, n_k))
+    _, lse = reference_attention(q, k, v, index.to(DEVICE))
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 4.0
+    expected = torch.logsumexp(scores.masked_fill(~(listed & predicate).to(DEVICE), -torch.inf), -1)
+    torch.testing.assert_close(lse, expected)

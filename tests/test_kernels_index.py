@@ -1,6 +1,6 @@
-"""The index contract and the dense reference, without the kernel (pure PyTorch, fast).
+"""The layout contract and the dense reference, without the kernel (pure PyTorch, fast).
 
-The token semantics of `BlockSparseIndex` are checked against a literal, loop-free
+The token semantics of `BlockSparseLayout` are checked against a literal, loop-free
 transcription of the definition, over random layouts, lengths, causal flags and
 sink/window values; the reference against PyTorch's SDPA.
 """
@@ -11,15 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attnlab.kernels import (
-    BlockSparseIndex,
-    KernelInputError,
-    block_masks_from_index,
-    index_from_block_masks,
-    reference_attention,
-    token_mask_from_index,
-    validate_index,
-)
+from attnlab.kernels import BlockSparseLayout, KernelInputError, reference_attention
 from attnlab.kernels.synthetic import causal_blocks, topk_blocks, vertical_slash_blocks
 
 
@@ -58,16 +50,16 @@ def test_token_mask_and_full_blocks_follow_the_definition(block, lengths, causal
     kept[2] = True
     params = dict(block_size=block, n_q=n_q, n_k=n_k, causal=causal)
     sinks, windows = [sink, 0, sink], [window, 0, window]
-    index = index_from_block_masks(kept, None, **params, sink=sinks, window=windows)
-    assert isinstance(index, BlockSparseIndex)
-    validate_index(index)
+    index = BlockSparseLayout.from_block_masks(kept, None, **params, sink=sinks, window=windows)
+    assert isinstance(index, BlockSparseLayout)
+    index.validate()
 
     expected = definition_mask(kept, **params, sink=sinks, window=windows)
-    assert torch.equal(token_mask_from_index(index), expected)
+    assert torch.equal(index.token_mask(), expected)
 
     # every listed block holds an attended pair; every full block is attended throughout
     # and in bounds; no truly full kept block was left partial
-    listed, full = block_masks_from_index(index)
+    listed, full = index.block_mask(), index.full_block_mask()
     padded = torch.zeros(3, q_blocks * block, k_blocks * block, dtype=torch.bool)
     padded[:, :n_q, :n_k] = expected
     tiles = padded.reshape(3, q_blocks, block, k_blocks, block)
@@ -80,35 +72,35 @@ def test_token_mask_and_full_blocks_follow_the_definition(block, lengths, causal
 def test_full_claims_are_demoted_not_trusted():
     n, block = 64, 16
     kept = torch.ones(1, 4, 4, dtype=torch.bool)
-    index = index_from_block_masks(kept, kept, block_size=block, n_q=n, n_k=n, causal=True)
-    listed, full = block_masks_from_index(index)
+    index = BlockSparseLayout.from_block_masks(kept, kept, block_size=block, n_q=n, n_k=n, causal=True)
+    listed, full = index.block_mask(), index.full_block_mask()
     assert torch.equal(full[0], torch.ones(4, 4, dtype=torch.bool).tril(-1))  # diagonal demoted
     assert torch.equal(listed[0], torch.ones(4, 4, dtype=torch.bool).tril())  # above dropped
     # with full=all-False, everything kept stays partial
-    index = index_from_block_masks(kept, kept & False, block_size=block, n_q=n, n_k=n, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept, kept & False, block_size=block, n_q=n, n_k=n, causal=True)
     assert index.full_kv_index.numel() == 0 and index.kv_index.numel() == 10
 
 
 def test_compressed_layout_is_csr_over_head_and_query_block():
     kept = torch.tensor([[[1, 0, 1], [0, 1, 1]], [[0, 0, 0], [1, 1, 0]]], dtype=torch.bool)
-    index = index_from_block_masks(kept, None, block_size=16, n_q=32, n_k=48, causal=False)
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=16, n_q=32, n_k=48, causal=False)
     assert index.kv_count.dtype == torch.int32 and index.kv_count.shape == (2, 2)
     assert index.full_kv_count.tolist() == [[2, 2], [0, 2]]
     assert index.full_kv_offset.tolist() == [[0, 2], [4, 4]]
     assert index.full_kv_index.tolist() == [0, 2, 1, 2, 0, 1]
     assert index.kv_index.numel() == 0
     assert index.sink.tolist() == [0, 0] and index.window.tolist() == [0, 0]
-    assert index.q_blocks == 2 and index.k_blocks == 3
+    assert index.n_q_blocks == 2 and index.n_k_blocks == 3
 
 
 def test_token_mask_refuses_huge_lengths():
     kept = torch.ones(1, 1, 1, dtype=torch.bool)
-    index = index_from_block_masks(kept, None, block_size=128, n_q=128, n_k=128, causal=True)
+    index = BlockSparseLayout.from_block_masks(kept, None, block_size=128, n_q=128, n_k=128, causal=True)
     import dataclasses
 
     big = dataclasses.replace(index, n_q=1 << 15, n_k=1 << 15)
     with pytest.raises(KernelInputError, match="small test lengths"):
-        token_mask_from_index(big)
+        big.token_mask()
 
 
 def test_synthetic_layouts():
@@ -157,3 +149,33 @@ def test_reference_empty_rows_are_zero_not_nan():
         assert torch.isfinite(lse[0, 0]).all()
     with pytest.raises(KernelInputError, match="broadcastable"):
         reference_attention(q, k, v, mask.float())
+
+
+def test_kernels_is_a_leaf_package():
+    """kernels/ imports nothing from the packages above it, not even inside functions: policies
+    (sparsity_stats), probes, circuits, the app and the CLI façade. The attnlab core is below."""
+    import ast
+    from pathlib import Path
+
+    import attnlab.kernels
+
+    above = tuple(f"attnlab.{name}" for name in ("sparsity_stats", "probes", "circuits", "app", "cli"))
+    package = Path(attnlab.kernels.__file__).parent
+    files = sorted(package.glob("*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative: stays inside the package only at level 1
+                    assert node.level == 1, f"{path.name}: relative import above kernels"
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                assert name != "attnlab", f"{path.name} imports the attnlab façade: import the module itself"
+                assert not any(name == up or name.startswith(up + ".") for up in above), (
+                    f"{path.name} imports {name}: kernels/ must stay a leaf"
+                )

@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
+from attnlab.kernels import BlockSparseLayout, KernelInputError
 from attnlab.sparsity_stats import (
-    BlockSparseLayout,
     Elastic,
     HeadPolicy,
     MaskError,
@@ -128,7 +128,7 @@ def test_csr_arrays_have_the_kernel_contract():
             assert row == torch.nonzero(bm[hh, r]).flatten().tolist()
     broken = compile_layer(make_policy(ALL_KINDS, block_size=8), 0, 77)
     broken.kv_index = broken.kv_index.flip(0)
-    with pytest.raises(MaskError):
+    with pytest.raises(KernelInputError, match="not strictly ascending"):
         broken.validate()
 
 
@@ -146,13 +146,13 @@ def test_density_counts_kept_causal_blocks():
 
 def test_from_block_mask_round_trips_and_handles_decode_queries():
     lay = compile_layer(make_policy(ALL_KINDS, block_size=8), 0, 61)
-    again = BlockSparseLayout.from_block_mask(lay.block_mask(), 61, 61, 8, sink=lay.sink, window=lay.window)
+    again = BlockSparseLayout.from_block_masks(lay.block_mask(), block_size=8, n_q=61, n_k=61, sink=lay.sink, window=lay.window)
     assert again.equals(lay)
     # the last 16 queries of a 48-token sequence (n_q < n_k): absolute query i + 32
     bm = torch.zeros(1, 2, 6, dtype=torch.bool)
     bm[0, :, 0] = True
     bm[0, 1, 5] = True
-    dec = BlockSparseLayout.from_block_mask(bm, 16, 48, 8).validate()
+    dec = BlockSparseLayout.from_block_masks(bm, block_size=8, n_q=16, n_k=48).validate()
     i = torch.arange(16)[:, None] + 32
     j = torch.arange(48)[None, :]
     listed = bm[0][torch.arange(16)[:, None] // 8, j // 8]

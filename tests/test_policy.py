@@ -6,12 +6,18 @@ import argparse
 import functools
 import itertools
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
+from attnlab.cli import main
+from attnlab.identity import IdentityError, ModelIdentity
+from attnlab.models import tiny_model
+from attnlab.runs import DETECTIONS
 from attnlab.sparsity_stats import (
     Candidate,
     Policy,
@@ -21,6 +27,7 @@ from attnlab.sparsity_stats import (
     compare_policies,
     compile_policy,
     compute_curves,
+    export_policy,
     make_synthetic_run,
     solve_mckp,
     synthetic_attention,
@@ -317,9 +324,9 @@ def test_policy_for_another_model_or_corrupt_file_is_refused(tmp_path, curves):
     policy = PolicyGenerator(budget=0.4).fit(curves).emit()
     path = policy.save(tmp_path / "p.json")
     other = dict(curves.model, n_heads=8, n_kv_heads=2)
-    with pytest.raises(PolicyError, match="n_heads differs"):
+    with pytest.raises(PolicyError, match="n_heads is 4 there and 8 here"):  # the first differing field
         Policy.load(path, model=other)
-    with pytest.raises(PolicyError, match="name differs"):
+    with pytest.raises(IdentityError, match="name is 'synthetic-llm' there and 'other-model' here"):
         Policy.load(path, model=dict(curves.model, name="other-model"))
     (tmp_path / "c.json").write_text('{"format": "attnlab-policy", "heads": [')
     with pytest.raises(PolicyError, match="not valid JSON"):
@@ -381,16 +388,29 @@ def test_cli_policy_suggests_a_smaller_block_when_rows_have_few_blocks(tmp_path,
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--budget", "1.5"], r"outside \(0, 1\]"),
-    (["--budget", "0"], r"outside \(0, 1\]"),
-    (["--kinds", "dense,wavy"], "unknown kind wavy"),
-    (["--lengths", "abc"], "comma-separated list"),
+    (["--budget", "1.5"], r"argument --budget: expected a number in \(0, 1\]"),
+    (["--budget", "0"], r"argument --budget: expected a number in \(0, 1\]"),
+    (["--budget", "nan"], r"argument --budget: expected a finite number"),
+    (["--kinds", "dense,wavy"], r"argument --kinds: unknown 'wavy'"),
+    (["--lengths", "abc"], r"argument --lengths: expected a positive integer, got 'abc'"),
+    (["--lengths", "512,-1"], r"argument --lengths: expected a positive integer"),
     (["--protect-heads", "3-1"], "LAYER:HEAD"),
+    (["--retrieval-threshold", "nan"], r"argument --retrieval-threshold: expected a finite number"),
+    (["--retrieval-threshold", "-0.1"], r"argument --retrieval-threshold: expected a number in \[0, 1\]"),
+    (["--recall-floor", "inf"], r"argument --recall-floor: expected a finite number"),
+    (["--retrieval-floor", "1.5"], r"argument --retrieval-floor: expected a number in \[0, 1\]"),
+    (["--min-sink", "-1"], r"argument --min-sink: expected an integer"),
+    (["--block-size", "0"], r"argument --block-size: expected a positive integer"),
+    (["--budget-kind", "flops"], r"argument --budget-kind: invalid choice"),
+    (["--budgets", "0.1,0.2"], r"unrecognized arguments: --budgets"),  # a compare option: not silently ignored
+    (["--save-policies", "somewhere"], r"unrecognized arguments: --save-policies"),
 ])
-def test_cli_bad_input_writes_nothing(run, tmp_path, args, match):
+def test_cli_bad_input_exits_2_and_writes_nothing(run, tmp_path, capsys, args, match):
     out = tmp_path / "p.json"
-    with pytest.raises(PolicyError, match=match):
-        cli("policy", str(run.path), "--out", str(out), "--quiet", *args)
+    with pytest.raises(SystemExit) as exc:
+        main(["policy", str(run.path), "--out", str(out), "--quiet", *args])
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
     assert not out.exists()
 
 
@@ -402,10 +422,12 @@ def test_cli_policy_compare_prints_table_and_writes_plot(run, tmp_path, capsys):
     html = out.with_suffix(".html").read_text()
     assert "plotly" in html.lower() and "budgeted" in html
     assert len(out.read_text().splitlines()) == 1 + 2 * 5
-    with pytest.raises(PolicyError, match="needs a run directory"):
+    with pytest.raises(SystemExit) as exc:  # compare needs its run directory
         cli("policy", "compare")
-    with pytest.raises(PolicyError, match=r"outside \(0, 1\]"):
+    assert exc.value.code == 2 and "required: RUN" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
         cli("policy", "compare", str(run.path), "--budgets", "0.2,2", "--out", str(tmp_path / "x.csv"))
+    assert exc.value.code == 2 and re.search(r"argument --budgets: expected a number in \(0, 1\]", capsys.readouterr().err)
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -440,3 +462,144 @@ def test_estimator_pools_block_maps_to_a_coarser_block(run):
     with pytest.raises(PolicyError, match="exceeds what the run's block maps cover"):
         ProfileEstimator.from_run(run, eval_lengths=[4096])
     assert torch.is_tensor(coarse.weighted_mass(256))
+
+
+# -- sub-commands, the one error path, model identity ----------------------------------------
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def test_policy_make_is_the_default_sub_command(run, tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert main(["policy", str(run.path), "--budget", "0.4", "--out", str(a), "--quiet"]) == 0
+    assert main(["policy", "make", str(run.path), "--budget", "0.4", "--out", str(b), "--quiet"]) == 0
+    assert Policy.load(a).to_dict()["heads"] == Policy.load(b).to_dict()["heads"]
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_policy_compare_is_a_sub_command(run, tmp_path, capsys):
+    out = tmp_path / "cmp.csv"
+    assert main(["policy", "compare", str(run.path), "--budgets", "0.3", "--out", str(out), "--quiet"]) == 0
+    assert "uniform_streaming" in capsys.readouterr().out
+    assert set(pd.read_csv(out)["method"]) >= {"budgeted", "uniform_streaming", "duo_attention", "minference"}
+    with pytest.raises(SystemExit) as exc:  # make's option is not compare's: refused, never ignored
+        main(["policy", "compare", str(run.path), "--budget", "0.3", "--out", str(tmp_path / "x.csv")])
+    assert exc.value.code == 2 and "--budget could match --budget-kind, --budgets" in capsys.readouterr().err
+    assert not (tmp_path / "x.csv").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "columns"])
+def test_a_corrupt_detections_file_fails_with_one_line(tmp_path, capsys, damage):
+    r = make_synthetic_run(tmp_path / "r", n_layers=2, n_heads=4, n_kv_heads=2, lengths=(256,), block_size=16)
+    det = r.file(DETECTIONS)
+    if damage == "truncated":
+        det.write_bytes(det.read_bytes()[: det.stat().st_size // 2])
+    else:  # a table without the score column: protection must not silently vanish
+        pd.DataFrame({"layer": [0], "head": [0]}).to_parquet(det)
+    out = tmp_path / "p.json"
+    assert main(["policy", str(r.path), "--budget", "0.5", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(det) in err[0]
+    assert not out.exists()
+    det.unlink()  # no detections yet: nothing to protect, and the policy is made
+    assert main(["policy", str(r.path), "--budget", "0.5", "--out", str(out), "--quiet"]) == 0
+    assert Policy.load(out).summary["protected_heads"] == []
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["import", "duo", "x", "--out", "y", "--threshold", "nan"], r"--threshold: expected a finite number"),
+    (["import", "duo", "x", "--out", "y", "--threshold", "inf"], r"--threshold: expected a finite number"),
+    (["import", "duo", "x", "--out", "y", "--threshold", "-1"], r"--threshold: expected a number in \[0, 1\]"),
+    (["import", "duo", "x", "--out", "y", "--sparsity", "2"], r"--sparsity: expected a number in \[0, 1\]"),
+    (["import", "duo", "x", "--out", "y", "--seq-len", "0"], r"--seq-len: expected a positive integer"),
+    (["import", "duo", "x", "--out", "y", "--block-size", "-16"], r"--block-size: expected a positive integer"),
+    (["import", "wavy", "x", "--out", "y"], r"invalid choice: 'wavy'"),
+    (["export", "p.json", "--format", "npz", "--out", "d", "--seq-len", "-5"], r"--seq-len: expected a positive integer"),
+    (["export", "p.json", "--format", "zip", "--out", "d"], r"--format: invalid choice: 'zip'"),
+    (["policy", "compare", "RUN", "--budgets", "0.1,nan"], r"--budgets: expected a finite number"),
+    (["policy"], r"required: COMMAND"),
+])
+def test_export_import_and_compare_options_refuse_bad_values(tmp_path, capsys, argv, match):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_export_and_import_take_run_and_still_accept_model_with_a_note(run, tmp_path, capsys):
+    pol = PolicyGenerator(budget=0.5, kinds=("dense", "streaming", "vertical_slash")).fit(run).emit().save(tmp_path / "p.json")
+    assert main(["export", str(pol), "--format", "minference", "--seq-len", "512", "--out", str(tmp_path / "d"), "--run", str(run.path)]) == 0
+    assert "deprecated" not in capsys.readouterr().err
+    assert main(["export", str(pol), "--format", "minference", "--seq-len", "512", "--out", str(tmp_path / "d"), "--force",
+                 "--model", str(run.path)]) == 0
+    err = capsys.readouterr().err
+    assert "--model is deprecated here; use --run" in err
+    assert main(["import", "minference", str(tmp_path / "d" / "minference_config.json"), "--model", str(run.path),
+                 "--block-size", "16", "--out", str(tmp_path / "back.json")]) == 0
+    assert "use --run" in capsys.readouterr().err
+    back = Policy.load(tmp_path / "back.json", model=run.identity)
+    assert [e.kind for e in back.heads] == [e.kind for e in Policy.load(pol).heads]
+    other = make_synthetic_run(tmp_path / "other", n_layers=2, n_heads=8, n_kv_heads=2, lengths=(256,), block_size=16)
+    assert main(["export", str(pol), "--format", "minference", "--seq-len", "512", "--out", str(tmp_path / "e"), "--run", str(other.path)]) == 2
+    assert "n_heads is 4 there and 8 here" in capsys.readouterr().err
+
+
+def test_old_policy_file_loads_and_fits_the_same_model():
+    """A policy written by attnlab 0.1.0 (no weights fingerprint) still loads, and applies to
+    the same-shape model of the same name."""
+    path = FIXTURES / "policy_v0_1_0.json"
+    llama = tiny_model("llama")
+    policy = Policy.load(path, model=llama)
+    assert policy.identity.fingerprint is None and policy.identity.name == "tiny-llama"
+    policy.check_model(llama.identity())
+    policy.check_model(llama, str(path))
+    assert len(policy.compile(64)) == llama.n_layers
+    with pytest.raises(PolicyError, match="n_kv_heads is 2 there and 4 here"):
+        policy.check_model(tiny_model("gpt2"))
+    with pytest.raises(IdentityError, match="name is 'tiny-llama' there and 'someone-else' here"):
+        policy.check_model(dict(llama.identity().to_dict(), name="someone-else", fingerprint=None))
+
+
+def test_new_policies_carry_the_runs_identity_with_its_fingerprint(tmp_path):
+    r = make_synthetic_run(tmp_path / "r", n_layers=2, n_heads=4, n_kv_heads=2, lengths=(256,), block_size=16)
+    r.update_manifest(model={**r.model, "fingerprint": "0123456789abcdef"})
+    policy = PolicyGenerator(budget=0.5).fit(r).emit()
+    assert policy.identity == r.identity and policy.model["fingerprint"] == "0123456789abcdef"
+    back = Policy.load(policy.save(tmp_path / "p.json"))
+    assert back.identity == r.identity
+    # with fingerprints on both sides the weights decide, not the name the model was loaded as
+    same_weights = ModelIdentity.from_dict({**r.model, "name": "./elsewhere/synthetic-llm"})
+    back.check_model(same_weights)
+    with pytest.raises(PolicyError, match="fingerprint is '0123456789abcdef' there and 'ffffffffffffffff' here"):
+        back.check_model({**r.model, "fingerprint": "ffffffffffffffff"})
+
+
+def test_the_v0_1_0_run_fixture_still_makes_a_policy(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["policy", str(FIXTURES / "run_v0_1_0"), "--budget", "0.8", "--out", str(out), "--quiet"]) == 0
+    assert Policy.load(out, model=tiny_model("llama")).identity.name == "tiny-llama"
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["export", "POLICY", "--format", "npz", "--seq-len", "64", "--out", "OUT", "--lossy"], "--lossy does not apply when you export npz"),
+    (["export", "POLICY", "--format", "duo", "--out", "OUT", "--dense-blocks"], "--dense-blocks does not apply when you export duo"),
+    (["import", "npz", "MASKS", "--out", "OUT", "--block-size", "32"], "--block-size does not apply when you import npz"),
+    (["import", "npz", "MASKS", "--out", "OUT", "--seq-len", "128"], "--seq-len does not apply when you import npz"),
+    (["import", "minference", "CONFIG", "--out", "OUT", "--threshold", "0.5"], "--threshold does not apply when you import minference"),
+    (["import", "minference", "CONFIG", "--out", "OUT", "--sparsity", "0.5"], "--sparsity does not apply when you import minference"),
+])
+def test_options_a_format_does_not_read_are_refused(run, tmp_path, capsys, argv, match):
+    pol = PolicyGenerator(budget=0.5).fit(run).emit().save(tmp_path / "p.json")
+    (masks,) = export_policy(Policy.load(pol), tmp_path / "m", "npz", seq_len=512)
+    paths = {"POLICY": str(pol), "OUT": str(tmp_path / "out"), "MASKS": str(masks), "CONFIG": str(tmp_path / "c.json")}
+    assert main([paths.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and match in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_protect_heads_takes_pairs_and_head_labels(run, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["policy", str(run.path), "--budget", "0.6", "--protect-heads", "L0.H1, 1:2", "--out", str(out), "--quiet"]) == 0
+    policy = Policy.load(out)
+    assert policy.entry(0, 1).kind == "dense" and policy.entry(1, 2).kind == "dense"
+    assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected by request"} == {(0, 1), (1, 2)}

@@ -21,7 +21,6 @@ import torch
 import attnlab
 from attnlab.prompts import builtin_prompts
 from attnlab.sparsity_stats import (
-    BlockSparseLayout,
     Candidate,
     PolicyGenerator,
     and_masks,
@@ -33,6 +32,7 @@ from attnlab.sparsity_stats import (
     uniform_streaming,
 )
 from attnlab.sparsity_stats.generator import policy_from_choices
+from attnlab.sparsity_stats.masks import layout_from_patterns
 from attnlab.stats import StatConfig
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "policy.py"
@@ -121,7 +121,7 @@ def test_fast_paths_equal_the_token_mask(tiny_llama, fitted, held_out):
     # the streaming band as tiles: what the fast path relies on
     for s, w in ((4, 40), (0, 7), (16, 1), (3, 300)):
         pat = and_masks(generate_causal(), or_masks(generate_sink(s), generate_window(w)))
-        lay = BlockSparseLayout.from_patterns([pat], N, N, BLOCK)
+        lay = layout_from_patterns([pat], N, N, BLOCK)
         assert torch.equal(bench.stream_tiles(N, BLOCK, s, w), lay.block_mask()[0]), (s, w)
 
 

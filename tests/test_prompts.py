@@ -38,6 +38,7 @@ def stub(tok):
     return SimpleNamespace(
         tokenizer=tok,
         name="stub",
+        n_ctx=8192,
         has_chat_template=False,
         encode=lambda text, chat=False: tok(text, return_tensors="pt")["input_ids"],
     )
@@ -159,12 +160,15 @@ def test_text_file_windows(tok, tmp_path):
     assert body == all_ids[: len(body)]
 
 
-def test_text_file_stops_when_the_file_runs_out(tok, tmp_path):
+def test_text_file_that_runs_out_names_how_many_samples_fit(tok, tmp_path):
+    """Fewer samples than asked is an error that names how many fit (it used to return two of ten silently)."""
     path = tmp_path / "short.txt"
     path.write_text(TEXT, encoding="utf-8")
     n_ids = len(tok(TEXT, add_special_tokens=False)["input_ids"])
     n = n_ids // 3 + 2  # bodies of n - 1 tokens: room for two windows but not three
-    prompts = text_file_prompts(tok, path, [n], 10)
+    with pytest.raises(PromptError, match="enough for 2 of the 10 samples asked for.*pass --samples 2"):
+        text_file_prompts(tok, path, [n], 10)
+    prompts = text_file_prompts(tok, path, [n], 2)
     assert [p.n_tokens for p in prompts] == [n, n]
 
 
@@ -212,6 +216,18 @@ def test_load_prompts_text_file(stub, tmp_path):
     assert [p.n_tokens for p in prompts] == [40, 40] and all(p.kind == "text" for p in prompts)
 
 
+def test_a_short_text_file_is_an_error_not_fewer_samples(stub, tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    with pytest.raises(PromptError, match=r"enough for \d+ of the 500 samples asked for.*pass --samples \d+"):
+        load_prompts(stub, str(path), lengths=[40], n_samples=500)
+
+
+def test_lengths_beyond_the_context_fail_before_any_prompt_is_built(stub):
+    with pytest.raises(PromptError, match=f"--lengths 99999999999 exceeds .* context of {stub.n_ctx} tokens"):
+        load_prompts(stub, "builtin", lengths=[99999999999], n_samples=1)
+
+
 @pytest.mark.parametrize(
     "lengths,n_samples", [([32], 0), ([0], 2), ([1], 3), ([], 2)], ids=["samples0", "length0", "length1", "no-lengths"]
 )
@@ -253,11 +269,13 @@ def test_jsonl_valid_lines(tok, tmp_path):
 def test_jsonl_via_load_prompts_and_chat(stub, tmp_path):
     path = tmp_path / "set.jsonl"
     _write_jsonl(path, [json.dumps({"text": "Hello there"})])
-    (p,) = load_prompts(stub, str(path), lengths=[32], n_samples=8)
+    (p,) = load_prompts(stub, str(path), lengths=None, n_samples=None)
     assert p.name == "set-1"
+    with pytest.raises(PromptError, match="JSONL file: its lines are the prompts, whole; drop --lengths/--samples"):
+        load_prompts(stub, str(path), lengths=[32], n_samples=None)
     calls = []
     stub.encode = lambda text, chat=False: calls.append((text, chat)) or torch.tensor([[7, 8, 9]], dtype=torch.int32)
-    (p,) = load_prompts(stub, str(path), lengths=[32], n_samples=8, chat=True)
+    (p,) = load_prompts(stub, str(path), lengths=None, n_samples=None, chat=True)
     assert calls == [("Hello there", True)]
     assert _ids(p) == [7, 8, 9] and p.input_ids.dtype == torch.long
 

@@ -12,10 +12,10 @@ executor       how each layer's attention runs
 
 The executor plugs into the model through transformers' attention-function registry
 (`attnlab.attention.route_attention`), so dense attention is restored when the ``with`` block
-ends, whatever happens inside it. Static policy kinds are compiled once per (layer, length);
-dynamic kinds (``vertical_slash``, ``block_topk``) are estimated from each input's own queries
-and keys (`estimate_block_scores`). Policies apply to prefill, as MInference's do: decode steps
-(one new query over a cache) attend densely.
+ends, whatever happens inside it. Static policy kinds are compiled once per (layer, length)
+into a `BlockSparseLayout`; dynamic kinds (``vertical_slash``, ``block_topk``) are estimated
+from each input's own queries and keys (`estimate_block_scores`). Policies apply to prefill,
+as MInference's do: decode steps (one new query over a cache) attend densely.
 """
 
 from __future__ import annotations
@@ -23,20 +23,21 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
 from attnlab.attention import route_attention, sdpa
 from attnlab.errors import AttnlabError
+from attnlab.kernels.layout import BlockSparseLayout
+from attnlab.models import LoadedModel
+
+from .masks import compile_for_input, compile_layer
+from .policy import Policy
 
 EXECUTORS = ("reference", "flex", "triton")
 
 _ERR_EXECUTOR = "unknown executor {name!r}: choose one of {choices}"
-_ERR_MODEL = (
-    "the policy is for {policy_model} ({p_layers} layers × {p_heads} heads) but the model is {model} "
-    "({m_layers} × {m_heads}): generate a policy from a run of this model (attnlab policy RUN)"
-)
+_ERR_BATCH = "policy execution takes one sequence at a time (batch 1): loop over samples"
 
 
 def check_executor(name: str) -> str:
@@ -51,20 +52,21 @@ def prepare_triton() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-def run_layout(executor: str, layout: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+def run_layout(
+    executor: str, layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One layer's sparse attention: ``q [b, H, n_q, d]``, ``k, v [b, H_kv, n_k, d]`` → ``(out [b, H, n_q, d], lse)``."""
     if executor == "reference":
         from attnlab.kernels.reference import reference_attention
 
-        mask = layout.token_mask().to(q.device)
-        out, lse = reference_attention(q, k, v, mask, scale=scaling, dtype=torch.float32)
+        out, lse = reference_attention(q, k, v, layout.to(q.device), scale=scaling, dtype=torch.float32)
         return out.to(q.dtype), lse
     if executor == "flex":
         from attnlab.kernels.flex import flex_block_sparse_attention
 
         return flex_block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
     if executor == "triton":
-        prepare_triton()
+        prepare_triton()  # before the kernel module's first import
         from attnlab.kernels.block_sparse import block_sparse_attention
 
         return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
@@ -79,27 +81,19 @@ class PolicyExecutor:
             reading the achieved density after a forward.
     """
 
-    def __init__(self, policy: Any, executor: str = "flex", *, block_size: int | None = None):
+    def __init__(self, policy: Policy, executor: str = "flex", *, block_size: int | None = None):
         self.policy = policy
         self.executor = check_executor(executor)
         self.block_size = block_size or policy.block_size
-        self._static: dict[tuple[int, int], Any] = {}
-        self.layouts_: dict[int, Any] = {}
+        self._static: dict[tuple[int, int], BlockSparseLayout] = {}
+        self.layouts_: dict[int, BlockSparseLayout] = {}
 
-    def check_model(self, model: Any) -> None:
-        p = self.policy.model
-        if int(p["n_layers"]) != model.n_layers or int(p["n_heads"]) != model.n_heads:
-            raise AttnlabError(
-                _ERR_MODEL.format(
-                    policy_model=p.get("name"), p_layers=p["n_layers"], p_heads=p["n_heads"],
-                    model=model.name, m_layers=model.n_layers, m_heads=model.n_heads,
-                )
-            )
+    def check_model(self, model: LoadedModel, path: str = "(in memory)") -> None:
+        """`PolicyError` unless the policy was made for ``model`` (the one identity check)."""
+        self.policy.check_model(model.identity(), path)
 
-    def layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> Any:
+    def layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> BlockSparseLayout:
         """The layer's layout for this input: ``q [H, n, d]``, ``k [H_kv, n, d]`` (one sample)."""
-        from attnlab.sparsity_stats.masks import compile_for_input, compile_layer
-
         n = int(k.shape[-2])
         if any(not e.static for e in self.policy.layer(layer)):
             lay = compile_for_input(self.policy, layer, q.float().cpu(), k.float().cpu(), self.block_size)
@@ -111,10 +105,12 @@ class PolicyExecutor:
         self.layouts_[layer] = lay
         return lay
 
-    def sparse(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float):
+    def sparse(
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(out [b, H, n, d], lse [b, H, n])`` of the layer under the policy (prefill)."""
         if query.shape[0] != 1:
-            raise AttnlabError("policy execution takes one sequence at a time (batch 1): loop over samples")
+            raise AttnlabError(_ERR_BATCH)
         lay = self.layout(layer, query[0], key[0])
         return run_layout(self.executor, lay, query, key, value, scaling)
 
@@ -126,10 +122,11 @@ class PolicyExecutor:
 
 
 @contextmanager
-def run_with_policy(model: Any, policy: Any, executor: str = "flex", *, block_size: int | None = None) -> Iterator[PolicyExecutor]:
+def run_with_policy(
+    model: LoadedModel, policy: Policy, executor: str = "flex", *, block_size: int | None = None
+) -> Iterator[PolicyExecutor]:
     """Inside the block, ``model`` attends under ``policy``; dense attention comes back after."""
     ex = PolicyExecutor(policy, executor, block_size=block_size)
     ex.check_model(model)
     with route_attention(model, ex.attention):
         yield ex
-

@@ -1,0 +1,51 @@
+"""``attnlab validate POLICY``: a policy against dense attention, on a real model."""
+
+from __future__ import annotations
+
+import argparse
+
+from attnlab.cliargs import (
+    add_model_arguments,
+    add_quiet_argument,
+    load_model_from_args,
+    nonneg_int,
+    positive_int,
+)
+
+from .executors import EXECUTORS
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .executors import prepare_triton
+    from .policy import Policy
+    from .validation import validate_policy
+
+    if args.executor == "triton":
+        prepare_triton()  # the interpreter must be chosen before the kernel module loads
+    policy = Policy.load(args.policy)
+    model = load_model_from_args(args)
+    policy.check_model(model.identity(), args.policy)
+    report = validate_policy(
+        model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+        needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
+        seed=args.seed,
+    )
+    print(report.format())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("validate", help="validate a sparse policy against dense attention (per head and per model)")
+    p.add_argument("policy", help="policy.json from `attnlab policy` or `attnlab import`")
+    add_model_arguments(p)
+    p.add_argument("--executor", choices=EXECUTORS, default="flex",
+                   help="reference | flex | triton (triton runs the interpreter on a CPU: slow; default flex)")
+    p.add_argument("--prompts", type=positive_int, default=2, help="held-out built-in prompts for errors, KL and perplexity (default 2)")
+    p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per prompt (default 1024)")
+    p.add_argument("--needle", type=nonneg_int, default=0, help="passkey samples for needle accuracy (default 0: skip)")
+    p.add_argument("--needle-length", type=positive_int, default=1024, help="needle context length (default 1024)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", required=True, help="run directory for the report (created, or added to)")
+    add_quiet_argument(p)
+    p.set_defaults(func=_cmd_validate)

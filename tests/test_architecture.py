@@ -1,0 +1,127 @@
+"""The seams hold: packages import downward only, run artifacts are spelled once, one layout type.
+
+These are static checks over the source (the AST), so they see imports inside functions too —
+the kind a cycle hides behind.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from attnlab.runs import ARTIFACTS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: Folder → installed package, and its layer (higher may import lower, never the reverse).
+#: ``circuits`` and ``sparsity_stats`` share a layer: neither may import the other.
+PACKAGES = {
+    "attnlab": ("attnlab", 0),
+    "kernels": ("attnlab.kernels", 1),
+    "probes": ("attnlab.probes", 2),
+    "circuits": ("attnlab.circuits", 3),
+    "sparsity_stats": ("attnlab.sparsity_stats", 3),
+    "app": ("attnlab.app", 4),
+}
+#: The façade on top of everything: the CLI dispatcher and the lazy public API.
+FACADE = {"attnlab/cli.py", "attnlab/__init__.py"}
+
+
+def _package_of(module: str) -> str | None:
+    """Folder name of the attnlab package that ``module`` belongs to (longest match)."""
+    best = None
+    for folder, (pkg, _) in PACKAGES.items():
+        if (module == pkg or module.startswith(pkg + ".")) and (best is None or len(pkg) > len(PACKAGES[best][0])):
+            best = folder
+    return best
+
+
+def _imports(path: Path, package: str) -> list[tuple[int, str]]:
+    """Every module ``path`` imports (absolute, relative resolved), with its line."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    rel_parts = path.relative_to(ROOT / package).with_suffix("").parts
+    here = PACKAGES[package][0].split(".") + list(rel_parts[:-1])
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = here[: len(here) - (node.level - 1)]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append((node.lineno, mod))
+            out += [(node.lineno, f"{mod}.{a.name}") for a in node.names if _package_of(f"{mod}.{a.name}") != _package_of(mod)]
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module":
+            if node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+                out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def _sources(package: str) -> list[Path]:
+    return sorted(p for p in (ROOT / package).rglob("*.py"))
+
+
+def test_packages_import_downward_only():
+    """`attnlab` core ← kernels ← probes ← circuits, sparsity_stats ← app: no upward import, no
+    import between circuits and sparsity_stats, anywhere (module level or inside a function)."""
+    problems = []
+    for folder, (_, layer) in PACKAGES.items():
+        for path in _sources(folder):
+            rel = str(path.relative_to(ROOT))
+            if rel in FACADE:
+                continue
+            for line, mod in _imports(path, folder):
+                if mod == "attnlab.cli" or mod.startswith("attnlab.cli."):
+                    problems.append(f"{rel}:{line} imports {mod} (the CLI façade is the top; shared CLI parts are in attnlab.cliargs)")
+                    continue
+                target = _package_of(mod)
+                if target is None or target == folder:
+                    continue
+                if PACKAGES[target][1] >= layer:
+                    problems.append(f"{rel}:{line} imports {mod} ({folder} may not import {target})")
+    assert not problems, "upward or sideways imports:\n" + "\n".join(problems)
+
+
+def test_the_import_check_sees_imports_inside_functions(tmp_path):
+    """The checker itself: an import buried in a function is found, relative imports resolve."""
+    pkg = ROOT / "kernels"
+    src = "def f():\n    from attnlab.sparsity_stats.masks import compile_policy\n    from ..probes import x\n"
+    probe = pkg / "_import_probe_for_test.py"
+    probe.write_text(src)
+    try:
+        found = [m for _, m in _imports(probe, "kernels")]
+    finally:
+        probe.unlink()
+    assert "attnlab.sparsity_stats.masks" in found
+    assert "attnlab.probes" in found or "attnlab.probes.x" in found
+
+
+def test_core_never_imports_a_stage():
+    """The bottom layer knows no stage above it (the façade aside)."""
+    for path in _sources("attnlab"):
+        rel = str(path.relative_to(ROOT))
+        if rel in FACADE:
+            continue
+        for line, mod in _imports(path, "attnlab"):
+            assert _package_of(mod) in (None, "attnlab"), f"{rel}:{line} imports {mod}"
+
+
+@pytest.mark.parametrize("art", [a for a in ARTIFACTS.values()], ids=lambda a: a.key)
+def test_artifact_file_names_are_spelled_once(art):
+    """No source file but attnlab/runs.py spells a run artifact's file name."""
+    pattern = re.compile(r"""["'/]""" + re.escape(art.filename) + r"""["']""")
+    hits = []
+    for folder in PACKAGES:
+        for path in _sources(folder):
+            rel = str(path.relative_to(ROOT))
+            if rel == "attnlab/runs.py":
+                continue
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    hits.append(f"{rel}:{i}: {line.strip()}")
+    assert not hits, f"{art.filename} is spelled outside attnlab/runs.py:\n" + "\n".join(hits)

@@ -1,0 +1,182 @@
+"""Hostile input against the run store: broken manifests, concurrent writers, permissions.
+
+Concurrency cases run real processes (``multiprocessing`` with fork), not threads."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from attnlab.errors import RunError
+from attnlab.identity import IdentityError
+from attnlab.runs import CIRCUIT, MANIFEST, Run, file_lock, load_json, partial_dir, write_json
+
+LEGACY_RUN = Path(__file__).parent / "fixtures" / "run_v0_1_0"
+
+
+@pytest.fixture
+def run(tmp_path) -> Run:
+    shutil.copytree(LEGACY_RUN, tmp_path / "r")
+    return Run.open(tmp_path / "r")
+
+
+@pytest.mark.parametrize(
+    "manifest,match",
+    [
+        ([1, 2], "not an attnlab manifest"),
+        ({"schema": 1, "status": "complete", "model": "tiny"}, "no usable model identity"),
+        ({"schema": 1, "status": "complete", "model": {"n_layers": -2, "n_heads": 4}}, "no usable model identity"),
+        ({"schema": 1, "status": "complete", "model": {"n_layers": 2, "n_heads": 4}, "stages": [1]}, "malformed stages"),
+        ({"schema": 7, "status": "complete"}, "schema version 7"),
+    ],
+    ids=["list", "model-string", "negative-layers", "stages-list", "schema"],
+)
+def test_malformed_manifests_are_one_clear_error(run, manifest, match):
+    (run.path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises((RunError, IdentityError), match=match):
+        Run.open(run.path)
+
+
+def test_deeply_nested_json_is_an_error_not_a_crash(tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(RunError, match="nested too deeply"):
+        load_json(deep, what="policy", fix="re-create it")
+
+
+def test_a_deep_manifest_is_refused_cleanly(run):
+    (run.path / MANIFEST).write_text('{"schema": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(RunError, match="nested too deeply.*re-create the run"):
+        Run.open(run.path)
+
+
+def _add_stages(path: str, prefix: str, n: int) -> None:
+    run = Run.open(path)
+    for i in range(n):
+        run.record_stage(f"{prefix}{i}", summary={"i": i})
+
+
+def test_concurrent_writers_never_lose_each_others_stages(run):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_add_stages, args=(str(run.path), p, 15)) for p in ("a", "b", "c")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    stages = Run.open(run.path).manifest["stages"]
+    assert {f"{p}{i}" for p in "abc" for i in range(15)} <= set(stages)
+
+
+def _hold_lock(folder: str, ready, release) -> None:
+    with file_lock(folder):
+        ready.set()
+        release.wait(30)
+
+
+def test_a_held_lock_names_its_holder_and_a_dead_one_is_free(tmp_path):
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    assert ready.wait(30)
+    with pytest.raises(RunError, match=f"pid {holder.pid}.*wait for it to finish"):
+        with file_lock(tmp_path, wait=False):
+            pass
+    holder.kill()  # a killed writer leaves no stale lock behind
+    holder.join(30)
+    with file_lock(tmp_path, wait=False):
+        pass
+
+
+def test_a_second_profile_on_the_same_out_is_refused(tiny_llama, tmp_path):
+    from attnlab.profile import profile
+    from attnlab.prompts import builtin_prompts
+    from attnlab.stats import StatConfig
+
+    out = tmp_path / "r"
+    partial = partial_dir(out)
+    partial.mkdir()
+    ctx = mp.get_context("fork")
+    ready, release = ctx.Event(), ctx.Event()
+    holder = ctx.Process(target=_hold_lock, args=(str(partial), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        prompts = builtin_prompts(tiny_llama.tokenizer, [32], 1)
+        with pytest.raises(RunError, match=f"being written by attnlab \\(pid {holder.pid}\\)"):
+            profile(tiny_llama, prompts, out, config=StatConfig(block_size=16, windows=(16,)), progress=False)
+        assert partial.is_dir() and not out.exists()
+    finally:
+        release.set()
+        holder.join(30)
+    run = profile(tiny_llama, prompts, out, config=StatConfig(block_size=16, windows=(16,)), progress=False)
+    assert run.head_stats()["sample"].nunique() == 1
+
+
+def test_outputs_honour_the_umask(run):
+    old = os.umask(0o027)
+    try:
+        write_json(run.file(CIRCUIT), {"nodes": []})
+    finally:
+        os.umask(old)
+    assert (run.file(CIRCUIT).stat().st_mode & 0o777) == 0o640
+
+
+@pytest.mark.parametrize("out", ["", ".", "x/..", "  "])
+def test_out_that_names_no_new_folder_is_refused(tmp_path, monkeypatch, out):
+    from attnlab.runs import check_writable_target
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunError, match="names no new folder"):
+        check_writable_target(out, force=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("device,match", [("tpu9", "not a torch device"), ("cuda", "no CUDA device"), ("meta", "not supported")])
+def test_bad_devices_fail_before_loading(device, match):
+    import torch
+
+    from attnlab.errors import ModelLoadError
+    from attnlab.models import check_device
+
+    if device == "cuda" and torch.cuda.is_available():
+        match = "cuda"  # on a GPU machine cuda is fine; the index check below still applies
+        assert check_device("cuda").type == "cuda"
+        with pytest.raises(ModelLoadError, match="CUDA device"):
+            check_device(f"cuda:{torch.cuda.device_count()}")
+        return
+    with pytest.raises(ModelLoadError, match=match):
+        check_device(device)
+
+
+def test_info_refuses_a_profile_run_without_statistics(run, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import HEAD_STATS
+
+    stats = run.head_stats()
+    run.write(HEAD_STATS, stats.assign(value=float("nan")))
+    assert main(["info", str(run.path)]) == 2
+    assert "only NaN statistics" in capsys.readouterr().err
+    run.file(HEAD_STATS).unlink()
+    assert main(["info", str(run.path)]) == 2
+    assert "has lost its head_stats.parquet" in capsys.readouterr().err
+
+
+def test_a_killed_writers_temporary_is_cleaned_a_live_ones_kept(run):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = run.path / f".{CIRCUIT.filename}.{dead.pid}.abc123.tmp"
+    live = run.path / f".{CIRCUIT.filename}.{os.getpid()}.def456.tmp"
+    stale.write_text("half")
+    live.write_text("half")
+    write_json(run.file(CIRCUIT), {"nodes": []})
+    assert not stale.exists() and live.exists()
