@@ -637,6 +637,27 @@ def test_two_runs_side_by_side_with_their_difference(monkeypatch, compare_root):
     assert not at.error and len(figures(at)) == 2
 
 
+def test_two_runs_of_one_shape_compare_even_across_models(tmp_path):
+    model = {"name": "base", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "fingerprint": "aaaa"}
+    base = Run(tmp_path / "base", {"model": model})
+    tuned = Run(tmp_path / "tuned", {"model": {**model, "name": "tuned", "fingerprint": "bbbb"}})
+    assert data.compare_problem(base, tuned) is None  # a model and its fine-tune: same heads, comparable
+    deeper = Run(tmp_path / "deeper", {"model": {**model, "n_layers": 3}})
+    problem = data.compare_problem(base, deeper)
+    assert "different model shapes (n_layers: 2 in base" in problem and "3 in base (3 layers" in problem
+
+
+def test_the_inspector_refuses_a_model_that_is_not_the_runs(tiny_llama):
+    from attnlab.errors import ModelLoadError
+    from attnlab.identity import ModelIdentity
+
+    ours = tiny_llama.identity()
+    assert inspector.load_run_model(ours).identity().mismatch(ours) is None  # a config model is rebuilt, seed 0
+    other = ModelIdentity.from_dict({**ours.to_dict(), "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ModelLoadError, match="loaded with fingerprint .* but the run was made with fingerprint 0123456789abcdef"):
+        inspector.load_run_model(other)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["empty", "missing"])
 def test_no_runs_is_a_message_on_every_page(monkeypatch, tmp_path, name):
