@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.runs
     if root is None:
         root = OUT / "dashboard_runs"
-        if args.fresh or not (root / "smollm2" / "circuit.json").is_file():
+        from attnlab.runs import CIRCUIT
+
+        if args.fresh or not (root / "smollm2" / CIRCUIT).is_file():
             build_runs(root)
     if args.screenshots:
         screenshots(root, args.screenshots)
