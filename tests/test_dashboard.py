@@ -658,6 +658,23 @@ def test_the_inspector_refuses_a_model_that_is_not_the_runs(tiny_llama):
         inspector.load_run_model(other)
 
 
+def test_a_run_written_by_attnlab_0_1_0_opens_on_every_page(monkeypatch, tmp_path):
+    """The fixture run (statistics, block maps, detections; no fingerprint) on every page."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_v0_1_0", tmp_path / "runs" / "old")
+    at = app(monkeypatch, tmp_path / "runs")
+    assert metrics(at) == {"layers": "2", "query heads": "4", "KV heads": "2", "samples": metrics(at)["samples"]}
+    for page in PAGES[1:]:
+        goto(at, page)
+        if page == "Policy studio":  # its short prompts need more than the default budget
+            assert "Move the budget slider up" in texts(at.error)
+            at.slider(key="policy_budget").set_value(1.0).run()
+        assert not at.error, (page, texts(at.error))
+    goto(at, "Head atlas")
+    assert figures(at)[0]["layout"]["xaxis"]["ticktext"] == ["H0·KV0", "H1·KV0", "H2·KV1", "H3·KV1"]
+    goto(at, "Head inspector")  # no fingerprint in the manifest: the model is recognised by its name
+    assert "the whole 128 × 128 map" in texts(at.caption)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["empty", "missing"])
 def test_no_runs_is_a_message_on_every_page(monkeypatch, tmp_path, name):
