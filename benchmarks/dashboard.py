@@ -54,6 +54,7 @@ def build_runs(root: Path) -> Path:
     from attnlab.probes.sinks import probe_sinks
     from attnlab.profile import profile
     from attnlab.prompts import builtin_prompts
+    from attnlab.runs import POLICY
     from attnlab.sparsity_stats import PolicyGenerator
 
     shutil.rmtree(root, ignore_errors=True)
@@ -64,7 +65,7 @@ def build_runs(root: Path) -> Path:
     probe_sinks(model, out, n_samples=2, lengths=(256,), chat=False, progress=False)
     probe_retrieval(model, out, n_samples=6, lengths=(512,), causal_ks=(5,), draws=2, progress=False)
     compute_families(run)
-    PolicyGenerator(budget=0.6).fit(run).emit().save(run.file("policy.json"))
+    PolicyGenerator(budget=0.6).fit(run).emit().save(run.file(POLICY))
     task = load_task(model, "ioi", n=8)
     circuit = discover(model, task, method="ig", cut="faithfulness")  # cut where the curve reaches 0.8
     save_circuit(circuit, model, out, {"examples": len(task)})
@@ -83,7 +84,7 @@ def screenshots(root: Path, out: Path) -> None:
     import tempfile
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_dashboard_browser import Browser, _click_label, _free_port, _stop, _wait_http
+    from test_dashboard_browser import Browser, _click_nav, _free_port, _stop, _wait_http
 
     chromium = shutil.which("chromium")
     if chromium is None:
@@ -99,7 +100,7 @@ def screenshots(root: Path, out: Path) -> None:
             browser = Browser(chromium, url, Path(profile_dir))
             try:
                 browser.wait("document.body.innerText.includes('query heads')")
-                _click_label(browser, "Head atlas")
+                _click_nav(browser, "Head atlas")
                 browser.wait("document.querySelectorAll('.js-plotly-plot .heatmaplayer').length >= 2")
                 time.sleep(1)
                 browser.screenshot(out / "atlas.png")
@@ -110,23 +111,23 @@ def screenshots(root: Path, out: Path) -> None:
                 for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
                     browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
                 browser.wait(f"document.body.innerText.includes('Layer {layer}, head {head} (reads')")
-                _click_label(browser, "Policy studio")
+                _click_nav(browser, "Policy studio")
                 browser.wait("document.body.innerText.includes('expected density') && "
                              "document.querySelectorAll('.js-plotly-plot').length >= 3", 120)
                 time.sleep(1)
                 browser.screenshot(out / "policy_studio.png")
-                _click_label(browser, "Head inspector")
+                _click_nav(browser, "Head inspector")
                 browser.wait(f"document.body.innerText.includes('Layer {layer}, head {head} (reads') && "
                              "document.body.innerText.includes('the whole 128 × 128 map') && "
                              "document.querySelectorAll('.js-plotly-plot').length === 1", 120)
                 time.sleep(1)
                 browser.screenshot(out / "inspector.png")
-                _click_label(browser, "Retrieval")
+                _click_nav(browser, "Retrieval")
                 browser.wait("document.body.innerText.includes('Retrieval') && "
                              "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
                 time.sleep(1)
                 browser.screenshot(out / "retrieval.png")
-                _click_label(browser, "Circuits")
+                _click_nav(browser, "Circuits")
                 browser.wait("document.body.innerText.includes('circuit faithfulness') && "
                              "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
                 time.sleep(1)
@@ -150,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     root = args.runs
     if root is None:
         root = OUT / "dashboard_runs"
-        if args.fresh or not (root / "smollm2" / "circuit.json").is_file():
+        from attnlab.runs import CIRCUIT
+
+        if args.fresh or not (root / "smollm2" / CIRCUIT).is_file():
             build_runs(root)
     if args.screenshots:
         screenshots(root, args.screenshots)
@@ -159,16 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ATTNLAB_RUNS_DIR"] = str(root)
     from streamlit.testing.v1 import AppTest
 
+    from attnlab.app import state
+
+    files = {p.title: p.file for p in state.PAGES}
     at = AppTest.from_file(str(DASHBOARD), default_timeout=600)
     t = time.perf_counter()
     at.run()
     first = time.perf_counter() - t
-    pages = list(at.radio(key="page").options)
+    pages = list(files)
     run_name = at.selectbox(key="run").value
     cold: dict[str, float] = {}
     for page in pages:  # warm every cache once; the first visit of each page is its cold cost
         t = time.perf_counter()
-        at.radio(key="page").set_value(page).run()
+        at.switch_page(files[page]).run()
         cold[page] = time.perf_counter() - t
         if at.exception:
             raise SystemExit(f"{page}: {[e.value for e in at.exception]}")
@@ -176,21 +182,21 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         for page in pages:
             t = time.perf_counter()
-            at.radio(key="page").set_value(page).run()
+            at.switch_page(files[page]).run()
             warm[page].append(time.perf_counter() - t)
             errors = [e.value for e in at.error]
             if at.exception or errors:
                 raise SystemExit(f"{page}: {[e.value for e in at.exception]} {errors}")
     # the inspector on a long prompt: pooled to blocks, plus the zoomed token-level region
-    at.radio(key="page").set_value("Head inspector").run()
+    at.switch_page(files["Head inspector"]).run()
     t = time.perf_counter()
     at.number_input(key="inspector_tokens").set_value(2048).run()
     long_cold = time.perf_counter() - t
     long_warm = []
     for _ in range(args.repeat):
-        at.radio(key="page").set_value("Head atlas").run()
+        at.switch_page(files["Head atlas"]).run()
         t = time.perf_counter()
-        at.radio(key="page").set_value("Head inspector").run()
+        at.switch_page(files["Head inspector"]).run()
         long_warm.append(time.perf_counter() - t)
     n_charts = len(at.get("plotly_chart"))
     if n_charts != 2 or at.exception:

@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from plotly.colors import get_colorscale, hex_to_rgb
 from streamlit.testing.v1 import AppTest
 
 from attnlab.app import cli as app_cli
-from attnlab.app import data, inspector
+from attnlab.app import data, inspector, state
+from attnlab.app import figures as app_figures
 from attnlab.circuits.circuit import discover, save_circuit
 from attnlab.circuits.tasks import induction_task_for
 from attnlab.cli import build_parser
@@ -39,13 +41,27 @@ from attnlab.errors import AttnlabError
 from attnlab.probes.detections import detection_frame, write_detections
 from attnlab.profile import head_means, profile
 from attnlab.prompts import builtin_prompts
-from attnlab.runs import Run
+from attnlab.runs import (
+    BLOCK_MAPS,
+    CAUSAL_CHECK,
+    CIRCUIT,
+    DETECTIONS,
+    FAMILIES,
+    HEAD_STATS,
+    MANIFEST,
+    POLICY,
+    VALIDATION_HEADS,
+    VALIDATION_SUMMARY,
+    Run,
+)
 from attnlab.sparsity_stats import PolicyGenerator
 
-DASHBOARD = str(Path(data.__file__).with_name("dashboard.py"))
+DASHBOARD = str(Path(state.__file__).with_name("dashboard.py"))
 #: ``causal_check.parquet``'s columns, as `attnlab.probes.causal` documents them.
 CAUSAL_COLUMNS = ("condition", "k", "draw", "method", "heads", "accuracy", "n_correct", "n_samples", "mean_rouge1")
 PAGES = ("Runs", "Head atlas", "Head inspector", "Policy studio", "Validation", "Retrieval", "Head families", "Circuits")
+#: Each page's script, by title (what `AppTest.switch_page` takes).
+PAGE_FILES = {p.title: p.file for p in state.PAGES}
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +84,14 @@ def runs_root(tmp_path_factory, tiny_llama) -> Path:
     ))
     compute_families(run)
     policy = PolicyGenerator(budget=0.6).fit(run).emit()
-    policy.save(run.file("policy.json"))
+    policy.save(run.file(POLICY))
     validate_policy(model, policy, executor="reference", n_prompts=1, prompt_tokens=256, out=out, progress=False)
     rows = [("dense", 0, 0, "zero", "[]", 0.75, 3, 4, 0.8)]
     for k in (1, 2):
         rows.append(("top", k, 0, "zero", "[[1, 3]]", 0.25, 1, 4, 0.3))
         for draw in range(2):
             rows.append(("random", k, draw, "zero", "[[0, 1]]", 0.5 + 0.25 * draw, 2 + draw, 4, 0.6))
-    run.write_table("causal_check.parquet", pd.DataFrame(rows, columns=list(CAUSAL_COLUMNS)))
+    run.write(CAUSAL_CHECK, pd.DataFrame(rows, columns=list(CAUSAL_COLUMNS)))
     save_circuit(discover(model, induction_task_for(model, n=2, length=6), method="attribution"), model, out)
     return root
 
@@ -87,30 +103,28 @@ def bad_root(runs_root, tmp_path_factory) -> Path:
     good = runs_root / "tiny"
     shutil.copytree(good, root / "good")
     old = shutil.copytree(good, root / "old_schema")
-    manifest = json.loads((old / "manifest.json").read_text())
-    (old / "manifest.json").write_text(json.dumps({**manifest, "schema": 0}))
+    manifest = json.loads((old / MANIFEST).read_text())
+    (old / MANIFEST).write_text(json.dumps({**manifest, "schema": 0}))
     corrupt = shutil.copytree(good, root / "corrupt")
-    for name in ("head_stats.parquet", "detections.parquet", "families.parquet", "validation_heads.parquet",
-                 "causal_check.parquet"):
-        (corrupt / name).write_bytes(b"PAR1 this is not parquet")
-    (corrupt / "validation.json").write_text("{not json")
-    (corrupt / "policy.json").write_text("{not json")
-    (corrupt / "circuit.json").write_text("{not json")
+    for art in (HEAD_STATS, DETECTIONS, FAMILIES, VALIDATION_HEADS, CAUSAL_CHECK):
+        (corrupt / art).write_bytes(b"PAR1 this is not parquet")
+    for art in (VALIDATION_SUMMARY, POLICY, CIRCUIT):
+        (corrupt / art).write_text("{not json")
     maps_only = shutil.copytree(good, root / "corrupt_maps")
-    (maps_only / "block_maps.safetensors").write_bytes(b"\x00\x01junk")
+    (maps_only / BLOCK_MAPS).write_bytes(b"\x00\x01junk")
     older = shutil.copytree(good, root / "old_layout")
-    pd.read_parquet(older / "head_stats.parquet").rename(columns={"statistic": "stat"}).to_parquet(older / "head_stats.parquet")
-    pd.read_parquet(older / "families.parquet").drop(columns=["pc1"]).to_parquet(older / "families.parquet")
-    (older / "circuit.json").write_text(json.dumps({"schema": 1, "nodes": [{"layer": 0, "head": 1}]}))
+    pd.read_parquet(older / HEAD_STATS).rename(columns={"statistic": "stat"}).to_parquet(older / HEAD_STATS)
+    pd.read_parquet(older / FAMILIES).drop(columns=["pc1"]).to_parquet(older / FAMILIES)
+    (older / CIRCUIT).write_text(json.dumps({"schema": 1, "nodes": [{"layer": 0, "head": 1}]}))
     gone = shutil.copytree(good, root / "model_gone")
-    (gone / "manifest.json").write_text(json.dumps({**manifest, "model": {**manifest["model"], "name": "/nowhere/model-dir",
-                                                                            "source": "local"}}))
+    (gone / MANIFEST).write_text(json.dumps({**manifest, "model": {**manifest["model"], "name": "/nowhere/model-dir",
+                                                                     "source": "local"}}))
     bare = root / "manifest_only"
     bare.mkdir()
-    (bare / "manifest.json").write_text(json.dumps({**manifest, "tables": {}}))
+    (bare / MANIFEST).write_text(json.dumps({**manifest, "tables": {}}))
     broken = root / "broken_manifest"
     broken.mkdir()
-    (broken / "manifest.json").write_text("{")
+    (broken / MANIFEST).write_text("{")
     return root
 
 
@@ -123,11 +137,18 @@ def app(monkeypatch, root: Path | str) -> AppTest:
 
 
 def goto(at: AppTest, page: str, run: str | None = None) -> AppTest:
+    """Open ``page`` (by its title), on ``run`` when given."""
     if run is not None:
         at.selectbox(key="run").set_value(run)
-    at.radio(key="page").set_value(page).run()
+    at.switch_page(PAGE_FILES[page]).run()
     assert not at.exception, (page, run, [e.value for e in at.exception])
+    assert current_page(at) == page, (page, current_page(at))
     return at
+
+
+def current_page(at: AppTest) -> str:
+    """The page drawn by the last run (every page starts with its title as header)."""
+    return at.header[0].value
 
 
 def figures(at: AppTest) -> list[dict]:
@@ -148,6 +169,11 @@ def table_with(at: AppTest, column: str) -> pd.DataFrame:
     return next(d.value for d in at.dataframe if column in d.value.columns)
 
 
+def colours(scale: list) -> list[str]:
+    """A plotly colour scale's colours, in order (its positions are floats, rounded in JSON)."""
+    return [c for _, c in scale]
+
+
 def metrics(at: AppTest) -> dict[str, str]:
     return {m.label: m.value for m in at.metric}
 
@@ -159,7 +185,7 @@ def texts(elements) -> str:
 # -- a real run --------------------------------------------------------------------------------
 def test_runs_page_lists_the_run_with_model_and_parameters(monkeypatch, runs_root):
     at = app(monkeypatch, runs_root)
-    assert at.radio(key="page").value == "Runs"
+    assert current_page(at) == "Runs"
     overview = at.dataframe[0].value
     assert list(overview["run"]) == ["tiny"]
     row = overview.iloc[0]
@@ -184,6 +210,8 @@ def test_every_page_draws_its_charts(monkeypatch, runs_root):
 def test_head_atlas_heatmap_shows_stored_statistic_and_gqa_groups(monkeypatch, runs_root):
     at = goto(app(monkeypatch, runs_root), "Head atlas")
     heat = figures(at)[0]
+    assert colours(heat["data"][0]["colorscale"]) == colours(get_colorscale(app_figures.ATTENTION_SCALE))
+    assert colours(figures(at)[1]["data"][0]["colorscale"]) == colours(get_colorscale(app_figures.ATTENTION_SCALE))  # block map
     z = arr(heat["data"][0]["z"])
     means = head_means(Run.open(runs_root / "tiny"))
     expect = means.pivot(index="layer", columns="head", values="sink_mass_1").to_numpy()
@@ -256,9 +284,9 @@ def test_a_rewritten_table_is_read_again(monkeypatch, runs_root, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")
     at = goto(app(monkeypatch, root), "Head families")
-    fam = pd.read_parquet(root / "tiny" / "families.parquet")
+    fam = pd.read_parquet(root / "tiny" / FAMILIES)
     assert {t["name"] for t in figures(at)[0]["data"]} == set(fam["family"].astype(str))
-    Run.open(root / "tiny").write_table("families.parquet", fam.assign(family="renamed by a new run"))
+    Run.open(root / "tiny").write(FAMILIES, fam.assign(family="renamed by a new run"))
     at.run()
     assert {t["name"] for t in figures(at)[0]["data"]} == {"renamed by a new run"}
 
@@ -274,9 +302,9 @@ def test_budget_below_the_constraints_is_a_message(monkeypatch, runs_root):
 def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, runs_root):
     run = Run.open(runs_root / "tiny")
     at = goto(app(monkeypatch, runs_root), "Validation")
-    summary = json.loads(run.file("validation.json").read_text())
+    summary = json.loads(run.file(VALIDATION_SUMMARY).read_text())
     assert metrics(at)["achieved density"] == f"{summary['density_mean']:.3f}"
-    heads = pd.read_parquet(run.file("validation_heads.parquet")).groupby(["layer", "head"])["rel_l2"].mean()
+    heads = pd.read_parquet(run.file(VALIDATION_HEADS)).groupby(["layer", "head"])["rel_l2"].mean()
     figs = figures(at)
     assert "against achieved density (1 validated policies)" in figs[0]["layout"]["title"]["text"]  # the Pareto view
     z = arr(figs[1]["data"][0]["z"])
@@ -293,7 +321,7 @@ def test_validation_retrieval_and_families_read_the_stored_tables(monkeypatch, r
     assert "sink heads" in figures(at)[0]["layout"]["title"]["text"]
 
     goto(at, "Head families")
-    fam = pd.read_parquet(run.file("families.parquet"))
+    fam = pd.read_parquet(run.file(FAMILIES))
     points = sum(len(arr(t["x"])) for t in figures(at)[0]["data"])
     assert points == len(fam) == 8
 
@@ -315,7 +343,7 @@ def test_validation_page_plots_every_validated_policy_against_density(monkeypatc
     dense_policy = PolicyGenerator(budget=1.0).fit(Run.open(root / "tiny")).emit()
     validate_policy(tiny_llama, dense_policy, executor="reference", n_prompts=1, prompt_tokens=256, out=root / "dense",
                     progress=False)
-    summaries = {name: json.loads((root / name / "validation.json").read_text()) for name in ("tiny", "dense")}
+    summaries = {name: json.loads((root / name / VALIDATION_SUMMARY).read_text()) for name in ("tiny", "dense")}
     at = goto(app(monkeypatch, root), "Validation", "tiny")
     pareto = figures(at)[0]
     points = pareto["data"][0]
@@ -354,6 +382,7 @@ def test_inspector_draws_the_head_picked_in_the_atlas_token_by_token(monkeypatch
     ref = reference_pattern(tiny_llama, ids, 1, 3)
     z = arr(fig["data"][0]["z"])
     assert z.shape == (128, 128)
+    assert colours(fig["data"][0]["colorscale"]) == colours(get_colorscale(app_figures.ATTENTION_SCALE)) and fig["data"][0]["zmin"] == 0
     np.testing.assert_allclose(np.nan_to_num(z), ref, atol=1e-5)
     assert np.isnan(z[np.triu_indices(128, 1)]).all()  # future keys are blank
     labels = fig["data"][0]["y"]
@@ -366,7 +395,7 @@ def test_inspector_draws_the_head_picked_in_the_atlas_token_by_token(monkeypatch
     det = table_with(at, "evidence")
     row = det[det["head_type"] == "retrieval"].iloc[0]
     assert row["score"] == pytest.approx(0.02 + 0.1 * 7 / 8) and "hand_written" in row["evidence"]
-    fam = pd.read_parquet(runs_root / "tiny" / "families.parquet").set_index(["layer", "head"])
+    fam = pd.read_parquet(runs_root / "tiny" / FAMILIES).set_index(["layer", "head"])
     assert f"**family**: {fam.loc[(1, 3), 'family']}" in texts(at.markdown)
     # another head in the inspector is the atlas's head when going back
     at.selectbox(key="inspector_head").set_value(0).run()
@@ -375,7 +404,7 @@ def test_inspector_draws_the_head_picked_in_the_atlas_token_by_token(monkeypatch
     # the atlas's button opens the inspector on its head
     at.selectbox(key="atlas_head").set_value(2).run()
     at.button(key="atlas_inspect").click().run()
-    assert at.radio(key="page").value == "Head inspector" and "Layer 1, head 2 (reads KV head 1)" in texts(at.subheader)
+    assert current_page(at) == "Head inspector" and "Layer 1, head 2 (reads KV head 1)" in texts(at.subheader)
 
 
 def test_inspector_pools_a_long_prompt_to_blocks_and_zooms_within_the_cell_limit(monkeypatch, runs_root, tiny_llama):
@@ -393,7 +422,7 @@ def test_inspector_pools_a_long_prompt_to_blocks_and_zooms_within_the_cell_limit
     zoom = arr(zoom_fig["data"][0]["z"])
     np.testing.assert_allclose(np.nan_to_num(zoom), ref[256:512, 256:512], atol=1e-5)  # default: the last 256 tokens
     for f in figures(at):
-        assert inspector.figure_cells(f) <= inspector.MAX_CELLS
+        assert app_figures.figure_cells(f) <= inspector.MAX_CELLS
     # a zoom over every block would be 512 × 512 tokens: clipped to the limit, and said so
     q_slider, k_slider = (s for s in at.slider if s.key.startswith("inspector_zoom_"))
     q_slider.set_value((0, 7))
@@ -429,7 +458,7 @@ def test_inspector_never_builds_a_map_over_the_cell_limit():
         assert clipped == ((q[1] - q[0]) * (k[1] - k[0]) > inspector.MAX_CELLS)
         assert inspector.token_pattern(qk, 1, cq, ck).shape == (cq[1] - cq[0], ck[1] - ck[0])
     with pytest.raises(AttnlabError):
-        inspector.token_figure(np.zeros((501, 500)), [str(i) for i in range(501)], [str(i) for i in range(500)], "too big")
+        app_figures.token_figure(np.zeros((501, 500)), [str(i) for i in range(501)], [str(i) for i in range(500)], "too big")
 
 
 def test_inspector_prompt_text_errors_are_messages(monkeypatch, runs_root, tiny_llama):
@@ -449,9 +478,85 @@ def test_inspector_prompt_text_errors_are_messages(monkeypatch, runs_root, tiny_
     assert not at.error and at.get("plotly_chart")
 
 
+def _lightness(hex_color: str) -> float:
+    """CIELAB L* of an sRGB colour."""
+    def linear(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in hex_to_rgb(hex_color))
+    y = 0.2126 * r + 0.7152 * g + 0.0722 * b
+    return 116 * (y ** (1 / 3) if y > 216 / 24389 else (24389 / 27 * y + 16) / 116) - 16
+
+
+def test_attention_maps_share_one_scale_monotonic_in_lightness():
+    scale = get_colorscale(app_figures.ATTENTION_SCALE)
+    lightness = [_lightness(c) for _, c in scale]
+    assert all(b > a for a, b in zip(lightness, lightness[1:], strict=False)), lightness  # stronger reads lighter
+    z = np.array([[1.0, np.nan], [0.1, 0.9]])
+    for fig in (app_figures.token_figure(z, ["a", "b"], ["a", "b"], "t"), app_figures.block_figure(z, 64, 128, "t"),
+                app_figures.block_map_figure(z, np.ones((2, 2)), 64, "t"),
+                app_figures.head_heatmap(z, "t", 1, "v")):
+        trace = json.loads(fig.to_json())["data"][0]
+        assert colours(trace["colorscale"]) == colours(scale) and not trace.get("reversescale"), fig.layout.title.text
+    for fig in (app_figures.token_figure(z, ["a", "b"], ["a", "b"], "t"), app_figures.block_figure(z, 64, 128, "t"),
+                app_figures.block_map_figure(z, np.ones((2, 2)), 64, "t")):
+        assert fig.data[0].zmin == 0  # an attention map's scale starts at 0
+
+
+# -- URLs: every page, deep links --------------------------------------------------------------
+def test_every_page_has_its_own_url_and_script(monkeypatch, runs_root):
+    pages_dir = Path(DASHBOARD).parent
+    assert [p.title for p in state.PAGES] == list(PAGES)
+    assert len({p.url_path for p in state.PAGES}) == len(state.PAGES) == len(list((pages_dir / "pages").glob("*.py")))
+    at = app(monkeypatch, runs_root)
+    assert current_page(at) == "Runs" and at.query_params == {"run": "tiny"}
+    for page in state.PAGES:
+        assert (pages_dir / page.file).is_file() and Path(page.file).stem != page.url_path
+        goto(at, page.title)
+        assert not at.error, (page.title, texts(at.error))
+        assert at.query_params["run"] == "tiny"
+        assert [t.value for t in at.sidebar.title] == ["attnlab"] and at.selectbox(key="run").value == "tiny"
+
+
+def test_a_link_opens_the_inspector_on_its_run_and_head(monkeypatch, compare_root):
+    monkeypatch.setenv("ATTNLAB_RUNS_DIR", str(compare_root))
+    at = AppTest.from_file(DASHBOARD, default_timeout=90)
+    at.query_params.update({"run": "c_deeper", "head": "L2.H1"})  # /inspector?run=c_deeper&head=L2.H1
+    at.run()
+    at.switch_page(state.INSPECTOR.file).run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert current_page(at) == "Head inspector" and at.selectbox(key="run").value == "c_deeper"
+    assert (at.selectbox(key="inspector_layer").value, at.selectbox(key="inspector_head").value) == (2, 1)
+    assert "Layer 2, head 1 (reads KV head 0)" in texts(at.subheader)
+    assert at.query_params == {"run": "c_deeper", "head": "L2.H1"}
+    # the view is reflected in the URL as it changes
+    at.selectbox(key="inspector_head").set_value(3).run()
+    assert at.query_params["head"] == "L2.H3"
+    at.selectbox(key="run").set_value("a_tiny").run()  # two layers: the head is kept within the model
+    assert at.query_params == {"run": "a_tiny", "head": "L1.H3"}
+    assert "Layer 1, head 3 (reads KV head 1)" in texts(at.subheader)
+    # the selection is shared: the atlas opens on the same run and head
+    goto(at, "Head atlas")
+    assert (at.selectbox(key="atlas_layer").value, at.selectbox(key="atlas_head").value) == (1, 3)
+    assert at.query_params == {"run": "a_tiny", "head": "L1.H3"}
+    # a new link in the same session
+    at.query_params.update({"run": "b_other", "head": "L0.H2"})
+    at.run()
+    assert at.selectbox(key="run").value == "b_other" and at.selectbox(key="atlas_head").value == 2
+    assert "Layer 0, head 2 (reads KV head 1)" in texts(at.subheader)
+    # a link that names no run of this folder, or no head: a warning, and the page still draws
+    at.query_params.update({"run": "elsewhere", "head": "head six"})
+    at.run()
+    warnings = texts(at.warning)
+    assert "run 'elsewhere'" in warnings and "not a head label" in warnings
+    assert not at.exception and at.selectbox(key="run").value == "b_other"
+    assert at.query_params == {"run": "b_other", "head": "L0.H2"}
+
+
 # -- circuits ------------------------------------------------------------------------------------
 def test_circuits_page_shows_graph_faithfulness_and_nodes(monkeypatch, runs_root):
-    stored = json.loads((runs_root / "tiny" / "circuit.json").read_text())
+    stored = json.loads((runs_root / "tiny" / CIRCUIT).read_text())
     at = goto(app(monkeypatch, runs_root), "Circuits")
     assert not at.error
     m = metrics(at)
@@ -470,13 +575,13 @@ def test_circuits_page_shows_graph_faithfulness_and_nodes(monkeypatch, runs_root
     last = stored["nodes"][-1]
     at.selectbox(key="circuit_pick").set_value(last["name"]).run()
     at.button(key="circuit_inspect").click().run()
-    assert at.radio(key="page").value == "Head inspector"
+    assert current_page(at) == "Head inspector"
     assert f"Layer {last['layer']}, head {last['head']} (reads" in texts(at.subheader)
 
 
 def test_a_run_without_a_circuit_says_which_command_makes_one(monkeypatch, runs_root, tmp_path):
     shutil.copytree(runs_root / "tiny", tmp_path / "runs" / "nocircuit")
-    (tmp_path / "runs" / "nocircuit" / "circuit.json").unlink()
+    (tmp_path / "runs" / "nocircuit" / CIRCUIT).unlink()
     at = goto(app(monkeypatch, tmp_path / "runs"), "Circuits")
     assert f"attnlab circuit --task ioi --model tiny-llama --out {tmp_path / 'runs' / 'nocircuit'}" in texts(at.info)
     assert not at.error and not at.get("plotly_chart")
@@ -532,6 +637,44 @@ def test_two_runs_side_by_side_with_their_difference(monkeypatch, compare_root):
     assert not at.error and len(figures(at)) == 2
 
 
+def test_two_runs_of_one_shape_compare_even_across_models(tmp_path):
+    model = {"name": "base", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "fingerprint": "aaaa"}
+    base = Run(tmp_path / "base", {"model": model})
+    tuned = Run(tmp_path / "tuned", {"model": {**model, "name": "tuned", "fingerprint": "bbbb"}})
+    assert data.compare_problem(base, tuned) is None  # a model and its fine-tune: same heads, comparable
+    deeper = Run(tmp_path / "deeper", {"model": {**model, "n_layers": 3}})
+    problem = data.compare_problem(base, deeper)
+    assert "different model shapes (n_layers: 2 in base" in problem and "3 in base (3 layers" in problem
+
+
+def test_the_inspector_refuses_a_model_that_is_not_the_runs(tiny_llama):
+    from attnlab.errors import ModelLoadError
+    from attnlab.identity import ModelIdentity
+
+    ours = tiny_llama.identity()
+    assert inspector.load_run_model(ours).identity().mismatch(ours) is None  # a config model is rebuilt, seed 0
+    other = ModelIdentity.from_dict({**ours.to_dict(), "fingerprint": "0123456789abcdef"})
+    with pytest.raises(ModelLoadError, match="loaded with fingerprint .* but the run was made with fingerprint 0123456789abcdef"):
+        inspector.load_run_model(other)
+
+
+def test_a_run_written_by_attnlab_0_1_0_opens_on_every_page(monkeypatch, tmp_path):
+    """The fixture run (statistics, block maps, detections; no fingerprint) on every page."""
+    shutil.copytree(Path(__file__).parent / "fixtures" / "run_v0_1_0", tmp_path / "runs" / "old")
+    at = app(monkeypatch, tmp_path / "runs")
+    assert metrics(at) == {"layers": "2", "query heads": "4", "KV heads": "2", "samples": metrics(at)["samples"]}
+    for page in PAGES[1:]:
+        goto(at, page)
+        if page == "Policy studio":  # its short prompts need more than the default budget
+            assert "Move the budget slider up" in texts(at.error)
+            at.slider(key="policy_budget").set_value(1.0).run()
+        assert not at.error, (page, texts(at.error))
+    goto(at, "Head atlas")
+    assert figures(at)[0]["layout"]["xaxis"]["ticktext"] == ["H0·KV0", "H1·KV0", "H2·KV1", "H3·KV1"]
+    goto(at, "Head inspector")  # no fingerprint in the manifest: the model is recognised by its name
+    assert "the whole 128 × 128 map" in texts(at.caption)
+
+
 # -- bad input ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["empty", "missing"])
 def test_no_runs_is_a_message_on_every_page(monkeypatch, tmp_path, name):
@@ -559,9 +702,9 @@ def test_damaged_and_old_runs_are_messages_and_other_runs_keep_working(monkeypat
         ("corrupt", "Retrieval"): "detections.parquet is not a readable Parquet file",
         ("corrupt", "Head families"): "families.parquet is not a readable Parquet file",
         ("corrupt_maps", "Policy studio"): "block_maps.safetensors is not a readable block-map file",
-        ("old_layout", "Head atlas"): "lacks the column(s) ['statistic']",
+        ("old_layout", "Head atlas"): "lacks the column(s) statistic",
         ("old_layout", "Policy studio"): "older attnlab",
-        ("old_layout", "Head families"): "lacks the column(s) ['pc1']",
+        ("old_layout", "Head families"): "lacks the column(s) pc1",
         ("corrupt", "Circuits"): "circuit.json is not valid JSON",
         ("old_layout", "Circuits"): "is not a circuit attnlab can read (missing field",
         ("model_gone", "Head inspector"): "/nowhere/model-dir does not exist any more",
@@ -610,7 +753,13 @@ def test_dashboard_command_is_registered_and_checks_its_input(tmp_path, capsys):
     assert attnlab_main(["dashboard", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: runs folder") and "attnlab profile" in err and "Traceback" not in err
-    assert attnlab_main(["dashboard", str(tmp_path), "--port", "0"]) == 2
+    for bad in ("0", "70000", "http"):  # argparse's usage error (exit 2), before anything starts
+        with pytest.raises(SystemExit) as stopped:
+            attnlab_main(["dashboard", str(tmp_path), "--port", bad])
+        assert stopped.value.code == 2
+        assert "--port" in capsys.readouterr().err
+    with pytest.raises(AttnlabError, match="between 1 and 65535"):
+        app_cli.dashboard_command(tmp_path, port=0)
 
 
 def _free_port() -> int:

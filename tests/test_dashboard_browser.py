@@ -2,10 +2,12 @@
 
 `attnlab dashboard` serves a runs folder holding a real tiny run (`attnlab.profile` on the
 two-layer GQA llama, with a policy and an induction circuit); chromium loads it, the test
-picks a head by clicking its heatmap cell, clicks to the policy studio, moves the budget
-slider with the keyboard, opens the head inspector (which shows the head clicked in the atlas,
-token by token, from a live run of the model) and the circuits page, and checks what the page
-shows: the figures are drawn by plotly.js, the metrics change, no exception box appears. Screenshots go to the test's temporary folder,
+picks a head by clicking its heatmap cell, clicks to the policy studio in the page navigation,
+moves the budget slider with the keyboard, opens the head inspector (which shows the head
+clicked in the atlas, token by token, from a live run of the model) and the circuits page, and
+checks what the page shows: the figures are drawn by plotly.js, the metrics change, no
+exception box appears, the address bar carries the run and the head. Then it loads every
+page by its own URL, and a deep link to the inspector (``/inspector?run=tiny&head=L1.H2``). Screenshots go to the test's temporary folder,
 and to ``$ATTNLAB_SCREENSHOTS`` when it is set (how the README's pictures are made).
 
 Chromium comes from Debian (``apt-get install chromium``, about 30 s) when it is missing; the
@@ -28,10 +30,12 @@ from pathlib import Path
 
 import pytest
 
+from attnlab.app import state
 from attnlab.circuits.circuit import discover, save_circuit
 from attnlab.circuits.tasks import induction_task_for
 from attnlab.profile import profile
 from attnlab.prompts import builtin_prompts
+from attnlab.runs import POLICY
 from attnlab.sparsity_stats import PolicyGenerator
 
 
@@ -81,7 +85,7 @@ def server(tmp_path_factory, tiny_llama):
     """`attnlab dashboard` on a runs folder with a profiled tiny run and its policy."""
     root = tmp_path_factory.mktemp("browser_runs")
     run = profile(tiny_llama, builtin_prompts(tiny_llama.tokenizer, [256, 512], n_samples=2), root / "tiny", progress=False)
-    PolicyGenerator(budget=0.6).fit(run).emit().save(run.file("policy.json"))
+    PolicyGenerator(budget=0.6).fit(run).emit().save(run.file(POLICY))
     save_circuit(discover(tiny_llama, induction_task_for(tiny_llama, n=2, length=6)), tiny_llama, root / "tiny")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "attnlab.cli", "dashboard", str(root), "--port", str(port)],
@@ -162,9 +166,37 @@ METRICS_JS = """Object.fromEntries([...document.querySelectorAll('[data-testid="
 EXCEPTIONS_JS = 'document.querySelectorAll(\'[data-testid="stException"]\').length'
 
 
-def _click_label(browser: Browser, text: str) -> None:
-    assert browser.wait(f"""(() => {{ const l = [...document.querySelectorAll('label')].find(l => l.innerText.trim() === {json.dumps(text)});
-        if (!l) return false; l.click(); return true; }})()"""), f"no control labelled {text!r}"
+def _click_nav(browser: Browser, title: str) -> None:
+    """Click the page ``title`` in the sidebar's page navigation (`st.navigation`)."""
+    assert browser.wait(f"""(() => {{ const a = [...document.querySelectorAll('[data-testid="stSidebarNav"] a')]
+        .find(a => a.innerText.trim().split('\\n').pop().trim() === {json.dumps(title)});  // after the icon's name
+        if (!a) return false; a.click(); return true; }})()"""), f"no page {title!r} in the navigation"
+
+
+def _open(browser: Browser, url: str) -> None:
+    """Load ``url`` in the page (a new dashboard session)."""
+    browser.call("Page.navigate", url=url)
+
+
+def _wait_query(browser: Browser, want: dict[str, str]) -> None:
+    """Wait until the address bar's query parameters are ``want``."""
+    browser.wait(f"(() => {{ const q = {QUERY_JS}; return JSON.stringify(Object.keys(q).sort().map(k => [k, q[k]])) === "
+                 f"{json.dumps(json.dumps(sorted(want.items()), separators=(',', ':')))}; }})()", 30)
+
+
+HEADER_JS = """[...document.querySelectorAll('[data-testid="stHeading"] h2')].map(h => h.innerText.trim())"""
+QUERY_JS = "Object.fromEntries(new URLSearchParams(location.search))"
+#: What each page shows on the browser test's run (profile, policy and circuit; no probes, no validation).
+PAGE_SHOWS = {
+    "Runs": "query heads",
+    "Head atlas": "(reads KV head",
+    "Head inspector": "the whole 128 × 128 map",
+    "Policy studio": "expected density",
+    "Validation": "Validation needs validation_heads.parquet",
+    "Retrieval": "The leaderboard needs detections.parquet",
+    "Head families": "Head families needs families.parquet",
+    "Circuits": "circuit faithfulness",
+}
 
 
 def test_dashboard_in_chromium(chromium, server, tmp_path):
@@ -181,7 +213,7 @@ def test_dashboard_in_chromium(chromium, server, tmp_path):
             browser.screenshot(d / "dashboard_runs.png")
 
         # head atlas: plotly.js draws the layer x head heatmap and the head's block map
-        _click_label(browser, "Head atlas")
+        _click_nav(browser, "Head atlas")
         browser.wait("document.querySelectorAll('.js-plotly-plot .heatmaplayer').length >= 2")
         assert "Layer 0, head 0 (reads KV head 0)" in browser.js("document.body.innerText")
         # a click on the cell of layer 1, head 3 picks that head
@@ -192,11 +224,13 @@ def test_dashboard_in_chromium(chromium, server, tmp_path):
             browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", clickCount=1)
         browser.wait("document.body.innerText.includes('Layer 1, head 3 (reads KV head 1)')")
         browser.wait("document.body.innerText.includes('where L1.H3 looks')")
+        _wait_query(browser, {"run": "tiny", "head": "L1.H3"})  # the address bar holds the view's link
+        assert browser.js("location.pathname") == "/atlas"
         for d in shots:
             browser.screenshot(d / "dashboard_head_atlas.png")
 
         # policy studio: moving the budget slider with the keyboard refits the policy
-        _click_label(browser, "Policy studio")
+        _click_nav(browser, "Policy studio")
         browser.wait("document.body.innerText.includes('expected density') && document.querySelectorAll('.js-plotly-plot').length >= 3")
         before = browser.js(METRICS_JS)
         slider = "document.querySelector('.st-key-policy_budget input[type=range]')"
@@ -214,7 +248,7 @@ def test_dashboard_in_chromium(chromium, server, tmp_path):
             browser.screenshot(d / "dashboard_policy_studio.png")
 
         # head inspector: the head clicked in the atlas, on a live 128-token prompt, token by token
-        _click_label(browser, "Head inspector")
+        _click_nav(browser, "Head inspector")
         browser.wait("document.body.innerText.includes('128 tokens: the whole 128 × 128 map') && "
                      "document.querySelectorAll('.js-plotly-plot').length === 1", 120)
         text = browser.js("document.body.innerText")
@@ -227,12 +261,35 @@ def test_dashboard_in_chromium(chromium, server, tmp_path):
             browser.screenshot(d / "dashboard_inspector.png")
 
         # circuits: the circuit graph and its faithfulness curve
-        _click_label(browser, "Circuits")
+        _click_nav(browser, "Circuits")
         browser.wait("document.body.innerText.includes('circuit faithfulness') && "
                      "document.querySelectorAll('.js-plotly-plot').length >= 2", 60)
         assert browser.js(METRICS_JS)["task"] == "induction"
         assert browser.js(EXCEPTIONS_JS) == 0
         for d in shots:
             browser.screenshot(d / "dashboard_circuits.png")
+        assert browser.js("location.pathname") == "/circuits" and browser.js(QUERY_JS) == {"run": "tiny", "head": "L1.H3"}
+
+        # every page by its own URL, in a new session each
+        for page in state.PAGES:
+            url = server + ("" if page is state.PAGES[0] else page.url_path) + "?run=tiny"
+            _open(browser, url)
+            browser.wait(f"{HEADER_JS}.includes({json.dumps(page.title)}) && "
+                         f"document.body.innerText.includes({json.dumps(PAGE_SHOWS[page.title])})", 120)
+            assert browser.js(EXCEPTIONS_JS) == 0, page.title
+            assert browser.js(QUERY_JS)["run"] == "tiny", page.title
+
+        # a deep link opens the inspector on that run and head; the atlas then shows the same head
+        _open(browser, server + "inspector?run=tiny&head=L1.H2")
+        browser.wait("document.body.innerText.includes('Layer 1, head 2 (reads KV head 1)') && "
+                     "document.body.innerText.includes('128 tokens: the whole 128 × 128 map') && "
+                     "document.querySelectorAll('.js-plotly-plot').length === 1", 120)
+        assert browser.js(HEADER_JS)[0] == "Head inspector" and browser.js(EXCEPTIONS_JS) == 0
+        assert browser.js(QUERY_JS) == {"run": "tiny", "head": "L1.H2"}
+        _click_nav(browser, "Head atlas")
+        browser.wait("document.body.innerText.includes('Layer 1, head 2 (reads KV head 1)') && "
+                     "document.body.innerText.includes('where L1.H2 looks')", 60)
+        _wait_query(browser, {"run": "tiny", "head": "L1.H2"})
+        assert browser.js("location.pathname") == "/atlas"
     finally:
         browser.close()

@@ -15,13 +15,14 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from attnlab.app import data, inspector
+from attnlab.app import figures, inspector, state
 from attnlab.profile import head_means, profile
 from attnlab.prompts import builtin_prompts
-from attnlab.runs import Run
+from attnlab.runs import POLICY, Run
 from attnlab.sparsity_stats import PolicyGenerator
 
-DASHBOARD = str(Path(data.__file__).with_name("dashboard.py"))
+DASHBOARD = str(Path(state.__file__).with_name("dashboard.py"))
+PAGE_FILES = {p.title: p.file for p in state.PAGES}
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +37,7 @@ def embedded_root(tmp_path_factory, embedded) -> Path:
     run = profile(embedded, builtin_prompts(embedded.tokenizer, [256], n_samples=2), out, progress=False)
     probe_sinks(embedded, out, n_samples=1, lengths=(128,), chat=False, progress=False)
     compute_families(run)
-    PolicyGenerator(budget=0.8).fit(Run.open(out)).emit().save(run.file("policy.json"))
+    PolicyGenerator(budget=0.8).fit(Run.open(out)).emit().save(run.file(POLICY))
     return root
 
 
@@ -49,8 +50,9 @@ def _app(monkeypatch, root: Path) -> AppTest:
 
 
 def _goto(at: AppTest, page: str) -> AppTest:
-    at.radio(key="page").set_value(page).run()
+    at.switch_page(PAGE_FILES[page]).run()
     assert not at.exception, (page, [e.value for e in at.exception])
+    assert at.header[0].value == page
     return at
 
 
@@ -109,7 +111,7 @@ def test_every_page_renders_on_an_embedded_model_run(monkeypatch, embedded_root,
     block_fig, zoom_fig = _figures(at)
     assert _z(block_fig).shape == (16, 16) and _z(zoom_fig).shape == (256, 256)
     np.testing.assert_allclose(np.nansum(_z(block_fig), axis=1), 1.0, atol=1e-4)
-    assert all(inspector.figure_cells(f) <= inspector.MAX_CELLS for f in _figures(at))
+    assert all(figures.figure_cells(f) <= inspector.MAX_CELLS for f in _figures(at))
 
     # the policy studio refits when the budget moves
     _goto(at, "Policy studio")  # 256-token prompts: the default budget 0.5 is below what the constraints allow
