@@ -144,16 +144,9 @@ def missing_artifacts(run: Run) -> list[tuple[Artifact, str]]:
 
 # -- one run's artifacts -----------------------------------------------------------------------
 def read_artifact(run: Run | str | Path, art: Artifact | str) -> Any:
-    """``run.read(art)`` (a checked DataFrame, or the JSON object); a damaged file's message ends
-    with the command that writes it again."""
-    run, art = Run.coerce(run), artifact(art)
-    try:
-        return run.read(art)
-    except RunError as exc:
-        command = run.command_for(art)
-        if command in str(exc):
-            raise
-        raise RunError(f"{exc} with `{command}`") from exc
+    """``run.read(art)``: a checked DataFrame or the JSON object; a damaged file's message ends
+    with the command that writes it again (the run store names it)."""
+    return Run.coerce(run).read(artifact(art))
 
 
 def head_means(run: Run | str | Path) -> pd.DataFrame:

@@ -456,7 +456,8 @@ class Run:
         art = _resolve(art)
         p = self.require(art)
         if art.format in ("parquet", "csv"):
-            df = _read_parquet(p) if art.format == "parquet" else _read_csv(p)
+            fix = f"re-create it with `{self.command_for(art)}`"
+            df = _read_parquet(p, fix) if art.format == "parquet" else _read_csv(p, fix)
             missing = [c for c in art.columns if c not in df.columns]
             if missing:
                 raise RunError(_ERR_COLUMNS.format(path=p, missing=", ".join(missing), have=", ".join(map(str, df.columns)),
@@ -553,18 +554,18 @@ def _resolve(art: Artifact | str) -> Artifact:
     raise RunError(f"unknown run artifact {art!r}: known are {', '.join(ARTIFACTS)}")
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, fix: str = "re-create it") -> pd.DataFrame:
     try:
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a corrupt file
-        raise RunError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); re-create it") from exc
+        raise RunError(f"{path} is not a readable Parquet file ({type(exc).__name__}: {exc}); {fix}") from exc
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def _read_csv(path: Path, fix: str = "re-create it") -> pd.DataFrame:
     try:
         return pd.read_csv(path)
     except Exception as exc:  # pandas raises several types for a broken file
-        raise RunError(f"{path} is not a readable CSV table ({type(exc).__name__}: {exc}); re-create it") from exc
+        raise RunError(f"{path} is not a readable CSV table ({type(exc).__name__}: {exc}); {fix}") from exc
 
 
 def partial_dir(out: str | os.PathLike) -> Path:
