@@ -233,7 +233,7 @@ def load_prompts(model, spec: str, *, lengths: Sequence[int] | None, n_samples: 
         n_samples = n_samples if n_samples is not None else 8
         for n in lengths:
             if int(n) > model.n_ctx:
-                raise PromptError(f"--lengths {n} exceeds {model.name}'s context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
+                raise PromptError(f"--lengths {n}: a prompt of {n} tokens is longer than {model.name}'s context (at most {model.n_ctx} tokens); choose --lengths <= {model.n_ctx}")
     if spec == "builtin" or spec.startswith("builtin:"):
         kinds = spec.split(":", 1)[1].split(",") if ":" in spec else list(KINDS)
         prompts = builtin_prompts(model.tokenizer, lengths, n_samples, seed=seed, kinds=kinds)

@@ -224,7 +224,7 @@ def test_a_short_text_file_is_an_error_not_fewer_samples(stub, tmp_path):
 
 
 def test_lengths_beyond_the_context_fail_before_any_prompt_is_built(stub):
-    with pytest.raises(PromptError, match=f"--lengths 99999999999 exceeds .* context of {stub.n_ctx} tokens"):
+    with pytest.raises(PromptError, match=f"a prompt of 99999999999 tokens is longer than .* context \\(at most {stub.n_ctx} tokens\\)"):
         load_prompts(stub, "builtin", lengths=[99999999999], n_samples=1)
 
 

@@ -7,7 +7,7 @@ import streamlit as st
 
 from attnlab.app import data, figures, state
 from attnlab.errors import AttnlabError
-from attnlab.runs import BLOCK_MAPS, HEAD_STATS, POLICY
+from attnlab.runs import BLOCK_MAPS, HEAD_STATS, POLICY, POLICY_COMPARE
 
 COMPARE_BUDGETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
 
@@ -69,7 +69,7 @@ def render(ctx: state.PageContext) -> None:
                          f"this budget ({budget:.2f})")
         state.plot(fig, "policy_tradeoff")
         st.dataframe(cmp, hide_index=True, width="stretch", key="policy_compare")
-        st.download_button("download comparison CSV", cmp.to_csv(index=False), file_name="policy_compare.csv",
+        st.download_button("download comparison CSV", cmp.to_csv(index=False), file_name=POLICY_COMPARE.filename,
                            mime="text/csv", key="download_compare")
     except AttnlabError as exc:
         state.show_problem(exc)
