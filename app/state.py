@@ -24,7 +24,7 @@ from attnlab.app import data
 from attnlab.errors import AttnlabError
 from attnlab.identity import ModelIdentity
 from attnlab.names import head_label, parse_head_label
-from attnlab.runs import Artifact, Run
+from attnlab.runs import POLICY, Artifact, Run
 
 
 @dataclass(frozen=True)
@@ -239,6 +239,20 @@ def missing(run: Run, art: Artifact, what: str) -> None:
     """``what`` needs ``art``, which the run lacks: the command that makes it."""
     st.info(f"{what} needs `{art.filename}`, which this run does not have yet. Create it with:\n\n"
             f"`{run.command_for(art)}`")
+
+
+def show_stored_policy(run: Run, layer: int, head: int) -> None:
+    """One line: the kind the run's stored policy gives this head, and why (nothing without one)."""
+    if not run.has(POLICY):
+        return
+    try:
+        pol = data.cached_stored_policy(run)
+    except AttnlabError as exc:
+        show_problem(exc)
+        return
+    e = next((h for h in pol["heads"] if h["layer"] == layer and h["head"] == head), None)
+    if e is not None:
+        st.markdown(f"**stored policy**: `{e['kind']}` — {e.get('reason', '')}")
 
 
 def plot(fig: go.Figure, key: str) -> None:

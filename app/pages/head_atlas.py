@@ -10,7 +10,7 @@ import streamlit as st
 from attnlab.app import data, figures, state
 from attnlab.errors import AttnlabError
 from attnlab.names import head_label
-from attnlab.runs import BLOCK_MAPS, DETECTIONS, HEAD_STATS, POLICY
+from attnlab.runs import BLOCK_MAPS, DETECTIONS, HEAD_STATS
 
 STATISTIC, DETECTION = "statistic", "detection score"
 
@@ -134,14 +134,7 @@ def render(ctx: state.PageContext) -> None:
             if not row.empty:
                 st.markdown("**detection scores**")
                 st.dataframe(row.T.rename(columns={row.index[0]: "score"}), width="stretch")
-        if run.has(POLICY):
-            try:
-                pol = data.cached_stored_policy(run)
-                e = next((h for h in pol["heads"] if h["layer"] == layer and h["head"] == head), None)
-                if e is not None:
-                    st.markdown(f"**stored policy**: `{e['kind']}` — {e.get('reason', '')}")
-            except AttnlabError as exc:
-                state.show_problem(exc)
+        state.show_stored_policy(run, layer, head)
     with right:
         if run.has(BLOCK_MAPS):
             try:

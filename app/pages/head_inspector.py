@@ -12,7 +12,7 @@ from attnlab.app import data, figures, inspector, live, state
 from attnlab.errors import AttnlabError, PromptError
 from attnlab.names import head_label
 from attnlab.prompts import KINDS
-from attnlab.runs import DETECTIONS, FAMILIES, HEAD_STATS, POLICY, Run
+from attnlab.runs import DETECTIONS, FAMILIES, HEAD_STATS, Run
 
 
 def live_pattern(ctx: state.PageContext, layer: int, head: int, source: str, kind: str, n_tokens: int, seed: int, text: str) -> None:
@@ -93,14 +93,7 @@ def head_summary(run: Run, layer: int, head: int) -> None:
                 state.show_problem(exc)
         else:
             state.missing(run, HEAD_STATS, "The head's statistics")
-        if run.has(POLICY):
-            try:
-                pol = data.cached_stored_policy(run)
-                e = next((h for h in pol["heads"] if h["layer"] == layer and h["head"] == head), None)
-                if e is not None:
-                    st.markdown(f"**stored policy**: `{e['kind']}` — {e.get('reason', '')}")
-            except AttnlabError as exc:
-                state.show_problem(exc)
+        state.show_stored_policy(run, layer, head)
     with right:
         if run.has(DETECTIONS):
             try:
