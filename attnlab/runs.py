@@ -577,8 +577,8 @@ def partial_dir(out: str | os.PathLike) -> Path:
 def check_writable_target(out: str | os.PathLike, *, force: bool) -> Path:
     """Refuse an existing ``out`` without ``force`` and an unwritable parent, before any work.
 
-    Returns ``out`` as a Path. Creates nothing.
-    """
+    For a whole run folder: with ``force`` only a run or an empty folder may be replaced.
+    Returns ``out`` as a Path. Creates nothing."""
     if not str(out).strip() or Path(out).name in ("", ".", ".."):
         raise RunError(f"--out {str(out)!r} names no new folder: give a run folder such as runs/r1")
     out = Path(out)
@@ -589,15 +589,33 @@ def check_writable_target(out: str | os.PathLike, *, force: bool) -> Path:
     if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         # --force replaces a run, never an arbitrary folder with the user's files in it
         raise RunError(f"{out} exists and is not an attnlab run (no {MANIFEST.filename}): --force only replaces runs; choose another --out")
-    parent = out.parent
-    probe = parent
+    _check_parent_writable(out, RunError)
+    return out
+
+
+def check_output_files(paths: list[str | os.PathLike] | tuple, *, force: bool, error: type[Exception] = RunError) -> list[Path]:
+    """The pre-flight for output files outside a run (a policy JSON, exported masks): each must
+    be a file path (not a folder), absent unless ``force``, in a folder that can be created and
+    written. Raises ``error`` (the caller's stage type) naming the path; creates nothing."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise error(f"{p} is a folder: give a file path for --out")
+        if p.exists() and not force:
+            raise error(_ERR_EXISTS.format(path=p))
+        _check_parent_writable(p, error)
+        out.append(p)
+    return out
+
+
+def _check_parent_writable(path: Path, error: type[Exception]) -> None:
+    probe = path.parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise RunError(_ERR_UNWRITABLE.format(path=out, reason=f"{probe} is not a directory"))
+        raise error(_ERR_UNWRITABLE.format(path=path, reason=f"{probe} is not a directory"))
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise RunError(_ERR_UNWRITABLE.format(path=out, reason=f"{probe} is not writable"))
-    return out
+        raise error(_ERR_UNWRITABLE.format(path=path, reason=f"{probe} is not writable"))
 
 
 def package_versions() -> dict[str, str]:

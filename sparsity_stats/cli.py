@@ -35,9 +35,17 @@ from attnlab.cliargs import (
 )
 from attnlab.errors import AttnlabError
 from attnlab.names import parse_head_label
-from attnlab.runs import BLOCK_MAPS, POLICY, POLICY_COMPARE, Run, atomic_path, load_json
+from attnlab.runs import (
+    BLOCK_MAPS,
+    POLICY,
+    POLICY_COMPARE,
+    Run,
+    atomic_path,
+    check_output_files,
+    load_json,
+)
 
-from .errors import ERR_EXISTS, PolicyError
+from .errors import PolicyError
 from .kinds import KINDS
 
 #: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
@@ -70,8 +78,7 @@ def head_list(text: str) -> list[tuple[int, int]]:
 
 
 def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise PolicyError(ERR_EXISTS.format(path=path))
+    check_output_files([path], force=force, error=PolicyError)
 
 
 def _generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:

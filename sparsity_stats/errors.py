@@ -76,7 +76,6 @@ ERR_LAYER = "layer {layer} is out of range for a model with {n_layers} layers"
 
 # -- export / import ------------------------------------------------------------------------
 ERR_FORMAT = "unknown format {got!r}: use one of {known}"
-ERR_EXISTS = "{path} already exists: pass --force to overwrite it, or choose another --out"
 ERR_NOT_REPRESENTABLE = (
     "head {head} ({kind}) cannot be written in {fmt} format: {why}; "
     "export with --format npz|safetensors|flex, or regenerate the policy with kinds {fmt} supports"

@@ -52,11 +52,10 @@ from attnlab.kernels.layout import (
     BlockSparseLayout,
     csr_from_counts,
 )
-from attnlab.runs import atomic_path, load_json
+from attnlab.runs import atomic_path, check_output_files, load_json
 
 from .errors import (
     ERR_CORRUPT,
-    ERR_EXISTS,
     ERR_FORMAT,
     ERR_NOT_REPRESENTABLE,
     ERR_SHAPE,
@@ -90,11 +89,7 @@ def _check_format(fmt: str, known: tuple[str, ...]) -> str:
 def _targets(out_dir: Path, fmt: str, force: bool) -> list[Path]:
     if out_dir.exists() and not out_dir.is_dir():
         raise FormatError(f"--out {out_dir} is a file: give a directory for the exported files")
-    paths = [out_dir / name for name in FILENAMES[fmt]]
-    for p in paths:
-        if p.exists() and not force:
-            raise FormatError(ERR_EXISTS.format(path=p))
-    return paths
+    return check_output_files([out_dir / name for name in FILENAMES[fmt]], force=force, error=FormatError)
 
 
 # -- export ---------------------------------------------------------------------------------

@@ -214,3 +214,18 @@ def test_every_json_reader_refuses_deep_nesting_with_one_line(tmp_path, reader, 
         call = lambda: Run.open(tmp_path / "r")  # noqa: E731
     with pytest.raises(AttnlabError, match="nested too deeply"):
         call()
+
+
+def test_output_files_share_one_preflight(tmp_path):
+    from attnlab.runs import check_output_files
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "exists.json").write_text("{}")
+    with pytest.raises(RunError, match="afile is not a directory"):
+        check_output_files([tmp_path / "afile" / "policy.json"], force=True)
+    with pytest.raises(RunError, match="already exists: pass --force"):
+        check_output_files([tmp_path / "exists.json"], force=False)
+    with pytest.raises(ValueError, match="is a folder"):
+        check_output_files([tmp_path], force=True, error=ValueError)
+    assert check_output_files([tmp_path / "exists.json", tmp_path / "new" / "p.json"], force=True)[1].name == "p.json"
+    assert not (tmp_path / "new").exists()  # nothing created
