@@ -1,6 +1,7 @@
 """Circuit discovery: tasks, patching, faithfulness, output, CLI — checked on a toy model whose
-circuit is known (a three-layer, one-head-per-layer attention-only transformer trained here to
-do induction; which heads form the circuit is read off their attention patterns, not assumed)."""
+circuit is known (a three-layer, one-head-per-layer attention-only transformer trained to do
+induction, stored in fixtures/toy_induction; which heads form the circuit is read off their
+attention patterns, not assumed)."""
 
 from __future__ import annotations
 
