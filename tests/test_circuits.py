@@ -51,7 +51,12 @@ from attnlab.circuits.tasks import (
     jsonl_task,
     load_task,
 )
-from attnlab.circuits.toy import known_circuit, load_induction_model, pattern_scores, train_induction_model
+from attnlab.circuits.toy import (
+    known_circuit,
+    load_induction_model,
+    pattern_scores,
+    train_induction_model,
+)
 from attnlab.cli import main
 from attnlab.errors import AttnlabError
 from attnlab.models import tiny_model
