@@ -33,6 +33,10 @@ def port_number(text: str) -> int:
     return value
 
 
+#: Addresses that serve this machine only.
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def dashboard_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
     """The command line that serves the dashboard on ``runs_dir`` (checked; nothing started)."""
     runs = Path(runs_dir)
@@ -53,6 +57,10 @@ def dashboard_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
+    if args.host not in LOOPBACK:
+        print(f"warning: --host {args.host} lets anyone who can reach this machine browse {args.runs_dir} and run "
+              "the model on their own text in the head inspector; there is no login. Use 127.0.0.1 unless you mean it.",
+              file=sys.stderr, flush=True)
     cmd = dashboard_command(args.runs_dir, args.host, args.port)
     print(f"attnlab dashboard on {args.runs_dir}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     env = {**os.environ, "ATTNLAB_RUNS_DIR": cmd[-1]}

@@ -82,13 +82,14 @@ def write_detections(run: Run | str | os.PathLike, frame: pd.DataFrame) -> pd.Da
     missing = [c for c in DETECTION_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"detections need columns {missing}")
-    old = run.read_optional(DETECTIONS)
-    if old is not None:
-        keys = set(zip(frame["head_type"], frame["probe"], strict=True))
-        keep = [(t, p) not in keys for t, p in zip(old["head_type"], old["probe"], strict=True)]
-        frame = pd.concat([old[keep], frame], ignore_index=True)
-    frame = frame[list(DETECTION_COLUMNS)].reset_index(drop=True)
-    run.write(DETECTIONS, frame)
+    with run.locked():  # two probes adding to one run at once must not lose each other's rows
+        old = run.read_optional(DETECTIONS)
+        if old is not None:
+            keys = set(zip(frame["head_type"], frame["probe"], strict=True))
+            keep = [(t, p) not in keys for t, p in zip(old["head_type"], old["probe"], strict=True)]
+            frame = pd.concat([old[keep], frame], ignore_index=True)
+        frame = frame[list(DETECTION_COLUMNS)].reset_index(drop=True)
+        run.write(DETECTIONS, frame)
     return frame
 
 

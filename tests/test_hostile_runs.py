@@ -229,3 +229,54 @@ def test_output_files_share_one_preflight(tmp_path):
         check_output_files([tmp_path], force=True, error=ValueError)
     assert check_output_files([tmp_path / "exists.json", tmp_path / "new" / "p.json"], force=True)[1].name == "p.json"
     assert not (tmp_path / "new").exists()  # nothing created
+
+
+def _add_detections(path: str, head_type: str, n: int) -> None:
+    import pandas as pd
+
+    from attnlab.probes.detections import write_detections
+
+    for i in range(n):
+        rows = pd.DataFrame([{"layer": 0, "head": h, "kv_head": 0, "head_type": head_type, "score": 1.0,
+                              "probe": f"p{i}", "evidence": "{}"} for h in range(2)])
+        write_detections(path, rows)
+
+
+def test_concurrent_probes_never_lose_each_others_detections(run):
+    ctx = mp.get_context("fork")
+    kinds = ("previous_token", "duplicate_token", "induction")
+    procs = [ctx.Process(target=_add_detections, args=(str(run.path), k, 8)) for k in kinds]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    det = Run.open(run.path).detections()
+    for k in kinds:
+        assert len(det[det["head_type"] == k]) == 16  # 8 probes x 2 heads each, none lost
+    assert set(det["head_type"]) >= {"sink"}  # what the run had before is kept
+
+
+def test_dashboard_beyond_loopback_warns(monkeypatch, capsys, tmp_path):
+    from attnlab.app import cli as app_cli
+    from attnlab.cli import main
+
+    class Started(Exception):
+        """Stands in for the server taking over the process."""
+
+    started = []
+
+    def start(*args, **kwargs):
+        started.append(args)
+        raise Started
+
+    monkeypatch.setattr(app_cli.os, "execve", start)
+    monkeypatch.setattr(app_cli.subprocess, "call", start)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(Started):
+        main(["dashboard", str(tmp_path / "runs"), "--host", "0.0.0.0"])
+    err = capsys.readouterr().err
+    assert "warning: --host 0.0.0.0" in err and "no login" in err and len(started) == 1
+    with pytest.raises(Started):
+        main(["dashboard", str(tmp_path / "runs")])
+    assert "warning" not in capsys.readouterr().err and len(started) == 2
