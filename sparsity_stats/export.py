@@ -407,16 +407,41 @@ def _parse_meta(raw: Any, path: Path, fmt: str) -> dict[str, Any]:
     return meta
 
 
+#: The largest metadata entry a mask file may hold (a 128-layer policy's JSON is a few MB).
+MAX_META_BYTES = 64 << 20
+
+
+def _max_array_bytes(meta: dict[str, Any], path: Path) -> int:
+    """The most bytes one array of a mask file can need, from its declared shape: a dense block
+    grid per layer, 8-byte entries, doubled for slack. A file whose arrays are larger than its
+    metadata allows is refused before it is loaded (a tiny compressed file can hold a huge array)."""
+    try:
+        n, b, heads = int(meta["seq_len"]), int(meta["block_size"]), int(meta["n_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt="mask", reason="its metadata lacks seq_len, block_size or n_heads")) from None
+    if n < 1 or b < 1 or heads < 1 or n > 1 << 24 or heads > 1 << 12:
+        raise FormatError(ERR_CORRUPT.format(path=path, fmt="mask", reason=f"implausible seq_len {n}, block_size {b} or n_heads {heads}"))
+    nb = -(-n // b)
+    return 2 * 8 * heads * nb * (nb + 1) + (1 << 20)
+
+
 def _read_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     if not path.is_file():
         raise FormatError(f"no mask file at {path}: check the path (attnlab export writes masks.npz, masks.safetensors or flex_block_masks.safetensors)")
-    head = path.read_bytes()[:4]
+    with open(path, "rb") as fh:
+        head = fh.read(4)
     if head[:2] == b"PK":
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "__meta__" not in z.files:
                     raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason="no __meta__ entry; a foreign file?"))
+                if z.zip.getinfo("__meta__.npy").file_size > MAX_META_BYTES:
+                    raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason="its metadata is implausibly large"))
                 meta = _parse_meta(str(z["__meta__"]), path, "npz")
+                limit = _max_array_bytes(meta, path)
+                for k in z.files:  # sizes as declared in the archive, checked before anything is read
+                    if k != "__meta__" and z.zip.getinfo(f"{k}.npy").file_size > limit:
+                        raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason=f"array {k} is larger than any layout of its declared shape"))
                 arrays = {k: torch.from_numpy(np.array(z[k])) for k in z.files if k != "__meta__"}
         except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
             raise FormatError(ERR_CORRUPT.format(path=path, fmt="npz mask", reason=f"{type(exc).__name__}: {exc}")) from None

@@ -280,3 +280,17 @@ def test_dashboard_beyond_loopback_warns(monkeypatch, capsys, tmp_path):
     with pytest.raises(Started):
         main(["dashboard", str(tmp_path / "runs")])
     assert "warning" not in capsys.readouterr().err and len(started) == 2
+
+
+def test_a_small_npz_holding_a_huge_array_is_refused_before_loading(tmp_path):
+    import numpy as np
+
+    from attnlab.sparsity_stats import FormatError, load_masks
+    from attnlab.sparsity_stats.export import MASKS_FORMAT, MASKS_SCHEMA
+
+    meta = {"format": MASKS_FORMAT, "schema": MASKS_SCHEMA, "seq_len": 64, "block_size": 16, "n_heads": 1}
+    path = tmp_path / "masks.npz"
+    np.savez_compressed(path, __meta__=np.array(json.dumps(meta)), **{"layer0.kv_index": np.zeros(4 << 20, dtype=np.int8)})
+    assert path.stat().st_size < 100_000  # 4 MiB of zeros compress to almost nothing
+    with pytest.raises(FormatError, match="larger than any layout of its declared shape"):
+        load_masks(path)
