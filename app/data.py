@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 
 from attnlab.errors import AttnlabError, RunError
 from attnlab.names import head_label
+from attnlab.profile import head_means as profile_head_means
 from attnlab.runs import (
     BLOCK_MAPS,
     CAUSAL_CHECK,
@@ -150,13 +151,9 @@ def read_artifact(run: Run | str | Path, art: Artifact | str) -> Any:
 
 
 def head_means(run: Run | str | Path) -> pd.DataFrame:
-    """Mean of each statistic over samples: one row per (layer, head, kv_head), one column per
-    statistic (the same reduction as `attnlab.profile.head_means`, on the checked table)."""
-    table = read_artifact(run, HEAD_STATS)
-    table = table.assign(statistic=table["statistic"].astype(str))
-    wide = table.pivot_table(index=["layer", "head", "kv_head"], columns="statistic", values="value", aggfunc="mean")
-    wide.columns.name = None
-    return wide.reset_index()
+    """Mean of each statistic over samples, one row per (layer, head, kv_head): the reduction
+    `attnlab.profile.head_means` makes for the CLI, on the run store's checked table."""
+    return profile_head_means(Run.coerce(run))
 
 
 def detection_means(run: Run | str | Path) -> pd.DataFrame:

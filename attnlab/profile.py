@@ -223,9 +223,12 @@ def _add_sample_blocks(acc: dict[str, torch.Tensor], result, block_size: int) ->
 def head_means(run: Run, statistics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean of each statistic over samples: one row per (layer, head), one column per statistic."""
     table = run.head_stats()
+    table = table.assign(statistic=table["statistic"].astype(str))
     if statistics is not None:
         table = table[table["statistic"].isin(list(statistics))]
-    return table.pivot_table(index=["layer", "head", "kv_head"], columns="statistic", values="value", aggfunc="mean", observed=True).reset_index()
+    wide = table.pivot_table(index=["layer", "head", "kv_head"], columns="statistic", values="value", aggfunc="mean")
+    wide.columns.name = None
+    return wide.reset_index()
 
 
 def summarize(run: Run, top: int = 5) -> str:
