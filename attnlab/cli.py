@@ -33,6 +33,7 @@ STAGE_CLIS = (
     "attnlab.probes.cli",
     "attnlab.sparsity_stats.cli",
     "attnlab.sparsity_stats.validate_cli",
+    "attnlab.sparsity_stats.eval_cli",
     "attnlab.circuits.cli",
     "attnlab.app.cli",
 )

@@ -129,6 +129,10 @@ VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "par
                             "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
 VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
                               "attnlab validate {run}/policy.json --model MODEL --out {run}")
+EVAL_SAMPLES = _declare("eval_samples", "eval_samples.parquet", "parquet", "task-suite answers: one row per sample and method (dense, each policy), graded",
+                        "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("sample", "task", "length", "method", "score", "correct", "density"))
+EVAL_SUMMARY = _declare("eval_summary", "eval_summary.csv", "csv", "task-suite scores per task, length and method: 95% intervals, density, paired outcomes vs dense",
+                        "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("task", "length", "method", "n", "score", "ci_low", "ci_high", "density"))
 CIRCUIT = _declare("circuit", "circuit.json", "json", "a head-level circuit: nodes, edges, faithfulness curve",
                    "attnlab circuit --task ioi --model MODEL --out {run}")
 
