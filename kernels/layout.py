@@ -400,10 +400,11 @@ class BlockSparseLayout:
     kv_index: torch.Tensor
     sink: torch.Tensor
     window: torch.Tensor
-    model_window: int = 0
     head_names: tuple[str, ...] = ()
     layer: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # last, so positional construction written before it existed still lines up
+    model_window: int = 0
 
     # -- geometry ------------------------------------------------------------------------
     @property

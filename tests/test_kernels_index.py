@@ -387,3 +387,14 @@ def test_reference_refuses_bad_softcap_and_sinks(softcap, sinks):
     k = v = torch.randn(1, 2, 5, 8)
     with pytest.raises(KernelInputError, match="softcap must be|sinks must be"):
         reference_attention(q, k, v, None, softcap=softcap, sinks=sinks)
+
+
+def test_positional_construction_is_unchanged():
+    """model_window is the dataclass's last field: layouts built positionally (as the policy
+    compiler does) keep their head names and layer, and have no model window."""
+    index = BlockSparseLayout.from_block_masks(torch.ones(2, 2, 2, dtype=torch.bool), None, block_size=16, n_q=32, n_k=32)
+    positional = BlockSparseLayout(
+        16, 32, 32, 2, True, *(getattr(index, name) for name in TENSOR_FIELDS), ("L0.H0", "L0.H1"), 3
+    )  # fmt: skip
+    assert positional.head_names == ("L0.H0", "L0.H1") and positional.layer == 3
+    assert positional.model_window == 0 and positional.validate().equals(index)
