@@ -293,7 +293,12 @@ def fragment(template: str) -> str:
     return re.escape(max(pieces, key=len))
 
 
-def small_case(device="cpu"):
+# Where launch-free checks run: on a CUDA machine the kernel is compiled for the GPU and CPU
+# tensors are refused first (NEEDS_DEVICE_OR_INTERPRETER), hiding the error under test.
+CHECK_DEVICE = "cuda" if CUDA else "cpu"
+
+
+def small_case(device=CHECK_DEVICE):
     n, block = 40, 16
     index = heterogeneous_index(n, n, block)
     q, k, v = qkv(1, 4, 2, n, n, 16, torch.float32, device)
@@ -459,7 +464,7 @@ def test_index_builder_refuses_bad_masks(no_launch):
     kept = torch.ones(2, 3, 3, dtype=torch.bool)
     # a layout takes any block size; the kernel refuses those it is not compiled for
     block_8 = BlockSparseLayout.from_block_masks(kept, None, block_size=8, n_q=24, n_k=24, causal=True)
-    q = torch.zeros(1, 2, 24, 16)
+    q = torch.zeros(1, 2, 24, 16, device=CHECK_DEVICE)
     with pytest.raises(KernelInputError, match=fragment(ix.BLOCK_SIZE_UNSUPPORTED)):
         block_sparse_attention(q, q, q, block_8)
     with pytest.raises(KernelInputError, match=fragment(ix.INDEX_SCALAR_BAD)):
@@ -527,9 +532,10 @@ def test_score_variants_over_a_cache(device, n_q, n_k, causal):
     assert_matches_reference(q, k, v, index, out, lse, **options)
 
 
-def test_default_variants_are_the_plain_kernel():
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_variants_are_the_plain_kernel(device):
     """softcap=None, sinks=None, model_window=0 is today's kernel, to the bit."""
-    q, k, v, index = small_case()
+    q, k, v, index = small_case(device)
     plain = block_sparse_attention(q, k, v, index)
     explicit = block_sparse_attention(q, k, v, dataclasses.replace(index, model_window=0), softcap=None, sinks=None)
     for a, b in zip(plain, explicit, strict=True):
