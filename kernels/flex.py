@@ -37,7 +37,7 @@ def flex_mask_mod(layout: BlockSparseLayout) -> Callable[..., torch.Tensor]:
     sink = layout.sink.to(device=device, dtype=torch.int64)
     window = layout.window.to(device=device, dtype=torch.int64)
     offset, n_k, causal, block = layout.q_offset, layout.n_k, layout.causal, layout.block_size
-    model_window = layout.model_window
+    model_window = int(layout.model_window)
     last_q_block, last_k_block = layout.n_q_blocks - 1, layout.n_k_blocks - 1
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
