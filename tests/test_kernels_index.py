@@ -398,3 +398,16 @@ def test_positional_construction_is_unchanged():
     )  # fmt: skip
     assert positional.head_names == ("L0.H0", "L0.H1") and positional.layer == 3
     assert positional.model_window == 0 and positional.validate().equals(index)
+
+
+def test_full_blocks_outside_the_model_window_are_refused():
+    """The kernel skips masking in full blocks: a layout whose full blocks the model's window
+    cuts (a window added after packing) is refused, not run wrong."""
+    index = BlockSparseLayout.from_block_masks(torch.ones(1, 4, 4, dtype=torch.bool), None, block_size=16, n_q=64, n_k=64)
+    assert index.full_kv_index.numel() > 0
+    with pytest.raises(KernelInputError, match="model-window predicate"):
+        dataclasses.replace(index, model_window=9).validate()
+    # the same blocks packed with the window are fine: the cut ones are partial or dropped
+    BlockSparseLayout.from_block_masks(
+        torch.ones(1, 4, 4, dtype=torch.bool), None, block_size=16, n_q=64, n_k=64, model_window=9
+    ).validate()
