@@ -122,9 +122,16 @@ def flex_block_sparse_attention(
         with torch.no_grad():
             out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         return out, None
+    # Compiled Flex on a GPU tiles with its own BLOCK_M/BLOCK_N (128 on Hopper for some head
+    # sizes), which must divide the mask's block size: "Q and KV block size must be divisible
+    # by BLOCK_M and BLOCK_N". Tile at the layout's block size, at most 64.
+    options = None
+    if compiled and q.device.type == "cuda":
+        tile = min(int(block_mask.BLOCK_SIZE[0]), int(block_mask.BLOCK_SIZE[1]), 64)
+        options = {"BLOCK_M": tile, "BLOCK_N": tile}
     out, aux = attend(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-        return_aux=AuxRequest(lse=True),
+        return_aux=AuxRequest(lse=True), kernel_options=options,
     )  # fmt: skip
     lse = aux.lse.float()
     if sinks is not None:
