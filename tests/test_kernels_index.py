@@ -6,6 +6,7 @@ sink/window values; the reference against PyTorch's SDPA.
 """
 
 import dataclasses
+import inspect
 import itertools
 from types import SimpleNamespace
 
@@ -296,9 +297,13 @@ def _hf_mask(config_class, n, window, **extra):
     config = config_class(sliding_window=window, hidden_size=16, num_attention_heads=2,
                           num_key_value_heads=1, head_dim=8, **extra)  # fmt: skip
     config._attn_implementation = "eager"
+    # transformers renamed the argument past_key_values -> cache (5.17 on the GPU machine has
+    # the old name; 5.24 here the new one)
+    params = inspect.signature(create_sliding_window_causal_mask).parameters
+    no_cache = {"cache": None} if "cache" in params else {"past_key_values": None}
     mask = create_sliding_window_causal_mask(
-        config=config, inputs_embeds=torch.zeros(1, n, 16), attention_mask=None, cache=None,
-        position_ids=torch.arange(n)[None],
+        config=config, inputs_embeds=torch.zeros(1, n, 16), attention_mask=None,
+        position_ids=torch.arange(n)[None], **no_cache,
     )  # fmt: skip
     return mask[0, 0] == 0
 
