@@ -147,3 +147,75 @@ def test_paired_statistics_on_fixed_inputs():
     assert summary.loc["p", "density"] == 0.25
     assert (summary.loc["p", "both"], summary.loc["p", "only_dense"], summary.loc["p", "only_sparse"],
             summary.loc["p", "neither"]) == (2, 1, 0, 1)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate and `attnlab eval`
+# ---------------------------------------------------------------------------------------
+def streaming_policy(model, block_size=16):
+    from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
+
+    heads = [{"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": "streaming",
+              "params": {"sink": 16, "window": 32}}
+             for layer in range(model.n_layers) for head in range(model.n_heads)]
+    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(),
+                             "block_size": block_size, "heads": heads})
+
+
+def test_evaluate_pairs_dense_and_policies_on_the_same_samples(tiny_llama):
+    from attnlab.sparsity_stats.evaluate import DENSE, evaluate
+
+    samples = task_suite(tiny_llama.tokenizer, "niah_noise,variable_tracking", [300], 2, seed=3)
+    table = evaluate(tiny_llama, samples, {"stream": streaming_policy(tiny_llama)}, executor="reference", progress=False)
+    assert len(table) == 2 * len(samples)
+    assert list(table.method.unique()) == [DENSE, "stream"]
+    for _, pair in table.groupby("sample"):
+        assert set(pair.method) == {DENSE, "stream"}
+    dense, sparse = table[table.method == DENSE], table[table.method == "stream"]
+    assert (dense.density == 1.0).all()
+    assert (sparse.density < 0.6).all() and (sparse.density > 0).all(), "the streaming prefill's achieved density"
+    assert table.score.between(0, 1).all()
+    assert (table.correct == (table.score == 1.0)).all()
+    # greedy and seeded: the same samples give the same table
+    again = evaluate(tiny_llama, samples[:1], {"stream": streaming_policy(tiny_llama)}, executor="reference", progress=False)
+    assert again.reply.tolist() == table.reply.tolist()[:2] and again.density.tolist() == table.density.tolist()[:2]
+    summary = summarize(table)
+    row = summary[summary.method == "stream"].iloc[0]
+    assert row.both + row.only_dense + row.only_sparse + row.neither == row.n == 2
+
+
+def test_evaluate_refuses_a_policy_for_another_model(tiny_llama, tiny_gpt2):
+    from attnlab.sparsity_stats.evaluate import evaluate
+
+    samples = task_suite(tiny_llama.tokenizer, "niah_noise", [300], 1)
+    with pytest.raises(AttnlabError, match="gpt2|n_kv_heads|n_heads|fingerprint|name"):
+        evaluate(tiny_llama, samples, {"other": streaming_policy(tiny_gpt2)}, executor="reference", progress=False)
+
+
+@pytest.mark.slow
+def test_eval_cli_writes_paired_results_to_the_run(embedded, tmp_path, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, Run
+
+    policy_path = tmp_path / "stream.json"
+    streaming_policy(embedded, block_size=64).save(policy_path)
+    out = tmp_path / "run"
+    code = main(["eval", "--policy", str(policy_path), "--tasks", "niah_noise,niah_multikey", "--lengths", "600",
+                 "--samples", "2", "--executor", "reference", "--out", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "niah_multikey" in printed and "paired vs dense" in printed
+    run = Run.open(out)
+    table = run.read(EVAL_SAMPLES)
+    assert len(table) == 2 * 2 * 2 and set(table.method) == {"dense", "stream"}
+    dense = table[table.method == "dense"]
+    assert dense.correct.mean() >= 0.5, "SmolLM2 finds single needles at 600 tokens"
+    summary = run.read(EVAL_SUMMARY)
+    assert set(summary.task) == {"niah_noise", "niah_multikey"}
+    assert (summary.ci_low <= summary.score).all() and (summary.score <= summary.ci_high).all()
+    assert run.manifest["stages"]["eval"]["parameters"]["samples"] == 2
+    # an unknown task is one error line before the model loads, and the run is left as it was
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    assert main(["eval", "--tasks", "niah_noise,nope", "--out", str(out)]) == 2
+    assert "error: unknown task 'nope'" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
