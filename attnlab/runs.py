@@ -144,6 +144,10 @@ def artifact(key: str | Artifact) -> Artifact:
 
 
 _ERR_NO_RUN = "no run directory at {path}: run `attnlab profile --out {path}` first, or check the path"
+_ERR_NO_RUN_FILE = "nothing at {path}, and a run is a folder, not a file: give the folder a run was written to (e.g. runs/r1)"
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".npz", ".safetensors", ".html", ".tsv", ".pt")
+_ERR_FILE_NOT_RUN = "{path} is a file, not a run directory: give the folder a run was written to (e.g. runs/r1)"
+_ERR_OUT_IS_FILE = "--out {path} is a file, not a run directory: give a new folder or an existing run of this model"
 _ERR_NO_MANIFEST = "{path} has no manifest.json, so it is not an attnlab run directory (or it was written by hand)"
 _ERR_INCOMPLETE = "run {path} is incomplete (status {status!r}): rerun the command that created it to resume"
 _ERR_SCHEMA = "run {path} has schema version {found}, this attnlab reads version {expected}: re-create it with `attnlab profile --force`"
@@ -183,6 +187,8 @@ def loads_json(text: str, *, where: str, what: str = "file", fix: str = "re-crea
         raise error(f"{where} is nested too deeply to be an attnlab {what}: {fix}") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {fix}") from None
+    except ValueError as exc:  # valid syntax beyond the parser's limits (an integer of thousands of digits)
+        raise error(f"{where} is not a usable {what} ({str(exc).splitlines()[0]}): {fix}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -383,10 +389,14 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike, *, require_complete: bool = True) -> Run:
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunError(_ERR_FILE_NOT_RUN.format(path=path))
         if not path.is_dir():
             partial = partial_dir(path)
             if partial.is_dir():
                 raise RunError(_ERR_INCOMPLETE.format(path=path, status="interrupted"))
+            if path.suffix.lower() in _FILE_SUFFIXES:  # a file name: creating a run there is no fix
+                raise RunError(_ERR_NO_RUN_FILE.format(path=path))
             raise RunError(_ERR_NO_RUN.format(path=path))
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -680,6 +690,8 @@ def preflight_run(out: str | os.PathLike, model: Any) -> Path:
     ``model`` is a `LoadedModel` or a `ModelIdentity`. This is the check `ensure_run` makes
     again after the work."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(_ERR_OUT_IS_FILE.format(path=out))
     if out.exists():
         Run.open(out).check_model(model)
     else:
@@ -697,6 +709,8 @@ def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[s
     """
     out = Path(out)
     identity = model.identity() if callable(getattr(model, "identity", None)) else ModelIdentity.from_dict(model)
+    if out.exists() and not out.is_dir():
+        raise RunError(_ERR_OUT_IS_FILE.format(path=out))
     if out.exists():
         run = Run.open(out)
         run.check_model(identity)
