@@ -413,6 +413,10 @@ class Run:
         run.identity  # noqa: B018 - a manifest whose model entry is unusable is refused here, once
         if not isinstance(manifest.get("stages", {}), dict) or not isinstance(manifest.get("parameters", {}), dict):
             raise RunError(f"{manifest_path} has a malformed stages/parameters entry; re-create the run with --force")
+        lengths = manifest.get("parameters", {}).get("lengths")
+        if lengths is not None and not (isinstance(lengths, list) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)):
+            raise RunError(f"{manifest_path} has a malformed parameters.lengths entry (not a list of token counts); re-create the run with --force")
         return run
 
     @classmethod

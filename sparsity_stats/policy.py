@@ -89,16 +89,19 @@ def _finite(x: Any) -> bool:
     return _is_int(x) or (_is_num(x) and math.isfinite(x))
 
 
-def _check_sizes(params: Any, where: str) -> None:
-    """Every size in ``params`` (a number, or ``{"alpha": a, "beta": b}``) is finite, with
-    ``alpha`` at most `MAX_TOKENS` tokens and ``beta`` a share of the sequence in [0, 1]; the
-    kind checks the rest (`Kind.validate`)."""
+def _check_sizes(params: Any, sizes: tuple[str, ...], where: str) -> None:
+    """Every size of the kind (``sizes``) in ``params`` is a number or ``{"alpha": a, "beta": b}``
+    of numbers, finite, with ``alpha`` at most `MAX_TOKENS` tokens and ``beta`` a share of the
+    sequence in [0, 1]; the kind checks the rest (`Kind.validate`)."""
     if not isinstance(params, Mapping):
         return
-    for key, value in params.items():
-        if key == "estimate":
+    for key in sizes:
+        if key not in params:
             continue
+        value = params[key]
         alpha, beta = (value.get("alpha"), value.get("beta", 0.0)) if isinstance(value, Mapping) else (value, 0.0)
+        if not (_is_num(alpha) and _is_num(beta)):
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be a size in tokens (a number, or {{\"alpha\": a, \"beta\": b}}), got {_short(value)}", fix="fix the value"))
         if _is_num(alpha) and not (_finite(alpha) and abs(alpha) <= MAX_TOKENS):
             raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be a finite size of at most {MAX_TOKENS} tokens, got {_short(alpha)}", fix="fix the value"))
         if _is_num(beta) and not (_finite(beta) and 0 <= beta <= 1):
@@ -272,7 +275,7 @@ class HeadPolicy:
         kind = get_kind(d["kind"], where)
         if "params" not in d:
             raise PolicyError(ERR_FIELD.format(where=where, field="params", problem="is missing", fix="add the kind's parameters ({} for dense)"))
-        _check_sizes(d["params"], where)
+        _check_sizes(d["params"], kind.sizes, where)
         params = kind.validate(d["params"], where)
         _check_estimate(kind.name, params, d["params"], where)
         vals = {}
