@@ -364,14 +364,23 @@ class BlockMaps:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BlockMaps:
-        tensors, meta = read_safetensors(path)
+    def load(cls, path: str | os.PathLike, fix: str = "re-run `attnlab profile`") -> BlockMaps:
         try:
-            return cls(int(meta["block_size"]), tensors["mass_sum"], tensors["mass_max"], tensors["count"])
+            tensors, meta = read_safetensors(path)
+        except Exception as exc:  # safetensors raises its own error types for a truncated or corrupt file
+            raise RunError(f"{path} is not a readable block-map file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {fix}") from None
+        try:
+            maps = cls(int(meta["block_size"]), tensors["mass_sum"], tensors["mass_max"], tensors["count"])
         except KeyError as exc:
-            raise RunError(f"{path} is not an attnlab block-map file (missing {exc}); re-run `attnlab profile`") from exc
+            raise RunError(f"{path} is not an attnlab block-map file (missing {exc}); {fix}") from exc
         except ValueError as exc:
-            raise RunError(f"{path} is not an attnlab block-map file (bad block_size); re-run `attnlab profile`") from exc
+            raise RunError(f"{path} is not an attnlab block-map file (bad block_size); {fix}") from exc
+        shape = tuple(maps.mass_sum.shape)
+        if (maps.block_size < 1 or len(shape) != 4 or shape[2] != shape[3] or tuple(maps.mass_max.shape) != shape
+                or tuple(maps.count.shape) != shape[2:]):
+            raise RunError(f"{path} is not an attnlab block-map file (block_size {maps.block_size}, mass_sum {list(shape)}, "
+                           f"mass_max {list(maps.mass_max.shape)}, count {list(maps.count.shape)} do not fit together); {fix}")
+        return maps
 
 
 class Run:
@@ -516,7 +525,7 @@ class Run:
         return self.read(HEAD_STATS)
 
     def block_maps(self) -> BlockMaps:
-        return BlockMaps.load(self.require(BLOCK_MAPS))
+        return BlockMaps.load(self.require(BLOCK_MAPS), fix=f"re-create it with `{self.command_for(BLOCK_MAPS)}`")
 
     def detections(self) -> pd.DataFrame:
         return self.read(DETECTIONS)
@@ -613,6 +622,8 @@ def check_output_files(paths: list[str | os.PathLike] | tuple, *, force: bool, e
     written. Raises ``error`` (the caller's stage type) naming the path; creates nothing."""
     out = []
     for p in map(Path, paths):
+        if not str(p).strip() or p.name in ("", ".", ".."):  # `.`, `x/..`: a folder by name, even where x is absent
+            raise error(f"--out {str(p)!r} names a folder, not a file: give a file path for --out")
         if p.is_dir():
             raise error(f"{p} is a folder: give a file path for --out")
         if p.exists() and not force:

@@ -366,3 +366,28 @@ def test_validate_needle_errors_name_validates_own_options(tiny_llama):
     with pytest.raises(ProbeError, match=r"raise --needle-length to at least") as exc:
         needle_accuracy(tiny_llama, None, 1, 10, progress=False)
     assert "--lengths" not in str(exc.value)
+
+
+def test_a_truncated_or_inconsistent_block_map_file_is_one_error_naming_it(run, capsys):
+    from attnlab.runs import BLOCK_MAPS, BlockMaps
+
+    maps = run.block_maps()
+    path = run.file(BLOCK_MAPS)
+    BlockMaps(maps.block_size, maps.mass_sum, maps.mass_max, maps.count[:-1]).save(path)
+    with pytest.raises(RunError, match=r"block_maps.safetensors is not an attnlab block-map file .*count .* do not fit together.*attnlab profile"):
+        run.block_maps()
+    maps.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    err = _one_error_line(capsys, ["policy", str(run.path), "--out", str(run.path.parent / "p.json"), "--quiet"])
+    assert "block_maps.safetensors is not a readable block-map file" in err and "re-create it with `attnlab profile" in err
+
+
+@pytest.mark.parametrize("out", [".", "x/..", "x/../."])
+def test_an_out_that_names_a_folder_is_refused_and_leaves_nothing(run, tmp_path, capsys, monkeypatch, out):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    err = _one_error_line(capsys, ["policy", str(run.path), "--out", out, "--quiet"])
+    assert "give a file path for --out" in err
+    assert list(work.iterdir()) == [] and not list(tmp_path.glob("*partial*"))
