@@ -143,9 +143,7 @@ def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's contents, with clear errors for the usual mistakes."""
     path = Path(path)
     if path.is_dir():
-        raise PromptError(
-            f"{path} is a folder, not a prompt file: give one text or .jsonl file (e.g. {path}/prompts.jsonl), or --prompts builtin"
-        )
+        raise PromptError(f"{path} is a folder, not a text file: give the path of one file in it")
     if not path.is_file():
         raise PromptError(f"prompt file {path} does not exist: check the path")
     try:
@@ -240,6 +238,8 @@ def load_prompts(model, spec: str, *, lengths: Sequence[int] | None, n_samples: 
     ``lengths`` and ``n_samples`` shape built-in and text-file prompts (``None``: 512,1024 and
     8); a JSONL file holds its prompts whole, so giving either for one is an error. Every
     length is checked against the model's context before any prompt is built."""
+    if not spec.startswith("builtin") and Path(spec).is_dir():
+        raise PromptError(f"--prompts {spec} is a folder, not a prompt file: give one text or .jsonl file (e.g. {spec}/prompts.jsonl), or --prompts builtin")
     if spec.endswith(".jsonl"):
         if lengths is not None or n_samples is not None:
             raise PromptError(f"{spec} is a JSONL file: its lines are the prompts, whole; drop --lengths/--samples")

@@ -391,3 +391,12 @@ def test_an_out_that_names_a_folder_is_refused_and_leaves_nothing(run, tmp_path,
     err = _one_error_line(capsys, ["policy", str(run.path), "--out", out, "--quiet"])
     assert "give a file path for --out" in err
     assert list(work.iterdir()) == [] and not list(tmp_path.glob("*partial*"))
+
+
+def test_the_option_the_causal_check_error_names_exists():
+    """The retrieval probe's causal-check error says "lower --causal-ks": that spelling works."""
+    from attnlab.cli import build_parser
+
+    args = build_parser().parse_args(["probe", "retrieval", "--out", "r", "--causal-ks", "2,3"])
+    assert args.causal_k == [2, 3]
+    assert build_parser().parse_args(["probe", "retrieval", "--out", "r", "--causal-k", "4"]).causal_k == [4]

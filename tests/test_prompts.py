@@ -324,7 +324,7 @@ def test_jsonl_prompts_start_with_bos_like_the_others(tok, tmp_path):
 
 def test_a_prompt_folder_is_called_a_folder_not_missing(stub, tmp_path):
     (tmp_path / "texts").mkdir()
-    with pytest.raises(PromptError, match=r"texts is a folder, not a prompt file: give one text or .jsonl file") as exc:
+    with pytest.raises(PromptError, match=r"--prompts .*texts is a folder, not a prompt file: give one text or .jsonl file.*or --prompts builtin") as exc:
         load_prompts(stub, str(tmp_path / "texts"), lengths=[64], n_samples=1)
     assert "does not exist" not in str(exc.value)
 
@@ -344,3 +344,9 @@ def test_a_huge_prompt_file_is_refused_before_reading(tmp_path, monkeypatch):
     f.write_text("word " * 100)
     with pytest.raises(PromptError, match=r"big.txt is 500 bytes, more than a prompt file may be \(100 bytes\)"):
         read_text_file(f)
+
+
+def test_a_folder_given_as_any_text_file_is_called_a_folder(tmp_path):
+    with pytest.raises(PromptError, match=r"is a folder, not a text file: give the path of one file in it") as exc:
+        read_text_file(tmp_path)
+    assert "--prompts" not in str(exc.value)  # the caller may be --labels, --haystack, ...
