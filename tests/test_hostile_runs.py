@@ -329,6 +329,9 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, tiny
     # before the model loads: the model path does not even exist
     err = _one_error_line(capsys, ["circuit", "--model", str(tmp_path / "no-model"), "--task", "ioi", "--out", str(f)])
     assert f"--out {f} is a file, not a run directory" in err and "attnlab profile --out" not in err
+    policy = Path(__file__).parent / "fixtures" / "policy_v0_1_0.json"
+    err = _one_error_line(capsys, ["validate", str(policy), "--model", str(tmp_path / "no-model"), "--out", str(f)])
+    assert f"--out {f} is a file, not a run directory" in err
     for call in (lambda: preflight_run(f, tiny_llama), lambda: ensure_run(f, tiny_llama, "circuit", {})):
         with pytest.raises(RunError, match="is a file, not a run directory: give a new folder or an existing run"):
             call()
