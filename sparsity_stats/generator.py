@@ -98,6 +98,16 @@ def _whole(x: Any) -> bool:
     return _number(x) and float(x) == int(x)
 
 
+def check_block_granularity(estimator: ProfileEstimator, run: Run | None = None) -> None:
+    """`PolicyError` when the estimator's block size is longer than an evaluation length (not
+    one query block to measure or choose from), naming the block sizes that work (from the
+    run's map block size when ``run`` is given). Call it before evaluating candidates."""
+    map_block = _map_block_size(run) if run is not None else None
+    for n in estimator.eval_lengths:
+        if n < estimator.block_size:
+            raise PolicyError(too_coarse_message(estimator.block_size, n, estimator.eval_lengths, map_block))
+
+
 def check_budget(budget: float) -> float:
     """``budget`` as a float in (0, 1], else `PolicyError`."""
     try:
@@ -251,9 +261,7 @@ class PolicyGenerator:
             run = Run.coerce(data)
             est = ProfileEstimator.from_run(run, block_size=self.block_size, eval_lengths=self.eval_lengths)
             self.map_block_size_ = _map_block_size(run)
-            for n in est.eval_lengths:
-                if n < est.block_size:  # not one query block: nothing to measure or choose
-                    raise PolicyError(self._too_coarse(est.block_size, n, est.eval_lengths))
+            check_block_granularity(est, run)
             curves = compute_curves(
                 est, self.candidates, kinds=self.kinds, min_sink=int(self.min_sink), elastic=self.elastic, progress=self.progress,
             )
