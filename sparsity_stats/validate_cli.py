@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from attnlab.cliargs import (
     add_model_arguments,
@@ -11,6 +12,7 @@ from attnlab.cliargs import (
     nonneg_int,
     positive_int,
 )
+from attnlab.errors import AttnlabError
 
 from .executors import EXECUTORS
 
@@ -23,6 +25,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()  # the interpreter must be chosen before the kernel module loads
     policy = Policy.load(args.policy)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before the slow model load
+        raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
     report = validate_policy(
