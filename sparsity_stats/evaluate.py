@@ -46,6 +46,7 @@ def _stop(model: LoadedModel, sample: TaskSample) -> Callable[[list[int]], bool]
     return stop
 
 
+@torch.no_grad()
 def answer(model: LoadedModel, sample: TaskSample, executor: PolicyExecutor | None = None) -> tuple[str, float]:
     """``(reply, prefill density)``: greedy decoding after a dense or a sparse prefill."""
     from transformers import DynamicCache

@@ -404,6 +404,13 @@ def test_a_too_coarse_block_size_is_named_not_blamed_on_the_budget(tmp_path, cap
     assert re.search(match, err) and len(err.strip().splitlines()) == 1 and not out.exists()
     # a block size the message offers works
     PolicyGenerator(budget=0.9, block_size=32).fit(r)
+    # policy compare names it the same way (it said "re-profile without --last-queries")
+    from attnlab.sparsity_stats.compare import compare_policies
+
+    if block > length:  # coarser blocks that fit are reported in the comparison table instead
+        with pytest.raises(PolicyError, match=match) as exc:
+            compare_policies(r, [0.3], block_size=block)
+        assert "--last-queries" not in str(exc.value)
 
 
 def test_non_finite_block_maps_are_an_error_naming_the_file_and_head(tmp_path, capsys):
