@@ -202,7 +202,26 @@ def _export(args: argparse.Namespace) -> int:
     _print_warnings(caught)
     for p in paths:
         print(f"wrote {p}")
+    if args.format in REPORTED_FORMATS and not args.no_report:
+        from .emulators import deployment_report
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = deployment_report(policy, args.format, export_length(policy, args.seq_len), block_size=args.block_size, lossy=args.lossy)
+        for line in report.lines():
+            print(line)
     return 0
+
+
+#: Formats whose file runs differently in the target tool: ``attnlab export`` emulates and reports them.
+REPORTED_FORMATS = ("minference", "duo", "flex")
+
+
+def export_length(policy: Any, seq_len: int | None) -> int:
+    """The length an export resolved its sizes at (as `export_policy` chooses it)."""
+    if seq_len is not None:
+        return int(seq_len)
+    return int(max(policy.profiled_lengths) if policy.profiled_lengths else (policy.model.get("n_ctx") or 4096))
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -316,6 +335,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--lossy", action="store_true", help="minference: approximate kinds it cannot express")
     e.add_argument("--dense-blocks", action="store_true", help="npz/safetensors: also store dense [heads, q_blocks, k_blocks] masks")
     e.add_argument("--force", action="store_true", help="overwrite existing files")
+    e.add_argument("--no-report", action="store_true",
+                   help="minference/duo/flex: skip emulating the target (what it runs against what attnlab validated)")
     add_quiet_argument(e)
     e.set_defaults(func=_export)
 

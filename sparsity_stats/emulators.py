@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .kinds import get_kind
+
 Tensor = torch.Tensor
 QK = Callable[[int], tuple[Tensor, Tensor]]
 
@@ -476,6 +478,7 @@ class HeadDeployment:
     deployed_density: float
     added: int
     dropped: int
+    future: int = 0
 
     @property
     def dense(self) -> bool:
@@ -489,6 +492,7 @@ class DeploymentReport:
     fmt: str
     n: int
     heads: list[HeadDeployment] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def equal(self) -> bool:
@@ -501,13 +505,13 @@ class DeploymentReport:
     def lines(self) -> list[str]:
         """Human-readable summary, one line each."""
         if not self.heads:
-            return []
+            return list(self.notes)
         v = sum(h.validated_density for h in self.heads) / len(self.heads)
         d = sum(h.deployed_density for h in self.heads) / len(self.heads)
         differ = [h for h in self.heads if h.added or h.dropped]
         head = f"as {self.fmt} runs it at {self.n} tokens: mean density {d:.4f} (validated {v:.4f})"
         if not differ:
-            return [head + ", every head identical"]
+            return [head + ", every head identical", *self.notes]
         dense = [h for h in self.heads if h.dense]
         out = [head + f", {len(differ)} of {len(self.heads)} heads differ"
                + (f", {len(dense)} run dense" if dense else "")]
@@ -517,23 +521,26 @@ class DeploymentReport:
         for kind, hs in by_kind.items():
             added = sum(h.added for h in hs)
             dropped = sum(h.dropped for h in hs)
+            future = sum(h.future for h in hs)
             dv = sum(h.validated_density for h in hs) / len(hs)
             dd = sum(h.deployed_density for h in hs) / len(hs)
-            out.append(f"  {kind}: {len(hs)} heads, density {dv:.4f} -> {dd:.4f}, +{added} / -{dropped} token pairs"
-                       + ("" if dropped else " (a superset: recall can only rise)"))
-        return out
+            why = (f" ({future} of them future tokens: a wrong result)" if future
+                   else "" if dropped else " (a superset: recall can only rise)")
+            out.append(f"  {kind}: {len(hs)} heads, density {dv:.4f} -> {dd:.4f}, +{added} / -{dropped} token pairs{why}")
+        return out + list(self.notes)
 
 
 def compare_deployment(policy: Any, validated: Sequence[Tensor], deployed: Sequence[Tensor], fmt: str) -> DeploymentReport:
     """Per head, the deployed mask against the validated one (both ``[H, n, n]`` per layer)."""
     n = int(validated[0].shape[-1]) if validated else 0
     causal = max(1, n * (n + 1) // 2)
+    future_pairs = ~_causal(n)
     rep = DeploymentReport(fmt, n)
     for lay, (a, b) in enumerate(zip(validated, deployed, strict=True)):
         for h in range(a.shape[0]):
             rep.heads.append(HeadDeployment(
                 lay, h, policy.entry(lay, h).kind, float(a[h].sum()) / causal, float(b[h].sum()) / causal,
-                int((b[h] & ~a[h]).sum()), int((a[h] & ~b[h]).sum())))
+                int((b[h] & ~a[h]).sum()), int((a[h] & ~b[h]).sum()), int((b[h] & future_pairs).sum())))
     return rep
 
 
@@ -548,5 +555,19 @@ def deployment_report(policy: Any, fmt: str, n: int, *, block_size: int | None =
     m = min(n, REPORT_MAX_TOKENS)
     b = block_size or policy.block_size
     val = validated_masks(policy, m, block_size=b)
-    dep = deployed_masks(policy, fmt, m, block_size=b, lossy=lossy, export_len=m if fmt in ("minference", "duo") else None)
-    return compare_deployment(policy, val, dep, fmt)
+    dep = deployed_masks(policy, fmt, m, block_size=b, lossy=lossy, export_len=m)
+    rep = compare_deployment(policy, val, dep, fmt)
+    if m < n:
+        rep.notes.append(f"  (emulated at {m} tokens, not {n}: token masks are O(n^2))")
+    dynamic = sum(1 for e in policy.heads if not get_kind(e.kind).static)
+    if fmt == "minference" and dynamic:
+        rep.notes.append(f"  {dynamic} dynamic heads compared on the prior (no input); MInference selects per token from "
+                         "the last 64 queries: validate with --as minference for the numbers on real inputs")
+    if fmt == "duo":
+        rep.notes.append("  (decoding; DuoAttention runs a single prefill forward dense for every head, and a chunked "
+                         "prefill with each chunk's own keys plus sink + recent)")
+    if fmt == "flex" and not rep.equal:
+        rep.notes.append("  that is BlockMask.from_kv_blocks on the file's tensors alone (partial blocks attended whole); "
+                         "load it with the README loader (a mask_mod from its sink/window) to run exactly the validated mask")
+    return rep
+
