@@ -326,13 +326,14 @@ def duo_masks(path: str | os.PathLike, n: int, n_heads: int, *, phase: str = "de
 
 
 # -- FlexAttention ---------------------------------------------------------------------------------
-def flex_masks(path: str | os.PathLike, *, with_mask_mod: bool = True) -> list[Tensor]:
+def flex_masks(path: str | os.PathLike, *, with_mask_mod: bool = True, compiled: bool = True) -> list[Tensor]:
     """Per layer, bool ``[H, n, n]``: what ``flex_attention`` runs with the BlockMask that
     ``BlockMask.from_kv_blocks`` (``torch/nn/attention/flex_attention.py``) builds from an
-    exported flex file. Without a ``mask_mod`` Flex computes every listed block whole, partial
-    ones included (the file's tensors alone); ``with_mask_mod`` applies the README's loader
-    predicate (causal, bounds, per-head sink/window) inside the partial blocks, full blocks
-    untouched, as Flex does."""
+    exported flex file. Compiled Flex computes full blocks unmasked and partial blocks through
+    the ``mask_mod``; without one (the file's tensors alone) it computes partial blocks whole.
+    Eager Flex (``compiled=False``) ignores the block lists and calls the ``mask_mod`` for every
+    pair: everything without one. ``with_mask_mod``: the README loader's (block membership,
+    causal, bounds, per-head sink/window), exact either way."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -341,6 +342,8 @@ def flex_masks(path: str | os.PathLike, *, with_mask_mod: bool = True) -> list[T
     t = load_file(str(path))
     n, b = int(meta["seq_len"]), int(meta["block_size"])
     out = []
+    if not with_mask_mod and not compiled:
+        return [torch.ones(int(t[f"layer{lay}.sink"].numel()), n, n, dtype=torch.bool) for lay in range(int(meta["n_layers"]))]
     for lay in range(int(meta["n_layers"])):
         full = _padded_blocks(t[f"layer{lay}.full_kv_num_blocks"], t[f"layer{lay}.full_kv_indices"])
         part = _padded_blocks(t[f"layer{lay}.kv_num_blocks"], t[f"layer{lay}.kv_indices"])
@@ -412,11 +415,12 @@ def mask_file_masks(path: str | os.PathLike) -> list[Tensor]:
 # -- a policy as deployed ---------------------------------------------------------------------------
 def deployed_masks(policy: Any, fmt: str, n: int, *, block_size: int | None = None, qk: QK | None = None,
                    phase: str = "decode", chunk: int | None = None, lossy: bool = True,
-                   export_len: int | None = None, flex_mask_mod: bool = False) -> list[Tensor]:
+                   export_len: int | None = None, flex_mask_mod: bool = False, flex_compiled: bool = True) -> list[Tensor]:
     """Per layer, bool ``[H, n, n]``: what the target tool runs at ``n`` tokens from the file
     ``attnlab export --format fmt`` writes for ``policy`` (exported at ``export_len``, default
     ``n``). The export goes to a temporary folder; ``lossy`` as ``--lossy``. Flex: the file's
-    tensors alone unless ``flex_mask_mod`` (the README loader). Mask formats hold one length:
+    tensors alone unless ``flex_mask_mod`` (the README loader), compiled unless not
+    ``flex_compiled``. Mask formats hold one length:
     ``n`` must equal the export length."""
     from .export import FILENAMES, export_policy
 
@@ -435,7 +439,7 @@ def deployed_masks(policy: Any, fmt: str, n: int, *, block_size: int | None = No
         if n != m:
             raise ValueError(f"a {fmt} file holds masks for {m} tokens only")
         if fmt == "flex":
-            return flex_masks(path, with_mask_mod=flex_mask_mod)
+            return flex_masks(path, with_mask_mod=flex_mask_mod, compiled=flex_compiled)
         return mask_file_masks(path)
 
 
@@ -567,7 +571,8 @@ def deployment_report(policy: Any, fmt: str, n: int, *, block_size: int | None =
         rep.notes.append("  (decoding; DuoAttention runs a single prefill forward dense for every head, and a chunked "
                          "prefill with each chunk's own keys plus sink + recent)")
     if fmt == "flex" and not rep.equal:
-        rep.notes.append("  that is BlockMask.from_kv_blocks on the file's tensors alone (partial blocks attended whole); "
-                         "load it with the README loader (a mask_mod from its sink/window) to run exactly the validated mask")
+        rep.notes.append("  that is compiled Flex with BlockMask.from_kv_blocks on the file's tensors alone (partial blocks "
+                         "attended whole; eager Flex would attend every pair): load it with the README loader (a mask_mod "
+                         "from its block lists, sink and window) to run exactly the validated mask")
     return rep
 
