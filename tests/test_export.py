@@ -24,9 +24,9 @@ from attnlab.sparsity_stats import (
     make_synthetic_run,
     minference_config,
 )
-from attnlab.sparsity_stats.export import MINFERENCE_DENSE
 from attnlab.sparsity_stats.cli import add_commands
 from attnlab.sparsity_stats.errors import MaskError
+from attnlab.sparsity_stats.export import MINFERENCE_DENSE
 
 MODEL = {"name": "toy-llm", "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "n_ctx": 4096}
 
@@ -279,3 +279,64 @@ def test_minference_config_is_per_layer_head_lists():
     cfg = minference_config(MINFERENCE_OK, 1024, lossy=True)
     assert len(cfg) == 2 and sorted(cfg[0]) == ["0", "1", "2", "3"]
     assert all(isinstance(v, list) and len(v) == 4 for layer in cfg for v in layer.values())
+
+
+def _minference_file(tmp_path, entry):
+    layer = {str(h): ["vertical_and_slash", 30, 800, 0.9] for h in range(4)}
+    layer["1"] = entry
+    path = tmp_path / "mi.json"
+    path.write_text(json.dumps([layer, layer]))
+    return path
+
+
+@pytest.mark.parametrize("entry,match", [
+    (["vertical_and_slash", 30, 800, float("nan")], r"head \(layer 0, head 1\): score \(4th field\) must be a finite number, got nan"),
+    (["block_sparse", 2, 100, 0.9], r"head \(layer 0, head 1\): slash_size \(block size\) of block_sparse must be a power of two >= 16, got 100"),
+    (["stream_llm", float("nan"), 10, 0.9], r"vertical_size \(sink\) must be a whole number of tokens >= 0.*got nan"),
+    (["stream_llm", 4, float("inf"), 0.9], r"slash_size \(window\) must be a positive whole number of tokens.*got inf"),
+    (["vertical_and_slash", 1e300, 30, 0.9], r"vertical_size must be a positive whole number of tokens \(at most 2147483648\)"),
+])
+def test_minference_import_refuses_non_finite_and_misread_values(tmp_path, entry, match):
+    with pytest.raises(FormatError, match=match):
+        import_policy("minference", _minference_file(tmp_path, entry), MODEL)
+
+
+def test_import_refuses_bad_lengths_thresholds_and_empty_files(tmp_path, recwarn):
+    path = _minference_file(tmp_path, ["stream_llm", 4, 10, 0.9])
+    with pytest.raises(MaskError, match="sequence length 0 must be a positive integer"):
+        import_policy("minference", path, MODEL, seq_len=0)
+    with pytest.raises(PolicyError, match="invalid 'n_ctx'"):
+        import_policy("minference", path, dict(MODEL, n_ctx=-5))
+    empty = tmp_path / "masks.npz"
+    empty.write_bytes(b"")
+    with pytest.raises(FormatError, match=r"masks.npz is empty \(0 bytes\): not an attnlab mask file"):
+        load_masks(empty)
+    duo = tmp_path / "duo"
+    duo.mkdir()
+    (duo / "config.json").write_text(json.dumps({"sink_size": 4, "recent_size": 10}))
+    for text, match in [("", "full_attention_heads.tsv is empty"), ("1\tnan\n0\t1\n", r"line 1, field 2: gate 'nan' is not finite"),
+                        ("1\t0\n0\tx\n", r"line 2, field 2: 'x' is not a number")]:
+        (duo / "full_attention_heads.tsv").write_text(text)
+        with pytest.raises(FormatError, match=match):
+            import_policy("duo", duo, MODEL)
+    assert not recwarn.list  # no numpy warning leaks
+    (duo / "full_attention_heads.tsv").write_text("1\t0\n0\t1\n")
+    for bad in (float("nan"), float("inf"), -1):
+        with pytest.raises(FormatError, match=r"--threshold must be a number in \[0, 1\]"):
+            import_policy("duo", duo, MODEL, threshold=bad)
+    (duo / "config.json").write_text('{"sink_size": NaN, "recent_size": 10}')
+    with pytest.raises(FormatError, match=r"config.json: sink_size must be a whole number of tokens >= 0.*got nan"):
+        import_policy("duo", duo, MODEL)
+
+
+def test_old_export_files_still_import(tmp_path):
+    """Files written before the exports were checked against their targets: MInference dense heads
+    as (n_ctx, n_ctx), Duo 0/1 gates with recent_size = window."""
+    dense_old = {str(h): ["vertical_and_slash", 4096, 4096, 1.0] for h in range(4)}
+    (tmp_path / "mi.json").write_text(json.dumps([dense_old, dense_old]))
+    assert {e.kind for e in import_policy("minference", tmp_path / "mi.json", MODEL).heads} == {"dense"}
+    (tmp_path / "full_attention_heads.tsv").write_text("1.0\t0.0\n0.0\t1.0\n")
+    (tmp_path / "config.json").write_text(json.dumps({"sink_size": 64, "recent_size": 256, "exported_by": "attnlab"}))
+    back = import_policy("duo", tmp_path, MODEL)
+    assert [back.entry(lay, h).kind for lay in range(2) for h in (0, 2)] == ["dense", "streaming", "streaming", "dense"]
+    assert back.entry(0, 2).params["window"].resolve(4096) == 257  # what DuoAttention runs from it
