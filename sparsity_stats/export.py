@@ -8,26 +8,36 @@ format         file(s) in ``DIR``                   content
 ``npz``        ``masks.npz``                        per layer the layout's CSR arrays
                                                     (``layer{l}.full_kv_count`` ...), optional
                                                     dense ``layer{l}.block_mask``, ``__meta__``
+                                                    (``arrays``/``units`` describe them;
+                                                    ``dynamic``/``estimator`` per head)
 ``safetensors````masks.safetensors``                the same arrays; metadata key ``attnlab``
 ``flex``       ``flex_block_masks.safetensors``     FlexAttention's padded ``kv_num_blocks``,
-                                                    ``kv_indices``, ``full_*`` per layer;
-                                                    `load_flex_block_masks` rebuilds BlockMasks
+                                                    ``kv_indices``, ``full_*`` per layer and the
+                                                    per-head ``sink``/``window`` its mask_mod
+                                                    needs; `load_flex_block_masks` (or the
+                                                    README's torch-only loader) rebuilds BlockMasks
 ``minference`` ``minference_config.json``           MInference's per-layer
                                                     ``{head: [kind, vertical, slash, score]}``
-``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads (1 = full,
-               ``config.json``                      0 = streaming) and ``sink_size``/``recent_size``
+``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads gates that rank
+               ``config.json``                      heads (> 0.5 full), ``sink_size``,
+                                                    ``recent_size = window - 1``, ``sparsity``
 =============  ===================================  ============================================
+
+What each target *runs* from these files is emulated in `attnlab.sparsity_stats.emulators`;
+``attnlab export`` prints it against the validated mask.
 
 Mask files carry the policy they were compiled from in their metadata, so `import_policy`
 reads every format back (a round trip is a test). MInference and DuoAttention files hold only
 sizes at one length: importing them needs the model identity (``--model``), and exporting
 resolves elastic sizes at ``--seq-len``.
 
-MInference mapping: ``dense`` <-> ``vertical_and_slash`` with both sizes = the model's context;
-``streaming`` <-> ``stream_llm`` (sink, window); ``vertical_slash`` <-> ``vertical_and_slash``;
-``block_topk`` with a fixed top-k <-> ``block_sparse`` (blocks, block size). ``a_shape`` and
-the gamma threshold have no MInference form: export refuses them unless ``lossy=True``
-(A-shape as ``stream_llm`` of whole blocks, gamma as its expected blocks per row).
+MInference mapping (sizes in its units, tokens, with its minimums applied so the file states
+what runs): ``dense`` -> ``vertical_and_slash`` 2^30/2^30 (every column and diagonal at any
+length; an old ``(n_ctx, n_ctx)`` entry still imports as dense); ``streaming`` <->
+``stream_llm`` (sink, window; token-exact); ``vertical_slash`` -> ``vertical_and_slash`` with
+``max(blocks * B, 30)`` columns and ``max(blocks * B, 100)`` diagonals. ``block_topk``,
+``a_shape`` and the gamma threshold have no faithful form (MInference's ``block_sparse`` keeps
+the top 100 blocks of 64 whatever the file says): export refuses them unless ``lossy=True``.
 
 Nothing is written when the input is bad: all checks and all content come first, then each
 file is written atomically.
