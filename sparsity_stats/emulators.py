@@ -260,13 +260,17 @@ def minference_masks(config: Sequence[dict[str, Any]], n: int, qk: QK | None = N
 
 
 # -- DuoAttention --------------------------------------------------------------------------------
-def duo_full_heads(gates: np.ndarray, *, sparsity: float | None = None, threshold: float | None = None) -> np.ndarray:
+def duo_full_heads(gates: np.ndarray, *, sparsity: float | None = None, threshold: float | None = None,
+                   noise_seed: int | None = None) -> np.ndarray:
     """Which KV heads run full attention, as ``sparsify_attention_heads`` (``duo_attn/utils.py``)
     decides from the clipped gates: with ``sparsity``, the threshold is the ``sparsity``
     quantile of all gates (all full at ``<= 0``, none at ``>= 1``); a head is full when its gate
-    is ``>=`` the threshold. Duo adds uniform noise below 1e-6 to break ties; attnlab's exports
-    space gates far wider, so the emulation leaves it out."""
+    is ``>=`` the threshold. Duo adds uniform noise below 1e-6 to break ties: attnlab's exports
+    space gates far wider, so by default the emulation leaves it out; ``noise_seed`` adds it
+    (tied gates, e.g. 0/1 files, then split at random as in Duo)."""
     g = np.clip(np.asarray(gates, dtype=float), 0, 1)
+    if noise_seed is not None:
+        g = g + np.random.default_rng(noise_seed).uniform(0, 1e-6, g.shape)
     if sparsity is not None:
         if sparsity >= 1:
             return np.zeros(g.shape, dtype=bool)
@@ -305,7 +309,7 @@ def read_duo(path: str | os.PathLike) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def duo_masks(path: str | os.PathLike, n: int, n_heads: int, *, phase: str = "decode", chunk: int | None = None,
-              sparsity: float | None = None) -> list[Tensor]:
+              sparsity: float | None = None, noise_seed: int | None = None) -> list[Tensor]:
     """Per layer, bool ``[n_heads, n, n]``: what DuoAttention runs from a pattern folder over
     ``n`` tokens. ``phase``: ``decode`` (one token at a time after a one-token prefill: the
     streaming rule per token), ``chunked`` (``chunk`` tokens per forward) or ``prefill`` (one
@@ -315,7 +319,7 @@ def duo_masks(path: str | os.PathLike, n: int, n_heads: int, *, phase: str = "de
     gates, cfg = read_duo(path)
     if sparsity is None:
         sparsity = cfg.get("sparsity")
-    full = duo_full_heads(gates, sparsity=sparsity, threshold=None if sparsity is not None else 0.5)
+    full = duo_full_heads(gates, sparsity=sparsity, threshold=None if sparsity is not None else 0.5, noise_seed=noise_seed)
     size = {"decode": 1, "prefill": n, "chunked": chunk}[phase]
     if not size or size < 1:
         raise ValueError("phase 'chunked' needs chunk >= 1")

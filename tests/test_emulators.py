@@ -232,6 +232,8 @@ def test_duo_head_selection_and_streaming_phases():
     gates = np.array([[0.9, 0.2], [0.4, 0.7]])
     assert duo_full_heads(gates, sparsity=0.5).tolist() == [[True, False], [False, True]]
     assert duo_full_heads(gates, sparsity=0).all() and not duo_full_heads(gates, sparsity=1).any()
+    # tied 0/1 gates (earlier exports): Duo's tie-break noise picks the full heads at random
+    assert int(duo_full_heads(np.zeros((4, 2)), sparsity=0.5, noise_seed=0).sum()) == 4
     n, sink, recent = 60, 3, 7
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     decode = duo_streaming_mask(n, sink, recent, 1)
