@@ -214,7 +214,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 #: Formats whose file runs differently in the target tool: ``attnlab export`` emulates and reports them.
-REPORTED_FORMATS = ("minference", "duo", "flex")
+REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer")
 
 
 def export_length(policy: Any, seq_len: int | None) -> int:

@@ -12,6 +12,7 @@ format          emulator                                    target semantics
 ``minference``  `minference_masks`                          MInference ``minference_forward.py``
 ``duo``         `duo_masks`                                 DuoAttention ``utils.py``, ``patch/llama.py``
 ``flex``        `flex_masks`                                PyTorch ``BlockMask.from_kv_blocks``
+``flashinfer``  `flashinfer_masks`                          FlashInfer ``BlockSparseAttentionWrapper``
 ``npz``,        `mask_file_masks`                           the numpy-only reader of the README
 ``safetensors``
 ==============  ==========================================  =====================================
@@ -375,6 +376,37 @@ def _padded_blocks(num: Tensor, idx: Tensor) -> Tensor:
     return dense[..., :kb]
 
 
+# -- FlashInfer ------------------------------------------------------------------------------------
+def flashinfer_masks(path: str | os.PathLike) -> list[Tensor]:
+    """Per layer, bool ``[H, n, n]``: what FlashInfer's ``BlockSparseAttentionWrapper``
+    (``flashinfer/sparse.py``, ``plan``/``run``) computes from an exported file, one wrapper per
+    KV head: the BSR rows (``indptr``/``indices``) select ``R x C`` blocks and, because a
+    per-element ``mask (nnz, R, C)`` is given, only its pairs inside them (``causal`` is then
+    ignored by ``plan``); every query head of a KV group shares them."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnlab"])
+    t = load_file(str(path))
+    n, b, group, nkv = int(meta["seq_len"]), int(meta["block_size"]), int(meta["group"]), int(meta["n_kv_heads"])
+    qb = n // b
+    out = []
+    for lay in range(int(meta["n_layers"])):
+        heads = []
+        for g in range(nkv):
+            indptr = t[f"layer{lay}.kv{g}.indptr"].long()
+            cols = t[f"layer{lay}.kv{g}.indices"].long()
+            mask = t[f"layer{lay}.kv{g}.mask"].bool()
+            rows = torch.repeat_interleave(torch.arange(qb), indptr[1:] - indptr[:-1])
+            tiles = torch.zeros(qb, qb, b, b, dtype=torch.bool)
+            tiles[rows, cols] = mask
+            tok = tiles.permute(0, 2, 1, 3).reshape(n, n)
+            heads.extend([tok] * group)
+        out.append(torch.stack(heads))
+    return out
+
+
 # -- npz / safetensors --------------------------------------------------------------------------------
 def mask_file_masks(path: str | os.PathLike) -> list[Tensor]:
     """Per layer, bool ``[H, n, n]`` of an npz or safetensors mask file, read the way the README's
@@ -444,6 +476,8 @@ def deployed_masks(policy: Any, fmt: str, n: int, *, block_size: int | None = No
             raise ValueError(f"a {fmt} file holds masks for {m} tokens only")
         if fmt == "flex":
             return flex_masks(path, with_mask_mod=flex_mask_mod, compiled=flex_compiled)
+        if fmt == "flashinfer":
+            return flashinfer_masks(path)
         return mask_file_masks(path)
 
 

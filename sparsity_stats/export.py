@@ -78,9 +78,11 @@ from .kinds import Elastic, get_kind
 from .masks import check_block_size, check_seq_len, compile_policy
 from .policy import HeadPolicy, Policy, model_entry
 
-EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
-IMPORT_FORMATS = EXPORT_FORMATS
+EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo", "flashinfer")
+IMPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
 MASK_FORMATS = ("npz", "safetensors", "flex")
+#: Formats compiled at one length (``--seq-len`` required).
+COMPILED_FORMATS = (*MASK_FORMATS, "flashinfer")
 MASKS_FORMAT = "attnlab-masks"
 MASKS_SCHEMA = 1
 FILENAMES = {
@@ -89,6 +91,7 @@ FILENAMES = {
     "flex": ("flex_block_masks.safetensors",),
     "minference": ("minference_config.json",),
     "duo": ("full_attention_heads.tsv", "config.json"),
+    "flashinfer": ("flashinfer_bsr.safetensors",),
 }
 
 
@@ -127,15 +130,20 @@ def export_policy(
     _check_format(fmt, EXPORT_FORMATS)
     out_dir = Path(out_dir)
     b = check_block_size(block_size if block_size is not None else policy.block_size)
-    if fmt in MASK_FORMATS:
+    if fmt in COMPILED_FORMATS:
         if seq_len is None:
             raise FormatError(f"--seq-len is required for {fmt} masks: the masks are compiled at one length")
         n = check_seq_len(seq_len, policy.model)
     else:
         default = max(policy.profiled_lengths) if policy.profiled_lengths else policy.model.get("n_ctx")
         n = check_seq_len(seq_len if seq_len is not None else (default or 4096), policy.model)
+    if fmt == "flashinfer":
+        _check_flashinfer(policy, n, b)
     paths = _targets(out_dir, fmt, force)
-    if fmt in MASK_FORMATS:
+    if fmt == "flashinfer":
+        layouts = compile_policy(policy, n, b, progress=progress)
+        _write_flashinfer(paths[0], policy, layouts, _mask_meta(policy, layouts, n, b))
+    elif fmt in MASK_FORMATS:
         layouts = compile_policy(policy, n, b, progress=progress)
         meta = _mask_meta(policy, layouts, n, b, flex=fmt == "flex")
         writer = {"npz": _write_npz, "safetensors": _write_safetensors, "flex": _write_flex}[fmt]
@@ -252,6 +260,62 @@ def _write_flex(path: Path, layouts: list[BlockSparseLayout], meta: dict[str, An
             "full_kv_indices, BLOCK_SIZE=block_size, mask_mod=M) with M(b, h, q, k) = k <= q & k < seq_len & "
             "(window[h] == 0 | k < sink[h] | q - k < window[h]); without mask_mod partial blocks are attended whole "
             "(see the README's Exports section)")}
+    write_safetensors(path, tensors, {"attnlab": json.dumps(meta)})
+
+
+# -- FlashInfer ------------------------------------------------------------------------------
+#: How to run a flashinfer export (written into its metadata).
+FLASHINFER_USAGE = (
+    "per layer l and KV head g: BlockSparseAttentionWrapper.plan(indptr, indices, M=seq_len, N=seq_len, R=block_size, "
+    "C=block_size, num_qo_heads=group, num_kv_heads=1, head_dim, mask=mask.bool()) with the arrays layer{l}.kv{g}.*, then run "
+    "on that KV head's query heads (query heads g*group .. g*group+group-1) and its K/V"
+)
+
+
+def _check_flashinfer(policy: Policy, n: int, b: int) -> None:
+    """FlashInfer's block-sparse rows are per KV head (one wrapper per KV head) and most of its
+    backends need ``N`` divisible by ``C``: refuse what it cannot run."""
+    if n % b:
+        raise FormatError(f"flashinfer: --seq-len {n} is not a multiple of the block size {b}; FlashInfer's block-sparse "
+                          f"attention needs N divisible by C: export at {n - n % b or b} or {n + b - n % b} tokens")
+    group = policy.n_heads // int(policy.model["n_kv_heads"])
+    for lay in range(policy.n_layers):
+        entries = policy.layer(lay)
+        for e in entries:
+            first = entries[(e.head // group) * group]
+            if (e.kind, get_kind(e.kind).to_json(e.params)) != (first.kind, get_kind(first.kind).to_json(first.params)):
+                raise FormatError(ERR_NOT_REPRESENTABLE.format(
+                    head=f"(layer {e.layer}, head {e.head})", kind=e.kind, fmt="flashinfer",
+                    why=f"FlashInfer's block-sparse rows are per KV head and KV head {e.head // group} mixes "
+                        f"{first.describe()} and {e.describe()}; generate with --gqa"))
+
+
+def _write_flashinfer(path: Path, policy: Policy, layouts: list[BlockSparseLayout], meta: dict[str, Any]) -> None:
+    """Per layer and KV head FlashInfer's block-sparse row arrays: ``indptr [QB + 1]``,
+    ``indices [nnz]`` (key blocks of each query-block row) and ``mask [nnz, B, B]`` (uint8, the
+    pairs of each listed block to attend: the layout's token semantics)."""
+    from attnlab.runs import write_safetensors
+
+    group = policy.n_heads // int(policy.model["n_kv_heads"])
+    b = meta["block_size"]
+    tensors: dict[str, torch.Tensor] = {}
+    for lay in layouts:
+        tm = lay.token_mask()
+        blocks = lay.block_mask()
+        for g in range(lay.n_heads // group):
+            h = g * group
+            rows, cols = torch.nonzero(blocks[h], as_tuple=True)
+            counts = blocks[h].sum(-1)
+            indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+            tiles = tm[h].reshape(lay.n_q_blocks, b, lay.n_k_blocks, b).permute(0, 2, 1, 3)
+            tensors[f"layer{lay.layer}.kv{g}.indptr"] = indptr.to(torch.int32)
+            tensors[f"layer{lay.layer}.kv{g}.indices"] = cols.to(torch.int32)
+            tensors[f"layer{lay.layer}.kv{g}.mask"] = tiles[rows, cols].to(torch.uint8).contiguous()
+    meta = {**meta, "format": "attnlab-flashinfer-bsr", "group": group, "n_kv_heads": int(policy.model["n_kv_heads"]),
+            "usage": FLASHINFER_USAGE, "arrays": {
+                "layer{l}.kv{g}.indptr": "int32 [QB + 1]: BSR row pointer over query blocks (block_size rows each)",
+                "layer{l}.kv{g}.indices": "int32 [nnz]: key-block column of each listed block, ascending within a row",
+                "layer{l}.kv{g}.mask": "uint8 [nnz, block_size, block_size]: 1 = that (query, key) pair is attended"}}
     write_safetensors(path, tensors, {"attnlab": json.dumps(meta)})
 
 

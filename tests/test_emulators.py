@@ -134,6 +134,37 @@ def test_duo_decoding_is_exact_prefill_is_dense_chunks_see_more(tmp_path, n):
     assert before.superset and not before.equal and sum(h.added for h in before.heads) == 4 * (n - 4 - 33)
 
 
+GQA_MIXED = make_policy([
+    [("dense", {}), ("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("streaming", {"sink": 4, "window": 40})],
+    [("vertical_slash", {"vertical": 32, "slash": 48})] * 2 + [("a_shape", {"sink": 16, "window": 48})] * 2,
+])
+
+
+@pytest.mark.parametrize("n", [128, 256, 608])
+def test_flashinfer_block_sparse_rows_run_exactly_the_validated_mask(tmp_path, n):
+    val = quiet(validated_masks, GQA_MIXED, n)
+    dep = quiet(deployed_masks, GQA_MIXED, "flashinfer", n)
+    assert compare_deployment(GQA_MIXED, val, dep, "flashinfer").equal
+    (path,) = export_policy(GQA_MIXED, tmp_path, "flashinfer", seq_len=n)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["attnlab"])
+        indptr, mask = f.get_tensor("layer1.kv0.indptr"), f.get_tensor("layer1.kv0.mask")
+    assert indptr.shape == (n // 16 + 1,) and mask.shape[1:] == (16, 16) and int(indptr[-1]) == mask.shape[0]
+    assert meta["group"] == 2 and "num_kv_heads=1" in meta["usage"]
+
+
+def test_flashinfer_refuses_ragged_lengths_and_mixed_kv_groups(tmp_path):
+    with pytest.raises(FormatError, match=r"--seq-len 100 is not a multiple of the block size 16.*export at 96 or 112"):
+        export_policy(GQA_MIXED, tmp_path, "flashinfer", seq_len=100)
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 1\) \(streaming\) cannot be written in flashinfer.*KV head 0 mixes"):
+        export_policy(MIXED, tmp_path, "flashinfer", seq_len=128)
+    with pytest.raises(FormatError, match="unknown format 'flashinfer'"):
+        import_policy("flashinfer", tmp_path / "x", MODEL)
+    assert not any(tmp_path.iterdir())
+
+
 def test_mixed_policy_export_refuses_what_a_target_cannot_run_without_lossy(tmp_path):
     with pytest.raises(FormatError, match=r"\(block_topk\).*--lossy"):
         export_policy(make_policy([[("dense", {}), ("block_topk", {"topk": 64}), ("dense", {}), ("dense", {})]] * 2),
