@@ -254,6 +254,10 @@ def test_cli_export_and_import_round_trip(tmp_path, capsys):
     assert cli("export", str(pol_path), "--seq-len", "256", "--format", "npz", "--out", str(tmp_path / "m"), "--model", str(run.path), "--quiet") == 0
     assert "masks.npz" in capsys.readouterr().out
     assert cli("export", str(pol_path), "--seq-len", "256", "--format", "minference", "--out", str(tmp_path / "m")) == 0
+    out = capsys.readouterr().out  # the policy as MInference will run it, against what was validated
+    assert "as minference runs it at 256 tokens: mean density" in out and "(validated " in out
+    assert cli("export", str(pol_path), "--seq-len", "256", "--format", "flex", "--out", str(tmp_path / "f0"), "--no-report") == 0
+    assert "runs it" not in capsys.readouterr().out
     assert cli("import", "minference", str(tmp_path / "m" / "minference_config.json"), "--model", str(run.path),
                "--block-size", "16", "--seq-len", "256", "--out", str(tmp_path / "back.json")) == 0
     back = Policy.load(tmp_path / "back.json", model=run.model)
