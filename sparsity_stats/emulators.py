@@ -579,15 +579,16 @@ def compare_deployment(policy: Any, validated: Sequence[Tensor], deployed: Seque
     future_pairs = ~_causal(n)
     rep = DeploymentReport(fmt, n)
     for lay, (a, b) in enumerate(zip(validated, deployed, strict=True)):
-        for h in range(a.shape[0]):
-            rep.heads.append(HeadDeployment(
-                lay, h, policy.entry(lay, h).kind, float(a[h].sum()) / causal, float(b[h].sum()) / causal,
-                int((b[h] & ~a[h]).sum()), int((a[h] & ~b[h]).sum()), int((b[h] & future_pairs).sum())))
+        # numpy's count_nonzero is ~30x faster than torch's on bool tensors
+        counts = [np.count_nonzero(x.numpy().reshape(x.shape[0], -1), axis=1).tolist()
+                  for x in (a, b, b & ~a, a & ~b, b & future_pairs)]
+        for h, (va, vb, add, drop, fut) in enumerate(zip(*counts, strict=True)):
+            rep.heads.append(HeadDeployment(lay, h, policy.entry(lay, h).kind, va / causal, vb / causal, add, drop, fut))
     return rep
 
 
 #: ``attnlab export`` emulates at most this many tokens (token masks are O(n^2) per head).
-REPORT_MAX_TOKENS = 2048
+REPORT_MAX_TOKENS = 1024
 
 
 def deployment_report(policy: Any, fmt: str, n: int, *, block_size: int | None = None, lossy: bool = False) -> DeploymentReport:
