@@ -4,7 +4,7 @@
 
     attnlab policy RUN --budget 0.15 [--out policy.json]             # = attnlab policy make RUN ...
     attnlab policy compare RUN --budgets 0.05,0.1,0.2,0.4            # table + HTML trade-off plot
-    attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo --out masks/
+    attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo|flashinfer --out masks/
     attnlab import minference|duo|npz|safetensors|flex FILE --run RUN --out policy.json
 
 ``attnlab/cli.py`` registers them with `add_commands`; options are typed and range-checked by
@@ -324,7 +324,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="compile a policy into per-head masks or another tool's config",
         description="Compile POLICY at --seq-len and --block-size into per-layer block-sparse masks "
-        "(npz, safetensors, flex) or write it as a MInference or DuoAttention config.",
+        "(npz, safetensors, flex, FlashInfer block-sparse rows) or write it as a MInference or DuoAttention config; "
+        "for minference, duo, flex and flashinfer it then prints the policy as that tool will run it (emulated), "
+        "against the mask attnlab validates.",
     )
     e.add_argument("policy", metavar="POLICY", help="policy JSON from `attnlab policy`")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
