@@ -25,8 +25,8 @@ without an input, so a mask with no input is comparable with `BlockSparseLayout.
 `deployed_masks` exports a policy to a temporary folder and emulates the result;
 `compare_deployment` sets it against the layouts attnlab validates and reports, per head, the
 density as deployed, the pairs added and dropped and the heads that run dense. ``attnlab
-export`` prints that report; `deployed_masks_for_input` is what ``attnlab validate --as FORMAT``
-runs the model with.
+export`` prints that report; a `Deployment` (one export, read back once) gives per layer and
+input the mask ``attnlab validate --as FORMAT`` runs the model with.
 """
 
 from __future__ import annotations
@@ -315,9 +315,15 @@ def duo_masks(path: str | os.PathLike, n: int, n_heads: int, *, phase: str = "de
     ``n`` tokens. ``phase``: ``decode`` (one token at a time after a one-token prefill: the
     streaming rule per token), ``chunked`` (``chunk`` tokens per forward) or ``prefill`` (one
     forward: dense for every head). ``sparsity`` defaults to the one the export recorded."""
+    gates, cfg = read_duo(path)
+    return duo_masks_from(gates, cfg, n, n_heads, phase=phase, chunk=chunk, sparsity=sparsity, noise_seed=noise_seed)
+
+
+def duo_masks_from(gates: np.ndarray, cfg: dict[str, Any], n: int, n_heads: int, *, phase: str = "decode",
+                   chunk: int | None = None, sparsity: float | None = None, noise_seed: int | None = None) -> list[Tensor]:
+    """`duo_masks` from gates ``[layers, kv_heads]`` and a ``config.json`` already read."""
     if phase not in DUO_PHASES:
         raise ValueError(f"phase must be one of {DUO_PHASES}")
-    gates, cfg = read_duo(path)
     if sparsity is None:
         sparsity = cfg.get("sparsity")
     full = duo_full_heads(gates, sparsity=sparsity, threshold=None if sparsity is not None else 0.5, noise_seed=noise_seed)
@@ -481,13 +487,63 @@ def deployed_masks(policy: Any, fmt: str, n: int, *, block_size: int | None = No
         return mask_file_masks(path)
 
 
+class Deployment:
+    """A policy exported once to ``fmt`` and read back as the target reads it, for per-input use
+    (``attnlab validate --as FORMAT``): `layer_mask` gives, for one layer and one input, the
+    token mask the target runs. ``seq_len``: the export length (required for the mask formats,
+    whose files hold one length; the config formats default to the policy's longest profiled
+    length, as ``attnlab export`` does). Nothing stays on disk."""
+
+    def __init__(self, policy: Any, fmt: str, *, seq_len: int | None = None, block_size: int | None = None,
+                 lossy: bool = True, phase: str = "decode", chunk: int | None = None, flex_mask_mod: bool = True) -> None:
+        from .export import FILENAMES, export_policy
+
+        self.policy, self.fmt, self.phase, self.chunk = policy, fmt, phase, chunk
+        self.seq_len = seq_len
+        with tempfile.TemporaryDirectory() as tmp:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_policy(policy, tmp, fmt, seq_len=seq_len, block_size=block_size, lossy=lossy)
+            path = Path(tmp) / FILENAMES[fmt][0]
+            self.config: Any = None
+            self.duo: tuple[np.ndarray, dict[str, Any]] | None = None
+            self.masks: list[Tensor] | None = None
+            if fmt == "minference":
+                self.config = json.loads(path.read_text())
+            elif fmt == "duo":
+                self.duo = read_duo(tmp)
+            elif fmt == "flex":
+                self.masks = flex_masks(path, with_mask_mod=flex_mask_mod)
+            elif fmt == "flashinfer":
+                self.masks = flashinfer_masks(path)
+            else:
+                self.masks = mask_file_masks(path)
+        self._duo_cache: dict[int, list[Tensor]] = {}
+
+    def layer_mask(self, layer: int, q: Tensor, k: Tensor) -> Tensor:
+        """Bool ``[H, n, n]``: what the target runs for ``layer`` on one prefill (``q [H, n, d]``,
+        ``k [H_kv, n, d]``, post-RoPE); MInference's dynamic heads select from this q/k."""
+        n = int(q.shape[-2])
+        if self.config is not None:
+            return minference_masks([self.config[layer]], n, lambda _: (q, k), n_heads=self.policy.n_heads)[0]
+        if self.duo is not None:
+            if n not in self._duo_cache:
+                self._duo_cache = {n: duo_masks_from(*self.duo, n, self.policy.n_heads, phase=self.phase, chunk=self.chunk)}
+            return self._duo_cache[n][layer]
+        assert self.masks is not None
+        if n != self.masks[layer].shape[-1]:
+            raise ValueError(f"a {self.fmt} file holds masks for {self.masks[layer].shape[-1]} tokens, the input has {n}: "
+                             f"export at --seq-len {n}")
+        return self.masks[layer]
+
+
 def deployed_masks_for_input(policy: Any, fmt: str, layer: int, q: Tensor, k: Tensor, **kwargs: Any) -> Tensor:
     """Bool ``[H, n, n]``: what the target runs for one layer on one input (``q [H, n, d]``,
-    ``k [H_kv, n, d]``, post-RoPE); dynamic heads select from this input as the tool does.
-    ``attnlab validate --as FORMAT`` attends each layer with this mask."""
-    n = int(q.shape[-2])
-    masks = deployed_masks(policy, fmt, n, qk=lambda lay: (q, k), **kwargs) if fmt == "minference" else deployed_masks(policy, fmt, n, **kwargs)
-    return masks[layer]
+    ``k [H_kv, n, d]``, post-RoPE), exported at the input's length. For many layers or inputs
+    build one `Deployment` and call its `Deployment.layer_mask`."""
+    return Deployment(policy, fmt, seq_len=int(q.shape[-2]), **kwargs).layer_mask(layer, q, k)
 
 
 def validated_masks(policy: Any, n: int, *, block_size: int | None = None, qk: QK | None = None) -> list[Tensor]:

@@ -19,6 +19,7 @@ from test_export import MIXED, MODEL, make_policy
 from attnlab.sparsity_stats import FormatError, compile_policy, export_policy, import_policy
 from attnlab.sparsity_stats.emulators import (
     MI_DEFAULT_PATTERN,
+    Deployment,
     compare_deployment,
     deployed_masks,
     deployed_masks_for_input,
@@ -256,6 +257,14 @@ def test_minference_with_an_input_selects_per_token():
     assert all(bool(vs[i, i - d]) for i in range(100, n) for d in range(100))  # last 100 diagonals
     one = quiet(deployed_masks_for_input, pol, "minference", 1, qs[1], ks[1])
     assert torch.equal(one, dep[1])
+    dep_once = Deployment(pol, "minference", seq_len=4096)  # sizes resolved at the export length, as attnlab export does
+    assert torch.equal(dep_once.layer_mask(0, qs[0], ks[0]), dep[0])
+    duo = Deployment(DUO_SMALL, "duo", seq_len=n)
+    assert torch.equal(duo.layer_mask(1, qs[1], ks[1]), quiet(deployed_masks, DUO_SMALL, "duo", n)[1])
+    npz = Deployment(PROFILED, "npz", seq_len=n)
+    assert torch.equal(npz.layer_mask(0, qs[0], ks[0]), quiet(validated_masks, PROFILED, n)[0])
+    with pytest.raises(ValueError, match="holds masks for 257 tokens, the input has 100"):
+        npz.layer_mask(0, qs[0][:, :100], ks[0][:, :100])
 
 
 # -- DuoAttention's own rules -------------------------------------------------------------------
