@@ -102,7 +102,7 @@ def _policy_make(args: argparse.Namespace) -> int:
     from .generator import PolicyGenerator
 
     run = Run.open(args.run)
-    out = Path(args.out) if args.out else run.file(POLICY)
+    out = Path(args.out) if args.out is not None else run.file(POLICY)  # '' is refused, not the default
     _refuse_existing(out, args.force)
     gen = PolicyGenerator(budget=args.budget, budget_kind=args.budget_kind, **_generator_kwargs(args)).fit(run)
     policy = gen.emit()
@@ -130,10 +130,10 @@ def _policy_compare(args: argparse.Namespace) -> int:
     from .compare import compare_policies, format_table, write_tradeoff_html
 
     run = Run.open(args.run)
-    out = Path(args.out) if args.out else run.path / COMPARE_TABLE
+    out = Path(args.out) if args.out is not None else run.path / COMPARE_TABLE  # '' is refused, not the default
+    _refuse_existing(out, args.force)  # before with_suffix, which fails on '.' and 'x/..'
     html = out.with_suffix(".html")
-    for p in (out, html):
-        _refuse_existing(p, args.force)
+    _refuse_existing(html, args.force)
     kwargs = _generator_kwargs(args)
     progress = kwargs.pop("progress")
     table = compare_policies(run, args.budgets, budget_kind=args.budget_kind, progress=progress,

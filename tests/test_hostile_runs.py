@@ -386,14 +386,17 @@ def test_a_truncated_or_inconsistent_block_map_file_is_one_error_naming_it(run, 
     assert "block_maps.safetensors is not a readable block-map file" in err and "re-create it with `attnlab profile" in err
 
 
-@pytest.mark.parametrize("out", [".", "x/..", "x/../."])
-def test_an_out_that_names_a_folder_is_refused_and_leaves_nothing(run, tmp_path, capsys, monkeypatch, out):
+@pytest.mark.parametrize("command", [["policy"], ["policy", "compare"]])
+@pytest.mark.parametrize("out", [".", "x/..", "x/../.", ""])
+def test_an_out_that_names_a_folder_is_refused_and_leaves_nothing(run, tmp_path, capsys, monkeypatch, out, command):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    err = _one_error_line(capsys, ["policy", str(run.path), "--out", out, "--quiet"])
+    before = sorted(p.name for p in run.path.iterdir())
+    err = _one_error_line(capsys, [*command, str(run.path), "--out", out, "--quiet"])
     assert "give a file path for --out" in err
     assert list(work.iterdir()) == [] and not list(tmp_path.glob("*partial*"))
+    assert sorted(p.name for p in run.path.iterdir()) == before, "'' is not the run's default output"
 
 
 def test_the_option_the_causal_check_error_names_exists():
