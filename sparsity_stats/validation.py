@@ -262,6 +262,7 @@ def validate_policy(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    deployed_as: str | None = None,
 ) -> ValidationReport:
     """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
 
@@ -273,8 +274,17 @@ def validate_policy(
             ``prompt_tokens`` tokens (held-out: another seed than profiling's default).
         needle_samples: passkey samples for needle accuracy (0 = skip).
         out: a run directory to add the report to (created if absent; checked before any work).
+        deployed_as: an export format (``minference``, ``duo``, ``flex``, ...): run the policy as
+            that tool runs the exported file (`attnlab.sparsity_stats.deployed`), through the fp32
+            reference, instead of through ``executor``.
     """
-    ex = PolicyExecutor(policy, executor)
+    if deployed_as is not None:
+        from .deployed import DeployedExecutor
+
+        ex = DeployedExecutor(policy, deployed_as)
+        executor = ex.executor
+    else:
+        ex = PolicyExecutor(policy, executor)
     ex.check_model(model)
     if out is not None:
         preflight_run(out, model)
