@@ -14,6 +14,7 @@ from attnlab.cliargs import (
     positive_int,
 )
 from attnlab.errors import AttnlabError
+from attnlab.shards import add_shard_argument
 
 from .executors import EXECUTORS
 
@@ -33,6 +34,7 @@ def _policy_names(paths: list[str]) -> dict[str, str]:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, ensure_run, preflight_run
+    from attnlab.shards import mark_shard
     from attnlab.tasks import resolve_tasks, task_suite
 
     from .evaluate import evaluate, format_summary, summarize
@@ -51,13 +53,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         raise AttnlabError(f"--lengths {too_long} exceed the model's context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
     preflight_run(args.out, model)
     samples = task_suite(model.tokenizer, tasks, args.lengths, args.samples, seed=args.seed)
+    total = len(samples)
+    if args.shard is not None:
+        samples = args.shard.take(samples)
+        if not samples:
+            raise AttnlabError(f"--shard {args.shard} gets no sample of {total}: use at most {total} shards")
     table = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet)
     summary = summarize(table)
-    run = ensure_run(args.out, model, "eval", {"tasks": tasks, "lengths": list(args.lengths), "samples": args.samples,
-                                               "seed": args.seed, "executor": args.executor,
-                                               "policies": {k: str(v) for k, v in _policy_names(args.policy or []).items()}})
+    parameters = {"tasks": tasks, "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
+                  "executor": args.executor,
+                  "policies": {k: str(v) for k, v in _policy_names(args.policy or []).items()}}
+    run = ensure_run(args.out, model, "eval", parameters)
     run.write(EVAL_SAMPLES, table)
     run.write(EVAL_SUMMARY, summary)
+    if args.shard is not None:
+        mark_shard(run, args.shard.record("eval", parameters, [s.name for s in samples], total))
     print(format_summary(summary))
     print(f"wrote {run.file(EVAL_SAMPLES)} and {run.file(EVAL_SUMMARY)}")
     return 0
@@ -82,5 +92,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=EXECUTORS, default="flex", help="how sparse prefill runs (default flex)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the results (created, or added to)")
+    add_shard_argument(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_eval)

@@ -139,3 +139,16 @@ def format_summary(summary: pd.DataFrame) -> str:
         lines.append(f"{r.task:<18} {r.length:>6} {r.method:<16} {r.n:>4} {r.score:>6.3f} "
                      f"[{r.ci_low:.3f}, {r.ci_high:.3f}] {r.density:>8.3f}  {paired}")
     return "\n".join(lines)
+
+
+def merge_eval_shards(shards: list, merged) -> None:
+    """`attnlab merge` of ``eval`` shards: the answers in the single-process order, the summary
+    recomputed from them (what one process would have written)."""
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY
+    from attnlab.shards import full_order
+
+    position = full_order(shards)
+    table = pd.concat([run.read(EVAL_SAMPLES) for run in shards], ignore_index=True)
+    table = table.iloc[table["sample"].map(position).argsort(kind="stable")].reset_index(drop=True)
+    merged.write(EVAL_SAMPLES, table)
+    merged.write(EVAL_SUMMARY, summarize(table))
