@@ -148,10 +148,14 @@ def _uuid(rng: random.Random) -> str:
 
 
 def _keys(rng: random.Random, n: int) -> list[str]:
-    pairs = set()
+    # a list, not a set: a set's order depends on PYTHONHASHSEED, and samples must be the same
+    # in every process (shards, Ray workers)
+    pairs: list[str] = []
     while len(pairs) < n:
-        pairs.add(f"{rng.choice(_KEY_WORDS)}-{rng.choice(_KEY_WORDS)}")
-    return sorted(pairs, key=lambda _: rng.random())
+        pair = f"{rng.choice(_KEY_WORDS)}-{rng.choice(_KEY_WORDS)}"
+        if pair not in pairs:
+            pairs.append(pair)
+    return pairs
 
 
 def _noise_units(n: int) -> list[str]:
@@ -212,10 +216,11 @@ def _niah(task: str, rng: random.Random, seed_text: str) -> _Content:
 
 
 def _variable_tracking(rng: random.Random) -> _Content:
-    names = set()
-    while len(names) < 5:
-        names.add("".join(rng.choice(string.ascii_uppercase) for _ in range(5)))
-    chain = sorted(names, key=lambda _: rng.random())
+    chain: list[str] = []  # a list, not a set (see _keys)
+    while len(chain) < 5:
+        name = "".join(rng.choice(string.ascii_uppercase) for _ in range(5))
+        if name not in chain:
+            chain.append(name)
     value = str(rng.randint(10000, 99999))
     needles = [f"VAR {chain[0]} = {value}. "] + [
         f"VAR {chain[i]} = VAR {chain[i - 1]}. " for i in range(1, len(chain))

@@ -42,6 +42,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .policy import Policy
 
     tasks = resolve_tasks(args.tasks)  # bad names before the model loads
+    if args.ray is not None:
+        return _eval_on_ray(args, tasks)
     if args.executor == "triton":
         prepare_triton()
     policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
@@ -73,6 +75,31 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
+    """The same job as Ray tasks, one shard per worker, merged into --out."""
+    from attnlab.ray_engine import run_sharded
+    from attnlab.runs import EVAL_SUMMARY
+    from attnlab.shards import ShardError
+
+    from .evaluate import format_summary
+
+    if args.shard is not None:
+        raise ShardError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # workers' cwd differs
+    argv = ["eval", "--model", model, "--tasks", ",".join(tasks), "--lengths", ",".join(map(str, args.lengths)),
+            "--samples", str(args.samples), "--executor", args.executor, "--seed", str(args.seed)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    for policy in args.policy or []:
+        argv += ["--policy", str(Path(policy).resolve())]
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
+    print(format_summary(run.read(EVAL_SUMMARY)))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     from attnlab.tasks import TASKS
 
@@ -93,5 +120,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the results (created, or added to)")
     add_shard_argument(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the shards as Ray tasks and merge them: on a local cluster started here, or on the "
+                        "cluster at ADDRESS (needs pip install 'attnlab[ray]')")
+    p.add_argument("--workers", type=positive_int, default=2, help="shards (Ray tasks) with --ray (default 2)")
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_eval)

@@ -75,3 +75,19 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     assert "is not a shard" in capsys.readouterr().err
     assert not any((tmp_path / m).exists() for m in ("m2", "m3", "m4", "m5"))
     assert not list(tmp_path.glob(".m*.partial"))
+
+
+def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp_path, capsys):
+    """Real Ray, locally, 2 workers: the merged run equals one process's; the shards are cleaned."""
+    assert main(eval_args(tiny_dir, tmp_path / "single")) == 0
+    assert main(eval_args(tiny_dir, tmp_path / "ray", "--ray", "--workers", "2")) == 0
+    assert "2 shards on Ray, merged" in capsys.readouterr().out
+    single, merged = Run.open(tmp_path / "single"), Run.open(tmp_path / "ray")
+    pd.testing.assert_frame_equal(merged.read(EVAL_SAMPLES), single.read(EVAL_SAMPLES))
+    pd.testing.assert_frame_equal(merged.read(EVAL_SUMMARY), single.read(EVAL_SUMMARY))
+    assert not (tmp_path / ".ray.shards").exists()
+    # a shard that fails on every try stops the job with its error line; nothing is merged
+    assert main([*eval_args(tmp_path / "no-such-model", tmp_path / "bad"), "--ray", "--workers", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "failed after 2 retries" in err and "could not load model" in err
+    assert not (tmp_path / "bad").exists()

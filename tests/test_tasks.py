@@ -220,3 +220,20 @@ def test_eval_cli_writes_paired_results_to_the_run(embedded, tmp_path, capsys):
     assert main(["eval", "--tasks", "niah_noise,nope", "--out", str(out)]) == 2
     assert "error: unknown task 'nope'" in capsys.readouterr().err
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
+def test_samples_are_the_same_in_every_process():
+    """Shards and Ray workers rebuild samples in other processes: nothing may depend on the
+    interpreter's string-hash seed (a set's order did)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from attnlab.models import EMBEDDED_MODELS, EMBEDDED_NAME, _embedded_cache\n"
+            "from transformers import AutoTokenizer\n"
+            "from attnlab.tasks import task_suite\n"
+            "tok = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=False))\n"
+            "for s in task_suite(tok, 'all', [700], 2, seed=7): print(s.name, s.input_ids.sum().item(), s.answers)\n")
+    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout for seed in ("1", "2")]
+    assert outs[0] == outs[1] and outs[0].count("\n") == 18
