@@ -26,6 +26,7 @@ from attnlab.cliargs import (
     positive_int,
 )
 from attnlab.errors import AttnlabError
+from attnlab.shards import add_shard_argument
 
 #: The stages' command modules, each with ``add_commands(subparsers)``. Named as strings: this
 #: façade sits above every stage, and a stage whose package is absent simply adds nothing.
@@ -76,6 +77,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     run = profile(
         model, prompts, args.out, config=config, path=args.path, probe=args.prompts.split(":")[0] if args.prompts.startswith("builtin") else os.path.basename(args.prompts),
         force=args.force, progress=not args.quiet, extra_parameters={"seed": args.seed, "chat": args.chat},
+        shard=args.shard,
     )
     print(summarize(run, top=args.top))
     print(f"wrote {run.path}")
@@ -133,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=positive_int, default=5, help="heads per summary line")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
+    add_shard_argument(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_profile)
 

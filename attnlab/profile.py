@@ -41,6 +41,7 @@ from attnlab.runs import (
     write_parquet,
     write_safetensors,
 )
+from attnlab.shards import Shard
 from attnlab.stats import StatConfig
 
 _ERR_OTHER_PARTIAL = (
@@ -79,11 +80,14 @@ def profile(
     force: bool = False,
     progress: bool = True,
     extra_parameters: dict[str, Any] | None = None,
+    shard: Shard | None = None,
 ) -> Run:
     """Profile ``prompts`` on ``model`` and write the run directory ``out``.
 
     Every input is checked before anything is written: an existing ``out`` without ``force``,
-    an unwritable parent, a prompt longer than the model's context.
+    an unwritable parent, a prompt longer than the model's context. With ``shard`` (``I/N``)
+    only the samples ``i % N == I`` are profiled (keeping their global sample numbers) into a
+    shard run that also keeps its exact block-map sums, for `attnlab merge`.
     """
     config = config or StatConfig()
     out = check_writable_target(out, force=force)
@@ -106,12 +110,17 @@ def profile(
     # one profile per --out at a time: a second one is told who holds it, and never crashes
     # into the first one's partial folder (the lock moves into the finished run with it)
     with file_lock(partial, wait=False, what="the same command to resume"):
-        return _profile_locked(model, prompts, out, partial, config, path, probe, force, progress, parameters)
+        return _profile_locked(model, prompts, out, partial, config, path, probe, force, progress, parameters, shard)
 
 
 def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, partial: Path, config: StatConfig, path: str,
-                    probe: str, force: bool, progress: bool, parameters: dict[str, Any]) -> Run:
+                    probe: str, force: bool, progress: bool, parameters: dict[str, Any], shard: Shard | None = None) -> Run:
+    todo = list(range(len(prompts))) if shard is None else shard.take(range(len(prompts)))
+    if not todo:
+        raise RunError(f"--shard {shard} gets no sample of {len(prompts)}: use at most {len(prompts)} shards")
     manifest = new_manifest("profile", model.identity(), parameters)
+    if shard is not None:
+        manifest["shard"] = shard.record("profile", parameters, [str(i) for i in todo], len(prompts))
     done: set[int] = set()
     old = _read_manifest(partial)
     if old is not None and old.get("parameters") == parameters and old.get("model") == manifest["model"]:
@@ -126,8 +135,9 @@ def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, pa
     max_blocks = -(-max(p.n_tokens for p in prompts) // config.block_size)
     acc = _load_accum(partial, done, model, max_blocks)
     names = config.names
-    bar = tqdm(total=len(prompts), desc=f"profiling {model.name}", unit="sample", disable=not progress, initial=len(done))
-    for i, prompt in enumerate(prompts):
+    bar = tqdm(total=len(todo), desc=f"profiling {model.name}", unit="sample", disable=not progress, initial=len(done))
+    for i in todo:
+        prompt = prompts[i]
         if i in done:
             continue
         bar.set_postfix_str(f"{prompt.n_tokens} tokens, {path} path")
@@ -141,25 +151,31 @@ def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, pa
         bar.update(1)
     bar.close()
 
-    shards = [pd.read_parquet(partial / "samples" / f"{i:05d}.parquet") for i in range(len(prompts))]
-    table = pd.concat(shards, ignore_index=True)
+    parts = [pd.read_parquet(partial / "samples" / f"{i:05d}.parquet") for i in todo]
+    table = pd.concat(parts, ignore_index=True)
     table["statistic"] = table["statistic"].astype(str)
     write_parquet(partial / HEAD_STATS, table)
-    count = acc["count"]
-    denom = count.clamp_min(1).to(torch.float64)
-    BlockMaps(
-        block_size=config.block_size,
-        mass_sum=(acc["sum"] / denom).to(torch.float32),
-        mass_max=(acc["max"] / denom).to(torch.float32),
-        count=count.to(torch.int32),
-    ).save(partial / BLOCK_MAPS)
+    _block_maps_from(acc, config.block_size).save(partial / BLOCK_MAPS)
     shutil.rmtree(partial / "samples")
-    (partial / PROFILE_ACCUM).unlink()
+    if shard is None:
+        (partial / PROFILE_ACCUM).unlink()  # a shard keeps its exact float64 sums for the merge
     manifest["status"] = "complete"
     manifest["tables"] = {HEAD_STATS.filename: len(table), BLOCK_MAPS.filename: list(acc["sum"].shape)}
     write_json(partial / MANIFEST, manifest)
     finalize_partial(partial, out)
     return Run.open(out)
+
+
+def _block_maps_from(acc: dict[str, torch.Tensor], block_size: int) -> BlockMaps:
+    """Mean block maps from the running float64 sums over the cells measured."""
+    count = acc["count"]
+    denom = count.clamp_min(1).to(torch.float64)
+    return BlockMaps(
+        block_size=block_size,
+        mass_sum=(acc["sum"] / denom).to(torch.float32),
+        mass_max=(acc["max"] / denom).to(torch.float32),
+        count=count.to(torch.int32),
+    )
 
 
 def _clear(partial: Path) -> None:
@@ -220,6 +236,29 @@ def _add_sample_blocks(acc: dict[str, torch.Tensor], result, block_size: int) ->
 # ---------------------------------------------------------------------------------------
 # reading a run back
 # ---------------------------------------------------------------------------------------
+def merge_profile_shards(shards: list[Run], merged: Run) -> None:
+    """`attnlab merge` of ``profile`` shards: statistics in sample order, block maps from the
+    shards' exact sums (what one process would have written)."""
+    tables = [run.read(HEAD_STATS) for run in shards]
+    table = pd.concat(tables, ignore_index=True)
+    table = table.iloc[table["sample"].argsort(kind="stable")].reset_index(drop=True)
+    acc: dict[str, torch.Tensor] | None = None
+    for run in shards:
+        tensors, _ = read_safetensors(run.require(PROFILE_ACCUM))
+        if acc is None:
+            acc = {k: v.clone() for k, v in tensors.items() if k in ("sum", "max", "count")}
+        else:
+            if tuple(tensors["sum"].shape) != tuple(acc["sum"].shape):
+                raise RunError(f"{run.file(PROFILE_ACCUM)} has block maps of another shape than the other shards: "
+                               "re-run that shard with the job's command")
+            for k in acc:
+                acc[k] += tensors[k]
+    merged.write(HEAD_STATS, table)
+    _block_maps_from(acc, int(merged.manifest["parameters"]["stat_config"]["block_size"])).save(merged.file(BLOCK_MAPS))
+    merged.manifest["tables"] = {HEAD_STATS.filename: len(table), BLOCK_MAPS.filename: list(acc["sum"].shape)}
+    write_json(merged.file(MANIFEST), merged.manifest)
+
+
 def head_means(run: Run, statistics: Sequence[str] | None = None) -> pd.DataFrame:
     """Mean of each statistic over samples: one row per (layer, head), one column per statistic."""
     table = run.head_stats()

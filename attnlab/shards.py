@@ -21,18 +21,12 @@ import os
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from attnlab.errors import AttnlabError
-from attnlab.runs import (
-    MANIFEST,
-    Run,
-    check_writable_target,
-    finalize_partial,
-    new_manifest,
-    partial_dir,
-    write_json,
-)
+
+if TYPE_CHECKING:  # the run store pulls in torch; the CLI's parser must not
+    from attnlab.runs import Run
 
 T = TypeVar("T")
 
@@ -89,6 +83,8 @@ def add_shard_argument(parser: argparse.ArgumentParser) -> None:
 
 def mark_shard(run: Run, record: dict[str, Any]) -> None:
     """Write the shard record into a finished shard run's manifest (under its lock)."""
+    from attnlab.runs import MANIFEST, write_json
+
     with run.locked():
         run._reload_manifest()
         run.manifest["shard"] = record
@@ -102,6 +98,7 @@ def mark_shard(run: Run, record: dict[str, Any]) -> None:
 #: run being written)``. Named, not imported: the stages live above this core module.
 MERGERS: dict[str, str] = {
     "eval": "attnlab.sparsity_stats.evaluate:merge_eval_shards",
+    "profile": "attnlab.profile:merge_profile_shards",
 }
 
 
@@ -165,6 +162,16 @@ def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
 
 def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, force: bool = False) -> Run:
     """Merge shard runs into ``out`` (the run a single process would have written)."""
+    from attnlab.runs import (
+        MANIFEST,
+        Run,
+        check_writable_target,
+        finalize_partial,
+        new_manifest,
+        partial_dir,
+        write_json,
+    )
+
     runs = [Run.open(p) for p in paths]
     stage, parameters, ordered = check_shards(runs)
     out = check_writable_target(out, force=force)

@@ -91,3 +91,25 @@ def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp
     err = capsys.readouterr().err
     assert "failed after 2 retries" in err and "could not load model" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
+    from attnlab.runs import BLOCK_MAPS, HEAD_STATS, PROFILE_ACCUM
+
+    args = ["profile", "--model", str(tiny_dir), "--lengths", "96,160", "--samples", "5", "--block-size", "16",
+            "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    for i in range(2):
+        assert main([*args, "--shard", f"{i}/2", "--out", str(tmp_path / f"p{i}")]) == 0
+    shard = Run.open(tmp_path / "p1")
+    assert sorted(shard.read(HEAD_STATS)["sample"].unique()) == [1, 3], "global sample numbers kept"
+    assert shard.has(PROFILE_ACCUM), "a shard keeps its exact block-map sums for the merge"
+    assert main(["merge", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "merged")]) == 0
+    single, merged = Run.open(tmp_path / "single"), Run.open(tmp_path / "merged")
+    pd.testing.assert_frame_equal(merged.read(HEAD_STATS), single.read(HEAD_STATS))
+    a, b = single.block_maps(), merged.block_maps()
+    assert a.block_size == b.block_size
+    for name in ("mass_sum", "mass_max", "count"):
+        assert (getattr(a, name) - getattr(b, name)).abs().max().item() <= 1e-6, name
+    assert not merged.has(PROFILE_ACCUM) and merged.has(BLOCK_MAPS)
+    assert merged.manifest["parameters"] == single.manifest["parameters"]
