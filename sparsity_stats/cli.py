@@ -170,9 +170,9 @@ def _model_from(arg: str | None) -> tuple[Any, Any]:
 
 #: Options only some formats read, as option → (dest, those formats): given with another format
 #: they would be silently ignored, so they are refused instead.
-_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference",)), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
+_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference", "vllm")), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
 _IMPORT_ONLY_FOR = {"--threshold": ("threshold", ("duo",)), "--sparsity": ("sparsity", ("duo",)),
-                    "--block-size": ("block_size", ("minference", "duo")), "--seq-len": ("seq_len", ("minference", "duo"))}
+                    "--block-size": ("block_size", ("minference", "duo", "vllm")), "--seq-len": ("seq_len", ("minference", "duo", "vllm"))}
 #: Defaults of the import options above (None on the parser, so that "given" can be told apart).
 _IMPORT_DEFAULTS = {"threshold": 0.5, "block_size": 64}
 
@@ -214,7 +214,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 #: Formats whose file runs differently in the target tool: ``attnlab export`` emulates and reports them.
-REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer")
+REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer", "vllm")
 
 
 def export_length(policy: Any, seq_len: int | None) -> int:
