@@ -424,7 +424,11 @@ def vllm_head_mask(entry: Sequence[Any], n: int, dca: dict[str, Any] | None = No
     without columns or diagonals gets `_vllm_fallback`'s. vLLM scores earlier chunks with
     dual-chunk's re-positioned queries (``q_succ_critical``/``q_inter_critical``); this uses ``q``
     for every stage, so beyond one chunk a selection from real inputs is approximate (the prior,
-    and everything within the first chunk, are exact)."""
+    and everything within the first chunk, are exact). Above ``original_max_position_embeddings``
+    tokens the selection logits are sharpened by the square of dual-chunk's length factor
+    ``max(1, 0.1 ln(n / original) + 1)`` (keys scaled in ``forward``, ``softmax_scale`` in the
+    prefill), as vLLM does. A single prefill only: with chunked prefill or a prefix cache vLLM
+    selects from the last queries of each piece (not emulated)."""
     kind, vertical, slash = entry[0], int(entry[1]), int(entry[2])
     if kind != "vertical_and_slash":
         raise ValueError(f"vLLM's dual-chunk prefill runs only 'vertical_and_slash', got {kind!r}")
@@ -435,8 +439,8 @@ def vllm_head_mask(entry: Sequence[Any], n: int, dca: dict[str, Any] | None = No
     if q is not None:
         scale = 1.0 / math.sqrt(q.shape[-1])
         orig = int(cfg["original_max_position_embeddings"])
-        if orig > 0:  # the prefill's softmax_scale * scaling_factor
-            scale *= max(1.0, 0.1 * math.log(n / orig) + 1.0)
+        if orig > 0:  # forward() multiplies the keys by the length scaling factor, the prefill its softmax_scale again
+            scale *= max(1.0, 0.1 * math.log(n / orig) + 1.0) ** 2
     out = torch.zeros(n, n, dtype=torch.bool)
     for prev in range(0, n, chunk):
         end = min(prev + chunk, n)

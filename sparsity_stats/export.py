@@ -44,6 +44,16 @@ length; an old ``(n_ctx, n_ctx)`` entry still imports as dense); ``streaming`` <
 ``a_shape`` and the gamma threshold have no faithful form (MInference's ``block_sparse`` keeps
 the top 100 blocks of 64 whatever the file says): export refuses them unless ``lossy=True``.
 
+vLLM mapping (Qwen2.5-1M dual-chunk attention, sizes in tokens; `vllm_config`): every head is
+``vertical_and_slash`` (the only kind vLLM's dual-chunk prefill runs); ``dense`` -> both sizes =
+the model's context; ``vertical_slash`` -> ``max(blocks * B, 31)`` columns and ``max(blocks * B,
+100)`` diagonals (vLLM always keeps columns 0..29 and distances 0..99 and runs a vertical size of
+exactly 30 as 130); ``streaming``/``a_shape`` -> 31/100 when the sink is at most 30 tokens and the
+window at most 100 (a superset), else refused without ``lossy``; ``block_topk`` only with
+``lossy``. ``dual_chunk_attention_config.json`` holds the keys to merge into the model's
+``dual_chunk_attention_config`` (``sparse_attention_threshold = seq_len - 1``: shorter prompts
+run dense) and notes; the per-layer list imports back.
+
 Nothing is written when the input is bad: all checks and all content come first, then each
 file is written atomically.
 """
