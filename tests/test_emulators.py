@@ -489,3 +489,13 @@ def test_readme_flex_loader_runs_without_attnlab(tmp_path):
     """)
     run_without_attnlab(code, tmp_path)
     assert all(torch.equal(a, b.token_mask()) for a, b in zip(flex_masks(path), layouts, strict=True))
+
+
+def test_readme_exports_table_has_a_row_per_format():
+    from attnlab.sparsity_stats.export import EXPORT_FORMATS
+
+    text = README.read_text()
+    section = text[text.index("## Exports"):text.index("\n## ", text.index("## Exports") + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    for fmt in EXPORT_FORMATS:
+        assert any(f"`{fmt}`" in row.split(" | ")[0] for row in rows), fmt
