@@ -928,6 +928,9 @@ def deployment_report(policy: Any, fmt: str, n: int, *, block_size: int | None =
                          "in decoding; emulated: one prefill of a single dual-chunk chunk (chunk_size - local_size tokens, "
                          "253,952 for Qwen2.5-1M), where it is exact; beyond a chunk vLLM scores earlier chunks with "
                          "dual-chunk's re-positioned queries: selection there approximate")
+        if m < n:
+            rep.notes.append(f"  (the comparison above is an export at {m} tokens, sparse from {m} tokens; this file's "
+                             f"sizes are resolved at {n} and run from {n} tokens)")
         if dynamic:
             rep.notes.append(f"  {dynamic} dynamic heads compared on the prior (no input); vLLM selects per token from the "
                              "last 64 queries of each chunk: validate with --as vllm for the numbers on real inputs")
