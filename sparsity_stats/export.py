@@ -588,7 +588,10 @@ def vllm_to_policy(config: Any, model: dict[str, Any], *, source: str = "vllm", 
     nl, nh = model["n_layers"], model["n_heads"]
     n_ctx = int(model.get("n_ctx") or 0)
     if not isinstance(config, list) or not all(isinstance(x, dict) for x in config):
-        raise FormatError(ERR_CORRUPT.format(path=source, fmt="vLLM sparse_attention_config", reason="expected a JSON list of per-layer objects"))
+        why = "expected a JSON list of per-layer objects"
+        if isinstance(config, dict):
+            why += "; an object keyed by layer does not load in vLLM, which indexes the list by layer number"
+        raise FormatError(ERR_CORRUPT.format(path=source, fmt="vLLM sparse_attention_config", reason=why))
     if len(config) != nl:
         raise FormatError(ERR_SHAPE.format(path=source, what="the layer list", got=len(config), model=model.get("name"), expected=f"{nl} layers"))
     group = nh // model["n_kv_heads"]

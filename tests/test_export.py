@@ -418,7 +418,7 @@ def test_vllm_import_reads_what_vllm_runs_and_refuses_bad_files(tmp_path):
     with pytest.raises(FormatError, match=r"the layer list has shape 3, model toy-llm needs 2 layers"):
         import_policy("vllm", _vllm_file(tmp_path, ["vertical_and_slash", 100, 100, 1.0], layers=3), MODEL)
     (tmp_path / "bad.json").write_text(json.dumps({"0": {}}))
-    with pytest.raises(FormatError, match="expected a JSON list of per-layer objects"):
+    with pytest.raises(FormatError, match="expected a JSON list of per-layer objects; an object keyed by layer does not load in vLLM"):
         import_policy("vllm", tmp_path / "bad.json", MODEL)
     (tmp_path / "heads.json").write_text(json.dumps([{"0": ["vertical_and_slash", 100, 100, 1.0]}] * 2))
     with pytest.raises(FormatError, match=r"layer 0 has shape heads \['0'\]\.\.\., model toy-llm needs heads '0'\.\.'3'"):
