@@ -170,9 +170,9 @@ def _model_from(arg: str | None) -> tuple[Any, Any]:
 
 #: Options only some formats read, as option → (dest, those formats): given with another format
 #: they would be silently ignored, so they are refused instead.
-_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference",)), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
+_EXPORT_ONLY_FOR = {"--lossy": ("lossy", ("minference", "vllm")), "--dense-blocks": ("dense_blocks", ("npz", "safetensors"))}
 _IMPORT_ONLY_FOR = {"--threshold": ("threshold", ("duo",)), "--sparsity": ("sparsity", ("duo",)),
-                    "--block-size": ("block_size", ("minference", "duo")), "--seq-len": ("seq_len", ("minference", "duo"))}
+                    "--block-size": ("block_size", ("minference", "duo", "vllm")), "--seq-len": ("seq_len", ("minference", "duo", "vllm"))}
 #: Defaults of the import options above (None on the parser, so that "given" can be told apart).
 _IMPORT_DEFAULTS = {"threshold": 0.5, "block_size": 64}
 
@@ -214,7 +214,7 @@ def _export(args: argparse.Namespace) -> int:
 
 
 #: Formats whose file runs differently in the target tool: ``attnlab export`` emulates and reports them.
-REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer")
+REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer", "vllm")
 
 
 def export_length(policy: Any, seq_len: int | None) -> int:
@@ -324,8 +324,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="compile a policy into per-head masks or another tool's config",
         description="Compile POLICY at --seq-len and --block-size into per-layer block-sparse masks "
-        "(npz, safetensors, flex, FlashInfer block-sparse rows) or write it as a MInference or DuoAttention config; "
-        "for minference, duo, flex and flashinfer it then prints the policy as that tool will run it (emulated), "
+        "(npz, safetensors, flex, FlashInfer block-sparse rows) or write it as a MInference, DuoAttention or vLLM "
+        "dual-chunk (Qwen2.5-1M) config; for minference, duo, flex, flashinfer and vllm it then prints the policy as that tool will run it (emulated), "
         "against the mask attnlab validates.",
     )
     e.add_argument("policy", metavar="POLICY", help="policy JSON from `attnlab policy`")
@@ -334,27 +334,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--seq-len", type=positive_int, default=None, help="sequence length to compile at (required for masks)")
     e.add_argument("--block-size", type=positive_int, default=None, help="block size (default: the policy's)")
     _add_run_option(e, "check the policy against this model")
-    e.add_argument("--lossy", action="store_true", help="minference: approximate kinds it cannot express")
+    e.add_argument("--lossy", action="store_true", help="minference/vllm: approximate kinds it cannot express")
     e.add_argument("--dense-blocks", action="store_true", help="npz/safetensors: also store dense [heads, q_blocks, k_blocks] masks")
     e.add_argument("--force", action="store_true", help="overwrite existing files")
     e.add_argument("--no-report", action="store_true",
-                   help="minference/duo/flex: skip emulating the target (what it runs against what attnlab validated)")
+                   help="minference/duo/flex/flashinfer/vllm: skip emulating the target (what it runs against what attnlab validated)")
     add_quiet_argument(e)
     e.set_defaults(func=_export)
 
     i = subparsers.add_parser(
         "import",
-        help="read a MInference/DuoAttention config or an exported mask file as an attnlab policy",
+        help="read a MInference/DuoAttention/vLLM config or an exported mask file as an attnlab policy",
         description="Import FORMAT file PATH as an attnlab policy, validated against --run "
         "(a profiled run of the model: its statistics also give expected recall).",
     )
     i.add_argument("format", choices=IMPORT_FORMATS)
     i.add_argument("path", metavar="PATH")
-    _add_run_option(i, "the model the file is for (required for minference and duo)")
+    _add_run_option(i, "the model the file is for (required for minference, duo and vllm)")
     i.add_argument("--out", required=True, help="policy JSON to write")
     i.add_argument("--seq-len", type=positive_int, default=None,
-                   help="minference/duo: length for expected density (default: the model's context)")
-    i.add_argument("--block-size", type=positive_int, default=None, help="minference/duo: block size of the imported policy (default 64)")
+                   help="minference/duo/vllm: length for expected density (default: the model's context)")
+    i.add_argument("--block-size", type=positive_int, default=None, help="minference/duo/vllm: block size of the imported policy (default 64)")
     i.add_argument("--threshold", type=fraction, default=None, help="duo: gate in [0, 1] from which a KV head is full (default 0.5)")
     i.add_argument("--sparsity", type=fraction, default=None, help="duo: share in [0, 1] of KV heads to stream (overrides --threshold)")
     i.add_argument("--force", action="store_true", help="overwrite --out")

@@ -10,6 +10,7 @@ function) and returns the token-level mask the tool would run, bool ``[heads, n,
 format          emulator                                    target semantics
 ==============  ==========================================  =====================================
 ``minference``  `minference_masks`                          MInference ``minference_forward.py``
+``vllm``        `vllm_masks`                                vLLM ``dual_chunk_flash_attn.py``
 ``duo``         `duo_masks`                                 DuoAttention ``utils.py``, ``patch/llama.py``
 ``flex``        `flex_masks`                                PyTorch ``BlockMask.from_kv_blocks``
 ``flashinfer``  `flashinfer_masks`                          FlashInfer ``BlockSparseAttentionWrapper``
@@ -260,6 +261,258 @@ def minference_masks(config: Sequence[dict[str, Any]], n: int, qk: QK | None = N
     return out
 
 
+# -- vLLM dual-chunk attention (Qwen2.5-1M) ---------------------------------------------------------
+#: Query and key tile of ``_vertical_slash_sparse_attention`` (``block_size_M``/``block_size_N``).
+VLLM_BLOCK = 64
+#: The prefill ranks key columns 0..29 and the distances 0..99 first (set to +inf before top-k).
+VLLM_FORCED_COLUMNS = 30
+VLLM_FORCED_DIAGONALS = 100
+#: ``_dual_chunk_flash_attn_prefill`` turns a vertical size of exactly 30 into 130.
+VLLM_VERTICAL_QUIRK = (30, 130)
+#: What ``DualChunkFlashAttentionImpl.__init__`` uses for a key ``dual_chunk_attention_config`` lacks.
+VLLM_DCA_DEFAULTS = {"chunk_size": 8192, "local_size": 1024, "original_max_position_embeddings": 0,
+                     "sparse_attention_threshold": 32768, "sparse_attention_last_q": 64}
+
+
+def vllm_dca_settings(dca: dict[str, Any] | None, has_config: bool = True) -> dict[str, Any]:
+    """The dual-chunk settings vLLM runs with: ``dca`` (the model's ``dual_chunk_attention_config``)
+    over ``VLLM_DCA_DEFAULTS``; ``sparse_attention_enabled`` defaults to "a sparse config was given"."""
+    out = {**VLLM_DCA_DEFAULTS, **(dca or {})}
+    out.setdefault("sparse_attention_enabled", has_config)
+    return out
+
+
+def vllm_sparse_runs(n: int, dca: dict[str, Any] | None, has_config: bool = True) -> bool:
+    """Whether vLLM takes the sparse path for a prompt of ``n`` tokens: enabled, and the sequence
+    longer than ``sparse_attention_threshold`` (``current_orig_seq_len > threshold``); else dense."""
+    cfg = vllm_dca_settings(dca, has_config)
+    return bool(cfg["sparse_attention_enabled"]) and n > int(cfg["sparse_attention_threshold"])
+
+
+def vllm_vs_sizes(vertical: int, slash: int, keys: int) -> tuple[int, int]:
+    """A head's ``(vertical, slash)`` as the prefill uses them over ``keys`` keys: 30 columns
+    become 130, both capped at the keys (no other minimum: below 30 columns or 100 diagonals
+    the forced ones are cut by ``torch.topk``'s unspecified order among equal scores)."""
+    v = VLLM_VERTICAL_QUIRK[1] if int(vertical) == VLLM_VERTICAL_QUIRK[0] else int(vertical)
+    return min(v, keys), min(int(slash), keys)
+
+
+def vllm_vs_select(keys: int, n_last: int, vertical: int, slash: int, q: Tensor | None = None, k: Tensor | None = None,
+                   scale: float | None = None) -> tuple[Tensor, Tensor]:
+    """Key columns and distances (``query - key``) one head selects when a chunk's queries end at
+    key ``keys`` (its keys: every earlier token), as ``_dual_chunk_flash_attn_prefill_func`` does:
+    softmax over all ``keys`` of the last ``n_last`` queries (causal among themselves, logits
+    scaled by ``scale``, default ``1/sqrt(d)``), column sums with columns 0..29 first, diagonal
+    sums with distances 0..99 first, the top `vllm_vs_sizes`. ``q [keys, d]``/``k [keys, d]``;
+    without them the prior ranks earlier columns and nearer diagonals first. Ties go to earlier
+    columns and nearer diagonals."""
+    v, s = vllm_vs_sizes(vertical, slash, keys)
+    if q is None or k is None:
+        col = -torch.arange(keys, dtype=torch.float64)
+        diag = -torch.arange(keys, dtype=torch.float64)
+    else:
+        rows = torch.arange(keys - n_last, keys)
+        sc = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+        logits = (q[keys - n_last:keys].double() @ k[:keys].double().T) * sc
+        logits = logits.masked_fill(torch.arange(keys)[None, :] > rows[:, None], -math.inf)
+        att = torch.softmax(logits, dim=-1)
+        col = att.sum(0)
+        dist = rows[:, None] - torch.arange(keys)[None, :]
+        ok = dist >= 0
+        diag = torch.zeros(keys, dtype=torch.float64).index_add_(0, dist[ok], att[ok])
+    col, diag = col.clone(), diag.clone()
+    col[:VLLM_FORCED_COLUMNS] = math.inf
+    diag[:VLLM_FORCED_DIAGONALS] = math.inf
+    return torch.sort(_rank_desc(col, v)).values, _rank_desc(diag, s)
+
+
+def _vllm_fallback(length: int) -> list[int]:
+    """What the prefill puts in a stage's empty column (or diagonal) list: ``torch.arange(0, L,
+    max(1, L / 5), dtype=int32)``, about five evenly spread indices."""
+    return torch.arange(0, length, max(1, length / 5), dtype=torch.int32).tolist()
+
+
+def vllm_vs_stage_mask(q_len: int, kv_len: int, cols: Sequence[int], dists: Sequence[int], causal: bool) -> Tensor:
+    """Token mask ``[q_len, kv_len]`` of one dual-chunk stage from its column and diagonal lists.
+
+    Re-states ``convert_vertical_slash_indexes_mergehead`` (``csrc/attention/vertical_slash_index.cu``)
+    and ``sparse_attn_func``: per 64-row query block, walking diagonals from the farthest and
+    columns from the first, each diagonal becomes the 64-key range ending ``base + end_m - d``
+    (``base = kv_len - q_len`` causal, ``kv_len`` otherwise), ranges less than 64 keys apart grow
+    64 keys at a time, ranges are computed in whole 64-key blocks and columns falling in no range
+    one by one. Causal (the intra stage): masked element-wise, columns past the last range are
+    dropped. Not causal (successive/inter stages): diagonals below the block's first row stop the
+    walk and every remaining column is kept."""
+    b = VLLM_BLOCK
+    cols = sorted(int(c) for c in cols)
+    dists = sorted((int(d) for d in dists), reverse=True)
+    nv, ns = len(cols), len(dists)
+    big, small = (1 << 31) - 1, -(1 << 31)  # the buffers' padding
+    base = kv_len - q_len if causal else kv_len
+    out = torch.zeros(q_len, kv_len, dtype=torch.bool)
+    r = torch.arange(q_len)[:, None]
+    kk = torch.arange(kv_len)[None, :]
+    allowed = kk <= r + base if causal else torch.ones(q_len, kv_len, dtype=torch.bool)
+    for start_m in range(0, q_len, b):
+        end_m = start_m + b
+        blocks: list[int] = []
+        taken: list[int] = []
+
+        def save(lo: int, hi: int, into: list[int] = blocks) -> None:
+            if lo < kv_len:
+                into.extend(range(lo, min(hi, kv_len), b))
+        v_idx, v = (cols[0] if nv else big), 1
+        s_idx, s = (dists[0] if ns else small), 1
+        while s_idx >= end_m + base and s < ns:
+            s_idx, s = dists[s], s + 1
+        has_slash = s_idx <= end_m + base
+        s_idx = max(base + end_m - s_idx, b)
+        lo, hi = s_idx - b, s_idx
+        if not has_slash:
+            lo, hi = (base + end_m, base + end_m + b) if causal else (kv_len, kv_len + b)
+        finished = False
+        for _ in range(4 * (nv + ns + 8)):
+            if v_idx < hi:
+                if v_idx < lo:
+                    taken.append(v_idx)
+                if v < nv:
+                    v_idx, v = cols[v], v + 1
+                else:
+                    v_idx = end_m + b + base
+                continue
+            if s < ns and (causal or dists[s] >= start_m):
+                s_idx, s = max(base + end_m - dists[s], b), s + 1
+            elif v == nv or (causal and v_idx > lo):
+                if v == nv and not causal and v_idx < kv_len:
+                    taken.append(v_idx)
+                save(lo, hi)
+                break
+            else:
+                if causal:
+                    lo, hi = base + end_m, base + end_m + b
+                else:
+                    save(lo, hi)
+                    lo, hi = kv_len, kv_len + b
+                finished = True
+            if not finished:
+                if s_idx > hi + b:
+                    save(lo, hi)
+                    lo, hi = s_idx - b, s_idx
+                elif s_idx > hi:
+                    hi += b
+        else:  # pragma: no cover - the walk always ends; a guard against a wrong port
+            raise RuntimeError("vllm_vs_stage_mask: index walk did not finish")
+        rows = slice(start_m, min(end_m, q_len))
+        for o in blocks:
+            out[rows, o:min(o + b, kv_len)] = True
+        keep = [c for c in taken if 0 <= c < kv_len]
+        if keep:
+            out[rows, keep] = True
+        out[rows] &= allowed[rows]
+    return out
+
+
+def vllm_head_mask(entry: Sequence[Any], n: int, dca: dict[str, Any] | None = None, q: Tensor | None = None,
+                   k: Tensor | None = None) -> Tensor:
+    """Token mask ``[n, n]`` one head runs on a single prefill of ``n`` tokens from its
+    ``sparse_attention_config`` entry ``["vertical_and_slash", vertical, slash, score]``, sparse
+    path assumed (see `vllm_sparse_runs`). ``_dual_chunk_flash_attn_prefill_func``: the prompt is
+    cut into chunks of ``chunk_size - local_size`` tokens; for each, columns and diagonals are
+    selected once over all keys so far from the chunk's last ``sparse_attention_last_q`` queries
+    (`vllm_vs_select`) and split into the intra stage (the chunk's own keys, causal), the
+    successive stage (the previous chunk) and the inter stage (all earlier chunks); a stage left
+    without columns or diagonals gets `_vllm_fallback`'s. vLLM scores earlier chunks with
+    dual-chunk's re-positioned queries (``q_succ_critical``/``q_inter_critical``); this uses ``q``
+    for every stage, so beyond one chunk a selection from real inputs is approximate (the prior,
+    and everything within the first chunk, are exact). Above ``original_max_position_embeddings``
+    tokens the selection logits are sharpened by the square of dual-chunk's length factor
+    ``max(1, 0.1 ln(n / original) + 1)`` (keys scaled in ``forward``, ``softmax_scale`` in the
+    prefill), as vLLM does. A single prefill only: with chunked prefill or a prefix cache vLLM
+    selects from the last queries of each piece (not emulated)."""
+    kind, vertical, slash = entry[0], int(entry[1]), int(entry[2])
+    if kind != "vertical_and_slash":
+        raise ValueError(f"vLLM's dual-chunk prefill runs only 'vertical_and_slash', got {kind!r}")
+    cfg = vllm_dca_settings(dca)
+    chunk = int(cfg["chunk_size"]) - int(cfg["local_size"])
+    last_q = int(cfg["sparse_attention_last_q"])
+    scale = None
+    if q is not None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        orig = int(cfg["original_max_position_embeddings"])
+        if orig > 0:  # forward() multiplies the keys by the length scaling factor, the prefill its softmax_scale again
+            scale *= max(1.0, 0.1 * math.log(n / orig) + 1.0) ** 2
+    out = torch.zeros(n, n, dtype=torch.bool)
+    for prev in range(0, n, chunk):
+        end = min(prev + chunk, n)
+        qlen = end - prev
+        cols, dists = vllm_vs_select(end, min(qlen, last_q), vertical, slash, q, k, scale)
+        cl, dl = cols.tolist(), dists.tolist()
+        intra_c = [c - prev for c in cl if c >= prev] or _vllm_fallback(qlen)
+        intra_d = [d for d in dl if d <= qlen - 1]
+        out[prev:end, prev:end] = vllm_vs_stage_mask(qlen, qlen, intra_c, intra_d, causal=True)
+        if prev >= chunk:
+            s0 = prev - chunk
+            succ_c = [c - s0 for c in cl if s0 <= c < prev] or _vllm_fallback(chunk)
+            succ_d = [d for d in dl if d <= qlen - 1 + chunk] or _vllm_fallback(chunk)
+            out[prev:end, s0:prev] = vllm_vs_stage_mask(qlen, chunk, succ_c, succ_d, causal=False)
+        if prev >= 2 * chunk:
+            n_inter = prev - chunk
+            inter_c = [c for c in cl if c < n_inter] or _vllm_fallback(n_inter)
+            inter_d = [d - chunk for d in dl if d >= chunk] or _vllm_fallback(n_inter)
+            out[prev:end, :n_inter] = vllm_vs_stage_mask(qlen, n_inter, inter_c, inter_d, causal=False)
+    return out
+
+
+def read_vllm(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``sparse_attention_config.json`` (a list, one ``{head: entry}`` per layer, as
+    ``get_sparse_attention_config`` loads it) and the dual-chunk settings of an attnlab export
+    folder (its ``dual_chunk_attention_config.json``: the keys to merge into the model's
+    ``config.json``, over the chunk sizes the export assumed)."""
+    p = Path(path)
+    sparse = p / "sparse_attention_config.json" if p.is_dir() else p
+    config = json.loads(sparse.read_text())
+    side = sparse.parent / "dual_chunk_attention_config.json"
+    dca: dict[str, Any] = {}
+    if side.is_file():
+        d = json.loads(side.read_text())
+        dca = {**d.get("assumed_model_config", {}), **d.get("dual_chunk_attention_config", {})}
+    return config, dca
+
+
+def vllm_masks(config: Sequence[dict[str, Any]], n: int, dca: dict[str, Any] | None = None, qk: QK | None = None,
+               n_heads: int | None = None) -> list[Tensor]:
+    """Per layer, bool ``[H, n, n]``: what vLLM's ``DUAL_CHUNK_FLASH_ATTN`` backend
+    (``vllm/attention/backends/dual_chunk_flash_attn.py``, ``DualChunkFlashAttentionImpl``) runs
+    on a single prefill of ``n`` tokens with ``sparse_attention_config`` ``config`` and the model's
+    ``dual_chunk_attention_config`` ``dca``: every causal pair at or below the threshold (and in
+    decoding, which never takes the sparse path), else `vllm_head_mask` per head (a head missing
+    from the config is an error in vLLM, here too). Heads with the same entry and no input are
+    computed once."""
+    if not vllm_sparse_runs(n, dca, has_config=bool(config)):
+        return [_causal(n).expand(n_heads or len(layer), n, n).clone() for layer in config]
+    out = []
+    cache: dict[str, Tensor] = {}
+    for lay, layer in enumerate(config):
+        q = k = None
+        if qk is not None:
+            q, k = qk(lay)
+            k = _expand_kv(k, q.shape[0])
+        heads = []
+        for h in range(n_heads or len(layer)):
+            entry = {int(key): e for key, e in layer.items()}.get(h)
+            if entry is None:
+                raise ValueError(f"layer {lay}: no entry for head {h} (vLLM fails on a missing head)")
+            if q is not None:
+                heads.append(vllm_head_mask(entry, n, dca, q[h], k[h]))
+                continue
+            key = json.dumps(list(entry[:3]))
+            if key not in cache:
+                cache[key] = vllm_head_mask(entry, n, dca)
+            heads.append(cache[key])
+        out.append(torch.stack(heads))
+    return out
+
+
 # -- DuoAttention --------------------------------------------------------------------------------
 def duo_full_heads(gates: np.ndarray, *, sparsity: float | None = None, threshold: float | None = None,
                    noise_seed: int | None = None) -> np.ndarray:
@@ -476,6 +729,9 @@ def deployed_masks(policy: Any, fmt: str, n: int, *, block_size: int | None = No
         path = Path(tmp) / FILENAMES[fmt][0]
         if fmt == "minference":
             return minference_masks(json.loads(path.read_text()), n, qk, n_heads=policy.n_heads)
+        if fmt == "vllm":
+            config, dca = read_vllm(tmp)
+            return vllm_masks(config, n, dca, qk, n_heads=policy.n_heads)
         if fmt == "duo":
             return duo_masks(tmp, n, policy.n_heads, phase=phase, chunk=chunk)
         if n != m:
@@ -510,8 +766,11 @@ class Deployment:
             self.config: Any = None
             self.duo: tuple[np.ndarray, dict[str, Any]] | None = None
             self.masks: list[Tensor] | None = None
+            self.vllm_dca: dict[str, Any] | None = None
             if fmt == "minference":
                 self.config = json.loads(path.read_text())
+            elif fmt == "vllm":
+                self.config, self.vllm_dca = read_vllm(tmp)
             elif fmt == "duo":
                 self.duo = read_duo(tmp)
             elif fmt == "flex":
@@ -526,6 +785,8 @@ class Deployment:
         """Bool ``[H, n, n]``: what the target runs for ``layer`` on one prefill (``q [H, n, d]``,
         ``k [H_kv, n, d]``, post-RoPE); MInference's dynamic heads select from this q/k."""
         n = int(q.shape[-2])
+        if self.fmt == "vllm":
+            return vllm_masks([self.config[layer]], n, self.vllm_dca, lambda _: (q, k), n_heads=self.policy.n_heads)[0]
         if self.config is not None:
             return minference_masks([self.config[layer]], n, lambda _: (q, k), n_heads=self.policy.n_heads)[0]
         if self.duo is not None:
@@ -662,6 +923,17 @@ def deployment_report(policy: Any, fmt: str, n: int, *, block_size: int | None =
     if fmt == "minference" and dynamic:
         rep.notes.append(f"  {dynamic} dynamic heads compared on the prior (no input); MInference selects per token from "
                          "the last 64 queries: validate with --as minference for the numbers on real inputs")
+    if fmt == "vllm":
+        rep.notes.append(f"  vLLM runs every head dense up to {n - 1} tokens (sparse_attention_threshold = --seq-len - 1) and "
+                         "in decoding; emulated: one prefill of a single dual-chunk chunk (chunk_size - local_size tokens, "
+                         "253,952 for Qwen2.5-1M), where it is exact; beyond a chunk vLLM scores earlier chunks with "
+                         "dual-chunk's re-positioned queries: selection there approximate")
+        if m < n:
+            rep.notes.append(f"  (the comparison above is an export at {m} tokens, sparse from {m} tokens; this file's "
+                             f"sizes are resolved at {n} and run from {n} tokens)")
+        if dynamic:
+            rep.notes.append(f"  {dynamic} dynamic heads compared on the prior (no input); vLLM selects per token from the "
+                             "last 64 queries of each chunk: validate with --as vllm for the numbers on real inputs")
     if fmt == "duo":
         rep.notes.append("  (decoding; DuoAttention runs a single prefill forward dense for every head, and a chunked "
                          "prefill with each chunk's own keys plus sink + recent)")

@@ -21,6 +21,11 @@ format         file(s) in ``DIR``                   content
 ``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads gates that rank
                ``config.json``                      heads (> 0.5 full), ``sink_size``,
                                                     ``recent_size = window - 1``, ``sparsity``
+``vllm``       ``sparse_attention_config.json``,    vLLM dual-chunk attention (Qwen2.5-1M): per
+               ``dual_chunk_attention_config.json`` layer ``{head: ["vertical_and_slash", v, s,
+                                                    score]}``; the keys to merge into the model's
+                                                    ``dual_chunk_attention_config`` (threshold,
+                                                    last_q) with notes
 =============  ===================================  ============================================
 
 What each target *runs* from these files is emulated in `attnlab.sparsity_stats.emulators`;
@@ -38,6 +43,16 @@ length; an old ``(n_ctx, n_ctx)`` entry still imports as dense); ``streaming`` <
 ``max(blocks * B, 30)`` columns and ``max(blocks * B, 100)`` diagonals. ``block_topk``,
 ``a_shape`` and the gamma threshold have no faithful form (MInference's ``block_sparse`` keeps
 the top 100 blocks of 64 whatever the file says): export refuses them unless ``lossy=True``.
+
+vLLM mapping (Qwen2.5-1M dual-chunk attention, sizes in tokens; `vllm_config`): every head is
+``vertical_and_slash`` (the only kind vLLM's dual-chunk prefill runs); ``dense`` -> both sizes =
+the model's context; ``vertical_slash`` -> ``max(blocks * B, 31)`` columns and ``max(blocks * B,
+100)`` diagonals (vLLM always keeps columns 0..29 and distances 0..99 and runs a vertical size of
+exactly 30 as 130); ``streaming``/``a_shape`` -> 31/100 when the sink is at most 30 tokens and the
+window at most 100 (a superset), else refused without ``lossy``; ``block_topk`` only with
+``lossy``. ``dual_chunk_attention_config.json`` holds the keys to merge into the model's
+``dual_chunk_attention_config`` (``sparse_attention_threshold = seq_len - 1``: shorter prompts
+run dense) and notes; the per-layer list imports back.
 
 Nothing is written when the input is bad: all checks and all content come first, then each
 file is written atomically.
@@ -78,8 +93,8 @@ from .kinds import Elastic, get_kind
 from .masks import check_block_size, check_seq_len, compile_policy
 from .policy import HeadPolicy, Policy, model_entry
 
-EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo", "flashinfer")
-IMPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
+EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo", "flashinfer", "vllm")
+IMPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo", "vllm")
 MASK_FORMATS = ("npz", "safetensors", "flex")
 #: Formats compiled at one length (``--seq-len`` required).
 COMPILED_FORMATS = (*MASK_FORMATS, "flashinfer")
@@ -92,6 +107,7 @@ FILENAMES = {
     "minference": ("minference_config.json",),
     "duo": ("full_attention_heads.tsv", "config.json"),
     "flashinfer": ("flashinfer_bsr.safetensors",),
+    "vllm": ("sparse_attention_config.json", "dual_chunk_attention_config.json"),
 }
 
 
@@ -152,6 +168,13 @@ def export_policy(
         content = json.dumps(minference_config(policy, n, b, lossy=lossy)) + "\n"
         with atomic_path(paths[0]) as tmp:
             tmp.write_text(content)
+    elif fmt == "vllm":
+        sparse, side = vllm_config(policy, n, b, lossy=lossy)
+        with ExitStack() as stack:
+            t1 = stack.enter_context(atomic_path(paths[0]))
+            t2 = stack.enter_context(atomic_path(paths[1]))
+            t1.write_text(json.dumps(sparse) + "\n")
+            t2.write_text(json.dumps(side, indent=2) + "\n")
     else:
         tsv, config = duo_config(policy, n)
         with ExitStack() as stack:  # both temporary files, then both renames
@@ -457,6 +480,148 @@ def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "m
     return Policy(model, block_size, heads, {"path": source, "format": "minference"})
 
 
+# -- vLLM dual-chunk attention (Qwen2.5-1M) -----------------------------------------------------------
+#: The chunk sizes Qwen2.5-7B/14B-Instruct-1M ship in ``config.json`` (the export's report assumes them).
+VLLM_QWEN_1M = {"chunk_size": 262144, "local_size": 8192, "original_max_position_embeddings": 32768}
+#: Smallest sizes whose selection is deterministic: vLLM forces columns 0..29 and distances 0..99
+#: to the top, so fewer are cut by ``torch.topk``'s unspecified tie order; 30 itself runs as 130.
+VLLM_MIN_VERTICAL = 31
+VLLM_MIN_SLASH = 100
+#: How to deploy a vllm export (written into ``dual_chunk_attention_config.json``).
+VLLM_USAGE = ("copy sparse_attention_config.json into the model folder beside config.json (vLLM's "
+              "get_sparse_attention_config loads it from there) and merge the keys of 'dual_chunk_attention_config' "
+              "below into the dual_chunk_attention_config of the model's config.json (keep the model's own chunk_size, "
+              "local_size and original_max_position_embeddings); vLLM reads it only for a model whose config.json has "
+              "dual_chunk_attention_config (Qwen2.5-1M), with VLLM_ATTENTION_BACKEND=DUAL_CHUNK_FLASH_ATTN")
+VLLM_NOTES = {
+    "units": "vertical and slash sizes are tokens: key columns and diagonals (distances query - key) kept per head",
+    "threshold": ("vLLM runs every head dense when the sequence has at most sparse_attention_threshold tokens (its "
+                  "default 32768); it is set to seq_len - 1 so prompts of seq_len tokens or more take the sparse path "
+                  "with these sizes, shorter ones run dense"),
+    "selection": ("per prefill chunk and head, vLLM ranks key columns and diagonals by the softmax attention of the "
+                  "chunk's last sparse_attention_last_q queries, always keeps columns 0..29 and distances 0..99, and "
+                  "computes diagonals as 64-key ranges per 64-query block and columns outside them one by one; a "
+                  "vertical size of exactly 30 runs as 130, so sizes here are at least 31 columns and 100 diagonals"),
+    "dense_heads": "dense heads are written with both sizes = the model's context: every column and diagonal up to it",
+    "phase": ("sparse only in prefill (a single prefill is emulated); decoding is dense; dual-chunk splits a prompt into "
+              "chunks of chunk_size - local_size tokens and scores earlier chunks with its re-positioned queries"),
+}
+
+
+def _vllm_entry(e: HeadPolicy, seq_len: int, b: int, dense_size: int, lossy: bool) -> list:
+    """One head's ``["vertical_and_slash", vertical, slash, score]`` in tokens; `FormatError` when
+    vLLM would drop pairs attnlab validates (unless ``lossy``)."""
+    score = round(float(e.expected_recall if e.expected_recall is not None else 1.0), 4)
+    kind = get_kind(e.kind)
+    where = f"(layer {e.layer}, head {e.head})"
+
+    def vs(v: int, s: int) -> list:
+        return ["vertical_and_slash", max(int(v), VLLM_MIN_VERTICAL), max(int(s), VLLM_MIN_SLASH), score]
+    if e.kind == "dense":
+        return ["vertical_and_slash", dense_size, dense_size, score]
+    if e.kind == "vertical_slash":  # the same tokens of columns, every diagonal its block diagonals touch
+        nv, ns = kind.block_counts(e.params, seq_len, b)
+        return vs(nv * b, ns * b)
+    if e.kind in ("streaming", "a_shape"):  # fixed sink/window: exact only inside vLLM's forced columns/diagonals
+        if e.kind == "streaming":
+            sink, window = kind.stream(e.params, seq_len)
+        else:
+            sb, wb = kind.block_counts(e.params, seq_len, b)
+            sink, window = sb * b, wb * b
+        if sink <= VLLM_MIN_VERTICAL - 1 and window <= VLLM_MIN_SLASH or lossy:
+            return vs(sink, window)
+        why = (f"its sink of {sink} tokens and window of {window} are fixed, vLLM keeps only columns 0..29 and "
+               "distances 0..99 for sure and picks the rest per input")
+    elif e.kind == "block_topk":
+        if lossy:
+            k = kind.topk_blocks(e.params, seq_len, b)
+            if k is None:
+                nb = -(-seq_len // b)
+                k = max(2, round((e.expected_density or 0.5) * (nb + 1) / 2))
+            return vs(k * b, k * b)
+        why = "vLLM selects columns and diagonals, not blocks"
+    else:
+        raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="vllm", why="unknown kind"))
+    raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="vllm", why=why + " (pass --lossy to approximate)"))
+
+
+def vllm_config(policy: Policy, seq_len: int, block_size: int | None = None, *, lossy: bool = False) -> tuple[list[dict[str, list]], dict[str, Any]]:
+    """vLLM's ``sparse_attention_config.json`` content (per layer ``{head: ["vertical_and_slash",
+    vertical, slash, score]}``, sizes resolved at ``seq_len``) and the companion
+    ``dual_chunk_attention_config.json`` (the keys to merge into the model's config, the chunk
+    sizes the report assumed, notes). `FormatError` naming every head vLLM cannot run as validated."""
+    b = check_block_size(policy.block_size if block_size is None else block_size)
+    n_ctx = policy.model.get("n_ctx")
+    dense_size = max(int(n_ctx) if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else 0, seq_len)
+    out: list[dict[str, list]] = []
+    refused: list[str] = []
+    first: FormatError | None = None
+    for lay in range(policy.n_layers):
+        layer: dict[str, list] = {}
+        for e in policy.layer(lay):
+            try:
+                layer[str(e.head)] = _vllm_entry(e, seq_len, b, dense_size, lossy)
+            except FormatError as exc:
+                first = first or exc
+                refused.append(f"L{e.layer}.H{e.head} {e.kind}")
+        out.append(layer)
+    if first is not None:
+        more = f" ({len(refused)} heads: {', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''})" if len(refused) > 1 else ""
+        raise FormatError(str(first) + more)
+    side = {
+        "dual_chunk_attention_config": {"sparse_attention_enabled": True, "sparse_attention_threshold": seq_len - 1,
+                                        "sparse_attention_last_q": 64},
+        "assumed_model_config": dict(VLLM_QWEN_1M),
+        "exported_by": "attnlab", "model": policy.model.get("name"), "seq_len": seq_len, "block_size": b,
+        "usage": VLLM_USAGE, "notes": VLLM_NOTES,
+    }
+    return out, side
+
+
+def vllm_to_policy(config: Any, model: dict[str, Any], *, source: str = "vllm", block_size: int = 64) -> Policy:
+    """A `Policy` from vLLM's ``sparse_attention_config`` list: ``vertical_and_slash`` heads become
+    ``vertical_slash`` (30 columns as the 130 vLLM runs), or ``dense`` when both sizes reach the
+    model's context. Malformed entries: `FormatError` naming the layer, head and field."""
+    from .emulators import vllm_vs_sizes
+
+    model = model_entry(model, "--model")
+    nl, nh = model["n_layers"], model["n_heads"]
+    n_ctx = int(model.get("n_ctx") or 0)
+    if not isinstance(config, list) or not all(isinstance(x, dict) for x in config):
+        why = "expected a JSON list of per-layer objects"
+        if isinstance(config, dict):
+            why += "; an object keyed by layer does not load in vLLM, which indexes the list by layer number"
+        raise FormatError(ERR_CORRUPT.format(path=source, fmt="vLLM sparse_attention_config", reason=why))
+    if len(config) != nl:
+        raise FormatError(ERR_SHAPE.format(path=source, what="the layer list", got=len(config), model=model.get("name"), expected=f"{nl} layers"))
+    group = nh // model["n_kv_heads"]
+    heads = []
+    for lay, layer in enumerate(config):
+        if sorted(str(k) for k in layer) != sorted(str(h) for h in range(nh)):
+            raise FormatError(ERR_SHAPE.format(path=source, what=f"layer {lay}", got=f"heads {sorted(layer)[:4]}...", model=model.get("name"), expected=f"heads '0'..'{nh - 1}'"))
+        for h in range(nh):
+            where = f"{source}: layer {lay}, head {h}"
+            entry = layer[str(h)]
+            if not isinstance(entry, list) or len(entry) != 4:
+                raise FormatError(f"{where}: expected ['vertical_and_slash', vertical_size, slash_size, score], got {entry!r}; fix the file")
+            kind, v, s, score = entry
+            if kind != "vertical_and_slash":
+                raise FormatError(f"{where}: field 1 (kind) is {kind!r}; vLLM's dual-chunk attention runs only 'vertical_and_slash'")
+            v, s = _int_size(v, where, "field 2 (vertical_size)"), _int_size(s, where, "field 3 (slash_size)")
+            if score is not None and (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)):
+                raise FormatError(f"{where}: field 4 (score) must be a finite number or null, got {score!r}; fix the file")
+            v_run = vllm_vs_sizes(v, s, MAX_IMPORT_SIZE)[0]
+            if n_ctx and v_run >= n_ctx and s >= n_ctx:
+                k, params = "dense", {}
+            else:
+                k, params = "vertical_slash", {"vertical": v_run, "slash": s}
+            p = get_kind(k).validate(params, where)
+            rec = None if score is None else float(min(1.0, max(0.0, score)))
+            heads.append(HeadPolicy(lay, h, h // group, k, p, rec, None,
+                                    f"imported from vLLM sparse_attention_config (vertical_and_slash {v}, {s})", "exact"))
+    return Policy(model, block_size, heads, {"path": source, "format": "vllm"})
+
+
 # -- DuoAttention ---------------------------------------------------------------------------
 #: What a DuoAttention export says about when its heads stream (written into ``config.json``).
 DUO_PHASE_NOTE = ("DuoAttention streams only in decoding and chunked prefill: a single prefill forward "
@@ -754,6 +919,10 @@ def import_policy(
     b = check_block_size(block_size)
     if fmt == "minference":
         pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)
+    elif fmt == "vllm":
+        p = Path(path)
+        p = p / FILENAMES["vllm"][0] if p.is_dir() else p
+        pol = vllm_to_policy(_read_json(p, "vLLM sparse_attention_config"), model, source=str(p), block_size=b)
     else:
         pol = duo_to_policy(path, model, threshold=threshold, sparsity=sparsity, block_size=b)
     if seq_len is not None:

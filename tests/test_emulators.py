@@ -36,7 +36,14 @@ from attnlab.sparsity_stats.emulators import (
     minference_vs_indices,
     minference_vs_mask,
     minference_vs_sizes,
+    read_vllm,
     validated_masks,
+    vllm_head_mask,
+    vllm_masks,
+    vllm_sparse_runs,
+    vllm_vs_select,
+    vllm_vs_sizes,
+    vllm_vs_stage_mask,
 )
 from attnlab.sparsity_stats.export import MINFERENCE_DENSE
 
@@ -52,6 +59,14 @@ DUO_SMALL = make_policy([
     [("dense", {}), ("dense", {}), ("streaming", {"sink": 4, "window": 33}), ("streaming", {"sink": 4, "window": 33})],
     [("streaming", {"sink": 4, "window": 33}), ("streaming", {"sink": 4, "window": 33}), ("dense", {}), ("dense", {})],
 ])
+#: Every kind vLLM's dual-chunk prefill runs without --lossy (streaming/a_shape inside its forced
+#: 30 columns and 100 diagonals).
+VLLM_OK = make_policy([
+    [("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("a_shape", {"sink": 16, "window": 48}), ("vertical_slash", {"vertical": 32, "slash": 48})],
+    [("vertical_slash", {"vertical": 64, "slash": 96}), ("streaming", {"sink": 0, "window": {"alpha": 8, "beta": 0.05}}), ("dense", {}), ("streaming", {"sink": 30, "window": 100})],
+])
+#: Dual-chunk sizes small enough that a few hundred tokens span intra, successive and inter chunks.
+SMALL_CHUNKS = {"chunk_size": 160, "local_size": 32, "sparse_attention_threshold": 0}
 MI_EXACT = make_policy([
     [("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("dense", {}), ("streaming", {"sink": 0, "window": 64})],
     [("streaming", {"sink": 64, "window": 200}), ("dense", {}), ("dense", {}), ("streaming", {"sink": 8, "window": 16})],
@@ -267,6 +282,116 @@ def test_minference_with_an_input_selects_per_token():
         npz.layer_mask(0, qs[0][:, :100], ks[0][:, :100])
 
 
+# -- vLLM dual-chunk attention ------------------------------------------------------------------------
+@pytest.mark.parametrize("n", LENGTHS)
+def test_vllm_runs_a_superset_of_the_validated_mask(n):
+    """No input (the prior), one dual-chunk chunk: dense heads exact, streaming/A-shape inside the
+    forced columns and diagonals and vertical-slash at >= 31 columns / 100 diagonals supersets;
+    nothing in the future; the report states the threshold below which vLLM runs dense."""
+    val = quiet(validated_masks, VLLM_OK, n)
+    dep = quiet(deployed_masks, VLLM_OK, "vllm", n)
+    rep = compare_deployment(VLLM_OK, val, dep, "vllm")
+    assert rep.superset
+    for h in rep.heads:
+        assert h.future == 0
+        if h.kind == "dense":
+            assert h.added == 0 and h.dropped == 0
+    lossy = compare_deployment(PROFILED, quiet(validated_masks, PROFILED, n), quiet(deployed_masks, PROFILED, "vllm", n, lossy=True), "vllm")
+    assert all(h.future == 0 for h in lossy.heads)
+    assert all(h.dropped == 0 for h in lossy.heads if h.kind != "block_topk")
+    text = "\n".join(quiet(deployment_report, VLLM_OK, "vllm", n).lines())
+    assert f"as vllm runs it at {n} tokens" in text and f"dense up to {n - 1} tokens" in text and "sparse_attention_threshold" in text
+
+
+def test_vllm_is_dense_at_or_below_the_threshold_and_when_disabled(tmp_path):
+    short = quiet(deployed_masks, VLLM_OK, "vllm", 200, export_len=257)  # threshold 256: a 200-token prompt runs dense
+    assert all(torch.equal(m, causal(200).expand(4, 200, 200)) for m in short)
+    assert not vllm_sparse_runs(32768, {}) and vllm_sparse_runs(32769, {})  # vLLM's default threshold
+    assert not vllm_sparse_runs(5, {"sparse_attention_threshold": 5}) and vllm_sparse_runs(6, {"sparse_attention_threshold": 5})
+    assert not vllm_sparse_runs(10 ** 6, {"sparse_attention_enabled": False})
+    assert not vllm_sparse_runs(10 ** 6, {}, has_config=False)
+    (sparse, side) = quiet(export_policy, VLLM_OK, tmp_path, "vllm", seq_len=257)
+    config, dca = read_vllm(tmp_path)
+    assert dca["sparse_attention_threshold"] == 256 and dca["chunk_size"] == 262144 and dca["local_size"] == 8192
+    assert all(torch.equal(m, causal(300).expand(4, 300, 300))
+               for m in vllm_masks(config, 300, {**dca, "sparse_attention_enabled": False}))
+    with pytest.raises(ValueError, match="layer 0: no entry for head 1"):
+        vllm_masks([{"0": config[0]["0"]}], 300, dca, n_heads=4)
+
+
+def test_vllm_index_conversion_causal_and_across_chunks():
+    """The intra stage (causal) converts like MInference's kernel; the successive/inter stages (not
+    causal) cover each diagonal's 64-key range and keep every column outside the ranges."""
+    g = torch.Generator().manual_seed(5)
+    for _ in range(40):
+        n = int(torch.randint(1, 300, (1,), generator=g))
+        cols = torch.randperm(n, generator=g)[:int(torch.randint(1, 30, (1,), generator=g))]
+        dists = torch.unique(torch.cat([torch.randperm(n, generator=g)[:int(torch.randint(1, 30, (1,), generator=g))], torch.tensor([0])]))
+        assert torch.equal(vllm_vs_stage_mask(n, n, cols.tolist(), dists.tolist(), causal=True), minference_vs_mask(n, cols, dists))
+    m = vllm_vs_stage_mask(64, 256, [3], [300], causal=False)  # rows 0..63 at distance 300 reach keys 0..19: block 0..63
+    assert bool(m[:, :64].all()) and not bool(m[:, 64:].any())
+    m = vllm_vs_stage_mask(64, 256, [3, 200], [300], causal=False)  # a column past the last range is kept (not causal)
+    assert bool(m[:, 200].all()) and int(m.sum()) == 64 * 65
+    c = vllm_vs_stage_mask(64, 64, [3, 60], [0], causal=True)  # causal: only the diagonal's range, element-wise
+    assert torch.equal(c, causal(64))
+
+
+def test_vllm_sizes_and_forced_indices():
+    assert vllm_vs_sizes(30, 50, 1000) == (130, 50)  # vertical 30 runs as 130
+    assert vllm_vs_sizes(31, 100, 50) == (31, 50) and vllm_vs_sizes(5000, 6000, 1000) == (1000, 1000)
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(300, 16, generator=g), torch.randn(300, 16, generator=g)
+    cols, dists = vllm_vs_select(300, 64, 40, 120, q, k)
+    assert set(range(30)) <= set(cols.tolist()) and len(cols) == 40 and cols.tolist() == sorted(cols.tolist())
+    assert set(range(100)) <= set(dists.tolist()) and len(dists) == 120
+    prior_cols, prior_dists = vllm_vs_select(300, 64, 40, 120)
+    assert prior_cols.tolist() == list(range(40)) and sorted(prior_dists.tolist()) == list(range(120))
+    # the same last-query scores as MInference's, without its minimums
+    assert torch.equal(vllm_vs_select(300, 64, 40, 120, q, k)[0], minference_vs_indices(300, 40, 120, q, k)[0])
+
+
+def test_vllm_dual_chunk_split_over_several_chunks(tmp_path):
+    """Chunks of 128 tokens: 600 tokens run intra, successive and inter stages. On the prior the
+    file still runs a superset of the validated mask; on an input nothing is in the future, the
+    forced columns (first chunk) and distances 0..99 are always attended, and dense heads are
+    dense across chunks."""
+    n = 600
+    quiet(export_policy, VLLM_OK, tmp_path, "vllm", seq_len=n)
+    config, dca = read_vllm(tmp_path)
+    dca = {**dca, **SMALL_CHUNKS}
+    val = quiet(validated_masks, VLLM_OK, n)
+    dep = vllm_masks(config, n, dca, n_heads=4)
+    rep = compare_deployment(VLLM_OK, val, dep, "vllm")
+    assert rep.superset and all(h.future == 0 for h in rep.heads)
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(4, n, 16, generator=g), torch.randn(2, n, 16, generator=g)
+    real = vllm_masks(config, n, dca, lambda _: (q, k), n_heads=4)[0]
+    assert not bool((real & ~causal(n)).any())
+    assert torch.equal(real[0], causal(n))  # dense head
+    for h in range(4):
+        assert bool(real[h, :128, :30][causal(n)[:128, :30]].all())
+        assert all(bool(real[h, i, i - d]) for i in range(0, n, 7) for d in range(min(i + 1, 100)))
+    one_chunk = vllm_head_mask(config[0]["3"], 128, dca, q[3, :128], k[1, :128])
+    assert torch.equal(one_chunk, real[3, :128, :128])  # a chunk's rows never see later chunks
+
+
+def test_vllm_with_an_input_selects_per_token():
+    n = 257
+    g = torch.Generator().manual_seed(4)
+    qs = [torch.randn(4, n, 16, generator=g) for _ in range(2)]
+    ks = [torch.randn(2, n, 16, generator=g) for _ in range(2)]
+    dep = quiet(deployed_masks, VLLM_OK, "vllm", n, qk=lambda lay: (qs[lay], ks[lay]))
+    val = quiet(validated_masks, VLLM_OK, n, qk=lambda lay: (qs[lay], ks[lay]))
+    rep = compare_deployment(VLLM_OK, val, dep, "vllm")
+    for h in rep.heads:
+        assert h.future == 0
+        if h.kind in ("streaming", "a_shape", "dense"):  # fixed kinds sit inside the forced columns/diagonals
+            assert h.dropped == 0
+    d = Deployment(VLLM_OK, "vllm", seq_len=n)
+    assert torch.equal(d.layer_mask(1, qs[1], ks[1]), dep[1])
+    assert torch.equal(d.layer_mask(0, qs[0][:, :100], ks[0][:, :100]), causal(100).expand(4, 100, 100))  # below threshold
+
+
 # -- DuoAttention's own rules -------------------------------------------------------------------
 def test_duo_head_selection_and_streaming_phases():
     gates = np.array([[0.9, 0.2], [0.4, 0.7]])
@@ -364,3 +489,13 @@ def test_readme_flex_loader_runs_without_attnlab(tmp_path):
     """)
     run_without_attnlab(code, tmp_path)
     assert all(torch.equal(a, b.token_mask()) for a, b in zip(flex_masks(path), layouts, strict=True))
+
+
+def test_readme_exports_table_has_a_row_per_format():
+    from attnlab.sparsity_stats.export import EXPORT_FORMATS
+
+    text = README.read_text()
+    section = text[text.index("## Exports"):text.index("\n## ", text.index("## Exports") + 1)]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    for fmt in EXPORT_FORMATS:
+        assert any(f"`{fmt}`" in row.split(" | ")[0] for row in rows), fmt

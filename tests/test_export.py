@@ -344,3 +344,99 @@ def test_old_export_files_still_import(tmp_path):
     back = import_policy("duo", tmp_path, MODEL)
     assert [back.entry(lay, h).kind for lay in range(2) for h in (0, 2)] == ["dense", "streaming", "streaming", "dense"]
     assert back.entry(0, 2).params["window"].resolve(4096) == 257  # what DuoAttention runs from it
+
+
+# -- vLLM dual-chunk attention (Qwen2.5-1M) ---------------------------------------------------------
+VLLM_OK = make_policy([
+    [("dense", {}), ("streaming", {"sink": 4, "window": 40}), ("a_shape", {"sink": 16, "window": 48}), ("vertical_slash", {"vertical": 32, "slash": 48})],
+    [("vertical_slash", {"vertical": 1000, "slash": 600}), ("streaming", {"sink": 30, "window": 100}), ("dense", {}), ("vertical_slash", {"vertical": 8, "slash": 8})],
+])
+
+
+def test_vllm_export_files_and_round_trip(tmp_path):
+    sparse_path, side_path = export_policy(VLLM_OK, tmp_path, "vllm", seq_len=2048)
+    assert (sparse_path.name, side_path.name) == ("sparse_attention_config.json", "dual_chunk_attention_config.json")
+    sparse = json.loads(sparse_path.read_text())
+    assert isinstance(sparse, list) and len(sparse) == 2  # vLLM indexes it by layer number
+    assert all(sorted(layer) == ["0", "1", "2", "3"] for layer in sparse)
+    assert all(e[0] == "vertical_and_slash" and len(e) == 4 for layer in sparse for e in layer.values())
+    assert sparse[0]["0"][1:3] == [4096, 4096]  # dense: every column and diagonal up to the model's context
+    assert sparse[0]["1"][1:3] == [31, 100] and sparse[1]["1"][1:3] == [31, 100]  # inside the forced 30 / 100
+    assert sparse[0]["2"][1:3] == [31, 100]  # a_shape: one 16-token sink block, three 16-token window blocks
+    assert sparse[0]["3"][1:3] == [32, 100] and sparse[1]["0"][1:3] == [1008, 608]
+    assert sparse[1]["3"][1:3] == [31, 100]  # never below vLLM's forced sizes, never exactly 30
+    assert all(e[1] != 30 for layer in sparse for e in layer.values())
+    side = json.loads(side_path.read_text())
+    assert side["dual_chunk_attention_config"] == {"sparse_attention_enabled": True, "sparse_attention_threshold": 2047,
+                                                   "sparse_attention_last_q": 64}
+    assert "dense" in side["notes"]["threshold"] and "config.json" in side["usage"]
+    back = import_policy("vllm", tmp_path, MODEL, block_size=16)  # the folder or the file
+    assert [e.kind for e in back.heads] == ["dense", "vertical_slash", "vertical_slash", "vertical_slash",
+                                            "vertical_slash", "vertical_slash", "dense", "vertical_slash"]
+    assert back.entry(1, 0).params["vertical"].resolve(2048) == 1008
+    again = import_policy("vllm", sparse_path, MODEL, block_size=16)
+    assert same_policy(back, again)
+
+
+def test_vllm_refuses_what_it_cannot_run_without_lossy(tmp_path):
+    with pytest.raises(FormatError, match=r"head \(layer 1, head 0\) \(block_topk\) cannot be written in vllm format.*"
+                                          r"--lossy.*\(2 heads: L1\.H0 block_topk, L1\.H1 block_topk\)"):
+        export_policy(MIXED, tmp_path, "vllm", seq_len=512)
+    wide = make_policy([[("dense", {}), ("streaming", {"sink": 64, "window": 40}), ("dense", {}), ("streaming", {"sink": 4, "window": 256})]] * 2)
+    with pytest.raises(FormatError, match=r"head \(layer 0, head 1\) \(streaming\).*sink of 64 tokens.*4 heads"):
+        export_policy(wide, tmp_path, "vllm", seq_len=512)
+    assert not any(tmp_path.iterdir())
+    sparse_path, _ = export_policy(wide, tmp_path, "vllm", seq_len=512, lossy=True)
+    assert json.loads(sparse_path.read_text())[0]["3"][1:3] == [31, 256]
+    export_policy(MIXED, tmp_path / "m", "vllm", seq_len=512, lossy=True)
+
+
+def _vllm_file(tmp_path, entry, layers=2):
+    layer = {str(h): ["vertical_and_slash", 1000, 6096, None] for h in range(4)}
+    layer["1"] = entry
+    path = tmp_path / "sparse_attention_config.json"
+    path.write_text(json.dumps([layer] * layers))
+    return path
+
+
+@pytest.mark.parametrize("entry,match", [
+    (["stream_llm", 4, 10, 0.9], r"layer 0, head 1: field 1 \(kind\) is 'stream_llm'; vLLM's dual-chunk attention runs only 'vertical_and_slash'"),
+    (["vertical_and_slash", "x", 10, 0.9], r"layer 0, head 1: field 2 \(vertical_size\) must be a positive whole number.*got 'x'"),
+    (["vertical_and_slash", 100, -1, 0.9], r"layer 0, head 1: field 3 \(slash_size\) must be a positive whole number.*got -1"),
+    (["vertical_and_slash", 100, 100, float("nan")], r"layer 0, head 1: field 4 \(score\) must be a finite number or null, got nan"),
+    (["vertical_and_slash", 100, 100], r"layer 0, head 1: expected \['vertical_and_slash', vertical_size, slash_size, score\]"),
+])
+def test_vllm_import_names_the_bad_field(tmp_path, entry, match):
+    with pytest.raises(FormatError, match=match):
+        import_policy("vllm", _vllm_file(tmp_path, entry), MODEL)
+
+
+def test_vllm_import_reads_what_vllm_runs_and_refuses_bad_files(tmp_path):
+    pol = import_policy("vllm", _vllm_file(tmp_path, ["vertical_and_slash", 30, 200, 0.5]), MODEL)
+    assert pol.entry(0, 1).kind == "vertical_slash" and pol.entry(0, 1).params["vertical"].resolve(4096) == 130
+    assert pol.entry(0, 1).expected_recall == 0.5 and pol.entry(0, 0).expected_recall is None
+    with pytest.raises(FormatError, match=r"the layer list has shape 3, model toy-llm needs 2 layers"):
+        import_policy("vllm", _vllm_file(tmp_path, ["vertical_and_slash", 100, 100, 1.0], layers=3), MODEL)
+    (tmp_path / "bad.json").write_text(json.dumps({"0": {}}))
+    with pytest.raises(FormatError, match="expected a JSON list of per-layer objects; an object keyed by layer does not load in vLLM"):
+        import_policy("vllm", tmp_path / "bad.json", MODEL)
+    (tmp_path / "heads.json").write_text(json.dumps([{"0": ["vertical_and_slash", 100, 100, 1.0]}] * 2))
+    with pytest.raises(FormatError, match=r"layer 0 has shape heads \['0'\]\.\.\., model toy-llm needs heads '0'\.\.'3'"):
+        import_policy("vllm", tmp_path / "heads.json", MODEL)
+    with pytest.raises(FormatError, match="needs the model identity"):
+        import_policy("vllm", tmp_path / "heads.json", None)
+
+
+def test_cli_vllm_export_reports_and_imports(tmp_path, capsys):
+    pol_path = tmp_path / "policy.json"
+    VLLM_OK.save(pol_path)
+    assert cli("export", str(pol_path), "--seq-len", "300", "--format", "vllm", "--out", str(tmp_path / "v")) == 0
+    out = capsys.readouterr().out
+    assert "sparse_attention_config.json" in out and "dual_chunk_attention_config.json" in out
+    assert "as vllm runs it at 300 tokens: mean density" in out and "dense up to 299 tokens" in out
+    assert cli("import", "vllm", str(tmp_path / "v" / "sparse_attention_config.json"), "--run", str(pol_path),
+               "--block-size", "16", "--seq-len", "300", "--out", str(tmp_path / "back.json")) == 0
+    assert "imported vllm" in capsys.readouterr().out
+    assert Policy.load(tmp_path / "back.json").n_layers == 2
+    with pytest.raises(PolicyError, match="--dense-blocks does not apply when you export vllm"):
+        cli("export", str(pol_path), "--seq-len", "300", "--format", "vllm", "--out", str(tmp_path / "w"), "--dense-blocks")
