@@ -25,7 +25,7 @@ from .export import EXPORT_FORMATS
 from .policy import Policy
 
 #: Formats whose file holds one length: a deployment is made per input length.
-_PER_LENGTH = ("npz", "safetensors", "flex", "flashinfer")
+_PER_LENGTH = ("npz", "safetensors", "flex", "flashinfer", "vllm")  # vllm: its sparse threshold is the export length
 _ERR_FORMAT = "unknown deployment format {fmt!r}: choose one of {formats}"
 _ERR_BATCH = "validation as deployed takes one sequence at a time (batch 1)"
 
