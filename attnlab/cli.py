@@ -26,7 +26,7 @@ from attnlab.cliargs import (
     positive_int,
 )
 from attnlab.errors import AttnlabError
-from attnlab.shards import add_shard_argument
+from attnlab.shards import add_ray_arguments, add_shard_argument
 
 #: The stages' command modules, each with ``add_commands(subparsers)``. Named as strings: this
 #: façade sits above every stage, and a stage whose package is absent simply adds nothing.
@@ -68,6 +68,8 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     from attnlab.stats import StatConfig
 
     check_writable_target(args.out, force=args.force)  # before the slow model load
+    if args.ray is not None:
+        return _profile_on_ray(args)
     try:
         config = StatConfig(block_size=args.block_size, last_queries=args.last_queries, windows=tuple(args.windows))
     except ValueError as exc:
@@ -81,6 +83,39 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     )
     print(summarize(run, top=args.top))
     print(f"wrote {run.path}")
+    return 0
+
+
+def _profile_on_ray(args: argparse.Namespace) -> int:
+    """The same profile as Ray tasks, one shard per worker, merged into --out."""
+    from pathlib import Path
+
+    from attnlab.profile import summarize
+    from attnlab.ray_engine import run_sharded
+
+    if args.shard is not None:
+        raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+
+    def local(path: str) -> str:  # Ray workers run in another folder
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    prompts = args.prompts if args.prompts.startswith("builtin") else local(args.prompts)
+    argv = ["profile", "--model", local(args.model), "--device", args.device, "--prompts", prompts,
+            "--path", args.path, "--block-size", str(args.block_size), "--windows", ",".join(map(str, args.windows)),
+            "--seed", str(args.seed)]
+    if args.lengths:
+        argv += ["--lengths", ",".join(map(str, args.lengths))]
+    if args.samples:
+        argv += ["--samples", str(args.samples)]
+    if args.last_queries:
+        argv += ["--last-queries", str(args.last_queries)]
+    if args.chat:
+        argv.append("--chat")
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, force=args.force, progress=not args.quiet)
+    print(summarize(run, top=args.top))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
     return 0
 
 
@@ -136,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     add_shard_argument(p)
+    add_ray_arguments(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_profile)
 

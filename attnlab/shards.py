@@ -81,6 +81,23 @@ def add_shard_argument(parser: argparse.ArgumentParser) -> None:
                              "join the N runs with `attnlab merge`")
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                        help="run the shards as Ray tasks and merge them: on a local cluster started here, or on "
+                             "the cluster at ADDRESS (needs pip install 'attnlab[ray]')")
+    parser.add_argument("--workers", type=_positive, default=2, help="shards (Ray tasks) with --ray (default 2)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def mark_shard(run: Run, record: dict[str, Any]) -> None:
     """Write the shard record into a finished shard run's manifest (under its lock)."""
     from attnlab.runs import MANIFEST, write_json

@@ -14,7 +14,7 @@ from attnlab.cliargs import (
     positive_int,
 )
 from attnlab.errors import AttnlabError
-from attnlab.shards import add_shard_argument
+from attnlab.shards import add_ray_arguments, add_shard_argument
 
 from .executors import EXECUTORS
 
@@ -120,9 +120,6 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the results (created, or added to)")
     add_shard_argument(p)
-    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
-                   help="run the shards as Ray tasks and merge them: on a local cluster started here, or on the "
-                        "cluster at ADDRESS (needs pip install 'attnlab[ray]')")
-    p.add_argument("--workers", type=positive_int, default=2, help="shards (Ray tasks) with --ray (default 2)")
+    add_ray_arguments(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_eval)

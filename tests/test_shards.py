@@ -113,3 +113,8 @@ def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
         assert (getattr(a, name) - getattr(b, name)).abs().max().item() <= 1e-6, name
     assert not merged.has(PROFILE_ACCUM) and merged.has(BLOCK_MAPS)
     assert merged.manifest["parameters"] == single.manifest["parameters"]
+    # the same job on a local Ray cluster (2 workers): the same run
+    assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    on_ray = Run.open(tmp_path / "ray")
+    pd.testing.assert_frame_equal(on_ray.read(HEAD_STATS), single.read(HEAD_STATS))
+    assert (on_ray.block_maps().mass_sum - a.mass_sum).abs().max().item() <= 1e-6
