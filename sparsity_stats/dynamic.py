@@ -103,3 +103,39 @@ def fewest_reaching(mass: Tensor, gamma: float, *, force_first: bool = True) -> 
     keep_sorted[..., 0] = True
     out = torch.zeros_like(keep_sorted)
     return out.scatter(-1, order, keep_sorted)
+
+
+def published_policy(model, kind: str, *, block_size: int = 64, **params: float):
+    """A policy that runs one published dynamic method (``xattention`` or ``flexprefill``) on
+    every head of ``model`` (a `LoadedModel` or a `ModelIdentity`), with its published defaults
+    unless ``params`` say otherwise: the baseline as its authors run it."""
+    from .kinds import BASELINE_KINDS
+    from .policy import POLICY_FORMAT, POLICY_SCHEMA, Policy, PolicyError
+
+    if kind not in BASELINE_KINDS:
+        raise PolicyError(f"unknown published method {kind!r}: choose one of {', '.join(BASELINE_KINDS)}")
+    identity = model.identity() if callable(getattr(model, "identity", None)) else model
+    ident = identity.to_dict()
+    n_heads, n_kv = int(ident["n_heads"]), int(ident["n_kv_heads"])
+    heads = [{"layer": layer, "head": head, "kv_head": head // (n_heads // n_kv), "kind": kind, "params": dict(params)}
+             for layer in range(int(ident["n_layers"])) for head in range(n_heads)]
+    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": ident, "block_size": block_size,
+                             "heads": heads, "budget": {"method": kind}})
+
+
+def parse_baseline(spec: str) -> tuple[str, dict[str, float]]:
+    """``"flexprefill"`` or ``"xattention:tau=0.95,stride=16"`` → ``(kind, params)``."""
+    from .policy import PolicyError
+
+    kind, _, rest = spec.partition(":")
+    params: dict[str, float] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        try:
+            if not eq:
+                raise ValueError
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise PolicyError(f"baseline {spec!r}: parameters are KEY=NUMBER, comma-separated "
+                              "(e.g. xattention:tau=0.95,stride=16)") from None
+    return kind.strip(), params

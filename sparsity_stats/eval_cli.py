@@ -37,8 +37,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from attnlab.shards import mark_shard
     from attnlab.tasks import resolve_tasks, task_suite
 
+    from .dynamic import parse_baseline, published_policy
     from .evaluate import evaluate, format_summary, summarize
     from .executors import prepare_triton
+    from .kinds import BASELINE_KINDS, get_kind
     from .policy import Policy
 
     tasks = resolve_tasks(args.tasks)  # bad names before the model loads
@@ -47,9 +49,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()
     policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
+    baselines = [parse_baseline(spec) for spec in args.baseline or []]
+    for kind, params in baselines:  # bad names and parameters before the model loads
+        get_kind(kind).validate(params, f"--baseline {kind}")
+        if kind not in BASELINE_KINDS:
+            raise AttnlabError(f"--baseline {kind!r} is not a published dynamic method: choose {', '.join(BASELINE_KINDS)}")
     model = load_model_from_args(args)
     for name, policy in policies.items():
         policy.check_model(model.identity(), name)
+    for kind, params in baselines:
+        name = kind + ("" if not params else ":" + ",".join(f"{k}={v:g}" for k, v in params.items()))
+        if name in policies or name == "dense":
+            raise AttnlabError(_ERR_NAMES.format(name=name))
+        policies[name] = published_policy(model, kind, block_size=args.baseline_block_size, **params)
     too_long = [n for n in args.lengths if n > model.n_ctx]
     if too_long:
         raise AttnlabError(f"--lengths {too_long} exceed the model's context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
@@ -94,6 +106,9 @@ def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
         argv.append("--trust-remote-code")
     for policy in args.policy or []:
         argv += ["--policy", str(Path(policy).resolve())]
+    for spec in args.baseline or []:
+        argv += ["--baseline", spec]
+    argv += ["--baseline-block-size", str(args.baseline_block_size)]
     run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
     print(format_summary(run.read(EVAL_SUMMARY)))
     print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
@@ -113,6 +128,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--policy", action="append", metavar="POLICY.json",
                    help="a policy to evaluate (repeat for several); without one, only dense runs")
+    p.add_argument("--baseline", action="append", metavar="METHOD[:K=V,...]",
+                   help="a published dynamic method run as its authors do, per input, on every head: xattention "
+                        "(tau 0.9, stride 8) or flexprefill (gamma 0.9, delta 0.1); parameters override the "
+                        "defaults, e.g. xattention:tau=0.95 (repeat for several)")
+    p.add_argument("--baseline-block-size", type=positive_int, default=64,
+                   help="block size of the --baseline methods (default 64, as both papers)")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", type=int_list, default=[1024], help="prompt lengths in tokens, comma-separated (default 1024)")
     p.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default 5)")

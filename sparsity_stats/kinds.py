@@ -58,7 +58,12 @@ Tensor = torch.Tensor
 STATIC_KINDS = ("dense", "streaming", "a_shape")
 #: Kinds that pick blocks per input from estimated scores.
 DYNAMIC_KINDS = ("vertical_slash", "block_topk")
+#: The generator's vocabulary.
 KINDS = STATIC_KINDS + DYNAMIC_KINDS
+#: Published dynamic methods run as they are, per input (baselines; not generator candidates):
+#: XAttention (antidiagonal scores, threshold tau) and FlexPrefill (per-head pattern choice by
+#: Jensen-Shannon distance, cumulative attention gamma). See `attnlab.sparsity_stats.dynamic`.
+BASELINE_KINDS = ("xattention", "flexprefill")
 
 #: Default estimation rules of the dynamic kinds.
 DEFAULT_ESTIMATE = {
@@ -134,13 +139,17 @@ class BlockScores:
     vertical: Tensor
     slash: Tensor
     blocks: Tensor
+    #: XAttention's antidiagonal block scores ``[H, QB, KB]`` (rows sum to 1), when a layer has
+    #: ``xattention`` heads; None otherwise.
+    antidiagonal: Tensor | None = None
 
     @property
     def n_blocks(self) -> int:
         return -(-self.n // self.block_size)
 
     def head(self, h: int) -> BlockScores:
-        return BlockScores(self.n, self.block_size, self.vertical[h : h + 1], self.slash[h : h + 1], self.blocks[h : h + 1])
+        anti = None if self.antidiagonal is None else self.antidiagonal[h : h + 1]
+        return BlockScores(self.n, self.block_size, self.vertical[h : h + 1], self.slash[h : h + 1], self.blocks[h : h + 1], anti)
 
 
 def prior_block_scores(n: int, block_size: int, n_heads: int = 1) -> BlockScores:
@@ -473,7 +482,86 @@ class BlockTopK(Kind):
         return None if k is None else _row_capped_blocks(n, block_size, k)
 
 
-_REGISTRY: dict[str, Kind] = {k.name: k for k in (Dense(), Streaming(), AShape(), VerticalSlash(), BlockTopK())}
+class _PublishedDynamic(Kind):
+    """A published dynamic method with its own numeric parameters (no sizes, no estimate rule)."""
+
+    static = False
+    defaults: dict[str, float] = {}
+
+    def _number(self, params: Mapping[str, Any], key: str, where: str, ok, wanted: str) -> float:
+        v = params.get(key, self.defaults[key])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) or not ok(float(v)):
+            raise PolicyError(f"{where}: field 'params.{key}' of kind {self.name!r} must be {wanted}, got {v!r}; fix the value")
+        return float(v)
+
+    def _only(self, params: Any, where: str) -> Mapping[str, Any]:
+        if not isinstance(params, Mapping):
+            raise PolicyError(f"{where}: field 'params' must be an object, got {type(params).__name__}; fix the policy file")
+        for key in params:
+            if key not in self.defaults:
+                raise PolicyError(ERR_PARAM_UNKNOWN.format(where=where, kind=self.name, field=f"params.{key}"))
+        return params
+
+    def block_bound(self, params, n, block_size):
+        return None
+
+
+class XAttention(_PublishedDynamic):
+    """XAttention (Xu et al., 2025): blocks scored by strided antidiagonals of the attention map;
+    each query-block row keeps its best blocks until their cumulative score reaches ``tau``
+    (defaults: stride 8, tau 0.9). Needs input q/k; without them it falls back to the prior."""
+
+    name = "xattention"
+    defaults = {"tau": 0.9, "stride": 8}
+
+    def validate(self, params, where):
+        from .dynamic import STRIDES
+
+        params = self._only(params, where)
+        tau = self._number(params, "tau", where, lambda v: 0 < v <= 1, "a share in (0, 1]")
+        stride = self._number(params, "stride", where, lambda v: v in STRIDES, f"one of {STRIDES}")
+        return {"tau": tau, "stride": int(stride)}
+
+    def pattern(self, params, n, block_size, scores=None):
+        scores = scores if scores is not None else prior_block_scores(n, block_size)
+        blocks = scores.antidiagonal if scores.antidiagonal is not None else scores.blocks
+        table = select_block_topk(blocks[0], gamma=params["tau"])
+        p = and_masks(generate_causal(), on_blocks(generate_blocks(table), block_size))
+        return named(p, f"xattention_tau{params['tau']:g}")
+
+
+class FlexPrefill(_PublishedDynamic):
+    """FlexPrefill (Lai et al., 2025): per head and input, query-aware blocks (cumulative pooled
+    attention ``gamma``) when the pooled estimate is within Jensen-Shannon distance ``delta`` of
+    the last queries' attention, else vertical-slash (the fewest columns and diagonals holding
+    ``gamma`` of the last queries' attention). Defaults: gamma 0.9, delta 0.1."""
+
+    name = "flexprefill"
+    defaults = {"gamma": 0.9, "delta": 0.1}
+
+    def validate(self, params, where):
+        params = self._only(params, where)
+        gamma = self._number(params, "gamma", where, lambda v: 0 < v <= 1, "a share in (0, 1]")
+        delta = self._number(params, "delta", where, lambda v: v > 0, "a distance > 0")
+        return {"gamma": gamma, "delta": delta}
+
+    def pattern(self, params, n, block_size, scores=None):
+        from .dynamic import fewest_reaching, flexprefill_query_aware
+
+        scores = scores if scores is not None else prior_block_scores(n, block_size)
+        if bool(flexprefill_query_aware(scores.vertical, scores.blocks, params["delta"])[0]):
+            table = select_block_topk(scores.blocks[0], gamma=params["gamma"])
+            p = and_masks(generate_causal(), on_blocks(generate_blocks(table), block_size))
+            return named(p, f"flexprefill_query_aware_g{params['gamma']:g}")
+        cols = torch.nonzero(fewest_reaching(scores.vertical[0], params["gamma"])).flatten()
+        diags = torch.nonzero(fewest_reaching(scores.slash[0], params["gamma"])).flatten()
+        p = and_masks(generate_causal(), on_blocks(or_masks(generate_vertical(cols), generate_slash(diags)), block_size))
+        return named(p, f"flexprefill_vertical_slash_g{params['gamma']:g}")
+
+
+_REGISTRY: dict[str, Kind] = {
+    k.name: k for k in (Dense(), Streaming(), AShape(), VerticalSlash(), BlockTopK(), XAttention(), FlexPrefill())
+}
 
 
 def get_kind(name: str, where: str = "policy") -> Kind:
@@ -481,7 +569,7 @@ def get_kind(name: str, where: str = "policy") -> Kind:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise PolicyError(ERR_UNKNOWN_KIND.format(where=where, kind=name, known=", ".join(KINDS))) from None
+        raise PolicyError(ERR_UNKNOWN_KIND.format(where=where, kind=name, known=", ".join(_REGISTRY))) from None
 
 
 # -- candidates -----------------------------------------------------------------------------

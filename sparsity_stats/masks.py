@@ -33,6 +33,7 @@ from .errors import (
     ERR_SEQ_TOO_LONG,
     ExtrapolationWarning,
     MaskError,
+    PolicyError,
 )
 from .kinds import BlockScores, get_kind, prior_block_scores
 from .patterns import Pattern, and_masks, generate_causal, generate_sink, generate_window, or_masks
@@ -279,7 +280,19 @@ def estimate_layer_scores(policy: Policy, layer: int, q: Tensor, k: Tensor, bloc
 
     b = check_block_size(policy.block_size if block_size is None else block_size)
     last = [int(e.params.get("estimate", {}).get("last_q", 64)) for e in policy.layer(layer) if e.kind == "vertical_slash"]
-    return estimate_block_scores(q, k, b, last_q=max(last, default=64))
+    if not last and any(e.kind == "flexprefill" for e in policy.layer(layer)):
+        last = [b]  # FlexPrefill estimates from the last block of queries
+    scores = estimate_block_scores(q, k, b, last_q=max(last, default=64))
+    strides = [int(e.params["stride"]) for e in policy.layer(layer) if e.kind == "xattention"]
+    if strides:  # XAttention's antidiagonal scores, at the finest stride its heads ask for
+        from .dynamic import antidiagonal_block_scores
+
+        stride = min(strides)
+        if b % stride:
+            raise PolicyError(f"layer {layer}: XAttention's stride {stride} does not divide the block size {b}: "
+                              "use a stride that divides it (params.stride)")
+        scores.antidiagonal = antidiagonal_block_scores(q, k, b, stride=stride)
+    return scores
 
 
 def compile_for_input(policy: Policy, layer: int, q: Tensor, k: Tensor, block_size: int | None = None) -> BlockSparseLayout:

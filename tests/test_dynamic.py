@@ -92,3 +92,82 @@ def test_fewest_reaching_by_hand():
     assert fewest_reaching(mass, 0.8, force_first=False).tolist() == [[False, True, True, False]]
     assert fewest_reaching(mass, 1.0).all()
     assert fewest_reaching(torch.zeros(1, 3), 0.9).tolist() == [[True, False, False]]
+
+
+# ---------------------------------------------------------------------------------------
+# the kinds `xattention` and `flexprefill`, run per input
+# ---------------------------------------------------------------------------------------
+def test_published_kinds_validate_their_parameters(tiny_llama):
+    from attnlab.sparsity_stats.dynamic import parse_baseline, published_policy
+    from attnlab.sparsity_stats.errors import PolicyError
+
+    policy = published_policy(tiny_llama, "xattention", block_size=16, tau=0.8)
+    assert policy.heads[0].params == {"tau": 0.8, "stride": 8}
+    assert published_policy(tiny_llama, "flexprefill", block_size=16).heads[0].params == {"gamma": 0.9, "delta": 0.1}
+    for kind, params, match in [("xattention", {"tau": 0}, "tau"), ("xattention", {"stride": 3}, "stride"),
+                                ("xattention", {"tau": float("nan")}, "tau"), ("flexprefill", {"delta": -1}, "delta"),
+                                ("flexprefill", {"window": 4}, "window")]:
+        with pytest.raises(PolicyError, match=match):
+            published_policy(tiny_llama, kind, block_size=16, **params)
+    assert parse_baseline("xattention:tau=0.95,stride=16") == ("xattention", {"tau": 0.95, "stride": 16.0})
+    with pytest.raises(PolicyError, match="KEY=NUMBER"):
+        parse_baseline("xattention:tau")
+
+
+def test_xattention_keeps_the_blocks_its_antidiagonal_scores_choose(tiny_llama):
+    """compile_for_input on hand-made q/k: the kept blocks are the rows' cheapest prefix of the
+    antidiagonal scores reaching tau (diagonal and first block always)."""
+    from attnlab.sparsity_stats.dynamic import published_policy
+    from attnlab.sparsity_stats.kinds import select_block_topk
+    from attnlab.sparsity_stats.masks import compile_for_input
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 128, 16, generator=g) * 2, torch.randn(2, 128, 16, generator=g) * 2
+    policy = published_policy(tiny_llama, "xattention", block_size=16, tau=0.6, stride=4)
+    layout = compile_for_input(policy, 0, q, k)
+    want = select_block_topk(antidiagonal_block_scores(q, k, 16, stride=4), gamma=0.6)
+    assert torch.equal(layout.block_mask(), want)
+    assert want.sum() < torch.ones(8, 8).tril().sum() * 4, "tau 0.6 drops blocks"
+
+
+def test_flexprefill_picks_its_pattern_per_head_from_the_input(tiny_llama):
+    """A head whose last queries attend like the pooled estimate goes query-aware; a head whose
+    last queries look at one far column does not."""
+    from attnlab.sparsity_stats.dynamic import published_policy
+    from attnlab.sparsity_stats.masks import compile_for_input
+
+    n, d = 128, 16
+    q = torch.zeros(4, n, d)
+    k = torch.zeros(2, n, d)
+    # KV head 1: key 40 stands out for the last queries only (pooled q/k can't see it)
+    q[2:, -16:, 0] = 8.0
+    k[1, 40, 0] = 8.0
+    policy = published_policy(tiny_llama, "flexprefill", block_size=16, gamma=0.9, delta=0.1)
+    layout = compile_for_input(policy, 0, q, k)
+    names = layout.head_names
+    assert names[0].startswith("flexprefill_query_aware") and names[1].startswith("flexprefill_query_aware")
+    assert names[2].startswith("flexprefill_vertical_slash") and names[3].startswith("flexprefill_vertical_slash")
+    assert layout.block_mask()[2, -1, 40 // 16], "the column the last queries attend is kept"
+
+
+def test_eval_runs_the_published_baselines(tiny_llama, tmp_path, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import EVAL_SAMPLES, Run
+
+    model_dir = tmp_path / "model"
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(vocab_size=len(tiny_llama.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=512)
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
+    tiny_llama.tokenizer.save_pretrained(model_dir)
+    argv = ["eval", "--model", str(model_dir), "--tasks", "niah_noise", "--lengths", "200", "--samples", "1",
+            "--baseline", "xattention", "--baseline", "flexprefill:gamma=0.8", "--baseline-block-size", "16",
+            "--executor", "reference", "--out", str(tmp_path / "run"), "--quiet"]
+    assert main(argv) == 0
+    table = Run.open(tmp_path / "run").read(EVAL_SAMPLES)
+    assert list(table.method) == ["dense", "xattention", "flexprefill:gamma=0.8"]
+    assert (table.density[1:] < 1.0).all() and (table.density[1:] > 0).all()
+    assert main([*argv[:-3], "--baseline", "minference", "--out", str(tmp_path / "r2")]) == 2
+    assert "unknown kind 'minference'" in capsys.readouterr().err
