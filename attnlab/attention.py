@@ -150,11 +150,6 @@ class AttentionVariant:
         return (self.window == other.window and self.softcap == other.softcap
                 and (self.sinks is None) == (other.sinks is None))
 
-    def visible(self, positions: torch.Tensor) -> torch.Tensor:
-        """Keys a query at each absolute position sees: ``min(i + 1, window)``."""
-        seen = positions + 1
-        return seen.clamp(max=self.window) if self.window else seen
-
 
 PLAIN = AttentionVariant()
 
