@@ -5,7 +5,12 @@ walks only the key blocks its head's `BlockSparseLayout` lists for that query bl
 
 1. the **full** blocks, with no masking code at all (the layout guarantees every pair of
    those tiles is attended), and
-2. the **partial** blocks, which evaluate the token predicate (bounds, causal, sink/window).
+2. the **partial** blocks, which evaluate the token predicate (bounds, causal, sink/window,
+   and the model's own sliding window when the layout has one).
+
+Score variants are compile-time branches, so the default kernel is the one it always was:
+``HAS_SOFTCAP`` (logits ``c * tanh(s / c)`` before the mask), ``HAS_SINKS`` (one learned logit
+per query head in the softmax denominator, no value), ``HAS_MODEL_WINDOW``.
 
 Dense, streaming, block-sparse and vertical-slash heads are just different block lists, so
 one launch serves them all. GQA maps query head ``h`` to KV head ``h // (Hq // Hkv)`` inside
@@ -30,6 +35,8 @@ from attnlab.kernels.layout import (
     BlockSparseLayout,
     KernelInputError,
     _check_scalars,
+    check_sinks,
+    check_softcap,
 )
 
 # --- error messages ------------------------------------------------------------------------
@@ -100,9 +107,10 @@ def _attend_kv_blocks(
     k_head, v_head, stride_kn, stride_vn,  # K/V of this (batch, KV head), token 0
     block_ids, n_blocks,  # this row's key-block list and its length
     offs_n, offs_d,
-    qk_scale, n_k, sink, window,
+    qk_scale, softcap_out, n_k, sink, window, model_window,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_MODEL_WINDOW: tl.constexpr,
 ):  # fmt: skip
     """Fold ``n_blocks`` listed key blocks into the online softmax state of one query tile."""
     d_ok = offs_d < HEAD_DIM
@@ -125,14 +133,22 @@ def _attend_kv_blocks(
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
 
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # base-2 logits
+        if HAS_SOFTCAP:
+            # qk_scale was scale / c: qk = s / c; the base-2 logit is c * log2(e) * tanh(s / c).
+            # tanh from exp2, stable for both signs (the interpreter has no libdevice tanh).
+            e = tl.math.exp2(-2.8853900817779268 * tl.abs(qk))  # exp(-2|x|)
+            th = (1.0 - e) / (1.0 + e)
+            qk = tl.where(qk < 0.0, -th, th) * softcap_out
         if MASKED:
-            # the token predicate of BlockSparseLayout (`attends`, conditions 2-4 of
+            # the token predicate of BlockSparseLayout (`attends`, conditions 2-5 of
             # attnlab.kernels.layout), in triton.language; only ever evaluated here
             keep = key_ok[None, :]
             if CAUSAL:
                 keep = keep & (keys[None, :] <= q_pos[:, None])
             streaming = (keys[None, :] < sink) | (q_pos[:, None] - keys[None, :] < window)
             keep = keep & ((window == 0) | streaming)
+            if HAS_MODEL_WINDOW:
+                keep = keep & (q_pos[:, None] - keys[None, :] < model_window)
             qk = tl.where(keep, qk, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             # A row with no kept key yet has m_new = -inf; exp2(-inf - -inf) would be NaN.
@@ -156,15 +172,16 @@ def _block_sparse_attention_fwd(
     Q, K, V, Out, Lse,
     full_count, full_offset, full_index,  # CSR of full blocks, rows = head * QB + q_block
     part_count, part_offset, part_index,  # CSR of partial blocks
-    sink_per_head, window_per_head,
+    sink_per_head, window_per_head, sink_logits,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     n_q, n_k, n_q_blocks, n_q_heads, group_size,
-    qk_scale,
+    qk_scale, softcap_out, model_window,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, HAS_SINKS: tl.constexpr, HAS_MODEL_WINDOW: tl.constexpr,
 ):  # fmt: skip
     # Latest query blocks launch first: under a causal mask they list the most key blocks,
     # and starting the longest programs first shortens the launch's tail.
@@ -203,23 +220,32 @@ def _block_sparse_attention_fwd(
     acc, l_i, m_i = _attend_kv_blocks(
         acc, l_i, m_i, q, q_pos, k_head, v_head, stride_kn, stride_vn,
         full_index + tl.load(full_offset + row), tl.load(full_count + row),
-        offs_n, offs_d, qk_scale, n_k, sink, window,
-        BLOCK, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PRECISION,
+        offs_n, offs_d, qk_scale, softcap_out, n_k, sink, window, model_window,
+        BLOCK, HEAD_DIM, BLOCK_D, False, CAUSAL, DOT_PRECISION, HAS_SOFTCAP, HAS_MODEL_WINDOW,
     )  # fmt: skip
     # Partial blocks: diagonal tiles, ragged edges, window borders; masked per token.
     acc, l_i, m_i = _attend_kv_blocks(
         acc, l_i, m_i, q, q_pos, k_head, v_head, stride_kn, stride_vn,
         part_index + tl.load(part_offset + row), tl.load(part_count + row),
-        offs_n, offs_d, qk_scale, n_k, sink, window,
-        BLOCK, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PRECISION,
+        offs_n, offs_d, qk_scale, softcap_out, n_k, sink, window, model_window,
+        BLOCK, HEAD_DIM, BLOCK_D, True, CAUSAL, DOT_PRECISION, HAS_SOFTCAP, HAS_MODEL_WINDOW,
     )  # fmt: skip
 
     # Rows that attended nothing (no listed block, or every pair masked) have l_i == 0:
     # they return 0 and lse = -inf instead of 0/0.
     attended = l_i > 0.0
     l_safe = tl.where(attended, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    # the log-sum-exp is over the real keys only, with or without a sink
     lse = tl.where(attended, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+    if HAS_SINKS:
+        # The head's learned sink joins the denominator with no value. Its logit is finite, so
+        # the new max is too, and a row with no key gets l = 1, acc = 0: out 0, no NaN.
+        sink_logit = tl.load(sink_logits + head) * 1.4426950408889634  # base 2
+        m_sink = tl.maximum(m_i, sink_logit)
+        alpha = tl.math.exp2(m_i - m_sink)
+        acc = acc * alpha[:, None]
+        l_safe = l_i * alpha + tl.math.exp2(sink_logit - m_sink)
+    out = acc / l_safe[:, None]
     o_ptrs = (Out + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
               + offs_m[:, None] * stride_om + offs_d[None, :])  # fmt: skip
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -315,6 +341,8 @@ def block_sparse_attention(
     layout: BlockSparseLayout,
     *,
     scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention restricted to the blocks ``layout`` lists, per query head, in one launch.
@@ -327,6 +355,13 @@ def block_sparse_attention(
     exactly the pairs `BlockSparseLayout.token_mask` marks, and its natural log-sum-exp. Rows that
     attend nothing get out 0 and lse -inf.
 
+    ``softcap`` c > 0 caps the scaled scores to ``c * tanh(s / c)`` before the mask (Gemma 2);
+    ``sinks`` (float ``[Hq]``, finite) adds one learned logit per query head to the softmax
+    denominator with no value (gpt-oss). The returned lse is over the real keys only, as in
+    `reference_attention` (the sink's share of a row is ``sigmoid(sink - lse)``). The
+    layout's ``model_window`` is applied in partial blocks. Each compiles its own kernel
+    variant; without them the kernel is the plain one.
+
     Everything is checked before the launch and a `KernelInputError` names the problem and
     the fix. ``validate=False`` skips only the O(listed blocks) content checks of the layout
     (`BlockSparseLayout.validate`: ranges, order, overlap, full-block claims) -- for timing
@@ -334,6 +369,8 @@ def block_sparse_attention(
     or faults. Any object with the layout's attributes is accepted (`BlockSparseLayout.coerce`).
     """
     _check_inputs(q, k, v, scale)
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, q.shape[1])
     layout = BlockSparseLayout.coerce(layout)
     _check_layout_fits(layout, q, k)
     blocks = layout.validate(q.device) if validate else layout.to(q.device)
@@ -351,6 +388,12 @@ def block_sparse_attention(
     part_index = blocks.kv_index if blocks.kv_index.numel() else blocks.kv_count
 
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    if softcap is None:
+        qk_scale, softcap_out = scale * _LOG2_E, 1.0
+    else:  # the kernel forms s / c, then c * log2(e) * tanh(s / c)
+        qk_scale, softcap_out = scale / softcap, softcap * _LOG2_E
+    # an unused pointer argument still needs a tensor; HAS_SINKS=False never reads it
+    sink_logits = blocks.sink if sinks is None else sinks.to(device=q.device, dtype=torch.float32).contiguous()
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
     num_warps, num_stages = _launch_config(block, block_d)
     grid = (n_q_blocks, batch * q_heads)
@@ -359,14 +402,16 @@ def block_sparse_attention(
         q, k, v, out, lse,
         blocks.full_kv_count, blocks.full_kv_offset, full_index,
         blocks.kv_count, blocks.kv_offset, part_index,
-        blocks.sink, blocks.window,
+        blocks.sink, blocks.window, sink_logits,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n_q, n_k, n_q_blocks, q_heads, q_heads // k.shape[1],
-        scale * _LOG2_E,
+        qk_scale, softcap_out, blocks.model_window,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CAUSAL=layout.causal,
+        HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
+        HAS_MODEL_WINDOW=blocks.model_window > 0,
         # fp32 inputs get true fp32 products (not TF32) to match an fp32 reference
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps, num_stages=num_stages,

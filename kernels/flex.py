@@ -2,9 +2,11 @@
 
 `flex_block_mask` turns the layout into a FlexAttention ``BlockMask`` with the same split: our
 full blocks become Flex's ``full_kv_*`` (no ``mask_mod`` call), our partial blocks its ``kv_*``
-(``mask_mod`` = block membership and `attends`: bounds, causal, sink/window). The result
-computes exactly the mask `BlockSparseLayout.token_mask` describes, so it doubles as a baseline
-in the kernel benchmark and as a portable executor where Triton is unavailable.
+(``mask_mod`` = block membership and `attends`: bounds, causal, sink/window, the model's
+window). The result computes exactly the mask `BlockSparseLayout.token_mask` describes, so it
+doubles as a baseline in the kernel benchmark and as a portable executor where Triton is
+unavailable. Logit soft-capping is a ``score_mod``; learned sinks rescale Flex's output by
+its log-sum-exp (exact: ``out * sigmoid(lse - sink)``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from attnlab.kernels.layout import BlockSparseLayout, attends
+from attnlab.kernels.layout import BlockSparseLayout, attends, check_sinks, check_softcap
 
 if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
@@ -35,11 +37,15 @@ def flex_mask_mod(layout: BlockSparseLayout) -> Callable[..., torch.Tensor]:
     sink = layout.sink.to(device=device, dtype=torch.int64)
     window = layout.window.to(device=device, dtype=torch.int64)
     offset, n_k, causal, block = layout.q_offset, layout.n_k, layout.causal, layout.block_size
+    model_window = layout.model_window
     last_q_block, last_k_block = layout.n_q_blocks - 1, layout.n_k_blocks - 1
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         in_block = listed[h, (q_idx // block).clamp(0, last_q_block), (kv_idx // block).clamp(0, last_k_block)]
-        return in_block & attends(q_idx + offset, kv_idx, n_k=n_k, sink=sink[h], window=window[h], causal=causal)
+        return in_block & attends(
+            q_idx + offset, kv_idx, n_k=n_k, sink=sink[h], window=window[h], causal=causal,
+            model_window=model_window,
+        )  # fmt: skip
 
     mask_mod.__name__ = f"block_layout_layer{layout.layer}" if layout.layer is not None else "block_layout"
     return mask_mod
@@ -72,8 +78,10 @@ def flex_block_sparse_attention(
     v: torch.Tensor,
     layout: BlockSparseLayout,
     *,
-    scale: float | None = None,
     block_mask: BlockMask | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
     compiled: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`block_sparse_attention` semantics through FlexAttention: ``(out, lse)``.
@@ -86,11 +94,21 @@ def flex_block_sparse_attention(
     construction out of a timing loop. Compiled Flex recompiles per shape and per
     (block size, causal, length) of the layout; past torch._dynamo's recompile limit
     (``torch._dynamo.config.cache_size_limit``, default 8) it silently runs eagerly.
+
+    ``softcap`` c > 0 is a ``score_mod`` ``c * tanh(s / c)`` on the scaled scores (before the
+    mask). ``sinks`` (float ``[Hq]``): each head's learned logit joins the softmax denominator
+    with no value; applied exactly as ``out * sigmoid(lse - sink)`` from Flex's log-sum-exp,
+    which stays that of the real keys (as in `reference_attention`). Since compiled Flex on
+    the CPU returns no log-sum-exp, ``sinks`` on the CPU run Flex's eager path.
     """
     from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, q.shape[1])
     if block_mask is None:
         block_mask = flex_block_mask(layout, device=q.device)
+    if sinks is not None and q.device.type == "cpu":
+        compiled = False  # the rescaling needs the log-sum-exp CPU Inductor cannot return
     if compiled:
         if "flex" not in _COMPILED_FLEX:
             _COMPILED_FLEX["flex"] = torch.compile(flex_attention, dynamic=False)
@@ -99,12 +117,29 @@ def flex_block_sparse_attention(
         attend = flex_attention
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     gqa = q.shape[1] != k.shape[1]
+    score_mod = None if softcap is None else _softcap_score_mod(softcap)
     if compiled and q.device.type == "cpu":
         with torch.no_grad():
-            out = attend(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa)
+            out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         return out, None
     out, aux = attend(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
         return_aux=AuxRequest(lse=True),
     )  # fmt: skip
-    return out, aux.lse.float()
+    lse = aux.lse.float()
+    if sinks is not None:
+        # p_j = exp(s_j) / (exp(lse) + exp(sink)) = Flex's p_j * sigmoid(lse - sink); a row
+        # with no key has out 0 and lse -inf, so it stays 0
+        share = torch.sigmoid(lse - sinks.to(device=lse.device, dtype=torch.float32).reshape(1, -1, 1))
+        out = (out.float() * share[..., None]).to(out.dtype)
+    return out, lse
+
+
+def _softcap_score_mod(softcap: float) -> Callable[..., torch.Tensor]:
+    """Logit soft-capping as a FlexAttention ``score_mod``: ``c * tanh(score / c)``."""
+
+    def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
+                  kv_idx: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        return softcap * torch.tanh(score / softcap)
+
+    return score_mod

@@ -19,11 +19,14 @@ tokens) and attends key ``j`` iff
 1. block ``(i // B, j // B)`` is listed, full or partial, for its head ``h``;
 2. ``j < n_k``;
 3. not ``causal``, or ``j <= qa``;
-4. ``window[h] == 0``, or ``j < sink[h]``, or ``qa - j < window[h]`` (streaming heads).
+4. ``window[h] == 0``, or ``j < sink[h]``, or ``qa - j < window[h]`` (streaming heads);
+5. ``model_window == 0``, or ``qa - j < model_window`` (the model's own sliding window, one
+   per layout: an AND on every head, Hugging Face's convention -- with window ``W`` a query
+   sees itself and the ``W - 1`` keys before it, as ``sliding_window_overlay`` does).
 
-Conditions 2-4 are `attends`, written once here for every PyTorch caller (the Triton kernel
-carries the same four lines in ``triton.language``). A block may be listed as full only if all
-``B x B`` pairs are in bounds and pass 2-4; the kernel trusts that, and
+Conditions 2-5 are `attends`, written once here for every PyTorch caller (the Triton kernel
+carries the same lines in ``triton.language``). A block may be listed as full only if all
+``B x B`` pairs are in bounds and pass 2-5; the kernel trusts that, and
 `BlockSparseLayout.validate` checks it (cheaply, per listed block).
 
 Build a layout from dense per-block booleans with `BlockSparseLayout.from_block_masks`, from
@@ -34,6 +37,8 @@ Any object with the attributes of `LAYOUT_ATTRIBUTES` is accepted where a layout
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,10 +66,21 @@ TOKEN_SEMANTICS = (
     "query i (absolute qa = i + n_k - n_q) attends key j iff block (i//B, j//B) is listed and j < n_k "
     "and j <= qa and (window[h] == 0 or j < sink[h] or qa - j < window[h])"
 )
+#: The model-window clause of the token semantics, appended to `TOKEN_SEMANTICS` by files that
+#: carry layouts with ``model_window > 0`` (`token_semantics`).
+MODEL_WINDOW_SEMANTICS = "and (model_window == 0 or qa - j < model_window)"
+#: Arrays `BlockSparseLayout.to_arrays` adds only when they differ from their default (0-d int32);
+#: `BlockSparseLayout.from_arrays` reads them when present, so older files load unchanged.
+OPTIONAL_ARRAY_FIELDS: tuple[str, ...] = ("model_window",)
 
 
 class KernelInputError(AttnlabError, ValueError):
     """A layout, or kernel inputs, that cannot be used; raised before any launch."""
+
+
+def token_semantics(model_window: bool = False) -> str:
+    """The token semantics in one line; with the model-window clause when ``model_window``."""
+    return f"{TOKEN_SEMANTICS} {MODEL_WINDOW_SEMANTICS}" if model_window else TOKEN_SEMANTICS
 
 
 # --- error messages: what was expected, what was got, how to fix it ----------------------
@@ -122,6 +138,17 @@ BLOCK_MASK_FULL_NOT_KEPT = (
     "full marks {count} blocks that kept does not (first: head={head}, q_block={q_block}, "
     "k_block={k_block}); full must be a subset of kept."
 )
+MODEL_WINDOW_BAD = (
+    "model_window must be an int >= 0 (the model's own sliding window; 0 = none); got {got!r}."
+)
+SOFTCAP_BAD = (
+    "softcap must be None or a finite float > 0 (scores become softcap * tanh(score / softcap)); "
+    "got {got!r}."
+)
+SINKS_BAD = (
+    "sinks must be None or a finite floating-point tensor [n_query_heads] = [{heads}] (one "
+    "learned logit per query head); got {got}."
+)
 PER_HEAD_VALUE_BAD = (
     "{name} must be None, an int >= 0, or {n_heads} ints >= 0 (one per head); got {got}."
 )
@@ -131,7 +158,34 @@ TOKEN_MASK_TOO_LARGE = (
 )
 
 
-# --- the token predicate: conditions 2-4, the one definition ------------------------------
+# --- the score variants every executor takes: soft-capping and learned sinks ---------------
+def check_softcap(softcap: object) -> float | None:
+    """``softcap`` as a float > 0, or None; `KernelInputError` for anything else."""
+    if softcap is None:
+        return None
+    if (
+        isinstance(softcap, bool) or not isinstance(softcap, numbers.Real)
+        or not math.isfinite(softcap) or softcap <= 0
+    ):  # fmt: skip
+        raise KernelInputError(SOFTCAP_BAD.format(got=softcap))
+    return float(softcap)
+
+
+def check_sinks(sinks: object, q_heads: int) -> torch.Tensor | None:
+    """``sinks`` (float ``[q_heads]``, finite) as given, or None; `KernelInputError` otherwise."""
+    if sinks is None:
+        return None
+    if not isinstance(sinks, torch.Tensor):
+        raise KernelInputError(SINKS_BAD.format(heads=q_heads, got=type(sinks).__name__))
+    if not sinks.is_floating_point() or tuple(sinks.shape) != (q_heads,):
+        got = f"shape {tuple(sinks.shape)}, dtype {sinks.dtype}"
+        raise KernelInputError(SINKS_BAD.format(heads=q_heads, got=got))
+    if not bool(torch.isfinite(sinks).all()):
+        raise KernelInputError(SINKS_BAD.format(heads=q_heads, got="non-finite values"))
+    return sinks
+
+
+# --- the token predicate: conditions 2-5, the one definition ------------------------------
 def attends(
     q_abs: torch.Tensor,
     key: torch.Tensor,
@@ -140,16 +194,20 @@ def attends(
     sink: torch.Tensor,
     window: torch.Tensor,
     causal: bool,
+    model_window: int = 0,
 ) -> torch.Tensor:
-    """Whether query at absolute position ``q_abs`` may attend key ``key`` (conditions 2-4).
+    """Whether query at absolute position ``q_abs`` may attend key ``key`` (conditions 2-5).
 
-    Bounds, causality and the per-head streaming rule; block membership (condition 1) is the
-    caller's. Arguments broadcast together, so the same expression serves a dense
-    ``[H, n_q, n_k]`` mask and FlexAttention's per-element ``mask_mod``.
+    Bounds, causality, the per-head streaming rule and the model's own sliding window
+    (``model_window``, 0 = none); block membership (condition 1) is the caller's. Arguments
+    broadcast together, so the same expression serves a dense ``[H, n_q, n_k]`` mask and
+    FlexAttention's per-element ``mask_mod``.
     """
     keep = (key < n_k) & ((window == 0) | (key < sink) | (q_abs - key < window))
     if causal:
         keep = keep & (key <= q_abs)
+    if model_window:
+        keep = keep & (q_abs - key < model_window)
     return keep
 
 
@@ -179,6 +237,7 @@ def tile_all_attended(
     n_q: int,
     n_k: int,
     causal: bool,
+    model_window: int = 0,
 ) -> torch.Tensor:
     """True where every pair of the ``B x B`` tile is in bounds and passes `attends`.
 
@@ -197,7 +256,23 @@ def tile_all_attended(
     first_non_sink = torch.maximum(j_lo, sink)
     all_sink = first_non_sink > j_hi
     window_ok = (window == 0) | all_sink | (qa_hi - first_non_sink < window)
+    if model_window:
+        # the model's window holds for every pair iff it holds for the farthest one
+        window_ok = window_ok & (qa_hi - j_lo < model_window)
     return ok & window_ok
+
+
+def _pair_within(
+    j_lo: torch.Tensor, j_hi: torch.Tensor, qa_lo: torch.Tensor, qa_hi: torch.Tensor,
+    width: torch.Tensor | int, *, causal: bool,
+) -> torch.Tensor:
+    """Whether some key ``j`` in ``[j_lo, j_hi]`` and query ``qa`` in ``[qa_lo, qa_hi]`` have
+    ``qa - j < width`` (and ``j <= qa`` when ``causal``); an empty key range has none."""
+    if causal:
+        # j in [max(j_lo, qa_lo - width + 1), min(j_hi, qa_hi)], then qa = max(qa_lo, j)
+        return torch.maximum(j_lo, qa_lo - width + 1) <= torch.minimum(j_hi, qa_hi)
+    # without causal the closest pair is (qa_lo, j_hi)
+    return (j_lo <= j_hi) & (j_hi >= qa_lo - width + 1)
 
 
 def tile_any_attended(
@@ -210,6 +285,7 @@ def tile_any_attended(
     n_q: int,
     n_k: int,
     causal: bool,
+    model_window: int = 0,
 ) -> torch.Tensor:
     """True where at least one in-bounds pair of the tile passes `attends`.
 
@@ -218,6 +294,14 @@ def tile_any_attended(
     qa_lo, qa_hi, j_lo, j_hi = _tile_bounds(
         q_block, k_block, block_size=block_size, n_q=n_q, n_k=n_k
     )
+    if model_window:
+        # Every pair must be within the model's window; streaming heads add their own window
+        # (the narrower one binds) except on sink keys, which only the model's window limits.
+        window = torch.as_tensor(window)
+        width = torch.where(window == 0, model_window, torch.clamp(window, max=model_window))
+        hit = _pair_within(j_lo, j_hi, qa_lo, qa_hi, width, causal=causal)
+        sink_hit = _pair_within(j_lo, torch.minimum(j_hi, sink - 1), qa_lo, qa_hi, model_window, causal=causal)
+        return hit | ((window != 0) & sink_hit)
     causal_ok = (j_lo <= qa_hi) if causal else torch.ones_like(j_lo, dtype=torch.bool)
     # a sink key j_lo < sink passes the window test for every query
     sink_hit = (j_lo < sink) & causal_ok
@@ -295,6 +379,8 @@ class BlockSparseLayout:
     - ``kv_count``, ``kv_offset``, ``kv_index``: the same for partial blocks.
     - ``sink``, ``window``: int32 ``[n_heads]``; the streaming predicate (``window == 0``:
       none) applied inside partial blocks.
+    - ``model_window``: a plain int, the model's own sliding window for this layer (0: none),
+      ANDed with every head's predicate (condition 5 of the module docstring).
 
     ``head_names``, ``layer`` and ``meta`` describe where it came from (the policy compiler
     fills them); executors ignore them. See the module docstring for the token semantics.
@@ -314,6 +400,7 @@ class BlockSparseLayout:
     kv_index: torch.Tensor
     sink: torch.Tensor
     window: torch.Tensor
+    model_window: int = 0
     head_names: tuple[str, ...] = ()
     layer: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -352,6 +439,7 @@ class BlockSparseLayout:
             )
         return cls(
             **{name: getattr(layout, name) for name in LAYOUT_ATTRIBUTES},
+            model_window=getattr(layout, "model_window", 0),
             head_names=tuple(getattr(layout, "head_names", ()) or ()),
             layer=getattr(layout, "layer", None),
         )
@@ -370,6 +458,7 @@ class BlockSparseLayout:
         window: int | Sequence[int] | torch.Tensor | None = None,
         layer: int | None = None,
         head_names: Sequence[str] = (),
+        model_window: int = 0,
     ) -> BlockSparseLayout:
         """Pack dense per-block booleans into a layout.
 
@@ -386,10 +475,13 @@ class BlockSparseLayout:
         So ``kept = all True`` with ``causal=True`` is dense causal attention, and with
         ``sink=64, window=256`` it is a streaming head. ``sink``/``window`` are an int for all
         heads or one int per head; ``window == 0`` (default) means no streaming predicate.
-        Tensors are built on ``kept``'s device. Memory of the result is O(listed blocks).
+        ``model_window`` (an int, 0 = none) is the model's own sliding window, ANDed with
+        every head's predicate: tiles wholly outside it are dropped like any other tile with
+        no surviving pair. Tensors are built on ``kept``'s device. Memory of the result is O(listed blocks).
         """
         for name, value in (("block_size", block_size), ("n_q", n_q), ("n_k", n_k)):
             _check_length(name, value)
+        model_window = _check_model_window(model_window)
         q_blocks, k_blocks = -(-n_q // block_size), -(-n_k // block_size)
         for name, mask in (("kept", kept), ("full", full)):
             if mask is None:
@@ -430,7 +522,7 @@ class BlockSparseLayout:
         for head in range(n_heads):
             params = dict(
                 sink=sink_t[head].to(device), window=window_t[head].to(device),
-                block_size=block_size, n_q=n_q, n_k=n_k, causal=causal,
+                block_size=block_size, n_q=n_q, n_k=n_k, causal=causal, model_window=model_window,
             )  # fmt: skip
             listed[head] = kept[head] & tile_any_attended(q_grid, k_grid, **params)
             truly_full[head] = listed[head] & tile_all_attended(q_grid, k_grid, **params)
@@ -443,7 +535,7 @@ class BlockSparseLayout:
             full_kv_count=full_count, full_kv_offset=full_offset, full_kv_index=full_index,
             kv_count=kv_count, kv_offset=kv_offset, kv_index=kv_index,
             sink=sink_t.to(device=device, dtype=torch.int32),
-            window=window_t.to(device=device, dtype=torch.int32),
+            window=window_t.to(device=device, dtype=torch.int32), model_window=model_window,
             head_names=tuple(head_names), layer=layer,
         )  # fmt: skip
 
@@ -458,21 +550,28 @@ class BlockSparseLayout:
         causal: bool = True,
         layer: int | None = None,
         head_names: Sequence[str] = (),
+        model_window: int | None = None,
     ) -> BlockSparseLayout:
-        """Inverse of `to_arrays` (as exporters store them); validates the result."""
+        """Inverse of `to_arrays` (as exporters store them); validates the result.
+
+        ``model_window`` None reads the optional ``"model_window"`` array (one integer; absent
+        in files written before it existed: 0); an int overrides it.
+        """
         tensors = {name: torch.as_tensor(arrays[name]).to(torch.int32) for name in TENSOR_FIELDS}
         n_heads = int(tensors["sink"].numel())
         tensors["sink"] = tensors["sink"].reshape(n_heads)
         tensors["window"] = tensors["window"].reshape(n_heads)
+        if model_window is None:
+            model_window = _model_window_from_array(arrays.get("model_window"))
         layout = cls(block_size=block_size, n_q=n_q, n_k=n_k, n_heads=n_heads, causal=causal, **tensors,
-                     head_names=tuple(head_names), layer=layer)  # fmt: skip
+                     model_window=model_window, head_names=tuple(head_names), layer=layer)  # fmt: skip
         return layout.validate()
 
     def _with_tensors(self, tensors: dict[str, torch.Tensor]) -> BlockSparseLayout:
         return BlockSparseLayout(
             block_size=self.block_size, n_q=self.n_q, n_k=self.n_k, n_heads=self.n_heads,
-            causal=self.causal, **tensors, head_names=self.head_names, layer=self.layer,
-            meta=dict(self.meta),
+            causal=self.causal, **tensors, model_window=self.model_window,
+            head_names=self.head_names, layer=self.layer, meta=dict(self.meta),
         )  # fmt: skip
 
     def to(self, device: torch.device | str) -> BlockSparseLayout:
@@ -484,8 +583,13 @@ class BlockSparseLayout:
 
     # -- conversions ---------------------------------------------------------------------
     def to_arrays(self) -> dict[str, torch.Tensor]:
-        """The index tensors by contract name (`TENSOR_FIELDS`), contiguous (for exporters)."""
-        return {name: getattr(self, name).contiguous() for name in TENSOR_FIELDS}
+        """The index tensors by contract name (`TENSOR_FIELDS`), contiguous (for exporters),
+        plus ``"model_window"`` (0-d int32) when it is not 0, so a layout without one
+        exports exactly the arrays it always did (`OPTIONAL_ARRAY_FIELDS`)."""
+        arrays = {name: getattr(self, name).contiguous() for name in TENSOR_FIELDS}
+        if self.model_window:
+            arrays["model_window"] = torch.tensor(self.model_window, dtype=torch.int32)
+        return arrays
 
     def padded(self) -> dict[str, torch.Tensor]:
         """FlexAttention's padded form: ``kv_num_blocks [1, H, QB]``, ``kv_indices [1, H, QB, KB]``
@@ -546,7 +650,9 @@ class BlockSparseLayout:
             sink=self.sink.to(device=device, dtype=torch.int64).reshape(-1, 1, 1),
             window=self.window.to(device=device, dtype=torch.int64).reshape(-1, 1, 1),
         )  # fmt: skip
-        return listed[:, : self.n_q, : self.n_k] & attends(q_abs, key, n_k=self.n_k, causal=self.causal, **per_head)
+        return listed[:, : self.n_q, : self.n_k] & attends(
+            q_abs, key, n_k=self.n_k, causal=self.causal, model_window=self.model_window, **per_head
+        )
 
     # -- counts --------------------------------------------------------------------------
     def kept_blocks(self) -> torch.Tensor:
@@ -554,7 +660,19 @@ class BlockSparseLayout:
         return self.full_kv_count.sum(-1, dtype=torch.int64) + self.kv_count.sum(-1, dtype=torch.int64)
 
     def causal_blocks(self) -> int:
-        """Tiles a dense (causal) kernel computes: those holding at least one attending pair."""
+        """Tiles a dense (causal) kernel computes: those holding at least one attending pair.
+
+        With a ``model_window`` that is the windowed dense cost: tiles holding a pair the
+        model's own window (and causality) lets through.
+        """
+        if self.model_window:
+            qb = torch.arange(self.n_q_blocks).reshape(-1, 1)
+            kb = torch.arange(self.n_k_blocks).reshape(1, -1)
+            zero = torch.zeros((), dtype=torch.int64)
+            return int(tile_any_attended(
+                qb, kb, zero, zero, block_size=self.block_size, n_q=self.n_q, n_k=self.n_k,
+                causal=self.causal, model_window=self.model_window,
+            ).sum())  # fmt: skip
         if not self.causal:
             return self.n_q_blocks * self.n_k_blocks
         b = self.block_size
@@ -571,11 +689,17 @@ class BlockSparseLayout:
         return self.kept_blocks().cpu().to(torch.float64) / max(1, self.causal_blocks())
 
     def token_density(self) -> torch.Tensor:
-        """Per head, float64 ``[H]``: attending token pairs / causal token pairs (small lengths)."""
+        """Per head, float64 ``[H]``: attending token pairs / causal token pairs (small lengths).
+
+        With a ``model_window``, over the pairs the model's own window lets through."""
         tm = self.token_mask()
         i = torch.arange(self.n_q, device=tm.device)[:, None] + self.q_offset
         j = torch.arange(self.n_k, device=tm.device)[None, :]
-        total = int((j <= i).sum()) if self.causal else self.n_q * self.n_k
+        if self.model_window:
+            visible = (i - j < self.model_window) & ((j <= i) if self.causal else True)
+            total = int(visible.sum())
+        else:
+            total = int((j <= i).sum()) if self.causal else self.n_q * self.n_k
         return tm.sum((-1, -2)).cpu().to(torch.float64) / max(1, total)
 
     @property
@@ -601,8 +725,8 @@ class BlockSparseLayout:
         return self._with_tensors({name: t[name].to(torch.int32).contiguous() for name in TENSOR_FIELDS})
 
     def equals(self, other: BlockSparseLayout) -> bool:
-        """Same geometry, same index tensors, same sink/window."""
-        scalars = ("block_size", "n_q", "n_k", "n_heads", "causal")
+        """Same geometry, same index tensors, same sink/window and model window."""
+        scalars = ("block_size", "n_q", "n_k", "n_heads", "causal", "model_window")
         if any(getattr(self, a) != getattr(other, a) for a in scalars):
             return False
         return all(
@@ -613,7 +737,9 @@ class BlockSparseLayout:
     def __repr__(self) -> str:
         dens = ", ".join(f"{d:.3f}" for d in self.density.tolist())
         return (f"BlockSparseLayout(layer={self.layer}, heads={self.n_heads}, n_q={self.n_q}, n_k={self.n_k}, "
-                f"B={self.block_size}, causal={self.causal}, density=[{dens}])")
+                f"B={self.block_size}, causal={self.causal}, "
+                + (f"model_window={self.model_window}, " if self.model_window else "")
+                + f"density=[{dens}])")
 
 
 # --- validation ---------------------------------------------------------------------------
@@ -627,6 +753,25 @@ def _check_scalars(layout: BlockSparseLayout) -> None:
         _check_length(name, getattr(layout, name))
     if not isinstance(layout.causal, bool):
         raise KernelInputError(INDEX_SCALAR_BAD.format(name="causal", expected="a bool", got=layout.causal))
+    _check_model_window(layout.model_window)
+
+
+def _check_model_window(value: object) -> int:
+    """``value`` as a plain int >= 0 (numpy and torch integers accepted), else KernelInputError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise KernelInputError(MODEL_WINDOW_BAD.format(got=value))
+    return int(value)
+
+
+def _model_window_from_array(value: object) -> int:
+    """The ``model_window`` array of an exported layout as an int (absent: 0)."""
+    if value is None:
+        return 0
+    tensor = torch.as_tensor(value)
+    if tensor.numel() != 1 or tensor.is_floating_point() or tensor.dtype == torch.bool:
+        got = f"an array of shape {tuple(tensor.shape)}, dtype {tensor.dtype}"
+        raise KernelInputError(MODEL_WINDOW_BAD.format(got=got))
+    return int(tensor.reshape(()))
 
 
 def _int_tensor(layout: BlockSparseLayout, name: str, shape: tuple[int, ...], why: str, device: torch.device) -> torch.Tensor:
@@ -727,6 +872,7 @@ def _checked_tensors(layout: BlockSparseLayout, device: torch.device) -> dict[st
     truly_full = tile_all_attended(
         rows % q_blocks, kb, t["sink"][heads], t["window"][heads],
         block_size=block_size, n_q=layout.n_q, n_k=layout.n_k, causal=layout.causal,
+        model_window=layout.model_window,
     )  # fmt: skip
     if not bool(truly_full.all()):
         bad = ~truly_full

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from attnlab.kernels.layout import BlockSparseLayout, KernelInputError
+from attnlab.kernels.layout import BlockSparseLayout, KernelInputError, check_sinks, check_softcap
 
 REFERENCE_SHAPES = (
     "reference_attention expects q [B, Hq, Nq, D] and k, v [B, Hkv, Nk, D] with Hq a "
@@ -40,6 +40,8 @@ def reference_attention(
     *,
     scale: float | None = None,
     dtype: torch.dtype = torch.float64,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention with a boolean token mask, computed in ``dtype``.
 
@@ -49,9 +51,19 @@ def reference_attention(
     `~BlockSparseLayout.token_mask` (small lengths); None attends everything. ``scale``
     defaults to ``1 / sqrt(D)``.
 
+    Variants (Hugging Face's eager semantics):
+
+    - ``softcap`` c > 0: the scaled scores become ``c * tanh(s / c)`` before the mask
+      (Gemma 2's logit soft-capping);
+    - ``sinks``: float ``[Hq]``, one learned logit per query head that joins the softmax
+      denominator and carries no value (gpt-oss): ``out = sum_j p_j v_j`` with
+      ``p_j = exp(s_j) / (exp(sink) + sum_k exp(s_k))``.
+
     Returns ``(out [B, Hq, Nq, D], lse [B, Hq, Nq])`` in ``dtype``; ``lse`` is the natural
-    log-sum-exp of the scaled, masked scores. A row with no attended key gets out 0 and lse
-    -inf, never NaN. In fp16/bf16 the softmax is ``torch.softmax`` on low-precision scores
+    log-sum-exp of the scaled (soft-capped), masked scores **of the real keys only**: the sink
+    is not in it, so the sink's share of a row is ``sigmoid(sink - lse)`` and the output
+    without a sink is ``out / sigmoid(lse - sink)``. A row with no attended key gets out 0 and
+    lse -inf, never NaN (with a sink too: the sink takes all the mass and has no value). In fp16/bf16 the softmax is ``torch.softmax`` on low-precision scores
     and the probabilities are rounded to ``dtype`` before ``P @ V``: the eager baseline the
     FlashAttention tests compare kernels against.
     """
@@ -67,11 +79,15 @@ def reference_attention(
     group = q_heads // k.shape[1]
     n_k = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    softcap = check_softcap(softcap)
+    sinks = check_sinks(sinks, q_heads)
 
     qd = q.to(dtype)
     kd = k.to(dtype).repeat_interleave(group, dim=1)
     vd = v.to(dtype).repeat_interleave(group, dim=1)
     scores = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if isinstance(token_mask, BlockSparseLayout):
         token_mask = token_mask.token_mask()
     if token_mask is not None:
@@ -82,6 +98,12 @@ def reference_attention(
             )
         scores = scores.masked_fill(~token_mask.to(scores.device), float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
+    if sinks is not None:
+        # the sink is one more logit per row; its probability is dropped (it has no value)
+        sink = sinks.to(device=scores.device, dtype=dtype).reshape(1, q_heads, 1, 1)
+        combined = torch.cat([scores, sink.expand(batch, q_heads, n_q, 1)], dim=-1)
+        probs = torch.softmax(combined, dim=-1)[..., :-1]
+        return torch.matmul(probs, vd), lse
     empty_row = torch.isneginf(lse)
     # softmax of an all -inf row is NaN; such a row attends nothing, so it gets zeros
     probs = torch.softmax(scores, dim=-1).masked_fill(empty_row[..., None], 0.0)
