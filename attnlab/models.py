@@ -570,15 +570,9 @@ _TINY_CLASSES = {"gemma3": "Gemma3ForCausalLM", "gpt-oss": "GptOssForCausalLM", 
                  "gpt-neox": "GPTNeoXForCausalLM"}
 
 
-def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> LoadedModel:
-    """A randomly initialised tiny causal LM built from a config (no weights to download).
-
-    ``kind="llama"``: 4 query heads sharing 2 KV heads (GQA), RoPE, head_dim 16.
-    ``kind="gpt2"``: 4 heads, learned positions, multi-head attention. Every kind of
-    `TINY_KINDS` is built the same way (`_tiny_config`); gpt-oss's learned sinks are drawn at
-    random (N(0, 1)) so they matter. All use the embedded model's tokenizer, so they read the
-    same prompts as real runs.
-    """
+def tiny_hf_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> tuple[Any, Any]:
+    """The plain Hugging Face model and tokenizer `tiny_model` wraps: the same ``kind`` and
+    ``seed`` always give the same weights (eager attention, eval mode)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if kind not in TINY_KINDS:
@@ -594,4 +588,17 @@ def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: 
             sinks = getattr(module, "sinks", None)
             if isinstance(sinks, torch.nn.Parameter):
                 sinks.normal_(0.0, 1.0)
+    return hf_model.eval(), tokenizer
+
+
+def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> LoadedModel:
+    """A randomly initialised tiny causal LM built from a config (no weights to download).
+
+    ``kind="llama"``: 4 query heads sharing 2 KV heads (GQA), RoPE, head_dim 16.
+    ``kind="gpt2"``: 4 heads, learned positions, multi-head attention. Every kind of
+    `TINY_KINDS` is built the same way (`_tiny_config`, `tiny_hf_model`); gpt-oss's learned
+    sinks are drawn from N(0, 1) so they matter. All use the embedded model's tokenizer, so
+    they read the same prompts as real runs.
+    """
+    hf_model, tokenizer = tiny_hf_model(kind, seed=seed, n_layers=n_layers, n_ctx=n_ctx)
     return wrap_hf_model(hf_model, tokenizer, name=f"tiny-{kind}", source="config", label=f"tiny-{kind}")
