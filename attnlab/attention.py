@@ -350,6 +350,31 @@ def layer_variants(model: Any) -> list[AttentionVariant]:
     return out
 
 
+def attention_fields(variants: list[AttentionVariant]) -> dict[str, Any]:
+    """The ``attention`` entry of a model's identity (`attnlab.identity.ModelIdentity`): ``{}``
+    for plain attention, else ``layer_windows`` (one int per layer, 0 = none) when a layer has a
+    window, ``softcap`` when a layer soft-caps, ``learned_sinks: true`` when a layer has sinks."""
+    out: dict[str, Any] = {}
+    if any(v.window for v in variants):
+        out["layer_windows"] = [int(v.window) for v in variants]
+    caps = {v.softcap for v in variants if v.softcap is not None}
+    if caps:
+        out["softcap"] = max(caps)
+    if any(v.sinks is not None for v in variants):
+        out["learned_sinks"] = True
+    return out
+
+
+def layer_windows_of(identity: Any, n_layers: int) -> list[int]:
+    """Each layer's own sliding window (0 = none) from a model identity or its dict (the
+    ``attention.layer_windows`` entry, `attention_fields`); all 0 for files without it."""
+    attention = (identity.get("attention") if hasattr(identity, "get") else None) or {}
+    windows = attention.get("layer_windows") if hasattr(attention, "get") else None
+    if not windows or len(windows) != n_layers:
+        return [0] * n_layers
+    return [int(w) for w in windows]
+
+
 def check_routable(model: Any, fn: AttentionFn | None = None) -> list[AttentionVariant]:
     """Refuse, before any forward, a model whose attention attnlab cannot route, and a ``fn``
     that does not take the ``variant`` its layers need; returns `layer_variants`."""

@@ -135,15 +135,20 @@ class LoadedModel:
     def identity(self) -> ModelIdentity:
         """The model identity written into manifests and policy files (see `ModelIdentity`).
 
-        The weights fingerprint is computed once, on first use."""
+        The weights fingerprint is computed once, on first use. ``attention`` holds the layers'
+        sliding windows, soft-cap and learned sinks (`attnlab.attention.attention_fields`; ``{}``
+        for plain attention), so policies made from a run know each layer's own window."""
+        from attnlab.attention import attention_fields, layer_variants
+
         fp = self.extra.get("fingerprint")
         if fp is None:
             fp = self.extra["fingerprint"] = weights_fingerprint(self.hf_model)
-        return ModelIdentity(
+        return ModelIdentity.from_dict(dict(
             name=self.name, source=self.source, architecture=self.architecture,
             n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim, n_ctx=self.n_ctx, fingerprint=fp,
-        )
+            attention=attention_fields(layer_variants(self)),
+        ))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:

@@ -246,3 +246,52 @@ def test_support_table_is_generated_from_the_matrix():
         "docs/support.md is stale: run `ATTNLAB_UPDATE_SUPPORT=1 python -m pytest tests/test_architectures.py`"
     )
 
+
+
+# --- policies respect the model's own structure (issue 12, item 3) ------------------------------
+def _estimator(kind: str):
+    from attnlab.runs import BlockMaps
+    from attnlab.sparsity_stats.curves import ProfileEstimator
+
+    model = model_of(kind)
+    result = capture(model, random_ids(96, seed=6), STATS, path="qk")
+    mass = torch.stack([s.block_sum for s in result.layers])
+    qb = mass.shape[-1]
+    maps = BlockMaps(block_size=STATS.block_size, mass_sum=mass, mass_max=torch.stack([s.block_max for s in result.layers]),
+                     count=torch.ones(qb, qb, dtype=torch.int32))
+    return model, ProfileEstimator(maps, model.identity().to_dict(), profiled_lengths=[96])
+
+
+def test_window_layers_bound_what_a_policy_keeps_and_cost_their_windowed_cost():
+    from attnlab.sparsity_stats.kinds import Candidate, windowed_causal_tiles
+
+    model, est = _estimator("gemma2")  # layer 0: window 8; layer 1: full
+    assert model.identity()["attention"] == {"layer_windows": [8, 0], "softcap": 2.0}
+    assert list(est.layer_windows) == [8, 0]
+    cost = est.layer_cost(96)
+    assert cost[1] == 1.0 and cost[0] == windowed_causal_tiles(96, 8, 8) / windowed_causal_tiles(96, 8) == 23 / 78
+    dense = est.evaluate(Candidate.make("dense"))
+    assert (dense.density == 1).all() and (dense.recall == 1).all()
+    wide = est.evaluate(Candidate.make("streaming", sink=4, window=32))
+    assert (wide.density[0] == 1).all(), "a policy window wider than the model's keeps the whole window layer"
+    assert (wide.density[1] < 0.8).all(), "on the full layer the same policy is sparse"
+    assert (wide.kv[0] <= 8 / 96 + 1e-12).all(), "a window layer never needs more KV than its window"
+    assert (wide.recall[0] > 1 - 1e-4).all(), "the window layer's mass is all inside the model's window"
+    # the executor's layouts on the window layer cost exactly the windowed dense cost
+    ids = random_ids(96, seed=6)
+    with torch.no_grad(), run_with_policy(model, make_policy(model, kinds=[("dense", {})], block_size=8), "reference") as ex:
+        model.hf_model(ids, use_cache=False)
+    assert ex.layouts_[0].model_window == 8 and int(ex.layouts_[0].kept_blocks()[0]) == windowed_causal_tiles(96, 8, 8)
+    assert (ex.layouts_[0].density == 1).all()
+
+
+def test_a_learned_sinks_mass_counts_in_recall():
+    from attnlab.sparsity_stats.kinds import Candidate
+
+    _, est = _estimator("gpt-oss")
+    sink = est.sink_share(96)
+    assert (sink > 0.01).all(), "every gpt-oss head's learned sink takes mass"
+    narrow = est.evaluate(Candidate.make("streaming", sink=0, window=1))
+    assert (narrow.recall >= sink - 1e-9).all(), "the sink is always kept: it counts in every policy's recall"
+    _, plain = _estimator("llama")
+    assert (plain.sink_share(96) == 0).all()
