@@ -9,6 +9,14 @@ registry (``AttentionInterface``). The function receives exactly what ``hook_rot
 ``hook_rot_k`` carry on the eager path: post-RoPE queries ``[batch, heads, n_q, head_dim]``
 and keys/values ``[batch, kv_heads, n_k, head_dim]`` (before GQA repetition).
 
+Attention variants pass through: each layer's sliding window, logit soft-cap and learned sinks
+are read from the kwargs its Hugging Face module hands the attention function (``sliding_window``,
+``softcap``, ``s_aux``; the scaling is always the module's own ``scaling``), checked against the
+config read as transformers reads it (`config_windows`, `layer_variants`), and given to the
+function as ``variant=`` (`AttentionVariant`). A function without a ``variant`` parameter is
+refused on a model that needs one, and every layer must run the function exactly once per
+forward (`RoutingError` otherwise): no path silently computes something the model does not.
+
 Use it as a context manager; the bridge and the config are restored on exit, also when the
 forward raises::
 
