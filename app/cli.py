@@ -8,8 +8,10 @@ network is a choice to make explicitly).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,8 @@ DASHBOARD = Path(__file__).with_name("dashboard.py")
 _ERR_NO_DIR = "runs folder {path} does not exist: give a folder of run directories (e.g. `attnlab dashboard runs`), or create a run with `attnlab profile --model smollm2-135m --out {path}/demo`"
 _ERR_NOT_DIR = "{path} is a file, not a folder of run directories: give the folder that holds the runs (e.g. its parent)"
 _ERR_PORT = "--port must be between 1 and 65535, got {port}"
+_ERR_PORT_BUSY = "port {port} on {host} is already in use (another dashboard?), so nothing was started: stop that server, or pick another port, e.g. --port {next}"
+_ERR_HOST = "cannot serve on --host {host} ({reason}): give an address of this machine, e.g. 127.0.0.1"
 _ERR_NO_STREAMLIT = "streamlit is not installed in this Python ({python}): install it with `{python} -m pip install streamlit`"
 
 
@@ -35,6 +39,23 @@ def port_number(text: str) -> int:
 
 #: Addresses that serve this machine only.
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_port(host: str, port: int) -> None:
+    """`AttnlabError` unless a server can listen on ``host:port`` now: the port is taken, or
+    ``host`` is not an address of this machine. (Binds a socket for a moment; starts nothing.)"""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise AttnlabError(_ERR_HOST.format(host=host, reason=exc)) from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AttnlabError(_ERR_PORT_BUSY.format(host=host, port=port, next=port + 1 if port < 65535 else port - 1)) from None
+            raise AttnlabError(_ERR_HOST.format(host=host, reason=exc.strerror or exc)) from None
 
 
 def dashboard_command(runs_dir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8501) -> list[str]:
@@ -62,6 +83,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
               "the model on their own text in the head inspector; there is no login. Use 127.0.0.1 unless you mean it.",
               file=sys.stderr, flush=True)
     cmd = dashboard_command(args.runs_dir, args.host, args.port)
+    check_port(args.host, args.port)  # before saying where it serves
     print(f"attnlab dashboard on {args.runs_dir}: http://{args.host}:{args.port}  (Ctrl-C stops it)", flush=True)
     env = {**os.environ, "ATTNLAB_RUNS_DIR": cmd[-1]}
     if os.name == "posix":

@@ -291,6 +291,44 @@ def pareto_front(x: np.ndarray, y: np.ndarray, *, lower_is_better: bool = True) 
     return keep
 
 
+# -- task suite --------------------------------------------------------------------------------
+def task_points(summary: pd.DataFrame, task: str | None, length: int) -> pd.DataFrame:
+    """One point per method at ``length``: score (with interval) and density for ``task``, or
+    (``task=None``) the mean over tasks (the interval then spans the tasks' interval means)."""
+    at = summary[summary["length"] == length]
+    if task is not None:
+        at = at[at["task"] == task]
+    cols = ["score", "ci_low", "ci_high", "density"]
+    return at.groupby("method", sort=False, as_index=False)[cols].mean().sort_values("density", ignore_index=True)
+
+
+def changed_samples(samples: pd.DataFrame, method: str) -> pd.DataFrame:
+    """Samples where ``method`` and dense disagree on correctness, with both answers."""
+    dense = samples[samples["method"] == "dense"].set_index("sample")
+    other = samples[samples["method"] == method].set_index("sample")
+    common = dense.index.intersection(other.index)
+    differ = [s for s in common if bool(dense.at[s, "correct"]) != bool(other.at[s, "correct"])]
+    return pd.DataFrame({
+        "sample": differ,
+        "task": [dense.at[s, "task"] for s in differ],
+        "right": ["dense only" if dense.at[s, "correct"] else f"{method} only" for s in differ],
+        "dense answer": [dense.at[s, "reply"] for s in differ],
+        f"{method} answer": [other.at[s, "reply"] for s in differ],
+    })
+
+
+def task_prompt_text(tokenizer, sample: str, seed: int) -> str:
+    """The prompt of an eval sample (``{task}-{length}-{index}``), rebuilt from its seed."""
+    from attnlab.tasks import TaskError, build_task_sample
+
+    try:
+        task, length, index = sample.rsplit("-", 2)
+        built = build_task_sample(tokenizer, task, int(length), int(index), seed=seed)
+    except ValueError:
+        raise TaskError(f"{sample!r} is not an eval sample name (TASK-LENGTH-INDEX)") from None
+    return tokenizer.decode(built.input_ids[0], skip_special_tokens=False)
+
+
 # -- circuits ----------------------------------------------------------------------------------
 def read_circuit(run: Run | str | Path):
     """The run's circuit as an `attnlab.circuits.circuit.Circuit`, checked against the run's model

@@ -248,6 +248,25 @@ def pareto_figure(frame: pd.DataFrame, measure: str, label: str, front: np.ndarr
     return fig
 
 
+def task_score_figure(frame: pd.DataFrame, front: np.ndarray, task: str, length: int) -> go.Figure:
+    """Score against achieved density, one point per method with its 95% interval, the Pareto
+    front (``front``, a mask over ``frame``'s rows) joined by a line."""
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(
+        x=frame["density"], y=frame["score"], mode="markers+text", name="method", text=frame["method"],
+        textposition="top center",
+        error_y={"type": "data", "symmetric": False, "array": frame["ci_high"] - frame["score"],
+                 "arrayminus": frame["score"] - frame["ci_low"]},
+        marker={"size": 11, "color": ["#d62728" if f else "#7f7f7f" for f in front]},
+        hovertemplate="%{text}<br>density %{x:.3f}<br>score %{y:.3f}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=frame["density"][front], y=frame["score"][front], mode="lines", name="Pareto front",
+                             line={"color": "#d62728", "dash": "dot"}))
+    fig.update_layout(title=f"{task} at {length} tokens: score against achieved density",
+                      xaxis_title="achieved prefill density", yaxis_title="score (string match)",
+                      yaxis_range=[-0.05, 1.05])
+    return fig
+
+
 def faithfulness_figure(faith: dict[str, Any], circuit_size: int) -> go.Figure:
     """Faithfulness ``f`` of the top-``k`` heads against ``k``, with the level, the smallest size
     reaching it, and the selected circuit (size, its own ``f``)."""

@@ -51,8 +51,9 @@ VALIDATION = PageSpec("Validation", "pages/policy_validation.py", "validation", 
 RETRIEVAL = PageSpec("Retrieval", "pages/retrieval_heads.py", "retrieval", ":material/manage_search:")
 FAMILIES = PageSpec("Head families", "pages/head_families.py", "families", ":material/bubble_chart:")
 CIRCUITS = PageSpec("Circuits", "pages/task_circuits.py", "circuits", ":material/account_tree:")
+TASKS = PageSpec("Tasks", "pages/task_suite.py", "tasks", ":material/checklist:")
 #: Every page, in the navigation's order; the first is the default (``/``).
-PAGES: tuple[PageSpec, ...] = (RUNS, ATLAS, INSPECTOR, POLICY_STUDIO, VALIDATION, RETRIEVAL, FAMILIES, CIRCUITS)
+PAGES: tuple[PageSpec, ...] = (RUNS, ATLAS, INSPECTOR, POLICY_STUDIO, VALIDATION, TASKS, RETRIEVAL, FAMILIES, CIRCUITS)
 
 #: Session-state keys: the run picker's widget, the selected ``(layer, head)``, the runs compared.
 RUN = "run"

@@ -69,6 +69,10 @@ _LAZY = {
     "import_policy": "attnlab.sparsity_stats",
     "validate_policy": "attnlab.sparsity_stats",
     "run_with_policy": "attnlab.sparsity_stats",
+    # the task suite
+    "TASKS": "attnlab.tasks",
+    "task_suite": "attnlab.tasks",
+    "evaluate": "attnlab.sparsity_stats.evaluate",
     # circuits
     "discover": "attnlab.circuits",
     "load_circuit": "attnlab.circuits",

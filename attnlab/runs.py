@@ -129,6 +129,10 @@ VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "par
                             "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
 VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
                               "attnlab validate {run}/policy.json --model MODEL --out {run}")
+EVAL_SAMPLES = _declare("eval_samples", "eval_samples.parquet", "parquet", "task-suite answers: one row per sample and method (dense, each policy), graded",
+                        "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("sample", "task", "length", "method", "score", "correct", "density"))
+EVAL_SUMMARY = _declare("eval_summary", "eval_summary.csv", "csv", "task-suite scores per task, length and method: 95% intervals, density, paired outcomes vs dense",
+                        "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("task", "length", "method", "n", "score", "ci_low", "ci_high", "density"))
 CIRCUIT = _declare("circuit", "circuit.json", "json", "a head-level circuit: nodes, edges, faithfulness curve",
                    "attnlab circuit --task ioi --model MODEL --out {run}")
 
@@ -144,6 +148,10 @@ def artifact(key: str | Artifact) -> Artifact:
 
 
 _ERR_NO_RUN = "no run directory at {path}: run `attnlab profile --out {path}` first, or check the path"
+_ERR_NO_RUN_FILE = "nothing at {path}, and a run is a folder, not a file: give the folder a run was written to (e.g. runs/r1)"
+_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".csv", ".txt", ".npz", ".safetensors", ".html", ".tsv", ".pt")
+_ERR_FILE_NOT_RUN = "{path} is a file, not a run directory: give the folder a run was written to (e.g. runs/r1)"
+_ERR_OUT_IS_FILE = "--out {path} is a file, not a run directory: give a new folder or an existing run of this model"
 _ERR_NO_MANIFEST = "{path} has no manifest.json, so it is not an attnlab run directory (or it was written by hand)"
 _ERR_INCOMPLETE = "run {path} is incomplete (status {status!r}): rerun the command that created it to resume"
 _ERR_SCHEMA = "run {path} has schema version {found}, this attnlab reads version {expected}: re-create it with `attnlab profile --force`"
@@ -183,6 +191,8 @@ def loads_json(text: str, *, where: str, what: str = "file", fix: str = "re-crea
         raise error(f"{where} is nested too deeply to be an attnlab {what}: {fix}") from None
     except json.JSONDecodeError as exc:
         raise error(f"{where} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): {fix}") from None
+    except ValueError as exc:  # valid syntax beyond the parser's limits (an integer of thousands of digits)
+        raise error(f"{where} is not a usable {what} ({str(exc).splitlines()[0]}): {fix}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -358,14 +368,23 @@ class BlockMaps:
         )
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> BlockMaps:
-        tensors, meta = read_safetensors(path)
+    def load(cls, path: str | os.PathLike, fix: str = "re-run `attnlab profile`") -> BlockMaps:
         try:
-            return cls(int(meta["block_size"]), tensors["mass_sum"], tensors["mass_max"], tensors["count"])
+            tensors, meta = read_safetensors(path)
+        except Exception as exc:  # safetensors raises its own error types for a truncated or corrupt file
+            raise RunError(f"{path} is not a readable block-map file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); {fix}") from None
+        try:
+            maps = cls(int(meta["block_size"]), tensors["mass_sum"], tensors["mass_max"], tensors["count"])
         except KeyError as exc:
-            raise RunError(f"{path} is not an attnlab block-map file (missing {exc}); re-run `attnlab profile`") from exc
+            raise RunError(f"{path} is not an attnlab block-map file (missing {exc}); {fix}") from exc
         except ValueError as exc:
-            raise RunError(f"{path} is not an attnlab block-map file (bad block_size); re-run `attnlab profile`") from exc
+            raise RunError(f"{path} is not an attnlab block-map file (bad block_size); {fix}") from exc
+        shape = tuple(maps.mass_sum.shape)
+        if (maps.block_size < 1 or len(shape) != 4 or shape[2] != shape[3] or tuple(maps.mass_max.shape) != shape
+                or tuple(maps.count.shape) != shape[2:]):
+            raise RunError(f"{path} is not an attnlab block-map file (block_size {maps.block_size}, mass_sum {list(shape)}, "
+                           f"mass_max {list(maps.mass_max.shape)}, count {list(maps.count.shape)} do not fit together); {fix}")
+        return maps
 
 
 class Run:
@@ -383,10 +402,14 @@ class Run:
     @classmethod
     def open(cls, path: str | os.PathLike, *, require_complete: bool = True) -> Run:
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunError(_ERR_FILE_NOT_RUN.format(path=path))
         if not path.is_dir():
             partial = partial_dir(path)
             if partial.is_dir():
                 raise RunError(_ERR_INCOMPLETE.format(path=path, status="interrupted"))
+            if path.suffix.lower() in _FILE_SUFFIXES:  # a file name: creating a run there is no fix
+                raise RunError(_ERR_NO_RUN_FILE.format(path=path))
             raise RunError(_ERR_NO_RUN.format(path=path))
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -403,6 +426,10 @@ class Run:
         run.identity  # noqa: B018 - a manifest whose model entry is unusable is refused here, once
         if not isinstance(manifest.get("stages", {}), dict) or not isinstance(manifest.get("parameters", {}), dict):
             raise RunError(f"{manifest_path} has a malformed stages/parameters entry; re-create the run with --force")
+        lengths = manifest.get("parameters", {}).get("lengths")
+        if lengths is not None and not (isinstance(lengths, list) and all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths)):
+            raise RunError(f"{manifest_path} has a malformed parameters.lengths entry (not a list of token counts); re-create the run with --force")
         return run
 
     @classmethod
@@ -502,7 +529,7 @@ class Run:
         return self.read(HEAD_STATS)
 
     def block_maps(self) -> BlockMaps:
-        return BlockMaps.load(self.require(BLOCK_MAPS))
+        return BlockMaps.load(self.require(BLOCK_MAPS), fix=f"re-create it with `{self.command_for(BLOCK_MAPS)}`")
 
     def detections(self) -> pd.DataFrame:
         return self.read(DETECTIONS)
@@ -599,6 +626,8 @@ def check_output_files(paths: list[str | os.PathLike] | tuple, *, force: bool, e
     written. Raises ``error`` (the caller's stage type) naming the path; creates nothing."""
     out = []
     for p in map(Path, paths):
+        if not str(p).strip() or p.name in ("", ".", ".."):  # `.`, `x/..`: a folder by name, even where x is absent
+            raise error(f"--out {str(p)!r} names a folder, not a file: give a file path for --out")
         if p.is_dir():
             raise error(f"{p} is a folder: give a file path for --out")
         if p.exists() and not force:
@@ -680,6 +709,8 @@ def preflight_run(out: str | os.PathLike, model: Any) -> Path:
     ``model`` is a `LoadedModel` or a `ModelIdentity`. This is the check `ensure_run` makes
     again after the work."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(_ERR_OUT_IS_FILE.format(path=out))
     if out.exists():
         Run.open(out).check_model(model)
     else:
@@ -697,6 +728,8 @@ def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[s
     """
     out = Path(out)
     identity = model.identity() if callable(getattr(model, "identity", None)) else ModelIdentity.from_dict(model)
+    if out.exists() and not out.is_dir():
+        raise RunError(_ERR_OUT_IS_FILE.format(path=out))
     if out.exists():
         run = Run.open(out)
         run.check_model(identity)

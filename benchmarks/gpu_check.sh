@@ -17,7 +17,7 @@ done
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
   date -u; } 2>&1 | tee "$OUT/gpu.txt"
-timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -o addopts="-ra" \
+timeout "${TEST_TIMEOUT:-180}" python3 -P -m pytest -q -p no:cacheprovider -o addopts="-ra" \
     tests/test_kernels.py tests/test_kernels_flex.py tests/test_kernels_index.py \
     tests/test_kernels_benchmark.py 2>&1 | tee "$OUT/tests.log"
 echo "tests exit: $?" | tee -a "$OUT/tests.log"

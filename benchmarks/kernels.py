@@ -12,11 +12,14 @@ table row:
 
     python benchmarks/kernels.py                                # the full grid, 4k..128k
     python benchmarks/kernels.py --lengths 4096 16384 --head-dims 128 --out results.md
+    python benchmarks/kernels.py --softcap 50 --model-window 4096   # Gemma-2-like variants
 
 Shapes: batch 1, 32 query heads, 8 KV heads (GQA 4), causal. Patterns: all-dense;
 streaming (64 sink + 256 local tokens); vertical-slash-like (a few key-block columns plus
 the 4 block diagonals next to the causal one); block top-k at 50/25/10/5% of the causal
 blocks (random scores, diagonal always kept); mixed (half dense heads, half streaming).
+``--softcap`` and ``--model-window`` time the kernel's and Flex's soft-capping and model-window
+variants (every pattern inside the model's window); SDPA stays plain dense causal attention.
 """
 
 from __future__ import annotations
@@ -54,8 +57,10 @@ def build_layout(
     *,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    model_window: int = 0,
 ) -> BlockSparseLayout:
-    """A causal layout of ``pattern`` over ``n`` tokens for ``heads`` query heads."""
+    """A causal layout of ``pattern`` over ``n`` tokens for ``heads`` query heads (inside the
+    model's own sliding window when ``model_window`` > 0)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)  # small draws
     device_generator = torch.Generator(device=device).manual_seed(seed)  # [H, QB, KB] draws
     allowed = causal_blocks(n, n, block_size, device=device)
@@ -91,7 +96,7 @@ def build_layout(
         raise ValueError(f"unknown pattern {pattern!r}; choose from {PATTERNS}")
     return BlockSparseLayout.from_block_masks(
         kept.contiguous(), None, block_size=block_size, n_q=n, n_k=n, causal=True,
-        sink=sink, window=window,
+        sink=sink, window=window, model_window=model_window,
     )  # fmt: skip
 
 
@@ -125,6 +130,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=64, choices=(16, 32, 64, 128))
     parser.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--softcap", type=float, default=None,
+                        help="logit soft-capping c > 0 (scores c*tanh(s/c)), as Gemma 2")  # fmt: skip
+    parser.add_argument("--model-window", type=int, default=0,
+                        help="the model's own sliding window in tokens (0: none), as Mistral/Gemma")  # fmt: skip
     parser.add_argument("--warmup-ms", type=int, default=25)
     parser.add_argument("--rep-ms", type=int, default=100)
     parser.add_argument("--out", type=Path, help="append the markdown table to this file")
@@ -150,23 +159,25 @@ def bench_pattern(
     from attnlab.kernels.flex import flex_block_sparse_attention
 
     n = q.shape[2]
-    index = build_layout(pattern, n, q.shape[1], args.block_size, device=q.device)
+    index = build_layout(pattern, n, q.shape[1], args.block_size, device=q.device, model_window=args.model_window)
     # the first call validates the index; on the dense pattern it is also checked vs. SDPA
-    out, _ = block_sparse_attention(q, k, v, index)
-    if pattern == "dense":
+    out, _ = block_sparse_attention(q, k, v, index, softcap=args.softcap)
+    if pattern == "dense" and args.softcap is None and not args.model_window:
         want = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         err = (out.float() - want.float()).abs().max().item()
         if err > 5e-2:
             print(f"WARNING: dense kernel differs from SDPA by {err:.3g} at N={n}", file=sys.stderr)
     del out
-    kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, index, validate=False))
+    kernel_ms = time_ms(lambda: block_sparse_attention(q, k, v, index, softcap=args.softcap, validate=False))
 
     flex_ms = math.nan
     if not args.no_flex:
         try:
             mask = flex_block_mask(index)
-            flex_block_sparse_attention(q, k, v, index, block_mask=mask)  # compile
-            flex_ms = time_ms(lambda: flex_block_sparse_attention(q, k, v, index, block_mask=mask))
+            flex_block_sparse_attention(q, k, v, index, block_mask=mask, softcap=args.softcap)  # compile
+            flex_ms = time_ms(
+                lambda: flex_block_sparse_attention(q, k, v, index, block_mask=mask, softcap=args.softcap)
+            )
         except Exception as error:  # Flex's compile errors vary by version and shape
             key = f"{type(error).__name__}: {error}".splitlines()[0][:200]
             if key not in flex_failed:
@@ -230,7 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"block-sparse kernel, {torch.cuda.get_device_name()}, {args.dtype}, "
         f"B={args.batch} Hq={args.q_heads} Hkv={args.kv_heads} block={args.block_size}, "
-        f"torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
+        + (f"softcap={args.softcap}, " if args.softcap is not None else "")
+        + (f"model_window={args.model_window}, " if args.model_window else "")
+        + f"torch {torch.__version__}, {datetime.datetime.now():%Y-%m-%d %H:%M}"
     )
     lines = [f"### {title}", "", markdown_row(list(COLUMNS)),
              markdown_row(["---"] * len(COLUMNS))]  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 from attnlab.cliargs import add_model_arguments, load_model_from_args, positive_int, unit_float
 from attnlab.errors import AttnlabError
 from attnlab.names import head_label
+from attnlab.runs import preflight_run
 
 from .circuit import CUTS, node_label
 from .faithfulness import REFINE_MODES
@@ -26,7 +27,11 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         raise AttnlabError(f"task file {args.task} does not exist")
     if args.cut == "faithfulness" and args.no_faithfulness:
         raise AttnlabError("--cut faithfulness needs the faithfulness curve: drop --no-faithfulness")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before the slow model load
+        raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
+    preflight_run(out, model)
     task = load_task(model, args.task, n=args.examples, seed=args.seed)
     circuit = discover(model, task, method=args.method, direction=args.direction, threshold=args.threshold,
                        faithfulness=not args.no_faithfulness, cut=args.cut)

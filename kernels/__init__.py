@@ -3,7 +3,8 @@
 A per-head attention layout (dense, streaming, block-sparse, vertical-slash, ...) reaches
 every executor as one `BlockSparseLayout`: per (head, query block), a sorted list of *full*
 key blocks (computed without masks) and one of *partial* key blocks (masked per token by
-bounds, causality and a per-head sink/window). `block_sparse_attention` runs every head of a
+bounds, causality, a per-head sink/window and the layer's own sliding window,
+``model_window``). `block_sparse_attention` runs every head of a
 layer in one Triton launch; `reference_attention` is the plain-PyTorch yardstick, fed the
 exact token mask from `BlockSparseLayout.token_mask`; `flex_block_mask` hands the same layout
 to FlexAttention (CPU or GPU).
@@ -12,6 +13,13 @@ to FlexAttention (CPU or GPU).
     layout = BlockSparseLayout.from_block_masks(kept, None, block_size=64, n_q=n, n_k=n,
                                                 causal=True, sink=[0, 64], window=[0, 256])
     out, lse = block_sparse_attention(q, k, v, layout)                # [B, H, N, D], [B, H, N]
+
+The model's own variants are keyword arguments of all three executors (kernel, reference,
+Flex), off by default: ``softcap=c`` (scores ``c * tanh(s / c)`` before the mask, Gemma 2),
+``sinks=[Hq] logits`` (a learned per-head logit in the softmax denominator with no value,
+gpt-oss; the returned lse stays that of the real keys), and the layout's ``model_window``
+(``from_block_masks(..., model_window=W)``: a query sees itself and ``W - 1`` keys before it,
+Hugging Face's sliding window). A row that attends no key returns out 0 and lse -inf.
 
 This package is a leaf: it knows nothing of policies, probes or runs (the policy compiler in
 ``attnlab.sparsity_stats`` builds layouts; its executors run models with them).

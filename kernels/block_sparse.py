@@ -408,7 +408,7 @@ def block_sparse_attention(
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         n_q, n_k, n_q_blocks, q_heads, q_heads // k.shape[1],
-        qk_scale, softcap_out, blocks.model_window,
+        qk_scale, softcap_out, int(blocks.model_window),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK=block, CAUSAL=layout.causal,
         HAS_SOFTCAP=softcap is not None, HAS_SINKS=sinks is not None,
         HAS_MODEL_WINDOW=blocks.model_window > 0,

@@ -37,7 +37,7 @@ def flex_mask_mod(layout: BlockSparseLayout) -> Callable[..., torch.Tensor]:
     sink = layout.sink.to(device=device, dtype=torch.int64)
     window = layout.window.to(device=device, dtype=torch.int64)
     offset, n_k, causal, block = layout.q_offset, layout.n_k, layout.causal, layout.block_size
-    model_window = layout.model_window
+    model_window = int(layout.model_window)
     last_q_block, last_k_block = layout.n_q_blocks - 1, layout.n_k_blocks - 1
 
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
@@ -122,9 +122,16 @@ def flex_block_sparse_attention(
         with torch.no_grad():
             out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         return out, None
+    # Compiled Flex on a GPU tiles with its own BLOCK_M/BLOCK_N (128 on Hopper for some head
+    # sizes), which must divide the mask's block size: "Q and KV block size must be divisible
+    # by BLOCK_M and BLOCK_N". Tile at the layout's block size, at most 64.
+    options = None
+    if compiled and q.device.type == "cuda":
+        tile = min(int(block_mask.BLOCK_SIZE[0]), int(block_mask.BLOCK_SIZE[1]), 64)
+        options = {"BLOCK_M": tile, "BLOCK_N": tile}
     out, aux = attend(
         q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-        return_aux=AuxRequest(lse=True),
+        return_aux=AuxRequest(lse=True), kernel_options=options,
     )  # fmt: skip
     lse = aux.lse.float()
     if sinks is not None:

@@ -126,8 +126,8 @@ INDEX_FULL_PARTIAL_OVERLAP = (
 )
 INDEX_FULL_NOT_FULL = (
     "layout.full_kv_index lists key block {k_block} for head={head}, q_block={q_block} as "
-    "full, but some of its pairs are out of bounds or masked by the causal/sink/window "
-    "predicate ({count} such blocks). The kernel skips masking in full blocks, so this would "
+    "full, but some of its pairs are out of bounds or masked by the causal/sink/window/"
+    "model-window predicate ({count} such blocks). The kernel skips masking in full blocks, so this would "
     "be a wrong answer: list them as partial (from_block_masks does this for you)."
 )
 BLOCK_MASK_SHAPE = (
@@ -400,10 +400,11 @@ class BlockSparseLayout:
     kv_index: torch.Tensor
     sink: torch.Tensor
     window: torch.Tensor
-    model_window: int = 0
     head_names: tuple[str, ...] = ()
     layer: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    # last, so positional construction written before it existed still lines up
+    model_window: int = 0
 
     # -- geometry ------------------------------------------------------------------------
     @property

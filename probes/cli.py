@@ -182,7 +182,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depths", type=fraction_list, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths in [0, 1] (retrieval)")
     p.add_argument("--mode", choices=MODES, default="greedy", help="retrieval scoring mode")
     p.add_argument("--haystack", default=None, help="a UTF-8 text file to build haystacks from (retrieval)")
-    p.add_argument("--causal-k", type=_causal_ks, default=[5, 10, 20], help="K of the causal check (retrieval); empty to skip")
+    p.add_argument("--causal-k", "--causal-ks", dest="causal_k", type=_causal_ks, default=[5, 10, 20], help="K of the causal check (retrieval); empty to skip")
     p.add_argument("--draws", type=positive_int, default=3, help="random-head draws per K in the causal check")
     p.add_argument("--eps", type=unit_float, default=0.3, help="sink threshold ε in (0, 1) (sinks)")
     p.add_argument("--seq-len", type=positive_int, default=50, help="random-sequence length (induction/previous/duplicate/echo)")

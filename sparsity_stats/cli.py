@@ -4,7 +4,7 @@
 
     attnlab policy RUN --budget 0.15 [--out policy.json]             # = attnlab policy make RUN ...
     attnlab policy compare RUN --budgets 0.05,0.1,0.2,0.4            # table + HTML trade-off plot
-    attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo --out masks/
+    attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo|flashinfer --out masks/
     attnlab import minference|duo|npz|safetensors|flex FILE --run RUN --out policy.json
 
 ``attnlab/cli.py`` registers them with `add_commands`; options are typed and range-checked by
@@ -102,7 +102,7 @@ def _policy_make(args: argparse.Namespace) -> int:
     from .generator import PolicyGenerator
 
     run = Run.open(args.run)
-    out = Path(args.out) if args.out else run.file(POLICY)
+    out = Path(args.out) if args.out is not None else run.file(POLICY)  # '' is refused, not the default
     _refuse_existing(out, args.force)
     gen = PolicyGenerator(budget=args.budget, budget_kind=args.budget_kind, **_generator_kwargs(args)).fit(run)
     policy = gen.emit()
@@ -130,10 +130,10 @@ def _policy_compare(args: argparse.Namespace) -> int:
     from .compare import compare_policies, format_table, write_tradeoff_html
 
     run = Run.open(args.run)
-    out = Path(args.out) if args.out else run.path / COMPARE_TABLE
+    out = Path(args.out) if args.out is not None else run.path / COMPARE_TABLE  # '' is refused, not the default
+    _refuse_existing(out, args.force)  # before with_suffix, which fails on '.' and 'x/..'
     html = out.with_suffix(".html")
-    for p in (out, html):
-        _refuse_existing(p, args.force)
+    _refuse_existing(html, args.force)
     kwargs = _generator_kwargs(args)
     progress = kwargs.pop("progress")
     table = compare_policies(run, args.budgets, budget_kind=args.budget_kind, progress=progress,
@@ -202,7 +202,26 @@ def _export(args: argparse.Namespace) -> int:
     _print_warnings(caught)
     for p in paths:
         print(f"wrote {p}")
+    if args.format in REPORTED_FORMATS and not args.no_report:
+        from .emulators import deployment_report
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = deployment_report(policy, args.format, export_length(policy, args.seq_len), block_size=args.block_size, lossy=args.lossy)
+        for line in report.lines():
+            print(line)
     return 0
+
+
+#: Formats whose file runs differently in the target tool: ``attnlab export`` emulates and reports them.
+REPORTED_FORMATS = ("minference", "duo", "flex", "flashinfer")
+
+
+def export_length(policy: Any, seq_len: int | None) -> int:
+    """The length an export resolved its sizes at (as `export_policy` chooses it)."""
+    if seq_len is not None:
+        return int(seq_len)
+    return int(max(policy.profiled_lengths) if policy.profiled_lengths else (policy.model.get("n_ctx") or 4096))
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -305,7 +324,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         "export",
         help="compile a policy into per-head masks or another tool's config",
         description="Compile POLICY at --seq-len and --block-size into per-layer block-sparse masks "
-        "(npz, safetensors, flex) or write it as a MInference or DuoAttention config.",
+        "(npz, safetensors, flex, FlashInfer block-sparse rows) or write it as a MInference or DuoAttention config; "
+        "for minference, duo, flex and flashinfer it then prints the policy as that tool will run it (emulated), "
+        "against the mask attnlab validates.",
     )
     e.add_argument("policy", metavar="POLICY", help="policy JSON from `attnlab policy`")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS)
@@ -316,6 +337,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--lossy", action="store_true", help="minference: approximate kinds it cannot express")
     e.add_argument("--dense-blocks", action="store_true", help="npz/safetensors: also store dense [heads, q_blocks, k_blocks] masks")
     e.add_argument("--force", action="store_true", help="overwrite existing files")
+    e.add_argument("--no-report", action="store_true",
+                   help="minference/duo/flex: skip emulating the target (what it runs against what attnlab validated)")
     add_quiet_argument(e)
     e.set_defaults(func=_export)
 

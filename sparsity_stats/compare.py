@@ -21,9 +21,9 @@ import pandas as pd
 from attnlab.runs import Run, atomic_path
 
 from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
-from .curves import HeadCurves, compute_curves
+from .curves import HeadCurves, ProfileEstimator, compute_curves, retrieval_scores_from_run
 from .errors import PolicyError
-from .generator import PolicyGenerator, check_budget
+from .generator import PolicyGenerator, check_block_granularity, check_budget
 
 METHODS = ("budgeted", "budgeted_unprotected", "uniform_streaming", "duo_attention", "minference")
 COLUMNS = ("budget", "method", "density", "kv_share", "expected_recall", "min_head_recall", "dense_heads",
@@ -75,11 +75,15 @@ def compare_policies(
     if isinstance(run, HeadCurves):
         curves = run
     else:
+        run = Run.coerce(run)
+        est = ProfileEstimator.from_run(run, block_size=generator_kwargs.get("block_size"),
+                                        eval_lengths=generator_kwargs.get("eval_lengths"))
+        check_block_granularity(est, run)  # a too-coarse block size is named as such, first
         curves = compute_curves(
-            Run.coerce(run), block_size=generator_kwargs.get("block_size"), eval_lengths=generator_kwargs.get("eval_lengths"),
-            kinds=generator_kwargs.get("kinds", PolicyGenerator().kinds), min_sink=int(generator_kwargs.get("min_sink", 4)),
+            est, kinds=generator_kwargs.get("kinds", PolicyGenerator().kinds), min_sink=int(generator_kwargs.get("min_sink", 4)),
             elastic=generator_kwargs.get("elastic", "auto"), progress=progress,
         )
+        curves.retrieval_scores = retrieval_scores_from_run(run)
     est = curves.estimator
     rows = []
     it = budgets

@@ -8,26 +8,36 @@ format         file(s) in ``DIR``                   content
 ``npz``        ``masks.npz``                        per layer the layout's CSR arrays
                                                     (``layer{l}.full_kv_count`` ...), optional
                                                     dense ``layer{l}.block_mask``, ``__meta__``
+                                                    (``arrays``/``units`` describe them;
+                                                    ``dynamic``/``estimator`` per head)
 ``safetensors````masks.safetensors``                the same arrays; metadata key ``attnlab``
 ``flex``       ``flex_block_masks.safetensors``     FlexAttention's padded ``kv_num_blocks``,
-                                                    ``kv_indices``, ``full_*`` per layer;
-                                                    `load_flex_block_masks` rebuilds BlockMasks
+                                                    ``kv_indices``, ``full_*`` per layer and the
+                                                    per-head ``sink``/``window`` its mask_mod
+                                                    needs; `load_flex_block_masks` (or the
+                                                    README's torch-only loader) rebuilds BlockMasks
 ``minference`` ``minference_config.json``           MInference's per-layer
                                                     ``{head: [kind, vertical, slash, score]}``
-``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads (1 = full,
-               ``config.json``                      0 = streaming) and ``sink_size``/``recent_size``
+``duo``        ``full_attention_heads.tsv``,        DuoAttention: layers x KV heads gates that rank
+               ``config.json``                      heads (> 0.5 full), ``sink_size``,
+                                                    ``recent_size = window - 1``, ``sparsity``
 =============  ===================================  ============================================
+
+What each target *runs* from these files is emulated in `attnlab.sparsity_stats.emulators`;
+``attnlab export`` prints it against the validated mask.
 
 Mask files carry the policy they were compiled from in their metadata, so `import_policy`
 reads every format back (a round trip is a test). MInference and DuoAttention files hold only
 sizes at one length: importing them needs the model identity (``--model``), and exporting
 resolves elastic sizes at ``--seq-len``.
 
-MInference mapping: ``dense`` <-> ``vertical_and_slash`` with both sizes = the model's context;
-``streaming`` <-> ``stream_llm`` (sink, window); ``vertical_slash`` <-> ``vertical_and_slash``;
-``block_topk`` with a fixed top-k <-> ``block_sparse`` (blocks, block size). ``a_shape`` and
-the gamma threshold have no MInference form: export refuses them unless ``lossy=True``
-(A-shape as ``stream_llm`` of whole blocks, gamma as its expected blocks per row).
+MInference mapping (sizes in its units, tokens, with its minimums applied so the file states
+what runs): ``dense`` -> ``vertical_and_slash`` 2^30/2^30 (every column and diagonal at any
+length; an old ``(n_ctx, n_ctx)`` entry still imports as dense); ``streaming`` <->
+``stream_llm`` (sink, window; token-exact); ``vertical_slash`` -> ``vertical_and_slash`` with
+``max(blocks * B, 30)`` columns and ``max(blocks * B, 100)`` diagonals. ``block_topk``,
+``a_shape`` and the gamma threshold have no faithful form (MInference's ``block_sparse`` keeps
+the top 100 blocks of 64 whatever the file says): export refuses them unless ``lossy=True``.
 
 Nothing is written when the input is bad: all checks and all content come first, then each
 file is written atomically.
@@ -36,7 +46,9 @@ file is written atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 import zipfile
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -66,9 +78,11 @@ from .kinds import Elastic, get_kind
 from .masks import check_block_size, check_seq_len, compile_policy
 from .policy import HeadPolicy, Policy, model_entry
 
-EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
-IMPORT_FORMATS = EXPORT_FORMATS
+EXPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo", "flashinfer")
+IMPORT_FORMATS = ("npz", "safetensors", "flex", "minference", "duo")
 MASK_FORMATS = ("npz", "safetensors", "flex")
+#: Formats compiled at one length (``--seq-len`` required).
+COMPILED_FORMATS = (*MASK_FORMATS, "flashinfer")
 MASKS_FORMAT = "attnlab-masks"
 MASKS_SCHEMA = 1
 FILENAMES = {
@@ -77,6 +91,7 @@ FILENAMES = {
     "flex": ("flex_block_masks.safetensors",),
     "minference": ("minference_config.json",),
     "duo": ("full_attention_heads.tsv", "config.json"),
+    "flashinfer": ("flashinfer_bsr.safetensors",),
 }
 
 
@@ -115,17 +130,22 @@ def export_policy(
     _check_format(fmt, EXPORT_FORMATS)
     out_dir = Path(out_dir)
     b = check_block_size(block_size if block_size is not None else policy.block_size)
-    if fmt in MASK_FORMATS:
+    if fmt in COMPILED_FORMATS:
         if seq_len is None:
             raise FormatError(f"--seq-len is required for {fmt} masks: the masks are compiled at one length")
         n = check_seq_len(seq_len, policy.model)
     else:
         default = max(policy.profiled_lengths) if policy.profiled_lengths else policy.model.get("n_ctx")
         n = check_seq_len(seq_len if seq_len is not None else (default or 4096), policy.model)
+    if fmt == "flashinfer":
+        _check_flashinfer(policy, n, b)
     paths = _targets(out_dir, fmt, force)
-    if fmt in MASK_FORMATS:
+    if fmt == "flashinfer":
         layouts = compile_policy(policy, n, b, progress=progress)
-        meta = _mask_meta(policy, layouts, n, b)
+        _write_flashinfer(paths[0], policy, layouts, _mask_meta(policy, layouts, n, b))
+    elif fmt in MASK_FORMATS:
+        layouts = compile_policy(policy, n, b, progress=progress)
+        meta = _mask_meta(policy, layouts, n, b, flex=fmt == "flex")
         writer = {"npz": _write_npz, "safetensors": _write_safetensors, "flex": _write_flex}[fmt]
         writer(paths[0], layouts, meta, dense_blocks)
     elif fmt == "minference":
@@ -142,7 +162,44 @@ def export_policy(
     return paths
 
 
-def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int) -> dict[str, Any]:
+#: What each array of a mask file holds (written into its metadata as ``arrays``).
+ARRAY_DOC = {
+    "layer{l}.full_kv_count": "int32 [H, QB]: per query head h (axis 0: QUERY heads, not KV heads) and query block qb, "
+                              "how many FULL key blocks (every pair attended, no masking) row (h, qb) lists",
+    "layer{l}.full_kv_offset": "int32 [H, QB]: where row (h, qb) starts in full_kv_index",
+    "layer{l}.full_kv_index": "int32 [n_full]: key-block numbers, ascending within a row; row (h, qb) is "
+                              "full_kv_index[offset : offset + count]",
+    "layer{l}.kv_count": "int32 [H, QB]: the same for PARTIAL key blocks (attend only the pairs token_semantics allows)",
+    "layer{l}.kv_offset": "int32 [H, QB]: where row (h, qb) starts in kv_index",
+    "layer{l}.kv_index": "int32 [n_partial]: partial key-block numbers, ascending within a row",
+    "layer{l}.sink": "int32 [H]: tokens per query head always attended inside partial blocks (0: none)",
+    "layer{l}.window": "int32 [H]: sliding window per query head, counting the query itself (0: no window rule)",
+    "layer{l}.block_mask": "bool [H, QB, KB], optional (--dense-blocks): every listed block, full or partial",
+}
+#: The same for flex files (FlexAttention's padded layout; a loader is in the README).
+FLEX_ARRAY_DOC = {
+    "layer{l}.full_kv_num_blocks": "int32 [1, H, QB]: full blocks per (query head, query block): Flex's full_kv_num_blocks",
+    "layer{l}.full_kv_indices": "int32 [1, H, QB, KB]: their key-block numbers, padded with 0 past the count",
+    "layer{l}.kv_num_blocks": "int32 [1, H, QB]: PARTIAL blocks: Flex's kv_num_blocks; they need a mask_mod",
+    "layer{l}.kv_indices": "int32 [1, H, QB, KB]: their key-block numbers, padded with 0",
+    "layer{l}.sink": "int32 [H]: the mask_mod's sink per query head",
+    "layer{l}.window": "int32 [H]: the mask_mod's window per query head (counts the query; 0: none)",
+}
+#: Units and axes of every mask file (metadata ``units``).
+UNITS = ("seq_len, sink, window: tokens; block_size: tokens per block (square tiles: query block qb holds "
+         "queries qb*B .. qb*B+B-1, key block kb keys kb*B .. kb*B+B-1, the last block ragged when B does not "
+         "divide seq_len); QB = KB = ceil(seq_len / B); H = query heads (a KV head's group is consecutive)")
+
+
+def _head_estimators(policy: Policy, lay: int) -> tuple[list[bool], list[Any]]:
+    entries = policy.layer(lay)
+    dyn = [not get_kind(e.kind).static for e in entries]
+    est = [dict(e.params.get("estimate", {})) if d else None for e, d in zip(entries, dyn, strict=True)]
+    return dyn, est
+
+
+def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int, flex: bool = False) -> dict[str, Any]:
+    dyn_est = [_head_estimators(policy, lay.layer if lay.layer is not None else i) for i, lay in enumerate(layouts)]
     return {
         "format": MASKS_FORMAT,
         "schema": MASKS_SCHEMA,
@@ -153,6 +210,13 @@ def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int)
         "n_heads": policy.n_heads,
         "model": policy.model,
         "dynamic_heads": "prior layout; estimate per input with attnlab.sparsity_stats.estimate_block_scores",
+        "dynamic": [d for d, _ in dyn_est],
+        "estimator": [e for _, e in dyn_est],
+        "dynamic_note": ("dynamic[l][h] true: the head picks its blocks per input (rule in estimator[l][h]: last_q = "
+                         "MInference's last-queries column/diagonal sums, pooled_qk = mean-pooled q.k per block); "
+                         "its arrays hold the PRIOR choice (first columns, nearest diagonals), not what it runs"),
+        "units": UNITS,
+        "arrays": FLEX_ARRAY_DOC if flex else ARRAY_DOC,
         "density": [[round(float(x), 6) for x in lay.density.tolist()] for lay in layouts],
         "head_names": [list(lay.head_names) for lay in layouts],
         "token_semantics": TOKEN_SEMANTICS,
@@ -192,43 +256,131 @@ def _write_flex(path: Path, layouts: list[BlockSparseLayout], meta: dict[str, An
             tensors[f"layer{lay.layer}.{name}"] = t
         tensors[f"layer{lay.layer}.sink"] = lay.sink
         tensors[f"layer{lay.layer}.window"] = lay.window
-    write_safetensors(path, tensors, {"attnlab": json.dumps({**meta, "flex": True})})
+    meta = {**meta, "flex": True, "flex_loader": ("BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_kv_num_blocks, "
+            "full_kv_indices, BLOCK_SIZE=block_size, mask_mod=M) with M(b, h, q, k) = k <= q & k < seq_len & "
+            "(window[h] == 0 | k < sink[h] | q - k < window[h]); without mask_mod partial blocks are attended whole "
+            "(see the README's Exports section)")}
+    write_safetensors(path, tensors, {"attnlab": json.dumps(meta)})
+
+
+# -- FlashInfer ------------------------------------------------------------------------------
+#: How to run a flashinfer export (written into its metadata).
+FLASHINFER_USAGE = (
+    "per layer l and KV head g: BlockSparseAttentionWrapper.plan(indptr, indices, M=seq_len, N=seq_len, R=block_size, "
+    "C=block_size, num_qo_heads=group, num_kv_heads=1, head_dim, mask=mask.bool()) with the arrays layer{l}.kv{g}.*, then run "
+    "on that KV head's query heads (query heads g*group .. g*group+group-1) and its K/V"
+)
+
+
+def _check_flashinfer(policy: Policy, n: int, b: int) -> None:
+    """FlashInfer's block-sparse rows are per KV head (one wrapper per KV head) and most of its
+    backends need ``N`` divisible by ``C``: refuse what it cannot run."""
+    if n % b:
+        raise FormatError(f"flashinfer: --seq-len {n} is not a multiple of the block size {b}; FlashInfer's block-sparse "
+                          f"attention needs N divisible by C: export at {n - n % b or b} or {n + b - n % b} tokens")
+    group = policy.n_heads // int(policy.model["n_kv_heads"])
+    for lay in range(policy.n_layers):
+        entries = policy.layer(lay)
+        for e in entries:
+            first = entries[(e.head // group) * group]
+            if (e.kind, get_kind(e.kind).to_json(e.params)) != (first.kind, get_kind(first.kind).to_json(first.params)):
+                raise FormatError(ERR_NOT_REPRESENTABLE.format(
+                    head=f"(layer {e.layer}, head {e.head})", kind=e.kind, fmt="flashinfer",
+                    why=f"FlashInfer's block-sparse rows are per KV head and KV head {e.head // group} mixes "
+                        f"{first.describe()} and {e.describe()}; generate with --gqa"))
+
+
+def _write_flashinfer(path: Path, policy: Policy, layouts: list[BlockSparseLayout], meta: dict[str, Any]) -> None:
+    """Per layer and KV head FlashInfer's block-sparse row arrays: ``indptr [QB + 1]``,
+    ``indices [nnz]`` (key blocks of each query-block row) and ``mask [nnz, B, B]`` (uint8, the
+    pairs of each listed block to attend: the layout's token semantics)."""
+    from attnlab.runs import write_safetensors
+
+    group = policy.n_heads // int(policy.model["n_kv_heads"])
+    b = meta["block_size"]
+    tensors: dict[str, torch.Tensor] = {}
+    for lay in layouts:
+        tm = lay.token_mask()
+        blocks = lay.block_mask()
+        for g in range(lay.n_heads // group):
+            h = g * group
+            rows, cols = torch.nonzero(blocks[h], as_tuple=True)
+            counts = blocks[h].sum(-1)
+            indptr = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)])
+            tiles = tm[h].reshape(lay.n_q_blocks, b, lay.n_k_blocks, b).permute(0, 2, 1, 3)
+            tensors[f"layer{lay.layer}.kv{g}.indptr"] = indptr.to(torch.int32)
+            tensors[f"layer{lay.layer}.kv{g}.indices"] = cols.to(torch.int32)
+            tensors[f"layer{lay.layer}.kv{g}.mask"] = tiles[rows, cols].to(torch.uint8).contiguous()
+    meta = {**meta, "format": "attnlab-flashinfer-bsr", "group": group, "n_kv_heads": int(policy.model["n_kv_heads"]),
+            "usage": FLASHINFER_USAGE, "arrays": {
+                "layer{l}.kv{g}.indptr": "int32 [QB + 1]: BSR row pointer over query blocks (block_size rows each)",
+                "layer{l}.kv{g}.indices": "int32 [nnz]: key-block column of each listed block, ascending within a row",
+                "layer{l}.kv{g}.mask": "uint8 [nnz, block_size, block_size]: 1 = that (query, key) pair is attended"}}
+    write_safetensors(path, tensors, {"attnlab": json.dumps(meta)})
 
 
 # -- MInference -----------------------------------------------------------------------------
+#: MInference sizes for a dense head: ``vertical_and_slash_kernel`` caps both at the input length
+#: (``min(q_len, ...)``), so this is every column and every diagonal at any length.
+MINFERENCE_DENSE = 1 << 30
+
+
+def _minference_entry(e: HeadPolicy, seq_len: int, b: int, lossy: bool) -> list:
+    """One head's ``[kind, vertical_size, slash_size, score]`` in MInference's units (tokens, with
+    its minimums already applied, so the file says what runs); `FormatError` if not expressible."""
+    from .emulators import MI_FORCED_DIAGONALS, MI_MIN_VERTICAL
+
+    score = round(float(e.expected_recall if e.expected_recall is not None else 1.0), 4)
+    kind = get_kind(e.kind)
+    where = f"(layer {e.layer}, head {e.head})"
+    if e.kind == "dense":
+        return ["vertical_and_slash", MINFERENCE_DENSE, MINFERENCE_DENSE, score]
+    if e.kind == "streaming":  # stream_llm is token-exact: sink keys + a window that includes the query
+        s, w = kind.stream(e.params, seq_len)
+        return ["stream_llm", s, w, score]
+    if e.kind == "vertical_slash":
+        # attnlab keeps ceil(size / B) whole column blocks and block diagonals; the same tokens of
+        # columns, and every diagonal those block diagonals touch, as MInference counts them
+        nv, ns = kind.block_counts(e.params, seq_len, b)
+        return ["vertical_and_slash", max(nv * b, MI_MIN_VERTICAL), max(ns * b, MI_FORCED_DIAGONALS), score]
+    if not lossy:
+        if e.kind == "block_topk":
+            why = ("MInference's block_sparse ignores both sizes and keeps the top 100 blocks of 64 tokens per query block "
+                   "(every block up to 6,400 tokens)")
+        elif e.kind == "a_shape":
+            why = "A-shape keeps whole blocks, stream_llm whole tokens"
+        else:
+            why = "a cumulative-mass threshold has no fixed size"
+        raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="minference", why=why + " (pass --lossy to approximate)"))
+    if e.kind == "a_shape":
+        sb, wb = kind.block_counts(e.params, seq_len, b)
+        return ["stream_llm", sb * b, wb * b, score]
+    if e.kind == "block_topk" and "topk" in e.params:  # MInference runs 100 blocks of 64 instead
+        return ["block_sparse", kind.topk_blocks(e.params, seq_len, b), b, score]
+    nb = -(-seq_len // b)  # gamma, lossy: its expected blocks per query-block row
+    per_row = (e.expected_density or 0.5) * nb * (nb + 1) / 2 / nb
+    return ["block_sparse", max(2, round(per_row)), b, score]
+
+
 def minference_config(policy: Policy, seq_len: int, block_size: int | None = None, *, lossy: bool = False) -> list[dict[str, list]]:
     """MInference's per-layer ``{head: [kind, vertical_size, slash_size, score]}`` for ``policy``
-    with sizes resolved at ``seq_len``. `FormatError` naming the first head it cannot represent."""
+    with sizes resolved at ``seq_len``. `FormatError` naming the heads it cannot represent."""
     b = check_block_size(policy.block_size if block_size is None else block_size)
-    n_ctx = int(policy.model.get("n_ctx") or seq_len)
-    out = []
+    out: list[dict[str, list]] = []
+    refused: list[str] = []
+    first: FormatError | None = None
     for lay in range(policy.n_layers):
         layer: dict[str, list] = {}
         for e in policy.layer(lay):
-            score = round(float(e.expected_recall if e.expected_recall is not None else 1.0), 4)
-            kind = get_kind(e.kind)
-            where = f"(layer {e.layer}, head {e.head})"
-            if e.kind == "dense":
-                entry = ["vertical_and_slash", n_ctx, n_ctx, score]
-            elif e.kind == "streaming":
-                s, w = kind.stream(e.params, seq_len)
-                entry = ["stream_llm", s, w, score]
-            elif e.kind == "vertical_slash":
-                entry = ["vertical_and_slash", e.params["vertical"].resolve(seq_len), e.params["slash"].resolve(seq_len), score]
-            elif e.kind == "block_topk" and "topk" in e.params:
-                entry = ["block_sparse", kind.topk_blocks(e.params, seq_len, b), b, score]
-            elif not lossy:
-                why = "A-shape keeps whole blocks, stream_llm whole tokens" if e.kind == "a_shape" else "a cumulative-mass threshold has no fixed size"
-                raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="minference", why=why + " (pass --lossy to approximate)"))
-            elif e.kind == "a_shape":
-                sb, wb = kind.block_counts(e.params, seq_len, b)
-                entry = ["stream_llm", sb * b, wb * b, score]
-            else:  # gamma, lossy: its expected blocks per query-block row
-                nb = -(-seq_len // b)
-                per_row = (e.expected_density or 0.5) * nb * (nb + 1) / 2 / nb
-                entry = ["block_sparse", max(2, round(per_row)), b, score]
-            layer[str(e.head)] = entry
+            try:
+                layer[str(e.head)] = _minference_entry(e, seq_len, b, lossy)
+            except FormatError as exc:
+                first = first or exc
+                refused.append(f"L{e.layer}.H{e.head} {e.kind}")
         out.append(layer)
+    if first is not None:
+        more = f" ({len(refused)} heads: {', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''})" if len(refused) > 1 else ""
+        raise FormatError(str(first) + more)
     return out
 
 
@@ -242,13 +394,19 @@ def _read_json(path: Path, fmt: str) -> Any:
         raise FormatError(ERR_CORRUPT.format(path=path, fmt=fmt, reason=reason)) from None
 
 
+#: The largest size an imported config may give (MInference's dense marker is 2**30).
+MAX_IMPORT_SIZE = 1 << 31
+
+
 def _pow2(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 16 and not (x & (x - 1))
 
 
 def _int_size(v: Any, where: str, field: str, *, allow_zero: bool = False) -> int:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v or v < 0 or (v == 0 and not allow_zero):
-        raise FormatError(f"{where}: {field} must be a positive whole number of tokens, got {v!r}; fix the file")
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and int(v) == v
+    if not ok or v < 0 or (v == 0 and not allow_zero) or v > MAX_IMPORT_SIZE:
+        what = "a whole number of tokens >= 0" if allow_zero else "a positive whole number of tokens"
+        raise FormatError(f"{where}: {field} must be {what} (at most {MAX_IMPORT_SIZE}), got {v!r}; fix the file")
     return int(v)
 
 
@@ -273,8 +431,8 @@ def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "m
             if not isinstance(entry, list) or len(entry) != 4 or not isinstance(entry[0], str):
                 raise FormatError(f"{where}: expected [kind, vertical_size, slash_size, score], got {entry!r}; fix the file")
             kind, v, s, score = entry
-            if isinstance(score, bool) or not isinstance(score, (int, float)):
-                raise FormatError(f"{where}: score must be a number, got {score!r}; fix the file")
+            if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
+                raise FormatError(f"{where}: score (4th field) must be a finite number, got {score!r}; fix the file")
             if kind == "vertical_and_slash":
                 v, s = _int_size(v, where, "vertical_size"), _int_size(s, where, "slash_size")
                 if n_ctx and v >= n_ctx and s >= n_ctx:
@@ -285,7 +443,10 @@ def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "m
                 k, params = "streaming", {"sink": _int_size(v, where, "vertical_size (sink)", allow_zero=True), "window": _int_size(s, where, "slash_size (window)")}
             elif kind == "block_sparse":
                 blocks = _int_size(v, where, "vertical_size (blocks)")
-                k, params = "block_topk", {"topk": blocks * (s if _pow2(s) else 64)}
+                if not _pow2(s):
+                    raise FormatError(f"{where}: slash_size (block size) of block_sparse must be a power of two >= 16, got {s!r}; "
+                                      "fix the file (MInference itself runs 100 blocks of 64 whatever it says)")
+                k, params = "block_topk", {"topk": blocks * s}
             else:
                 raise FormatError(f"{where}: unknown MInference kind {kind!r}; use vertical_and_slash, stream_llm or block_sparse")
             spec = get_kind(k)
@@ -297,17 +458,62 @@ def minference_to_policy(config: Any, model: dict[str, Any], *, source: str = "m
 
 
 # -- DuoAttention ---------------------------------------------------------------------------
+#: What a DuoAttention export says about when its heads stream (written into ``config.json``).
+DUO_PHASE_NOTE = ("DuoAttention streams only in decoding and chunked prefill: a single prefill forward "
+                  "(q_len == kv_seq_len) is dense for every head")
+
+
+def _duo_gates(policy: Policy, full: np.ndarray) -> np.ndarray:
+    """Real-valued gates ``[layers, kv_heads]`` that rank KV heads the way DuoAttention reads them
+    (higher = more in need of full attention): streaming heads evenly in [0.05, 0.45] by the
+    recall they lose when streaming (least loss lowest), full heads evenly in [0.55, 0.95] (by
+    their recall if streamed when the policy records it as ``streaming_recall``, else model
+    order). Spacing is far above the 1e-6 noise ``sparsify_attention_heads`` adds."""
+    nkv = full.shape[1]
+    group = policy.n_heads // nkv
+    gates = np.zeros(full.shape)
+    keys: dict[bool, list[tuple[float, int, int]]] = {True: [], False: []}
+    for lay in range(full.shape[0]):
+        for kv in range(nkv):
+            members = [policy.entry(lay, kv * group + j) for j in range(group)]
+            if full[lay, kv]:
+                rec = [m.extra.get("streaming_recall") for m in members]
+                loss = 1 - min(float(r) for r in rec) if all(isinstance(r, (int, float)) for r in rec) else 0.0
+            else:
+                loss = 1 - min(float(m.expected_recall) if m.expected_recall is not None else 1.0 for m in members)
+            keys[bool(full[lay, kv])].append((loss, lay, kv))
+    for is_full, lo, hi in ((False, 0.05, 0.45), (True, 0.55, 0.95)):
+        ranked = sorted(keys[is_full])
+        for r, (_, lay, kv) in enumerate(ranked):
+            gates[lay, kv] = lo + (hi - lo) * (r + 1) / (len(ranked) + 1)
+    return gates
+
+
+def duo_sparsity(full: np.ndarray) -> float:
+    """The ``sparsity`` for which ``sparsify_attention_heads`` streams exactly the heads not in
+    ``full`` when the gates rank them below the full ones: its quantile then falls halfway
+    between the last streaming and the first full gate."""
+    m, total = int((~full).sum()), full.size
+    if m == 0:
+        return 0.0
+    if m == total or total == 1:
+        return 1.0
+    return round((m - 0.5) / (total - 1), 12)
+
+
 def duo_config(policy: Policy, seq_len: int) -> tuple[str, dict[str, Any]]:
     """DuoAttention's ``full_attention_heads.tsv`` text and ``config.json`` for ``policy``.
 
-    Every KV head must be all dense or all streaming with one (sink, recent) for the whole model;
-    `FormatError` names the first head that is not."""
+    Every KV head must be all dense or all streaming with one (sink, window) for the whole model;
+    `FormatError` names the first head that is not. attnlab's window counts the query itself and
+    DuoAttention's recent tokens do not, so ``recent_size = window - 1``. The gates are real
+    numbers that rank heads (`_duo_gates`); ``sparsity`` is the value to pass to DuoAttention
+    (its ``sparsify_attention_heads`` re-thresholds the gates with it)."""
     nl, nh, nkv = policy.n_layers, policy.n_heads, int(policy.model["n_kv_heads"])
     group = nh // nkv
     sizes: tuple[int, int] | None = None
-    rows = []
+    full = np.zeros((nl, nkv), dtype=bool)
     for lay in range(nl):
-        row = []
         for kv in range(nkv):
             members = [policy.entry(lay, kv * group + j) for j in range(group)]
             first = members[0]
@@ -323,34 +529,68 @@ def duo_config(policy: Policy, seq_len: int) -> tuple[str, dict[str, Any]]:
                         sizes = sw
                     elif sw != sizes:
                         raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="duo", why=f"sink/window {sw} differ from {sizes}; DuoAttention has one sink_size and recent_size"))
-            row.append("1.0" if first.kind == "dense" else "0.0")
-        rows.append("\t".join(row))
-    sink, recent = sizes if sizes is not None else (64, 256)
-    config = {"sink_size": sink, "recent_size": recent, "exported_by": "attnlab", "model": policy.model.get("name"), "seq_len": seq_len}
+                    if sw[1] < 2:
+                        raise FormatError(ERR_NOT_REPRESENTABLE.format(head=where, kind=e.kind, fmt="duo", why="a window of 1 token is recent_size 0, which DuoAttention reads as the whole cache"))
+            full[lay, kv] = first.kind == "dense"
+    sink, window = sizes if sizes is not None else (64, 257)
+    gates = _duo_gates(policy, full)
+    rows = ["\t".join(f"{g:.6f}" for g in row) for row in gates]
+    config = {
+        "sink_size": sink, "recent_size": window - 1, "sparsity": duo_sparsity(full),
+        "exported_by": "attnlab", "model": policy.model.get("name"), "seq_len": seq_len,
+        "attnlab_window": window,
+        "window_note": "attnlab's window counts the query itself; DuoAttention's recent tokens do not: recent_size = window - 1",
+        "gates_note": "gates rank KV heads (higher = keep full); run DuoAttention with this sparsity to get exactly these heads streaming",
+        "phase": DUO_PHASE_NOTE,
+    }
     return "\n".join(rows) + "\n", config
+
+
+def _duo_gate_table(tsv: Path) -> np.ndarray:
+    try:
+        text = tsv.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason=type(exc).__name__)) from None
+    if not text.strip():
+        raise FormatError(f"{tsv} is empty: a DuoAttention full_attention_heads.tsv has one line of tab-separated gates per layer; fix the file")
+    for no, line in enumerate(text.splitlines(), 1):
+        for field_no, cell in enumerate(line.split("\t"), 1):
+            try:
+                value = float(cell)
+            except ValueError:
+                raise FormatError(f"{tsv}: line {no}, field {field_no}: {cell.strip()[:20]!r} is not a number; fix the file") from None
+            if not math.isfinite(value):
+                raise FormatError(f"{tsv}: line {no}, field {field_no}: gate {cell.strip()!r} is not finite; gates are numbers in [0, 1]")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.loadtxt(tsv, dtype=float, delimiter="\t", ndmin=2)
+    except ValueError as exc:
+        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason=str(exc).splitlines()[0])) from None
 
 
 def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: float = 0.5, sparsity: float | None = None,
                   block_size: int = 64) -> Policy:
     """A `Policy` from a DuoAttention pattern (a folder with ``full_attention_heads.tsv`` and
     ``config.json``, or the TSV with the config beside it). A KV head is dense when its gate is
-    ``>= threshold``; with ``sparsity``, the lowest-gated share of KV heads streams instead
-    (DuoAttention's deployment rule)."""
+    ``>= threshold``; with ``sparsity``, DuoAttention's own rule decides (the gates' ``sparsity``
+    quantile is the threshold). Streaming heads get ``window = recent_size + 1`` (Duo's recent
+    tokens exclude the query, attnlab's window counts it)."""
+    from .emulators import duo_full_heads
+
     model = model_entry(model, "--model")
+    for name, value in (("--threshold", threshold), ("--sparsity", sparsity)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1):
+            raise FormatError(f"{name} must be a number in [0, 1], got {value!r}")
     p = Path(path)
     tsv = p / "full_attention_heads.tsv" if p.is_dir() else p
     cfg_path = tsv.parent / "config.json"
     if not tsv.is_file():
         raise FormatError(f"no DuoAttention full_attention_heads.tsv at {tsv}: give the pattern folder or the TSV")
-    try:
-        gates = np.loadtxt(tsv, dtype=float, delimiter="\t", ndmin=2)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason=str(exc).splitlines()[0])) from None
+    gates = _duo_gate_table(tsv)
     nl, nh, nkv = model["n_layers"], model["n_heads"], model["n_kv_heads"]
     if gates.shape not in ((nl, nkv), (nl, nh)):
         raise FormatError(ERR_SHAPE.format(path=tsv, what="the gate table", got=list(gates.shape), model=model.get("name"), expected=f"[{nl}, {nkv}] (layers x KV heads)"))
-    if not np.isfinite(gates).all():
-        raise FormatError(ERR_CORRUPT.format(path=tsv, fmt="DuoAttention TSV", reason="non-finite gate values"))
     cfg = _read_json(cfg_path, "DuoAttention config.json")
     if not isinstance(cfg, dict):
         raise FormatError(ERR_CORRUPT.format(path=cfg_path, fmt="DuoAttention config.json", reason="expected an object"))
@@ -361,16 +601,7 @@ def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: 
     sink = _int_size(cfg["sink_size"], where, "sink_size", allow_zero=True)
     recent = _int_size(cfg["recent_size"], where, "recent_size")
     gates = np.clip(gates, 0, 1)
-    if sparsity is not None:
-        if not 0 <= sparsity <= 1:
-            raise FormatError(f"sparsity {sparsity} must be in [0, 1]: the share of KV heads that stream")
-        k = int(round(sparsity * gates.size))
-        order = np.argsort(gates.reshape(-1), kind="stable")
-        full = np.ones(gates.size, dtype=bool)
-        full[order[:k]] = False
-        full = full.reshape(gates.shape)
-    else:
-        full = gates >= threshold
+    full = duo_full_heads(gates, sparsity=sparsity) if sparsity is not None else gates >= threshold
     per_head = gates.shape[1] == nh and nh != nkv
     group = nh // nkv
     heads = []
@@ -379,7 +610,7 @@ def duo_to_policy(path: str | os.PathLike, model: dict[str, Any], *, threshold: 
             col = h if per_head else h // group
             dense = bool(full[lay, col])
             kind = "dense" if dense else "streaming"
-            params = {} if dense else {"sink": Elastic(sink), "window": Elastic(recent)}
+            params = {} if dense else {"sink": Elastic(sink), "window": Elastic(recent + 1)}
             heads.append(HeadPolicy(lay, h, h // group, kind, params, None, None,
                                     f"imported from DuoAttention (gate {gates[lay, col]:.3f} {'>=' if dense else '<'} cut)", "exact"))
     return Policy(model, block_size, heads, {"path": str(tsv.parent), "format": "duo"})
@@ -430,6 +661,8 @@ def _read_arrays(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], s
         raise FormatError(f"no mask file at {path}: check the path (attnlab export writes masks.npz, masks.safetensors or flex_block_masks.safetensors)")
     with open(path, "rb") as fh:
         head = fh.read(4)
+    if not head:
+        raise FormatError(f"{path} is empty (0 bytes): not an attnlab mask file; re-export it with attnlab export")
     if head[:2] == b"PK":
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -523,7 +756,11 @@ def import_policy(
         pol = minference_to_policy(_read_json(Path(path), "MInference config"), model, source=str(path), block_size=b)
     else:
         pol = duo_to_policy(path, model, threshold=threshold, sparsity=sparsity, block_size=b)
-    n = check_seq_len(seq_len or pol.model.get("n_ctx") or 4096, pol.model)
+    if seq_len is not None:
+        n = check_seq_len(seq_len, pol.model)
+    else:
+        n_ctx = pol.model.get("n_ctx")
+        n = check_seq_len(n_ctx if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else 4096, pol.model)
     fill_expectations(pol, n, estimator)
     return pol
 

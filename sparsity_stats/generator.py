@@ -29,6 +29,8 @@ Usage (scikit-learn shape)::
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -36,9 +38,9 @@ from typing import Any
 import numpy as np
 
 from attnlab.names import head_label
-from attnlab.runs import Run
+from attnlab.runs import BLOCK_MAPS, Run
 
-from .curves import HeadCurves, compute_curves
+from .curves import HeadCurves, ProfileEstimator, compute_curves, retrieval_scores_from_run
 from .errors import ERR_BUDGET, ERR_BUDGET_KIND, ERR_INFEASIBLE, PolicyError
 from .kinds import KINDS, AShape, Candidate, Streaming
 from .knapsack import InfeasibleError, MCKPSolution, solve_mckp
@@ -48,13 +50,71 @@ BUDGET_KINDS = ("density", "kv")
 PROTECT = ("dense", "floor", "none")
 
 
+#: Fewest blocks per sequence that leave a sparse choice: with a sink block and the diagonal
+#: always kept, two blocks hold every causal tile; three leave one (5 of 6 tiles).
+MIN_POLICY_BLOCKS = 3
+
+
+def _map_block_size(run: Run) -> int | None:
+    """The block size of the run's block maps, as its manifest records it (None if it does not)."""
+    config = (run.manifest.get("parameters") or {}).get("stat_config") or {}
+    b = config.get("block_size") if isinstance(config, dict) else None
+    return b if isinstance(b, int) and not isinstance(b, bool) and b > 0 else None
+
+
+def workable_block_sizes(lengths: Sequence[int], map_block_size: int | None = None) -> list[int]:
+    """Powers of two (multiples of the run's map block size, at least 16 when unknown) that cut
+    every length in ``lengths`` into at least `MIN_POLICY_BLOCKS` blocks."""
+    b = map_block_size or 16
+    out = []
+    while b * (MIN_POLICY_BLOCKS - 1) < min(lengths):
+        out.append(b)
+        b *= 2
+    return out
+
+
+def too_coarse_message(block_size: int, n: int, lengths: Sequence[int], map_block_size: int | None = None) -> str:
+    """Why a policy at ``block_size`` cannot be sparse at length ``n``, and which block sizes can."""
+    nb = -(-n // block_size)
+    ok = workable_block_sizes(lengths, map_block_size)
+    sizes = f"use --block-size {' or '.join(map(str, ok))}" if ok else "no block size the run's maps allow is small enough"
+    return (
+        f"block size {block_size} is too coarse for length {n}: it makes {nb} block(s) per sequence and a policy needs "
+        f"at least {MIN_POLICY_BLOCKS} to leave any tile out (the first block and the diagonal are always kept); "
+        f"{sizes}, or evaluate at --lengths >= {MIN_POLICY_BLOCKS * block_size - block_size + 1} if the run profiled them"
+    )
+
+
+def _number(x: Any) -> bool:
+    """A real, finite number (not a bool)."""
+    try:
+        return not isinstance(x, (bool, str)) and math.isfinite(float(x))
+    except (TypeError, ValueError, OverflowError):
+        return False
+
+
+def _whole(x: Any) -> bool:
+    """A finite whole number (not a bool)."""
+    return _number(x) and float(x) == int(x)
+
+
+def check_block_granularity(estimator: ProfileEstimator, run: Run | None = None) -> None:
+    """`PolicyError` when the estimator's block size is longer than an evaluation length (not
+    one query block to measure or choose from), naming the block sizes that work (from the
+    run's map block size when ``run`` is given). Call it before evaluating candidates."""
+    map_block = _map_block_size(run) if run is not None else None
+    for n in estimator.eval_lengths:
+        if n < estimator.block_size:
+            raise PolicyError(too_coarse_message(estimator.block_size, n, estimator.eval_lengths, map_block))
+
+
 def check_budget(budget: float) -> float:
     """``budget`` as a float in (0, 1], else `PolicyError`."""
     try:
         b = float(budget)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise PolicyError(ERR_BUDGET.format(got=budget)) from None
-    if not (0 < b <= 1):
+    if isinstance(budget, bool) or not (0 < b <= 1):  # NaN fails this too
         raise PolicyError(ERR_BUDGET.format(got=budget))
     return b
 
@@ -163,12 +223,15 @@ class PolicyGenerator:
             raise PolicyError(ERR_BUDGET_KIND.format(got=self.budget_kind))
         if self.protect_retrieval not in PROTECT:
             raise PolicyError(f"protect_retrieval {self.protect_retrieval!r} is unknown: use dense, floor or none")
-        if isinstance(self.min_sink, bool) or int(self.min_sink) != self.min_sink or self.min_sink < 0:
+        if not _whole(self.min_sink) or self.min_sink < 0:
             raise PolicyError(f"min_sink must be a whole number of tokens >= 0, got {self.min_sink!r} (--min-sink)")
-        for name in ("recall_floor", "retrieval_floor"):
+        for name, option in (("recall_floor", "--recall-floor"), ("retrieval_floor", "--retrieval-floor"),
+                             ("retrieval_threshold", "--retrieval-threshold")):
             v = getattr(self, name)
-            if v is not None and not (0 <= float(v) <= 1):
-                raise PolicyError(f"{name} must be in [0, 1], got {v!r}")
+            if v is not None and not (_number(v) and 0 <= float(v) <= 1):
+                raise PolicyError(f"{name} must be a number in [0, 1], got {v!r} ({option})")
+        if not _whole(self.max_nodes) or self.max_nodes < 1:
+            raise PolicyError(f"max_nodes must be a positive whole number, got {self.max_nodes!r}")
         for k in self.kinds:
             if k not in KINDS:
                 raise PolicyError(f"unknown kind {k!r} in kinds: use some of {', '.join(KINDS)}")
@@ -195,11 +258,26 @@ class PolicyGenerator:
             if self.candidates is not None:
                 curves = curves.extend(self.candidates)
         else:
+            run = Run.coerce(data)
+            est = ProfileEstimator.from_run(run, block_size=self.block_size, eval_lengths=self.eval_lengths)
+            self.map_block_size_ = _map_block_size(run)
+            check_block_granularity(est, run)
             curves = compute_curves(
-                Run.coerce(data), self.candidates, block_size=self.block_size, eval_lengths=self.eval_lengths,
-                kinds=self.kinds, min_sink=int(self.min_sink), elastic=self.elastic, progress=self.progress,
+                est, self.candidates, kinds=self.kinds, min_sink=int(self.min_sink), elastic=self.elastic, progress=self.progress,
             )
+            curves = dataclasses.replace(curves, retrieval_scores=retrieval_scores_from_run(run))
+            bad = ~(np.isfinite(curves.recall) & np.isfinite(curves.density) & np.isfinite(curves.kv)).all(-1)
+            if bad.any():
+                lay, head = (int(x) for x in np.argwhere(bad)[0])
+                raise PolicyError(
+                    f"{run.file(BLOCK_MAPS)} gives head {head_label(lay, head)} a non-finite attention mass (NaN or inf; "
+                    f"{int(bad.sum())} head(s) in all): the profile is damaged; re-create it with `{run.command_for(BLOCK_MAPS)}`"
+                )
         return curves.extend([Candidate.make("dense"), *self.extra_candidates])
+
+    def _too_coarse(self, block_size: int, n: int, lengths: Sequence[int]) -> str:
+        """The message for a block size that leaves no sparse choice at length ``n``."""
+        return too_coarse_message(block_size, n, lengths, getattr(self, "map_block_size_", None))
 
     def _constraints(self, curves: HeadCurves) -> tuple[np.ndarray, list[tuple[int, int, str]]]:
         """``allowed [L, H, C]`` (kinds, explicit grid, minimum sink, protected heads, recall
@@ -278,6 +356,11 @@ class PolicyGenerator:
         try:
             sol = solve_mckp(values, costs, self.budget_ * units, max_nodes=self.max_nodes, cost_unit=self._cost_unit(est))
         except InfeasibleError as exc:
+            if self.budget_kind == "density" and exc.needed / units >= 1 - 1e-9 and np.all(curves.density >= 1 - 1e-9):
+                # no candidate of any head computes fewer blocks than dense: the tiles are too
+                # big for the length, and no budget below 1 (nor any other option) can help
+                n = min(est.eval_lengths)
+                raise PolicyError(self._too_coarse(est.block_size, n, est.eval_lengths)) from None
             raise PolicyError(ERR_INFEASIBLE.format(budget=self.budget_, needed=exc.needed / units,
                                                     kind="mean density" if self.budget_kind == "density" else "mean KV share")) from None
         choice = np.zeros((nl, nh), dtype=np.int64)

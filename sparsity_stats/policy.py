@@ -32,6 +32,7 @@ written before identities had a weights fingerprint are matched by name and shap
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Mapping
@@ -63,12 +64,128 @@ POLICY_SCHEMA = 1
 DENSITY_IS = ("exact", "upper_bound", "expected")
 
 
+#: Largest block size a policy may carry (kernels tile at 16 to 128 tokens).
+MAX_BLOCK_SIZE = 4096
+#: Largest token count (a size's ``alpha``, a length) a policy may carry.
+MAX_TOKENS = 1 << 31
+#: The estimation rule each dynamic kind may carry in ``params.estimate``, with the fields the
+#: rule takes (name -> check, message). What attnlab executes: MInference's last-queries rule for
+#: vertical-slash heads, FlexPrefill's mean-pooled q/k blocks for block top-k heads.
+ESTIMATE_RULES: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
+    "vertical_slash": {"last_q": {"last_q": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of queries in [1, {MAX_TOKENS}]")}},
+    "block_topk": {"pooled_qk": {"pool": (lambda v: v == "mean", "'mean'")}},
+}
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_num(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _finite(x: Any) -> bool:
+    return _is_int(x) or (_is_num(x) and math.isfinite(x))
+
+
+def _check_sizes(params: Any, sizes: tuple[str, ...], where: str) -> None:
+    """Every size of the kind (``sizes``) in ``params`` is a number or ``{"alpha": a, "beta": b}``
+    of numbers, finite, with ``alpha`` at most `MAX_TOKENS` tokens and ``beta`` a share of the
+    sequence in [0, 1]; the kind checks the rest (`Kind.validate`)."""
+    if not isinstance(params, Mapping):
+        return
+    for key in sizes:
+        if key not in params:
+            continue
+        value = params[key]
+        alpha, beta = (value.get("alpha"), value.get("beta", 0.0)) if isinstance(value, Mapping) else (value, 0.0)
+        if not (_is_num(alpha) and _is_num(beta)):
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be a size in tokens (a number, or {{\"alpha\": a, \"beta\": b}}), got {_short(value)}", fix="fix the value"))
+        if _is_num(alpha) and not (_finite(alpha) and abs(alpha) <= MAX_TOKENS):
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be a finite size of at most {MAX_TOKENS} tokens, got {_short(alpha)}", fix="fix the value"))
+        if _is_num(beta) and not (_finite(beta) and 0 <= beta <= 1):
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}.beta", problem=f"must be a share of the sequence in [0, 1], got {_short(beta)}", fix="fix the value"))
+
+
+def _check_estimate(kind: str, params: dict[str, Any], raw: Any, where: str) -> None:
+    """A dynamic head's ``params.estimate``: a rule attnlab executes for its kind, with that
+    rule's fields in range. An unknown rule is an error naming the allowed ones (never the
+    default in disguise); an absent ``estimate`` is the kind's default rule."""
+    rules = ESTIMATE_RULES.get(kind)
+    if rules is None or "estimate" not in (raw if isinstance(raw, Mapping) else {}):
+        return
+    est = params["estimate"]
+    rule = est.get("rule")
+    if not isinstance(rule, str) or rule not in rules:
+        raise PolicyError(ERR_FIELD.format(where=where, field="params.estimate.rule", problem=f"is {_short(rule)}, not a rule kind {kind!r} can use", fix=f"use {' or '.join(map(repr, rules))} (or drop 'estimate' for the default)"))
+    fields = rules[rule]
+    for key, value in est.items():
+        if key == "rule":
+            continue
+        if key not in fields:
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.estimate.{key}", problem=f"is not a field of rule {rule!r}", fix=f"remove it (the rule takes {', '.join(fields) or 'nothing'})"))
+        ok, wanted = fields[key]
+        if not ok(value):
+            raise PolicyError(ERR_FIELD.format(where=where, field=f"params.estimate.{key}", problem=f"must be {wanted}, got {_short(value)}", fix="fix the value"))
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a hostile file's value can be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer beyond the digit limit of str()
+        text = "an integer of thousands of digits"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_lengths(value: Any, field_name: str, where: str) -> list[int]:
+    """A list of token counts in [1, `MAX_TOKENS`] (None or absent: empty)."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(_is_int(x) and 0 < x <= MAX_TOKENS for x in value):
+        raise PolicyError(ERR_FIELD.format(where=where, field=field_name, problem=f"must be a list of token counts in [1, {MAX_TOKENS}], got {_short(value)}", fix="regenerate the policy"))
+    return list(value)
+
+
+def _check_object(value: Any, field_name: str, where: str) -> dict[str, Any]:
+    """An optional JSON object (None or absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise PolicyError(ERR_FIELD.format(where=where, field=field_name, problem=f"must be an object, got {type(value).__name__}", fix="regenerate the policy"))
+    return dict(value)
+
+
+def _check_budget(value: Any, where: str) -> dict[str, Any] | None:
+    """The optional ``budget`` entry: ``kind`` density or kv, ``value`` in (0, 1], ``expected`` finite."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PolicyError(ERR_FIELD.format(where=where, field="budget", problem=f"must be an object or null, got {type(value).__name__}", fix="regenerate the policy"))
+    if "kind" in value and value["kind"] not in ("density", "kv"):
+        raise PolicyError(ERR_FIELD.format(where=where, field="budget.kind", problem=f"is {_short(value['kind'])}", fix="use 'density' or 'kv'"))
+    v = value.get("value")
+    if v is not None and not (_finite(v) and 0 < v <= 1):
+        raise PolicyError(ERR_FIELD.format(where=where, field="budget.value", problem=f"must be in (0, 1], got {_short(v)}", fix="regenerate the policy"))
+    e = value.get("expected")
+    if e is not None and not (_finite(e) and 0 <= e <= 1 + 1e-9):
+        raise PolicyError(ERR_FIELD.format(where=where, field="budget.expected", problem=f"must be in [0, 1], got {_short(e)}", fix="regenerate the policy"))
+    return dict(value)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None: what a policy file holds
+    for "not measured", since a bare ``NaN`` is not JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0:  # numpy/torch scalars
+        return finite_json(obj.item())
+    return obj
 
 
 def model_entry(model: Any, where: str) -> dict[str, Any]:
@@ -142,7 +259,7 @@ class HeadPolicy:
             raise PolicyError(ERR_FIELD.format(where=where, field="heads[]", problem="must be an object", fix="regenerate the policy"))
         for key in ("layer", "head"):
             if not _is_int(d.get(key)):
-                raise PolicyError(ERR_FIELD.format(where=where, field=key, problem=f"must be an integer, got {d.get(key)!r}", fix="regenerate the policy"))
+                raise PolicyError(ERR_FIELD.format(where=where, field=key, problem=f"must be an integer, got {_short(d.get(key))}", fix="regenerate the policy"))
         layer, head = d["layer"], d["head"]
         where = f"{where}: head (layer {layer}, head {head})"
         if not 0 <= layer < model["n_layers"]:
@@ -151,23 +268,25 @@ class HeadPolicy:
             raise PolicyError(ERR_FIELD.format(where=where, field="head", problem=f"is outside [0, {model['n_heads']})", fix="the policy is for another model; regenerate it"))
         group = model["n_heads"] // model["n_kv_heads"]
         kv = d.get("kv_head", head // group)
-        if kv != head // group:
-            raise PolicyError(ERR_FIELD.format(where=where, field="kv_head", problem=f"is {kv!r} but query head {head} reads KV head {head // group}", fix=f"set it to {head // group}"))
+        if not _is_int(kv) or kv != head // group:
+            raise PolicyError(ERR_FIELD.format(where=where, field="kv_head", problem=f"is {_short(kv)} but query head {head} reads KV head {head // group}", fix=f"set it to {head // group}"))
         if "kind" not in d:
             raise PolicyError(ERR_FIELD.format(where=where, field="kind", problem="is missing", fix="add one of dense, streaming, a_shape, vertical_slash, block_topk"))
         kind = get_kind(d["kind"], where)
         if "params" not in d:
             raise PolicyError(ERR_FIELD.format(where=where, field="params", problem="is missing", fix="add the kind's parameters ({} for dense)"))
+        _check_sizes(d["params"], kind.sizes, where)
         params = kind.validate(d["params"], where)
+        _check_estimate(kind.name, params, d["params"], where)
         vals = {}
         for key in ("expected_recall", "expected_density"):
             v = d.get(key)
-            if v is not None and (not _is_num(v) or not 0 <= v <= 1 + 1e-9):
-                raise PolicyError(ERR_FIELD.format(where=where, field=key, problem=f"must be in [0, 1] or null, got {v!r}", fix="regenerate the policy"))
+            if v is not None and (not _finite(v) or not 0 <= v <= 1 + 1e-9):
+                raise PolicyError(ERR_FIELD.format(where=where, field=key, problem=f"must be in [0, 1] or null, got {_short(v)}", fix="regenerate the policy"))
             vals[key] = None if v is None else float(v)
         density_is = d.get("density_is", "exact")
-        if density_is not in DENSITY_IS:
-            raise PolicyError(ERR_FIELD.format(where=where, field="density_is", problem=f"is {density_is!r}", fix=f"use one of {', '.join(DENSITY_IS)}"))
+        if not isinstance(density_is, str) or density_is not in DENSITY_IS:
+            raise PolicyError(ERR_FIELD.format(where=where, field="density_is", problem=f"is {_short(density_is)}", fix=f"use one of {', '.join(DENSITY_IS)}"))
         reason = d.get("reason", "")
         if not isinstance(reason, str):
             raise PolicyError(ERR_FIELD.format(where=where, field="reason", problem="must be a string", fix="regenerate the policy"))
@@ -280,9 +399,10 @@ class Policy:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the policy as JSON, atomically."""
+        """Write the policy as JSON, atomically; a non-finite number (NaN, inf: "not measured")
+        is written as null, never as a bare ``NaN``."""
         path = Path(path)
-        write_json(path, self.to_dict())
+        write_json(path, finite_json(self.to_dict()))
         return path
 
     @classmethod
@@ -296,9 +416,9 @@ class Policy:
         pmodel = model_entry(d.get("model"), path)
         bs = d.get("block_size")
         try:
-            check_block_size(bs if _is_int(bs) else -1)
+            check_block_size(bs if _is_int(bs) and bs <= MAX_BLOCK_SIZE else -1)
         except MaskError:
-            raise PolicyError(ERR_FIELD.format(where=path, field="block_size", problem=f"must be a power of two, got {bs!r}", fix="use 16, 32, 64 or 128")) from None
+            raise PolicyError(ERR_FIELD.format(where=path, field="block_size", problem=f"must be a power of two up to {MAX_BLOCK_SIZE}, got {_short(bs)}", fix="use 16, 32, 64 or 128")) from None
         heads_raw = d.get("heads")
         if not isinstance(heads_raw, list):
             raise PolicyError(ERR_FIELD.format(where=path, field="heads", problem="must be a list", fix="regenerate the policy"))
@@ -316,16 +436,20 @@ class Policy:
             if missing is not None and len(heads) < expected:
                 raise PolicyError(ERR_HEAD_MISSING.format(path=path, head=f"(layer {missing[0]}, head {missing[1]})"))
             raise PolicyError(ERR_HEAD_COUNT.format(path=path, found=len(heads), model=ModelIdentity.from_dict(pmodel).describe(), expected=expected, n_layers=pmodel["n_layers"], n_heads=pmodel["n_heads"]))
-        lengths = d.get("profiled_lengths") or []
-        if not isinstance(lengths, list) or not all(_is_int(x) and x > 0 for x in lengths):
-            raise PolicyError(ERR_FIELD.format(where=path, field="profiled_lengths", problem="must be a list of positive integers", fix="regenerate the policy"))
+        lengths = _check_lengths(d.get("profiled_lengths"), "profiled_lengths", path)
+        eval_lengths = _check_lengths(d.get("eval_lengths"), "eval_lengths", path)
         src = d.get("source_run")
         if isinstance(src, str):
             src = {"path": src}
+        if src is not None and not isinstance(src, dict):
+            raise PolicyError(ERR_FIELD.format(where=path, field="source_run", problem=f"must be an object, a path or null, got {type(src).__name__}", fix="regenerate the policy"))
+        created = d.get("created", "")
+        if not isinstance(created, str):
+            raise PolicyError(ERR_FIELD.format(where=path, field="created", problem=f"must be a string, got {type(created).__name__}", fix="regenerate the policy"))
         return cls(
-            pmodel, int(bs), list(heads.values()), src, d.get("budget"), list(lengths),
-            list(d.get("eval_lengths") or []), dict(d.get("summary") or {}), dict(d.get("generator") or {}),
-            str(d.get("created", "")), POLICY_SCHEMA,
+            pmodel, int(bs), list(heads.values()), src, _check_budget(d.get("budget"), path), lengths, eval_lengths,
+            _check_object(d.get("summary"), "summary", path), _check_object(d.get("generator"), "generator", path),
+            created, POLICY_SCHEMA,
         )
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from attnlab.cliargs import (
     add_model_arguments,
@@ -11,8 +12,10 @@ from attnlab.cliargs import (
     nonneg_int,
     positive_int,
 )
+from attnlab.errors import AttnlabError
 
 from .executors import EXECUTORS
+from .export import EXPORT_FORMATS
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -23,12 +26,15 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()  # the interpreter must be chosen before the kernel module loads
     policy = Policy.load(args.policy)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():  # before the slow model load
+        raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
     report = validate_policy(
         model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
-        seed=args.seed,
+        seed=args.seed, deployed_as=args.deployed_as,
     )
     print(report.format())
     print(f"wrote {args.out}")
@@ -41,6 +47,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--executor", choices=EXECUTORS, default="flex",
                    help="reference | flex | triton (triton runs the interpreter on a CPU: slow; default flex)")
+    p.add_argument("--as", dest="deployed_as", choices=EXPORT_FORMATS, metavar="FORMAT",
+                   help="validate the policy as that tool runs its exported file (emulated; through the fp32 "
+                        f"reference, so --executor is not used): {', '.join(EXPORT_FORMATS)}")
     p.add_argument("--prompts", type=positive_int, default=2, help="held-out built-in prompts for errors, KL and perplexity (default 2)")
     p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per prompt (default 1024)")
     p.add_argument("--needle", type=nonneg_int, default=0, help="passkey samples for needle accuracy (default 0: skip)")

@@ -262,6 +262,7 @@ def validate_policy(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    deployed_as: str | None = None,
 ) -> ValidationReport:
     """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
 
@@ -273,13 +274,23 @@ def validate_policy(
             ``prompt_tokens`` tokens (held-out: another seed than profiling's default).
         needle_samples: passkey samples for needle accuracy (0 = skip).
         out: a run directory to add the report to (created if absent; checked before any work).
+        deployed_as: an export format (``minference``, ``duo``, ``flex``, ...): run the policy as
+            that tool runs the exported file (`attnlab.sparsity_stats.deployed`), through the fp32
+            reference, instead of through ``executor``.
     """
-    ex = PolicyExecutor(policy, executor)
+    if deployed_as is not None:
+        from .deployed import DeployedExecutor
+
+        ex = DeployedExecutor(policy, deployed_as)
+        executor = ex.executor
+    else:
+        ex = PolicyExecutor(policy, executor)
     ex.check_model(model)
     if out is not None:
         preflight_run(out, model)
     if prompts is None:
         prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
+    needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
     heads: list[pd.DataFrame] = []
     measured = _ModelLevel()
     for i, p in enumerate(tqdm(prompts, desc=f"validating ({executor})", unit="prompt", disable=not progress)):
@@ -291,19 +302,33 @@ def validate_policy(
     per_head = _per_head_table(heads, policy)
     report = ValidationReport(per_head, _summary(model, policy, executor, prompts, per_head, measured))
     if needle_samples > 0:
-        report.samples = needle_accuracy(model, ex, needle_samples, needle_length, seed=seed, progress=progress)
+        report.samples = needle_accuracy(model, ex, needle_samples, needle_length, seed=seed, progress=progress, samples=needles)
         _add_needle(report.summary, report.samples)
     if out is not None:
         report.run = _write_report(out, model, policy, report, needle_samples)
     return report
 
 
-def needle_accuracy(model: LoadedModel, executor: PolicyExecutor, n: int, length: int, *, seed: int = 0,
-                    progress: bool = True) -> list[dict[str, Any]]:
-    """Passkey retrieval with dense and with sparse prefill (greedy answers; decode is dense)."""
-    from attnlab.probes.needle import greedy_answer, needle_samples
+def _needle_samples(model: LoadedModel, n: int, length: int, seed: int) -> list[Any]:
+    """``n`` passkey samples of ``length`` tokens. The needle probe's errors name its own option
+    (``--lengths``); here the length is ``--needle-length``, so that is the option they name."""
+    from attnlab.probes.base import ProbeError
+    from attnlab.probes.needle import needle_samples
 
-    samples = needle_samples(model, lengths=[length], kinds=("passkey",), n_samples=n, seed=seed)
+    try:
+        return needle_samples(model, lengths=[length], kinds=("passkey",), n_samples=n, seed=seed)
+    except ProbeError as exc:
+        raise ProbeError(str(exc).replace("--lengths", "--needle-length").replace("--samples", "--needle")) from None
+
+
+def needle_accuracy(model: LoadedModel, executor: PolicyExecutor, n: int, length: int, *, seed: int = 0,
+                    progress: bool = True, samples: list[Any] | None = None) -> list[dict[str, Any]]:
+    """Passkey retrieval with dense and with sparse prefill (greedy answers; decode is dense).
+    ``samples``: the passkey samples, if already made (else ``n`` of ``length`` tokens)."""
+    from attnlab.probes.needle import greedy_answer
+
+    if samples is None:
+        samples = _needle_samples(model, n, length, seed)
     rows = []
     for s in tqdm(samples, desc="needle accuracy", unit="sample", disable=not progress):
         dense = greedy_answer(model, s)

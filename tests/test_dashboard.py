@@ -59,7 +59,8 @@ from attnlab.sparsity_stats import PolicyGenerator
 DASHBOARD = str(Path(state.__file__).with_name("dashboard.py"))
 #: ``causal_check.parquet``'s columns, as `attnlab.probes.causal` documents them.
 CAUSAL_COLUMNS = ("condition", "k", "draw", "method", "heads", "accuracy", "n_correct", "n_samples", "mean_rouge1")
-PAGES = ("Runs", "Head atlas", "Head inspector", "Policy studio", "Validation", "Retrieval", "Head families", "Circuits")
+PAGES = ("Runs", "Head atlas", "Head inspector", "Policy studio", "Validation", "Tasks", "Retrieval", "Head families",
+         "Circuits")
 #: Each page's script, by title (what `AppTest.switch_page` takes).
 PAGE_FILES = {p.title: p.file for p in state.PAGES}
 
@@ -355,6 +356,47 @@ def test_validation_page_plots_every_validated_policy_against_density(monkeypatc
     pareto = figures(at)[0]
     assert pareto["layout"]["yaxis"]["title"]["text"] == "perplexity change"
     np.testing.assert_allclose(sorted(arr(pareto["data"][0]["y"])), sorted(s["ppl_delta"] for s in summaries.values()), atol=1e-9)
+
+
+def write_eval(run: Run) -> None:
+    """Task-suite results by hand, in `attnlab eval`'s documented columns: dense and one policy on
+    two tasks; sample niah_noise-200-1 is right only densely."""
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY
+    from attnlab.sparsity_stats.evaluate import summarize
+
+    rows = []
+    for task in ("niah_noise", "variable_tracking"):
+        for i in range(2):
+            for method, density in (("dense", 1.0), ("stream", 0.3)):
+                right = not (task == "niah_noise" and i == 1 and method == "stream")
+                rows.append({"sample": f"{task}-200-{i}", "task": task, "length": 200, "n_tokens": 199, "method": method,
+                             "score": 1.0 if right else 0.0, "correct": right, "density": density,
+                             "reply": "1234567" if right else "no idea"})
+    table = pd.DataFrame(rows)
+    run.write(EVAL_SAMPLES, table)
+    run.write(EVAL_SUMMARY, summarize(table))
+    run.record_stage("eval", parameters={"seed": 0, "samples": 2})
+
+
+def test_tasks_page_plots_scores_against_density_and_opens_a_changed_sample(monkeypatch, runs_root, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    at = goto(app(monkeypatch, root), "Tasks", "tiny")
+    assert "attnlab eval" in texts(at.info), "without results the page names the command"
+    write_eval(Run.open(root / "tiny"))
+    at = goto(app(monkeypatch, root), "Tasks", "tiny")
+    (fig,) = figures(at)
+    points = fig["data"][0]
+    assert dict(zip(points["text"], arr(points["x"]), strict=True)) == {"stream": 0.3, "dense": 1.0}
+    np.testing.assert_allclose(arr(points["y"]), [0.75, 1.0])  # the mean over the two tasks
+    at.selectbox(key="tasks_task").set_value("niah_noise").run()
+    np.testing.assert_allclose(arr(figures(at)[0]["data"][0]["y"]), [0.5, 1.0])
+    changed = table_with(at, "dense answer")
+    assert changed["sample"].tolist() == ["niah_noise-200-1"] and changed["right"].tolist() == ["dense only"]
+    at.button(key="tasks_open").click().run()
+    assert current_page(at) == "Head inspector"
+    assert at.session_state["inspector_prompt_source"] == "own text"
+    assert "secret number" in at.session_state["inspector_text"], "the sample's prompt, rebuilt from its seed"
 
 
 # -- head inspector ------------------------------------------------------------------------------

@@ -294,3 +294,115 @@ def test_a_small_npz_holding_a_huge_array_is_refused_before_loading(tmp_path):
     assert path.stat().st_size < 100_000  # 4 MiB of zeros compress to almost nothing
     with pytest.raises(FormatError, match="larger than any layout of its declared shape"):
         load_masks(path)
+
+
+# -- messages that mislead (issue 13): each names the real problem --------------------------------
+def _one_error_line(capsys, argv, printed: list[str] | None = None) -> str:
+    """The one ``error:`` line of a failing command (its stdout appended to ``printed``)."""
+    from attnlab.cli import main
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "Traceback" not in err
+    if printed is not None:
+        printed.append(captured.out)
+    return err
+
+
+def test_a_file_given_as_a_run_is_called_a_file(tmp_path, capsys):
+    pol = tmp_path / "pol.json"
+    pol.write_text("{}")
+    err = _one_error_line(capsys, ["info", str(pol)])
+    assert "pol.json is a file, not a run directory" in err and "attnlab profile --out" not in err
+    err = _one_error_line(capsys, ["info", str(tmp_path / "missing.json")])
+    assert "a run is a folder, not a file" in err and "attnlab profile --out" not in err
+    with pytest.raises(RunError, match="no run directory at .*attnlab profile --out"):  # a folder name: create one there
+        Run.open(tmp_path / "r1")
+
+
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path, capsys, tiny_llama):
+    from attnlab.runs import ensure_run, preflight_run
+
+    f = tmp_path / "f.txt"
+    f.write_text("keep")
+    # before the model loads: the model path does not even exist
+    err = _one_error_line(capsys, ["circuit", "--model", str(tmp_path / "no-model"), "--task", "ioi", "--out", str(f)])
+    assert f"--out {f} is a file, not a run directory" in err and "attnlab profile --out" not in err
+    policy = Path(__file__).parent / "fixtures" / "policy_v0_1_0.json"
+    err = _one_error_line(capsys, ["validate", str(policy), "--model", str(tmp_path / "no-model"), "--out", str(f)])
+    assert f"--out {f} is a file, not a run directory" in err
+    for call in (lambda: preflight_run(f, tiny_llama), lambda: ensure_run(f, tiny_llama, "circuit", {})):
+        with pytest.raises(RunError, match="is a file, not a run directory: give a new folder or an existing run"):
+            call()
+    assert f.read_text() == "keep"
+
+
+def test_json_beyond_the_parsers_limits_is_one_error(tmp_path):
+    big = tmp_path / "big.json"
+    big.write_text('{"schema": ' + "9" * 5000 + "}")
+    with pytest.raises(RunError, match="big.json is not a usable policy .*re-create it"):
+        load_json(big, what="policy", fix="re-create it")
+
+
+def test_a_port_in_use_is_reported_and_nothing_claims_to_serve(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        printed: list[str] = []
+        err = _one_error_line(capsys, ["dashboard", str(tmp_path), "--port", str(port)], printed)
+    assert f"port {port} on 127.0.0.1 is already in use" in err and f"--port {port + 1}" in err
+    # the URL line is printed only once the port is known to be free; here it never was
+    assert "http://" not in printed[0]
+
+
+def test_validate_needle_errors_name_validates_own_options(tiny_llama):
+    from attnlab.probes.base import ProbeError
+    from attnlab.sparsity_stats.validation import needle_accuracy
+
+    with pytest.raises(ProbeError, match=r"lower --needle-length to at most") as exc:
+        needle_accuracy(tiny_llama, None, 1, 99_999, progress=False)
+    assert "--lengths" not in str(exc.value)
+    with pytest.raises(ProbeError, match=r"raise --needle-length to at least") as exc:
+        needle_accuracy(tiny_llama, None, 1, 10, progress=False)
+    assert "--lengths" not in str(exc.value)
+
+
+def test_a_truncated_or_inconsistent_block_map_file_is_one_error_naming_it(run, capsys):
+    from attnlab.runs import BLOCK_MAPS, BlockMaps
+
+    maps = run.block_maps()
+    path = run.file(BLOCK_MAPS)
+    BlockMaps(maps.block_size, maps.mass_sum, maps.mass_max, maps.count[:-1]).save(path)
+    with pytest.raises(RunError, match=r"block_maps.safetensors is not an attnlab block-map file .*count .* do not fit together.*attnlab profile"):
+        run.block_maps()
+    maps.save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    err = _one_error_line(capsys, ["policy", str(run.path), "--out", str(run.path.parent / "p.json"), "--quiet"])
+    assert "block_maps.safetensors is not a readable block-map file" in err and "re-create it with `attnlab profile" in err
+
+
+@pytest.mark.parametrize("command", [["policy"], ["policy", "compare"]])
+@pytest.mark.parametrize("out", [".", "x/..", "x/../.", ""])
+def test_an_out_that_names_a_folder_is_refused_and_leaves_nothing(run, tmp_path, capsys, monkeypatch, out, command):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = sorted(p.name for p in run.path.iterdir())
+    err = _one_error_line(capsys, [*command, str(run.path), "--out", out, "--quiet"])
+    assert "give a file path for --out" in err
+    assert list(work.iterdir()) == [] and not list(tmp_path.glob("*partial*"))
+    assert sorted(p.name for p in run.path.iterdir()) == before, "'' is not the run's default output"
+
+
+def test_the_option_the_causal_check_error_names_exists():
+    """The retrieval probe's causal-check error says "lower --causal-ks": that spelling works."""
+    from attnlab.cli import build_parser
+
+    args = build_parser().parse_args(["probe", "retrieval", "--out", "r", "--causal-ks", "2,3"])
+    assert args.causal_k == [2, 3]
+    assert build_parser().parse_args(["probe", "retrieval", "--out", "r", "--causal-k", "4"]).causal_k == [4]

@@ -65,11 +65,12 @@ def qkv(batch, q_heads, kv_heads, n_q, n_k, head_dim, dtype, device, seed=0):
     return draw(q_heads, n_q), draw(kv_heads, n_k), draw(kv_heads, n_k)
 
 
-def assert_matches_reference(q, k, v, index, out, lse, *, scale=None):
+def assert_matches_reference(q, k, v, index, out, lse, *, scale=None, softcap=None, sinks=None):
     """The FlashAttention acceptance rule, for the output and the log-sum-exp."""
     mask = index.token_mask().to(q.device)
-    gold_out, gold_lse = reference_attention(q, k, v, mask, scale=scale, dtype=torch.float64)
-    same_out, same_lse = reference_attention(q, k, v, mask, scale=scale, dtype=q.dtype)
+    variants = dict(scale=scale, softcap=softcap, sinks=sinks)
+    gold_out, gold_lse = reference_attention(q, k, v, mask, dtype=torch.float64, **variants)
+    same_out, same_lse = reference_attention(q, k, v, mask, dtype=q.dtype, **variants)
     assert out.shape == q.shape and out.dtype == q.dtype
     assert lse.shape == q.shape[:3] and lse.dtype == torch.float32
     assert not torch.isnan(out).any(), "NaN in the kernel output"
@@ -292,7 +293,12 @@ def fragment(template: str) -> str:
     return re.escape(max(pieces, key=len))
 
 
-def small_case(device="cpu"):
+# Where launch-free checks run: on a CUDA machine the kernel is compiled for the GPU and CPU
+# tensors are refused first (NEEDS_DEVICE_OR_INTERPRETER), hiding the error under test.
+CHECK_DEVICE = "cuda" if CUDA else "cpu"
+
+
+def small_case(device=CHECK_DEVICE):
     n, block = 40, 16
     index = heterogeneous_index(n, n, block)
     q, k, v = qkv(1, 4, 2, n, n, 16, torch.float32, device)
@@ -383,6 +389,8 @@ BAD_INDEX = {
     "sequence shorter than the index": (
         lambda i: heterogeneous_index(48, 48, 16), bs.SEQUENCE_SHORTER,
     ),
+    "negative model_window": (lambda i: replace_tensor(i, model_window=-1), ix.MODEL_WINDOW_BAD),
+    "float model_window": (lambda i: replace_tensor(i, model_window=8.0), ix.MODEL_WINDOW_BAD),
 }  # fmt: skip
 
 
@@ -456,7 +464,7 @@ def test_index_builder_refuses_bad_masks(no_launch):
     kept = torch.ones(2, 3, 3, dtype=torch.bool)
     # a layout takes any block size; the kernel refuses those it is not compiled for
     block_8 = BlockSparseLayout.from_block_masks(kept, None, block_size=8, n_q=24, n_k=24, causal=True)
-    q = torch.zeros(1, 2, 24, 16)
+    q = torch.zeros(1, 2, 24, 16, device=CHECK_DEVICE)
     with pytest.raises(KernelInputError, match=fragment(ix.BLOCK_SIZE_UNSUPPORTED)):
         block_sparse_attention(q, q, q, block_8)
     with pytest.raises(KernelInputError, match=fragment(ix.INDEX_SCALAR_BAD)):
@@ -469,3 +477,119 @@ def test_index_builder_refuses_bad_masks(no_launch):
     with pytest.raises(KernelInputError, match=fragment(ix.PER_HEAD_VALUE_BAD)):
         BlockSparseLayout.from_block_masks(kept, None, block_size=16, n_q=40, n_k=40, causal=True, window=[1, 2, 3])
     assert isinstance(heterogeneous_index(40, 40, 16), BlockSparseLayout)
+
+
+# --- score variants: soft-capping, learned sinks, the model's own window ----------------------
+VARIANTS = {
+    "softcap": dict(softcap=2.0),
+    "sinks": dict(sinks=True),
+    "model_window": dict(model_window=21),
+    "all": dict(softcap=3.0, sinks=True, model_window=9),
+}
+
+
+def variant_case(variant, dtype, device, *, n_q=70, n_k=70, causal=True, seed=0):
+    """A mixed layout (dense, streaming, random, vertical-slash heads) with one variant on."""
+    options = VARIANTS[variant]
+    generator = torch.Generator().manual_seed(seed)
+    block = 16
+    kept = stack_heads(
+        all_blocks(n_q, n_k, block),
+        all_blocks(n_q, n_k, block),
+        random_blocks(n_q, n_k, block, 0.5, generator=generator),
+        vertical_slash_blocks(n_q, n_k, block, columns=[0], diagonals=[1]),
+    )  # fmt: skip
+    index = BlockSparseLayout.from_block_masks(
+        kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal,
+        sink=[0, 3, 0, 0], window=[0, 12, 0, 0], model_window=options.get("model_window", 0),
+    )  # fmt: skip
+    q, k, v = qkv(1, 4, 2, n_q, n_k, 16, dtype, device, seed=seed)
+    q = q * 2  # scores of a few units: soft-capping at 2-3 really bites
+    sinks = torch.randn(4, generator=generator).to(device, dtype) if options.get("sinks") else None
+    return q, k, v, index, dict(softcap=options.get("softcap"), sinks=sinks)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_score_variants_match_reference(device, dtype, variant):
+    q, k, v, index, options = variant_case(variant, dtype, device)
+    out, lse = block_sparse_attention(q, k, v, index, **options)
+    assert_matches_reference(q, k, v, index, out, lse, **options)
+    if variant == "all":
+        # the model's window (9) and the vertical-slash head's blocks leave rows with no key:
+        # out 0 (the sink has no value), lse -inf, no NaN
+        empty = torch.isneginf(lse)
+        assert empty.any() and (out[empty] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("n_q", "n_k", "causal"), [(30, 90, True), (90, 30, True), (40, 70, False)])
+def test_score_variants_over_a_cache(device, n_q, n_k, causal):
+    """Nq != Nk with every variant at once: the model's window counts from absolute positions."""
+    q, k, v, index, options = variant_case("all", torch.float32, device, n_q=n_q, n_k=n_k, causal=causal, seed=n_q)
+    out, lse = block_sparse_attention(q, k, v, index, **options)
+    assert_matches_reference(q, k, v, index, out, lse, **options)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_default_variants_are_the_plain_kernel(device):
+    """softcap=None, sinks=None, model_window=0 is today's kernel, to the bit."""
+    q, k, v, index = small_case(device)
+    plain = block_sparse_attention(q, k, v, index)
+    explicit = block_sparse_attention(q, k, v, dataclasses.replace(index, model_window=0), softcap=None, sinks=None)
+    for a, b in zip(plain, explicit, strict=True):
+        assert torch.equal(a, b)
+
+
+BAD_VARIANTS = {
+    "softcap 0": dict(softcap=0.0),
+    "softcap negative": dict(softcap=-2.0),
+    "softcap nan": dict(softcap=float("nan")),
+    "softcap inf": dict(softcap=float("inf")),
+    "softcap bool": dict(softcap=True),
+    "sinks per KV head": dict(sinks=torch.zeros(2)),
+    "sinks int": dict(sinks=torch.zeros(4, dtype=torch.int32)),
+    "sinks nan": dict(sinks=torch.tensor([0.0, float("nan"), 0.0, 0.0])),
+    "sinks a list": dict(sinks=[0.0] * 4),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_VARIANTS))
+def test_bad_variants_are_refused_before_launch(case, no_launch):
+    q, k, v, index = small_case()
+    with pytest.raises(KernelInputError, match=f"{fragment(ix.SOFTCAP_BAD)}|{fragment(ix.SINKS_BAD)}"):
+        block_sparse_attention(q, k, v, index, **BAD_VARIANTS[case])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("seed", range(4))
+def test_random_variant_configurations(device, seed):
+    """Random lengths, block size, causality, GQA, sink/window, model window, softcap, sinks."""
+    g = torch.Generator().manual_seed(2000 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    block = pick([16, 32, 64])
+    n_q, n_k = (int(x) for x in torch.randint(1, 160, (2,), generator=g))
+    kv_heads, group = pick([1, 2]), pick([1, 2, 3])
+    heads = kv_heads * group
+    causal = bool(torch.rand(1, generator=g) < 0.7)
+    kept = torch.stack(
+        [random_blocks(n_q, n_k, block, float(torch.rand(1, generator=g)), generator=g)
+         for _ in range(heads)]
+    )  # fmt: skip
+    index = BlockSparseLayout.from_block_masks(
+        kept, None, block_size=block, n_q=n_q, n_k=n_k, causal=causal,
+        sink=[pick([0, 3, 20]) for _ in range(heads)], window=[pick([0, 7, 40]) for _ in range(heads)],
+        model_window=pick([1, 7, 40, 100]),
+    )  # fmt: skip
+    dtype = pick([torch.float32, torch.float16])
+    q, k, v = qkv(pick([1, 2]), heads, kv_heads, n_q, n_k, 16, dtype, device, seed)
+    options = dict(
+        softcap=pick([None, 1.0, 5.0]),
+        sinks=pick([None, (torch.randn(heads, generator=g) * 2).to(device, dtype)]),
+    )  # fmt: skip
+    out, lse = block_sparse_attention(q, k, v, index, **options)
+    assert_matches_reference(q, k, v, index, out, lse, **options)

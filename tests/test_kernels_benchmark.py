@@ -25,6 +25,7 @@ def test_help_works_without_a_gpu():
     )
     assert result.returncode == 0, result.stderr
     assert "--lengths" in result.stdout and "--out" in result.stdout
+    assert "--softcap" in result.stdout and "--model-window" in result.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="only meaningful without CUDA")
@@ -55,3 +56,19 @@ def test_patterns_build_valid_layouts_with_sensible_density():
     assert 0.4 < densities["topk50"] < 0.6
     assert densities["topk5"] < densities["topk10"] < densities["topk25"] < densities["topk50"]
     assert densities["vertical_slash"] < 0.3
+
+
+def test_patterns_inside_a_model_window():
+    bench = load_benchmark()
+    n, block = 2048, 64
+    for pattern in ("dense", "mixed", "topk25"):
+        index = bench.build_layout(pattern, n, 4, block, model_window=512)
+        index.validate()
+        assert index.model_window == 512
+        # nothing listed beyond the window: at most 512 / 64 + 1 key blocks per query block
+        assert int(index.block_mask().sum(-1).max()) <= 512 // block + 1
+    windowed = bench.build_layout("dense", n, 4, block, model_window=512)
+    # against full causal attention the windowed dense layer computes under half the blocks;
+    # against its own windowed dense cost (the layout's density) it is dense
+    assert bench.density_of(windowed) < 0.5
+    assert windowed.density.tolist() == [1.0] * 4

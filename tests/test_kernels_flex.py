@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 from attnlab.kernels import (  # noqa: E402
     BlockSparseLayout,
+    KernelInputError,
     attends,
     flex_block_mask,
     flex_mask_mod,
@@ -117,3 +118,84 @@ def test_one_predicate_for_the_mask_flex_and_the_reference(n_q, n_k, causal):
     scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) / 4.0
     expected = torch.logsumexp(scores.masked_fill(~(listed & predicate).to(DEVICE), -torch.inf), -1)
     torch.testing.assert_close(lse, expected)
+
+
+# --- score variants: soft-capping, learned sinks, the model's own window ----------------------
+def variant_index(n_q, n_k, causal, model_window):
+    generator = torch.Generator().manual_seed(7)
+    kept = torch.stack([
+        all_blocks(n_q, n_k, 16),
+        all_blocks(n_q, n_k, 16),
+        random_blocks(n_q, n_k, 16, 0.5, generator=generator),
+        vertical_slash_blocks(n_q, n_k, 16, columns=[0], diagonals=[1]),
+    ])  # fmt: skip
+    return BlockSparseLayout.from_block_masks(
+        kept, None, block_size=16, n_q=n_q, n_k=n_k, causal=causal,
+        sink=[0, 3, 0, 0], window=[0, 12, 0, 0], model_window=model_window,
+    )  # fmt: skip
+
+
+VARIANT_CASES = [
+    pytest.param(100, 100, True, dict(softcap=2.0), 0, id="softcap"),
+    pytest.param(100, 100, True, dict(sinks=True), 0, id="sinks"),
+    pytest.param(100, 100, True, {}, 21, id="model_window"),
+    pytest.param(100, 100, True, dict(softcap=3.0, sinks=True), 9, id="all"),
+    pytest.param(40, 100, False, dict(softcap=3.0, sinks=True), 9, id="all-cache-noncausal"),
+]
+
+
+@pytest.mark.parametrize(("n_q", "n_k", "causal", "options", "model_window"), VARIANT_CASES)
+def test_eager_flex_variants_match_reference(n_q, n_k, causal, options, model_window):
+    index = variant_index(n_q, n_k, causal, model_window).to(DEVICE)
+    q, k, v = inputs(n_q, n_k)
+    q = q * 2  # scores of a few units: soft-capping at 2-3 really bites
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEVICE) if options.get("sinks") else None
+    variants = dict(softcap=options.get("softcap"), sinks=sinks)
+    out, lse = flex_block_sparse_attention(q, k, v, index, compiled=False, **variants)
+    gold_out, gold_lse = reference_attention(q, k, v, index.token_mask(), **variants)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(gold_lse))  # real keys only, sink or not
+    finite = torch.isfinite(gold_lse)
+    torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
+    if model_window == 9:  # rows the window and the blocks leave empty: out 0
+        assert (~finite).any() and (out[~finite] == 0).all()
+
+
+def test_compiled_flex_variants_match_reference():
+    """Compiled Flex: softcap through Inductor's score_mod; sinks (on the CPU: eager, which has the lse)."""
+    n = 64
+    index = variant_index(n, n, True, 21).to(DEVICE)
+    q, k, v = inputs(n, n)
+    q = q * 2
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], device=DEVICE)
+    for variants in (dict(softcap=2.0), dict(softcap=2.0, sinks=sinks)):
+        out, lse = flex_block_sparse_attention(q, k, v, index, compiled=True, **variants)
+        gold_out, gold_lse = reference_attention(q, k, v, index.token_mask(), **variants)
+        assert not out.isnan().any()
+        torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
+        if lse is not None:
+            finite = torch.isfinite(gold_lse)
+            torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
+        elif variants.get("sinks") is not None:
+            raise AssertionError("with sinks Flex must return the log-sum-exp it rescaled by")
+
+
+def test_flex_mask_mod_carries_the_model_window():
+    index = variant_index(60, 60, True, 9)
+    token_mask = index.token_mask()
+    h, i, j = (torch.arange(x) for x in (4, 60, 60))
+    assert torch.equal(flex_mask_mod(index)(0, h[:, None, None], i[None, :, None], j[None, None, :]), token_mask)
+    assert not (token_mask & ((i[:, None] - j[None, :]) >= 9)).any()
+    from torch.nn.attention.flex_attention import create_mask
+
+    assert torch.equal(create_mask(flex_mask_mod(index), 1, 4, 60, 60, device="cpu")[0], token_mask)
+
+
+def test_flex_refuses_bad_variants():
+    index = variant_index(32, 32, True, 0)
+    q, k, v = inputs(32, 32)
+    for bad in (dict(softcap=0.0), dict(softcap=float("nan")), dict(sinks=torch.zeros(2)),
+                dict(sinks=torch.tensor([0.0, 0.0, float("inf"), 0.0]))):  # fmt: skip
+        with pytest.raises(KernelInputError, match="softcap must be|sinks must be"):
+            flex_block_sparse_attention(q, k, v, index, compiled=False, **bad)

@@ -310,6 +310,40 @@ def _mutate(policy_dict, fn):
         (lambda d: d.update(schema=9), r"policy schema 9"),
         (lambda d: d.pop("format"), r"not an attnlab policy"),
         (lambda d: d["heads"][0].update(kind="block_topk", params={"gamma": 1.5}), r"'params.gamma' must be a mass share"),
+        # issue 13: every field finite, in range, of the right type; estimate rules checked
+        (lambda d: d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"rule": "oracle"}}),
+         r"'params.estimate.rule' is 'oracle', not a rule kind 'vertical_slash' can use; use 'last_q'"),
+        (lambda d: d["heads"][0].update(kind="block_topk", params={"topk": 64, "estimate": {"rule": "last_q", "last_q": 8}}),
+         r"'params.estimate.rule' is 'last_q'.*use 'pooled_qk'"),
+        (lambda d: d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"last_q": 8}}),
+         r"'params.estimate.rule' is None"),
+        (lambda d: d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"rule": "last_q", "last_q": -3}}),
+         r"'params.estimate.last_q' must be a whole number of queries"),
+        (lambda d: d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"rule": "last_q", "last_q": True}}),
+         r"'params.estimate.last_q' must be a whole number"),
+        (lambda d: d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"rule": "last_q", "pool": "mean"}}),
+         r"'params.estimate.pool' is not a field of rule 'last_q'"),
+        (lambda d: d["heads"][0].update(kind="block_topk", params={"topk": 64, "estimate": {"rule": "pooled_qk", "pool": "max"}}),
+         r"'params.estimate.pool' must be 'mean', got 'max'"),
+        (lambda d: d["heads"][0].update(kind="streaming", params={"sink": 4, "window": {"alpha": 0, "beta": 1e308}}),
+         r"'params.window.beta' must be a share of the sequence in \[0, 1\]"),
+        (lambda d: d["heads"][0].update(kind="streaming", params={"sink": 10**400, "window": 8}),
+         r"'params.sink' must be a finite size of at most 2147483648 tokens, got 1000.*\.\.\."),
+        (lambda d: d["heads"][0].update(kind="streaming", params={"sink": 4, "window": float("nan")}), r"field 'params.window' must be a finite size.*got nan"),
+        (lambda d: d["heads"][0].update(kind=["dense"]), r"unknown kind \['dense'\]"),
+        (lambda d: d["heads"][1].update(expected_recall=float("nan")), r"field 'expected_recall' must be in \[0, 1\] or null, got nan"),
+        (lambda d: d["heads"][1].update(kv_head="0"), r"field 'kv_head' is '0'"),
+        (lambda d: d["heads"][1].update(density_is=["exact"]), r"field 'density_is' is \['exact'\]"),
+        (lambda d: d.update(block_size=2**40), r"'block_size' must be a power of two up to 4096, got 1099511627776"),
+        (lambda d: d.update(block_size=64.0), r"'block_size' must be a power of two"),
+        (lambda d: d.update(eval_lengths=["512"]), r"field 'eval_lengths' must be a list of token counts"),
+        (lambda d: d.update(profiled_lengths=[0]), r"field 'profiled_lengths' must be a list of token counts"),
+        (lambda d: d.update(summary=[1, 2]), r"field 'summary' must be an object, got list"),
+        (lambda d: d.update(generator="x"), r"field 'generator' must be an object, got str"),
+        (lambda d: d.update(budget={"kind": "density", "value": float("nan")}), r"field 'budget.value' must be in \(0, 1\], got nan"),
+        (lambda d: d.update(budget={"kind": "flops", "value": 0.2}), r"field 'budget.kind' is 'flops'"),
+        (lambda d: d.update(source_run=[1]), r"field 'source_run' must be an object, a path or null"),
+        (lambda d: d.update(created=5), r"field 'created' must be a string"),
     ],
 )
 def test_policy_validation_names_head_and_field(tmp_path, curves, mutate, match):
@@ -318,6 +352,76 @@ def test_policy_validation_names_head_and_field(tmp_path, curves, mutate, match)
     path.write_text(json.dumps(_mutate(policy.to_dict(), mutate)))
     with pytest.raises(PolicyError, match=match):
         Policy.load(path)
+
+
+def test_known_estimate_rules_load_and_the_default_is_kept_when_absent(tmp_path, curves):
+    d = PolicyGenerator(budget=0.4).fit(curves).emit().to_dict()
+    d["heads"][0].update(kind="vertical_slash", params={"vertical": 32, "slash": 16, "estimate": {"rule": "last_q", "last_q": 8}})
+    d["heads"][1].update(kind="block_topk", params={"topk": 64})
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    back = Policy.load(tmp_path / "p.json")
+    assert back.entry(0, 0).params["estimate"] == {"rule": "last_q", "last_q": 8}
+    assert back.entry(0, 1).params["estimate"] == {"rule": "pooled_qk", "pool": "mean"}
+
+
+def test_a_policy_file_never_holds_a_bare_nan(tmp_path, curves):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    policy.summary["exchange_rate"] = float("nan")
+    policy.budget["expected"] = float("inf")
+    text = policy.save(tmp_path / "p.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    back = Policy.load(tmp_path / "p.json")
+    assert back.summary["exchange_rate"] is None and back.budget["expected"] is None
+
+
+@pytest.mark.parametrize("setting,match", [
+    ({"retrieval_threshold": float("nan")}, r"retrieval_threshold must be a number in \[0, 1\], got nan \(--retrieval-threshold\)"),
+    ({"retrieval_threshold": 2.0}, r"retrieval_threshold must be a number in \[0, 1\]"),
+    ({"recall_floor": float("inf")}, r"recall_floor must be a number in \[0, 1\]"),
+    ({"min_sink": float("nan")}, r"min_sink must be a whole number of tokens >= 0, got nan"),
+    ({"min_sink": float("inf")}, r"min_sink must be a whole number"),
+    ({"budget": float("nan")}, r"budget nan is outside \(0, 1\]"),
+    ({"max_nodes": 0}, r"max_nodes must be a positive whole number"),
+])
+def test_non_finite_generator_settings_are_refused_not_used(curves, setting, match):
+    with pytest.raises(PolicyError, match=match):
+        PolicyGenerator(**{"budget": 0.4, **setting}).fit(curves)
+
+
+@pytest.mark.parametrize("block,length,match", [
+    (64, 128, r"block size 64 is too coarse for length 128: it makes 2 block\(s\) per sequence.*use --block-size 16 or 32"),
+    (128, 128, r"block size 128 is too coarse for length 128: it makes 1 block\(s\).*use --block-size 16 or 32"),
+    (256, 128, r"block size 256 is too coarse for length 128.*use --block-size 16 or 32"),
+])
+def test_a_too_coarse_block_size_is_named_not_blamed_on_the_budget(tmp_path, capsys, block, length, match):
+    r = make_synthetic_run(tmp_path / "r", n_layers=1, n_heads=2, n_kv_heads=1, lengths=(length,), block_size=16)
+    with pytest.raises(PolicyError, match=match) as exc:
+        PolicyGenerator(budget=0.15, block_size=block).fit(r)
+    assert "--budget" not in str(exc.value) and "--last-queries" not in str(exc.value)
+    out = tmp_path / "p.json"
+    assert main(["policy", str(r.path), "--block-size", str(block), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert re.search(match, err) and len(err.strip().splitlines()) == 1 and not out.exists()
+    # a block size the message offers works
+    PolicyGenerator(budget=0.9, block_size=32).fit(r)
+    # policy compare names it the same way (it said "re-profile without --last-queries")
+    from attnlab.sparsity_stats.compare import compare_policies
+
+    if block > length:  # coarser blocks that fit are reported in the comparison table instead
+        with pytest.raises(PolicyError, match=match) as exc:
+            compare_policies(r, [0.3], block_size=block)
+        assert "--last-queries" not in str(exc.value)
+
+
+def test_non_finite_block_maps_are_an_error_naming_the_file_and_head(tmp_path, capsys):
+    from attnlab.runs import BLOCK_MAPS, BlockMaps
+
+    r = make_synthetic_run(tmp_path / "r", n_layers=2, n_heads=2, n_kv_heads=1, lengths=(256,), block_size=16)
+    maps = r.block_maps()
+    maps.mass_sum[1, 0, 5, 2] = float("nan")
+    BlockMaps(maps.block_size, maps.mass_sum, maps.mass_max, maps.count).save(r.file(BLOCK_MAPS))
+    with pytest.raises(PolicyError, match=r"block_maps.safetensors gives head L1.H0 a non-finite attention mass.*re-create it with"):
+        PolicyGenerator(budget=0.5).fit(r)
 
 
 def test_policy_for_another_model_or_corrupt_file_is_refused(tmp_path, curves):

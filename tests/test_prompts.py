@@ -317,3 +317,36 @@ def test_jsonl_prompts_start_with_bos_like_the_others(tok, tmp_path):
     _write_jsonl(path, [json.dumps({"text": "Once upon a time"})])
     (p,) = jsonl_prompts(tok, path)
     assert _ids(p)[0] == tok.bos_token_id
+
+
+# --------------------------------------------------------------------------- hostile files (issue 13)
+
+
+def test_a_prompt_folder_is_called_a_folder_not_missing(stub, tmp_path):
+    (tmp_path / "texts").mkdir()
+    with pytest.raises(PromptError, match=r"--prompts .*texts is a folder, not a prompt file: give one text or .jsonl file.*or --prompts builtin") as exc:
+        load_prompts(stub, str(tmp_path / "texts"), lengths=[64], n_samples=1)
+    assert "does not exist" not in str(exc.value)
+
+
+def test_a_jsonl_line_beyond_the_parsers_limits_names_the_line(tok, tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"text": "fine"}\n{"text": "x", "n": ' + "9" * 5000 + "}\n")
+    with pytest.raises(PromptError, match=r"p.jsonl:2: not a usable JSON line"):
+        jsonl_prompts(tok, f)
+
+
+def test_a_huge_prompt_file_is_refused_before_reading(tmp_path, monkeypatch):
+    import attnlab.prompts as prompts
+
+    monkeypatch.setattr(prompts, "MAX_PROMPT_FILE_BYTES", 100)
+    f = tmp_path / "big.txt"
+    f.write_text("word " * 100)
+    with pytest.raises(PromptError, match=r"big.txt is 500 bytes, more than a prompt file may be \(100 bytes\)"):
+        read_text_file(f)
+
+
+def test_a_folder_given_as_any_text_file_is_called_a_folder(tmp_path):
+    with pytest.raises(PromptError, match=r"is a folder, not a text file: give the path of one file in it") as exc:
+        read_text_file(tmp_path)
+    assert "--prompts" not in str(exc.value)  # the caller may be --labels, --haystack, ...

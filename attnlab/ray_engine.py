@@ -1,0 +1,109 @@
+"""Ray as the built-in engine for sharded jobs (``--ray`` / ``--ray ADDRESS``).
+
+`run_sharded` starts (or joins) a Ray cluster, runs shard ``I`` of ``N`` of a command as one Ray
+task per shard — each task loads the model once and runs the ordinary ``--shard I/N`` command
+(one GPU per task when the cluster has GPUs) — retries a failed shard, shows one progress bar
+over the whole job, and merges the shards into the run one process would have written
+(`attnlab.shards.merge_shards`). The shards live in a hidden folder beside the output and are
+removed after the merge. Ray is an optional extra: ``pip install 'attnlab[ray]'``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+
+from attnlab.errors import AttnlabError
+from attnlab.runs import Run, check_writable_target
+from attnlab.shards import merge_shards
+
+LOCAL = "local"
+_ERR_NO_RAY = "--ray needs Ray, which is not installed: pip install 'attnlab[ray]' (or pip install ray)"
+
+
+class RayError(AttnlabError):
+    """A sharded job on Ray that could not run or finish."""
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise RayError(_ERR_NO_RAY) from None
+    return ray
+
+
+def _run_shard(argv: list[str], threads: int) -> int:
+    """One shard in a Ray worker: the ordinary command, single-threaded torch by default."""
+    import torch
+
+    from attnlab.cli import main
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return main(argv)
+
+
+def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, address: str | None = LOCAL,
+                retries: int = 2, threads: int = 1, force: bool = False, progress: bool = True) -> Run:
+    """Run ``attnlab ARGV --shard I/N --out SHARD_I`` for every ``I`` as Ray tasks, then merge.
+
+    ``argv``: the command without ``--shard``/``--out`` (e.g. ``["eval", "--model", ...]``).
+    ``address``: ``"local"`` starts a cluster on this machine; otherwise a Ray address
+    (``ray://host:10001`` or ``host:6379``). ``threads``: torch threads per task (0 keeps
+    torch's default). A shard that fails is retried ``retries`` times; if it still fails, the
+    job stops with its error and the shards done so far are kept for inspection.
+    """
+    if shards < 1:
+        raise RayError(f"--workers must be at least 1, got {shards}")
+    out = check_writable_target(out, force=force).resolve()  # Ray workers need absolute paths
+    ray = _import_ray()
+    work = out.parent / f".{out.name}.shards"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=None if address in (None, LOCAL) else address, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False,
+                 num_cpus=max(shards, 1) if address in (None, LOCAL) else None)
+    try:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=True)(_shard_task)
+        paths = [work / f"shard-{i}" for i in range(shards)]
+        pending = {task.remote(list(argv), i, shards, str(paths[i]), threads): i for i in range(shards)}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=shards, desc=f"{argv[0]} on Ray", unit="shard", disable=not progress)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                i = pending.pop(ref)
+                try:
+                    ray.get(ref)
+                except Exception as exc:
+                    reason = str(getattr(exc, "cause", None) or exc).strip().splitlines()[-1]
+                    raise RayError(f"shard {i}/{shards} failed after {retries} retries: {reason} "
+                                   f"(the finished shards are in {work})") from None
+                bar.update()
+        bar.close()
+        run = merge_shards(paths, out, force=force)
+    finally:
+        if started_here:
+            ray.shutdown()
+    shutil.rmtree(work, ignore_errors=True)
+    return run
+
+
+def _shard_task(argv: list[str], index: int, count: int, out: str, threads: int) -> str:
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = _run_shard([*argv, "--shard", f"{index}/{count}", "--out", out, "--quiet"], threads)
+    if code != 0:
+        lines = [line for line in err.getvalue().splitlines() if line.strip()]
+        raise RuntimeError(lines[-1] if lines else f"attnlab {argv[0]} exited with {code}")
+    return out

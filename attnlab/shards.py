@@ -1,0 +1,185 @@
+"""Shards and merge: split a long job over processes or machines, then join the parts.
+
+A sharded stage (``--shard I/N``) does the units ``j`` of its deterministic work list with
+``j % N == I`` (round-robin, so long and short units spread evenly) and writes a complete,
+ordinary run that records which shard it is (``manifest["shard"]``: index, count, the stage,
+its parameters, and the names of the units it did). ``attnlab merge SHARD... --out RUN`` checks
+that the shards belong together — one model (the identity check), one stage with the same
+parameters, the same shard count, every index once (a missing or duplicated shard is named) —
+and writes the run a single process would have written. Any launcher works: a shell loop, a
+SLURM array, Ray.
+
+Which stages merge, and how, is declared here (`MERGERS`): a merger reads the shards' files and
+writes the merged run's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from attnlab.errors import AttnlabError
+from attnlab.runs import (
+    MANIFEST,
+    Run,
+    check_writable_target,
+    finalize_partial,
+    new_manifest,
+    partial_dir,
+    write_json,
+)
+
+T = TypeVar("T")
+
+_ERR_SPEC = "--shard takes I/N with 0 <= I < N (e.g. 0/4 for the first of four shards), got {text!r}"
+
+
+class ShardError(AttnlabError):
+    """Shards that can't be made or merged as asked."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            i, n = (int(x) for x in str(text).split("/"))
+        except ValueError:
+            raise ShardError(_ERR_SPEC.format(text=text)) from None
+        if not (n >= 1 and 0 <= i < n):
+            raise ShardError(_ERR_SPEC.format(text=text))
+        return cls(i, n)
+
+    def take(self, units: Sequence[T]) -> list[T]:
+        """This shard's share of ``units``: every ``count``-th, from ``index``."""
+        return list(units[self.index :: self.count])
+
+    def record(self, stage: str, parameters: dict[str, Any], units: Sequence[str], total: int) -> dict[str, Any]:
+        """What a shard run's manifest says about the shard (``manifest["shard"]``)."""
+        return {"index": self.index, "count": self.count, "stage": stage, "parameters": parameters,
+                "units": list(units), "total": int(total)}
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def shard_type(text: str) -> Shard:
+    """argparse type of ``--shard I/N``."""
+    try:
+        return Shard.parse(text)
+    except ShardError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_shard_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard", type=shard_type, metavar="I/N",
+                        help="do shard I of N of the work (round-robin over samples) into its own run; "
+                             "join the N runs with `attnlab merge`")
+
+
+def mark_shard(run: Run, record: dict[str, Any]) -> None:
+    """Write the shard record into a finished shard run's manifest (under its lock)."""
+    with run.locked():
+        run._reload_manifest()
+        run.manifest["shard"] = record
+        write_json(run.path / MANIFEST, run.manifest)
+
+
+# ---------------------------------------------------------------------------------------
+# merge
+# ---------------------------------------------------------------------------------------
+#: stage → ``"module:function"`` that merges it: ``function(shard runs in index order, the merged
+#: run being written)``. Named, not imported: the stages live above this core module.
+MERGERS: dict[str, str] = {
+    "eval": "attnlab.sparsity_stats.evaluate:merge_eval_shards",
+}
+
+
+def _merger(stage: str) -> Callable[[list[Run], Run], None]:
+    module, _, name = MERGERS[stage].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def shard_units(run: Run) -> tuple[int, int, list[str]]:
+    """``(index, count, unit names)`` of a shard run, in the order it did them."""
+    rec = _record(run)
+    return int(rec["index"]), int(rec["count"]), [str(u) for u in rec.get("units", [])]
+
+
+def full_order(shards: Sequence[Run]) -> dict[str, int]:
+    """Each unit's place in the single-process work list (shard I did units I, I+N, I+2N, ...)."""
+    position = {}
+    for run in shards:
+        index, count, units = shard_units(run)
+        for j, name in enumerate(units):
+            position[name] = j * count + index
+    return position
+
+
+def _record(run: Run) -> dict[str, Any]:
+    rec = run.manifest.get("shard")
+    if not isinstance(rec, dict) or not {"index", "count", "stage", "parameters"} <= set(rec):
+        raise ShardError(f"{run.path} is not a shard (its manifest has no shard record): pass runs made with --shard I/N")
+    return rec
+
+
+def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
+    """``(stage, parameters, runs in index order)`` when ``runs`` are the complete set of shards
+    of one job; otherwise a `ShardError` naming what is wrong."""
+    if not runs:
+        raise ShardError("merge needs the shard runs: attnlab merge SHARD... --out RUN")
+    first = _record(runs[0])
+    identity = runs[0].identity
+    by_index: dict[int, Run] = {}
+    for run in runs:
+        rec = _record(run)
+        identity.check(run.identity, subject=f"shard {run.path}", fix="merge only shards of one model")
+        for key in ("stage", "count", "parameters"):
+            if rec[key] != first[key]:
+                raise ShardError(f"{run.path} is a shard of another job than {runs[0].path}: its {key} differs "
+                                 f"({rec[key]!r} vs {first[key]!r}); merge only the shards of one job")
+        i = int(rec["index"])
+        if i in by_index:
+            raise ShardError(f"shard {i}/{first['count']} is given twice ({by_index[i].path} and {run.path}): pass each once")
+        by_index[i] = run
+    missing = [i for i in range(int(first["count"])) if i not in by_index]
+    if missing:
+        count = first["count"]
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        raise ShardError(f"shard(s) {names} missing: run them (--shard I/{count}) and pass every shard to merge")
+    stage = str(first["stage"])
+    if stage not in MERGERS:
+        raise ShardError(f"stage {stage!r} has no merge; mergeable stages: {', '.join(sorted(MERGERS))}")
+    return stage, dict(first["parameters"]), [by_index[i] for i in range(int(first["count"]))]
+
+
+def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, force: bool = False) -> Run:
+    """Merge shard runs into ``out`` (the run a single process would have written)."""
+    runs = [Run.open(p) for p in paths]
+    stage, parameters, ordered = check_shards(runs)
+    out = check_writable_target(out, force=force)
+    partial = partial_dir(out)
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    try:
+        manifest = new_manifest(stage, ordered[0].identity, parameters)
+        manifest["stages"] = {stage: {"parameters": parameters, "merged_from": [str(r.path) for r in ordered]}}
+        manifest["status"] = "complete"
+        write_json(partial / MANIFEST, manifest)
+        _merger(stage)(ordered, Run(partial, manifest))
+        finalize_partial(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return Run.open(out)

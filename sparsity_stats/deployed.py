@@ -1,0 +1,82 @@
+"""Run a policy the way an export target runs it (``attnlab validate --as FORMAT``).
+
+`DeployedExecutor` has the executor interface `validate_policy` uses (``sparse``,
+``attention``, ``layouts_``, ``check_model``) but, instead of compiling the policy, it exports
+the policy once per input length to ``FORMAT``, reads the file back through that tool's
+emulator (`attnlab.sparsity_stats.emulators.Deployment`) and attends, per layer and input,
+with the token mask the tool would run, through the fp32 reference. The numbers a validation
+reports are then the deployed ones: MInference's size minimums and per-token selection, a
+DuoAttention file's streaming heads as they decode (each query sees the sink and the recent
+tokens, as in one-token decoding steps), a Flex or mask file as read without attnlab.
+
+``density`` here is token-level: kept causal pairs over causal pairs, per head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from attnlab.attention import sdpa
+from attnlab.errors import AttnlabError
+from attnlab.kernels.reference import reference_attention
+from attnlab.models import LoadedModel
+
+from .export import EXPORT_FORMATS
+from .policy import Policy
+
+#: Formats whose file holds one length: a deployment is made per input length.
+_PER_LENGTH = ("npz", "safetensors", "flex", "flashinfer")
+_ERR_FORMAT = "unknown deployment format {fmt!r}: choose one of {formats}"
+_ERR_BATCH = "validation as deployed takes one sequence at a time (batch 1)"
+
+
+class _Density:
+    """What validation reads of a layer's layout: the per-head density."""
+
+    def __init__(self, density: torch.Tensor):
+        self.density = density
+
+
+class DeployedExecutor:
+    """A policy run as ``fmt``'s tool runs it (see the module docstring)."""
+
+    def __init__(self, policy: Policy, fmt: str):
+        if fmt not in EXPORT_FORMATS:
+            raise AttnlabError(_ERR_FORMAT.format(fmt=fmt, formats=", ".join(EXPORT_FORMATS)))
+        self.policy = policy
+        self.fmt = fmt
+        self.executor = f"reference as {fmt}"
+        self.layouts_: dict[int, _Density] = {}
+        self._deployments: dict[int | None, object] = {}
+
+    def check_model(self, model: LoadedModel, path: str = "(in memory)") -> None:
+        self.policy.check_model(model.identity(), path)
+
+    def deployment(self, n: int):
+        """The emulated deployment for inputs of ``n`` tokens (one export per length for the
+        mask formats, one for all lengths for the config formats)."""
+        from .emulators import Deployment
+
+        key = n if self.fmt in _PER_LENGTH else None
+        if key not in self._deployments:
+            self._deployments[key] = Deployment(self.policy, self.fmt, seq_len=key)
+        return self._deployments[key]
+
+    def sparse(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [1, H, n, d], lse [1, H, n])`` of the layer as the target runs it (prefill)."""
+        if query.shape[0] != 1:
+            raise AttnlabError(_ERR_BATCH)
+        n = int(query.shape[-2])
+        mask = self.deployment(n).layer_mask(layer, query[0].float().cpu(), key[0].float().cpu())
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        kept = (mask & causal).flatten(1).sum(-1).float()
+        self.layouts_[layer] = _Density(kept / causal.sum().float())
+        out, lse = reference_attention(query, key, value, mask.to(query.device), scale=scaling, dtype=torch.float32)
+        return out.to(query.dtype), lse
+
+    def attention(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+        if query.shape[-2] != key.shape[-2]:  # decode over a cache: dense, as validation's prefill phase
+            return sdpa(query, key, value, scaling=scaling)
+        out, _ = self.sparse(layer, query, key, value, scaling)
+        return out.transpose(1, 2).contiguous()

@@ -1,0 +1,105 @@
+"""The estimators of two training-free dynamic methods, written from their papers.
+
+- **XAttention** (Xu et al., 2025, "XAttention: Block Sparse Attention with Antidiagonal
+  Scoring"): the attention map is scored on ``S x S`` tiles by the sum of each tile's
+  antidiagonal (with stride ``S`` along queries and keys), normalised per query row, pooled to
+  layout blocks; each query-block row keeps its highest-scoring blocks until their cumulative
+  score reaches ``tau``.
+- **FlexPrefill** (Lai et al., 2025, "FlexPrefill: A Context-Aware Sparse Attention Mechanism
+  for Efficient Long-Sequence Inference"): per head and per input, the Jensen–Shannon distance
+  between the true attention of the last queries pooled to key blocks and the block-pooled
+  estimate (mean-pooled queries and keys) decides the pattern: close → query-aware (each row
+  keeps blocks of the pooled estimate until cumulative ``gamma``); far → vertical-slash (the
+  fewest key columns and the fewest diagonals whose shares of the last queries' attention reach
+  ``gamma``).
+
+Everything here works on one layer's ``q [H, n, d]`` and ``k [H_kv, n, d]`` (grouped heads are
+expanded) or on `BlockScores`, and returns tensors; `attnlab.sparsity_stats.kinds` turns the
+choices into the kinds ``xattention`` and ``flexprefill``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+#: Published defaults (XAttention: stride 8, threshold 0.9; FlexPrefill: gamma 0.9, tau 0.1).
+XATTENTION_DEFAULTS = {"tau": 0.9, "stride": 8}
+FLEXPREFILL_DEFAULTS = {"gamma": 0.9, "delta": 0.1}
+STRIDES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def antidiagonal_block_scores(q: Tensor, k: Tensor, block_size: int, *, stride: int = 8) -> Tensor:
+    """XAttention's block scores ``[H, QB, KB]``: rows sum to 1 over causal blocks.
+
+    Tile ``(i, j)`` (queries ``iS..iS+S-1``, keys ``jS..jS+S-1``) is scored by its antidiagonal,
+    ``sum_t q[iS+S-1-t] . k[jS+t]``, divided by ``S * sqrt(d)`` (the mean of ``S`` scaled dot
+    products); a softmax over the causal tiles of each tile row gives an attention estimate at
+    stride resolution, which is summed into layout blocks and normalised per query-block row.
+    ``block_size`` must be a multiple of ``stride``. Memory ``O(H (n / S)^2)``.
+    """
+    h, n, d = q.shape
+    s = int(stride)
+    b = int(block_size)
+    if s not in STRIDES or b % s:
+        raise ValueError(f"XAttention's stride must be one of {STRIDES} and divide the block size {b}, got {s}")
+    if k.shape[0] != h:
+        k = k.repeat_interleave(h // k.shape[0], dim=0)
+    nb = -(-n // b)
+    padded = nb * b
+    qf = torch.nn.functional.pad(q.float(), (0, 0, 0, padded - n))
+    kf = torch.nn.functional.pad(k.float(), (0, 0, 0, padded - n))
+    tiles = padded // s
+    # queries of a tile in reverse order, keys in order: their dot product is the antidiagonal sum
+    q_tiles = qf.reshape(h, tiles, s, d).flip(2).reshape(h, tiles, s * d)
+    k_tiles = kf.reshape(h, tiles, s, d).reshape(h, tiles, s * d)
+    logits = torch.einsum("hid,hjd->hij", q_tiles, k_tiles) / (s * math.sqrt(d))
+    ti = torch.arange(tiles)
+    valid_keys = ti * s < n  # a tile of padding only holds no key
+    allowed = (ti[None, :] <= ti[:, None]) & valid_keys[None, :]
+    att = torch.softmax(logits.masked_fill(~allowed, -float("inf")), dim=-1)
+    att = torch.nan_to_num(att, nan=0.0)
+    per = b // s
+    blocks = att.reshape(h, nb, per, nb, per).sum(dim=(2, 4))
+    return blocks / blocks.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
+def js_distance(p: Tensor, q: Tensor) -> Tensor:
+    """Jensen–Shannon distance (the square root of the divergence, natural log) between the
+    distributions in the last dimension of ``p`` and ``q`` (each normalised here)."""
+    p = p.float().clamp(min=0)
+    q = q.float().clamp(min=0)
+    p = p / p.sum(-1, keepdim=True).clamp(min=1e-30)
+    q = q / q.sum(-1, keepdim=True).clamp(min=1e-30)
+    m = (p + q) / 2
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (a.clamp(min=1e-30).log() - b.clamp(min=1e-30).log()), 0.0).sum(-1)
+
+    return ((kl(p, m) + kl(q, m)) / 2).clamp(min=0).sqrt()
+
+
+def flexprefill_query_aware(vertical: Tensor, blocks: Tensor, delta: float) -> Tensor:
+    """Per head (bool ``[H]``): query-aware (True) when the last queries' attention over key
+    blocks (``vertical [H, KB]``) and the pooled estimate of the last query block
+    (``blocks[:, -1] [H, KB]``) are within Jensen–Shannon distance ``delta``."""
+    return js_distance(vertical, blocks[:, -1, :]) < float(delta)
+
+
+def fewest_reaching(mass: Tensor, gamma: float, *, force_first: bool = True) -> Tensor:
+    """Bool mask ``[..., X]``: the fewest entries of ``mass`` (largest first) whose sum reaches
+    ``gamma`` of the total; index 0 is always kept when ``force_first``."""
+    m = mass.float().clamp(min=0)
+    total = m.sum(-1, keepdim=True)
+    ranked = m.clone()
+    if force_first:
+        ranked[..., 0] = float("inf")
+    order = torch.argsort(ranked, dim=-1, descending=True, stable=True)
+    sorted_mass = torch.gather(m, -1, order)
+    before = sorted_mass.cumsum(-1) - sorted_mass
+    keep_sorted = before < float(gamma) * total - 1e-12
+    keep_sorted[..., 0] = True
+    out = torch.zeros_like(keep_sorted)
+    return out.scatter(-1, order, keep_sorted)

@@ -1,0 +1,128 @@
+"""``attnlab eval``: the offline task suite, dense and under one or more policies, paired."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from attnlab.cliargs import (
+    add_model_arguments,
+    add_quiet_argument,
+    int_list,
+    load_model_from_args,
+    nonneg_int,
+    positive_int,
+)
+from attnlab.errors import AttnlabError
+from attnlab.shards import add_shard_argument
+
+from .executors import EXECUTORS
+
+_ERR_NAMES = "two policies would both be called {name!r} in the results: give them files with different names"
+
+
+def _policy_names(paths: list[str]) -> dict[str, str]:
+    names: dict[str, str] = {}
+    for path in paths:
+        p = Path(path)
+        name = p.parent.name if p.stem == "policy" and p.parent.name else p.stem
+        if name in names or name == "dense":
+            raise AttnlabError(_ERR_NAMES.format(name=name))
+        names[name] = path
+    return names
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, ensure_run, preflight_run
+    from attnlab.shards import mark_shard
+    from attnlab.tasks import resolve_tasks, task_suite
+
+    from .evaluate import evaluate, format_summary, summarize
+    from .executors import prepare_triton
+    from .policy import Policy
+
+    tasks = resolve_tasks(args.tasks)  # bad names before the model loads
+    if args.ray is not None:
+        return _eval_on_ray(args, tasks)
+    if args.executor == "triton":
+        prepare_triton()
+    policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
+    model = load_model_from_args(args)
+    for name, policy in policies.items():
+        policy.check_model(model.identity(), name)
+    too_long = [n for n in args.lengths if n > model.n_ctx]
+    if too_long:
+        raise AttnlabError(f"--lengths {too_long} exceed the model's context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
+    preflight_run(args.out, model)
+    samples = task_suite(model.tokenizer, tasks, args.lengths, args.samples, seed=args.seed)
+    total = len(samples)
+    if args.shard is not None:
+        samples = args.shard.take(samples)
+        if not samples:
+            raise AttnlabError(f"--shard {args.shard} gets no sample of {total}: use at most {total} shards")
+    table = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet)
+    summary = summarize(table)
+    parameters = {"tasks": tasks, "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
+                  "executor": args.executor,
+                  "policies": {k: str(v) for k, v in _policy_names(args.policy or []).items()}}
+    run = ensure_run(args.out, model, "eval", parameters)
+    run.write(EVAL_SAMPLES, table)
+    run.write(EVAL_SUMMARY, summary)
+    if args.shard is not None:
+        mark_shard(run, args.shard.record("eval", parameters, [s.name for s in samples], total))
+    print(format_summary(summary))
+    print(f"wrote {run.file(EVAL_SAMPLES)} and {run.file(EVAL_SUMMARY)}")
+    return 0
+
+
+def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
+    """The same job as Ray tasks, one shard per worker, merged into --out."""
+    from attnlab.ray_engine import run_sharded
+    from attnlab.runs import EVAL_SUMMARY
+    from attnlab.shards import ShardError
+
+    from .evaluate import format_summary
+
+    if args.shard is not None:
+        raise ShardError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # workers' cwd differs
+    argv = ["eval", "--model", model, "--tasks", ",".join(tasks), "--lengths", ",".join(map(str, args.lengths)),
+            "--samples", str(args.samples), "--executor", args.executor, "--seed", str(args.seed)]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    for policy in args.policy or []:
+        argv += ["--policy", str(Path(policy).resolve())]
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
+    print(format_summary(run.read(EVAL_SUMMARY)))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    from attnlab.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval", help="run the offline long-context task suite densely and under policies, paired per sample",
+        description="Generate the task suite (RULER-style, offline, deterministic by --seed) at each length, answer "
+                    "every sample greedily with dense attention and under each --policy (sparse prefill, dense "
+                    "decode), grade by string match, and store per-sample results and a summary with 95%% "
+                    f"intervals in --out. Tasks: {', '.join(TASKS)}.",
+    )
+    add_model_arguments(p)
+    p.add_argument("--policy", action="append", metavar="POLICY.json",
+                   help="a policy to evaluate (repeat for several); without one, only dense runs")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
+    p.add_argument("--lengths", type=int_list, default=[1024], help="prompt lengths in tokens, comma-separated (default 1024)")
+    p.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default 5)")
+    p.add_argument("--executor", choices=EXECUTORS, default="flex", help="how sparse prefill runs (default flex)")
+    p.add_argument("--seed", type=nonneg_int, default=0)
+    p.add_argument("--out", required=True, help="run directory for the results (created, or added to)")
+    add_shard_argument(p)
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run the shards as Ray tasks and merge them: on a local cluster started here, or on the "
+                        "cluster at ADDRESS (needs pip install 'attnlab[ray]')")
+    p.add_argument("--workers", type=positive_int, default=2, help="shards (Ray tasks) with --ray (default 2)")
+    add_quiet_argument(p)
+    p.set_defaults(func=_cmd_eval)
