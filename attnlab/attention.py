@@ -9,6 +9,14 @@ registry (``AttentionInterface``). The function receives exactly what ``hook_rot
 ``hook_rot_k`` carry on the eager path: post-RoPE queries ``[batch, heads, n_q, head_dim]``
 and keys/values ``[batch, kv_heads, n_k, head_dim]`` (before GQA repetition).
 
+Attention variants pass through: each layer's sliding window, logit soft-cap and learned sinks
+are read from the kwargs its Hugging Face module hands the attention function (``sliding_window``,
+``softcap``, ``s_aux``; the scaling is always the module's own ``scaling``), checked against the
+config read as transformers reads it (`config_windows`, `layer_variants`), and given to the
+function as ``variant=`` (`AttentionVariant`). A function without a ``variant`` parameter is
+refused on a model that needs one, and every layer must run the function exactly once per
+forward (`RoutingError` otherwise): no path silently computes something the model does not.
+
 Use it as a context manager; the bridge and the config are restored on exit, also when the
 forward raises::
 
@@ -22,6 +30,7 @@ import threading
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,8 +60,24 @@ _ERR_NOT_REGISTRY = (
 )
 
 
+_ERR_VARIANT_DIFFERS = (
+    "{cls} (layer {layer}) passes its attention function {got}, but its config describes {want}: "
+    "attnlab will not guess which one the model computes; check the config's window fields"
+)
+_ERR_FN_PLAIN = (
+    "{fn} computes plain causal attention, but layers {layer} use {what}: this path does not "
+    "support that attention variant (it takes no `variant` parameter); use the pattern path "
+    "(--path pattern) for statistics"
+)
+_ERR_CONFIG = "{cfg}: {what}; fix the config's attention fields (attnlab reads them as transformers does)"
+
+
 class RoutingError(AttnlabError):
     """A model's attention did not (or cannot) run through attnlab's attention function."""
+
+
+class ConfigError(RoutingError):
+    """A config whose attention fields disagree, or describe attention attnlab does not model."""
 
 
 def _layer_span(layers: list[int]) -> str:
@@ -74,16 +99,11 @@ def _uses_registry(module: Any) -> bool:
     except (OSError, TypeError):
         return True
     return "ALL_ATTENTION_FUNCTIONS" in src or "attention_interface" in src
-_ERR_UNSUPPORTED = (
-    "{what} is not supported by attnlab's attention routing ({detail}); use the pattern capture "
-    "path (--path pattern) or the reference executor for this model"
-)
-
-
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float) -> torch.Tensor:
     """Causal SDPA with GQA; ``[b, h, n_q, d]`` in, ``[b, n_q, h, d]`` out (HF's layout).
 
     When ``n_q < n_k`` the queries are the last ``n_q`` positions (prefill over a cache).
+    Plain attention only: `attend` is the model's own attention whatever its variant.
     """
     n_q, n_k = query.shape[-2], key.shape[-2]
     group = query.shape[1] // key.shape[1]
@@ -99,6 +119,117 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling
     return out.transpose(1, 2).contiguous()
 
 
+@dataclass(frozen=True, eq=False)
+class AttentionVariant:
+    """What one layer's attention computes beyond ``softmax(q·kᵀ·scaling + causal mask)``.
+
+    Read from the kwargs the Hugging Face attention module passes to its attention function
+    (checked against what the config says, `layer_variants`):
+
+    - ``window``: sliding window, Hugging Face's convention (``sliding_window`` kwarg): query
+      ``i`` sees key ``j`` iff ``i - j < window`` — the window counts the query itself; 0 = none.
+    - ``softcap``: logit soft-capping ``s = c·tanh(s/c)`` on the scaled scores, before the mask
+      (Gemma 2's ``attn_logit_softcapping``, the ``softcap`` kwarg); None = none.
+    - ``sinks``: learned attention sinks (gpt-oss, the ``s_aux`` kwarg): float ``[heads]``, one
+      logit per query head in the softmax denominator that takes mass but has no value. The
+      probabilities over the real keys then sum to ``1 - sink mass``.
+    """
+
+    window: int = 0
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    @property
+    def plain(self) -> bool:
+        return not self.window and self.softcap is None and self.sinks is None
+
+    def describe(self) -> str:
+        parts = []
+        if self.window:
+            parts.append(f"sliding window {self.window}")
+        if self.softcap is not None:
+            parts.append(f"logit soft-capping {self.softcap:g}")
+        if self.sinks is not None:
+            parts.append("learned attention sinks")
+        return ", ".join(parts) or "plain causal attention"
+
+    def same(self, other: AttentionVariant) -> bool:
+        """Same window and soft-cap, and sinks present in both or neither."""
+        return (self.window == other.window and self.softcap == other.softcap
+                and (self.sinks is None) == (other.sinks is None))
+
+
+PLAIN = AttentionVariant()
+
+
+def key_mask(q_pos: torch.Tensor, n_k: int, window: int = 0) -> torch.Tensor:
+    """Bool ``[len(q_pos), n_k]``: causal (and windowed) visibility, True = the query sees the key."""
+    j = torch.arange(n_k, device=q_pos.device)[None, :]
+    i = q_pos[:, None]
+    keep = j <= i
+    if window:
+        keep &= (i - j) < window
+    return keep
+
+
+def scores_to_probs(scores: torch.Tensor, q_pos: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:
+    """``[heads, R, n_k]`` scaled scores of queries at ``q_pos`` → probabilities over the keys,
+    as Hugging Face eager attention computes them: soft-cap, mask (causal + window), softmax
+    with the learned sinks in the denominator (their mass is dropped, not given to any key)."""
+    if variant.softcap is not None:
+        scores = torch.tanh(scores / variant.softcap) * variant.softcap
+    scores = scores.masked_fill(~key_mask(q_pos, scores.shape[-1], variant.window), float("-inf"))
+    if variant.sinks is None:
+        return torch.softmax(scores, dim=-1)
+    sink = variant.sinks.to(scores.device, scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
+    both = torch.cat([scores, sink], dim=-1)
+    return torch.softmax(both - both.amax(-1, keepdim=True), dim=-1)[..., :-1]
+
+
+def variant_attention(query, key, value, *, scaling: float, variant: AttentionVariant, chunk: int = 256) -> torch.Tensor:
+    """Causal attention with a variant, one query chunk at a time (``heads × chunk × n_k`` scores
+    at once); ``[b, h, n_q, d]`` in, ``[b, n_q, h, d]`` out like `sdpa`. Computed in fp32."""
+    b, h, n_q, _ = query.shape
+    n_k = key.shape[-2]
+    group = h // key.shape[1]
+    k = key.to(torch.float32).repeat_interleave(group, dim=1)
+    v = value.to(torch.float32).repeat_interleave(group, dim=1)
+    out = torch.empty(b, h, n_q, value.shape[-1], dtype=torch.float32, device=query.device)
+    for a in range(0, n_q, chunk):
+        e = min(n_q, a + chunk)
+        q_pos = torch.arange(n_k - n_q + a, n_k - n_q + e, device=query.device)
+        for i in range(b):
+            s = torch.matmul(query[i, :, a:e].to(torch.float32), k[i].transpose(-1, -2)) * scaling
+            out[i, :, a:e] = torch.matmul(scores_to_probs(s, q_pos, variant), v[i])
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def attend(query, key, value, *, scaling: float, variant: AttentionVariant | None = None) -> torch.Tensor:
+    """The model's own attention for ``variant``: `sdpa` for plain layers, `variant_attention` else."""
+    if variant is None or variant.plain:
+        return sdpa(query, key, value, scaling=scaling)
+    if variant.softcap is None and variant.sinks is None:
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        mask = key_mask(torch.arange(n_k - n_q, n_k, device=query.device), n_k, variant.window)
+        group = query.shape[1] // key.shape[1]
+        if group > 1:
+            key = key.repeat_interleave(group, dim=1)
+            value = value.repeat_interleave(group, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        return out.transpose(1, 2).contiguous()
+    return variant_attention(query, key, value, scaling=scaling, variant=variant)
+
+
+def _accepts_variant(fn: Callable) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "variant" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _dispatch(module: Any, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     fn = getattr(_state, "fn", None)
     if fn is None:  # routing ended but a module still points here: behave like SDPA
@@ -108,15 +239,32 @@ def _dispatch(module: Any, query, key, value, attention_mask, dropout: float = 0
     layer = getattr(module, "layer_idx", None)
     if layer is None:
         layer = _state.layer_of.get(id(module), -1) if hasattr(_state, "layer_of") else -1
+    layer = int(layer)
     counts = getattr(_state, "counts", None)
     if counts is not None:
-        counts[int(layer)] = counts.get(int(layer), 0) + 1
-    out = fn(int(layer), query, key, value, scaling=float(scaling), attention_mask=attention_mask)
+        counts[layer] = counts.get(layer, 0) + 1
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    variant = AttentionVariant(
+        window=int(kwargs.get("sliding_window") or 0),
+        softcap=float(softcap) if softcap is not None else None,
+        sinks=sinks.detach() if sinks is not None else None,
+    )
+    expected = getattr(_state, "variants", None)
+    if expected is not None and 0 <= layer < len(expected) and not variant.same(expected[layer]):
+        raise RoutingError(_ERR_VARIANT_DIFFERS.format(
+            cls=type(module).__name__, layer=layer, got=variant.describe(), want=expected[layer].describe()))
+    if variant.plain:
+        out = fn(layer, query, key, value, scaling=float(scaling), attention_mask=attention_mask)
+    elif _accepts_variant(fn):
+        out = fn(layer, query, key, value, scaling=float(scaling), attention_mask=attention_mask, variant=variant)
+    else:
+        raise RoutingError(_ERR_FN_PLAIN.format(fn=getattr(fn, "__qualname__", fn), layer=layer, what=variant.describe()))
     return out, None
 
 
-def _default_fn(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-    return sdpa(query, key, value, scaling=scaling)
+def _default_fn(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
+    return attend(query, key, value, scaling=scaling, variant=variant)
 
 
 def _ensure_registered() -> None:
@@ -135,23 +283,124 @@ def _attention_modules(model: Any) -> list[Any]:
     return [block.attn for block in model.bridge.blocks]
 
 
-def check_routable(model: Any) -> None:
-    """Refuse models whose attention is more than softmax(q·kᵀ·scale + causal mask)."""
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def config_windows(cfg: Any, n_layers: int) -> list[int]:
+    """Each layer's sliding window (0 = none), read from a Hugging Face config as transformers
+    does: ``layer_types`` (``"sliding_attention"`` layers get ``sliding_window``) when present
+    (Qwen2/Qwen3 derive it from ``use_sliding_window`` and ``max_window_layers``; Gemma 2/3 and
+    gpt-oss from their alternating pattern), else ``sliding_window`` on every layer (Mistral,
+    Phi-3) unless ``use_sliding_window`` is false. `ConfigError` when the fields disagree or
+    describe attention attnlab does not model (chunked, bidirectional)."""
+    name = type(cfg).__name__
+    if getattr(cfg, "use_bidirectional_attention", None):
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what="use_bidirectional_attention=True (attention is not causal)"))
+    window = getattr(cfg, "sliding_window", None)
+    use = getattr(cfg, "use_sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 0):
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what=f"sliding_window={window!r} is not a window size"))
+    if types is None:
+        return [int(window or 0) if use is not False else 0] * n_layers
+    types = list(types)
+    if len(types) != n_layers:
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what=f"layer_types has {len(types)} entries for {n_layers} layers"))
+    other = sorted(set(types) - set(_LAYER_TYPES))
+    if other:
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what=f"layer_types holds {', '.join(other)} (attnlab models {', '.join(_LAYER_TYPES)})"))
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+    if sliding and not window:
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what=f"layer_types marks layers {_layer_span(sliding)} sliding but sliding_window={window!r}"))
+    if sliding and use is False:
+        raise ConfigError(_ERR_CONFIG.format(cfg=name, what=f"layer_types marks layers {_layer_span(sliding)} sliding but use_sliding_window=False"))
+    max_window = getattr(cfg, "max_window_layers", None)
+    if use and window and max_window is not None:
+        want = [i for i in range(n_layers) if i >= max_window]
+        if want != sliding:
+            raise ConfigError(_ERR_CONFIG.format(
+                cfg=name, what=f"max_window_layers={max_window} makes layers {_layer_span(want)} sliding but layer_types says {_layer_span(sliding)}"))
+    return [int(window) if t == "sliding_attention" else 0 for t in types]
+
+
+def _forward_source(module: Any) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def layer_variants(model: Any) -> list[AttentionVariant]:
+    """Each layer's `AttentionVariant` as the config and the attention modules declare it: the
+    windows of `config_windows`, the soft-cap a module passes (``softcap=``, from
+    ``attn_logit_softcapping``), the sinks it passes (``s_aux=``). Every routed forward checks
+    the module's actual kwargs against this and stops on a difference."""
+    cached = model.extra.get("attention_variants") if hasattr(model, "extra") else None
+    if cached is not None:
+        return cached
     cfg = model.hf_model.config
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise AttnlabError(_ERR_UNSUPPORTED.format(what="logit soft-capping", detail=model.name))
-    if getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True):
-        layer_types = getattr(cfg, "layer_types", None) or []
-        if not layer_types or any(t != "full_attention" for t in layer_types):
-            raise AttnlabError(_ERR_UNSUPPORTED.format(what="sliding-window attention", detail=model.name))
     modules = [getattr(attn, "original_component", None) for attn in _attention_modules(model)]
-    for hf in modules:
-        if hf is None or getattr(hf, "sinks", None) is not None:
-            raise AttnlabError(_ERR_UNSUPPORTED.format(what="this attention module", detail=type(hf).__name__))
+    windows = config_windows(cfg, len(modules))
+    out = []
+    for layer, hf in enumerate(modules):
+        src = _forward_source(hf)
+        softcap = getattr(hf, "attn_logit_softcapping", getattr(cfg, "attn_logit_softcapping", None))
+        sinks = getattr(hf, "sinks", None)
+        out.append(AttentionVariant(
+            window=windows[layer],
+            softcap=float(softcap) if softcap is not None and "softcap=" in src else None,
+            sinks=sinks.detach() if sinks is not None and "s_aux" in src else None,
+        ))
+    if hasattr(model, "extra"):
+        model.extra["attention_variants"] = out
+    return out
+
+
+def attention_fields(variants: list[AttentionVariant]) -> dict[str, Any]:
+    """The ``attention`` entry of a model's identity (`attnlab.identity.ModelIdentity`): ``{}``
+    for plain attention, else ``layer_windows`` (one int per layer, 0 = none) when a layer has a
+    window, ``softcap`` when a layer soft-caps, ``learned_sinks: true`` when a layer has sinks."""
+    out: dict[str, Any] = {}
+    if any(v.window for v in variants):
+        out["layer_windows"] = [int(v.window) for v in variants]
+    caps = {v.softcap for v in variants if v.softcap is not None}
+    if caps:
+        out["softcap"] = max(caps)
+    if any(v.sinks is not None for v in variants):
+        out["learned_sinks"] = True
+    return out
+
+
+def layer_windows_of(identity: Any, n_layers: int) -> list[int]:
+    """Each layer's own sliding window (0 = none) from a model identity or its dict (the
+    ``attention.layer_windows`` entry, `attention_fields`); all 0 for files without it."""
+    attention = (identity.get("attention") if hasattr(identity, "get") else None) or {}
+    windows = attention.get("layer_windows") if hasattr(attention, "get") else None
+    if not windows or len(windows) != n_layers:
+        return [0] * n_layers
+    return [int(w) for w in windows]
+
+
+def check_routable(model: Any, fn: AttentionFn | None = None) -> list[AttentionVariant]:
+    """Refuse, before any forward, a model whose attention attnlab cannot route, and a ``fn``
+    that does not take the ``variant`` its layers need; returns `layer_variants`."""
+    modules = [getattr(attn, "original_component", None) for attn in _attention_modules(model)]
+    for i, hf in enumerate(modules):
+        if hf is None:
+            raise RoutingError(_ERR_NOT_REGISTRY.format(cls=type(_attention_modules(model)[i]).__name__, layers=i))
     for hf in modules:
         if not _uses_registry(hf):
             same = [i for i, m in enumerate(modules) if type(m) is type(hf)]
             raise RoutingError(_ERR_NOT_REGISTRY.format(cls=type(hf).__name__, layers=_layer_span(same)))
+    variants = layer_variants(model)
+    if fn is not None and not _accepts_variant(fn):
+        special = [i for i, v in enumerate(variants) if not v.plain]
+        if special:
+            raise RoutingError(_ERR_FN_PLAIN.format(
+                fn=getattr(fn, "__qualname__", fn), layer=_layer_span(special), what=variants[special[0]].describe()))
+    return variants
 
 
 @contextmanager
@@ -160,11 +409,14 @@ def route_attention(model: Any, fn: AttentionFn | None = None) -> Iterator[None]
 
     ``fn(layer, query, key, value, *, scaling, attention_mask)`` gets post-RoPE
     ``query [b, heads, n_q, d]``, ``key``/``value [b, kv_heads, n_k, d]`` and returns the
-    attention output ``[b, n_q, heads, d]``. ``None`` means plain causal SDPA.
+    attention output ``[b, n_q, heads, d]``. ``None`` means the model's own attention
+    (`attend`). On layers with a sliding window, soft-capping or learned sinks ``fn`` also gets
+    ``variant=`` (an `AttentionVariant`); a ``fn`` without a ``variant`` parameter is refused
+    on such a model, so no path silently computes plain attention where the model does not.
     """
     if getattr(_state, "fn", None) is not None:
         raise AttnlabError(_ERR_NESTED)
-    check_routable(model)
+    variants = check_routable(model, fn)
     _ensure_registered()
     cfg = model.hf_model.config
     modules = _attention_modules(model)
@@ -173,6 +425,7 @@ def route_attention(model: Any, fn: AttentionFn | None = None) -> Iterator[None]
     _state.fn = fn or _default_fn
     _state.layer_of = {}
     _state.counts = {}
+    _state.variants = variants
     classes = [type(attn.original_component) for attn in modules]
     try:
         for layer, attn in enumerate(modules):
@@ -202,3 +455,4 @@ def route_attention(model: Any, fn: AttentionFn | None = None) -> Iterator[None]
         _state.fn = None
         _state.layer_of = {}
         _state.counts = None
+        _state.variants = None

@@ -11,7 +11,10 @@ Two paths, one reduction (`attnlab.stats.HeadStatAccumulator`):
   computes the layer's output with SDPA. Nothing ``n × n`` is ever materialised, which is what
   makes 8k+ contexts fit.
 
-Both paths agree on every statistic (to 1e-4; the tests check it on the embedded model).
+Both paths agree on every statistic (to 1e-4 on the embedded model, 1e-5 on every tiny
+architecture of tests/test_architectures.py). Sliding windows, logit soft-capping and learned
+sinks (`attnlab.attention.AttentionVariant`) are recomputed exactly as the model computes them;
+on a window layer the statistics are over the keys the model can see (see `attnlab.stats`).
 """
 
 from __future__ import annotations
@@ -21,7 +24,15 @@ from dataclasses import dataclass
 
 import torch
 
-from attnlab.attention import route_attention, sdpa
+from attnlab.attention import (
+    PLAIN,
+    AttentionVariant,
+    attend,
+    layer_variants,
+    route_attention,
+    scores_to_probs,
+    sdpa,
+)
 from attnlab.errors import PromptError
 from attnlab.models import LoadedModel
 from attnlab.names import attn_hook
@@ -83,7 +94,8 @@ def capture(
     n = int(input_ids.shape[1])
     check_length(model, n, name)
     input_ids = input_ids.to(model.device)
-    accs = [HeadStatAccumulator(model.n_heads, n, config, device=model.device) for _ in range(model.n_layers)]
+    variants = layer_variants(model)  # a config whose window fields disagree stops here
+    accs = [HeadStatAccumulator(model.n_heads, n, config, device=model.device, window=v.window) for v in variants]
     if path == "pattern":
         _run_pattern_path(model, input_ids, accs, config)
     else:
@@ -106,14 +118,18 @@ def _run_pattern_path(model: LoadedModel, input_ids: torch.Tensor, accs: list[He
     model.bridge.run_with_hooks(input_ids, fwd_hooks=hooks, stop_at_layer=model.n_layers)
 
 
-def qk_probabilities(query: torch.Tensor, key: torch.Tensor, start: int, end: int, scaling: float) -> torch.Tensor:
+def qk_probabilities(
+    query: torch.Tensor, key: torch.Tensor, start: int, end: int, scaling: float, variant: AttentionVariant | None = None
+) -> torch.Tensor:
     """Softmax rows ``start..end-1`` of causal attention, recomputed from q and k.
 
     Args:
         query: ``[heads, n, d]`` post-RoPE queries.
         key: ``[kv_heads, n, d]`` post-RoPE keys (GQA: query head h reads KV head h // group).
+        variant: the layer's sliding window / soft-cap / learned sinks (default: none).
     Returns:
-        ``[heads, end - start, n]`` float32 probabilities (0 on future keys).
+        ``[heads, end - start, n]`` float32 probabilities (0 on future keys and keys outside
+        the window; with learned sinks each row sums to ``1 -`` the sink's mass).
     """
     h, n, _ = query.shape
     group = h // key.shape[0]
@@ -121,17 +137,17 @@ def qk_probabilities(query: torch.Tensor, key: torch.Tensor, start: int, end: in
     k = key.to(torch.float32)
     q = q.reshape(key.shape[0], group * (end - start), -1)  # fold each GQA group into rows
     scores = torch.matmul(q, k.transpose(-1, -2)).view(h, end - start, n) * scaling
-    future = torch.arange(n, device=query.device)[None, :] > torch.arange(start, end, device=query.device)[:, None]
-    scores.masked_fill_(future, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    return scores_to_probs(scores, torch.arange(start, end, device=query.device), variant or PLAIN)
 
 
 def _run_qk_path(model: LoadedModel, input_ids: torch.Tensor, accs: list[HeadStatAccumulator], config: StatConfig) -> None:
-    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant: AttentionVariant = PLAIN) -> torch.Tensor:
         q, k = query[0], key[0]
         for a, b in config.chunks(q.shape[1]):
-            accs[layer].update(qk_probabilities(q, k, a, b, scaling), a)
-        return sdpa(query, key, value, scaling=scaling)
+            accs[layer].update(qk_probabilities(q, k, a, b, scaling, variant), a)
+        if variant.plain:
+            return sdpa(query, key, value, scaling=scaling)
+        return attend(query, key, value, scaling=scaling, variant=variant)
 
     with route_attention(model, attention):
         model.hf_model.base_model(input_ids, use_cache=False)  # no unembedding: logits are not needed

@@ -135,15 +135,20 @@ class LoadedModel:
     def identity(self) -> ModelIdentity:
         """The model identity written into manifests and policy files (see `ModelIdentity`).
 
-        The weights fingerprint is computed once, on first use."""
+        The weights fingerprint is computed once, on first use. ``attention`` holds the layers'
+        sliding windows, soft-cap and learned sinks (`attnlab.attention.attention_fields`; ``{}``
+        for plain attention), so policies made from a run know each layer's own window."""
+        from attnlab.attention import attention_fields, layer_variants
+
         fp = self.extra.get("fingerprint")
         if fp is None:
             fp = self.extra["fingerprint"] = weights_fingerprint(self.hf_model)
-        return ModelIdentity(
+        return ModelIdentity.from_dict(dict(
             name=self.name, source=self.source, architecture=self.architecture,
             n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
             head_dim=self.head_dim, n_ctx=self.n_ctx, fingerprint=fp,
-        )
+            attention=attention_fields(layer_variants(self)),
+        ))
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, **kwargs: Any) -> torch.Tensor:
@@ -494,29 +499,111 @@ def list_models() -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------------------------
 # tiny models for tests and examples
 # ---------------------------------------------------------------------------------------
+#: Sliding window of the tiny window models: small, so a 40-token test prompt crosses it.
+TINY_WINDOW = 8
+
+
+def _tiny_config(kind: str, vocab: int, n_layers: int, n_ctx: int, tokenizer: Any) -> Any:
+    """The config of one tiny architecture (`TINY_KINDS`): hidden 64, 4 query heads (2 KV heads
+    where the architecture has GQA), head_dim 16. Window variants use `TINY_WINDOW`; Gemma 2
+    soft-caps at 2.0 and scales by ``query_pre_attn_scalar=24`` so both are exercised."""
+    import transformers as tf
+
+    ids = dict(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    llama_like = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=n_ctx, **ids,
+    )  # fmt: skip
+    w = TINY_WINDOW
+    if kind == "llama":
+        return tf.LlamaConfig(head_dim=16, tie_word_embeddings=True, **llama_like)
+    if kind == "qwen2":
+        return tf.Qwen2Config(**llama_like)
+    if kind == "qwen2-window":  # layer 0 full, later layers sliding (max_window_layers=1)
+        return tf.Qwen2Config(use_sliding_window=True, sliding_window=w, max_window_layers=1, **llama_like)
+    if kind == "qwen3":
+        return tf.Qwen3Config(head_dim=16, **llama_like)
+    if kind == "mistral":
+        return tf.MistralConfig(head_dim=16, sliding_window=None, **llama_like)
+    if kind == "mistral-window":
+        return tf.MistralConfig(head_dim=16, sliding_window=w, **llama_like)
+    if kind == "gemma":
+        return tf.GemmaConfig(head_dim=16, **llama_like)
+    if kind == "gemma2":  # alternating sliding / full layers, soft-capping, own scaling
+        return tf.Gemma2Config(head_dim=16, sliding_window=w, attn_logit_softcapping=2.0,
+                               query_pre_attn_scalar=24, **llama_like)
+    if kind == "gemma3":  # sliding_window_pattern 2: layer 0 local, layer 1 global
+        return tf.Gemma3TextConfig(head_dim=16, sliding_window=w, sliding_window_pattern=2,
+                                   query_pre_attn_scalar=24, **llama_like)
+    if kind == "gpt-oss":  # alternating sliding / full layers, learned sinks, a tiny MoE
+        return tf.GptOssConfig(head_dim=16, sliding_window=w, num_local_experts=2, num_experts_per_tok=1,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **llama_like)
+    if kind == "phi3":
+        return tf.Phi3Config(pad_token_id=0, **llama_like)
+    if kind == "olmo2":
+        return tf.Olmo2Config(pad_token_id=0, **llama_like)
+    if kind == "granite":  # attention_multiplier is its scaling
+        return tf.GraniteConfig(attention_multiplier=0.2, **llama_like)
+    if kind == "cohere":
+        return tf.CohereConfig(pad_token_id=0, **llama_like)
+    if kind == "stablelm":
+        return tf.StableLmConfig(**llama_like)
+    if kind == "phi":
+        return tf.PhiConfig(**{k: v for k, v in llama_like.items()})
+    if kind == "gpt-neox":
+        return tf.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers, num_attention_heads=4,
+                                max_position_embeddings=n_ctx, **ids)
+    if kind == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=n_layers, n_head=4, n_positions=n_ctx, **ids)
+    if kind == "opt":  # passes scaling=1.0: its queries come pre-scaled
+        return tf.OPTConfig(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=n_layers,
+                            num_attention_heads=4, max_position_embeddings=n_ctx, pad_token_id=0, **ids)
+    if kind == "falcon":  # computes attention itself: refused by every routed path
+        return tf.FalconConfig(hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
+                               new_decoder_architecture=False, multi_query=True, **ids)
+    raise ValueError(f"tiny_model kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")
+
+
+#: Architectures `tiny_model` builds (the architecture matrix of tests/test_architectures.py).
+TINY_KINDS: tuple[str, ...] = (
+    "llama", "qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "gemma", "gemma2", "gemma3",
+    "gpt-oss", "phi3", "olmo2", "granite", "stablelm", "gpt-neox", "gpt2", "opt", "falcon", "phi", "cohere",
+)  # fmt: skip
+
+
+_TINY_CLASSES = {"gemma3": "Gemma3ForCausalLM", "gpt-oss": "GptOssForCausalLM", "gpt2": "GPT2LMHeadModel",
+                 "gpt-neox": "GPTNeoXForCausalLM"}
+
+
+def tiny_hf_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> tuple[Any, Any]:
+    """The plain Hugging Face model and tokenizer `tiny_model` wraps: the same ``kind`` and
+    ``seed`` always give the same weights (eager attention, eval mode)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if kind not in TINY_KINDS:
+        raise ValueError(f"tiny_model kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")
+    tokenizer = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=True))
+    config = _tiny_config(kind, len(tokenizer), n_layers, n_ctx, tokenizer)
+    config.architectures = [_TINY_CLASSES.get(kind, type(config).__name__.replace("Config", "ForCausalLM"))]
+    torch.manual_seed(seed)
+    config._attn_implementation = "eager"
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    with torch.no_grad():
+        for module in hf_model.modules():
+            sinks = getattr(module, "sinks", None)
+            if isinstance(sinks, torch.nn.Parameter):
+                sinks.normal_(0.0, 1.0)
+    return hf_model.eval(), tokenizer
+
+
 def tiny_model(kind: str = "llama", *, seed: int = 0, n_layers: int = 2, n_ctx: int = 512) -> LoadedModel:
     """A randomly initialised tiny causal LM built from a config (no weights to download).
 
     ``kind="llama"``: 4 query heads sharing 2 KV heads (GQA), RoPE, head_dim 16.
-    ``kind="gpt2"``: 4 heads, learned positions, multi-head attention.
-    Both use the embedded model's tokenizer, so they read the same prompts as real runs.
+    ``kind="gpt2"``: 4 heads, learned positions, multi-head attention. Every kind of
+    `TINY_KINDS` is built the same way (`_tiny_config`, `tiny_hf_model`); gpt-oss's learned
+    sinks are drawn from N(0, 1) so they matter. All use the embedded model's tokenizer, so
+    they read the same prompts as real runs.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, LlamaConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=True))
-    vocab = len(tokenizer)
-    if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=n_ctx,
-            tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        )
-    elif kind == "gpt2":
-        config = GPT2Config(vocab_size=vocab, n_embd=64, n_layer=n_layers, n_head=4, n_positions=n_ctx,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    else:
-        raise ValueError(f"tiny_model kind must be 'llama' or 'gpt2', got {kind!r}")
-    torch.manual_seed(seed)
-    config._attn_implementation = "eager"
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager")
+    hf_model, tokenizer = tiny_hf_model(kind, seed=seed, n_layers=n_layers, n_ctx=n_ctx)
     return wrap_hf_model(hf_model, tokenizer, name=f"tiny-{kind}", source="config", label=f"tiny-{kind}")

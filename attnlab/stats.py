@@ -23,6 +23,16 @@ statistic              formula
 ``slash_mass_{k}``     ``(1/m) Σ_{d ∈ top-k(diag)} diag[d]`` — mass on its top ``k`` diagonals
 =====================  =====================================================================
 
+**Attention variants.** On a sliding-window layer (window ``W``, Hugging Face's convention:
+query ``i`` sees keys ``i - W < j <= i``) the statistics are over the keys the model can see:
+the probabilities outside the window are 0, and every "visible keys" count above —
+``log(i + 1)`` in ``entropy_norm``, ``i + 1`` in ``keys_frac`` — becomes ``min(i + 1, W)``
+(`HeadStatAccumulator.window`). A learned attention sink (gpt-oss) takes softmax mass but is
+no key: rows then sum to ``1 - s`` (``s`` the sink's share), every statistic stays a fraction
+of the *whole* softmax mass (so ``sink_mass_{n}`` is mass on the first ``n`` real tokens, not
+the learned sink's), and the learned sink's mean mass is reported on its own as
+`SampleStats.learned_sink_mass` ``= 1 - (1/m) Σ_j col[j]`` (0 on models without one).
+
 ``keys_frac`` needs each row sorted, which costs ~10× the rest together, so it is measured on
 at most ``coverage_rows`` evenly spaced measured queries (exact on each of them); both paths
 use the same rows. Block maps are described in `attnlab.runs.BlockMaps`.
@@ -127,26 +137,32 @@ class SampleStats:
     """What one sample's capture yields for one layer.
 
     ``values``: ``[heads, n_stats]`` in `StatConfig.names` order; ``block_sum``/``block_max``:
-    ``[heads, q_blocks, k_blocks]``; ``block_rows``: ``[q_blocks]`` measured rows per q block.
+    ``[heads, q_blocks, k_blocks]``; ``block_rows``: ``[q_blocks]`` measured rows per q block;
+    ``learned_sink_mass``: ``[heads]`` mean softmax mass of a learned attention sink (the mass no
+    key received; 0 up to rounding on a model without sinks).
     """
 
     values: torch.Tensor
     block_sum: torch.Tensor
     block_max: torch.Tensor
     block_rows: torch.Tensor
+    learned_sink_mass: torch.Tensor | None = None
 
 
 @dataclass
 class HeadStatAccumulator:
     """Running reduction of one layer's attention for one sample (see the module docstring).
 
-    Feed it row chunks with `update`, in any order, then call `finalize`.
+    Feed it row chunks with `update`, in any order, then call `finalize`. ``window`` is the
+    layer's sliding window (0 = none): it bounds the visible keys of ``entropy_norm`` and
+    ``keys_frac``.
     """
 
     n_heads: int
     n_keys: int
     config: StatConfig
     device: torch.device | str = "cpu"
+    window: int = 0
     col: torch.Tensor = field(init=False)
     diag: torch.Tensor = field(init=False)
 
@@ -186,12 +202,13 @@ class HeadStatAccumulator:
         self.col += probs.sum(1)
         self.diag += _diagonal_sums(probs, start)
 
-        # entropy, normalised by log(visible keys); the first token sees one key and is skipped
+        # entropy, normalised by log(visible keys); a query that sees one key is skipped
         ent = -torch.special.xlogy(probs, probs).sum(-1)  # [h, r]
         pos = torch.arange(start, start + r, device=probs.device)
-        keep = pos >= 1
+        seen = self._visible(pos)
+        keep = seen >= 2
         if keep.any():
-            self.entropy_sum += (ent[:, keep] / torch.log(pos[keep].to(torch.float32) + 1)).sum(-1)
+            self.entropy_sum += (ent[:, keep] / torch.log(seen[keep].to(torch.float32))).sum(-1)
             self.entropy_rows += int(keep.sum())
 
         cov = self._coverage_pos
@@ -200,7 +217,7 @@ class HeadStatAccumulator:
             rows = probs[:, sel - start, :]  # [h, s, n]
             sorted_p = torch.sort(rows, dim=-1, descending=True).values.to(torch.float64)
             csum = sorted_p.cumsum(-1)
-            visible = (sel + 1).to(torch.float64)
+            visible = self._visible(sel).to(torch.float64)
             last = n - 1
             for c_i, c in enumerate(self.config.coverages):
                 # Fractional keys needed: k whole keys keep S_k < c, the next key p_{k+1} is
@@ -215,6 +232,11 @@ class HeadStatAccumulator:
             self.coverage_count += int(sel.numel())
 
         self._update_blocks(probs, start)
+
+    def _visible(self, positions: torch.Tensor) -> torch.Tensor:
+        """Keys a query at each absolute position sees: ``i + 1``, at most the window."""
+        seen = positions + 1
+        return seen.clamp(max=self.window) if self.window else seen
 
     def _update_blocks(self, probs: torch.Tensor, start: int) -> None:
         bs = self.config.block_size
@@ -254,8 +276,10 @@ class HeadStatAccumulator:
         values = torch.stack(cols, dim=-1).to(torch.float32)
         rows = self.block_rows.clamp_min(1)
         block_sum = (self.block_sum / rows.to(self.block_sum.device)[None, :, None]).to(torch.float32)
+        sink = (1.0 - self.col.sum(-1) / m).clamp_min(0).to(torch.float32) if self.rows else torch.zeros(self.n_heads)
         return SampleStats(
-            values=values.cpu(), block_sum=block_sum.cpu(), block_max=self.block_max.cpu(), block_rows=self.block_rows.to(torch.int32)
+            values=values.cpu(), block_sum=block_sum.cpu(), block_max=self.block_max.cpu(), block_rows=self.block_rows.to(torch.int32),
+            learned_sink_mass=sink.cpu(),
         )
 
 

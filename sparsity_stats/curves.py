@@ -22,13 +22,22 @@ computes, at each evaluation length. Static kinds and fixed top-k are exact for 
 vertical-slash uses its worst case (an upper bound); the gamma threshold uses its profile count
 (an expectation). Both recall and density average over ``eval_lengths`` (prefixes of the
 profiled prompts: causal attention of a prefix is the prefix of the attention).
+
+**The model's own structure.** On a layer with its own sliding window ``W`` (the run's model
+identity, ``attention.layer_windows``) no policy can keep more than the window: density is the
+kept tiles *inside the window* over the windowed dense cost (`kinds.windowed_causal_tiles`), so a
+dense window layer has density 1 and `ProfileEstimator.layer_cost` gives each layer's dense cost
+relative to a full causal layer (for budgets across layers); the KV share is at most ``W / n``.
+Recall needs no change there (the profile holds no mass outside the window). A learned sink
+(gpt-oss) takes mass no key receives — the block maps' rows sum to ``1 -`` its share — and
+every policy keeps it: recall is ``sink + (1 - sink) · recall over the keys``.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +45,19 @@ import numpy as np
 import pandas as pd
 import torch
 
+from attnlab.attention import layer_windows_of
 from attnlab.runs import DETECTIONS, HEAD_STATS, BlockMaps, Run
 
 from .errors import ERR_MAP_BLOCK, PolicyError
-from .kinds import KINDS, BlockTopK, Candidate, VerticalSlash, get_kind, select_vertical_slash
+from .kinds import (
+    KINDS,
+    BlockTopK,
+    Candidate,
+    VerticalSlash,
+    get_kind,
+    select_vertical_slash,
+    windowed_causal_tiles,
+)
 from .masks import check_block_size, single_thread
 from .patterns import Pattern, and_masks, generate_causal, generate_sink, generate_window
 
@@ -136,6 +154,8 @@ class ProfileEstimator:
     ):
         self.model = dict(model)
         self.n_layers = int(model["n_layers"])
+        #: each layer's own sliding window (0 = none), from the identity's ``attention`` entry
+        self.layer_windows = np.array(layer_windows_of(self.model, self.n_layers), dtype=np.int64)
         self.n_heads = int(model["n_heads"])
         self.n_kv_heads = int(model.get("n_kv_heads", self.n_heads))
         self.source = source or {}
@@ -175,6 +195,7 @@ class ProfileEstimator:
             if n > self.covered:
                 raise PolicyError(_ERR_EVAL_LEN.format(n=n, covered=self.covered))
         self._weighted: dict[int, Tensor] = {}
+        self._sink: dict[int, np.ndarray] = {}
         self._sorted: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         self._cache: dict[str, CandidateEval] = {}
         self._coverages: dict[tuple[str, int], Tensor] = {}
@@ -232,7 +253,28 @@ class ProfileEstimator:
             total = (m.sum(-1) * w).sum(-1)  # [L, H]
             got = (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32)
             self._weighted[n] = got
+            sink = (1.0 - total / w.sum()).clamp(min=0).numpy()
+            self._sink[n] = np.where(sink > 1e-4, sink, 0.0)  # below that: rounding, not a learned sink
         return got
+
+    def sink_share(self, n: int) -> np.ndarray:
+        """``[L, H]`` mean softmax mass of a learned attention sink at length ``n`` (0 without one)."""
+        self.weighted_mass(n)
+        return self._sink[n]
+
+    def layer_cost(self, n: int) -> np.ndarray:
+        """``[L]`` each layer's dense cost at length ``n`` relative to a full causal layer's
+        (``< 1`` on a layer with its own sliding window)."""
+        b = self.block_size
+        full = windowed_causal_tiles(n, b)
+        return np.array([windowed_causal_tiles(n, b, int(w)) / full for w in self.layer_windows])
+
+    def _windowed_density(self, density: np.ndarray, n: int, kept: Callable[[int], float]) -> np.ndarray:
+        """``density [L, H]`` with each window layer's row replaced by ``kept(W) / windowed tiles``."""
+        for w in sorted({int(x) for x in self.layer_windows if x}):
+            rows = self.layer_windows == w
+            density[rows] = min(1.0, kept(w) / max(1, windowed_causal_tiles(n, self.block_size, w)))
+        return density
 
     def _sorted_rows(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
         """Per row, weighted masses in block_topk order (diagonal, first block, then by mass),
@@ -274,7 +316,10 @@ class ProfileEstimator:
         density_is = "exact"
         for n in self.eval_lengths:
             qbn = n // self.block_size
-            kvs.append(np.full((self.n_layers, self.n_heads), kind.kv_tokens(params, n, self.block_size) / n))
+            kv = np.full((self.n_layers, self.n_heads), kind.kv_tokens(params, n, self.block_size) / n)
+            windowed = self.layer_windows > 0
+            kv[windowed] = np.minimum(kv[windowed], (self.layer_windows[windowed] / n)[:, None])
+            kvs.append(kv)
             if kind.static:
                 r, d = self._static(candidate, kind, params, n, qbn)
             elif isinstance(kind, VerticalSlash):
@@ -285,7 +330,8 @@ class ProfileEstimator:
                 density_is = "exact" if exact else "expected"
             else:  # pragma: no cover - every kind is handled above
                 raise PolicyError(f"no estimator for kind {candidate.kind}")
-            recalls.append(r)
+            sink = self.sink_share(n)
+            recalls.append(sink + (1.0 - sink) * r)
             dens.append(d)
         out = CandidateEval(
             candidate,
@@ -303,14 +349,17 @@ class ProfileEstimator:
         if candidate.kind == "dense":
             return np.ones(full), np.ones(full)
         pattern = kind.pattern(params, n, b)
-        density = count_tiles(pattern, n, b) / causal_tiles(n, b)
+        density = self._windowed_density(
+            np.full(full, count_tiles(pattern, n, b) / causal_tiles(n, b)), n,
+            lambda w: count_tiles(and_masks(pattern, generate_window(w)), n, b),
+        )
         cov = self._coverage(pattern, qbn)
         wm = self.weighted_mass(n)
         recall = torch.einsum("lhqk,qk->lh", wm, cov).to(torch.float64).numpy()
         if candidate.kind == "streaming":
             s, w = kind.stream(params, n)
             recall = recall + self._stream_correction(s, w, n, qbn)
-        return recall, np.full(full, density)
+        return recall, density
 
     def _stream_correction(self, s: int, w: int, n: int, qbn: int) -> np.ndarray:
         """Measured-minus-block-estimated mass for the sink and the window (see module docstring)."""
@@ -373,8 +422,9 @@ class ProfileEstimator:
         d = (qb - kb).clamp(min=0)
         keep = (cols[:, None, :] | diags[:, d]) & (kb <= qb)
         recall = (lh * keep).sum((-1, -2)).to(torch.float64).reshape(self.n_layers, self.n_heads).numpy()
-        density = kind.block_bound(params, n, b) / causal_tiles(n, b)
-        return recall, np.full((self.n_layers, self.n_heads), density)
+        bound = kind.block_bound(params, n, b)
+        density = self._windowed_density(np.full((self.n_layers, self.n_heads), bound / causal_tiles(n, b)), n, lambda w: bound)
+        return recall, density
 
     def _block_topk(self, kind: BlockTopK, params, n: int, qbn: int) -> tuple[np.ndarray, np.ndarray, bool]:
         b = self.block_size
@@ -384,16 +434,21 @@ class ProfileEstimator:
         if k is not None:
             keep = torch.clamp(n_causal, max=k)
             recall = torch.gather(cum, -1, (keep - 1).expand(cum.shape[:-1])[..., None]).squeeze(-1).sum(-1)
-            density = np.full((self.n_layers, self.n_heads), kind.block_bound(params, n, b) / causal_tiles(n, b))
-            return recall.numpy(), density, True
+            bound = kind.block_bound(params, n, b)
+            density = np.full((self.n_layers, self.n_heads), bound / causal_tiles(n, b))
+            return recall.numpy(), self._windowed_density(density, n, lambda w: bound), not self.layer_windows.any()
         gamma = float(params["gamma"])
         before = cum - s
         needed = (before < gamma * total[..., None] - 1e-12).sum(-1)
         keep = torch.minimum(torch.maximum(needed, torch.clamp(n_causal, max=2)), n_causal)
         recall = torch.gather(cum, -1, (keep - 1)[..., None]).squeeze(-1).sum(-1)
         # rows beyond the evaluated ones (a partial last block) keep the same share
-        density = keep.sum(-1).to(torch.float64) / causal_tiles(qbn * b, b)
-        return recall.numpy(), density.numpy(), False
+        density = (keep.sum(-1).to(torch.float64) / causal_tiles(qbn * b, b)).numpy()
+        for w in sorted({int(x) for x in self.layer_windows if x}):
+            rows = self.layer_windows == w
+            wt = max(1, windowed_causal_tiles(qbn * b, b, w))
+            density[rows] = np.minimum(1.0, keep.sum(-1).to(torch.float64).numpy()[rows] / wt)
+        return recall.numpy(), density, False
 
 
 # -- candidate grids ------------------------------------------------------------------------

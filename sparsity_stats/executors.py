@@ -16,6 +16,12 @@ ends, whatever happens inside it. Static policy kinds are compiled once per (lay
 into a `BlockSparseLayout`; dynamic kinds (``vertical_slash``, ``block_topk``) are estimated
 from each input's own queries and keys (`estimate_block_scores`). Policies apply to prefill,
 as MInference's do: decode steps (one new query over a cache) attend densely.
+
+The model's own attention variant (`attnlab.attention.AttentionVariant`) passes through every
+executor: a sliding-window layer's layouts carry ``model_window`` (ANDed with every head's
+predicate, so the window bounds what a policy keeps and the layer's density is measured
+against its windowed dense cost), and soft-capping and learned sinks go to the kernels as
+``softcap=`` and ``sinks=``. Decode steps use the model's own attention (`attend`).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
-from attnlab.attention import route_attention, sdpa
+from attnlab.attention import PLAIN, AttentionVariant, attend, route_attention
 from attnlab.errors import AttnlabError
 from attnlab.kernels.layout import BlockSparseLayout
 from attnlab.models import LoadedModel
@@ -52,24 +58,50 @@ def prepare_triton() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def with_model_window(layout: BlockSparseLayout, window: int) -> BlockSparseLayout:
+    """``layout`` with the model's own sliding window ANDed in (``model_window``); tiles the
+    window leaves empty are dropped and full/partial re-decided. Unchanged when ``window`` is 0
+    or already the layout's."""
+    if not window or layout.model_window == window:
+        return layout
+    out = BlockSparseLayout.from_block_masks(
+        layout.block_mask(), block_size=layout.block_size, n_q=layout.n_q, n_k=layout.n_k, causal=layout.causal,
+        sink=layout.sink, window=layout.window, model_window=int(window), layer=layout.layer, head_names=layout.head_names,
+    )  # fmt: skip
+    out.meta.update(layout.meta)
+    return out
+
+
 def run_layout(
-    executor: str, layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float
+    executor: str, layout: BlockSparseLayout, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+    variant: AttentionVariant | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One layer's sparse attention: ``q [b, H, n_q, d]``, ``k, v [b, H_kv, n_k, d]`` → ``(out [b, H, n_q, d], lse)``."""
+    """One layer's sparse attention: ``q [b, H, n_q, d]``, ``k, v [b, H_kv, n_k, d]`` → ``(out [b, H, n_q, d], lse)``.
+
+    ``variant``: the layer's soft-cap and learned sinks (its window must already be in
+    ``layout.model_window``, `with_model_window`)."""
+    variant = variant or PLAIN
+    if variant.window and layout.model_window != variant.window:
+        layout = with_model_window(layout, variant.window)
+    extra = {}
+    if variant.softcap is not None:
+        extra["softcap"] = variant.softcap
+    if variant.sinks is not None:
+        extra["sinks"] = variant.sinks.to(q.device, torch.float32)
     if executor == "reference":
         from attnlab.kernels.reference import reference_attention
 
-        out, lse = reference_attention(q, k, v, layout.to(q.device), scale=scaling, dtype=torch.float32)
+        out, lse = reference_attention(q, k, v, layout.to(q.device), scale=scaling, dtype=torch.float32, **extra)
         return out.to(q.dtype), lse
     if executor == "flex":
         from attnlab.kernels.flex import flex_block_sparse_attention
 
-        return flex_block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
+        return flex_block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling, **extra)
     if executor == "triton":
         prepare_triton()  # before the kernel module's first import
         from attnlab.kernels.block_sparse import block_sparse_attention
 
-        return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling)
+        return block_sparse_attention(q.contiguous(), k.contiguous(), v.contiguous(), layout, scale=scaling, **extra)
     raise AttnlabError(_ERR_EXECUTOR.format(name=executor, choices=", ".join(EXECUTORS)))
 
 
@@ -92,32 +124,38 @@ class PolicyExecutor:
         """`PolicyError` unless the policy was made for ``model`` (the one identity check)."""
         self.policy.check_model(model.identity(), path)
 
-    def layout(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> BlockSparseLayout:
-        """The layer's layout for this input: ``q [H, n, d]``, ``k [H_kv, n, d]`` (one sample)."""
+    def layout(self, layer: int, q: torch.Tensor, k: torch.Tensor, window: int = 0) -> BlockSparseLayout:
+        """The layer's layout for this input: ``q [H, n, d]``, ``k [H_kv, n, d]`` (one sample);
+        ``window``: the model's own sliding window on this layer (0 = none), ANDed in."""
         n = int(k.shape[-2])
         if any(not e.static for e in self.policy.layer(layer)):
-            lay = compile_for_input(self.policy, layer, q.float().cpu(), k.float().cpu(), self.block_size)
+            lay = with_model_window(compile_for_input(self.policy, layer, q.float().cpu(), k.float().cpu(), self.block_size), window)
         else:
-            key = (layer, n)
+            key = (layer, n, window)
             if key not in self._static:
-                self._static[key] = compile_layer(self.policy, layer, n, self.block_size)
+                self._static[key] = with_model_window(compile_layer(self.policy, layer, n, self.block_size), window)
             lay = self._static[key]
         self.layouts_[layer] = lay
         return lay
 
     def sparse(
-        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+        self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float,
+        variant: AttentionVariant | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(out [b, H, n, d], lse [b, H, n])`` of the layer under the policy (prefill)."""
+        """``(out [b, H, n, d], lse [b, H, n])`` of the layer under the policy (prefill), with the
+        model's own attention ``variant`` (window, soft-cap, learned sinks)."""
         if query.shape[0] != 1:
             raise AttnlabError(_ERR_BATCH)
-        lay = self.layout(layer, query[0], key[0])
-        return run_layout(self.executor, lay, query, key, value, scaling)
+        variant = variant or PLAIN
+        lay = self.layout(layer, query[0], key[0], variant.window)
+        return run_layout(self.executor, lay, query, key, value, scaling, variant)
 
-    def attention(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(
+        self, layer: int, query, key, value, *, scaling: float, attention_mask=None, variant: AttentionVariant = PLAIN
+    ) -> torch.Tensor:
         if query.shape[-2] != key.shape[-2]:  # decode over a cache: dense, as in MInference
-            return sdpa(query, key, value, scaling=scaling)
-        out, _ = self.sparse(layer, query, key, value, scaling)
+            return attend(query, key, value, scaling=scaling, variant=variant)
+        out, _ = self.sparse(layer, query, key, value, scaling, variant)
         return out.transpose(1, 2).contiguous()
 
 

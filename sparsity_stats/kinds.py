@@ -352,6 +352,19 @@ def _causal_blocks(n: int, block_size: int) -> int:
     return nb * (nb + 1) // 2
 
 
+def windowed_causal_tiles(n: int, block_size: int, window: int = 0) -> int:
+    """Tiles holding at least one pair a model with sliding window ``window`` attends (``j <= i``
+    and ``i - j < window``; 0 = no window): the dense cost of such a layer at length ``n``."""
+    nb = -(-n // block_size)
+    if not window:
+        return nb * (nb + 1) // 2
+    qb = torch.arange(nb)[:, None]
+    kb = torch.arange(nb)[None, :]
+    q_lo = qb * block_size
+    k_hi = torch.clamp(kb * block_size + block_size, max=n) - 1
+    return int(((kb <= qb) & (q_lo - k_hi < window)).sum())
+
+
 def _row_capped_blocks(n: int, block_size: int, per_row: int) -> int:
     """Sum over query-block rows of min(row's causal blocks, per_row)."""
     nb = -(-n // block_size)
@@ -360,7 +373,8 @@ def _row_capped_blocks(n: int, block_size: int, per_row: int) -> int:
 
 
 class Dense(Kind):
-    """Full causal attention."""
+    """Full causal attention (on a layer with its own sliding window: everything the window
+    shows, whose cost is `windowed_causal_tiles`)."""
 
     name = "dense"
 

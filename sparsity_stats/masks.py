@@ -197,7 +197,7 @@ def layout_from_patterns(
         per_head.append(entry)
     fc, fo, fi = csr_from_counts(torch.stack([e[0] for e in per_head]), torch.cat([e[1] for e in per_head]))
     pc, po, pi = csr_from_counts(torch.stack([e[2] for e in per_head]), torch.cat([e[3] for e in per_head]))
-    return BlockSparseLayout(b, n_q, n_k, h_count, causal, fc, fo, fi, pc, po, pi, sink_t, window_t, tuple(names), layer)
+    return BlockSparseLayout(b, n_q, n_k, h_count, causal, fc, fo, fi, pc, po, pi, sink_t, window_t, head_names=tuple(names), layer=layer)
 
 
 # -- compiling policies ---------------------------------------------------------------------

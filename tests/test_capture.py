@@ -136,3 +136,34 @@ def test_prompt_longer_than_context_is_refused(tiny_llama):
 def test_unknown_path_is_refused(tiny_llama):
     with pytest.raises(ValueError, match="pattern"):
         capture(tiny_llama, random_ids(8), path="flash")
+
+
+@pytest.mark.parametrize("which", ["window+softcap", "window+sinks", "sinks"])
+def test_qk_probabilities_with_a_variant_are_hf_eager_attention_weights(which):
+    """Row chunks recomputed from q and k equal the probabilities transformers' eager attention
+    computes (Gemma 2's soft-capping, gpt-oss's learned sinks), window included."""
+    import types
+
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as oss_eager
+
+    from attnlab.attention import AttentionVariant
+
+    g = torch.Generator().manual_seed(1)
+    n, window = 29, 0 if which == "sinks" else 7
+    q, k, v = torch.randn(1, 4, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g), torch.randn(1, 2, n, 16, generator=g)
+    sinks = torch.randn(4, generator=g)
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    seen = (j <= i) & ((i - j < window) if window else True)
+    mask = torch.where(seen, 0.0, float("-inf"))[None, None]
+    module = types.SimpleNamespace(num_key_value_groups=2, training=False, sinks=sinks)
+    if which == "window+softcap":
+        _, want = gemma2_eager(module, q, k, v, mask, scaling=0.4, softcap=1.5)
+        variant = AttentionVariant(window=window, softcap=1.5)
+    else:
+        _, want = oss_eager(module, q, k, v, mask, scaling=0.4)
+        variant = AttentionVariant(window=window, sinks=sinks)
+    got = torch.cat([qk_probabilities(q[0], k[0], a, b, 0.4, variant) for a, b in ((0, 10), (10, n))], dim=1)
+    torch.testing.assert_close(got, want[0], atol=1e-6, rtol=1e-5)
+    if which != "window+softcap":
+        assert float(got.sum(-1).max()) < 1, "a learned sink keeps some mass from every row"

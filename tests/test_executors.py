@@ -184,3 +184,18 @@ def test_validate_cli_refuses_bad_values_before_any_work(capsys):
             parser.parse_args(["validate", "p.json", "--out", "r", *bad])
         assert exc.value.code == 2, bad
     assert "invalid choice: 'cuda-magic'" in capsys.readouterr().err
+
+
+def test_model_window_is_anded_into_a_compiled_layout():
+    """A window layer's layout keeps exactly the policy's pairs that the model's window shows."""
+    from attnlab.kernels.layout import BlockSparseLayout
+    from attnlab.sparsity_stats.executors import with_model_window
+
+    g = torch.Generator().manual_seed(0)
+    kept = torch.rand(3, 5, 5, generator=g) > 0.4
+    lay = BlockSparseLayout.from_block_masks(kept, block_size=8, n_q=37, n_k=37, sink=[0, 4, 2], window=[0, 12, 30])
+    windowed = with_model_window(lay, 10)
+    assert windowed.model_window == 10 and with_model_window(lay, 0) is lay and with_model_window(windowed, 10) is windowed
+    i, j = torch.arange(37)[:, None], torch.arange(37)[None, :]
+    assert torch.equal(windowed.token_mask(), lay.token_mask() & (i - j < 10))
+    assert (windowed.kept_blocks() <= lay.kept_blocks()).all()

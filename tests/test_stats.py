@@ -525,3 +525,37 @@ def test_update_rejects_bad_shapes_and_rows():
         acc.update(torch.zeros(2, 3, 10), 8)
     with pytest.raises(ValueError, match="fall outside"):
         acc.update(torch.zeros(2, 1, 10), -1)
+
+
+# --------------------------------------------------------------------------- attention variants
+
+
+def test_window_layer_statistics_are_over_the_keys_the_model_sees():
+    """Uniform attention over a sliding window of W keys is as spread as it can be there:
+    entropy_norm 1 and keys_frac_c exactly c, as uniform causal attention is without a window."""
+    h, n, w = 2, 40, 6
+    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    seen = ((j <= i) & (i - j < w)).to(torch.float64)
+    probs = (seen / seen.sum(-1, keepdim=True)).to(torch.float32).expand(h, n, n).contiguous()
+    cfg = StatConfig(sink_tokens=(1,), windows=(w,), coverages=(0.5, 0.9), budgets=(4,), block_size=8, query_chunk=16)
+    acc = HeadStatAccumulator(h, n, cfg, window=w)
+    for a, b in cfg.chunks(n):
+        acc.update(probs[:, a:b, :], a)
+    out = acc.finalize()
+    assert_stat(out, cfg, "entropy_norm", 1.0)
+    assert_stat(out, cfg, "keys_frac_50", 0.5)
+    assert_stat(out, cfg, "keys_frac_90", 0.9)
+    assert_stat(out, cfg, f"local_mass_{w}", 1.0)
+    np.testing.assert_allclose(out.learned_sink_mass.numpy(), 0.0, atol=1e-6)
+    # without the window the same pattern reads as concentrated: the window is what makes it uniform
+    plain = run(probs, cfg)
+    assert float(stat(plain, cfg, "entropy_norm").max()) < 0.8
+
+
+def test_learned_sink_mass_is_the_mass_no_key_received():
+    h, n = 2, 24
+    probs = uniform_causal(h, n) * 0.75  # a learned sink took a quarter of every row
+    cfg = StatConfig(sink_tokens=(1,), windows=(4,), budgets=(4,), block_size=8, query_chunk=8)
+    out = run(probs, cfg)
+    np.testing.assert_allclose(out.learned_sink_mass.numpy(), 0.25, rtol=1e-6)
+    assert_stat(out, cfg, "local_mass_4", 0.75 * float(np.mean([min(4, i + 1) / (i + 1) for i in range(n)])))
