@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attnlab.attention import route_attention, sdpa
+from attnlab.attention import attend, route_attention
 from attnlab.capture import qk_probabilities
 from attnlab.errors import AttnlabError, ModelLoadError, PromptError
 from attnlab.identity import ModelIdentity
@@ -141,10 +141,20 @@ class LayerQK:
     query: np.ndarray
     key: np.ndarray
     scaling: float
+    #: the layer's own attention variant (window, soft-cap, learned sinks); None = plain
+    variant: Any = None
 
     @property
     def n(self) -> int:
         return int(self.query.shape[1])
+
+    def head_variant(self, head: int):
+        """The layer's variant for one query head (its learned sink only)."""
+        if self.variant is None or self.variant.sinks is None:
+            return self.variant
+        import dataclasses
+
+        return dataclasses.replace(self.variant, sinks=self.variant.sinks[head : head + 1])
 
     def head_qk(self, head: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``([1, n, d], [1, n, d])``: query head ``head`` and the KV head it reads (GQA)."""
@@ -166,11 +176,12 @@ def capture_layer_qk(model, input_ids: torch.Tensor, layer: int) -> LayerQK:
         input_ids = input_ids[None]
     taken: dict[str, Any] = {}
 
-    def attention(lay: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(lay: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
         if lay == layer:
-            taken.update(q=query[0].float().cpu().numpy().copy(), k=key[0].float().cpu().numpy().copy(), s=scaling)
+            taken.update(q=query[0].float().cpu().numpy().copy(), k=key[0].float().cpu().numpy().copy(), s=scaling,
+                         v=variant)
             raise _LayerCaptured
-        return sdpa(query, key, value, scaling=scaling)
+        return attend(query, key, value, scaling=scaling, variant=variant)
 
     try:
         with route_attention(model, attention):
@@ -179,7 +190,7 @@ def capture_layer_qk(model, input_ids: torch.Tensor, layer: int) -> LayerQK:
         pass
     if "q" not in taken:
         raise AttnlabError(f"layer {layer} of {model.name} was not reached by the forward")
-    return LayerQK(layer, taken["q"], taken["k"], float(taken["s"]))
+    return LayerQK(layer, taken["q"], taken["k"], float(taken["s"]), taken.get("v"))
 
 
 # -- patterns --------------------------------------------------------------------------------------
@@ -194,7 +205,7 @@ def token_pattern(qk: LayerQK, head: int, q_range: tuple[int, int] | None = None
     out = np.empty((q1 - q0, k1 - k0), dtype=np.float32)
     for a in range(q0, q1, ROW_CHUNK):
         b = min(q1, a + ROW_CHUNK)
-        out[a - q0 : b - q0] = qk_probabilities(q, k, a, b, qk.scaling)[0, :, k0:k1].numpy()
+        out[a - q0 : b - q0] = qk_probabilities(q, k, a, b, qk.scaling, qk.head_variant(head))[0, :, k0:k1].numpy()
     future = np.arange(k0, k1)[None, :] > np.arange(q0, q1)[:, None]
     out[future] = np.nan
     return out
@@ -212,7 +223,7 @@ def block_pattern(qk: LayerQK, head: int, block: int) -> np.ndarray:
     pad = nb * block - n
     for a in range(0, n, step):
         b = min(n, a + step)
-        p = qk_probabilities(q, k, a, b, qk.scaling)[0]  # [rows, n]
+        p = qk_probabilities(q, k, a, b, qk.scaling, qk.head_variant(head))[0]  # [rows, n]
         p = torch.nn.functional.pad(p, (0, pad)).view(b - a, nb, block).sum(-1)  # [rows, k_blocks]
         rows_block = torch.arange(a, b) // block
         sums += torch.zeros(nb, nb, dtype=torch.float64).index_add_(0, rows_block, p.double()).numpy()

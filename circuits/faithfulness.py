@@ -202,7 +202,7 @@ def ablated_attribution(
     restoring it would add to the metric; for a head inside, what ablating it would take away.
     One forward and one backward per length group. Returns ``(metric, scores [layers, heads])``.
     """
-    from attnlab.attention import route_attention, sdpa
+    from attnlab.attention import attend, route_attention
 
     L, H = model.n_layers, model.n_heads
     keep_set = {(int(a), int(b)) for a, b in keep}
@@ -217,8 +217,8 @@ def ablated_attribution(
         used: list = [None] * L
 
         def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None,
-                      own=own, used=used, mean_z=mean_z) -> torch.Tensor:
-            out = sdpa(query, key, value, scaling=scaling)
+                      own=own, used=used, mean_z=mean_z, variant=None) -> torch.Tensor:
+            out = attend(query, key, value, scaling=scaling, variant=variant)
             own[layer] = out.detach()
             if ablated[layer]:
                 out = out.clone()

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab.attention import route_attention, sdpa
+from attnlab.attention import attend, route_attention
 from attnlab.errors import AttnlabError
 
 from .tasks import Task, logit_diff
@@ -122,8 +122,8 @@ def traced(model, *, patch: dict[int, tuple[list[int], torch.Tensor]] | None = N
     trace.resid = [None] * n_layers  # type: ignore[list-item]
     patch = patch or {}
 
-    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-        out = sdpa(query, key, value, scaling=scaling)
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
+        out = attend(query, key, value, scaling=scaling, variant=variant)
         if layer in patch:
             heads, source = patch[layer]
             if source.shape != out.shape:
@@ -265,8 +265,8 @@ def _stacked_patch_metrics(model, base_ids: torch.Tensor, source_z: list[torch.T
     for j, (layer, h) in enumerate(chunk):
         rows.setdefault(int(layer), []).append((j, int(h)))
 
-    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-        out = sdpa(query, key, value, scaling=scaling)
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
+        out = attend(query, key, value, scaling=scaling, variant=variant)
         if layer in rows:
             out = out.clone()
             src = source_z[layer].to(out.dtype)

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from attnlab.attention import AttentionFn, route_attention, sdpa
+from attnlab.attention import AttentionFn, attend, route_attention
 from attnlab.names import attn_hook
 
 from .base import ProbeError
@@ -186,11 +186,13 @@ def as_ablation(heads: Iterable[tuple[int, int]] | HeadAblation, method: str = "
 def ablated_attention(fn: AttentionFn | None, ablation: HeadAblation) -> AttentionFn:
     """Wrap a `route_attention` function so its output has ``ablation`` applied."""
 
-    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
         if fn is None:
-            out = sdpa(query, key, value, scaling=scaling)
-        else:
+            out = attend(query, key, value, scaling=scaling, variant=variant)
+        elif variant is None or variant.plain:
             out = fn(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+        else:
+            out = fn(layer, query, key, value, scaling=scaling, attention_mask=attention_mask, variant=variant)
         return ablation.apply(layer, out, value)
 
     return attention
@@ -271,8 +273,8 @@ def head_means(model, prompts: Sequence[torch.Tensor], *, path: str = "routed") 
         count += int(ids.shape[1])
         if path == "routed":
 
-            def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-                out = sdpa(query, key, value, scaling=scaling)
+            def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
+                out = attend(query, key, value, scaling=scaling, variant=variant)
                 add(layer, out)
                 return out
 

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from attnlab.attention import route_attention, sdpa
+from attnlab.attention import attend, route_attention, sdpa
 from attnlab.errors import PromptError
 from attnlab.prompts import KINDS as HAYSTACK_REGISTERS
 from attnlab.prompts import generate_text, read_text_file
@@ -526,9 +526,13 @@ def _haystack_fn(tokenizer, source: _Haystack, rng: random.Random, name: str, le
 # ---------------------------------------------------------------------------------------
 # answering
 # ---------------------------------------------------------------------------------------
-def attention_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float) -> torch.Tensor:
+def attention_output(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scaling: float,
+                     variant=None) -> torch.Tensor:
     """Causal SDPA, ``[b, heads, n_q, d]`` in, ``[b, n_q, heads, d]`` out; a decode step (one
-    query over the whole cache) needs no mask, so it skips building one."""
+    query over the whole cache) needs no mask, so it skips building one. A layer with its own
+    attention ``variant`` (window, soft-cap, sinks) runs the model's own attention."""
+    if variant is not None and not variant.plain:
+        return attend(query, key, value, scaling=scaling, variant=variant)
     if query.shape[-2] != 1:
         return sdpa(query, key, value, scaling=scaling)
     group = query.shape[1] // key.shape[1]
@@ -629,11 +633,12 @@ def greedy_answer(
 
     prefill_fn = attention
 
-    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
         if prefill_fn is not None and query.shape[-2] == key.shape[-2]:
-            out = prefill_fn(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+            extra = {} if variant is None or variant.plain else {"variant": variant}
+            out = prefill_fn(layer, query, key, value, scaling=scaling, attention_mask=attention_mask, **extra)
         else:
-            out = attention_output(query, key, value, scaling=scaling)
+            out = attention_output(query, key, value, scaling=scaling, variant=variant)
         return out if ablation is None else ablation.apply(layer, out, value)
 
     limit = max_new_tokens or default_max_new_tokens(sample)

@@ -202,8 +202,8 @@ class _ArgmaxRecorder:
         self.ablation = ablation
         self.buffer: list[torch.Tensor | None] = [None] * n_layers
 
-    def __call__(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-        out = attention_output(query, key, value, scaling=scaling)
+    def __call__(self, layer: int, query, key, value, *, scaling: float, attention_mask=None, variant=None) -> torch.Tensor:
+        out = attention_output(query, key, value, scaling=scaling, variant=variant)
         if self.rows:
             self.buffer[layer] = argmax_keys(query[0], key[0], self.rows)
         if self.ablation is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from attnlab.attention import sdpa
+from attnlab.attention import PLAIN, AttentionVariant, attend, key_mask
 from attnlab.errors import AttnlabError
 from attnlab.kernels.reference import reference_attention
 from attnlab.models import LoadedModel
@@ -63,20 +63,27 @@ class DeployedExecutor:
         return self._deployments[key]
 
     def sparse(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(out [1, H, n, d], lse [1, H, n])`` of the layer as the target runs it (prefill)."""
+               scaling: float, variant: AttentionVariant | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [1, H, n, d], lse [1, H, n])`` of the layer as the target runs it (prefill), on
+        top of the layer's own window, soft-cap and learned sinks (``variant``)."""
+        variant = variant or PLAIN
         if query.shape[0] != 1:
             raise AttnlabError(_ERR_BATCH)
         n = int(query.shape[-2])
         mask = self.deployment(n).layer_mask(layer, query[0].float().cpu(), key[0].float().cpu())
         causal = torch.ones(n, n, dtype=torch.bool).tril()
+        if variant.window:  # the model's own window bounds what any deployment sees
+            causal &= key_mask(torch.arange(n), n, variant.window)
+            mask = mask & causal
         kept = (mask & causal).flatten(1).sum(-1).float()
         self.layouts_[layer] = _Density(kept / causal.sum().float())
-        out, lse = reference_attention(query, key, value, mask.to(query.device), scale=scaling, dtype=torch.float32)
+        out, lse = reference_attention(query, key, value, mask.to(query.device), scale=scaling, dtype=torch.float32,
+                                       softcap=variant.softcap, sinks=variant.sinks)
         return out.to(query.dtype), lse
 
-    def attention(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
+    def attention(self, layer: int, query, key, value, *, scaling: float, attention_mask=None,
+                  variant: AttentionVariant | None = None) -> torch.Tensor:
         if query.shape[-2] != key.shape[-2]:  # decode over a cache: dense, as validation's prefill phase
-            return sdpa(query, key, value, scaling=scaling)
-        out, _ = self.sparse(layer, query, key, value, scaling)
+            return attend(query, key, value, scaling=scaling, variant=variant)
+        out, _ = self.sparse(layer, query, key, value, scaling, variant)
         return out.transpose(1, 2).contiguous()

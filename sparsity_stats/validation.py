@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from attnlab.attention import route_attention
+from attnlab.attention import PLAIN, AttentionVariant, route_attention
 from attnlab.errors import AttnlabError
 from attnlab.kernels.reference import reference_attention
 from attnlab.models import LoadedModel
@@ -91,11 +91,18 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal dense attention in fp32: the yardstick every head is measured against."""
+def _dense_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float,
+                     variant: AttentionVariant | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own dense attention in fp32 (causal, and the layer's window, soft-cap and
+    learned sinks): the yardstick every head is measured against."""
+    variant = variant or PLAIN
     n_q, n_k = q.shape[-2], k.shape[-2]
-    mask = torch.arange(n_k)[None, :] <= torch.arange(n_k - n_q, n_k)[:, None]
-    out, lse = reference_attention(q, k, v, mask.to(q.device), scale=scaling, dtype=torch.float32)
+    q_pos = torch.arange(n_k - n_q, n_k)[:, None]
+    mask = torch.arange(n_k)[None, :] <= q_pos
+    if variant.window:
+        mask &= q_pos - torch.arange(n_k)[None, :] < variant.window
+    out, lse = reference_attention(q, k, v, mask.to(q.device), scale=scaling, dtype=torch.float32,
+                                   softcap=variant.softcap, sinks=variant.sinks)
     return out.to(q.dtype), lse
 
 
@@ -104,12 +111,14 @@ def head_errors(model: LoadedModel, executor: PolicyExecutor, input_ids: torch.T
     """Per-head errors of one prompt: one forward, both attentions per layer, dense passed on."""
     rows: list[dict[str, Any]] = []
 
-    def attention(layer, query, key, value, *, scaling, attention_mask=None):
-        dense, dense_lse = _dense_reference(query, key, value, scaling)
-        sparse, sparse_lse = executor.sparse(layer, query, key, value, scaling)
+    def attention(layer, query, key, value, *, scaling, attention_mask=None, variant=None):
+        variant = variant or PLAIN
+        dense, dense_lse = _dense_reference(query, key, value, scaling, variant)
+        sparse, sparse_lse = executor.sparse(layer, query, key, value, scaling, variant)
         lay = executor.layouts_[layer]
         if sparse_lse is None:  # compiled Flex on a CPU gives no LSE: take it from the layout's token mask
-            _, sparse_lse = reference_attention(query, key, value, lay.to(query.device), scale=scaling, dtype=torch.float32)
+            _, sparse_lse = reference_attention(query, key, value, lay.to(query.device), scale=scaling, dtype=torch.float32,
+                                                softcap=variant.softcap, sinks=variant.sinks)
         diff = (sparse.float() - dense.float())[0]  # [H, n, d]
         norm = dense.float()[0].flatten(1).norm(dim=1).clamp_min(1e-30)
         rel = diff.flatten(1).norm(dim=1) / norm
