@@ -771,7 +771,10 @@ def test_damaged_and_old_runs_are_messages_and_other_runs_keep_working(monkeypat
     for page in PAGES[1:]:
         goto(at, page, "good")
         assert not at.error, (page, texts(at.error))
-        assert at.get("plotly_chart"), page
+        if page == "Tasks":  # the good run has no task-suite results: the page names the command
+            assert "attnlab eval" in texts(at.info)
+        else:
+            assert at.get("plotly_chart"), page
     # a damaged table hurts only its part of a page
     goto(at, "Head atlas", "corrupt_maps")
     assert len(at.get("plotly_chart")) == 1 and "block-map" in texts(at.error)
