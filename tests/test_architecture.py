@@ -26,8 +26,9 @@ PACKAGES = {
     "sparsity_stats": ("attnlab.sparsity_stats", 3),
     "app": ("attnlab.app", 4),
 }
-#: The façade on top of everything: the CLI dispatcher and the lazy public API.
-FACADE = {"attnlab/cli.py", "attnlab/__init__.py"}
+#: The façade on top of everything: the CLI dispatcher, the lazy public API, and the Ray engine
+#: (it runs whole CLI commands in its workers).
+FACADE = {"attnlab/cli.py", "attnlab/__init__.py", "attnlab/ray_engine.py"}
 
 
 def _package_of(module: str) -> str | None:

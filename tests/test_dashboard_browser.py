@@ -196,6 +196,7 @@ PAGE_SHOWS = {
     "Retrieval": "The leaderboard needs detections.parquet",
     "Head families": "Head families needs families.parquet",
     "Circuits": "circuit faithfulness",
+    "Tasks": "The task suite needs eval_summary.csv",
 }
 
 
