@@ -707,3 +707,75 @@ def test_protect_heads_takes_pairs_and_head_labels(run, tmp_path):
     policy = Policy.load(out)
     assert policy.entry(0, 1).kind == "dense" and policy.entry(1, 2).kind == "dense"
     assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected by request"} == {(0, 1), (1, 2)}
+
+
+# -- decode phase (issue 15) ------------------------------------------------------------------
+def _with_decode(policy_dict):
+    d = json.loads(json.dumps(policy_dict))
+    d["schema"] = 2
+    kinds = [("full", {}), ("streaming", {"sink": 4, "recent": 64}),
+             ("snapkv", {"budget": {"alpha": 0, "beta": 0.25}, "window": 16, "kernel": 5, "sink": 4}), ("full", {})]
+    d["decode"] = {"heads": [{"layer": la, "kv_head": kv, "kind": kinds[2 * la + kv][0], "params": kinds[2 * la + kv][1]}
+                             for la in range(2) for kv in range(2)]}
+    return d
+
+
+def test_a_schema_2_decode_section_round_trips_and_predicts_kv(tmp_path, curves):
+    from attnlab.sparsity_stats.policy import DecodeHead
+
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    assert not policy.has_decode and "decode keeps the full KV cache" in policy.decode_note()
+    assert policy.to_dict()["schema"] == 1 and "decode" not in policy.to_dict()  # no decode: the file is as before
+    assert policy.predicted_kv_fraction(1000, 24) == 1.0
+    (tmp_path / "p.json").write_text(json.dumps(_with_decode(policy.to_dict())))
+    back = Policy.load(tmp_path / "p.json")
+    assert back.has_decode and back.decode_note() is None
+    assert [e.kind for e in back.decode_heads()] == ["full", "streaming", "snapkv", "full"]
+    snap = back.decode_head(1, 0)
+    assert snap.params["kernel"] == 5 and snap.prompt_tokens_kept(1000) == 250 and snap.tokens_kept(1000, 10) == 260
+    assert snap.prompt_tokens_kept(40) == 20  # never below sink + window
+    assert back.decode_head(0, 1).tokens_kept(1000, 10) == 68
+    assert back.predicted_kv_tokens(1000, 10) == 1010 + 68 + 260 + 1010
+    assert back.predicted_kv_fraction(1000, 10) == pytest.approx((1010 + 68 + 260 + 1010) / (4 * 1010))
+    back.save(tmp_path / "q.json")
+    again = Policy.load(tmp_path / "q.json")
+    assert again.to_dict()["schema"] == 2 and again.decode_heads() == back.decode_heads()
+    assert DecodeHead.make(0, 0, "streaming", recent=8).params == {"sink": 4, "recent": 8}
+    assert back.with_decode(None).to_dict()["schema"] == 1
+
+
+def test_the_v0_1_0_policy_fixture_loads_with_a_full_decode_cache():
+    policy = Policy.load(Path(__file__).parent / "fixtures" / "policy_v0_1_0.json")
+    assert policy.schema == 1 and not policy.has_decode
+    assert {e.kind for e in policy.decode_heads()} == {"full"}
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d["decode"]["heads"][1].update(kind="h2o"), r"decode head \(layer 0, kv_head 1\): field 'kind' is 'h2o'; use one of full, streaming, snapkv"),
+        (lambda d: d["decode"]["heads"][1]["params"].update(recent=0), r"field 'params.recent' must be a whole number of tokens in \[1, "),
+        (lambda d: d["decode"]["heads"][1]["params"].pop("recent"), r"field 'params.recent' is missing"),
+        (lambda d: d["decode"]["heads"][1]["params"].update(window=8), r"field 'params.window' is not a parameter of decode kind 'streaming'"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(kernel=4), r"field 'params.kernel' must be an odd whole number"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget=10), r"field 'params.budget' is 10 tokens, fewer than sink 4 \+ window 16"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget=float("nan")), r"field 'params.budget' must be a finite size"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget={"alpha": 0, "beta": 2}), r"'params.budget.beta' must be a share"),
+        (lambda d: d["decode"]["heads"][0].update(kv_head=2), r"field 'kv_head' is outside \[0, 2\)"),
+        (lambda d: d["decode"]["heads"].pop(3), r"no decode entry for \(layer 1, kv_head 1\)"),
+        (lambda d: d["decode"]["heads"].append(dict(d["decode"]["heads"][0])), r"lists decode head \(layer 0, kv_head 0\) twice"),
+        (lambda d: d["decode"].update(heads={}), r"field 'decode.heads' must be a list"),
+        (lambda d: d["decode"].update(note=1), r"field 'decode.note' is not a field of the decode section"),
+        (lambda d: d.update(decode=[1]), r"field 'decode' must be an object or null, got list"),
+        (lambda d: d.update(schema=1), r"field 'decode' needs policy schema 2"),
+        (lambda d: d["decode"]["heads"][0].update(params=[]), r"field 'params' must be an object, got list"),
+        (lambda d: d["decode"]["heads"][0].update(reason=3), r"field 'reason' must be a string"),
+    ],
+)
+def test_decode_section_validation_names_head_and_field(tmp_path, curves, mutate, match):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_mutate(_with_decode(policy.to_dict()), mutate)))
+    with pytest.raises(PolicyError, match=match) as info:
+        Policy.load(path)
+    assert "\n" not in str(info.value)
