@@ -30,12 +30,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
+    if args.phase != "prefill":
+        return _validate_decode(args, model, policy)
     report = validate_policy(
         model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
         seed=args.seed,
     )
     print(report.format())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _validate_decode(args: argparse.Namespace, model, policy) -> int:
+    """``--phase decode|both``: the compressed KV cache in generation (`validate_decode`); with
+    ``both`` the prefill report first, then the decode one."""
+    from .decode_validation import validate_decode
+    from .validation import validate_policy
+
+    if policy.decode_note():
+        print(f"note: {policy.decode_note()}")
+    if args.phase == "both":
+        report = validate_policy(
+            model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+            needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
+            seed=args.seed,
+        )
+        print(report.format())
+    decode = validate_decode(
+        model, policy, phase=args.phase, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+        new_tokens=args.new_tokens, needle_samples=args.needle, needle_length=args.needle_length, out=args.out,
+        progress=not args.quiet, seed=args.seed,
+    )
+    print(decode.format())
     print(f"wrote {args.out}")
     return 0
 
@@ -50,6 +77,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per prompt (default 1024)")
     p.add_argument("--needle", type=nonneg_int, default=0, help="passkey samples for needle accuracy (default 0: skip)")
     p.add_argument("--needle-length", type=positive_int, default=1024, help="needle context length (default 1024)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="prefill",
+                   help="prefill: the policy's prefill heads (default, as before); decode: dense prefill, then generation "
+                        "with the policy's compressed KV cache vs a full one; both: the prefill report, then generation "
+                        "with both phases")
+    p.add_argument("--new-tokens", type=positive_int, default=64,
+                   help="tokens generated per prompt for continuation agreement with --phase decode|both (default 64)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the report (created, or added to)")
     add_quiet_argument(p)

@@ -186,3 +186,49 @@ def test_the_embedded_model_with_a_full_decode_policy_equals_the_dynamic_cache(e
     dense = kc.greedy_decode(embedded, ids, None, 16)  # a DynamicCache under the same attention function
     assert (got.logits - dense.logits).abs().max() <= 1e-5
     assert got.tokens == want_tokens.tolist() == dense.tokens
+
+
+# -- validation in generation -----------------------------------------------------------------
+def test_validate_decode_pairs_dense_and_compressed_and_writes_the_run(tmp_path, tiny_llama):
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run
+    from attnlab.sparsity_stats.decode_validation import validate_decode
+
+    full = validate_decode(tiny_llama, dense_policy(tiny_llama), n_prompts=1, prompt_tokens=64, new_tokens=8, progress=False)
+    s = full.summary
+    assert s["token_match"] == 1.0 and s["first_divergence"] == 8 and s["kl_mean"] <= 1e-9 and s["forced_agreement"] == 1.0
+    assert s["kv_fraction"] == 1.0 and s["kv_vs_predicted"] == 1.0 and "decode keeps the full KV cache" in s["note"]
+
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 2, "recent": 8}) for la in range(2) for kv in range(2)}))
+    report = validate_decode(tiny_llama, policy, n_prompts=2, prompt_tokens=64, new_tokens=8, needle_samples=2,
+                             needle_length=160, out=tmp_path / "run", progress=False)
+    s = report.summary
+    assert s["n_prompts"] == 2 and s["needle_n"] == 2 and s["note"] is None
+    assert s["kv_vs_predicted"] == 1.0 and s["kv_fraction"] < 0.2  # 10 tokens of 71 per head on continuations
+    assert 0 <= s["token_match"] <= 1 and s["kl_mean"] > 0
+    assert s["needle_both"] + s["needle_dense_only"] + s["needle_compressed_only"] + s["needle_neither"] == 2
+    run = Run.open(tmp_path / "run")
+    rows = run.read(DECODE_SAMPLES)
+    assert list(rows["task"]) == ["continuation", "continuation", "needle", "needle"]
+    assert (rows["kv_bytes_held"] == rows["kv_bytes_predicted"]).all()
+    assert run.read(DECODE_SUMMARY)["policy_file"]["decode"]["heads"][0]["kind"] == "streaming"
+    assert "phase decode" in report.format() or "decode phase" in report.format()
+
+
+def test_validate_cli_phase_decode(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import DECODE_SUMMARY, VALIDATION_SUMMARY, Run
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    path = dense_policy(tiny_llama).save(tmp_path / "p.json")
+    assert main(["validate", str(path), "--phase", "decode", "--prompts", "1", "--tokens", "48", "--new-tokens", "4",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the policy has no decode phase" in out and "token match 1.000" in out
+    run = Run.open(tmp_path / "r")
+    assert run.has(DECODE_SUMMARY) and not run.has(VALIDATION_SUMMARY)
+    assert main(["validate", str(path), "--phase", "decode", "--tokens", "510", "--new-tokens", "4",
+                 "--model", "x", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
