@@ -779,3 +779,50 @@ def test_decode_section_validation_names_head_and_field(tmp_path, curves, mutate
     with pytest.raises(PolicyError, match=match) as info:
         Policy.load(path)
     assert "\n" not in str(info.value)
+
+
+def test_a_kv_budget_policy_carries_the_decode_cache_it_was_priced_for(tmp_path, curves):
+    policy = PolicyGenerator(budget=0.3, budget_kind="kv").fit(curves).emit()
+    n = max(policy.eval_lengths)
+    assert policy.has_decode and policy.to_dict()["schema"] == 2
+    for e in policy.decode_heads():
+        members = [policy.entry(e.layer, e.kv_head * 2 + j) for j in range(2)]
+        if e.kind == "streaming":  # the group's own streaming sizes, token for token
+            assert all(m.kind == "streaming" for m in members)
+            assert (e.params["sink"], e.params["recent"]) == max(m.candidate.spec.stream(m.params, n) for m in members)
+        else:
+            assert e.kind == "full" and any(m.kind != "streaming" for m in members)
+    # the retrieval head (1, 3) is protected: its KV head keeps the full cache
+    assert policy.decode_head(1, 1).kind == "full" and "needs every key" in policy.decode_head(1, 1).reason
+    # what the cache holds at the evaluation length is what the budget was spent on
+    assert policy.predicted_kv_fraction(n) == pytest.approx(policy.summary["expected_kv"])
+    assert policy.predicted_kv_fraction(n) <= 0.3
+    assert policy.summary["decode_kv_predicted"] == pytest.approx(policy.summary["expected_kv"])
+    again = Policy.load(policy.save(tmp_path / "kv.json"))
+    assert again.decode_heads() == policy.decode_heads()
+    # a density budget writes no decode section (unless asked), as before
+    assert not PolicyGenerator(budget=0.4).fit(curves).emit().has_decode
+    assert PolicyGenerator(budget=0.4, decode="always").fit(curves).emit().has_decode
+    with pytest.raises(PolicyError, match="decode 'x' is unknown"):
+        PolicyGenerator(budget=0.4, decode="x").fit(curves)
+
+
+def test_kv_baselines_choose_their_caches_at_the_same_budget(curves):
+    from attnlab.sparsity_stats.baselines import kv_baselines
+
+    n = max(curves.estimator.eval_lengths)
+    for budget in (0.3, 0.5):
+        base = kv_baselines(curves, budget, retrieval_scores=curves.retrieval_scores)
+        assert set(base) == {"uniform_streaming", "duo_attention", "snapkv"}
+        for name, policy in base.items():
+            assert policy.has_decode and policy.budget["method"] == name and policy.budget["kind"] == "kv"
+            assert policy.predicted_kv_fraction(n) <= budget + 1e-9
+        stream = {(e.kind, e.params["sink"], e.params["recent"]) for e in base["uniform_streaming"].decode_heads()}
+        assert len(stream) == 1 and next(iter(stream))[0] == "streaming"  # one size for every KV head
+        snap = base["snapkv"]
+        assert {e.kind for e in snap.decode_heads()} == {"snapkv"} and {h.kind for h in snap.heads} == {"dense"}
+        assert snap.predicted_kv_fraction(n) >= budget - 1 / n
+    duo = kv_baselines(curves, 0.5, retrieval_scores=curves.retrieval_scores)["duo_attention"]
+    kinds = {(e.layer, e.kv_head): e.kind for e in duo.decode_heads()}
+    assert kinds[(1, 1)] == "full" and list(kinds.values()).count("full") == 1  # the retrieval head's KV head, first
+    assert {(e.params["sink"], e.params["recent"]) for e in duo.decode_heads() if e.kind == "streaming"} == {(4, n // 8)}
