@@ -216,3 +216,41 @@ def validate_decode(
         run.write(DECODE_SUMMARY, {**report.summary, "policy_file": policy.to_dict()})
         report.run = run
     return report
+
+
+@torch.no_grad()
+def side_by_side(model: LoadedModel, policy: Policy, text: str, *, max_new_tokens: int = 64, chat: bool = True,
+                 do_sample: bool = False, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """``text``'s continuation with a full cache and with the policy's compressed one (greedy,
+    or sampled from ``seed``), with each cache's size at the end."""
+    from .kvcache import generate
+
+    ids = model.encode(text, chat=chat)
+    check_context(model, ids.shape[-1], max_new_tokens)
+    out: dict[str, Any] = {"prompt_tokens": int(ids.shape[-1]), "note": policy.decode_note()}
+    for name, pol in (("dense", None), ("compressed", policy)):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        tokens, cache = generate(model, ids, pol, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+        seconds = time.perf_counter() - t0
+        new = tokens[0, ids.shape[-1]:].tolist()
+        out[name] = {"text": model.tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new), "seconds": seconds}
+        if isinstance(cache, PolicyCache):
+            out[name].update(cache.kv_report())
+        else:
+            held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+            out[name].update(kv_bytes_held=held, kv_fraction=1.0)
+    return out
+
+
+def format_side_by_side(result: dict[str, Any]) -> str:
+    d, c = result["dense"], result["compressed"]
+    lines = [f"prompt: {result['prompt_tokens']} tokens"]
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
+    lines.append(f"--- dense (full KV cache: {d['kv_bytes_held'] / 2**20:.2f} MiB, {d['tokens']} tokens in {d['seconds']:.1f} s)")
+    lines.append(d["text"])
+    lines.append(f"--- compressed ({c['kv_bytes_held'] / 2**20:.2f} MiB = {c['kv_fraction']:.3f} of dense; the policy predicts "
+                 f"{c['kv_bytes_predicted'] / 2**20:.2f} MiB; {c['tokens']} tokens in {c['seconds']:.1f} s)")
+    lines.append(c["text"])
+    return "\n".join(lines)

@@ -67,6 +67,19 @@ def _validate_decode(args: argparse.Namespace, model, policy) -> int:
     return 0
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .decode_validation import format_side_by_side, side_by_side
+    from .policy import Policy
+
+    policy = Policy.load(args.policy)
+    model = load_model_from_args(args)
+    policy.check_model(model.identity(), args.policy)
+    result = side_by_side(model, policy, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                          do_sample=args.sample, seed=args.seed)
+    print(format_side_by_side(result))
+    return 0
+
+
 def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="validate a sparse policy against dense attention (per head and per model)")
     p.add_argument("policy", help="policy.json from `attnlab policy` or `attnlab import`")
@@ -87,3 +100,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory for the report (created, or added to)")
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_validate)
+
+    g = sub.add_parser("generate", help="generate from a prompt with a full and with a policy's compressed KV cache, side by side")
+    g.add_argument("policy", help="policy.json (its decode section says what the cache keeps per KV head)")
+    add_model_arguments(g)
+    g.add_argument("--prompt", required=True, help="the prompt text (sent through the chat template when the model has one)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--sample", action="store_true", help="sample (seeded by --seed) instead of greedy decoding")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.set_defaults(func=_cmd_generate)

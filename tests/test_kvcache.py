@@ -232,3 +232,20 @@ def test_validate_cli_phase_decode(tmp_path, tiny_llama, monkeypatch, capsys):
                  "--model", "x", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
     assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
     assert not (tmp_path / "r2").exists()
+
+
+def test_generate_cli_prints_both_continuations_with_cache_sizes(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 2, "recent": 6}) for la in range(2) for kv in range(2)}))
+    path = policy.save(tmp_path / "p.json")
+    assert main(["generate", str(path), "--prompt", "The quick brown fox jumps over the lazy dog. " * 3,
+                 "--max-new-tokens", "6", "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert "--- dense (full KV cache:" in out and "--- compressed (" in out
+    assert "the policy predicts" in out and "note:" not in out
+    assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "600"]) == 2
+    assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
