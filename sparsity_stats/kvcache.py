@@ -44,7 +44,10 @@ _ERR_UNSUPPORTED = "the policy KV cache does not support {what}: use greedy or s
 
 
 class PolicyCacheLayer(CacheLayerMixin):
-    """One layer's cache: per KV head, keys/values ``[b, n_h, d]`` and positions ``[n_h]``."""
+    """One layer's cache: a ``[1, H_kv, capacity, d]`` key and value buffer in which each KV head
+    fills its own first ``lengths[h]`` slots, with the absolute position of every slot
+    (``-1``: empty). A streaming head, once full, overwrites its oldest recent token in place
+    (a ring after its sink), so a decode step copies one token per head, never the cache."""
 
     is_sliding = False
     is_croppable = False
@@ -56,12 +59,12 @@ class PolicyCacheLayer(CacheLayerMixin):
         self.seen = 0
         self.compressed = False
         self.prompt_tokens = 0
-        self.head_keys: list[torch.Tensor] = []
-        self.head_values: list[torch.Tensor] = []
-        self.head_positions: list[torch.Tensor] = []
-        #: ``[H_kv, M]`` bool: which slots of the padded keys returned by the last `update` hold a token.
+        self.lengths: list[int] = [0] * len(heads)
+        self._ring: list[int] = [0] * len(heads)
+        self.slot_positions: torch.Tensor | None = None
+        #: ``[H_kv, M]`` bool: which slots of the keys returned by the last `update` hold a token.
         self.valid: torch.Tensor | None = None
-        #: ``[H_kv, M]`` long: the absolute position of each slot (-1 for padding).
+        #: ``[H_kv, M]`` long: the absolute position of each of those slots (-1 for padding).
         self.positions: torch.Tensor | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -70,53 +73,69 @@ class PolicyCacheLayer(CacheLayerMixin):
         if key_states.shape[1] != len(self.heads):
             raise AttnlabError(f"the policy's decode phase has {len(self.heads)} KV heads per layer, the model {key_states.shape[1]}: the policy is for another model")
         self.device, self.dtype = key_states.device, key_states.dtype
-        b, h, _, d = key_states.shape
-        self.head_keys = [key_states.new_zeros(b, 0, d) for _ in range(h)]
-        self.head_values = [value_states.new_zeros(b, 0, value_states.shape[-1]) for _ in range(h)]
-        self.head_positions = [torch.zeros(0, dtype=torch.long, device=self.device) for _ in range(h)]
+        self._allocate(0, key_states, value_states)
         self.is_initialized = True
+
+    def _allocate(self, capacity: int, like_k: torch.Tensor | None = None, like_v: torch.Tensor | None = None) -> None:
+        """(Re)allocate the buffers with ``capacity`` slots, keeping what the heads hold."""
+        like_k = self.keys if like_k is None else like_k
+        like_v = self.values if like_v is None else like_v
+        b, h, d, dv = like_k.shape[0], len(self.heads), like_k.shape[-1], like_v.shape[-1]
+        keys = like_k.new_zeros(b, h, capacity, d)
+        values = like_v.new_zeros(b, h, capacity, dv)
+        pos = torch.full((h, capacity), -1, dtype=torch.long, device=self.device)
+        if self.slot_positions is not None:
+            m = min(capacity, self.slot_positions.shape[-1])
+            keys[:, :, :m] = self.keys[:, :, :m]
+            values[:, :, :m] = self.values[:, :, :m]
+            pos[:, :m] = self.slot_positions[:, :m]
+        self.keys, self.values, self.slot_positions = keys, values, pos
 
     # -- the model's calls ---------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens to every head; once prefill is over, streaming heads evict down
-        to sink + recent. Returns padded ``keys, values [1, H_kv, M, d]`` (see `valid`)."""
+        """Store the new tokens (once prefill is over, a full streaming head overwrites its
+        oldest recent token). Returns ``keys, values [1, H_kv, M, d]``: views of the buffers up
+        to the longest head (see `valid` and `positions`)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != 1:
             raise AttnlabError(_ERR_BATCH)
         n = key_states.shape[-2]
-        new_pos = torch.arange(self.seen, self.seen + n, device=self.device)
+        need = max(self.lengths) + n
+        if need > self.keys.shape[-2]:
+            self._allocate(max(need, self.keys.shape[-2] * 5 // 4 + 64))
+        for h, head in enumerate(self.heads):
+            if self.compressed and head.kind == "streaming":
+                for i in range(n):
+                    self._stream_one(h, head, key_states[:, h, i], value_states[:, h, i], self.seen + i)
+                continue
+            at = self.lengths[h]
+            self.keys[:, h, at:at + n] = key_states[:, h]
+            self.values[:, h, at:at + n] = value_states[:, h]
+            self.slot_positions[h, at:at + n] = torch.arange(self.seen, self.seen + n, device=self.device)
+            self.lengths[h] = at + n
         self.seen += n
-        for h in range(len(self.heads)):
-            self.head_keys[h] = torch.cat([self.head_keys[h], key_states[:, h]], dim=-2)
-            self.head_values[h] = torch.cat([self.head_values[h], value_states[:, h]], dim=-2)
-            self.head_positions[h] = torch.cat([self.head_positions[h], new_pos])
-            if self.compressed and self.heads[h].kind == "streaming":
-                self._keep(h, self._streaming_keep(h))
-        return self.padded()
+        return self._view()
 
-    def padded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every head's keys and values in one ``[1, H_kv, M, d]`` tensor (M = the longest head),
-        padding after each head's tokens; sets `valid` and `positions`."""
-        lengths = [int(p.numel()) for p in self.head_positions]
-        m = max(lengths)
-        if all(n == m for n in lengths):
-            keys = torch.stack(self.head_keys, dim=1)
-            values = torch.stack(self.head_values, dim=1)
-            self.positions = torch.stack(self.head_positions)
-            self.valid = torch.ones_like(self.positions, dtype=torch.bool)
-            return keys, values
-        b, d, dv = self.head_keys[0].shape[0], self.head_keys[0].shape[-1], self.head_values[0].shape[-1]
-        h = len(self.heads)
-        keys = self.head_keys[0].new_zeros(b, h, m, d)
-        values = self.head_values[0].new_zeros(b, h, m, dv)
-        self.positions = torch.full((h, m), -1, dtype=torch.long, device=self.device)
-        for i, n in enumerate(lengths):
-            keys[:, i, :n] = self.head_keys[i]
-            values[:, i, :n] = self.head_values[i]
-            self.positions[i, :n] = self.head_positions[i]
-        self.valid = self.positions >= 0
-        return keys, values
+    def _stream_one(self, h: int, head: DecodeHead, k: torch.Tensor, v: torch.Tensor, pos: int) -> None:
+        sink, recent = head.params["sink"], head.params["recent"]
+        if self.lengths[h] < sink + recent:
+            slot = self.lengths[h]
+            self.lengths[h] += 1
+            if self.lengths[h] == sink + recent:
+                self._ring[h] = sink
+        else:
+            slot = self._ring[h]
+            self._ring[h] = sink + (slot - sink + 1) % recent
+        self.keys[:, h, slot] = k
+        self.values[:, h, slot] = v
+        self.slot_positions[h, slot] = pos
+
+    def _view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        m = max(self.lengths)
+        self.positions = self.slot_positions[:, :m]
+        self.valid = None if all(n == m for n in self.lengths) else self.positions >= 0
+        return self.keys[:, :, :m], self.values[:, :, :m]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -139,37 +158,49 @@ class PolicyCacheLayer(CacheLayerMixin):
 
     # -- eviction ------------------------------------------------------------------------------
     def _keep(self, h: int, index: torch.Tensor) -> None:
-        if index.numel() == self.head_positions[h].numel():
+        """Head ``h`` keeps the slots ``index`` (sorted), moved to its first slots."""
+        k = index.numel()
+        if k == self.lengths[h]:
             return
-        self.head_keys[h] = self.head_keys[h].index_select(-2, index).contiguous()
-        self.head_values[h] = self.head_values[h].index_select(-2, index).contiguous()
-        self.head_positions[h] = self.head_positions[h].index_select(0, index)
-
-    def _streaming_keep(self, h: int) -> torch.Tensor:
-        p = self.heads[h].params
-        pos = self.head_positions[h]
-        keep = (pos < p["sink"]) | (pos >= self.seen - p["recent"])
-        return keep.nonzero().flatten()
+        self.keys[:, h, :k] = self.keys[:, h].index_select(-2, index)
+        self.values[:, h, :k] = self.values[:, h].index_select(-2, index)
+        self.slot_positions[h, :k] = self.slot_positions[h].index_select(0, index)
+        self.slot_positions[h, k:] = -1
+        self.lengths[h] = k
 
     def compress(self, scores: dict[int, torch.Tensor] | None = None) -> None:
         """The end of prefill: streaming heads keep sink + recent, snapkv heads their budget
         chosen from ``scores[h]`` (``[n]`` pooled attention of the observation window per key
-        of head ``h``); full heads keep everything. Called once, by `CachedAttention`."""
-        self.prompt_tokens = self.seen
-        n = self.seen
+        of head ``h``); full heads keep everything. The buffers shrink when every head did.
+        Called once, by `CachedAttention`."""
+        self.prompt_tokens = n = self.seen
         for h, head in enumerate(self.heads):
             if head.kind == "streaming":
-                self._keep(h, self._streaming_keep(h))
+                p = head.params
+                keep = torch.arange(n, device=self.device)
+                self._keep(h, keep[(keep < p["sink"]) | (keep >= n - p["recent"])])
+                self._ring[h] = p["sink"]  # the oldest recent token is in the slot after the sink
             elif head.kind == "snapkv":
                 self._keep(h, snapkv_keep(head, n, None if scores is None else scores.get(h), self.device))
+        longest = max(self.lengths)
+        if longest < self.keys.shape[-2] // 2:
+            self._allocate(longest + 64)
+        self._view()
         self.compressed = True
 
     # -- accounting ----------------------------------------------------------------------------
     def tokens_held(self) -> list[int]:
-        return [int(p.numel()) for p in self.head_positions]
+        return list(self.lengths)
+
+    def token_bytes(self) -> int:
+        """Bytes one token takes in one KV head (its key and its value)."""
+        return self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size()
 
     def bytes_held(self) -> int:
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in zip(self.head_keys, self.head_values, strict=True))
+        return sum(self.lengths) * self.token_bytes() if self.is_initialized else 0
+
+    def bytes_allocated(self) -> int:
+        return (self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()) if self.is_initialized else 0
 
 
 def snapkv_keep(head: DecodeHead, n: int, scores: torch.Tensor | None, device: Any = None) -> torch.Tensor:
@@ -237,19 +268,25 @@ class PolicyCache(Cache):
 
     def positions(self, layer: int, kv_head: int) -> list[int]:
         """Absolute positions of the tokens KV head ``kv_head`` of ``layer`` holds, in order."""
-        return [int(p) for p in self.layers[layer].head_positions[kv_head]]
+        lc = self.layers[layer]
+        return sorted(int(p) for p in lc.slot_positions[kv_head, :lc.lengths[kv_head]])
 
     def bytes_held(self) -> int:
-        """Bytes of keys and values the cache holds (every head's own tensors, no padding)."""
+        """Bytes of the keys and values of the tokens the cache holds (what a paged cache
+        would store; `bytes_allocated` is this implementation's padded buffers)."""
         return sum(layer.bytes_held() for layer in self.layers)
+
+    def bytes_allocated(self) -> int:
+        """Bytes of this cache's buffers: per layer, its longest head's tokens times the KV
+        heads, plus room to grow."""
+        return sum(layer.bytes_allocated() for layer in self.layers)
 
     def dense_bytes(self) -> int:
         """Bytes a full cache would hold for the tokens seen so far."""
         layer = self.layers[0]
         if not layer.is_initialized:
             return 0
-        per_token = layer.head_keys[0].shape[-1] * layer.head_keys[0].element_size() + layer.head_values[0].shape[-1] * layer.head_values[0].element_size()
-        return len(self.layers) * len(layer.heads) * layer.seen * per_token
+        return len(self.layers) * len(layer.heads) * layer.seen * layer.token_bytes()
 
     def predicted_bytes(self) -> int:
         """Bytes the policy predicts for this prompt length and the decode steps taken
@@ -258,13 +295,13 @@ class PolicyCache(Cache):
         if not layer.is_initialized:
             return 0
         n = self.prompt_tokens or layer.seen
-        per_token = layer.head_keys[0].shape[-1] * layer.head_keys[0].element_size() + layer.head_values[0].shape[-1] * layer.head_values[0].element_size()
-        return self.policy.predicted_kv_tokens(n, layer.seen - n) * per_token
+        return self.policy.predicted_kv_tokens(n, layer.seen - n) * layer.token_bytes()
 
     def kv_report(self) -> dict[str, Any]:
         """Bytes held, dense and predicted, and held/dense and held/predicted ratios."""
         held, dense, predicted = self.bytes_held(), self.dense_bytes(), self.predicted_bytes()
         return {"kv_bytes_held": held, "kv_bytes_dense": dense, "kv_bytes_predicted": predicted,
+                "kv_bytes_allocated": self.bytes_allocated(),
                 "kv_fraction": held / dense if dense else 1.0, "kv_vs_predicted": held / predicted if predicted else 1.0}
 
 
@@ -288,13 +325,15 @@ class CachedAttention:
             snap = any(h.kind == "snapkv" for h in lc.heads)
             lc.compress(window_scores(query, key, scaling, lc.heads) if snap else None)
             return out
-        if lc.valid is None or bool(lc.valid.all()):
-            if query.shape[-2] == 1:  # one query over all it holds: no mask
-                group = query.shape[1] // key.shape[1]
-                k = key.repeat_interleave(group, dim=1) if group > 1 else key
-                v = value.repeat_interleave(group, dim=1) if group > 1 else value
-                return torch.nn.functional.scaled_dot_product_attention(query, k, v, scale=scaling).transpose(1, 2).contiguous()
-        return masked_attention(query, key, value, lc.valid, lc.positions, lc.seen, scaling)
+        if query.shape[-2] == 1:  # one query over what each KV head holds: the group's queries side by side, no key copies
+            b, h, _, d = query.shape
+            hkv = key.shape[1]
+            q = query.reshape(b, hkv, h // hkv, d)
+            mask = None if lc.valid is None else lc.valid[None, :, None, :]
+            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+            return out.reshape(b, 1, h, value.shape[-1])
+        valid = lc.valid if lc.valid is not None else torch.ones_like(lc.positions, dtype=torch.bool)
+        return masked_attention(query, key, value, valid, lc.positions, lc.seen, scaling)
 
 
 def masked_attention(query, key, value, valid: torch.Tensor, positions: torch.Tensor, seen: int, scaling: float) -> torch.Tensor:

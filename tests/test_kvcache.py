@@ -114,7 +114,7 @@ def test_snapkv_keeps_sink_window_and_the_top_pooled_keys(tiny_llama):
 
     def grab(layer, query, key, value, *, scaling, attention_mask=None):
         if layer == 1 and query.shape[-2] == key.shape[-2]:
-            captured["q"], captured["k"], captured["scale"] = query, key, scaling
+            captured["q"], captured["k"], captured["scale"] = query, key.clone(), scaling  # the cache reuses its buffer
         return sdpa(query, key, value, scaling=scaling)
 
     got = kc.greedy_decode(tiny_llama, prompt(n), policy, 3, prefill=grab)
@@ -195,7 +195,7 @@ def test_validate_decode_pairs_dense_and_compressed_and_writes_the_run(tmp_path,
 
     full = validate_decode(tiny_llama, dense_policy(tiny_llama), n_prompts=1, prompt_tokens=64, new_tokens=8, progress=False)
     s = full.summary
-    assert s["token_match"] == 1.0 and s["first_divergence"] == 8 and s["kl_mean"] <= 1e-9 and s["forced_agreement"] == 1.0
+    assert s["token_match"] == 1.0 and s["first_divergence"] == 8 and s["kl_mean"] <= 1e-6 and s["forced_agreement"] == 1.0
     assert s["kv_fraction"] == 1.0 and s["kv_vs_predicted"] == 1.0 and "decode keeps the full KV cache" in s["note"]
 
     policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
