@@ -68,7 +68,7 @@ class DecodeReport:
                 f"compressed only {s['needle_compressed_only']}, neither {s['needle_neither']})")
         lines.append(
             f"  KV cache held {s['kv_fraction']:.3f} of dense (bytes held/predicted {s['kv_vs_predicted']:.4f}, "
-            f"policy predicts {s['kv_fraction_predicted']:.3f})")
+            f"policy predicts {s['kv_fraction_predicted']:.3f}; this cache's padded buffers {s['kv_fraction_allocated']:.3f})")
         if s.get("tokens_per_s_dense"):
             lines.append(f"  decode {s['tokens_per_s_dense']:.1f} tokens/s dense, {s['tokens_per_s_compressed']:.1f} compressed ({s['device']})")
         return "\n".join(lines)
@@ -83,7 +83,8 @@ def _kl(dense: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
 def _kv(cache: PolicyCache) -> dict[str, Any]:
     r = cache.kv_report()
     return {"kv_bytes_held": r["kv_bytes_held"], "kv_bytes_dense": r["kv_bytes_dense"],
-            "kv_bytes_predicted": r["kv_bytes_predicted"], "kv_fraction": r["kv_fraction"]}
+            "kv_bytes_predicted": r["kv_bytes_predicted"], "kv_bytes_allocated": r["kv_bytes_allocated"],
+            "kv_fraction": r["kv_fraction"]}
 
 
 def continuation_row(model: LoadedModel, policy: Policy, ids: torch.Tensor, new_tokens: int, prefill=None) -> dict[str, Any]:
@@ -153,6 +154,7 @@ def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows
         "kv_bytes_held": held, "kv_bytes_dense": dense, "kv_bytes_predicted": predicted,
         "kv_fraction": held / dense if dense else 1.0, "kv_vs_predicted": held / predicted if predicted else 1.0,
         "kv_fraction_predicted": predicted / dense if dense else 1.0,
+        "kv_fraction_allocated": sum(r["kv_bytes_allocated"] for r in rows) / dense if dense else 1.0,
         "needle_n": len(needle),
     }
     if needle:

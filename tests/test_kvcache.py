@@ -249,3 +249,14 @@ def test_generate_cli_prints_both_continuations_with_cache_sizes(tmp_path, tiny_
     assert "the policy predicts" in out and "note:" not in out
     assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "600"]) == 2
     assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+
+
+def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 4, "recent": 12}) for la in range(2) for kv in range(2)}))
+    cache = kc.greedy_decode(tiny_llama, prompt(400), policy, 40).cache
+    assert cache.tokens_held() == [[16, 16], [16, 16]]
+    per_token = 2 * tiny_llama.head_dim * 4
+    # the buffers shrank at the end of prefill and never grew: a decode step overwrites in place
+    assert cache.bytes_allocated() == 2 * 2 * (16 + 64) * per_token < cache.dense_bytes() / 4
+    assert cache.kv_report()["kv_bytes_allocated"] == cache.bytes_allocated()
