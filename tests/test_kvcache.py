@@ -4,6 +4,7 @@ the decode policy says (with the positions the tokens had), and accounting its b
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -260,3 +261,25 @@ def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
     # the buffers shrank at the end of prefill and never grew: a decode step overwrites in place
     assert cache.bytes_allocated() == 2 * 2 * (16 + 64) * per_token < cache.dense_bytes() / 4
     assert cache.kv_report()["kv_bytes_allocated"] == cache.bytes_allocated()
+
+
+def test_validate_cli_phase_both_writes_both_reports(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, VALIDATION_SUMMARY, Run
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    d = dense_policy(tiny_llama).to_dict()
+    d["heads"][0].update(kind="streaming", params={"sink": 4, "window": 16})
+    d["schema"] = 2
+    d["decode"] = {"heads": [{"layer": la, "kv_head": kv, "kind": "streaming", "params": {"sink": 4, "recent": 16}}
+                             for la in range(2) for kv in range(2)]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    assert main(["validate", str(path), "--phase", "both", "--executor", "reference", "--prompts", "1", "--tokens", "64",
+                 "--new-tokens", "4", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "achieved density" in out and "prefill under the policy, reference executor" in out and "note:" not in out
+    run = Run.open(tmp_path / "r")
+    assert run.has(VALIDATION_SUMMARY) and run.has(DECODE_SUMMARY)
+    assert run.read(DECODE_SUMMARY)["phase"] == "both" and len(run.read(DECODE_SAMPLES)) == 1
