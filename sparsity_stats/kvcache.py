@@ -325,15 +325,22 @@ class CachedAttention:
             snap = any(h.kind == "snapkv" for h in lc.heads)
             lc.compress(window_scores(query, key, scaling, lc.heads) if snap else None)
             return out
-        if query.shape[-2] == 1:  # one query over what each KV head holds: the group's queries side by side, no key copies
-            b, h, _, d = query.shape
-            hkv = key.shape[1]
-            q = query.reshape(b, hkv, h // hkv, d)
-            mask = None if lc.valid is None else lc.valid[None, :, None, :]
-            out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
-            return out.reshape(b, 1, h, value.shape[-1])
+        if query.shape[-2] == 1:  # one query over what each KV head holds: no key copies
+            return decode_attention(query, key, value, lc.valid, scaling)
         valid = lc.valid if lc.valid is not None else torch.ones_like(lc.positions, dtype=torch.bool)
         return masked_attention(query, key, value, valid, lc.positions, lc.seen, scaling)
+
+
+def decode_attention(query, key, value, valid: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """One query per head over its KV head's keys (``valid [H_kv, M]``: the slots that hold a
+    token; None: all), the group's query heads side by side so no key is copied for GQA.
+    ``[b, H, 1, d]`` in, ``[b, 1, H, d]`` out."""
+    b, h, _, d = query.shape
+    hkv = key.shape[1]
+    q = query.reshape(b, hkv, h // hkv, d)
+    mask = None if valid is None else valid[None, :, None, :]
+    out = torch.nn.functional.scaled_dot_product_attention(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(b, 1, h, value.shape[-1])
 
 
 def masked_attention(query, key, value, valid: torch.Tensor, positions: torch.Tensor, seen: int, scaling: float) -> torch.Tensor:
@@ -384,9 +391,13 @@ def generate(model: LoadedModel, input_ids: torch.Tensor, policy: Policy | None,
 
 
 def _dense_fn(prefill):
+    """The dense yardstick's attention: ``prefill`` (default causal SDPA) on the prompt, then the
+    same decode kernel as `CachedAttention` over the whole cache (a fair time comparison)."""
     def fn(layer, query, key, value, *, scaling, attention_mask=None):
         if prefill is not None and query.shape[-2] == key.shape[-2]:
             return prefill(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+        if query.shape[-2] == 1:
+            return decode_attention(query, key, value, None, scaling)
         return sdpa(query, key, value, scaling=scaling)
 
     return fn
