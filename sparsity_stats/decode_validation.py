@@ -144,7 +144,7 @@ def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows
     s: dict[str, Any] = {
         "policy": _policy_label(policy), "model": model.name, "phase": phase, "executor": executor,
         "note": policy.decode_note(),
-        "device": str(model.device) + ("" if model.device.type == "cuda" else " (CPU)"),
+        "device": str(model.device),
         "n_prompts": len(cont), "prompt_tokens": cont[0]["prompt_tokens"] if cont else None, "new_tokens": new_tokens,
         "token_match": _mean(cont, "token_match"), "first_divergence": _mean(cont, "first_divergence"),
         "kl_mean": _mean(cont, "kl_mean"), "kl_max": max((r["kl_max"] for r in cont), default=float("nan")),
