@@ -129,6 +129,12 @@ VALIDATION_HEADS = _declare("validation_heads", "validation_heads.parquet", "par
                             "attnlab validate {run}/policy.json --model MODEL --out {run}", ("layer", "head"))
 VALIDATION_SUMMARY = _declare("validation_summary", "validation.json", "json", "model-level validation: KL, perplexity, needle accuracy, density, time",
                               "attnlab validate {run}/policy.json --model MODEL --out {run}")
+DECODE_SAMPLES = _declare("decode_samples", "decode_samples.parquet", "parquet",
+                         "decode-phase validation, paired per sample: dense vs compressed KV cache (continuation agreement, KL, needle answers, KV bytes)",
+                         "attnlab validate {run}/policy.json --phase decode --model MODEL --out {run}", ("task", "sample", "kv_fraction"))
+DECODE_SUMMARY = _declare("decode_summary", "decode_validation.json", "json",
+                          "decode-phase validation: token match, KL, needle accuracy dense vs compressed, KV bytes held vs dense vs predicted, decode speed",
+                          "attnlab validate {run}/policy.json --phase decode --model MODEL --out {run}")
 EVAL_SAMPLES = _declare("eval_samples", "eval_samples.parquet", "parquet", "task-suite answers: one row per sample and method (dense, each policy), graded",
                         "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("sample", "task", "length", "method", "score", "correct", "density"))
 EVAL_SUMMARY = _declare("eval_summary", "eval_summary.csv", "csv", "task-suite scores per task, length and method: 95% intervals, density, paired outcomes vs dense",

@@ -11,6 +11,13 @@
   taking its best by recall, with no global budget. Its sizes are made for 128k-token prompts,
   so the grid is scaled by one factor, the largest whose density fits the budget.
 
+- **SnapKV-style** (`snapkv_uniform`, decode only): dense prefill, every KV head keeps the same
+  share of the prompt in its cache, chosen by the observation window's attention.
+
+Under a KV budget (``budget_kind="kv"``) `BaselineResult.to_policy` also writes the decode
+section the choice implies (streaming KV heads keep sink + recent, the rest everything), so
+the baselines run in generation at the same KV budget (`kv_baselines`).
+
 Each returns a `BaselineResult` with a candidate per head and the same estimates as the
 budgeted policy (`ProfileEstimator`), so the comparison is like for like.
 """
@@ -63,12 +70,13 @@ class BaselineResult:
     def to_policy(self, curves, budget: float, budget_kind: str = "density"):
         """This baseline as a `Policy` (estimates from ``curves``, extended with its candidates);
         ``policy.budget["method"]`` names the baseline."""
-        from .generator import policy_from_choices
+        from .generator import decode_from_prefill, policy_from_choices
 
         choices = {(la, h): c for la, row in enumerate(self.choices) for h, c in enumerate(row)}
         expected = self.mean_density if budget_kind == "density" else self.mean_kv
-        return policy_from_choices(curves.extend(self.candidates()), choices, reason=f"{self.name} baseline ({self.detail})",
-                                   budget={"kind": budget_kind, "value": budget, "method": self.name, "expected": expected})
+        policy = policy_from_choices(curves.extend(self.candidates()), choices, reason=f"{self.name} baseline ({self.detail})",
+                                     budget={"kind": budget_kind, "value": budget, "method": self.name, "expected": expected})
+        return policy.with_decode(decode_from_prefill(policy)) if budget_kind == "kv" else policy
 
     def candidates(self) -> list[Candidate]:
         """The distinct candidates this baseline uses."""
@@ -212,3 +220,44 @@ def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str =
             scale = lo
     choices, _, _ = _minference_choice(est, scale)
     return _assemble(est, "minference", choices, budget, budget_kind, f"grid scaled by {scale:.3g}", {"scale": scale})
+
+
+def snapkv_uniform(curves, budget: float, *, window: int = 32, kernel: int = 7, sink: int = 4):
+    """SnapKV at a KV budget, as a `Policy`: dense prefill; every KV head keeps ``budget`` of the
+    prompt (``sink`` first tokens and the last ``window`` always, the window shrunk so the two fit
+    the budget at the longest evaluation length), the rest chosen by the window's pooled attention."""
+    from .generator import policy_from_choices
+    from .policy import DecodeHead
+
+    est = curves.estimator
+    n = max(est.eval_lengths)
+    room = max(1, int(budget * n))
+    sink = min(sink, max(0, room - 1))
+    window = max(1, min(window, room - sink))
+    dense = Candidate.make("dense")
+    choices = {(la, h): dense for la in range(est.n_layers) for h in range(est.n_heads)}
+    policy = policy_from_choices(curves.extend([dense]), choices, reason="snapkv baseline (dense prefill)",
+                                 budget={"kind": "kv", "value": budget, "method": "snapkv"})
+    share = max(room, sink + window) / n  # whole tokens at n, so the cache never exceeds the budget by rounding
+    heads = [DecodeHead.make(la, kv, "snapkv", budget={"alpha": 0, "beta": share}, window=window, kernel=kernel, sink=sink,
+                             reason=f"snapkv baseline: {budget:g} of the prompt, window {window}, pool {kernel}, sink {sink}")
+             for la in range(est.n_layers) for kv in range(est.n_kv_heads)]
+    policy = policy.with_decode(heads)
+    policy.budget["expected"] = policy.predicted_kv_fraction(n)
+    return policy
+
+
+def kv_baselines(curves, budget: float, *, retrieval_scores: np.ndarray | None = None, sink: int = 4,
+                 recent: int | None = None) -> dict[str, Any]:
+    """The decode-phase baselines at one KV budget, as policies with a decode section:
+    StreamingLLM (uniform streaming), DuoAttention-style (streaming heads keep ``sink`` +
+    ``recent``, default an eighth of the longest evaluation length, so that budget is left for
+    full KV heads) and SnapKV-style."""
+    est = curves.estimator
+    recent = recent or max(1, max(est.eval_lengths) // 8)
+    return {
+        "uniform_streaming": uniform_streaming(est, budget, sink=sink, budget_kind="kv").to_policy(curves, budget, "kv"),
+        "duo_attention": duo_attention_style(est, budget, retrieval_scores=retrieval_scores, sink=sink, recent=recent,
+                                             budget_kind="kv").to_policy(curves, budget, "kv"),
+        "snapkv": snapkv_uniform(curves, budget, sink=sink),
+    }

@@ -42,11 +42,14 @@ from attnlab.runs import BLOCK_MAPS, Run
 
 from .curves import HeadCurves, ProfileEstimator, compute_curves, retrieval_scores_from_run
 from .errors import ERR_BUDGET, ERR_BUDGET_KIND, ERR_INFEASIBLE, PolicyError
-from .kinds import KINDS, AShape, Candidate, Streaming
+from .kinds import KINDS, AShape, Candidate, Streaming, get_kind
 from .knapsack import InfeasibleError, MCKPSolution, solve_mckp
-from .policy import HeadPolicy, Policy
+from .policy import DecodeHead, HeadPolicy, Policy
 
 BUDGET_KINDS = ("density", "kv")
+#: When `PolicyGenerator.emit` writes a decode section: ``auto`` under a KV budget (what the
+#: budget promises is the decode cache), ``always``, or ``never``.
+DECODE_MODES = ("auto", "always", "never")
 PROTECT = ("dense", "floor", "none")
 
 
@@ -176,6 +179,7 @@ class PolicyGenerator:
         head_weights: np.ndarray | None = None,
         max_nodes: int = 2_000_000,
         progress: bool = False,
+        decode: str = "auto",
     ):
         self.budget = budget
         self.budget_kind = budget_kind
@@ -195,6 +199,7 @@ class PolicyGenerator:
         self.head_weights = head_weights
         self.max_nodes = max_nodes
         self.progress = progress
+        self.decode = decode
 
     # -- settings -------------------------------------------------------------------------
     def get_params(self) -> dict[str, Any]:
@@ -215,6 +220,7 @@ class PolicyGenerator:
             "gqa_consistent": self.gqa_consistent,
             "weighted": self.head_weights is not None,
             "max_nodes": self.max_nodes,
+            "decode": self.decode,
         }
 
     def _check(self) -> None:
@@ -230,6 +236,8 @@ class PolicyGenerator:
             v = getattr(self, name)
             if v is not None and not (_number(v) and 0 <= float(v) <= 1):
                 raise PolicyError(f"{name} must be a number in [0, 1], got {v!r} ({option})")
+        if self.decode not in DECODE_MODES:
+            raise PolicyError(f"decode {self.decode!r} is unknown: use {', '.join(DECODE_MODES)}")
         if not _whole(self.max_nodes) or self.max_nodes < 1:
             raise PolicyError(f"max_nodes must be a positive whole number, got {self.max_nodes!r}")
         for k in self.kinds:
@@ -483,7 +491,7 @@ class PolicyGenerator:
             "n_candidates": len(curves.candidates),
             "protected_heads": [[lay, head, why] for lay, head, why in self.protected_],
         }
-        return Policy(
+        policy = Policy(
             model=dict(est.model),
             block_size=est.block_size,
             heads=heads,
@@ -494,6 +502,12 @@ class PolicyGenerator:
             summary=summary,
             generator=self.get_params(),
         )
+        if self.decode == "always" or (self.decode == "auto" and self.budget_kind == "kv"):
+            policy = policy.with_decode(decode_from_prefill(policy))
+            n = max(est.eval_lengths)
+            summary["decode_kv_predicted"] = policy.predicted_kv_fraction(n)
+            summary["decode_kinds"] = {k: sum(1 for e in policy.decode_heads() if e.kind == k) for k in ("full", "streaming", "snapkv")}
+        return policy
 
     def __repr__(self) -> str:
         return f"PolicyGenerator(budget={self.budget}, budget_kind={self.budget_kind!r})"
@@ -516,3 +530,39 @@ def policy_from_choices(curves: HeadCurves, choices: Mapping[tuple[int, int], Ca
                                     {"expected_kv": round(float(curves.kv[lay, head, i]), 6)}))
     return Policy(dict(est.model), est.block_size, heads, dict(est.source) or None, budget,
                   list(est.profiled_lengths), list(est.eval_lengths))
+
+
+def decode_from_prefill(policy: Policy, n: int | None = None) -> list[DecodeHead]:
+    """The decode section a prefill policy implies, per KV head: when every query head of the
+    group is streaming (or A-shape), a streaming cache of the group's largest sink and window
+    (resolved at ``n`` tokens, default the policy's longest evaluation length; A-shape blocks as
+    tokens); otherwise (a dense, retrieval-protected or dynamic head needs every key) the full
+    cache. This is what DuoAttention applies in decode."""
+    lengths = policy.eval_lengths or policy.profiled_lengths
+    n = int(n or (max(lengths) if lengths else policy.model.get("n_ctx") or 4096))
+    group = policy.n_heads // policy.n_kv_heads
+    out = []
+    for lay in range(policy.n_layers):
+        for kv in range(policy.n_kv_heads):
+            members = [policy.entry(lay, kv * group + j) for j in range(group)]
+            sinks, windows = [], []
+            for e in members:
+                spec = get_kind(e.kind)
+                if isinstance(spec, Streaming):
+                    s, w = spec.stream(e.params, n)
+                elif isinstance(spec, AShape):
+                    sb, wb = spec.block_counts(e.params, n, policy.block_size)
+                    s, w = sb * policy.block_size, wb * policy.block_size
+                else:
+                    break
+                sinks.append(s)
+                windows.append(w)
+            else:
+                s, w = max(sinks), max(1, max(windows))
+                kinds = sorted({e.kind for e in members})
+                out.append(DecodeHead.make(lay, kv, "streaming", sink=s, recent=w,
+                                           reason=f"its query heads are {'/'.join(kinds)}: the cache keeps sink {s} + recent {w} (at {n} tokens)"))
+                continue
+            why = next(e for e in members if not isinstance(get_kind(e.kind), (Streaming, AShape)))
+            out.append(DecodeHead.make(lay, kv, "full", reason=f"query head {why.head} is {why.kind}: it needs every key"))
+    return out

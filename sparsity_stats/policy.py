@@ -20,6 +20,25 @@ A policy is JSON (``policy.json``)::
       ]
     }
 
+Schema 2 adds an optional ``decode`` section: per KV head (the cache is per KV head; the query
+heads of a group share it), what the KV cache keeps while generating::
+
+      "decode": {"heads": [
+        {"layer": 0, "kv_head": 0, "kind": "full", "params": {}},
+        {"layer": 0, "kv_head": 1, "kind": "streaming", "params": {"sink": 4, "recent": 256}},
+        {"layer": 1, "kv_head": 0, "kind": "snapkv",
+         "params": {"budget": {"alpha": 0, "beta": 0.25}, "window": 32, "kernel": 7, "sink": 4}},
+        ...]}
+
+``full`` keeps every token; ``streaming`` keeps the first ``sink`` and the last ``recent`` tokens
+(StreamingLLM, DuoAttention's streaming heads); ``snapkv`` keeps, at the end of prefill, ``budget``
+prompt tokens (a size, elastic in the prompt length N): the ``sink`` first and the last
+``window`` (the observation window) always, the rest the keys the last ``window`` queries attend
+to most (their attention summed over queries and the group's query heads, max-pooled over key
+positions with kernel ``kernel``), as SnapKV does; tokens generated afterwards are all kept. A
+schema 1 file (or ``"decode": null``) has no decode phase: the cache keeps everything
+(`Policy.decode_note` says so). A policy without a decode section is still written as schema 1.
+
 Sizes are elastic (``alpha + beta * N`` tokens, see `attnlab.sparsity_stats.kinds.Elastic`).
 ``density_is`` says whether ``expected_density`` is exact for any input (static kinds, fixed
 top-k), an upper bound (vertical-slash) or an expectation over the profile (gamma threshold).
@@ -56,11 +75,13 @@ from .errors import (
     PolicyError,
     PolicyModelError,
 )
-from .kinds import Candidate, get_kind
+from .kinds import Candidate, Elastic, get_kind
 from .masks import check_block_size
 
 POLICY_FORMAT = "attnlab-policy"
-POLICY_SCHEMA = 1
+POLICY_SCHEMA = 2
+#: Schemas this attnlab reads: 1 (prefill only) and 2 (with an optional decode section).
+POLICY_SCHEMAS = (1, 2)
 DENSITY_IS = ("exact", "upper_bound", "expected")
 
 
@@ -295,6 +316,150 @@ class HeadPolicy:
         return cls(layer, head, head // group, d["kind"], params, vals["expected_recall"], vals["expected_density"], reason, density_is, extra)
 
 
+# -- decode phase ---------------------------------------------------------------------------------
+#: What a KV head's cache may keep while generating (see the module docstring).
+DECODE_KINDS = ("full", "streaming", "snapkv")
+#: The parameters of each decode kind: name -> (check, what it must be, default or None = required).
+_DECODE_PARAMS: dict[str, dict[str, tuple[Any, str, Any]]] = {
+    "full": {},
+    "streaming": {
+        "sink": (lambda v: _is_int(v) and 0 <= v <= MAX_TOKENS, f"a whole number of tokens in [0, {MAX_TOKENS}]", 4),
+        "recent": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of tokens in [1, {MAX_TOKENS}]", None),
+    },
+    "snapkv": {
+        "budget": (None, "a size in tokens (a number, or {\"alpha\": a, \"beta\": b})", None),
+        "window": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of queries in [1, {MAX_TOKENS}]", 32),
+        "kernel": (lambda v: _is_int(v) and 1 <= v <= 1023 and v % 2 == 1, "an odd whole number in [1, 1023]", 7),
+        "sink": (lambda v: _is_int(v) and 0 <= v <= MAX_TOKENS, f"a whole number of tokens in [0, {MAX_TOKENS}]", 4),
+    },
+}
+DECODE_NOTE_NONE = "the policy has no decode phase (schema 1 or no 'decode' section): decode keeps the full KV cache"
+
+
+@dataclass(frozen=True)
+class DecodeHead:
+    """One KV head's cache during generation: ``kind`` (`DECODE_KINDS`) and its parameters
+    (``snapkv``'s ``budget`` an `Elastic` size, the rest whole numbers)."""
+
+    layer: int
+    kv_head: int
+    kind: str = "full"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    reason: str = ""
+
+    def prompt_tokens_kept(self, n: int) -> int:
+        """Prompt tokens the head holds after a prefill of ``n`` tokens (before any decode step)."""
+        if self.kind == "streaming":
+            return min(n, self.params["sink"] + self.params["recent"])
+        if self.kind == "snapkv":
+            floor = self.params["sink"] + self.params["window"]
+            return min(n, max(floor, self.params["budget"].resolve(n)))
+        return n
+
+    def tokens_kept(self, n: int, generated: int = 0) -> int:
+        """Tokens held after a prefill of ``n`` tokens and ``generated`` decode steps that each
+        added one token: ``full`` all, ``streaming`` at most ``sink + recent``, ``snapkv`` its
+        prompt selection plus every generated token."""
+        if self.kind == "streaming":
+            return min(n + generated, self.params["sink"] + self.params["recent"])
+        return self.prompt_tokens_kept(n) + generated
+
+    def describe(self) -> str:
+        p = self.params
+        if self.kind == "streaming":
+            return f"streaming cache sink {p['sink']} + recent {p['recent']}"
+        if self.kind == "snapkv":
+            return f"snapkv cache of {p['budget']} tokens (window {p['window']}, pool {p['kernel']}, sink {p['sink']})"
+        return "full cache"
+
+    def to_json(self) -> dict[str, Any]:
+        params = {k: (v.to_json() if isinstance(v, Elastic) else v) for k, v in self.params.items()}
+        out: dict[str, Any] = {"layer": self.layer, "kv_head": self.kv_head, "kind": self.kind, "params": params}
+        if self.reason:
+            out["reason"] = self.reason
+        return out
+
+    @classmethod
+    def make(cls, layer: int, kv_head: int, kind: str = "full", reason: str = "", **params: Any) -> DecodeHead:
+        """A validated entry from keyword parameters (missing ones take their defaults)."""
+        raw = {"layer": layer, "kv_head": kv_head, "kind": kind, "params": params, "reason": reason}
+        return cls.from_json(raw, "decode policy", None)
+
+    @classmethod
+    def from_json(cls, d: Any, where: str, model: Mapping[str, Any] | None) -> DecodeHead:
+        if not isinstance(d, dict):
+            raise PolicyError(ERR_FIELD.format(where=where, field="decode.heads[]", problem="must be an object", fix="regenerate the policy"))
+        for key in ("layer", "kv_head"):
+            if not _is_int(d.get(key)):
+                raise PolicyError(ERR_FIELD.format(where=where, field=f"decode.heads[].{key}", problem=f"must be an integer, got {_short(d.get(key))}", fix="regenerate the policy"))
+        layer, kv = d["layer"], d["kv_head"]
+        where = f"{where}: decode head (layer {layer}, kv_head {kv})"
+        if model is not None:
+            if not 0 <= layer < model["n_layers"]:
+                raise PolicyError(ERR_FIELD.format(where=where, field="layer", problem=f"is outside [0, {model['n_layers']})", fix="the policy is for another model; regenerate it"))
+            if not 0 <= kv < model["n_kv_heads"]:
+                raise PolicyError(ERR_FIELD.format(where=where, field="kv_head", problem=f"is outside [0, {model['n_kv_heads']})", fix="the policy is for another model; regenerate it"))
+        kind = d.get("kind")
+        if not isinstance(kind, str) or kind not in DECODE_KINDS:
+            raise PolicyError(ERR_FIELD.format(where=where, field="kind", problem=f"is {_short(kind)}", fix=f"use one of {', '.join(DECODE_KINDS)}"))
+        raw = d.get("params", {})
+        if not isinstance(raw, dict):
+            raise PolicyError(ERR_FIELD.format(where=where, field="params", problem=f"must be an object, got {type(raw).__name__}", fix="give the kind's parameters ({} for full)"))
+        allowed = _DECODE_PARAMS[kind]
+        for key in raw:
+            if key not in allowed:
+                raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"is not a parameter of decode kind {kind!r}", fix=f"remove it (the kind takes {', '.join(allowed) or 'nothing'})"))
+        params: dict[str, Any] = {}
+        for key, (ok, wanted, default) in allowed.items():
+            if key not in raw:
+                if default is None:
+                    raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem="is missing", fix=f"add it ({wanted})"))
+                params[key] = default
+                continue
+            value = raw[key]
+            if key == "budget":
+                _check_sizes(raw, ("budget",), where)
+                params[key] = Elastic.parse(value, where, "params.budget")
+            elif not ok(value):
+                raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be {wanted}, got {_short(value)}", fix="fix the value"))
+            else:
+                params[key] = value
+        if kind == "snapkv":
+            b = params["budget"]
+            if b.beta == 0 and b.alpha < params["sink"] + params["window"]:
+                raise PolicyError(ERR_FIELD.format(where=where, field="params.budget", problem=f"is {b} tokens, fewer than sink {params['sink']} + window {params['window']} it always keeps", fix="raise the budget or lower sink/window"))
+        reason = d.get("reason", "")
+        if not isinstance(reason, str):
+            raise PolicyError(ERR_FIELD.format(where=where, field="reason", problem="must be a string", fix="regenerate the policy"))
+        return cls(layer, kv, kind, params, reason)
+
+
+def _check_decode(value: Any, model: Mapping[str, Any], path: str) -> dict[tuple[int, int], DecodeHead] | None:
+    """The optional ``decode`` section: null, or ``{"heads": [...]}`` with exactly one valid entry
+    per (layer, kv_head) of the model."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PolicyError(ERR_FIELD.format(where=path, field="decode", problem=f"must be an object or null, got {type(value).__name__}", fix="regenerate the policy"))
+    unknown = [k for k in value if k != "heads"]
+    if unknown:
+        raise PolicyError(ERR_FIELD.format(where=path, field="decode." + "".join(c if c.isprintable() else "?" for c in str(unknown[0])[:30]), problem="is not a field of the decode section", fix="remove it (the section holds 'heads')"))
+    raw = value.get("heads")
+    if not isinstance(raw, list):
+        raise PolicyError(ERR_FIELD.format(where=path, field="decode.heads", problem="must be a list", fix="regenerate the policy"))
+    out: dict[tuple[int, int], DecodeHead] = {}
+    for item in raw:
+        e = DecodeHead.from_json(item, path, model)
+        if (e.layer, e.kv_head) in out:
+            raise PolicyError(f"policy {path} lists decode head (layer {e.layer}, kv_head {e.kv_head}) twice: keep one entry per (layer, kv_head)")
+        out[(e.layer, e.kv_head)] = e
+    for layer in range(model["n_layers"]):
+        for kv in range(model["n_kv_heads"]):
+            if (layer, kv) not in out:
+                raise PolicyError(f"policy {path} has no decode entry for (layer {layer}, kv_head {kv}): every (layer, kv_head) needs exactly one")
+    return out
+
+
 @dataclass
 class Policy:
     """A per-head sparse-attention policy for one model (see the module docstring for the file).
@@ -314,10 +479,14 @@ class Policy:
     generator: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema: int = POLICY_SCHEMA
+    #: Per (layer, kv_head) decode entries (`DecodeHead`), or None: no decode phase (full cache).
+    decode: dict[tuple[int, int], DecodeHead] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.model, ModelIdentity):
             self.model = self.model.to_dict()
+        if self.decode is not None and not isinstance(self.decode, dict):
+            self.decode = {(e.layer, e.kv_head): e for e in self.decode}
         self.heads = sorted(self.heads, key=lambda e: (e.layer, e.head))
         self._index = {(e.layer, e.head): e for e in self.heads}
 
@@ -352,6 +521,52 @@ class Policy:
         vals = [e.expected_density for e in self.heads]
         return None if any(v is None for v in vals) else sum(vals) / len(vals)
 
+    @property
+    def n_kv_heads(self) -> int:
+        return int(self.model.get("n_kv_heads") or self.model["n_heads"])
+
+    @property
+    def has_decode(self) -> bool:
+        """Whether the policy has a decode section (else the cache keeps every token)."""
+        return self.decode is not None
+
+    def decode_note(self) -> str | None:
+        """A line saying the policy has no decode phase (decode keeps the full cache), or None."""
+        return None if self.has_decode else DECODE_NOTE_NONE
+
+    def decode_head(self, layer: int, kv_head: int) -> DecodeHead:
+        """What KV head ``kv_head`` of ``layer`` keeps while generating (``full`` without a decode section)."""
+        if self.decode is None:
+            return DecodeHead(layer, kv_head, "full", {})
+        return self.decode[(layer, kv_head)]
+
+    def decode_heads(self) -> list[DecodeHead]:
+        """Every (layer, kv_head)'s decode entry, by layer then KV head."""
+        return [self.decode_head(la, kv) for la in range(self.n_layers) for kv in range(self.n_kv_heads)]
+
+    def with_decode(self, heads: Any) -> Policy:
+        """A copy of this policy with the decode entries ``heads`` (`DecodeHead` list or dict;
+        None drops the decode phase)."""
+        import copy
+
+        out = copy.copy(self)
+        out.decode = None if heads is None else {(e.layer, e.kv_head): e for e in (heads.values() if isinstance(heads, dict) else heads)}
+        if out.decode is not None:
+            _check_decode({"heads": [e.to_json() for e in out.decode.values()]}, self.model, "policy")
+        out.schema = POLICY_SCHEMA if out.decode is not None else 1
+        out.__post_init__()
+        return out
+
+    def predicted_kv_tokens(self, n: int, generated: int = 0) -> int:
+        """Tokens the cache holds over all layers and KV heads after a prefill of ``n`` tokens
+        and ``generated`` decode steps (`DecodeHead.tokens_kept`)."""
+        return sum(e.tokens_kept(n, generated) for e in self.decode_heads())
+
+    def predicted_kv_fraction(self, n: int, generated: int = 0) -> float:
+        """`predicted_kv_tokens` over what a full cache holds (every head ``n + generated``)."""
+        dense = self.n_layers * self.n_kv_heads * (n + generated)
+        return self.predicted_kv_tokens(n, generated) / dense if dense else 1.0
+
     def to_frame(self) -> pd.DataFrame:
         """One row per head: layer, head, kv_head, kind, description, expected recall/density, reason."""
         rows = [
@@ -383,9 +598,9 @@ class Policy:
 
     # -- io ------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": POLICY_FORMAT,
-            "schema": self.schema,
+            "schema": POLICY_SCHEMA if self.decode is not None else 1,
             "model": self.model,
             "block_size": self.block_size,
             "budget": self.budget,
@@ -397,6 +612,9 @@ class Policy:
             "created": self.created,
             "heads": [e.to_json() for e in self.heads],
         }
+        if self.decode is not None:
+            out["decode"] = {"heads": [e.to_json() for e in self.decode_heads()]}
+        return out
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the policy as JSON, atomically; a non-finite number (NaN, inf: "not measured")
@@ -411,8 +629,11 @@ class Policy:
         identity mapping) must fit it (`check_model`)."""
         if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
             raise PolicyError(ERR_FOREIGN.format(path=path))
-        if d.get("schema") != POLICY_SCHEMA:
-            raise PolicyError(ERR_POLICY_SCHEMA.format(path=path, found=d.get("schema"), expected=POLICY_SCHEMA))
+        schema = d.get("schema")
+        if not _is_int(schema) or schema not in POLICY_SCHEMAS:
+            raise PolicyError(ERR_POLICY_SCHEMA.format(path=path, found=schema if not _is_int(schema) or abs(schema) < 10**12 else _short(schema), expected=" or ".join(map(str, POLICY_SCHEMAS))))
+        if schema == 1 and d.get("decode") is not None:
+            raise PolicyError(ERR_FIELD.format(where=path, field="decode", problem="needs policy schema 2 (the file says schema 1)", fix="set \"schema\": 2"))
         pmodel = model_entry(d.get("model"), path)
         bs = d.get("block_size")
         try:
@@ -449,7 +670,7 @@ class Policy:
         return cls(
             pmodel, int(bs), list(heads.values()), src, _check_budget(d.get("budget"), path), lengths, eval_lengths,
             _check_object(d.get("summary"), "summary", path), _check_object(d.get("generator"), "generator", path),
-            created, POLICY_SCHEMA,
+            created, int(schema), _check_decode(d.get("decode"), pmodel, path),
         )
 
     @classmethod

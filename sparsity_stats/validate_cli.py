@@ -31,6 +31,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
+    if args.phase != "prefill":
+        return _validate_decode(args, model, policy)
     report = validate_policy(
         model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
@@ -38,6 +40,44 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     )
     print(report.format())
     print(f"wrote {args.out}")
+    return 0
+
+
+def _validate_decode(args: argparse.Namespace, model, policy) -> int:
+    """``--phase decode|both``: the compressed KV cache in generation (`validate_decode`); with
+    ``both`` the prefill report first, then the decode one."""
+    from .decode_validation import validate_decode
+    from .validation import validate_policy
+
+    if policy.decode_note():
+        print(f"note: {policy.decode_note()}")
+    if args.phase == "both":
+        report = validate_policy(
+            model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+            needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
+            seed=args.seed,
+        )
+        print(report.format())
+    decode = validate_decode(
+        model, policy, phase=args.phase, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+        new_tokens=args.new_tokens, needle_samples=args.needle, needle_length=args.needle_length, out=args.out,
+        progress=not args.quiet, seed=args.seed,
+    )
+    print(decode.format())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .decode_validation import format_side_by_side, side_by_side
+    from .policy import Policy
+
+    policy = Policy.load(args.policy)
+    model = load_model_from_args(args)
+    policy.check_model(model.identity(), args.policy)
+    result = side_by_side(model, policy, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
+                          do_sample=args.sample, seed=args.seed)
+    print(format_side_by_side(result))
     return 0
 
 
@@ -54,7 +94,23 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", type=positive_int, default=1024, help="tokens per prompt (default 1024)")
     p.add_argument("--needle", type=nonneg_int, default=0, help="passkey samples for needle accuracy (default 0: skip)")
     p.add_argument("--needle-length", type=positive_int, default=1024, help="needle context length (default 1024)")
+    p.add_argument("--phase", choices=("prefill", "decode", "both"), default="prefill",
+                   help="prefill: the policy's prefill heads (default, as before); decode: dense prefill, then generation "
+                        "with the policy's compressed KV cache vs a full one; both: the prefill report, then generation "
+                        "with both phases")
+    p.add_argument("--new-tokens", type=positive_int, default=64,
+                   help="tokens generated per prompt for continuation agreement with --phase decode|both (default 64)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the report (created, or added to)")
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_validate)
+
+    g = sub.add_parser("generate", help="generate from a prompt with a full and with a policy's compressed KV cache, side by side")
+    g.add_argument("policy", help="policy.json (its decode section says what the cache keeps per KV head)")
+    add_model_arguments(g)
+    g.add_argument("--prompt", required=True, help="the prompt text (sent through the chat template when the model has one)")
+    g.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (default 64)")
+    g.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, without the chat template")
+    g.add_argument("--sample", action="store_true", help="sample (seeded by --seed) instead of greedy decoding")
+    g.add_argument("--seed", type=nonneg_int, default=0)
+    g.set_defaults(func=_cmd_generate)

@@ -175,6 +175,66 @@ def test_a_mutated_policy_loads_valid_or_fails_in_one_line(text):
         assert len(Policy.load(out).heads) == len(policy.heads)
 
 
+#: Schema 2: the same policy with a decode section (issue 15), one entry per (layer, kv_head).
+POLICY_DECODE = {
+    **copy.deepcopy(POLICY), "schema": 2,
+    "decode": {"heads": [
+        {"layer": 0, "kv_head": 0, "kind": "streaming", "params": {"sink": 4, "recent": 32}},
+        {"layer": 1, "kv_head": 0, "kind": "snapkv", "params": {"budget": {"alpha": 24, "beta": 0.25}, "window": 8, "kernel": 5, "sink": 4},
+         "reason": "fuzz"},
+    ]},
+}
+
+
+def test_the_base_decode_policy_is_valid():
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "policy.json"
+        path.write_text(json.dumps(POLICY_DECODE))
+        policy = Policy.load(path)
+        assert [e.kind for e in policy.decode_heads()] == ["streaming", "snapkv"]
+        assert policy.predicted_kv_tokens(100, 5) == 36 + (24 + 25 + 5)
+
+
+@FUZZ
+@given(text=mutated(POLICY_DECODE))
+def test_a_mutated_decode_policy_loads_valid_or_fails_in_one_line(text):
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        path = folder / "policy.json"
+        path.write_text(text)
+        policy = loads_or_fails_cleanly(lambda: Policy.load(path), folder, "policy.json")
+        if policy is None:
+            return
+        # valid means usable: it predicts its KV cache, and saving it again writes strict JSON that loads
+        for n in (1, 64, 500):
+            assert 0 < policy.predicted_kv_fraction(n, 3) <= 1
+        out = folder / "again" / "p.json"
+        out.parent.mkdir()
+        policy.save(out)
+        json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"a bare {c} was written"))
+        assert Policy.load(out).decode_heads() == policy.decode_heads()
+
+
+@FUZZ
+@given(value=HOSTILE, field=st.sampled_from(["sink", "recent", "budget", "window", "kernel", "x"]),
+       kind=st.sampled_from(["full", "streaming", "snapkv"]))
+def test_hostile_decode_parameters_load_valid_or_fail_in_one_line(value, field, kind):
+    doc = copy.deepcopy(POLICY_DECODE)
+    entry = doc["decode"]["heads"][0]
+    entry["kind"] = kind
+    entry["params"] = {"full": {}, "streaming": {"sink": 4, "recent": 32},
+                       "snapkv": {"budget": 64, "window": 8, "kernel": 5, "sink": 4}}[kind]
+    entry["params"][field] = value
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d)
+        path = folder / "policy.json"
+        path.write_text(json.dumps(doc))
+        policy = loads_or_fails_cleanly(lambda: Policy.load(path), folder, "policy.json")
+        if policy is not None:
+            for n in (1, 64, 500):
+                assert 0 < policy.predicted_kv_fraction(n, 2) <= 1
+
+
 @FUZZ
 @given(value=HOSTILE, field=st.sampled_from(["sink", "window", "vertical", "slash", "topk", "gamma", "estimate"]),
        kind=st.sampled_from(["streaming", "a_shape", "vertical_slash", "block_topk"]))

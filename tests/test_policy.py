@@ -707,3 +707,122 @@ def test_protect_heads_takes_pairs_and_head_labels(run, tmp_path):
     policy = Policy.load(out)
     assert policy.entry(0, 1).kind == "dense" and policy.entry(1, 2).kind == "dense"
     assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected by request"} == {(0, 1), (1, 2)}
+
+
+# -- decode phase (issue 15) ------------------------------------------------------------------
+def _with_decode(policy_dict):
+    d = json.loads(json.dumps(policy_dict))
+    d["schema"] = 2
+    kinds = [("full", {}), ("streaming", {"sink": 4, "recent": 64}),
+             ("snapkv", {"budget": {"alpha": 0, "beta": 0.25}, "window": 16, "kernel": 5, "sink": 4}), ("full", {})]
+    d["decode"] = {"heads": [{"layer": la, "kv_head": kv, "kind": kinds[2 * la + kv][0], "params": kinds[2 * la + kv][1]}
+                             for la in range(2) for kv in range(2)]}
+    return d
+
+
+def test_a_schema_2_decode_section_round_trips_and_predicts_kv(tmp_path, curves):
+    from attnlab.sparsity_stats.policy import DecodeHead
+
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    assert not policy.has_decode and "decode keeps the full KV cache" in policy.decode_note()
+    assert policy.to_dict()["schema"] == 1 and "decode" not in policy.to_dict()  # no decode: the file is as before
+    assert policy.predicted_kv_fraction(1000, 24) == 1.0
+    (tmp_path / "p.json").write_text(json.dumps(_with_decode(policy.to_dict())))
+    back = Policy.load(tmp_path / "p.json")
+    assert back.has_decode and back.decode_note() is None
+    assert [e.kind for e in back.decode_heads()] == ["full", "streaming", "snapkv", "full"]
+    snap = back.decode_head(1, 0)
+    assert snap.params["kernel"] == 5 and snap.prompt_tokens_kept(1000) == 250 and snap.tokens_kept(1000, 10) == 260
+    assert snap.prompt_tokens_kept(40) == 20  # never below sink + window
+    assert back.decode_head(0, 1).tokens_kept(1000, 10) == 68
+    assert back.predicted_kv_tokens(1000, 10) == 1010 + 68 + 260 + 1010
+    assert back.predicted_kv_fraction(1000, 10) == pytest.approx((1010 + 68 + 260 + 1010) / (4 * 1010))
+    back.save(tmp_path / "q.json")
+    again = Policy.load(tmp_path / "q.json")
+    assert again.to_dict()["schema"] == 2 and again.decode_heads() == back.decode_heads()
+    assert DecodeHead.make(0, 0, "streaming", recent=8).params == {"sink": 4, "recent": 8}
+    assert back.with_decode(None).to_dict()["schema"] == 1
+
+
+def test_the_v0_1_0_policy_fixture_loads_with_a_full_decode_cache():
+    policy = Policy.load(Path(__file__).parent / "fixtures" / "policy_v0_1_0.json")
+    assert policy.schema == 1 and not policy.has_decode
+    assert {e.kind for e in policy.decode_heads()} == {"full"}
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda d: d["decode"]["heads"][1].update(kind="h2o"), r"decode head \(layer 0, kv_head 1\): field 'kind' is 'h2o'; use one of full, streaming, snapkv"),
+        (lambda d: d["decode"]["heads"][1]["params"].update(recent=0), r"field 'params.recent' must be a whole number of tokens in \[1, "),
+        (lambda d: d["decode"]["heads"][1]["params"].pop("recent"), r"field 'params.recent' is missing"),
+        (lambda d: d["decode"]["heads"][1]["params"].update(window=8), r"field 'params.window' is not a parameter of decode kind 'streaming'"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(kernel=4), r"field 'params.kernel' must be an odd whole number"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget=10), r"field 'params.budget' is 10 tokens, fewer than sink 4 \+ window 16"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget=float("nan")), r"field 'params.budget' must be a finite size"),
+        (lambda d: d["decode"]["heads"][2]["params"].update(budget={"alpha": 0, "beta": 2}), r"'params.budget.beta' must be a share"),
+        (lambda d: d["decode"]["heads"][0].update(kv_head=2), r"field 'kv_head' is outside \[0, 2\)"),
+        (lambda d: d["decode"]["heads"].pop(3), r"no decode entry for \(layer 1, kv_head 1\)"),
+        (lambda d: d["decode"]["heads"].append(dict(d["decode"]["heads"][0])), r"lists decode head \(layer 0, kv_head 0\) twice"),
+        (lambda d: d["decode"].update(heads={}), r"field 'decode.heads' must be a list"),
+        (lambda d: d["decode"].update(note=1), r"field 'decode.note' is not a field of the decode section"),
+        (lambda d: d.update(decode=[1]), r"field 'decode' must be an object or null, got list"),
+        (lambda d: d.update(schema=1), r"field 'decode' needs policy schema 2"),
+        (lambda d: d["decode"]["heads"][0].update(params=[]), r"field 'params' must be an object, got list"),
+        (lambda d: d["decode"]["heads"][0].update(reason=3), r"field 'reason' must be a string"),
+    ],
+)
+def test_decode_section_validation_names_head_and_field(tmp_path, curves, mutate, match):
+    policy = PolicyGenerator(budget=0.4).fit(curves).emit()
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_mutate(_with_decode(policy.to_dict()), mutate)))
+    with pytest.raises(PolicyError, match=match) as info:
+        Policy.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_kv_budget_policy_carries_the_decode_cache_it_was_priced_for(tmp_path, curves):
+    policy = PolicyGenerator(budget=0.3, budget_kind="kv").fit(curves).emit()
+    n = max(policy.eval_lengths)
+    assert policy.has_decode and policy.to_dict()["schema"] == 2
+    for e in policy.decode_heads():
+        members = [policy.entry(e.layer, e.kv_head * 2 + j) for j in range(2)]
+        if e.kind == "streaming":  # the group's own streaming sizes, token for token
+            assert all(m.kind == "streaming" for m in members)
+            assert (e.params["sink"], e.params["recent"]) == max(m.candidate.spec.stream(m.params, n) for m in members)
+        else:
+            assert e.kind == "full" and any(m.kind != "streaming" for m in members)
+    # the retrieval head (1, 3) is protected: its KV head keeps the full cache
+    assert policy.decode_head(1, 1).kind == "full" and "needs every key" in policy.decode_head(1, 1).reason
+    # what the cache holds at the evaluation length is what the budget was spent on
+    assert policy.predicted_kv_fraction(n) == pytest.approx(policy.summary["expected_kv"])
+    assert policy.predicted_kv_fraction(n) <= 0.3
+    assert policy.summary["decode_kv_predicted"] == pytest.approx(policy.summary["expected_kv"])
+    again = Policy.load(policy.save(tmp_path / "kv.json"))
+    assert again.decode_heads() == policy.decode_heads()
+    # a density budget writes no decode section (unless asked), as before
+    assert not PolicyGenerator(budget=0.4).fit(curves).emit().has_decode
+    assert PolicyGenerator(budget=0.4, decode="always").fit(curves).emit().has_decode
+    with pytest.raises(PolicyError, match="decode 'x' is unknown"):
+        PolicyGenerator(budget=0.4, decode="x").fit(curves)
+
+
+def test_kv_baselines_choose_their_caches_at_the_same_budget(curves):
+    from attnlab.sparsity_stats.baselines import kv_baselines
+
+    n = max(curves.estimator.eval_lengths)
+    for budget in (0.3, 0.5):
+        base = kv_baselines(curves, budget, retrieval_scores=curves.retrieval_scores)
+        assert set(base) == {"uniform_streaming", "duo_attention", "snapkv"}
+        for name, policy in base.items():
+            assert policy.has_decode and policy.budget["method"] == name and policy.budget["kind"] == "kv"
+            assert policy.predicted_kv_fraction(n) <= budget + 1e-9
+        stream = {(e.kind, e.params["sink"], e.params["recent"]) for e in base["uniform_streaming"].decode_heads()}
+        assert len(stream) == 1 and next(iter(stream))[0] == "streaming"  # one size for every KV head
+        snap = base["snapkv"]
+        assert {e.kind for e in snap.decode_heads()} == {"snapkv"} and {h.kind for h in snap.heads} == {"dense"}
+        assert snap.predicted_kv_fraction(n) >= budget - 1 / n
+    duo = kv_baselines(curves, 0.5, retrieval_scores=curves.retrieval_scores)["duo_attention"]
+    kinds = {(e.layer, e.kv_head): e.kind for e in duo.decode_heads()}
+    assert kinds[(1, 1)] == "full" and list(kinds.values()).count("full") == 1  # the retrieval head's KV head, first
+    assert {(e.params["sink"], e.params["recent"]) for e in duo.decode_heads() if e.kind == "streaming"} == {(4, n // 8)}

@@ -1,0 +1,258 @@
+"""Decode-phase validation: a policy's compressed KV cache against a full one, in generation.
+
+`validate_decode` runs, on held-out prompts and (optionally) passkey needles, greedy generation
+twice — with a full ``DynamicCache`` and with the policy's `attnlab.sparsity_stats.kvcache.PolicyCache`
+— under the same attention function, and reports paired per-sample results:
+
+- **continuation agreement**: the share of the ``new_tokens`` greedy tokens the compressed cache
+  generates that equal dense's at the same step (``token_match``) and the first step they differ
+  (``first_divergence``, ``new_tokens`` when never);
+- **per-step KL(dense ‖ compressed)**: the compressed cache fed dense's own continuation (teacher
+  forcing), so both predict from the same tokens; ``forced_agreement`` is the share of steps
+  whose argmax agrees;
+- **needle accuracy** with the compressed cache (the needle probe's samples and grading);
+- **KV bytes** held at the end vs a full cache and vs the policy's prediction
+  (`Policy.predicted_kv_tokens`), and decode tokens/s of both.
+
+``phase="decode"`` prefills densely; ``phase="both"`` prefills under the policy's prefill heads
+(the chosen executor) as well. A policy with no decode section runs with a full cache and says
+so (`Policy.decode_note`). Results go to `attnlab.runs.DECODE_SAMPLES` and `DECODE_SUMMARY`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from attnlab.models import LoadedModel
+from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run, ensure_run, preflight_run
+
+from .kvcache import PolicyCache, check_context, greedy_decode
+from .policy import Policy
+
+PHASES = ("prefill", "decode", "both")
+
+
+@dataclass
+class DecodeReport:
+    """What `validate_decode` measured: ``samples`` one paired row per sample, ``summary`` model level."""
+
+    samples: pd.DataFrame
+    summary: dict[str, Any]
+    run: Run | None = None
+
+    def format(self) -> str:
+        s = self.summary
+        lines = [f"decode phase of policy {s['policy']} on {s['model']} ({s['phase']}: "
+                 + ("dense prefill" if s["phase"] == "decode" else f"prefill under the policy, {s['executor']} executor")
+                 + ", compressed KV cache in decode)"]
+        if s.get("note"):
+            lines.append(f"  note: {s['note']}")
+        if s["n_prompts"]:
+            lines.append(
+                f"  continuation ({s['n_prompts']} prompts of {s['prompt_tokens']} tokens, {s['new_tokens']} generated): "
+                f"token match {s['token_match']:.3f}, first divergence at step {s['first_divergence']:.1f} (mean), "
+                f"teacher-forced KL(dense‖compressed) {s['kl_mean']:.5f} nats/step (max {s['kl_max']:.4f}), "
+                f"argmax agreement {s['forced_agreement']:.3f}")
+        if s["needle_n"]:
+            lines.append(
+                f"  needle accuracy {s['needle_dense']:.3f} dense → {s['needle_compressed']:.3f} compressed "
+                f"({s['needle_n']} samples: both right {s['needle_both']}, dense only {s['needle_dense_only']}, "
+                f"compressed only {s['needle_compressed_only']}, neither {s['needle_neither']})")
+        lines.append(
+            f"  KV cache held {s['kv_fraction']:.3f} of dense (bytes held/predicted {s['kv_vs_predicted']:.4f}, "
+            f"policy predicts {s['kv_fraction_predicted']:.3f}; this cache's padded buffers {s['kv_fraction_allocated']:.3f})")
+        if s.get("tokens_per_s_dense"):
+            lines.append(f"  decode {s['tokens_per_s_dense']:.1f} tokens/s dense, {s['tokens_per_s_compressed']:.1f} compressed ({s['device']})")
+        return "\n".join(lines)
+
+
+def _kl(dense: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Per-row KL(dense ‖ other) of two ``[steps, vocab]`` logit tables."""
+    lp, lq = torch.log_softmax(dense.float(), -1), torch.log_softmax(other.float(), -1)
+    return (lp.exp() * (lp - lq)).sum(-1)
+
+
+def _kv(cache: PolicyCache) -> dict[str, Any]:
+    r = cache.kv_report()
+    return {"kv_bytes_held": r["kv_bytes_held"], "kv_bytes_dense": r["kv_bytes_dense"],
+            "kv_bytes_predicted": r["kv_bytes_predicted"], "kv_bytes_allocated": r["kv_bytes_allocated"],
+            "kv_fraction": r["kv_fraction"]}
+
+
+def continuation_row(model: LoadedModel, policy: Policy, ids: torch.Tensor, new_tokens: int, prefill=None) -> dict[str, Any]:
+    """One prompt: dense and compressed greedy continuations, and the compressed cache fed the
+    dense continuation (teacher forcing) for per-step KL."""
+    t0 = time.perf_counter()
+    dense = greedy_decode(model, ids, None, new_tokens, prefill=prefill)
+    t_dense = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    free = greedy_decode(model, ids, policy, new_tokens, prefill=prefill)
+    t_comp = time.perf_counter() - t0
+    forced = greedy_decode(model, ids, policy, new_tokens, prefill=prefill, force=dense.tokens)
+    same = [a == b for a, b in zip(dense.tokens, free.tokens, strict=True)]
+    kl = _kl(dense.logits, forced.logits)
+    return {
+        "task": "continuation", "prompt_tokens": int(ids.shape[-1]), "new_tokens": len(dense.tokens),
+        "token_match": sum(same) / len(same), "first_divergence": same.index(False) if False in same else len(same),
+        "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+        "forced_agreement": float((dense.logits.argmax(-1) == forced.logits.argmax(-1)).float().mean()),
+        "dense": model.tokenizer.decode(dense.tokens, skip_special_tokens=True),
+        "compressed": model.tokenizer.decode(free.tokens, skip_special_tokens=True),
+        "tokens_per_s_dense": len(dense.tokens) / t_dense, "tokens_per_s_compressed": len(free.tokens) / t_comp,
+        **_kv(free.cache),
+    }
+
+
+def needle_row(model: LoadedModel, policy: Policy, sample: Any, prefill=None) -> dict[str, Any]:
+    """One passkey sample answered greedily with a full and with the compressed cache, graded."""
+    from attnlab.probes.needle import default_max_new_tokens, grade, make_stop
+
+    limit = default_max_new_tokens(sample)
+    stop = make_stop(model, sample, stop_on_answer=True)
+    ids = sample.input_ids
+    dense = greedy_decode(model, ids, None, limit, prefill=prefill, stop=stop)
+    comp = greedy_decode(model, ids, policy, limit, prefill=prefill, stop=stop)
+    text_d = model.tokenizer.decode(dense.tokens, skip_special_tokens=True)
+    text_c = model.tokenizer.decode(comp.tokens, skip_special_tokens=True)
+    return {"task": "needle", "sample": sample.name, "answer": sample.answer, "prompt_tokens": int(ids.shape[-1]),
+            "new_tokens": len(comp.tokens), "dense": text_d, "compressed": text_c,
+            "correct_dense": bool(grade(sample, text_d)["contains"]), "correct_compressed": bool(grade(sample, text_c)["contains"]),
+            **_kv(comp.cache)}
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    vals = [r[key] for r in rows if r.get(key) is not None and not (isinstance(r[key], float) and math.isnan(r[key]))]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows: list[dict[str, Any]], new_tokens: int) -> dict[str, Any]:
+    from .validation import _policy_label
+
+    cont = [r for r in rows if r["task"] == "continuation"]
+    needle = [r for r in rows if r["task"] == "needle"]
+    held = sum(r["kv_bytes_held"] for r in rows)
+    dense = sum(r["kv_bytes_dense"] for r in rows)
+    predicted = sum(r["kv_bytes_predicted"] for r in rows)
+    s: dict[str, Any] = {
+        "policy": _policy_label(policy), "model": model.name, "phase": phase, "executor": executor,
+        "note": policy.decode_note(),
+        "device": str(model.device),
+        "n_prompts": len(cont), "prompt_tokens": cont[0]["prompt_tokens"] if cont else None, "new_tokens": new_tokens,
+        "token_match": _mean(cont, "token_match"), "first_divergence": _mean(cont, "first_divergence"),
+        "kl_mean": _mean(cont, "kl_mean"), "kl_max": max((r["kl_max"] for r in cont), default=float("nan")),
+        "forced_agreement": _mean(cont, "forced_agreement"),
+        "tokens_per_s_dense": _mean(cont, "tokens_per_s_dense") if cont else None,
+        "tokens_per_s_compressed": _mean(cont, "tokens_per_s_compressed") if cont else None,
+        "kv_bytes_held": held, "kv_bytes_dense": dense, "kv_bytes_predicted": predicted,
+        "kv_fraction": held / dense if dense else 1.0, "kv_vs_predicted": held / predicted if predicted else 1.0,
+        "kv_fraction_predicted": predicted / dense if dense else 1.0,
+        "kv_fraction_allocated": sum(r["kv_bytes_allocated"] for r in rows) / dense if dense else 1.0,
+        "needle_n": len(needle),
+    }
+    if needle:
+        d = [r["correct_dense"] for r in needle]
+        c = [r["correct_compressed"] for r in needle]
+        s.update(needle_dense=sum(d) / len(d), needle_compressed=sum(c) / len(c),
+                 needle_both=sum(a and b for a, b in zip(d, c, strict=True)),
+                 needle_dense_only=sum(a and not b for a, b in zip(d, c, strict=True)),
+                 needle_compressed_only=sum(b and not a for a, b in zip(d, c, strict=True)),
+                 needle_neither=sum(not a and not b for a, b in zip(d, c, strict=True)))
+    return s
+
+
+@torch.no_grad()
+def validate_decode(
+    model: LoadedModel,
+    policy: Policy,
+    *,
+    phase: str = "decode",
+    executor: str = "flex",
+    n_prompts: int = 2,
+    prompt_tokens: int = 1024,
+    new_tokens: int = 64,
+    needle_samples: int = 0,
+    needle_length: int = 1024,
+    out: str | Path | None = None,
+    progress: bool = True,
+    seed: int = 0,
+) -> DecodeReport:
+    """Validate ``policy``'s decode phase on ``model`` (see the module docstring); write the
+    paired samples and the summary to the run ``out`` when given (checked before any work)."""
+    from .executors import PolicyExecutor
+    from .validation import _held_out_prompts, _needle_samples
+
+    if phase not in ("decode", "both"):
+        raise ValueError(f"phase must be 'decode' or 'both', got {phase!r}")
+    if n_prompts <= 0 and needle_samples <= 0:
+        raise ValueError("validate_decode needs prompts or needle samples (n_prompts or needle_samples > 0)")
+    policy.check_model(model.identity())
+    if out is not None:
+        preflight_run(out, model)
+    prefill = None
+    if phase == "both":
+        ex = PolicyExecutor(policy, executor)
+        prefill = ex.attention
+    prompts = []
+    if n_prompts > 0:
+        check_context(model, prompt_tokens, new_tokens, what="--tokens with a continuation")
+        prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
+    needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
+    rows: list[dict[str, Any]] = []
+    for i, p in enumerate(tqdm(prompts, desc="decode: continuations", unit="prompt", disable=not progress)):
+        rows.append({"sample": f"prompt{i}", **continuation_row(model, policy, p.input_ids, new_tokens, prefill)})
+    for s in tqdm(needles, desc="decode: needle", unit="sample", disable=not progress):
+        rows.append(needle_row(model, policy, s, prefill))
+    report = DecodeReport(pd.DataFrame(rows), _summary(model, policy, phase, executor, rows, new_tokens))
+    if out is not None:
+        run = ensure_run(out, model, "validate_decode", {"phase": phase, "executor": executor, "prompt_tokens": prompt_tokens,
+                                                          "n_prompts": n_prompts, "new_tokens": new_tokens, "needle_samples": needle_samples})
+        run.write(DECODE_SAMPLES, report.samples)
+        run.write(DECODE_SUMMARY, {**report.summary, "policy_file": policy.to_dict()})
+        report.run = run
+    return report
+
+
+@torch.no_grad()
+def side_by_side(model: LoadedModel, policy: Policy, text: str, *, max_new_tokens: int = 64, chat: bool = True,
+                 do_sample: bool = False, seed: int = 0, **kwargs: Any) -> dict[str, Any]:
+    """``text``'s continuation with a full cache and with the policy's compressed one (greedy,
+    or sampled from ``seed``), with each cache's size at the end."""
+    from .kvcache import generate
+
+    ids = model.encode(text, chat=chat)
+    check_context(model, ids.shape[-1], max_new_tokens)
+    out: dict[str, Any] = {"prompt_tokens": int(ids.shape[-1]), "note": policy.decode_note()}
+    for name, pol in (("dense", None), ("compressed", policy)):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        tokens, cache = generate(model, ids, pol, max_new_tokens=max_new_tokens, do_sample=do_sample, **kwargs)
+        seconds = time.perf_counter() - t0
+        new = tokens[0, ids.shape[-1]:].tolist()
+        out[name] = {"text": model.tokenizer.decode(new, skip_special_tokens=True), "tokens": len(new), "seconds": seconds}
+        if isinstance(cache, PolicyCache):
+            out[name].update(cache.kv_report())
+        else:
+            held = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers if layer.is_initialized)
+            out[name].update(kv_bytes_held=held, kv_fraction=1.0)
+    return out
+
+
+def format_side_by_side(result: dict[str, Any]) -> str:
+    d, c = result["dense"], result["compressed"]
+    lines = [f"prompt: {result['prompt_tokens']} tokens"]
+    if result.get("note"):
+        lines.append(f"note: {result['note']}")
+    lines.append(f"--- dense (full KV cache: {d['kv_bytes_held'] / 2**20:.2f} MiB, {d['tokens']} tokens in {d['seconds']:.1f} s)")
+    lines.append(d["text"])
+    lines.append(f"--- compressed ({c['kv_bytes_held'] / 2**20:.2f} MiB = {c['kv_fraction']:.3f} of dense; the policy predicts "
+                 f"{c['kv_bytes_predicted'] / 2**20:.2f} MiB; {c['tokens']} tokens in {c['seconds']:.1f} s)")
+    lines.append(c["text"])
+    return "\n".join(lines)

@@ -1,0 +1,285 @@
+"""The policy KV cache (issue 15): a transformers Cache holding a different number of tokens per
+KV head, equal to Hugging Face's DynamicCache when every head keeps everything, evicting what
+the decode policy says (with the positions the tokens had), and accounting its bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from attnlab.attention import route_attention, sdpa
+from attnlab.errors import AttnlabError
+from attnlab.sparsity_stats import kvcache as kc
+from attnlab.sparsity_stats.policy import DecodeHead, HeadPolicy, Policy
+
+
+def dense_policy(model) -> Policy:
+    """A dense prefill policy for ``model`` (no decode section: every head keeps everything)."""
+    heads = [HeadPolicy(la, h, h // model.group_size, "dense", {}) for la in range(model.n_layers) for h in range(model.n_heads)]
+    return Policy(model.identity().to_dict(), 16, heads)
+
+
+def prompt(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(100, 1000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def hf_scores(model, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain Hugging Face generate (the model's own attention, a DynamicCache): tokens and per-step logits."""
+    out = model.hf_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                  output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    return out.sequences[0, ids.shape[1]:], torch.cat(out.scores)
+
+
+def test_an_all_full_decode_policy_equals_the_dynamic_cache_at_every_step(tiny_llama):
+    ids = prompt(40)
+    want_tokens, want = hf_scores(tiny_llama, ids, 12)
+    for policy in (dense_policy(tiny_llama), dense_policy(tiny_llama).with_decode(
+            [DecodeHead.make(la, kv) for la in range(tiny_llama.n_layers) for kv in range(tiny_llama.n_kv_heads)])):
+        got = kc.greedy_decode(tiny_llama, ids, policy, 12)
+        assert isinstance(got.cache, kc.PolicyCache)
+        assert (got.logits - want).abs().max() <= 1e-5
+        assert got.tokens == want_tokens.tolist()
+        # the same attention function over a DynamicCache: identical
+        dense = kc.greedy_decode(tiny_llama, ids, None, 12)
+        assert (got.logits - dense.logits).abs().max() <= 1e-5
+        assert got.cache.get_seq_length() == 40 + 11 and got.cache.tokens_held() == [[51, 51], [51, 51]]
+    tokens, cache = kc.generate(tiny_llama, ids, dense_policy(tiny_llama), max_new_tokens=12)
+    assert tokens[0, 40:].tolist() == want_tokens.tolist()
+
+
+def _decode_heads(model, table):
+    return [DecodeHead.make(la, kv, *table.get((la, kv), ("full", {}))[:1], **table.get((la, kv), ("full", {}))[1])
+            for la in range(model.n_layers) for kv in range(model.n_kv_heads)]
+
+
+def test_streaming_eviction_by_hand_keeps_sink_and_recent_at_their_positions(tiny_llama):
+    n, steps, sink, recent = 30, 9, 3, 6
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (0, 1): ("streaming", {"sink": sink, "recent": recent}), (1, 0): ("streaming", {"sink": 0, "recent": 4})}))
+    got = kc.greedy_decode(tiny_llama, prompt(n), policy, steps)
+    cache = got.cache
+    seen = n + steps - 1  # the last token chosen is not fed
+    assert cache.get_seq_length() == seen
+    assert cache.positions(0, 1) == [0, 1, 2] + list(range(seen - recent, seen))
+    assert cache.positions(1, 0) == list(range(seen - 4, seen))
+    assert cache.positions(0, 0) == list(range(seen)) and cache.tokens_held() == [[seen, sink + recent], [4, seen]]
+
+    # the same logits as dense attention over a full cache with exactly those keys masked in at
+    # every step: evicted tokens are gone, kept ones keep their RoPE positions
+    def masked(layer, query, key, value, *, scaling, attention_mask=None):
+        n_q, n_k = query.shape[-2], key.shape[-2]
+        if n_q == n_k:
+            return sdpa(query, key, value, scaling=scaling)
+        j = torch.arange(n_k)
+        keep = torch.ones(key.shape[1], n_k, dtype=torch.bool)
+        if layer == 0:
+            keep[1] = (j < sink) | (j >= n_k - recent)
+        else:
+            keep[0] = j >= n_k - 4
+        mask = keep.repeat_interleave(tiny_llama.group_size, dim=0)[None, :, None, :]
+        k = key.repeat_interleave(tiny_llama.group_size, dim=1)
+        v = value.repeat_interleave(tiny_llama.group_size, dim=1)
+        return torch.nn.functional.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scaling).transpose(1, 2)
+
+    with torch.no_grad():
+        ref = kc.greedy_decode(tiny_llama, prompt(n), None, steps, prefill=None)  # dense, for the token sequence
+        from transformers import DynamicCache
+
+        cache_ref = DynamicCache(config=tiny_llama.hf_model.config)
+        logits = []
+        feed = prompt(n)
+        with route_attention(tiny_llama, masked):
+            for token in got.tokens:
+                out = tiny_llama.hf_model(input_ids=feed, cache=cache_ref, use_cache=True, logits_to_keep=1).logits[0, -1]
+                logits.append(out)
+                feed = torch.tensor([[token]])
+    assert (torch.stack(logits) - got.logits).abs().max() <= 1e-5
+    assert not torch.equal(ref.logits[1:], got.logits[1:])  # eviction changed something
+
+
+def test_snapkv_keeps_sink_window_and_the_top_pooled_keys(tiny_llama):
+    n, budget, window, kernel, sink = 48, 16, 4, 3, 2
+    head = DecodeHead.make(0, 0, "snapkv", budget=budget, window=window, kernel=kernel, sink=sink)
+    scores = torch.zeros(n)
+    scores[[10, 20, 21, 33]] = torch.tensor([5.0, 4.0, 3.0, 2.0])
+    keep = kc.snapkv_keep(head, n, scores).tolist()
+    assert keep[:2] == [0, 1] and keep[-4:] == [44, 45, 46, 47] and len(keep) == budget
+    assert {10, 20, 21, 33} <= set(keep)
+
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (1, 1): ("snapkv", {"budget": budget, "window": window, "kernel": kernel, "sink": sink})}))
+    captured = {}
+
+    def grab(layer, query, key, value, *, scaling, attention_mask=None):
+        if layer == 1 and query.shape[-2] == key.shape[-2]:
+            captured["q"], captured["k"], captured["scale"] = query, key.clone(), scaling  # the cache reuses its buffer
+        return sdpa(query, key, value, scaling=scaling)
+
+    got = kc.greedy_decode(tiny_llama, prompt(n), policy, 3, prefill=grab)
+    # the selection by hand: softmax of the last `window` queries of the group, summed, max-pooled
+    q, k = captured["q"][0, 2:4, -window:].float(), captured["k"][0, 1].float()
+    logits = q @ k.T * captured["scale"]
+    q_pos = torch.arange(n - window, n)
+    logits = logits.masked_fill(torch.arange(n)[None, :] > q_pos[:, None], -math.inf)
+    s = logits.softmax(-1).sum((0, 1))
+    pooled = torch.stack([s[max(0, i - 1):i + 2].max() for i in range(n)])
+    pooled[:sink] = -1
+    pooled[n - window:] = -1
+    chosen = set(torch.topk(pooled, budget - sink - window).indices.tolist())
+    want = sorted(set(range(sink)) | set(range(n - window, n)) | chosen)
+    kept = got.cache.positions(1, 1)
+    assert kept[:budget] == want and kept[budget:] == [n, n + 1]  # generated tokens are all kept
+    assert got.cache.layers[1].prompt_tokens == n
+
+
+def test_kv_bytes_held_equal_the_policys_prediction(tiny_llama):
+    n, steps = 64, 6
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (0, 0): ("streaming", {"sink": 4, "recent": 8}),
+        (0, 1): ("snapkv", {"budget": {"alpha": 0, "beta": 0.25}, "window": 4, "kernel": 3, "sink": 2}),
+        (1, 1): ("streaming", {"sink": 0, "recent": 100})}))
+    cache = kc.greedy_decode(tiny_llama, prompt(n), policy, steps).cache
+    seen = n + steps - 1
+    per_token = 2 * tiny_llama.head_dim * 4  # keys and values, fp32
+    assert cache.dense_bytes() == tiny_llama.n_layers * tiny_llama.n_kv_heads * seen * per_token
+    held = (12 + (16 + steps - 1) + seen + seen) * per_token
+    report = cache.kv_report()
+    assert report["kv_bytes_held"] == held == report["kv_bytes_predicted"]
+    assert report["kv_bytes_predicted"] == policy.predicted_kv_tokens(n, steps - 1) * per_token
+    assert report["kv_fraction"] == pytest.approx(held / cache.dense_bytes()) and report["kv_vs_predicted"] == 1.0
+    full = kc.greedy_decode(tiny_llama, prompt(n), dense_policy(tiny_llama), steps).cache
+    assert full.bytes_held() == full.dense_bytes() == full.predicted_bytes()
+
+
+def test_generate_with_sampling_runs_and_is_seeded(tiny_llama):
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {(0, 0): ("streaming", {"sink": 2, "recent": 8})}))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        tokens, cache = kc.generate(tiny_llama, prompt(24), policy, max_new_tokens=10, do_sample=True, top_k=50, temperature=1.5)
+        runs.append(tokens)
+        assert tokens.shape == (1, 34) and cache.tokens_held()[0][0] == 10
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_bad_input_is_one_line(tiny_llama):
+    policy = dense_policy(tiny_llama)
+    with pytest.raises(AttnlabError, match="batch 1"):
+        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, max_new_tokens=2)
+    with pytest.raises(AttnlabError, match=r"beyond tiny-llama's context of 512"):
+        kc.greedy_decode(tiny_llama, prompt(500), policy, 20)
+    other = Policy({**tiny_llama.identity().to_dict(), "n_layers": 3, "fingerprint": None}, 16,
+                   [HeadPolicy(la, h, h // 2, "dense", {}) for la in range(3) for h in range(4)])
+    with pytest.raises(AttnlabError, match="n_layers"):
+        kc.generate(tiny_llama, prompt(8), other, max_new_tokens=2)
+
+
+@pytest.mark.slow
+def test_the_embedded_model_with_a_full_decode_policy_equals_the_dynamic_cache(embedded):
+    ids = embedded.encode("The quick brown fox jumps over the lazy dog. " * 8)
+    want_tokens, want = hf_scores(embedded, ids, 16)
+    got = kc.greedy_decode(embedded, ids, dense_policy(embedded), 16)
+    # the plain model attends with its eager kernel: the same up to fp32 rounding (logits of ~30)
+    assert (got.logits - want).abs().max() <= 1e-4
+    dense = kc.greedy_decode(embedded, ids, None, 16)  # a DynamicCache under the same attention function
+    assert (got.logits - dense.logits).abs().max() <= 1e-5
+    assert got.tokens == want_tokens.tolist() == dense.tokens
+
+
+# -- validation in generation -----------------------------------------------------------------
+def test_validate_decode_pairs_dense_and_compressed_and_writes_the_run(tmp_path, tiny_llama):
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run
+    from attnlab.sparsity_stats.decode_validation import validate_decode
+
+    full = validate_decode(tiny_llama, dense_policy(tiny_llama), n_prompts=1, prompt_tokens=64, new_tokens=8, progress=False)
+    s = full.summary
+    assert s["token_match"] == 1.0 and s["first_divergence"] == 8 and s["kl_mean"] <= 1e-6 and s["forced_agreement"] == 1.0
+    assert s["kv_fraction"] == 1.0 and s["kv_vs_predicted"] == 1.0 and "decode keeps the full KV cache" in s["note"]
+
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 2, "recent": 8}) for la in range(2) for kv in range(2)}))
+    report = validate_decode(tiny_llama, policy, n_prompts=2, prompt_tokens=64, new_tokens=8, needle_samples=2,
+                             needle_length=160, out=tmp_path / "run", progress=False)
+    s = report.summary
+    assert s["n_prompts"] == 2 and s["needle_n"] == 2 and s["note"] is None
+    assert s["kv_vs_predicted"] == 1.0 and s["kv_fraction"] < 0.2  # 10 tokens of 71 per head on continuations
+    assert 0 <= s["token_match"] <= 1 and s["kl_mean"] > 0
+    assert s["needle_both"] + s["needle_dense_only"] + s["needle_compressed_only"] + s["needle_neither"] == 2
+    run = Run.open(tmp_path / "run")
+    rows = run.read(DECODE_SAMPLES)
+    assert list(rows["task"]) == ["continuation", "continuation", "needle", "needle"]
+    assert (rows["kv_bytes_held"] == rows["kv_bytes_predicted"]).all()
+    assert run.read(DECODE_SUMMARY)["policy_file"]["decode"]["heads"][0]["kind"] == "streaming"
+    assert "phase decode" in report.format() or "decode phase" in report.format()
+
+
+def test_validate_cli_phase_decode(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import DECODE_SUMMARY, VALIDATION_SUMMARY, Run
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    path = dense_policy(tiny_llama).save(tmp_path / "p.json")
+    assert main(["validate", str(path), "--phase", "decode", "--prompts", "1", "--tokens", "48", "--new-tokens", "4",
+                 "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "note: the policy has no decode phase" in out and "token match 1.000" in out
+    run = Run.open(tmp_path / "r")
+    assert run.has(DECODE_SUMMARY) and not run.has(VALIDATION_SUMMARY)
+    assert main(["validate", str(path), "--phase", "decode", "--tokens", "510", "--new-tokens", "4",
+                 "--model", "x", "--out", str(tmp_path / "r2"), "--quiet"]) == 2
+    assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
+
+
+def test_generate_cli_prints_both_continuations_with_cache_sizes(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 2, "recent": 6}) for la in range(2) for kv in range(2)}))
+    path = policy.save(tmp_path / "p.json")
+    assert main(["generate", str(path), "--prompt", "The quick brown fox jumps over the lazy dog. " * 3,
+                 "--max-new-tokens", "6", "--no-chat"]) == 0
+    out = capsys.readouterr().out
+    assert "--- dense (full KV cache:" in out and "--- compressed (" in out
+    assert "the policy predicts" in out and "note:" not in out
+    assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "600"]) == 2
+    assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+
+
+def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 4, "recent": 12}) for la in range(2) for kv in range(2)}))
+    cache = kc.greedy_decode(tiny_llama, prompt(400), policy, 40).cache
+    assert cache.tokens_held() == [[16, 16], [16, 16]]
+    per_token = 2 * tiny_llama.head_dim * 4
+    # the buffers shrank at the end of prefill and never grew: a decode step overwrites in place
+    assert cache.bytes_allocated() == 2 * 2 * (16 + 64) * per_token < cache.dense_bytes() / 4
+    assert cache.kv_report()["kv_bytes_allocated"] == cache.bytes_allocated()
+
+
+def test_validate_cli_phase_both_writes_both_reports(tmp_path, tiny_llama, monkeypatch, capsys):
+    from attnlab.cli import main
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, VALIDATION_SUMMARY, Run
+    from attnlab.sparsity_stats import validate_cli
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    d = dense_policy(tiny_llama).to_dict()
+    d["heads"][0].update(kind="streaming", params={"sink": 4, "window": 16})
+    d["schema"] = 2
+    d["decode"] = {"heads": [{"layer": la, "kv_head": kv, "kind": "streaming", "params": {"sink": 4, "recent": 16}}
+                             for la in range(2) for kv in range(2)]}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    assert main(["validate", str(path), "--phase", "both", "--executor", "reference", "--prompts", "1", "--tokens", "64",
+                 "--new-tokens", "4", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "achieved density" in out and "prefill under the policy, reference executor" in out and "note:" not in out
+    run = Run.open(tmp_path / "r")
+    assert run.has(VALIDATION_SUMMARY) and run.has(DECODE_SUMMARY)
+    assert run.read(DECODE_SUMMARY)["phase"] == "both" and len(run.read(DECODE_SAMPLES)) == 1
