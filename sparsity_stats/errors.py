@@ -41,8 +41,7 @@ ERR_SEQ_TOO_LONG = (
 ERR_BUDGET = "budget {got} is outside (0, 1]: give the share of dense causal attention to keep, e.g. --budget 0.15"
 ERR_BUDGET_KIND = "budget kind {got!r} is unknown: use 'density' (share of causal blocks) or 'kv' (share of KV cache)"
 ERR_INFEASIBLE = (
-    "budget {budget:g} is below what the constraints allow (at least {needed:.4f} {kind}): "
-    "raise --budget to >= {needed:.4f}, or relax --min-sink / protected heads / recall floors"
+    "budget {budget:g} is below what any policy can reach here (at least {needed:.4f} {kind}: {why}): {fix}"
 )
 
 # -- policy files ---------------------------------------------------------------------------

@@ -283,6 +283,30 @@ class PolicyGenerator:
                 )
         return curves.extend([Candidate.make("dense"), *self.extra_candidates])
 
+    def _infeasible_message(self, needed: float, values, costs, units: int, curves, est) -> str:
+        """Why ``budget`` can't be met, and the smallest budget (4 decimals) that can: checked by
+        solving again, so the hint is never itself refused."""
+        suggest = math.ceil(needed * 1e4 - 1e-9) / 1e4
+        for _ in range(50):
+            try:
+                solve_mckp(values, costs, suggest * units, max_nodes=self.max_nodes, cost_unit=self._cost_unit(est))
+                break
+            except InfeasibleError:
+                suggest = round(suggest + 1e-4, 4)
+        kind = "mean density" if self.budget_kind == "density" else "mean KV share"
+        cost = curves.density if self.budget_kind == "density" else curves.kv
+        floor = float(np.mean(np.min(cost, axis=-1)))  # every head's cheapest candidate, no constraints
+        n = min(est.eval_lengths)
+        why = (f"at block size {est.block_size} and {n} tokens the cheapest pattern of every head already costs "
+               f"{floor:.4f} (the first block and the diagonal of each row are always kept)")
+        if needed > floor + 5e-5:
+            why += (f", and the constraints (protected heads, --min-sink, recall floors) add {needed - floor:.4f}")
+        smaller = [b for b in (16, 32, 64) if b < est.block_size]
+        fix = f"use --budget {suggest:.4f} or more"
+        if smaller:
+            fix += f", or profile and build with a finer --block-size ({smaller[-1]}) to go lower"
+        return ERR_INFEASIBLE.format(budget=self.budget_, needed=needed, kind=kind, why=why, fix=fix)
+
     def _too_coarse(self, block_size: int, n: int, lengths: Sequence[int]) -> str:
         """The message for a block size that leaves no sparse choice at length ``n``."""
         return too_coarse_message(block_size, n, lengths, getattr(self, "map_block_size_", None))
@@ -369,8 +393,7 @@ class PolicyGenerator:
                 # big for the length, and no budget below 1 (nor any other option) can help
                 n = min(est.eval_lengths)
                 raise PolicyError(self._too_coarse(est.block_size, n, est.eval_lengths)) from None
-            raise PolicyError(ERR_INFEASIBLE.format(budget=self.budget_, needed=exc.needed / units,
-                                                    kind="mean density" if self.budget_kind == "density" else "mean KV share")) from None
+            raise PolicyError(self._infeasible_message(exc.needed / units, values, costs, units, curves, est)) from None
         choice = np.zeros((nl, nh), dtype=np.int64)
         for g, members in enumerate(groups):
             for lay, head in members:

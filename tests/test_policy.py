@@ -198,8 +198,16 @@ def test_min_sink_and_recall_floor(curves):
             assert e.params["sink"].resolve(512) >= 16
     floor = PolicyGenerator(budget=0.6, recall_floor=0.9, protect_retrieval="none").fit(curves)
     assert (floor.expected_recall_ >= 0.9 - 1e-12).all()
-    with pytest.raises(PolicyError, match="budget 0.05 is below what the constraints allow"):
+    with pytest.raises(PolicyError, match="budget 0.05 is below what any policy can reach here") as exc:
         PolicyGenerator(budget=0.05, recall_floor=0.999).fit(curves)
+    message = str(exc.value)
+    assert "the first block and the diagonal of each row are always kept" in message
+    assert "constraints (protected heads, --min-sink, recall floors) add" in message
+    # the hint is a budget that works (the message used to suggest one that was refused too)
+    suggested = float(re.search(r"use --budget (\d\.\d{4}) or more", message).group(1))
+    PolicyGenerator(budget=suggested, recall_floor=0.999).fit(curves)
+    with pytest.raises(PolicyError, match="below what any policy can reach"):
+        PolicyGenerator(budget=round(suggested - 0.002, 4), recall_floor=0.999).fit(curves)
 
 
 @pytest.mark.parametrize("bad", [0, -0.1, 1.5, "x"])
