@@ -17,9 +17,16 @@ named compositions of them (`kinds`).
 
 from attnlab.kernels import BlockSparseLayout
 
-from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
+from .baselines import (
+    BaselineResult,
+    duo_attention_style,
+    kv_baselines,
+    minference_style,
+    uniform_streaming,
+)
 from .compare import compare_policies, format_table, tradeoff_figure, write_tradeoff_html
 from .curves import HeadCurves, ProfileEstimator, compute_curves, default_candidates
+from .dynamic import published_policy
 from .errors import ExtrapolationWarning, FormatError, MaskError, PolicyError, PolicyModelError
 from .executors import EXECUTORS, PolicyExecutor, run_layout, run_with_policy
 from .export import (
@@ -34,6 +41,7 @@ from .export import (
 )
 from .generator import PolicyGenerator, policy_from_choices
 from .kinds import (
+    BASELINE_KINDS,
     DYNAMIC_KINDS,
     KINDS,
     STATIC_KINDS,
@@ -70,7 +78,7 @@ from .patterns import (
     per_head,
     token_mask,
 )
-from .policy import POLICY_FORMAT, POLICY_SCHEMA, HeadPolicy, Policy
+from .policy import POLICY_FORMAT, POLICY_SCHEMA, DecodeHead, HeadPolicy, Policy
 from .synthetic import make_synthetic_run, synthetic_attention
 from .validation import ValidationReport, validate_policy
 
@@ -95,6 +103,8 @@ __all__ = [
     "compute_curves",
     "default_candidates",
     "duo_attention_style",
+    "BASELINE_KINDS",
+    "DecodeHead",
     "DYNAMIC_KINDS",
     "Elastic",
     "estimate_block_scores",
@@ -145,6 +155,8 @@ __all__ = [
     "synthetic_attention",
     "token_mask",
     "tradeoff_figure",
+    "kv_baselines",
+    "published_policy",
     "uniform_streaming",
     "write_tradeoff_html",
 ]

@@ -15,7 +15,8 @@ The executor plugs into the model through transformers' attention-function regis
 ends, whatever happens inside it. Static policy kinds are compiled once per (layer, length)
 into a `BlockSparseLayout`; dynamic kinds (``vertical_slash``, ``block_topk``) are estimated
 from each input's own queries and keys (`estimate_block_scores`). Policies apply to prefill,
-as MInference's do: decode steps (one new query over a cache) attend densely.
+as MInference's do: decode steps (one new query over a cache) attend densely here; a policy's
+decode phase (which tokens each KV head's cache keeps) runs through `attnlab.sparsity_stats.kvcache`.
 
 The model's own attention variant (`attnlab.attention.AttentionVariant`) passes through every
 executor: a sliding-window layer's layouts carry ``model_window`` (ANDed with every head's
