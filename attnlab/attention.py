@@ -209,15 +209,30 @@ def attend(query, key, value, *, scaling: float, variant: AttentionVariant | Non
     if variant is None or variant.plain:
         return sdpa(query, key, value, scaling=scaling)
     if variant.softcap is None and variant.sinks is None:
-        n_q, n_k = query.shape[-2], key.shape[-2]
-        mask = key_mask(torch.arange(n_k - n_q, n_k, device=query.device), n_k, variant.window)
-        group = query.shape[1] // key.shape[1]
-        if group > 1:
-            key = key.repeat_interleave(group, dim=1)
-            value = value.repeat_interleave(group, dim=1)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
-        return out.transpose(1, 2).contiguous()
+        return windowed_sdpa(query, key, value, scaling=scaling, window=variant.window)
     return variant_attention(query, key, value, scaling=scaling, variant=variant)
+
+
+def windowed_sdpa(query, key, value, *, scaling: float, window: int, chunk: int = 512) -> torch.Tensor:
+    """Causal SDPA with a sliding window, one query chunk at a time over only the keys the chunk
+    can see (``chunk + window`` of them): memory ``O(chunk · (chunk + window))``, not
+    ``O(n²)`` (a masked SDPA on a CPU materialises every score). ``[b, h, n_q, d]`` in,
+    ``[b, n_q, h, d]`` out like `sdpa`."""
+    n_q, n_k = query.shape[-2], key.shape[-2]
+    group = query.shape[1] // key.shape[1]
+    if group > 1:
+        key = key.repeat_interleave(group, dim=1)
+        value = value.repeat_interleave(group, dim=1)
+    outs = []
+    for a in range(0, n_q, chunk):
+        e = min(n_q, a + chunk)
+        q_pos = torch.arange(n_k - n_q + a, n_k - n_q + e, device=query.device)
+        lo = max(0, int(q_pos[0]) - window + 1) if window else 0
+        hi = int(q_pos[-1]) + 1
+        mask = key_mask(q_pos, hi, window)[:, lo:]
+        outs.append(torch.nn.functional.scaled_dot_product_attention(
+            query[:, :, a:e], key[:, :, lo:hi], value[:, :, lo:hi], attn_mask=mask, scale=scaling))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
 
 
 def _accepts_variant(fn: Callable) -> bool:

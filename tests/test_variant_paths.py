@@ -88,3 +88,18 @@ def test_greedy_needle_answers_and_patching_run_on_variant_models(variant_model)
     with torch.no_grad():
         plain = variant_model.hf_model(ids, use_cache=False).logits
     assert (trace.logits - plain).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("n_q,n_k,window", [(1000, 1000, 300), (1, 700, 64), (64, 1200, 512), (700, 700, 0), (600, 600, 1)])
+def test_windowed_sdpa_equals_masked_sdpa(n_q, n_k, window):
+    """Sliding-window attention one query chunk at a time over only the visible keys (the
+    memory-lean path) equals SDPA with the full window mask."""
+    from attnlab.attention import key_mask, windowed_sdpa
+
+    g = torch.Generator().manual_seed(n_q + window)
+    q, k, v = torch.randn(1, 4, n_q, 16, generator=g), torch.randn(1, 2, n_k, 16, generator=g), torch.randn(1, 2, n_k, 16, generator=g)
+    got = windowed_sdpa(q, k, v, scaling=0.25, window=window, chunk=256)
+    mask = key_mask(torch.arange(n_k - n_q, n_k), n_k, window)
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask, scale=0.25).transpose(1, 2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
