@@ -173,12 +173,14 @@ def key_mask(q_pos: torch.Tensor, n_k: int, window: int = 0) -> torch.Tensor:
 
 
 def scores_to_probs(scores: torch.Tensor, q_pos: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:
-    """``[heads, R, n_k]`` scaled scores of queries at ``q_pos`` → probabilities over the keys,
+    """``[heads, R, n_k]`` scaled scores of queries at ``q_pos`` (overwritten) → probabilities over the keys,
     as Hugging Face eager attention computes them: soft-cap, mask (causal + window), softmax
     with the learned sinks in the denominator (their mass is dropped, not given to any key)."""
     if variant.softcap is not None:
         scores = torch.tanh(scores / variant.softcap) * variant.softcap
-    scores = scores.masked_fill(~key_mask(q_pos, scores.shape[-1], variant.window), float("-inf"))
+    # in place: every caller passes scores it just computed (a copy of [heads, R, n_k] per
+    # chunk made the q/k path ~20% slower on SmolLM2 at 2k)
+    scores = scores.masked_fill_(~key_mask(q_pos, scores.shape[-1], variant.window), float("-inf"))
     if variant.sinks is None:
         return torch.softmax(scores, dim=-1)
     sink = variant.sinks.to(scores.device, scores.dtype).reshape(-1, 1, 1).expand(-1, scores.shape[1], 1)
