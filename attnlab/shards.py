@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from attnlab.cliargs import positive_int
 from attnlab.errors import AttnlabError
 
 if TYPE_CHECKING:  # the run store pulls in torch; the CLI's parser must not
@@ -85,17 +86,7 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                         help="run the shards as Ray tasks and merge them: on a local cluster started here, or on "
                              "the cluster at ADDRESS (needs pip install 'attnlab[ray]')")
-    parser.add_argument("--workers", type=_positive, default=2, help="shards (Ray tasks) with --ray (default 2)")
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+    parser.add_argument("--workers", type=positive_int, default=2, help="shards (Ray tasks) with --ray (default 2)")
 
 
 def mark_shard(run: Run, record: dict[str, Any]) -> None:

@@ -65,6 +65,7 @@ import math
 import os
 import warnings
 import zipfile
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,6 +80,7 @@ from attnlab.kernels.layout import (
     BlockSparseLayout,
     csr_from_counts,
 )
+from attnlab.names import head_label
 from attnlab.runs import atomic_path, check_output_files, load_json
 
 from .errors import (
@@ -389,6 +391,12 @@ def minference_config(policy: Policy, seq_len: int, block_size: int | None = Non
     """MInference's per-layer ``{head: [kind, vertical_size, slash_size, score]}`` for ``policy``
     with sizes resolved at ``seq_len``. `FormatError` naming the heads it cannot represent."""
     b = check_block_size(policy.block_size if block_size is None else block_size)
+    return _per_head_config(policy, lambda e: _minference_entry(e, seq_len, b, lossy))
+
+
+def _per_head_config(policy: Policy, entry: Callable[[Any], list]) -> list[dict[str, list]]:
+    """One ``{head: entry(head)}`` per layer; `FormatError` (the first head's reason) naming
+    every head the target can't run."""
     out: list[dict[str, list]] = []
     refused: list[str] = []
     first: FormatError | None = None
@@ -396,10 +404,10 @@ def minference_config(policy: Policy, seq_len: int, block_size: int | None = Non
         layer: dict[str, list] = {}
         for e in policy.layer(lay):
             try:
-                layer[str(e.head)] = _minference_entry(e, seq_len, b, lossy)
+                layer[str(e.head)] = entry(e)
             except FormatError as exc:
                 first = first or exc
-                refused.append(f"L{e.layer}.H{e.head} {e.kind}")
+                refused.append(f"{head_label(e.layer, e.head)} {e.kind}")
         out.append(layer)
     if first is not None:
         more = f" ({len(refused)} heads: {', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''})" if len(refused) > 1 else ""
@@ -553,21 +561,7 @@ def vllm_config(policy: Policy, seq_len: int, block_size: int | None = None, *, 
     b = check_block_size(policy.block_size if block_size is None else block_size)
     n_ctx = policy.model.get("n_ctx")
     dense_size = max(int(n_ctx) if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0 else 0, seq_len)
-    out: list[dict[str, list]] = []
-    refused: list[str] = []
-    first: FormatError | None = None
-    for lay in range(policy.n_layers):
-        layer: dict[str, list] = {}
-        for e in policy.layer(lay):
-            try:
-                layer[str(e.head)] = _vllm_entry(e, seq_len, b, dense_size, lossy)
-            except FormatError as exc:
-                first = first or exc
-                refused.append(f"L{e.layer}.H{e.head} {e.kind}")
-        out.append(layer)
-    if first is not None:
-        more = f" ({len(refused)} heads: {', '.join(refused[:8])}{' ...' if len(refused) > 8 else ''})" if len(refused) > 1 else ""
-        raise FormatError(str(first) + more)
+    out = _per_head_config(policy, lambda e: _vllm_entry(e, seq_len, b, dense_size, lossy))
     side = {
         "dual_chunk_attention_config": {"sparse_attention_enabled": True, "sparse_attention_threshold": seq_len - 1,
                                         "sparse_attention_last_q": 64},
