@@ -78,7 +78,7 @@ from .patterns import (
     per_head,
     token_mask,
 )
-from .policy import POLICY_FORMAT, POLICY_SCHEMA, DecodeHead, HeadPolicy, Policy
+from .policy import POLICY_FORMAT, POLICY_SCHEMA, DecodeHead, HeadPolicy, Policy, uniform_policy
 from .synthetic import make_synthetic_run, synthetic_attention
 from .validation import ValidationReport, validate_policy
 
@@ -157,6 +157,7 @@ __all__ = [
     "tradeoff_figure",
     "kv_baselines",
     "published_policy",
+    "uniform_policy",
     "uniform_streaming",
     "write_tradeoff_html",
 ]

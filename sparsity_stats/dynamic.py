@@ -110,17 +110,11 @@ def published_policy(model, kind: str, *, block_size: int = 64, **params: float)
     every head of ``model`` (a `LoadedModel` or a `ModelIdentity`), with its published defaults
     unless ``params`` say otherwise: the baseline as its authors run it."""
     from .kinds import BASELINE_KINDS
-    from .policy import POLICY_FORMAT, POLICY_SCHEMA, Policy, PolicyError
+    from .policy import PolicyError, uniform_policy
 
     if kind not in BASELINE_KINDS:
         raise PolicyError(f"unknown published method {kind!r}: choose one of {', '.join(BASELINE_KINDS)}")
-    identity = model.identity() if callable(getattr(model, "identity", None)) else model
-    ident = identity.to_dict()
-    n_heads, n_kv = int(ident["n_heads"]), int(ident["n_kv_heads"])
-    heads = [{"layer": layer, "head": head, "kv_head": head // (n_heads // n_kv), "kind": kind, "params": dict(params)}
-             for layer in range(int(ident["n_layers"])) for head in range(n_heads)]
-    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": ident, "block_size": block_size,
-                             "heads": heads, "budget": {"method": kind}})
+    return uniform_policy(model, kind, params, block_size=block_size, budget={"method": kind})
 
 
 def parse_baseline(spec: str) -> tuple[str, dict[str, float]]:

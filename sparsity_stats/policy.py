@@ -682,3 +682,17 @@ class Policy:
         d = load_json(p, what="policy", fix="it is corrupt; regenerate it with `attnlab policy`", error=PolicyError)
         return cls.from_dict(d, model=model, path=str(p))
 
+
+
+def uniform_policy(model: Any, kind: str, params: Mapping[str, Any] | None = None, *, block_size: int = 64,
+                   budget: dict[str, Any] | None = None) -> Policy:
+    """One ``kind`` with the same ``params`` on every head of ``model`` (a `LoadedModel`, a
+    `ModelIdentity` or an identity dict), checked like a policy file."""
+    ident = _identity_of(model).to_dict()
+    n_heads, n_kv = int(ident["n_heads"]), int(ident["n_kv_heads"])
+    heads = [{"layer": layer, "head": head, "kv_head": head // (n_heads // n_kv), "kind": kind, "params": dict(params or {})}
+             for layer in range(int(ident["n_layers"])) for head in range(n_heads)]
+    d = {"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": ident, "block_size": block_size, "heads": heads}
+    if budget is not None:
+        d["budget"] = budget
+    return Policy.from_dict(d)

@@ -8,15 +8,12 @@ from conftest import random_ids
 
 from attnlab.errors import AttnlabError
 from attnlab.sparsity_stats.deployed import DeployedExecutor
-from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
+from attnlab.sparsity_stats.policy import uniform_policy
 from attnlab.sparsity_stats.validation import head_errors
 
 
 def policy_of(model, kind, params, block_size=16):
-    heads = [{"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": kind, "params": params}
-             for layer in range(model.n_layers) for head in range(model.n_heads)]
-    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(),
-                             "block_size": block_size, "heads": heads})
+    return uniform_policy(model, kind, params, block_size=block_size)
 
 
 def per_head(model, executor, ids):

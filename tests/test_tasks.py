@@ -153,13 +153,9 @@ def test_paired_statistics_on_fixed_inputs():
 # evaluate and `attnlab eval`
 # ---------------------------------------------------------------------------------------
 def streaming_policy(model, block_size=16):
-    from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
+    from attnlab.sparsity_stats.policy import uniform_policy
 
-    heads = [{"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": "streaming",
-              "params": {"sink": 16, "window": 32}}
-             for layer in range(model.n_layers) for head in range(model.n_heads)]
-    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(),
-                             "block_size": block_size, "heads": heads})
+    return uniform_policy(model, "streaming", {"sink": 16, "window": 32}, block_size=block_size)
 
 
 def test_evaluate_pairs_dense_and_policies_on_the_same_samples(tiny_llama):

@@ -11,7 +11,7 @@ from conftest import random_ids
 
 from attnlab.models import tiny_model
 from attnlab.names import attn_hook
-from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, Policy
+from attnlab.sparsity_stats.policy import uniform_policy as make_uniform_policy
 
 VARIANTS = ["gemma2", "gpt-oss", "mistral-window"]
 
@@ -22,10 +22,7 @@ def variant_model(request):
 
 
 def uniform_policy(model, kind, params, block_size=16):
-    heads = [{"layer": layer, "head": head, "kv_head": model.kv_head(head), "kind": kind, "params": params}
-             for layer in range(model.n_layers) for head in range(model.n_heads)]
-    return Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(),
-                             "block_size": block_size, "heads": heads})
+    return make_uniform_policy(model, kind, params, block_size=block_size)
 
 
 def test_validation_measures_against_the_models_own_attention(variant_model):
