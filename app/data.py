@@ -34,6 +34,7 @@ from attnlab.runs import (
     BLOCK_MAPS,
     CAUSAL_CHECK,
     CIRCUIT,
+    DECODE_SUMMARY,
     DETECTIONS,
     FAMILIES,
     HEAD_STATS,
@@ -277,6 +278,57 @@ def validation_overview(entries: list[RunEntry], run: Run | None = None) -> pd.D
             "recall_mean": s.get("recall_mean"),
         })
     return pd.DataFrame(rows, columns=["run", "policy", "executor", "prompt_tokens", "density", *PARETO_MEASURES])
+
+
+#: Decode-phase measures the Validation page plots against the KV cache kept: column → (label, lower is better).
+DECODE_MEASURES = {
+    "needle_compressed": ("needle accuracy with the compressed cache", False),
+    "needle_delta": ("needle accuracy change (compressed − dense)", False),
+    "token_match": ("greedy tokens equal to dense (share)", False),
+    "kl_mean": ("KL(dense‖compressed), teacher-forced, nats/token", True),
+}
+
+
+def decode_overview(entries: list[RunEntry], run: Run | None = None) -> pd.DataFrame:
+    """One row per run holding a decode-phase validation (`DECODE_SUMMARY`; of ``run``'s model when
+    given): the policy, the share of the dense KV cache it held, and what it cost
+    (`DECODE_MEASURES`). A summary that cannot be read is left out here (its own run's page says why)."""
+    rows = []
+    for e in entries:
+        if e.run is None or not e.run.has(DECODE_SUMMARY):
+            continue
+        try:
+            if run is not None and run.identity.mismatch(e.run.identity) is not None:
+                continue
+            s = read_artifact(e.run, DECODE_SUMMARY)
+            kv = float(s["kv_fraction"])
+        except (AttnlabError, KeyError, TypeError, ValueError):
+            continue
+        nd, nc = s.get("needle_dense"), s.get("needle_compressed")
+        rows.append({
+            "run": e.name, "policy": s.get("policy", ""), "phase": s.get("phase", ""),
+            "prompt_tokens": s.get("prompt_tokens"), "needle_n": s.get("needle_n", 0), "kv_fraction": kv,
+            "kv_vs_predicted": s.get("kv_vs_predicted"),
+            "needle_compressed": nc, "needle_delta": None if nd is None or nc is None else float(nc) - float(nd),
+            "token_match": s.get("token_match"), "kl_mean": s.get("kl_mean"),
+            "tokens_per_s_compressed": s.get("tokens_per_s_compressed"), "tokens_per_s_dense": s.get("tokens_per_s_dense"),
+        })
+    cols = ["run", "policy", "phase", "prompt_tokens", "needle_n", "kv_fraction", "kv_vs_predicted", *DECODE_MEASURES,
+            "tokens_per_s_compressed", "tokens_per_s_dense"]
+    frame = pd.DataFrame(rows, columns=cols)
+    return frame.astype({m: float for m in DECODE_MEASURES})
+
+
+def changed_decode_samples(samples: pd.DataFrame) -> pd.DataFrame:
+    """The needle samples whose grade the compressed cache changed (right only densely, or only
+    compressed), with both answers."""
+    if "correct_dense" not in samples.columns:
+        return samples.iloc[0:0]
+    needle = samples[samples["task"] == "needle"]
+    changed = needle[needle["correct_dense"].astype(bool) != needle["correct_compressed"].astype(bool)]
+    cols = [c for c in ("sample", "answer", "correct_dense", "correct_compressed", "dense", "compressed", "kv_fraction")
+            if c in changed.columns]
+    return changed[cols].reset_index(drop=True)
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray, *, lower_is_better: bool = True) -> np.ndarray:

@@ -233,18 +233,22 @@ def families_figure(fam: pd.DataFrame) -> go.Figure:
                       title="heads on the first two principal components of their features, coloured by family")
 
 
-def pareto_figure(frame: pd.DataFrame, measure: str, label: str, front: np.ndarray) -> go.Figure:
-    """Density against one measure for every validated policy (``frame`` sorted by density), the
-    Pareto front (``front``, a mask over ``frame``'s rows) joined by a line."""
+def pareto_figure(frame: pd.DataFrame, measure: str, label: str, front: np.ndarray, *, x: str = "density",
+                  x_title: str = "achieved density (share of dense causal attention)",
+                  x_name: str = "achieved density") -> go.Figure:
+    """``x`` (achieved density by default; the KV share held for decode) against one measure for
+    every validated policy (``frame`` sorted by ``x``), the Pareto front (``front``, a mask over
+    ``frame``'s rows) joined by a line."""
     fig = go.Figure()
-    fig.add_trace(go.Scatter(x=frame["density"], y=frame[measure], mode="markers", name="validated policy",
+    how = "executor" if "executor" in frame.columns else "phase"
+    fig.add_trace(go.Scatter(x=frame[x], y=frame[measure], mode="markers", name="validated policy",
                              marker={"size": 11, "color": ["#d62728" if f else "#7f7f7f" for f in front]},
-                             text=[f"{r.run}: {r.policy} ({r.executor}, {r.prompt_tokens} tokens)" for r in frame.itertuples()],
-                             hovertemplate="%{text}<br>density %{x:.3f}<br>" + label + " %{y:.4g}<extra></extra>"))
-    fig.add_trace(go.Scatter(x=frame["density"][front], y=frame[measure][front], mode="lines", name="Pareto front",
+                             text=[f"{r.run}: {r.policy} ({getattr(r, how)}, {r.prompt_tokens} tokens)" for r in frame.itertuples()],
+                             hovertemplate="%{text}<br>" + x + " %{x:.3f}<br>" + label + " %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=frame[x][front], y=frame[measure][front], mode="lines", name="Pareto front",
                              line={"color": "#d62728", "dash": "dot"}))
-    fig.update_layout(title=f"{label} against achieved density ({len(frame)} validated policies)",
-                      xaxis_title="achieved density (share of dense causal attention)", yaxis_title=label)
+    fig.update_layout(title=f"{label} against {x_name} ({len(frame)} validated policies)",
+                      xaxis_title=x_title, yaxis_title=label)
     return fig
 
 

@@ -358,6 +358,60 @@ def test_validation_page_plots_every_validated_policy_against_density(monkeypatc
     np.testing.assert_allclose(sorted(arr(pareto["data"][0]["y"])), sorted(s["ppl_delta"] for s in summaries.values()), atol=1e-9)
 
 
+def test_validation_page_plots_decode_accuracy_against_kv_kept_and_lists_changed_samples(monkeypatch, runs_root,
+                                                                                          tmp_path, tiny_llama):
+    """Two decode-phase validations (the full cache, and 2 sink + 8 recent tokens per KV head) of
+    the tiny model: one point each at the KV share they held, the front, and the needle samples
+    the compressed cache graded differently from dense."""
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY
+    from attnlab.sparsity_stats.decode_validation import validate_decode
+    from attnlab.sparsity_stats.policy import DecodeHead
+
+    root = tmp_path / "runs"
+    shutil.copytree(runs_root / "tiny", root / "tiny")
+    dense = PolicyGenerator(budget=1.0).fit(Run.open(root / "tiny")).emit()
+    streaming = dense.with_decode([DecodeHead.make(la, kv, "streaming", sink=2, recent=8)
+                                   for la in range(tiny_llama.n_layers) for kv in range(tiny_llama.n_kv_heads)])
+    for name, pol in (("full", dense), ("stream", streaming)):
+        validate_decode(tiny_llama, pol, n_prompts=1, prompt_tokens=64, new_tokens=6, needle_samples=3,
+                        needle_length=160, out=root / name, progress=False)
+    summaries = {name: json.loads((root / name / DECODE_SUMMARY).read_text()) for name in ("full", "stream")}
+    overview = data.decode_overview(data.list_runs(root), Run.open(root / "tiny"))
+    assert sorted(overview["run"]) == ["full", "stream"]
+    kv = overview.set_index("run")["kv_fraction"]
+    assert kv["full"] == 1.0 and kv["stream"] < 0.5
+
+    at = goto(app(monkeypatch, root), "Validation", "stream")
+    decode = next(f for f in figures(at) if "KV cache kept" in f["layout"]["title"]["text"])
+    xs, ys = arr(decode["data"][0]["x"]), arr(decode["data"][0]["y"])
+    want = sorted((s["kv_fraction"], s["needle_compressed"]) for s in summaries.values())
+    np.testing.assert_allclose(sorted(zip(xs, ys, strict=True)), want, atol=1e-9)
+    assert decode["layout"]["xaxis"]["title"]["text"] == "KV bytes held, share of the dense cache"
+    at.selectbox(key="decode_measure").set_value("kl_mean").run()
+    decode = next(f for f in figures(at) if "KV cache kept" in f["layout"]["title"]["text"])
+    np.testing.assert_allclose(sorted(arr(decode["data"][0]["y"])), sorted(s["kl_mean"] for s in summaries.values()),
+                               atol=1e-12)
+    assert any("KV cache kept" in m.label for m in at.metric)
+    # the changed samples: exactly those graded differently, computed from the stored table
+    samples = Run.open(root / "stream").read(DECODE_SAMPLES)
+    needle = samples[samples["task"] == "needle"]
+    want_changed = sorted(needle.loc[needle["correct_dense"] != needle["correct_compressed"], "sample"])
+    assert sorted(data.changed_decode_samples(samples)["sample"]) == want_changed
+    shown = [t for t in at.markdown if "Needle samples the compressed cache changed" in t.value]
+    assert bool(shown) == bool(want_changed)
+
+
+def test_changed_decode_samples_on_a_fixed_table():
+    table = pd.DataFrame({"task": ["continuation", "needle", "needle", "needle"], "sample": ["p0", "a", "b", "c"],
+                          "answer": [None, "1", "2", "3"], "correct_dense": [None, True, False, True],
+                          "correct_compressed": [None, False, True, True], "dense": ["x", "1", "?", "3"],
+                          "compressed": ["y", "?", "2", "3"], "kv_fraction": [0.2, 0.25, 0.25, 0.25]})
+    got = data.changed_decode_samples(table)
+    assert got["sample"].tolist() == ["a", "b"]
+    assert got["correct_dense"].tolist() == [True, False]
+    assert data.changed_decode_samples(table.drop(columns=["correct_dense"])).empty
+
+
 def write_eval(run: Run) -> None:
     """Task-suite results by hand, in `attnlab eval`'s documented columns: dense and one policy on
     two tasks; sample niah_noise-200-1 is right only densely."""
