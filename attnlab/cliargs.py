@@ -148,6 +148,14 @@ def device_map(text: str) -> str | dict[str, Any]:
     return value
 
 
+def device_map_argv(value: str | dict[str, Any] | None) -> list[str]:
+    """``["--device-map", "auto" | compact JSON]`` (``[]`` for None): the option as a command
+    that re-runs a stage (a shard, a Ray task) must pass it on."""
+    if value is None:
+        return []
+    return ["--device-map", value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = EMBEDDED_MODEL, required: bool = False) -> None:
     """``--model`` (a model: embedded name, .gguf, HF directory or Hub id), ``--device``,
     ``--device-map`` (a model spread over several devices; not with a ``--device`` other than

@@ -150,10 +150,7 @@ class LoadedModel:
         created for that layer's attention live there. Equals `device` without a device map."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        devices = self.extra.get("layer_devices")
-        if devices is None:
-            devices = self.extra["layer_devices"] = [_layer_execution_device(b) or self.device for b in self.bridge.blocks]
-        return devices[layer]
+        return _layer_execution_device(self.bridge.blocks[layer]) or self.device
 
     def identity(self) -> ModelIdentity:
         """The model identity written into manifests and policy files (see `ModelIdentity`).

@@ -217,7 +217,7 @@ def test_device_and_device_map_together_are_refused(tiny_dir, no_weights_read):
 def test_device_map_option_reads_auto_json_and_files(tmp_path):
     import argparse
 
-    from attnlab.cliargs import add_model_arguments, device_map
+    from attnlab.cliargs import add_model_arguments, device_map, device_map_argv
 
     assert device_map("auto") == "auto"
     assert device_map('{"": "cpu"}') == {"": "cpu"}
@@ -228,6 +228,9 @@ def test_device_map_option_reads_auto_json_and_files(tmp_path):
                       (str(tmp_path / "missing.json"), "expected auto, a JSON object or a .json file"), ("{}", "non-empty JSON object")]:
         with pytest.raises(argparse.ArgumentTypeError, match=part):
             device_map(bad)
+    for value in ("auto", TINY_MAP, {"model": 0}):  # what a re-run command passes on reads back the same
+        assert device_map(device_map_argv(value)[1]) == value
+    assert device_map_argv(None) == []
     p = argparse.ArgumentParser()
     add_model_arguments(p)
     args = p.parse_args(["--device-map", str(path)])
