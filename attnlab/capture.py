@@ -11,6 +11,9 @@ Two paths, one reduction (`attnlab.stats.HeadStatAccumulator`):
   computes the layer's output with SDPA. Nothing ``n × n`` is ever materialised, which is what
   makes 8k+ contexts fit.
 
+With a device map (`attnlab.models.load_model`), each layer's statistics are reduced on the
+device that layer runs on (`LoadedModel.layer_device`) and gathered on the CPU by `finalize`.
+
 Both paths agree on every statistic (to 1e-4 on the embedded model, 1e-5 on every tiny
 architecture of tests/test_architectures.py). Sliding windows, logit soft-capping and learned
 sinks (`attnlab.attention.AttentionVariant`) are recomputed exactly as the model computes them;
@@ -93,9 +96,12 @@ def capture(
         raise ValueError(f"capture takes one sample at a time, got a batch of {input_ids.shape[0]}")
     n = int(input_ids.shape[1])
     check_length(model, n, name)
-    input_ids = input_ids.to(model.device)
+    input_ids = input_ids.to(model.device)  # the input embedding's device
     variants = layer_variants(model)  # a config whose window fields disagree stops here
-    accs = [HeadStatAccumulator(model.n_heads, n, config, device=model.device, window=v.window) for v in variants]
+    # each layer reduces on the device it runs on (no n × n chunk crosses devices); `finalize`
+    # gathers every layer's statistics on the CPU
+    accs = [HeadStatAccumulator(model.n_heads, n, config, device=model.layer_device(layer), window=v.window)
+            for layer, v in enumerate(variants)]
     if path == "pattern":
         _run_pattern_path(model, input_ids, accs, config)
     else:

@@ -20,6 +20,7 @@ This module is a leaf: it imports nothing from attnlab but the errors.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -119,14 +120,54 @@ def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
+_DEVICE_MAP_HELP = "auto, a JSON object or a .json file"
+
+
+def device_map(text: str) -> str | dict[str, Any]:
+    """``--device-map``: ``auto``, a JSON object ``{"module name": "device", ...}`` or the path
+    of a ``.json`` file holding one. The modules and devices are checked when the model loads
+    (`attnlab.models.check_device_map`)."""
+    text = str(text).strip()
+    if text == "auto":
+        return text
+    if text[:1] in ("{", "[", '"'):
+        source, where = text, "the JSON"
+    else:
+        try:
+            with open(text, encoding="utf-8") as f:
+                source = f.read()
+        except OSError as exc:
+            raise argparse.ArgumentTypeError(f"expected {_DEVICE_MAP_HELP}, got {text!r} ({exc.strerror or exc})") from None
+        where = text
+    try:
+        value = json.loads(source)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{where} is not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(value, dict) or not value:
+        raise argparse.ArgumentTypeError(f"{where} must hold a non-empty JSON object {{module name: device}}")
+    return value
+
+
+def device_map_argv(value: str | dict[str, Any] | None) -> list[str]:
+    """``["--device-map", "auto" | compact JSON]`` (``[]`` for None): the option as a command
+    that re-runs a stage (a shard, a Ray task) must pass it on."""
+    if value is None:
+        return []
+    return ["--device-map", value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))]
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None = EMBEDDED_MODEL, required: bool = False) -> None:
-    """``--model`` (a model: embedded name, .gguf, HF directory or Hub id), ``--device`` and
-    ``--trust-remote-code`` (off by default)."""
+    """``--model`` (a model: embedded name, .gguf, HF directory or Hub id), ``--device``,
+    ``--device-map`` (a model spread over several devices; not with a ``--device`` other than
+    cpu) and ``--trust-remote-code`` (off by default)."""
     help_default = f" (default: {default})" if default else ""
     parser.add_argument("--model", default=None if required else default, required=required,
                         help=f"embedded name, .gguf path, HF directory or Hub id{help_default}")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code (off by default)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--device-map", type=device_map, default=None, metavar="MAP",
+                        help=f"spread the model over devices: {_DEVICE_MAP_HELP} {{module: device}} "
+                             "(accelerate's device_map; see docs/devices.md). Not with --device")
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
@@ -137,6 +178,8 @@ def load_model_from_args(args: argparse.Namespace, **kwargs: Any):
     """`attnlab.models.load_model` with the options of `add_model_arguments`."""
     from attnlab.models import load_model
 
+    if getattr(args, "device_map", None) is not None:  # with a --device other than cpu: one error line
+        kwargs["device_map"] = args.device_map
     return load_model(args.model, device=args.device, trust_remote_code=args.trust_remote_code, **kwargs)
 
 

@@ -13,6 +13,13 @@ contract of the pipeline:
 
 The model always runs eager attention under the bridge (patterns need it), and remote code is
 never trusted unless ``trust_remote_code=True`` is passed.
+
+A model larger than one device loads with ``device_map="auto"`` or an explicit
+``{module name: device}`` dict (Hugging Face accelerate's placement): each decoder layer lives
+on one device, accelerate's hooks move the hidden states from layer to layer, and
+`LoadedModel.layer_device` says where each layer runs so that the stages create their tensors
+there (docs/devices.md). A map is checked against the model's modules before any weight is
+read (`check_device_map`).
 """
 
 from __future__ import annotations
@@ -112,6 +119,8 @@ class LoadedModel:
     n_ctx: int
     architecture: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``{module name: device}`` when loaded with a device map (accelerate's placement), else None.
+    device_map: dict[str, str] | None = None
 
     @property
     def group_size(self) -> int:
@@ -130,7 +139,18 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.hf_model.parameters()).device
+        """Where the input ids go: the device the input embedding runs on (with a device map,
+        the first layer's side of the model; on one device, that device)."""
+        emb = self.hf_model.get_input_embeddings() if hasattr(self.hf_model, "get_input_embeddings") else None
+        dev = execution_device(emb) if emb is not None else None
+        return dev if dev is not None else _first_real_device(self.hf_model)
+
+    def layer_device(self, layer: int) -> torch.device:
+        """The device decoder layer ``layer`` runs on: its queries, keys, patterns and any tensor
+        created for that layer's attention live there. Equals `device` without a device map."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+        return _layer_execution_device(self.bridge.blocks[layer]) or self.device
 
     def identity(self) -> ModelIdentity:
         """The model identity written into manifests and policy files (see `ModelIdentity`).
@@ -141,8 +161,8 @@ class LoadedModel:
         from attnlab.attention import attention_fields, layer_variants
 
         fp = self.extra.get("fingerprint")
-        if fp is None:
-            fp = self.extra["fingerprint"] = weights_fingerprint(self.hf_model)
+        if fp is None:  # the weights wherever they are placed: same model, same fingerprint
+            fp = self.extra["fingerprint"] = weights_fingerprint(_PlacedWeights(self.hf_model))
         return ModelIdentity.from_dict(dict(
             name=self.name, source=self.source, architecture=self.architecture,
             n_layers=self.n_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
@@ -180,10 +200,77 @@ class LoadedModel:
         return ids.to(torch.long)
 
     def __repr__(self) -> str:  # the bridge's repr is pages long
+        placed = f", device_map={len(self.device_map)} entries" if self.device_map else ""
         return (
             f"LoadedModel({self.name!r}, source={self.source}, layers={self.n_layers}, "
-            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, n_ctx={self.n_ctx})"
+            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, n_ctx={self.n_ctx}{placed})"
         )
+
+
+# ---------------------------------------------------------------------------------------
+# placement: where modules run when a device map spreads the model
+# ---------------------------------------------------------------------------------------
+def _as_device(dev: Any) -> torch.device:
+    """accelerate's device spelling (an int is a CUDA index) as a torch device."""
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        return torch.device("cuda", dev)
+    return torch.device(dev)
+
+
+def _first_real_device(module: Any) -> torch.device:
+    for t in module.parameters():
+        if t.device.type != "meta":
+            return t.device
+    return torch.device("cpu")
+
+
+def execution_device(module: Any) -> torch.device | None:
+    """The device ``module`` computes on: the execution device of its accelerate hook when it
+    has one (an offloaded module's weights are on ``meta`` between forwards, so they cannot
+    tell), else the device of its first weight or buffer; None when neither tells."""
+    hook = getattr(module, "_hf_hook", None)
+    for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        dev = getattr(h, "execution_device", None)
+        if dev is not None:
+            return _as_device(dev)
+    for t in [*module.parameters(), *module.buffers()]:
+        if t.device.type != "meta":
+            return t.device
+    return None
+
+
+def _layer_execution_device(block: Any) -> torch.device | None:
+    """A bridge block's device: the decoder layer's own hook or weights, else its attention's."""
+    for module in (getattr(block, "original_component", None), getattr(getattr(block, "attn", None), "original_component", None)):
+        if module is not None:
+            dev = execution_device(module)
+            if dev is not None:
+                return dev
+    return None
+
+
+class _PlacedWeights:
+    """A model's named parameters with offloaded ones (``meta`` in the module, the values in
+    accelerate's weights map) read from where they are kept: what `weights_fingerprint` hashes,
+    so the fingerprint does not depend on the placement."""
+
+    def __init__(self, hf_model: Any):
+        self.config = hf_model.config
+        self._model = hf_model
+
+    def named_parameters(self):
+        offloaded: dict[str, Any] = {}
+        for name, module in self._model.named_modules():
+            hook = getattr(module, "_hf_hook", None)
+            for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+                wmap = getattr(h, "weights_map", None)
+                if wmap is not None and getattr(h, "offload", False):
+                    prefix = f"{name}." if name else ""
+                    for key, _ in module.named_parameters():
+                        if key in wmap:
+                            offloaded[prefix + key] = wmap[key]
+        for name, p in self._model.named_parameters():
+            yield name, (offloaded[name] if p.device.type == "meta" and name in offloaded else p)
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,19 +283,31 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     verbose: bool = True,
+    device_map: str | dict[str, Any] | None = None,
 ) -> LoadedModel:
     """Load a causal LM as a `LoadedModel` (bridge + tokenizer + shapes).
 
     Args:
         source: ``"smollm2-135m"`` (embedded), a ``.gguf`` path, a local HF directory, or a
             Hub id.
-        device: torch device for the weights.
+        device: torch device for the weights (the whole model on one device).
         dtype: weight dtype (fp32 by default; attention statistics are computed in fp32).
         trust_remote_code: allow a Hub/local model's own Python code. Off by default.
         verbose: print one line when a slow first-time dequantization happens.
+        device_map: spread the model over several devices instead of ``device``: ``"auto"``
+            (accelerate fills the GPUs in order, then the CPU) or ``{module name: device}``
+            (``{"model.embed_tokens": "cuda:0", "model.layers.0": "cuda:0", ...,
+            "lm_head": "cuda:1"}``; ``""`` names the whole model). Checked against the model's
+            modules before any weight is read: every module with weights must be placed, each
+            decoder layer on one device, each device one this machine has (`check_device_map`).
+            Not together with a ``device`` other than the CPU.
     """
     name = str(source)
+    if device_map is not None and str(device) != "cpu":
+        raise ModelLoadError(_ERR_BOTH_PLACEMENTS.format(device=device))
     device = check_device(device)  # before any slow work
+    if device_map is not None:
+        device_map = _check_device_map_spelling(device_map)
     path = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
         model_dir = _embedded_cache(EMBEDDED_MODELS[name], verbose=verbose)
@@ -238,8 +337,12 @@ def load_model(
         label = name
 
     with _quiet_transformers():
-        hf_model, tokenizer = _load_hf(model_dir if model_dir is not None else name, name, kind, device, dtype, trust_remote_code)
-    return wrap_hf_model(hf_model, tokenizer, name=name, source=kind, label=label)
+        hf_model, tokenizer = _load_hf(
+            model_dir if model_dir is not None else name, name, kind, device, dtype, trust_remote_code, device_map)
+    model = wrap_hf_model(hf_model, tokenizer, name=name, source=kind, label=label)
+    if device_map is not None:
+        model.device_map = {k: str(_as_device(v)) for k, v in hf_model.hf_device_map.items()}
+    return model
 
 
 @contextmanager
@@ -338,7 +441,8 @@ def check_device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.dtype, trust_remote_code: bool):
+def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.dtype, trust_remote_code: bool,
+             device_map: str | dict[str, Any] | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -351,9 +455,15 @@ def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.
             ) from exc
         reason = _short_reason(exc, kind)
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=reason, embedded=EMBEDDED_NAME)) from exc
+    placement: dict[str, Any] = {}
+    if device_map is not None:  # checked against an empty (meta) copy of the model: nothing is read yet
+        if isinstance(device_map, dict):
+            check_device_map(_empty_model(config, trust_remote_code), device_map)
+        placement["device_map"] = device_map
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
-            where, config=config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
+            where, config=config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code,
+            **placement,
         )
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except ValueError as exc:
@@ -367,7 +477,142 @@ def _load_hf(where: str | Path, name: str, kind: str, device: Any, dtype: torch.
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc
     except OSError as exc:
         raise ModelLoadError(_ERR_UNKNOWN_MODEL.format(name=name, reason=_short_reason(exc, kind), embedded=EMBEDDED_NAME)) from exc
-    return hf_model.to(device), tokenizer
+    if device_map is None:
+        return hf_model.to(device), tokenizer
+    if getattr(hf_model, "hf_device_map", None) is None:
+        _dispatch_on_one_device(hf_model, device_map)
+    return hf_model, tokenizer
+
+
+def _dispatch_on_one_device(hf_model: Any, device_map: str | dict[str, Any]) -> None:
+    """Give a model that a device map put on one device accelerate's hooks all the same.
+
+    transformers attaches them only when the map names several devices; attaching them always
+    means a model loaded with a device map runs the same way on one device as on several (and
+    the CPU-only tests exercise the path a multi-GPU run takes). Nothing is offloaded here, so
+    accelerate's "parameters on the meta device" warning would be false and is kept quiet."""
+    import logging
+
+    from accelerate import dispatch_model
+
+    placement = device_map if isinstance(device_map, dict) else {"": str(_first_real_device(hf_model))}
+    log = logging.getLogger("accelerate.big_modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        dispatch_model(hf_model, device_map=placement, force_hooks=True)
+    finally:
+        log.setLevel(level)
+
+
+_ERR_BOTH_PLACEMENTS = (
+    "--device {device} and --device-map cannot be used together: the device map places every module; "
+    "drop --device (or drop --device-map to put the whole model on {device})"
+)
+_ERR_MAP_SPELLING = (
+    "device map must be 'auto' or a {{module name: device}} mapping, got {got}: e.g. "
+    '\'{{"model.embed_tokens": "cuda:0", "model.layers": "cuda:0", "model.norm": "cuda:1", "lm_head": "cuda:1"}}\''
+)
+_ERR_MAP_DEVICE = (
+    "device map: {module!r} → {device!r} {why}: use cpu, cuda:N (or the integer N) or mps"
+)
+_ERR_MAP_OFFLOAD = (
+    "device map: {module!r} → {device!r}: attnlab does not offload weights to {device} (the bridge needs every "
+    "layer's weights in memory); place it on cpu or a GPU"
+)
+_ERR_MAP_UNKNOWN = (
+    "device map: {module!r} is not a module of this model ({cls}); use names from "
+    "model.named_modules(), e.g. {examples}"
+)
+_ERR_MAP_UNCOVERED = (
+    "device map leaves {module!r} nowhere ({what} has no device): add {module!r} to the map"
+)
+_ERR_MAP_SPLIT = (
+    "device map splits decoder layer {layer!r} over {devices}: a decoder layer runs on one device; map {layer!r} "
+    "as a whole"
+)
+
+
+def _check_device_map_spelling(device_map: Any) -> str | dict[str, Any]:
+    """``"auto"`` or a ``{str: device}`` dict whose devices this machine has (ints are CUDA
+    indices, as in accelerate); `ModelLoadError` naming the first bad entry."""
+    if isinstance(device_map, str):
+        if device_map != "auto":
+            raise ModelLoadError(_ERR_MAP_SPELLING.format(got=repr(device_map)))
+        return device_map
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelLoadError(_ERR_MAP_SPELLING.format(got=repr(device_map) if isinstance(device_map, dict) else type(device_map).__name__))
+    out: dict[str, Any] = {}
+    for module, dev in device_map.items():
+        if not isinstance(module, str):
+            raise ModelLoadError(_ERR_MAP_SPELLING.format(got=f"the key {module!r}"))
+        if dev in ("disk", "meta"):
+            raise ModelLoadError(_ERR_MAP_OFFLOAD.format(module=module, device=dev))
+        if isinstance(dev, bool) or not isinstance(dev, (str, int, torch.device)):
+            raise ModelLoadError(_ERR_MAP_DEVICE.format(module=module, device=dev, why="is not a device"))
+        try:
+            check_device(f"cuda:{dev}" if isinstance(dev, int) else dev)
+        except ModelLoadError as exc:
+            if "no CUDA" in str(exc):
+                why = "asks for a GPU but this torch has no CUDA device"
+            elif "CUDA device(s)" in str(exc):
+                why = f"is not here: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            else:
+                why = "is not a device"
+            raise ModelLoadError(_ERR_MAP_DEVICE.format(module=module, device=dev, why=why)) from None
+        if isinstance(dev, torch.device):
+            dev = str(dev)
+        out[module] = dev
+    return out
+
+
+def _empty_model(config: Any, trust_remote_code: bool) -> Any:
+    """The model's module tree with no weights (on ``meta``): what a device map is checked against."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def _decoder_layers(model: Any) -> list[str]:
+    """Names of the modules of the classes the model declares unsplittable (its decoder layers)."""
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    return [n for n, m in model.named_modules() if type(m).__name__ in classes]
+
+
+def check_device_map(model: Any, device_map: dict[str, Any]) -> None:
+    """`ModelLoadError` (one line naming the module and the fix) unless ``device_map`` places the
+    model: every key names a module of ``model`` (``""`` is the whole model), every weight and
+    buffer is under some key, and no decoder layer is split over several devices (attention
+    runs on one device per layer). ``model`` may be an empty (``meta``) copy."""
+    modules = dict(model.named_modules())
+    for key in device_map:
+        if key not in modules:
+            examples = ", ".join(repr(n) for n in list(modules)[1:4])
+            raise ModelLoadError(_ERR_MAP_UNKNOWN.format(module=key, cls=type(model).__name__, examples=examples))
+
+    def placed(name: str) -> Any:
+        parts = name.split(".")
+        for i in range(len(parts), -1, -1):
+            prefix = ".".join(parts[:i])
+            if prefix in device_map:
+                return device_map[prefix]
+        return None
+
+    tensors = [(n, "weight") for n, _ in model.named_parameters(remove_duplicate=False)]
+    tensors += [(n, "buffer") for n, _ in model.named_buffers(remove_duplicate=False)]
+    for tensor, kind in tensors:
+        if placed(tensor) is None:  # name the largest module the map says nothing about
+            parts = tensor.split(".")[:-1]
+            owner = next((p for p in (".".join(parts[: i + 1]) for i in range(len(parts)))
+                          if not any(key.startswith(p + ".") for key in device_map)), ".".join(parts))
+            raise ModelLoadError(_ERR_MAP_UNCOVERED.format(module=owner, what=f"its {kind} {tensor}"))
+    for layer in _decoder_layers(model):
+        inside = [placed(f"{layer}.{n}") for n, _ in modules[layer].named_parameters(remove_duplicate=False)]
+        devices = sorted({str(_as_device(d)) for d in inside})
+        if len(devices) > 1:
+            raise ModelLoadError(_ERR_MAP_SPLIT.format(layer=layer, devices=", ".join(devices)))
 
 
 def _short_reason(exc: Exception, kind: str) -> str:

@@ -191,7 +191,7 @@ class HeadStatAccumulator:
                 positions ``start + r`` (rows sum to 1 over ``j <= start + r``).
             start: absolute position of the first row.
         """
-        probs = probs.to(torch.float32)
+        probs = probs.to(self.device, torch.float32)  # a no-op unless the rows come from another device
         h, r, n = probs.shape
         if h != self.n_heads or n != self.n_keys:
             raise ValueError(f"expected [{self.n_heads}, R, {self.n_keys}] probabilities, got {list(probs.shape)}")
