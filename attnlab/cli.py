@@ -22,6 +22,7 @@ from attnlab.cliargs import (
     add_model_arguments,
     add_quiet_argument,
     int_list,
+    model_argv,
     nonneg_int,
     positive_int,
 )
@@ -100,7 +101,7 @@ def _profile_on_ray(args: argparse.Namespace) -> int:
         return str(Path(path).resolve()) if Path(path).exists() else path
 
     prompts = args.prompts if args.prompts.startswith("builtin") else local(args.prompts)
-    argv = ["profile", "--model", local(args.model), "--device", args.device, "--prompts", prompts,
+    argv = ["profile", *model_argv(args, resolve=local), "--prompts", prompts,
             "--path", args.path, "--block-size", str(args.block_size), "--windows", ",".join(map(str, args.windows)),
             "--seed", str(args.seed)]
     if args.lengths:
@@ -111,8 +112,6 @@ def _profile_on_ray(args: argparse.Namespace) -> int:
         argv += ["--last-queries", str(args.last_queries)]
     if args.chat:
         argv.append("--chat")
-    if args.trust_remote_code:
-        argv.append("--trust-remote-code")
     run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, force=args.force, progress=not args.quiet)
     print(summarize(run, top=args.top))
     print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")

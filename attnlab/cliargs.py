@@ -170,6 +170,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None 
                              "(accelerate's device_map; see docs/devices.md). Not with --device")
 
 
+def model_argv(args: argparse.Namespace, *, resolve: Callable[[str], str] = str) -> list[str]:
+    """The options of `add_model_arguments` as a command line, for a stage that re-runs itself
+    (a shard, a Ray task): ``--model`` (through ``resolve``, e.g. to an absolute path),
+    ``--device``, ``--device-map`` when given and ``--trust-remote-code`` when set."""
+    argv = ["--model", resolve(args.model), "--device", str(args.device), *device_map_argv(getattr(args, "device_map", None))]
+    if getattr(args, "trust_remote_code", False):
+        argv.append("--trust-remote-code")
+    return argv
+
+
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 

@@ -269,6 +269,25 @@ def test_cli_profile_with_a_device_map_writes_the_same_run(tmp_path, tiny_dir):
     pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=0)
 
 
+def test_profile_on_ray_passes_the_device_map_to_every_shard(tmp_path, tiny_dir, monkeypatch):
+    """A Ray shard re-runs the command: it must load the model placed the same way."""
+    from attnlab import ray_engine
+
+    seen = {}
+
+    def fake_run_sharded(argv, out, **kwargs):
+        seen["argv"] = list(argv)
+        raise AttnlabError("stop here")
+
+    monkeypatch.setattr(ray_engine, "run_sharded", fake_run_sharded)
+    (tmp_path / "map.json").write_text(json.dumps(TINY_MAP))
+    assert main(["profile", "--model", str(tiny_dir), "--samples", "2", "--lengths", "40", "--device-map",
+                 str(tmp_path / "map.json"), "--trust-remote-code", "--ray", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    argv = seen["argv"]
+    assert json.loads(argv[argv.index("--device-map") + 1]) == TINY_MAP
+    assert argv[argv.index("--model") + 1] == str(Path(tiny_dir).resolve()) and "--trust-remote-code" in argv
+
+
 def test_load_errors_are_attnlab_errors():
     assert issubclass(ModelLoadError, AttnlabError)
 
