@@ -19,13 +19,14 @@ tokens it stands for (RazorAttention's compensation token). It is held in the ca
 in its bytes.
 
 **Chunked prefill** (``prefill_chunk=N`` in `generate` / `greedy_decode`): the prompt is fed N
-tokens at a time. After each chunk, streaming heads keep sink + recent (their dropped tokens go
+tokens at a time (cut from its end: the last chunk is whole, the first takes the remainder).
+After each chunk, streaming heads keep sink + recent (their dropped tokens go
 into the compensation entry when they have one): the next chunk's queries attend to that plus
 their own chunk, as DuoAttention's chunked prefill does for its streaming heads, so the cache
 never holds more than the policy's size plus one chunk there. Full and snapkv heads keep every
 prompt token until the last chunk; snapkv heads then choose from the attention of the last
-chunk's queries (the last ``min(window, last chunk)`` of them): with chunks at least as long as
-the window the selection is SnapKV's. A prefill policy's executor (``prefill=``) runs on the
+chunk's queries (the last ``min(window, N)`` of them): with chunks at least as long as the
+window the selection is SnapKV's. A prefill policy's executor (``prefill=``) runs on the
 first chunk; later chunks attend densely to what each head holds.
 
 The model sees keys after RoPE, so an evicted token leaves no hole in anyone's position:
@@ -405,10 +406,11 @@ class PolicyCache(Cache):
         return self.policy.predicted_kv_tokens(n, layer.seen - n) * layer.token_bytes()
 
     def kv_report(self) -> dict[str, Any]:
-        """Bytes held, dense and predicted, and held/dense and held/predicted ratios."""
+        """Bytes held, dense and predicted, allocated now and at the peak, and held/dense and
+        held/predicted ratios."""
         held, dense, predicted = self.bytes_held(), self.dense_bytes(), self.predicted_bytes()
         return {"kv_bytes_held": held, "kv_bytes_dense": dense, "kv_bytes_predicted": predicted,
-                "kv_bytes_allocated": self.bytes_allocated(),
+                "kv_bytes_allocated": self.bytes_allocated(), "kv_bytes_peak": self.peak_bytes_allocated(),
                 "kv_fraction": held / dense if dense else 1.0, "kv_vs_predicted": held / predicted if predicted else 1.0}
 
 
@@ -504,22 +506,23 @@ def _check_chunk(prefill_chunk: int | None) -> None:
 
 
 def prefill_chunks(model: LoadedModel, cache: Cache, input_ids: torch.Tensor, prefill_chunk: int | None) -> torch.Tensor:
-    """Feed every chunk of ``prefill_chunk`` tokens of the prompt but the last through the
-    model into ``cache`` (inside the cache's attention function; a `PolicyCache` compresses its
+    """Feed every chunk of ``prefill_chunk`` tokens of the prompt but the last (chunks cut from
+    the prompt's end, so the last is whole and the first takes the remainder) through the model
+    into ``cache`` (inside the cache's attention function; a `PolicyCache` compresses its
     streaming heads after each, see the module docstring) and return the last chunk, which the
     caller feeds as its prefill. Without chunking (None, or a prompt of one chunk) returns the
     whole prompt and feeds nothing."""
     n = input_ids.shape[-1]
     if prefill_chunk is None or n <= prefill_chunk:
         return input_ids
-    last = (n - 1) // prefill_chunk * prefill_chunk
+    last = n - prefill_chunk
+    bounds = [0, *reversed(range(last, 0, -prefill_chunk))]  # cut from the end: the first chunk takes the remainder
     policy_cache = isinstance(cache, PolicyCache)
     if policy_cache:
         cache.prefill_final = False
     try:
-        for start in range(0, last, prefill_chunk):
-            model.hf_model(input_ids=input_ids[:, start:start + prefill_chunk].to(model.device), cache=cache,
-                           use_cache=True, logits_to_keep=1)
+        for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
+            model.hf_model(input_ids=input_ids[:, start:stop].to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
     finally:
         if policy_cache:
             cache.prefill_final = True

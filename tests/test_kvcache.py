@@ -251,6 +251,14 @@ def test_generate_cli_prints_both_continuations_with_cache_sizes(tmp_path, tiny_
     assert "the policy predicts" in out and "note:" not in out
     assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "600"]) == 2
     assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "The quick brown fox jumps over the lazy dog. " * 3,
+                 "--max-new-tokens", "6", "--no-chat", "--prefill-chunk", "8"]) == 0
+    chunked = capsys.readouterr().out
+    assert "prefill in chunks of 8 tokens" in chunked and "--- compressed (" in chunked
+    assert chunked.split("--- dense")[1].splitlines()[1] == out.split("--- dense")[1].splitlines()[1]  # dense: the same text
+    with pytest.raises(SystemExit):
+        main(["generate", str(path), "--prompt", "x", "--prefill-chunk", "0"])
+    assert "--prefill-chunk" in capsys.readouterr().err
 
 
 def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
@@ -447,3 +455,51 @@ def test_the_compensation_field_is_checked_on_load_and_written_only_when_true(tm
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(PolicyError, match=match):
             Policy.load(tmp_path / "bad.json")
+
+
+# -- chunked prefill -------------------------------------------------------------------------------
+def test_chunked_prefill_under_a_full_policy_equals_the_unchunked_one(tiny_llama):
+    ids = prompt(70)
+    whole = kc.greedy_decode(tiny_llama, ids, dense_policy(tiny_llama), 8)
+    for chunk in (16, 23, 69, 70, 500):
+        got = kc.greedy_decode(tiny_llama, ids, dense_policy(tiny_llama), 8, prefill_chunk=chunk)
+        assert (got.logits - whole.logits).abs().max() <= 1e-5 and got.tokens == whole.tokens
+        assert got.cache.tokens_held() == whole.cache.tokens_held() and got.cache.prompt_tokens == 70
+    dense = kc.greedy_decode(tiny_llama, ids, None, 8, prefill_chunk=16)  # a DynamicCache fed in chunks too
+    assert (dense.logits - whole.logits).abs().max() <= 1e-5
+    tokens, cache = kc.generate(tiny_llama, ids, dense_policy(tiny_llama), max_new_tokens=8, prefill_chunk=16)
+    assert tokens[0, 70:].tolist() == whole.tokens and cache.get_seq_length() == 77
+    with pytest.raises(AttnlabError, match="prefill_chunk must be"):
+        kc.greedy_decode(tiny_llama, ids, None, 2, prefill_chunk=0)
+
+
+def test_chunked_prefill_keeps_the_same_positions_and_bounds_the_cache(tiny_llama):
+    n, chunk, steps = 400, 64, 4
+    table = {(0, 0): ("streaming", {"sink": 4, "recent": 12}), (0, 1): ("streaming", {"sink": 2, "recent": 30, "compensation": True}),
+             (1, 0): ("streaming", {"sink": 0, "recent": 20}), (1, 1): ("streaming", {"sink": 4, "recent": 12})}
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, table))
+    whole = kc.greedy_decode(tiny_llama, prompt(n), policy, steps)
+    got = kc.greedy_decode(tiny_llama, prompt(n), policy, steps, prefill_chunk=chunk)
+    for la, kv in table:
+        assert got.cache.positions(la, kv) == whole.cache.positions(la, kv)
+    assert got.cache.tokens_held() == whole.cache.tokens_held() == [[16, 33], [20, 16]]
+    assert got.cache.compensation(0, 1)[2] == whole.cache.compensation(0, 1)[2] == n + steps - 1 - 32
+    assert got.cache.kv_report()["kv_vs_predicted"] == 1.0
+    # the buffers never held more than the policy's largest head plus one chunk, per KV head
+    per_token = 2 * tiny_llama.head_dim * 4
+    bound = tiny_llama.n_layers * tiny_llama.n_kv_heads * (max(e.tokens_kept(n) for e in policy.decode_heads()) + chunk) * per_token
+    assert got.cache.peak_bytes_allocated() <= bound < whole.cache.peak_bytes_allocated()
+    assert whole.cache.peak_bytes_allocated() >= tiny_llama.n_layers * tiny_llama.n_kv_heads * n * per_token
+
+
+def test_chunked_prefill_snapkv_selects_from_the_last_chunk(tiny_llama):
+    n = 90
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (1, 1): ("snapkv", {"budget": 20, "window": 8, "kernel": 3, "sink": 2})}))
+    whole = kc.greedy_decode(tiny_llama, prompt(n), policy, 3)
+    # every other head keeps everything, so the keys are the unchunked ones: with chunks at least
+    # as long as the window the selection is SnapKV's
+    for chunk in (8, 32):
+        got = kc.greedy_decode(tiny_llama, prompt(n), policy, 3, prefill_chunk=chunk)
+        assert got.cache.positions(1, 1) == whole.cache.positions(1, 1)
+        assert (got.logits - whole.logits).abs().max() <= 1e-5
