@@ -337,73 +337,156 @@ def window_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, heads:
     return out
 
 
+class BatchedPolicyCacheLayer(CacheLayerMixin):
+    """One layer's cache for a batch of sequences: one `PolicyCacheLayer` per sequence, each fed
+    only its own tokens (a row's left padding, ``pads[b]`` tokens, never enters its cache), so
+    every row keeps, evicts and counts exactly what it would alone. `CachedAttention` attends
+    row by row over each row's cache (the keys `update` returns are not read)."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, heads: list[DecodeHead], pads: list[int]):
+        super().__init__()
+        self.heads = heads
+        self.pads = list(pads)
+        self.rows = [PolicyCacheLayer(heads) for _ in self.pads]
+        self.seen = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.shape[0] != len(self.rows):
+            raise AttnlabError(f"the policy KV cache was made for a batch of {len(self.rows)}, the model ran {key_states.shape[0]}")
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.is_initialized = True
+
+    def pad_queries(self, b: int, n: int) -> int:
+        """How many of the last call's ``n`` tokens are row ``b``'s left padding."""
+        return min(n, max(0, self.pads[b] - (self.seen - n)))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self.seen += n
+        for b, row in enumerate(self.rows):
+            skip = self.pad_queries(b, n)
+            if skip < n:
+                row.update(key_states[b:b + 1, :, skip:], value_states[b:b + 1, :, skip:])
+        return key_states, value_states
+
+    @property
+    def compressed(self) -> bool:
+        return all(row.compressed for row in self.rows)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise AttnlabError(_ERR_UNSUPPORTED.format(what="beam search"))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise AttnlabError(_ERR_UNSUPPORTED.format(what="cropping (assisted generation)"))
+
+    def reset(self) -> None:
+        self.__init__(self.heads, self.pads)
+
+
 class PolicyCache(Cache):
     """The KV cache of a policy's decode phase (see the module docstring).
 
     Args:
         policy: a `Policy` (its decode section; without one every head keeps everything).
         n_layers: the model's layer count (default: the policy's).
+        pads: for a batch of more than one sequence, each row's left padding in tokens (one
+            `PolicyCacheLayer` per row and layer, see `BatchedPolicyCacheLayer`); None: batch 1.
     """
 
-    def __init__(self, policy: Policy, n_layers: int | None = None):
+    def __init__(self, policy: Policy, n_layers: int | None = None, pads: list[int] | None = None):
         n_layers = n_layers or policy.n_layers
         self.policy = policy
         #: False while the chunks before a chunked prefill's last are fed (`CachedAttention`
         #: then compresses only streaming heads, and keeps the prefill going).
         self.prefill_final = True
-        super().__init__(layers=[PolicyCacheLayer([policy.decode_head(la, kv) for kv in range(policy.n_kv_heads)]) for la in range(n_layers)])
+        self.batch = 1 if pads is None else len(pads)
+
+        def layer(la: int) -> CacheLayerMixin:
+            heads = [policy.decode_head(la, kv) for kv in range(policy.n_kv_heads)]
+            return PolicyCacheLayer(heads) if pads is None else BatchedPolicyCacheLayer(heads, pads)
+
+        super().__init__(layers=[layer(la) for la in range(n_layers)])
+
+    def _rows(self, layer: int) -> list[PolicyCacheLayer]:
+        lc = self.layers[layer]
+        return lc.rows if isinstance(lc, BatchedPolicyCacheLayer) else [lc]
+
+    def _row(self, layer: int, row: int) -> PolicyCacheLayer:
+        rows = self._rows(layer)
+        if not 0 <= row < len(rows):
+            raise AttnlabError(f"row {row} is outside the cache's batch of {len(rows)}")
+        return rows[row]
 
     @property
     def prompt_tokens(self) -> int:
-        return self.layers[0].prompt_tokens
+        """Prompt tokens of the first row (its own, without padding)."""
+        return self._rows(0)[0].prompt_tokens
 
-    def tokens_held(self) -> list[list[int]]:
-        """``[layer][kv_head]`` tokens held now."""
-        return [layer.tokens_held() for layer in self.layers]
+    def tokens_held(self, row: int = 0) -> list[list[int]]:
+        """``[layer][kv_head]`` tokens (entries) row ``row`` holds now."""
+        return [self._row(la, row).tokens_held() for la in range(len(self.layers))]
 
-    def positions(self, layer: int, kv_head: int) -> list[int]:
-        """Absolute positions of the tokens KV head ``kv_head`` of ``layer`` holds, in order."""
-        lc = self.layers[layer]
+    def positions(self, layer: int, kv_head: int, row: int = 0) -> list[int]:
+        """Positions (in the row's own sequence, without its padding) of the tokens KV head
+        ``kv_head`` of ``layer`` holds, in order."""
+        lc = self._row(layer, row)
         return sorted(int(p) for p in lc.slot_positions[kv_head, :lc.lengths[kv_head]] if p >= 0)
 
-    def compensation(self, layer: int, kv_head: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def compensation(self, layer: int, kv_head: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """KV head ``kv_head`` of ``layer``'s compensation entry: its key ``[d]``, value
         ``[d]`` and the number of dropped tokens it stands for; None when it has none."""
-        lc = self.layers[layer]
+        lc = self._row(layer, row)
         s = lc.comp_slot[kv_head]
         if s < 0:
             return None
         return lc.keys[0, kv_head, s], lc.values[0, kv_head, s], lc.comp_count[kv_head]
 
+    def _all_rows(self) -> list[PolicyCacheLayer]:
+        return [row for la in range(len(self.layers)) for row in self._rows(la)]
+
     def bytes_held(self) -> int:
         """Bytes of the keys and values of the tokens the cache holds (what a paged cache
         would store; `bytes_allocated` is this implementation's padded buffers)."""
-        return sum(layer.bytes_held() for layer in self.layers)
+        return sum(row.bytes_held() for row in self._all_rows())
 
     def bytes_allocated(self) -> int:
-        """Bytes of this cache's buffers: per layer, its longest head's tokens times the KV
-        heads, plus room to grow."""
-        return sum(layer.bytes_allocated() for layer in self.layers)
+        """Bytes of this cache's buffers: per layer (and row), its longest head's tokens times
+        the KV heads, plus room to grow."""
+        return sum(row.bytes_allocated() for row in self._all_rows())
 
     def peak_bytes_allocated(self) -> int:
         """The most bytes this cache's buffers took at any time (every layer at its peak)."""
-        return sum(layer.peak_allocated for layer in self.layers)
+        return sum(row.peak_allocated for row in self._all_rows())
 
     def dense_bytes(self) -> int:
-        """Bytes a full cache would hold for the tokens seen so far."""
-        layer = self.layers[0]
-        if not layer.is_initialized:
-            return 0
-        return len(self.layers) * len(layer.heads) * layer.seen * layer.token_bytes()
+        """Bytes a full cache would hold for the tokens seen so far (padding not counted)."""
+        return sum(len(self.layers) * len(row.heads) * row.seen * row.token_bytes()
+                   for row in self._rows(0) if row.is_initialized)
 
     def predicted_bytes(self) -> int:
-        """Bytes the policy predicts for this prompt length and the decode steps taken
-        (`Policy.predicted_kv_tokens`)."""
-        layer = self.layers[0]
-        if not layer.is_initialized:
-            return 0
-        n = self.prompt_tokens or layer.seen
-        return self.policy.predicted_kv_tokens(n, layer.seen - n) * layer.token_bytes()
+        """Bytes the policy predicts for these prompt lengths and the decode steps taken
+        (`Policy.predicted_kv_tokens`, summed over rows)."""
+        total = 0
+        for row in self._rows(0):
+            if row.is_initialized:
+                n = row.prompt_tokens or row.seen
+                total += self.policy.predicted_kv_tokens(n, row.seen - n) * row.token_bytes()
+        return total
 
     def kv_report(self) -> dict[str, Any]:
         """Bytes held, dense and predicted, allocated now and at the peak, and held/dense and
@@ -425,11 +508,25 @@ class CachedAttention:
         self.prefill = prefill
 
     def __call__(self, layer: int, query, key, value, *, scaling: float, attention_mask=None) -> torch.Tensor:
-        lc: PolicyCacheLayer = self.cache.layers[layer]
+        lc = self.cache.layers[layer]
+        if isinstance(lc, BatchedPolicyCacheLayer):  # row by row, each over its own cache, padding queries out
+            n_q = query.shape[-2]
+            outs = []
+            for b, row in enumerate(lc.rows):
+                skip = lc.pad_queries(b, n_q)
+                out = query.new_zeros(1, n_q, query.shape[1], value.shape[-1])
+                if skip < n_q:
+                    k, v = row.keys[:, :, :max(row.lengths)], row.values[:, :, :max(row.lengths)]
+                    out[:, skip:] = self._layer(row, None, layer, query[b:b + 1, :, skip:], k, v, scaling, None)
+                outs.append(out)
+            return torch.cat(outs)
+        return self._layer(lc, self.prefill, layer, query, key, value, scaling, attention_mask)
+
+    def _layer(self, lc: PolicyCacheLayer, prefill, layer: int, query, key, value, scaling: float, attention_mask) -> torch.Tensor:
         if not lc.compressed:  # the prompt, or a chunk of it
             if lc.seen == query.shape[-2]:  # nothing cached before these queries
-                if self.prefill is not None:
-                    out = self.prefill(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+                if prefill is not None:
+                    out = prefill(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
                 else:
                     out = sdpa(query, key, value, scaling=scaling)
             else:  # a later chunk: over what each head kept of the earlier ones
@@ -490,14 +587,32 @@ def check_context(model: LoadedModel, n_prompt: int, new_tokens: int, what: str 
                                                need=n_prompt + new_tokens, model=model.name, n_ctx=model.n_ctx))
 
 
-def make_cache(model: LoadedModel, policy: Policy | None) -> Cache:
-    """A `PolicyCache` for ``policy`` (checked against ``model``), or a ``DynamicCache`` for None (dense)."""
+def make_cache(model: LoadedModel, policy: Policy | None, pads: list[int] | None = None) -> Cache:
+    """A `PolicyCache` for ``policy`` (checked against ``model``; ``pads``: each row's left
+    padding, for a batch of more than one), or a ``DynamicCache`` for None (dense)."""
     if policy is None:
         from transformers import DynamicCache
 
         return DynamicCache(config=model.hf_model.config)
     policy.check_model(model.identity())
-    return PolicyCache(policy, model.n_layers)
+    return PolicyCache(policy, model.n_layers, pads)
+
+
+def left_pads(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Each row's left padding from the attention mask (None: no padding); one `AttnlabError`
+    line unless every row is zeros then ones, with at least one token."""
+    b, n = input_ids.shape
+    if attention_mask is None:
+        return [0] * b
+    mask = attention_mask.to("cpu").long()
+    if mask.shape != (b, n) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise AttnlabError(f"attention_mask must be 0/1 of the shape of input_ids {tuple(input_ids.shape)}")
+    pads = (mask == 0).sum(-1).tolist()
+    for row, pad in enumerate(pads):
+        if pad >= n or not bool(mask[row, pad:].all()):
+            raise AttnlabError(f"row {row} of the batch is not left-padded (zeros, then ones, at least one token): "
+                               "pad on the left (tokenizer.padding_side = 'left')")
+    return pads
 
 
 def _check_chunk(prefill_chunk: int | None) -> None:
@@ -536,16 +651,30 @@ def generate(model: LoadedModel, input_ids: torch.Tensor, policy: Policy | None,
     """``model.generate`` (greedy, or sampling with ``do_sample=True``) through the policy's
     decode cache (None: a dense ``DynamicCache``, same attention function), the prompt
     prefilled in chunks of ``prefill_chunk`` tokens when given (see the module docstring).
-    Returns the token ids ``[1, n + new]`` and the cache (for `PolicyCache.kv_report`)."""
-    if input_ids.shape[0] != 1:
-        raise AttnlabError(_ERR_BATCH)
+    Returns the token ids ``[1, n + new]`` and the cache (for `PolicyCache.kv_report`).
+
+    A batch of more than one sequence (``input_ids [B, n]``, left-padded, with its
+    ``attention_mask``) runs through a `PolicyCache` with one cache per row
+    (`BatchedPolicyCacheLayer`): each row keeps exactly what it would alone. It needs a policy
+    (a dense yardstick loops over rows), a dense prefill and no chunking."""
     _check_chunk(prefill_chunk)
+    pads = None
+    if input_ids.shape[0] != 1:
+        if policy is None or prefill is not None or prefill_chunk is not None:
+            raise AttnlabError("a batch of more than one sequence runs through a policy's cache with a dense, unchunked "
+                               "prefill: loop over samples for the dense yardstick, a prefill executor or chunking")
+        pads = left_pads(input_ids, kwargs.get("attention_mask"))
     check_context(model, input_ids.shape[-1], max_new_tokens)
-    cache = make_cache(model, policy)
+    cache = make_cache(model, policy, pads)
     fn = CachedAttention(cache, prefill) if isinstance(cache, PolicyCache) else _dense_fn(prefill)
     with route_attention(model, fn):
         prefill_chunks(model, cache, input_ids, prefill_chunk)  # generate feeds what the cache has not seen
-        out = model.generate(input_ids, max_new_tokens=max_new_tokens, cache=cache, **kwargs)
+        if pads is None:
+            out = model.generate(input_ids, max_new_tokens=max_new_tokens, cache=cache, **kwargs)
+        else:  # the model's generate assumes one unpadded row: Hugging Face's, with the mask
+            kwargs.setdefault("do_sample", False)
+            kwargs.setdefault("pad_token_id", model.tokenizer.pad_token_id or model.tokenizer.eos_token_id)
+            out = model.hf_model.generate(input_ids.to(model.device), max_new_tokens=max_new_tokens, cache=cache, **kwargs)
     return out, cache
 
 

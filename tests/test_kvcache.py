@@ -169,7 +169,12 @@ def test_generate_with_sampling_runs_and_is_seeded(tiny_llama):
 def test_bad_input_is_one_line(tiny_llama):
     policy = dense_policy(tiny_llama)
     with pytest.raises(AttnlabError, match="batch 1"):
-        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, max_new_tokens=2)
+        kc.greedy_decode(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, 2)
+    with pytest.raises(AttnlabError, match="loop over samples"):  # batch > 1 needs a policy's cache
+        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), None, max_new_tokens=2)
+    with pytest.raises(AttnlabError, match="not left-padded"):
+        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, max_new_tokens=2,
+                    attention_mask=torch.tensor([[1] * 8, [1] * 7 + [0]]))
     with pytest.raises(AttnlabError, match=r"beyond tiny-llama's context of 512"):
         kc.greedy_decode(tiny_llama, prompt(500), policy, 20)
     other = Policy({**tiny_llama.identity().to_dict(), "n_layers": 3, "fingerprint": None}, 16,
@@ -503,3 +508,29 @@ def test_chunked_prefill_snapkv_selects_from_the_last_chunk(tiny_llama):
         got = kc.greedy_decode(tiny_llama, prompt(n), policy, 3, prefill_chunk=chunk)
         assert got.cache.positions(1, 1) == whole.cache.positions(1, 1)
         assert (got.logits - whole.logits).abs().max() <= 1e-5
+
+
+# -- batch > 1 ---------------------------------------------------------------------------------
+def test_a_left_padded_batch_equals_its_rows_run_one_by_one(tiny_llama):
+    table = {(0, 0): ("streaming", {"sink": 2, "recent": 8}), (0, 1): ("streaming", {"sink": 2, "recent": 6, "compensation": True}),
+             (1, 0): ("snapkv", {"budget": 14, "window": 4, "kernel": 3, "sink": 2})}
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, table))
+    rows = [prompt(40, seed=1)[0], prompt(27, seed=2)[0], prompt(33, seed=3)[0]]
+    n = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    batch, cache = kc.generate(tiny_llama, ids, policy, max_new_tokens=10, attention_mask=mask, pad_token_id=0)
+    assert cache.batch == 3 and batch.shape == (3, n + 10)
+    held = 0
+    for b, r in enumerate(rows):
+        alone, one = kc.generate(tiny_llama, r[None], policy, max_new_tokens=10)
+        assert batch[b, n:].tolist() == alone[0, len(r):].tolist()
+        assert cache.tokens_held(row=b) == one.tokens_held()
+        for la, kv in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            assert cache.positions(la, kv, row=b) == one.positions(la, kv)
+        assert torch.allclose(cache.compensation(0, 1, row=b)[0], one.compensation(0, 1)[0], atol=1e-5)
+        held += one.bytes_held()
+    report = cache.kv_report()
+    assert report["kv_bytes_held"] == held == report["kv_bytes_predicted"]
+    with pytest.raises(AttnlabError, match="outside the cache's batch of 3"):
+        cache.positions(0, 0, row=3)
