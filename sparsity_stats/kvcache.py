@@ -36,7 +36,12 @@ positions they would have had with a full cache.
 The cache needs attnlab's attention function (a padded, per-head key set needs a validity mask
 the model's own attention does not know): run the model inside
 ``route_attention(model, CachedAttention(cache))``, or use `generate` / `greedy_decode`, which do.
-Batch 1 only.
+
+A cache holds one sequence; `generate` also takes a left-padded batch (``input_ids [B, n]`` and
+its ``attention_mask``): `PolicyCache(..., pads=...)` then holds one cache per row
+(`BatchedPolicyCacheLayer`), each fed only that row's tokens, so every row keeps, evicts, counts
+and attends exactly as it would alone (`CachedAttention` attends row by row). `greedy_decode`,
+a prefill executor and chunked prefill stay batch 1.
 """
 
 from __future__ import annotations
