@@ -13,6 +13,11 @@
 
 - **SnapKV-style** (`snapkv_uniform`, decode only): dense prefill, every KV head keeps the same
   share of the prompt in its cache, chosen by the observation window's attention.
+- **HeadKV-style** (`headkv_style`, decode only): dense prefill, per-KV-head budgets: sink +
+  window each, the rest in proportion to the head's retrieval score (`headkv_budgets`), SnapKV
+  selection inside each head's budget.
+- **RazorAttention-style** (`razor_style`, decode only): dense prefill, retrieval KV heads keep
+  the full cache, the others sink + recent + a compensation token for what they dropped.
 
 Under a KV budget (``budget_kind="kv"``) `BaselineResult.to_policy` also writes the decode
 section the choice implies (streaming KV heads keep sink + recent, the rest everything), so
@@ -252,7 +257,8 @@ def kv_baselines(curves, budget: float, *, retrieval_scores: np.ndarray | None =
     """The decode-phase baselines at one KV budget, as policies with a decode section:
     StreamingLLM (uniform streaming), DuoAttention-style (streaming heads keep ``sink`` +
     ``recent``, default an eighth of the longest evaluation length, so that budget is left for
-    full KV heads) and SnapKV-style."""
+    full KV heads), SnapKV-style, HeadKV-style (`headkv_style`) and RazorAttention-style
+    (`razor_style`)."""
     est = curves.estimator
     recent = recent or max(1, max(est.eval_lengths) // 8)
     return {
@@ -260,4 +266,125 @@ def kv_baselines(curves, budget: float, *, retrieval_scores: np.ndarray | None =
         "duo_attention": duo_attention_style(est, budget, retrieval_scores=retrieval_scores, sink=sink, recent=recent,
                                              budget_kind="kv").to_policy(curves, budget, "kv"),
         "snapkv": snapkv_uniform(curves, budget, sink=sink),
+        "headkv": headkv_style(curves, budget, retrieval_scores=retrieval_scores, sink=sink),
+        "razor": razor_style(curves, budget, retrieval_scores=retrieval_scores, sink=sink, recent=recent),
     }
+
+
+def _kv_head_scores(est, retrieval_scores: np.ndarray | None, sink: int, window: int) -> tuple[np.ndarray, str]:
+    """One score per KV head ``[L, H_kv]``: its query heads' largest retrieval score, or, without
+    scores, the attention its query heads would lose to a sink + window cache (summed)."""
+    nl, nh, nkv = est.n_layers, est.n_heads, est.n_kv_heads
+    group = nh // nkv
+    if retrieval_scores is not None:
+        return np.asarray(retrieval_scores, dtype=float).reshape(nl, nkv, group).max(-1), "retrieval score"
+    e = est.evaluate(Candidate.make("streaming", sink=sink, window=max(1, window)))
+    return (1 - e.recall).reshape(nl, nkv, group).sum(-1), "attention lost to streaming"
+
+
+def headkv_budgets(scores: np.ndarray, total: int, minimum: int, cap: int) -> np.ndarray:
+    """HeadKV's allocation: every KV head gets ``minimum`` tokens and the rest of ``total`` is
+    shared in proportion to ``scores`` (negative ones count as 0; all zero: equally), no head
+    above ``cap`` (what a head is given beyond its cap goes to the others, in proportion again).
+    Whole tokens (largest remainders), summing to ``total`` (to ``cap`` per head when that is less).
+
+    Raises ``ValueError`` when ``total`` is below ``minimum`` per head or ``minimum > cap``."""
+    s = np.clip(np.asarray(scores, dtype=float).reshape(-1), 0, None)
+    k = s.size
+    if minimum > cap or total < k * minimum:
+        raise ValueError(f"a KV budget of {total} tokens is below the minimum {k} heads x {minimum} (sink + window)")
+    if s.sum() <= 0:
+        s = np.ones(k)
+    free = float(min(total, k * cap) - k * minimum)
+    room = float(cap - minimum)
+    extra = np.zeros(k)
+    for weights in (s, np.ones(k)):  # in proportion to the scores; what is left when every scored head is full, equally
+        active = (weights > 0) & (extra < room)
+        while free > 1e-9 and active.any():
+            share = np.where(active, free * weights / weights[active].sum(), 0.0)
+            over = active & (extra + share >= room)
+            if not over.any():
+                extra += share
+                free = 0.0
+                break
+            free -= float((room - extra[over]).sum())
+            extra[over] = room
+            active &= ~over
+    base = np.floor(extra + 1e-9)
+    left = int(round(min(total, k * cap) - k * minimum - base.sum()))
+    if left > 0:
+        order = np.argsort(-(extra - base), kind="stable")
+        order = [i for i in order if base[i] < room]
+        base[order[:left]] += 1
+    return (minimum + base).astype(int)
+
+
+def headkv_style(curves, budget: float, *, retrieval_scores: np.ndarray | None = None, window: int = 32,
+                 kernel: int = 7, sink: int = 4):
+    """HeadKV at a KV budget, as a `Policy`: dense prefill; each KV head keeps its own share of
+    the prompt, ``sink`` + ``window`` at least and the rest of the budget in proportion to its
+    score (`headkv_budgets`; the largest retrieval score of its query heads, or without scores
+    the attention streaming would lose), the tokens inside each head's budget chosen as SnapKV
+    does (the window's pooled attention). Shares are of the longest evaluation length ``n``:
+    the whole cache holds ``budget`` of the prompt at ``n``, like `snapkv_uniform`'s."""
+    from .generator import policy_from_choices
+    from .policy import DecodeHead
+
+    est = curves.estimator
+    nl, nkv = est.n_layers, est.n_kv_heads
+    n = max(est.eval_lengths)
+    total = max(nl * nkv, int(budget * n * nl * nkv + 1e-9))
+    room = total // (nl * nkv)
+    sink = min(sink, max(0, room - 1))
+    window = max(1, min(window, room - sink))
+    score, ranked_by = _kv_head_scores(est, retrieval_scores, sink, window)
+    tokens = headkv_budgets(score, total, sink + window, n).reshape(nl, nkv)
+    dense = Candidate.make("dense")
+    choices = {(la, h): dense for la in range(nl) for h in range(est.n_heads)}
+    policy = policy_from_choices(curves.extend([dense]), choices, reason="headkv baseline (dense prefill)",
+                                 budget={"kind": "kv", "value": budget, "method": "headkv"})
+    heads = [DecodeHead.make(la, kv, "snapkv", budget={"alpha": 0, "beta": int(tokens[la, kv]) / n}, window=window,
+                             kernel=kernel, sink=sink,
+                             reason=f"headkv baseline: {int(tokens[la, kv])} of {n} prompt tokens by {ranked_by} "
+                                    f"{float(score[la, kv]):.3g}, snapkv selection (window {window}, pool {kernel}, sink {sink})")
+             for la in range(nl) for kv in range(nkv)]
+    policy = policy.with_decode(heads)
+    policy.budget["expected"] = policy.predicted_kv_fraction(n)
+    policy.budget["ranked_by"] = ranked_by
+    return policy
+
+
+def razor_style(curves, budget: float, *, retrieval_scores: np.ndarray | None = None, sink: int = 4,
+                recent: int | None = None):
+    """RazorAttention at a KV budget, as a `Policy`: dense prefill; the KV heads ranked first
+    (by retrieval score, as `duo_attention_style` ranks them) keep the full cache, as many as
+    the budget allows, the others ``sink`` + ``recent`` + the compensation token (the mean key
+    and value of what they dropped; its slot is taken from the recent window, so the cache is
+    the size the DuoAttention-style baseline's is)."""
+    from .generator import policy_from_choices
+    from .policy import DecodeHead
+
+    est = curves.estimator
+    n = max(est.eval_lengths)
+    recent = recent or max(1, n // 8)
+    duo = duo_attention_style(est, budget, retrieval_scores=retrieval_scores, sink=sink, recent=recent,
+                              budget_kind="kv").to_policy(curves, budget, "kv")
+    heads = []
+    for e in duo.decode_heads():
+        if e.kind != "streaming":
+            heads.append(DecodeHead.make(e.layer, e.kv_head, "full", reason=f"razor baseline: a retrieval KV head keeps everything ({e.reason})"))
+            continue
+        s, r = e.params["sink"], e.params["recent"]
+        if r > 1:
+            r -= 1
+        elif s > 0:
+            s -= 1
+        heads.append(DecodeHead.make(e.layer, e.kv_head, "streaming", sink=s, recent=r, compensation=True,
+                                     reason=f"razor baseline: sink {s} + recent {r} + a compensation token"))
+    dense = Candidate.make("dense")
+    choices = {(la, h): dense for la in range(est.n_layers) for h in range(est.n_heads)}
+    policy = policy_from_choices(curves.extend([dense]), choices, reason="razor baseline (dense prefill)",
+                                 budget={"kind": "kv", "value": budget, "method": "razor"})
+    policy = policy.with_decode(heads)
+    policy.budget["expected"] = policy.predicted_kv_fraction(n)
+    return policy

@@ -35,8 +35,11 @@ heads of a group share it), what the KV cache keeps while generating::
 prompt tokens (a size, elastic in the prompt length N): the ``sink`` first and the last
 ``window`` (the observation window) always, the rest the keys the last ``window`` queries attend
 to most (their attention summed over queries and the group's query heads, max-pooled over key
-positions with kernel ``kernel``), as SnapKV does; tokens generated afterwards are all kept. A
-schema 1 file (or ``"decode": null``) has no decode phase: the cache keeps everything
+positions with kernel ``kernel``), as SnapKV does; tokens generated afterwards are all kept.
+``streaming`` and ``snapkv`` take an optional ``"compensation": true`` (RazorAttention): the
+tokens the head drops are summarised as one extra cache entry, their mean key and mean value,
+whose attention counts for as many tokens as it stands for (its logit plus ``log n_dropped``);
+absent means false. A schema 1 file (or ``"decode": null``) has no decode phase: the cache keeps everything
 (`Policy.decode_note` says so). A policy without a decode section is still written as schema 1.
 
 Sizes are elastic (``alpha + beta * N`` tokens, see `attnlab.sparsity_stats.kinds.Elastic`).
@@ -325,14 +328,19 @@ _DECODE_PARAMS: dict[str, dict[str, tuple[Any, str, Any]]] = {
     "streaming": {
         "sink": (lambda v: _is_int(v) and 0 <= v <= MAX_TOKENS, f"a whole number of tokens in [0, {MAX_TOKENS}]", 4),
         "recent": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of tokens in [1, {MAX_TOKENS}]", None),
+        "compensation": (lambda v: isinstance(v, bool), "true or false", False),
     },
     "snapkv": {
         "budget": (None, "a size in tokens (a number, or {\"alpha\": a, \"beta\": b})", None),
         "window": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of queries in [1, {MAX_TOKENS}]", 32),
         "kernel": (lambda v: _is_int(v) and 1 <= v <= 1023 and v % 2 == 1, "an odd whole number in [1, 1023]", 7),
         "sink": (lambda v: _is_int(v) and 0 <= v <= MAX_TOKENS, f"a whole number of tokens in [0, {MAX_TOKENS}]", 4),
+        "compensation": (lambda v: isinstance(v, bool), "true or false", False),
     },
 }
+#: Optional decode parameters: kept in `DecodeHead.params` (and written) only when they differ
+#: from their default, so files written before they existed read and write as before.
+_DECODE_OPTIONAL = {"compensation": False}
 DECODE_NOTE_NONE = "the policy has no decode phase (schema 1 or no 'decode' section): decode keeps the full KV cache"
 
 
@@ -347,8 +355,15 @@ class DecodeHead:
     params: Mapping[str, Any] = field(default_factory=dict)
     reason: str = ""
 
+    @property
+    def compensation(self) -> bool:
+        """Whether the head keeps RazorAttention's compensation token: one extra entry, the
+        mean key and mean value of every token it dropped (standing for all of them)."""
+        return bool(self.params.get("compensation", False))
+
     def prompt_tokens_kept(self, n: int) -> int:
-        """Prompt tokens the head holds after a prefill of ``n`` tokens (before any decode step)."""
+        """Prompt tokens the head holds after a prefill of ``n`` tokens (before any decode step;
+        the compensation entry not counted)."""
         if self.kind == "streaming":
             return min(n, self.params["sink"] + self.params["recent"])
         if self.kind == "snapkv":
@@ -357,19 +372,23 @@ class DecodeHead:
         return n
 
     def tokens_kept(self, n: int, generated: int = 0) -> int:
-        """Tokens held after a prefill of ``n`` tokens and ``generated`` decode steps that each
+        """Entries held after a prefill of ``n`` tokens and ``generated`` decode steps that each
         added one token: ``full`` all, ``streaming`` at most ``sink + recent``, ``snapkv`` its
-        prompt selection plus every generated token."""
+        prompt selection plus every generated token; plus the compensation entry when the head
+        has one and has dropped a token."""
         if self.kind == "streaming":
-            return min(n + generated, self.params["sink"] + self.params["recent"])
-        return self.prompt_tokens_kept(n) + generated
+            kept = min(n + generated, self.params["sink"] + self.params["recent"])
+            return kept + int(self.compensation and kept < n + generated)
+        kept = self.prompt_tokens_kept(n)
+        return kept + generated + int(self.compensation and kept < n)
 
     def describe(self) -> str:
         p = self.params
+        comp = " + compensation token" if self.compensation else ""
         if self.kind == "streaming":
-            return f"streaming cache sink {p['sink']} + recent {p['recent']}"
+            return f"streaming cache sink {p['sink']} + recent {p['recent']}{comp}"
         if self.kind == "snapkv":
-            return f"snapkv cache of {p['budget']} tokens (window {p['window']}, pool {p['kernel']}, sink {p['sink']})"
+            return f"snapkv cache of {p['budget']} tokens (window {p['window']}, pool {p['kernel']}, sink {p['sink']}){comp}"
         return "full cache"
 
     def to_json(self) -> dict[str, Any]:
@@ -424,6 +443,9 @@ class DecodeHead:
                 raise PolicyError(ERR_FIELD.format(where=where, field=f"params.{key}", problem=f"must be {wanted}, got {_short(value)}", fix="fix the value"))
             else:
                 params[key] = value
+        for key, default in _DECODE_OPTIONAL.items():  # an optional field at its default is not kept (nor written)
+            if key in params and params[key] == default:
+                del params[key]
         if kind == "snapkv":
             b = params["budget"]
             if b.beta == 0 and b.alpha < params["sink"] + params["window"]:

@@ -76,8 +76,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
     result = side_by_side(model, policy, args.prompt, max_new_tokens=args.max_new_tokens, chat=not args.no_chat,
-                          do_sample=args.sample, seed=args.seed)
+                          do_sample=args.sample, seed=args.seed, prefill_chunk=args.prefill_chunk)
     print(format_side_by_side(result))
+    if args.prefill_chunk is not None and args.prefill_chunk < result["prompt_tokens"]:
+        print(f"prefill in chunks of {args.prefill_chunk} tokens (both caches); the compressed cache's buffers peaked at "
+              f"{result['compressed']['kv_bytes_peak'] / 2**20:.2f} MiB")
     return 0
 
 
@@ -113,4 +116,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-chat", action="store_true", help="send the prompt as plain text, without the chat template")
     g.add_argument("--sample", action="store_true", help="sample (seeded by --seed) instead of greedy decoding")
     g.add_argument("--seed", type=nonneg_int, default=0)
+    g.add_argument("--prefill-chunk", type=positive_int, default=None, metavar="N",
+                   help="prefill the prompt N tokens at a time, the cache compressed between chunks (streaming heads "
+                        "keep sink + recent, as DuoAttention's chunked prefill); default: the whole prompt at once")
     g.set_defaults(func=_cmd_generate)

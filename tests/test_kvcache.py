@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,7 +169,12 @@ def test_generate_with_sampling_runs_and_is_seeded(tiny_llama):
 def test_bad_input_is_one_line(tiny_llama):
     policy = dense_policy(tiny_llama)
     with pytest.raises(AttnlabError, match="batch 1"):
-        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, max_new_tokens=2)
+        kc.greedy_decode(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, 2)
+    with pytest.raises(AttnlabError, match="loop over samples"):  # batch > 1 needs a policy's cache
+        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), None, max_new_tokens=2)
+    with pytest.raises(AttnlabError, match="not left-padded"):
+        kc.generate(tiny_llama, torch.randint(100, 1000, (2, 8)), policy, max_new_tokens=2,
+                    attention_mask=torch.tensor([[1] * 8, [1] * 7 + [0]]))
     with pytest.raises(AttnlabError, match=r"beyond tiny-llama's context of 512"):
         kc.greedy_decode(tiny_llama, prompt(500), policy, 20)
     other = Policy({**tiny_llama.identity().to_dict(), "n_layers": 3, "fingerprint": None}, 16,
@@ -250,6 +256,14 @@ def test_generate_cli_prints_both_continuations_with_cache_sizes(tmp_path, tiny_
     assert "the policy predicts" in out and "note:" not in out
     assert main(["generate", str(path), "--prompt", "x", "--max-new-tokens", "600"]) == 2
     assert "beyond tiny-llama's context of 512" in capsys.readouterr().err
+    assert main(["generate", str(path), "--prompt", "The quick brown fox jumps over the lazy dog. " * 3,
+                 "--max-new-tokens", "6", "--no-chat", "--prefill-chunk", "8"]) == 0
+    chunked = capsys.readouterr().out
+    assert "prefill in chunks of 8 tokens" in chunked and "--- compressed (" in chunked
+    assert chunked.split("--- dense")[1].splitlines()[1] == out.split("--- dense")[1].splitlines()[1]  # dense: the same text
+    with pytest.raises(SystemExit):
+        main(["generate", str(path), "--prompt", "x", "--prefill-chunk", "0"])
+    assert "--prefill-chunk" in capsys.readouterr().err
 
 
 def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
@@ -283,3 +297,240 @@ def test_validate_cli_phase_both_writes_both_reports(tmp_path, tiny_llama, monke
     run = Run.open(tmp_path / "r")
     assert run.has(VALIDATION_SUMMARY) and run.has(DECODE_SUMMARY)
     assert run.read(DECODE_SUMMARY)["phase"] == "both" and len(run.read(DECODE_SAMPLES)) == 1
+
+
+# -- HeadKV- and RazorAttention-style baselines -------------------------------------------------
+@pytest.fixture(scope="module")
+def curves(tmp_path_factory):
+    from attnlab.sparsity_stats import compute_curves, make_synthetic_run
+
+    run = make_synthetic_run(tmp_path_factory.mktemp("runs") / "r1", n_layers=2, n_heads=4, n_kv_heads=2,
+                             lengths=(512, 384), block_size=16, retrieval_heads=((1, 3),))
+    return compute_curves(run)
+
+
+def test_headkv_budgets_by_hand():
+    from attnlab.sparsity_stats.baselines import headkv_budgets
+
+    # 24 tokens beyond the minimum, shared 3:1 by the two scored heads
+    assert headkv_budgets(np.array([3.0, 1.0, 0.0, 0.0]), 40, 4, 100).tolist() == [22, 10, 4, 4]
+    # a head at its cap passes the rest on, first to the scored heads, then equally
+    assert headkv_budgets(np.array([3.0, 1.0, 0.0, 0.0]), 40, 4, 12).tolist() == [12, 12, 8, 8]
+    assert headkv_budgets(np.array([1.0, 1.0, 1.0]), 22, 4, 100).tolist() == [8, 7, 7]  # whole tokens, largest remainders
+    assert headkv_budgets(np.zeros(2), 10, 4, 100).tolist() == [5, 5]  # no scores: equal
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        s = rng.random(12) * (rng.random(12) > 0.3)
+        total, minimum = int(rng.integers(12 * 6, 12 * 60)), 6
+        b = headkv_budgets(s, total, minimum, 10_000)
+        assert b.sum() == total and (b >= minimum).all()
+        if s.sum() > 0:
+            assert np.abs((b - minimum) - (total - 12 * minimum) * s / s.sum()).max() < 1  # in proportion, within rounding
+    with pytest.raises(ValueError, match="below the minimum"):
+        headkv_budgets(np.ones(4), 15, 4, 100)
+
+
+def test_headkv_and_razor_baselines_at_the_same_kv_budget(curves):
+    from attnlab.sparsity_stats.baselines import kv_baselines
+
+    n = max(curves.estimator.eval_lengths)
+    for budget in (0.3, 0.5):
+        base = kv_baselines(curves, budget, retrieval_scores=curves.retrieval_scores)
+        assert {"headkv", "razor"} <= set(base)
+        for name in ("headkv", "razor"):
+            policy = base[name]
+            assert policy.has_decode and policy.budget["method"] == name and policy.budget["kind"] == "kv"
+            assert {h.kind for h in policy.heads} == {"dense"}  # dense prefill
+            assert policy.predicted_kv_fraction(n) <= budget + 1e-9
+        head = base["headkv"]
+        tokens = {(e.layer, e.kv_head): e.prompt_tokens_kept(n) for e in head.decode_heads()}
+        assert {e.kind for e in head.decode_heads()} == {"snapkv"}
+        assert sum(tokens.values()) == int(budget * n * 4)  # the whole budget, in whole tokens
+        minimum = {e.params["sink"] + e.params["window"] for e in head.decode_heads()}
+        assert minimum == {36} and min(tokens.values()) >= 36
+        # beyond the minimum, in proportion to the KV head's largest retrieval score (within rounding)
+        # heads; at 0.5 the retrieval KV head reaches the whole prompt and the rest is shared by the others
+        score = {(la, kv): x for (la, kv), x in np.ndenumerate(curves.retrieval_scores.reshape(2, 2, 2).max(-1))}
+        shared = dict(score) if budget == 0.3 else {k: x for k, x in score.items() if k != (1, 1)}
+        free = int(budget * n * 4) - 36 * len(shared) - (n if budget == 0.5 else 0)
+        assert budget == 0.3 or tokens[(1, 1)] == n
+        for key, x in shared.items():
+            assert abs(tokens[key] - 36 - free * x / sum(shared.values())) < 1
+        assert max(tokens, key=tokens.get) == (1, 1) and head.budget["ranked_by"] == "retrieval score"  # retrieval head (1, 3)
+        assert head.predicted_kv_fraction(n) >= budget - 1 / n
+        razor = base["razor"]
+        duo = base["duo_attention"]
+        kinds = {(e.layer, e.kv_head): e.kind for e in razor.decode_heads()}
+        assert kinds == {(e.layer, e.kv_head): e.kind for e in duo.decode_heads()}
+        assert list(kinds.values()).count("full") == (budget == 0.5) and (budget == 0.3 or kinds[(1, 1)] == "full")
+        for e in razor.decode_heads():
+            if e.kind == "streaming":
+                d = duo.decode_head(e.layer, e.kv_head)
+                assert e.compensation and e.params["sink"] + e.params["recent"] + 1 == d.params["sink"] + d.params["recent"]
+        assert razor.predicted_kv_fraction(n) == pytest.approx(duo.predicted_kv_fraction(n))
+
+
+def test_headkv_without_scores_ranks_by_attention_lost(curves):
+    from attnlab.sparsity_stats.baselines import headkv_style
+
+    policy = headkv_style(curves, 0.3)
+    assert policy.budget["ranked_by"] == "attention lost to streaming"
+    assert sum(e.prompt_tokens_kept(512) for e in policy.decode_heads()) == int(0.3 * 512 * 4)
+
+
+# -- RazorAttention's compensation token -----------------------------------------------------------
+def test_the_compensation_entry_is_the_mean_of_what_was_dropped_by_hand():
+    heads = [DecodeHead.make(0, 0, "streaming", sink=2, recent=3, compensation=True), DecodeHead.make(0, 1)]
+    layer = kc.PolicyCacheLayer(heads)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(1, 2, 8, 4, generator=g), torch.randn(1, 2, 8, 4, generator=g)
+    layer.update(k, v)
+    layer.compress()
+    assert layer.tokens_held() == [6, 8] and layer.comp_count == [3, 0]  # sink 0 1, recent 5 6 7, positions 2 3 4 dropped
+    s = layer.comp_slot[0]
+    assert torch.allclose(layer.keys[0, 0, s], k[0, 0, 2:5].mean(0)) and torch.allclose(layer.values[0, 0, s], v[0, 0, 2:5].mean(0))
+    assert layer.slot_positions[0, :6].tolist() == [0, 1, 5, 6, 7, kc.COMPENSATION]
+    # a decode step: position 8 comes in, the oldest recent (5) goes into the entry
+    k8, v8 = torch.randn(1, 2, 1, 4, generator=g), torch.randn(1, 2, 1, 4, generator=g)
+    keys, values = layer.update(k8, v8)
+    assert layer.comp_count[0] == 4 and layer.tokens_held() == [6, 9]
+    assert torch.allclose(layer.keys[0, 0, s], k[0, 0, 2:6].mean(0)) and torch.allclose(layer.values[0, 0, s], v[0, 0, 2:6].mean(0))
+    assert sorted(p for p in layer.slot_positions[0, :6].tolist() if p >= 0) == [0, 1, 6, 7, 8]
+    # a query attends to the kept tokens and to the entry as the 4 tokens it stands for
+    q = torch.randn(1, 2, 1, 4, generator=g)
+    out = kc.decode_attention(q, keys, values, layer.valid, 0.5, layer.bias)
+    kept_k = torch.cat([k[0, 0, [0, 1, 6, 7]], k8[0, 0]])
+    kept_v = torch.cat([v[0, 0, [0, 1, 6, 7]], v8[0, 0]])
+    ck, cv = k[0, 0, 2:6].mean(0), v[0, 0, 2:6].mean(0)
+    logits = torch.cat([kept_k @ q[0, 0, 0] * 0.5, (ck @ q[0, 0, 0] * 0.5 + math.log(4))[None]])
+    want = logits.softmax(-1) @ torch.cat([kept_v, cv[None]])
+    assert torch.allclose(out[0, 0, 0], want, atol=1e-6)
+    full = torch.cat([k[0, 1], k8[0, 1]]) @ q[0, 1, 0] * 0.5
+    assert torch.allclose(out[0, 0, 1], full.softmax(-1) @ torch.cat([v[0, 1], v8[0, 1]]), atol=1e-6)
+    # bytes: the entry is held, and the policy predicts it
+    assert layer.bytes_held() == (6 + 9) * layer.token_bytes()
+    assert heads[0].tokens_kept(8, 1) == 6 and heads[0].tokens_kept(5, 0) == 5 and heads[1].tokens_kept(8, 1) == 9
+
+
+def test_compensation_in_generation_matches_the_dense_keys_and_the_prediction(tiny_llama):
+    n, steps, sink, recent = 30, 6, 3, 6
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (0, 1): ("streaming", {"sink": sink, "recent": recent, "compensation": True}),
+        (1, 0): ("snapkv", {"budget": 12, "window": 4, "kernel": 3, "sink": 2, "compensation": True})}))
+    got = kc.greedy_decode(tiny_llama, prompt(n), policy, steps)
+    seen = n + steps - 1
+    dense = kc.greedy_decode(tiny_llama, prompt(n), None, steps, force=got.tokens)
+    keys, values = dense.cache.layers[0].keys[0, 1], dense.cache.layers[0].values[0, 1]  # layer 0's keys depend on the tokens only
+    ck, cv, count = got.cache.compensation(0, 1)
+    dropped = list(range(sink, seen - recent))
+    assert count == len(dropped) and got.cache.positions(0, 1) == [0, 1, 2] + list(range(seen - recent, seen))
+    assert torch.allclose(ck, keys[dropped].mean(0), atol=1e-6) and torch.allclose(cv, values[dropped].mean(0), atol=1e-6)
+    _, _, snap_count = got.cache.compensation(1, 0)
+    assert snap_count == n - 12 and len(got.cache.positions(1, 0)) == 12 + steps - 1
+    assert got.cache.compensation(0, 0) is None
+    report = got.cache.kv_report()
+    assert report["kv_bytes_held"] == report["kv_bytes_predicted"] and report["kv_vs_predicted"] == 1.0
+    assert got.cache.tokens_held() == [[seen, sink + recent + 1], [12 + 1 + steps - 1, seen]]
+    # compensation that drops nothing changes nothing: the full cache's logits
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (0, 1): ("streaming", {"sink": 4, "recent": 100, "compensation": True})}))
+    same = kc.greedy_decode(tiny_llama, prompt(n), policy, steps)
+    full = kc.greedy_decode(tiny_llama, prompt(n), dense_policy(tiny_llama), steps)
+    assert (same.logits - full.logits).abs().max() <= 1e-5 and same.cache.compensation(0, 1) is None
+
+
+def test_the_compensation_field_is_checked_on_load_and_written_only_when_true(tmp_path, tiny_llama):
+    from attnlab.sparsity_stats.policy import PolicyError
+
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (0, 1): ("streaming", {"sink": 2, "recent": 8, "compensation": True}), (1, 0): ("streaming", {"sink": 2, "recent": 8})}))
+    d = policy.to_dict()
+    entries = {(e["layer"], e["kv_head"]): e for e in d["decode"]["heads"]}
+    assert entries[(0, 1)]["params"] == {"sink": 2, "recent": 8, "compensation": True}
+    assert entries[(1, 0)]["params"] == {"sink": 2, "recent": 8}  # false is the default: files stay as they were
+    back = Policy.load(policy.save(tmp_path / "p.json"))
+    assert back.decode_heads() == policy.decode_heads() and back.decode_head(0, 1).compensation
+    assert "compensation token" in back.decode_head(0, 1).describe()
+    for where, value, match in (((0, 1), "yes", r"params.compensation.*must be true or false"),
+                                ((0, 0), True, r"params.compensation.*is not a parameter of decode kind 'full'")):
+        bad = json.loads(json.dumps(d))
+        for e in bad["decode"]["heads"]:
+            if (e["layer"], e["kv_head"]) == where:
+                e["params"]["compensation"] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(PolicyError, match=match):
+            Policy.load(tmp_path / "bad.json")
+
+
+# -- chunked prefill -------------------------------------------------------------------------------
+def test_chunked_prefill_under_a_full_policy_equals_the_unchunked_one(tiny_llama):
+    ids = prompt(70)
+    whole = kc.greedy_decode(tiny_llama, ids, dense_policy(tiny_llama), 8)
+    for chunk in (16, 23, 69, 70, 500):
+        got = kc.greedy_decode(tiny_llama, ids, dense_policy(tiny_llama), 8, prefill_chunk=chunk)
+        assert (got.logits - whole.logits).abs().max() <= 1e-5 and got.tokens == whole.tokens
+        assert got.cache.tokens_held() == whole.cache.tokens_held() and got.cache.prompt_tokens == 70
+    dense = kc.greedy_decode(tiny_llama, ids, None, 8, prefill_chunk=16)  # a DynamicCache fed in chunks too
+    assert (dense.logits - whole.logits).abs().max() <= 1e-5
+    tokens, cache = kc.generate(tiny_llama, ids, dense_policy(tiny_llama), max_new_tokens=8, prefill_chunk=16)
+    assert tokens[0, 70:].tolist() == whole.tokens and cache.get_seq_length() == 77
+    with pytest.raises(AttnlabError, match="prefill_chunk must be"):
+        kc.greedy_decode(tiny_llama, ids, None, 2, prefill_chunk=0)
+
+
+def test_chunked_prefill_keeps_the_same_positions_and_bounds_the_cache(tiny_llama):
+    n, chunk, steps = 400, 64, 4
+    table = {(0, 0): ("streaming", {"sink": 4, "recent": 12}), (0, 1): ("streaming", {"sink": 2, "recent": 30, "compensation": True}),
+             (1, 0): ("streaming", {"sink": 0, "recent": 20}), (1, 1): ("streaming", {"sink": 4, "recent": 12})}
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, table))
+    whole = kc.greedy_decode(tiny_llama, prompt(n), policy, steps)
+    got = kc.greedy_decode(tiny_llama, prompt(n), policy, steps, prefill_chunk=chunk)
+    for la, kv in table:
+        assert got.cache.positions(la, kv) == whole.cache.positions(la, kv)
+    assert got.cache.tokens_held() == whole.cache.tokens_held() == [[16, 33], [20, 16]]
+    assert got.cache.compensation(0, 1)[2] == whole.cache.compensation(0, 1)[2] == n + steps - 1 - 32
+    assert got.cache.kv_report()["kv_vs_predicted"] == 1.0
+    # the buffers never held more than the policy's largest head plus one chunk, per KV head
+    per_token = 2 * tiny_llama.head_dim * 4
+    bound = tiny_llama.n_layers * tiny_llama.n_kv_heads * (max(e.tokens_kept(n) for e in policy.decode_heads()) + chunk) * per_token
+    assert got.cache.peak_bytes_allocated() <= bound < whole.cache.peak_bytes_allocated()
+    assert whole.cache.peak_bytes_allocated() >= tiny_llama.n_layers * tiny_llama.n_kv_heads * n * per_token
+
+
+def test_chunked_prefill_snapkv_selects_from_the_last_chunk(tiny_llama):
+    n = 90
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (1, 1): ("snapkv", {"budget": 20, "window": 8, "kernel": 3, "sink": 2})}))
+    whole = kc.greedy_decode(tiny_llama, prompt(n), policy, 3)
+    # every other head keeps everything, so the keys are the unchunked ones: with chunks at least
+    # as long as the window the selection is SnapKV's
+    for chunk in (8, 32):
+        got = kc.greedy_decode(tiny_llama, prompt(n), policy, 3, prefill_chunk=chunk)
+        assert got.cache.positions(1, 1) == whole.cache.positions(1, 1)
+        assert (got.logits - whole.logits).abs().max() <= 1e-5
+
+
+# -- batch > 1 ---------------------------------------------------------------------------------
+def test_a_left_padded_batch_equals_its_rows_run_one_by_one(tiny_llama):
+    table = {(0, 0): ("streaming", {"sink": 2, "recent": 8}), (0, 1): ("streaming", {"sink": 2, "recent": 6, "compensation": True}),
+             (1, 0): ("snapkv", {"budget": 14, "window": 4, "kernel": 3, "sink": 2})}
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, table))
+    rows = [prompt(40, seed=1)[0], prompt(27, seed=2)[0], prompt(33, seed=3)[0]]
+    n = max(len(r) for r in rows)
+    ids = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), r]) for r in rows])
+    mask = torch.stack([torch.cat([torch.zeros(n - len(r), dtype=torch.long), torch.ones(len(r), dtype=torch.long)]) for r in rows])
+    batch, cache = kc.generate(tiny_llama, ids, policy, max_new_tokens=10, attention_mask=mask, pad_token_id=0)
+    assert cache.batch == 3 and batch.shape == (3, n + 10)
+    held = 0
+    for b, r in enumerate(rows):
+        alone, one = kc.generate(tiny_llama, r[None], policy, max_new_tokens=10)
+        assert batch[b, n:].tolist() == alone[0, len(r):].tolist()
+        assert cache.tokens_held(row=b) == one.tokens_held()
+        for la, kv in [(0, 0), (0, 1), (1, 0), (1, 1)]:
+            assert cache.positions(la, kv, row=b) == one.positions(la, kv)
+        assert torch.allclose(cache.compensation(0, 1, row=b)[0], one.compensation(0, 1)[0], atol=1e-5)
+        held += one.bytes_held()
+    report = cache.kv_report()
+    assert report["kv_bytes_held"] == held == report["kv_bytes_predicted"]
+    with pytest.raises(AttnlabError, match="outside the cache's batch of 3"):
+        cache.positions(0, 0, row=3)

@@ -821,7 +821,7 @@ def test_kv_baselines_choose_their_caches_at_the_same_budget(curves):
     n = max(curves.estimator.eval_lengths)
     for budget in (0.3, 0.5):
         base = kv_baselines(curves, budget, retrieval_scores=curves.retrieval_scores)
-        assert set(base) == {"uniform_streaming", "duo_attention", "snapkv"}
+        assert set(base) == {"uniform_streaming", "duo_attention", "snapkv", "headkv", "razor"}
         for name, policy in base.items():
             assert policy.has_decode and policy.budget["method"] == name and policy.budget["kind"] == "kv"
             assert policy.predicted_kv_fraction(n) <= budget + 1e-9
