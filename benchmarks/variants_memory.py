@@ -21,14 +21,9 @@ import platform
 import subprocess
 import sys
 
-CHILD = r"""
-import json, sys, time, torch
+MODEL = r"""
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
-from attnlab.capture import capture
 from attnlab.models import EMBEDDED_MODELS, EMBEDDED_NAME, _embedded_cache, wrap_hf_model
-from attnlab.stats import StatConfig
-mode, n = sys.argv[1], int(sys.argv[2])
-torch.set_grad_enabled(False)
 tok = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=False))
 cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=6,
                        num_attention_heads=4, num_key_value_heads=1, head_dim=64, sliding_window=512,
@@ -38,6 +33,17 @@ cfg._attn_implementation = "eager"
 torch.manual_seed(0)
 hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager").eval()
 model = wrap_hf_model(hf, tok, name="gemma3-like", source="config", label="gemma3-like")
+"""
+
+#: The measuring child: ``sys.argv[1:3]`` are the mode (forward / pattern / qk) and the length; the
+#: model code (``MODEL`` above, or another script's) defines ``model`` and may read ``sys.argv[3:]``.
+CHILD = r"""
+import json, sys, time, torch
+from attnlab.capture import capture
+from attnlab.stats import StatConfig
+mode, n = sys.argv[1], int(sys.argv[2])
+torch.set_grad_enabled(False)
+{model}
 ids = torch.randint(100, 30000, (1, n), generator=torch.Generator().manual_seed(1))
 def rss(field):
     for line in open("/proc/self/status"):
@@ -48,20 +54,26 @@ with open("/proc/self/clear_refs", "w") as f:
 base = rss("VmRSS:")
 t = time.perf_counter()
 if mode == "forward":
-    model.bridge(ids)
+    model.hf_model.base_model(ids, use_cache=False) if "{base_only}" == "yes" else model.bridge(ids)
 else:
     capture(model, ids, StatConfig(block_size=64), path=mode)
 seconds = time.perf_counter() - t
-print(json.dumps({"mode": mode, "n": n, "seconds": seconds, "peak_bytes": rss("VmHWM:") - base,
-                  "windows": [int(w) for w in model.identity().to_dict().get("attention", {}).get("layer_windows", [])]}))
+print(json.dumps({{"mode": mode, "n": n, "seconds": seconds, "peak_bytes": rss("VmHWM:") - base,
+                  "windows": [int(w) for w in model.identity().to_dict().get("attention", {{}}).get("layer_windows", [])]}}))
 """
 
 
-def measure(mode: str, n: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, mode, str(n)], capture_output=True, text=True)
+def measure_child(model_code: str, mode: str, n: int, *extra: str, base_only: bool = False) -> dict:
+    """One measurement in a fresh interpreter: ``{mode, n, seconds, peak_bytes, windows}``."""
+    code = CHILD.format(model=model_code, base_only="yes" if base_only else "no")
+    out = subprocess.run([sys.executable, "-c", code, mode, str(n), *extra], capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"{mode} at {n} tokens failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(mode: str, n: int) -> dict:
+    return measure_child(MODEL, mode, n)
 
 
 def main() -> None:
