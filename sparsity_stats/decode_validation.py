@@ -10,6 +10,11 @@ twice — with a full ``DynamicCache`` and with the policy's `attnlab.sparsity_s
 - **per-step KL(dense ‖ compressed)**: the compressed cache fed dense's own continuation (teacher
   forcing), so both predict from the same tokens; ``forced_agreement`` is the share of steps
   whose argmax agrees;
+- **perplexity of the prompt's own continuation** (the held-out text's next ``new_tokens``
+  tokens, teacher-forced) scored through the full and through the compressed cache;
+- **per-head recall of decode attention**: at every decode step of that scoring, the share of
+  each query head's dense attention (dense queries over every key seen, the layer's variant
+  honoured) that falls on the tokens its KV head still holds — 1.0 for a full cache;
 - **needle accuracy** with the compressed cache (the needle probe's samples and grading);
 - **KV bytes** held at the end vs a full cache and vs the policy's prediction
   (`Policy.predicted_kv_tokens`), and decode tokens/s of both.
@@ -27,15 +32,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from attnlab.attention import layer_variants, route_attention, scores_to_probs
 from attnlab.models import LoadedModel
+from attnlab.names import head_label
 from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run, ensure_run, preflight_run
 
-from .kvcache import PolicyCache, check_context, greedy_decode
+from .kvcache import (
+    CachedAttention,
+    PolicyCache,
+    _dense_fn,
+    check_context,
+    greedy_decode,
+    make_cache,
+)
 from .policy import Policy
+
+#: Default tokens generated (and scored) per continuation prompt.
+NEW_TOKENS = 256
 
 PHASES = ("prefill", "decode", "both")
 
@@ -61,6 +79,11 @@ class DecodeReport:
                 f"token match {s['token_match']:.3f}, first divergence at step {s['first_divergence']:.1f} (mean), "
                 f"teacher-forced KL(dense‖compressed) {s['kl_mean']:.5f} nats/step (max {s['kl_max']:.4f}), "
                 f"argmax agreement {s['forced_agreement']:.3f}")
+        if s.get("ppl_dense") is not None:
+            lines.append(
+                f"  perplexity of the text's own continuation: {s['ppl_dense']:.3f} full cache → "
+                f"{s['ppl_compressed']:.3f} compressed ({s['ppl_delta']:+.3f}); decode attention kept per head "
+                f"{s['decode_recall_mean']:.3f} (mean), worst {s['decode_recall_worst_head']} {s['decode_recall_worst']:.3f}")
         if s["needle_n"]:
             lines.append(
                 f"  needle accuracy {s['needle_dense']:.3f} dense → {s['needle_compressed']:.3f} compressed "
@@ -87,9 +110,84 @@ def _kv(cache: PolicyCache) -> dict[str, Any]:
             "kv_fraction": r["kv_fraction"]}
 
 
-def continuation_row(model: LoadedModel, policy: Policy, ids: torch.Tensor, new_tokens: int, prefill=None) -> dict[str, Any]:
+def _nll(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
+    """Negative log-likelihood of ``tokens[i]`` under ``logits[i]`` (nats), per step."""
+    target = torch.tensor(tokens[: logits.shape[0]], dtype=torch.long)
+    return -torch.log_softmax(logits.float(), -1).gather(-1, target[:, None])[:, 0]
+
+
+@torch.no_grad()
+def _forced(model: LoadedModel, ids: torch.Tensor, policy: Policy | None, tokens: list[int], prefill, observe) -> torch.Tensor:
+    """Teacher-forced decode of ``tokens`` through ``policy``'s cache (None: a full cache);
+    ``observe(layer, step, query, key, scaling, cache)`` at every decode step of every layer
+    (step ``i >= 1`` is the query at position ``n + i - 1``). The logits ``[len(tokens), vocab]``."""
+    cache = make_cache(model, policy)
+    inner = CachedAttention(cache, prefill) if isinstance(cache, PolicyCache) else _dense_fn(prefill)
+    step = [0]
+
+    def fn(layer, query, key, value, *, scaling, attention_mask=None):
+        out = inner(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
+        if query.shape[-2] == 1:
+            observe(layer, step[0], query, key, scaling, cache)
+        return out
+
+    logits = []
+    with route_attention(model, fn):
+        feed = ids.to(model.device)
+        for i, token in enumerate(tokens):
+            step[0] = i
+            logits.append(model.hf_model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float().cpu())
+            feed = torch.tensor([[int(token)]], device=model.device)
+    return torch.stack(logits)
+
+
+def scored_continuation(model: LoadedModel, policy: Policy, ids: torch.Tensor, reference: list[int], prefill=None) -> dict[str, Any]:
+    """``reference`` (the text that follows ``ids``) teacher-forced through a full and through
+    the policy's compressed cache: the NLL of each (nats/token) and, per query head, the mean
+    over decode steps of the share of its dense attention that falls on the tokens its KV head
+    holds (``recall [L, H]``; dense queries and keys, so the yardstick is what full attention
+    would have read)."""
+    variants = layer_variants(model)
+    n = int(ids.shape[-1])
+    queries: dict[tuple[int, int], torch.Tensor] = {}
+    keys: dict[int, torch.Tensor] = {}
+
+    def record(layer, step, query, key, scaling, cache):
+        queries[layer, step] = query[0, :, 0, :].float()
+        keys[layer] = key[0]
+
+    dense_logits = _forced(model, ids, None, reference, prefill, record)
+    n_layers, n_heads, group = model.n_layers, model.n_heads, model.group_size
+    kept_mass = torch.zeros(n_layers, n_heads, dtype=torch.float64)
+    steps = torch.zeros(n_layers, dtype=torch.float64)
+
+    def recall(layer, step, query, key, scaling, cache):
+        pos = n + step - 1
+        q = queries[layer, step]
+        k = keys[layer][:, : pos + 1].float()
+        scores = torch.matmul(q.reshape(k.shape[0], group, -1), k.transpose(-1, -2)).reshape(n_heads, 1, pos + 1) * scaling
+        probs = scores_to_probs(scores, torch.tensor([pos], device=scores.device), variants[layer])[:, 0]
+        slots = cache.layers[layer].positions
+        held = torch.zeros(slots.shape[0], pos + 1, dtype=torch.bool, device=probs.device)
+        ok = slots >= 0
+        rows = torch.arange(slots.shape[0], device=slots.device)[:, None].expand_as(slots)
+        held[rows[ok], slots[ok]] = True
+        held = held.repeat_interleave(group, dim=0)
+        kept_mass[layer] += ((probs * held).sum(-1) / probs.sum(-1).clamp_min(1e-30)).double().cpu()
+        steps[layer] += 1
+
+    comp_logits = _forced(model, ids, policy, reference, prefill, recall)
+    per_head = (kept_mass / steps.clamp_min(1)[:, None]).numpy()
+    return {"nll_dense": float(_nll(dense_logits, reference).mean()), "nll_compressed": float(_nll(comp_logits, reference).mean()),
+            "decode_recall": per_head.reshape(-1).tolist(), "decode_recall_mean": float(per_head.mean())}
+
+
+def continuation_row(model: LoadedModel, policy: Policy, ids: torch.Tensor, new_tokens: int, prefill=None,
+                     reference: list[int] | None = None) -> dict[str, Any]:
     """One prompt: dense and compressed greedy continuations, and the compressed cache fed the
-    dense continuation (teacher forcing) for per-step KL."""
+    dense continuation (teacher forcing) for per-step KL; with ``reference`` (the prompt text's
+    own next tokens) also its perplexity through both caches and the per-head recall of decode
+    attention (`scored_continuation`)."""
     t0 = time.perf_counter()
     dense = greedy_decode(model, ids, None, new_tokens, prefill=prefill)
     t_dense = time.perf_counter() - t0
@@ -108,6 +206,7 @@ def continuation_row(model: LoadedModel, policy: Policy, ids: torch.Tensor, new_
         "compressed": model.tokenizer.decode(free.tokens, skip_special_tokens=True),
         "tokens_per_s_dense": len(dense.tokens) / t_dense, "tokens_per_s_compressed": len(free.tokens) / t_comp,
         **_kv(free.cache),
+        **(scored_continuation(model, policy, ids, reference, prefill) if reference else {}),
     }
 
 
@@ -157,6 +256,15 @@ def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows
         "kv_fraction_allocated": sum(r["kv_bytes_allocated"] for r in rows) / dense if dense else 1.0,
         "needle_n": len(needle),
     }
+    scored = [r for r in cont if r.get("decode_recall") is not None and len(r["decode_recall"])]
+    if scored:
+        heads = np.mean([np.asarray(r["decode_recall"], dtype=float) for r in scored], axis=0)
+        worst = int(np.argmin(heads))
+        nll_d, nll_c = _mean(scored, "nll_dense"), _mean(scored, "nll_compressed")
+        s.update(ppl_dense=math.exp(nll_d), ppl_compressed=math.exp(nll_c), ppl_delta=math.exp(nll_c) - math.exp(nll_d),
+                 decode_recall_mean=float(heads.mean()), decode_recall_worst=float(heads[worst]),
+                 decode_recall_worst_head=head_label(worst // model.n_heads, worst % model.n_heads),
+                 decode_recall_heads=heads.reshape(model.n_layers, model.n_heads).tolist())
     if needle:
         d = [r["correct_dense"] for r in needle]
         c = [r["correct_compressed"] for r in needle]
@@ -177,7 +285,7 @@ def validate_decode(
     executor: str = "flex",
     n_prompts: int = 2,
     prompt_tokens: int = 1024,
-    new_tokens: int = 64,
+    new_tokens: int = NEW_TOKENS,
     needle_samples: int = 0,
     needle_length: int = 1024,
     out: str | Path | None = None,
@@ -203,14 +311,19 @@ def validate_decode(
     prompts = []
     if n_prompts > 0:
         check_context(model, prompt_tokens, new_tokens, what="--tokens with a continuation")
-        prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
+        # the held-out text runs on past the prompt: its next new_tokens are the scored continuation
+        prompts = _held_out_prompts(model, n_prompts, prompt_tokens + new_tokens, seed)
     needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
     rows: list[dict[str, Any]] = []
     for i, p in enumerate(tqdm(prompts, desc="decode: continuations", unit="prompt", disable=not progress)):
-        rows.append({"sample": f"prompt{i}", **continuation_row(model, policy, p.input_ids, new_tokens, prefill)})
+        ids, reference = p.input_ids[:, :prompt_tokens], p.input_ids[0, prompt_tokens:].tolist()
+        rows.append({"sample": f"prompt{i}", **continuation_row(model, policy, ids, new_tokens, prefill, reference)})
     for s in tqdm(needles, desc="decode: needle", unit="sample", disable=not progress):
         rows.append(needle_row(model, policy, s, prefill))
-    report = DecodeReport(pd.DataFrame(rows), _summary(model, policy, phase, executor, rows, new_tokens))
+    samples = pd.DataFrame(rows)
+    if "decode_recall" in samples:  # a list per continuation, None (not NaN) on needle rows
+        samples["decode_recall"] = [r.get("decode_recall") for r in rows]
+    report = DecodeReport(samples, _summary(model, policy, phase, executor, rows, new_tokens))
     if out is not None:
         run = ensure_run(out, model, "validate_decode", {"phase": phase, "executor": executor, "prompt_tokens": prompt_tokens,
                                                           "n_prompts": n_prompts, "new_tokens": new_tokens, "needle_samples": needle_samples})

@@ -534,3 +534,69 @@ def test_a_left_padded_batch_equals_its_rows_run_one_by_one(tiny_llama):
     assert report["kv_bytes_held"] == held == report["kv_bytes_predicted"]
     with pytest.raises(AttnlabError, match="outside the cache's batch of 3"):
         cache.positions(0, 0, row=3)
+
+
+# -- perplexity and per-head recall of decode attention ------------------------------------------
+def test_scored_continuation_full_cache_is_dense_and_recall_is_one(tiny_llama):
+    from attnlab.sparsity_stats.decode_validation import scored_continuation
+
+    ids, ref = prompt(40), prompt(12, seed=2)[0].tolist()
+    got = scored_continuation(tiny_llama, dense_policy(tiny_llama), ids, ref)
+    assert abs(got["nll_compressed"] - got["nll_dense"]) <= 1e-5
+    assert np.allclose(got["decode_recall"], 1.0, atol=1e-6) and len(got["decode_recall"]) == tiny_llama.n_layers * tiny_llama.n_heads
+    # the NLL is the teacher-forced one: recomputed from the plain model's logits over prompt + reference
+    full = torch.cat([ids, torch.tensor([ref[:-1]])], -1)
+    with torch.no_grad():
+        logits = tiny_llama.hf_model(full).logits[0, ids.shape[-1] - 1:].float()
+    want = -torch.log_softmax(logits, -1).gather(-1, torch.tensor(ref)[:, None]).mean()
+    assert abs(got["nll_dense"] - float(want)) <= 1e-4
+
+
+def test_decode_recall_by_hand_for_a_streaming_head(tiny_llama):
+    """Layer 1, KV head 0 keeps 2 sink + 4 recent tokens: each of its query heads' recall is the
+    dense attention mass on exactly those positions, averaged over the decode steps."""
+    from attnlab.attention import layer_variants, scores_to_probs
+    from attnlab.sparsity_stats.decode_validation import _forced, scored_continuation
+
+    sink, recent = 2, 4
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {(1, 0): ("streaming", {"sink": sink, "recent": recent})}))
+    ids, ref = prompt(30), prompt(6, seed=3)[0].tolist()
+    got = np.array(scored_continuation(tiny_llama, policy, ids, ref)["decode_recall"]).reshape(tiny_llama.n_layers, tiny_llama.n_heads)
+    # by hand: dense queries of layer 1 at each decode step, dense keys
+    seen = {}
+    _forced(tiny_llama, ids, None, ref, None, lambda layer, step, q, k, scaling, cache: seen.update(
+        {(layer, step): (q[0, :, 0].float(), k[0].float(), scaling)}))
+    n, group = ids.shape[-1], tiny_llama.group_size
+    want = []
+    for step in range(1, len(ref)):
+        q, k, scaling = seen[1, step]
+        pos = n + step - 1
+        scores = (q.reshape(k.shape[0], group, -1) @ k[:, : pos + 1].transpose(-1, -2)).reshape(-1, 1, pos + 1) * scaling
+        probs = scores_to_probs(scores, torch.tensor([pos]), layer_variants(tiny_llama)[1])[:, 0]
+        kept = [p for p in range(pos + 1) if p < sink or p > pos - recent]  # the streaming head's positions at this step
+        want.append(probs[:group, kept].sum(-1) / probs[:group].sum(-1))
+    np.testing.assert_allclose(got[1, :group], torch.stack(want).mean(0).numpy(), atol=1e-5)
+    assert (got[1, :group] < 1).all() and np.allclose(got[0], 1.0) and np.allclose(got[1, group:], 1.0)
+
+
+def test_validate_decode_reports_perplexity_and_decode_recall(tmp_path, tiny_llama):
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run
+    from attnlab.sparsity_stats.decode_validation import NEW_TOKENS, validate_decode
+
+    assert NEW_TOKENS == 256
+    policy = dense_policy(tiny_llama).with_decode(_decode_heads(tiny_llama, {
+        (la, kv): ("streaming", {"sink": 2, "recent": 6}) for la in range(2) for kv in range(2)}))
+    report = validate_decode(tiny_llama, policy, n_prompts=2, prompt_tokens=48, new_tokens=10, needle_samples=1,
+                             needle_length=160, out=tmp_path / "run", progress=False)
+    s = report.summary
+    rows = Run.open(tmp_path / "run").read(DECODE_SAMPLES)
+    cont = rows[rows["task"] == "continuation"]
+    assert s["ppl_dense"] == pytest.approx(float(np.exp(cont["nll_dense"].mean())))
+    assert s["ppl_compressed"] == pytest.approx(float(np.exp(cont["nll_compressed"].mean())))
+    heads = np.mean([np.asarray(r) for r in cont["decode_recall"]], axis=0)
+    assert s["decode_recall_mean"] == pytest.approx(float(heads.mean())) and 0 < s["decode_recall_mean"] < 1
+    assert s["decode_recall_worst"] == pytest.approx(float(heads.min()))
+    assert np.asarray(s["decode_recall_heads"]).shape == (tiny_llama.n_layers, tiny_llama.n_heads)
+    assert rows.loc[rows["task"] == "needle", "decode_recall"].isna().all()
+    assert "perplexity of the text's own continuation" in report.format()
+    assert Run.open(tmp_path / "run").read(DECODE_SUMMARY)["decode_recall_worst_head"].startswith("L")
