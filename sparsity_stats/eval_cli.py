@@ -69,7 +69,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from attnlab.shards import mark_shard
     from attnlab.tasks import resolve_tasks, task_suite
 
-    from .dynamic import parse_baseline, published_policy
+    from .dynamic import parse_baselines, published_policy
     from .evaluate import evaluate, format_summary, summarize
     from .executors import prepare_triton
     from .kinds import BASELINE_KINDS, get_kind
@@ -81,7 +81,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()
     policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
-    baselines = [parse_baseline(spec) for spec in args.baseline or []]
+    baselines = [run for spec in args.baseline or [] for run in parse_baselines(spec)]
     for kind, params in baselines:  # bad names and parameters before the model loads
         get_kind(kind).validate(params, f"--baseline {kind}")
         if kind not in BASELINE_KINDS:
@@ -164,7 +164,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="append", metavar="METHOD[:K=V,...]",
                    help="a published dynamic method run as its authors do, per input, on every head: xattention "
                         "(tau 0.9, stride 8) or flexprefill (gamma 0.9, delta 0.1); parameters override the "
-                        "defaults, e.g. xattention:tau=0.95 (repeat for several)")
+                        "defaults, e.g. xattention:tau=0.95; KEY=A/B/C runs a sweep, one baseline per value "
+                        "(e.g. xattention:tau=0.8/0.9/0.95), for `--compare` to report each at the density it "
+                        "reaches (repeat for several)")
     p.add_argument("--baseline-block-size", type=positive_int, default=64,
                    help="block size of the --baseline methods (default 64, as both papers)")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
