@@ -160,3 +160,24 @@ def test_cli_compare_refuses_a_run_without_eval_results_and_misplaced_options(tm
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--compare", str(run.path), "--densities", "0,0.3"])
     assert exc.value.code == 2 and "expected a number in (0, 1]" in capsys.readouterr().err
+
+
+def test_the_report_reads_a_tiny_model_eval(tiny_llama, tmp_path):
+    """End to end on real answers: two settings of one method, each picked at its own density."""
+    from attnlab.sparsity_stats.evaluate import evaluate, write_iso_density
+    from attnlab.sparsity_stats.policy import uniform_policy
+    from attnlab.tasks import task_suite
+
+    samples = task_suite(tiny_llama.tokenizer, "niah_noise", [300], 2, seed=3)
+    policies = {f"stream-{w}": uniform_policy(tiny_llama, "streaming", {"sink": 16, "window": w}, block_size=16)
+                for w in (16, 96)}
+    table = evaluate(tiny_llama, samples, policies, executor="flex", progress=False)
+    run = ensure_run(tmp_path / "e", tiny_llama, "eval", {"tasks": ["niah_noise"]})
+    run.write(EVAL_SAMPLES, table)
+    achieved = table.groupby("method").density.mean()
+    assert achieved["stream-16"] + 0.1 < achieved["stream-96"] < 1.0
+    targets = [round(float(achieved["stream-16"]), 2), round(float(achieved["stream-96"]), 2)]
+    report, markdown, paths = write_iso_density(run, targets)
+    picked = report[(report.task == "niah_noise") & (report.method == "stream")].set_index("target").setting
+    assert picked.to_dict() == {targets[0]: "stream-16", targets[1]: "stream-96"}
+    assert paths["html"].is_file() and paths["markdown"].read_text().strip() == markdown.strip()
