@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from .curves import ProfileEstimator
+from .errors import PolicyError
 from .kinds import Candidate
 
 MINFERENCE_GRID = (
@@ -243,15 +244,20 @@ def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int | None 
 
 def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_scores: np.ndarray | None = None,
                         sink: int | None = None, recent: int | None = None, min_sink: int = 4,
-                        budget_kind: str = "density") -> BaselineResult:
+                        budget_kind: str = "density", granularity: str | None = None) -> BaselineResult:
     """Top-ranked KV heads dense, the rest streaming (sink, recent); as many dense as fit.
 
     ``sink`` and ``recent`` fixed, or (None) tuned: every pair of a grid (sinks of at least
     ``min_sink``; recents of 1, 2, 3, 4, 6, ... blocks), each with as many dense KV heads as
-    then fit, the highest expected recall wins. Under a density budget the streaming heads keep
-    whole blocks (``a_shape``, sizes rounded up as `rounded_up` does: the same tiles, more
-    attention); under a KV budget they are token-exact. A fixed ``recent`` that does not fit
-    alone shrinks until it does.
+    then fit, the highest expected recall wins. A fixed ``recent`` that does not fit alone
+    shrinks until it does.
+
+    ``granularity`` (default ``"blocks"`` under a density budget, ``"tokens"`` under a KV one):
+    ``"blocks"``: the streaming heads keep whole blocks (``a_shape``, as DuoAttention's own
+    block-streaming prefill does; sizes rounded up as `rounded_up` does: the same tiles, more
+    attention); ``"tokens"``: token-exact ``streaming`` (what DuoAttention's config holds, for
+    ``export --format duo``) — under a density budget still rounded up to the most the same
+    tiles allow (sink ``k B`` tokens, recent ``(k - 1) B + 1``, at least 2 blocks' reach).
     """
     nl, nh, nkv = est.n_layers, est.n_heads, est.n_kv_heads
     group = nh // nkv
@@ -259,20 +265,38 @@ def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_score
     b = est.block_size
     dense = Candidate.make("dense")
     d_eval = est.evaluate(dense)
+    granularity = granularity or ("blocks" if budget_kind == "density" else "tokens")
+    if granularity not in ("blocks", "tokens") or (granularity == "blocks" and budget_kind != "density"):
+        raise PolicyError(f"granularity {granularity!r}: use 'blocks' (density budgets) or 'tokens'")
     if budget_kind == "density":
         nb = -(-n // b)
         floor = _blocks(max(1, min_sink), b)
         sinks = [_blocks(sink, b)] if sink is not None else sorted({x for x in (floor, 2 * floor) if x < nb} or {floor})
-        recents = [1 + -(-(max(1, recent) - 1) // b)] if recent is not None else [x for x in WINDOW_STEPS if x < nb] or [1]
-        unit, scale = "blocks", b
+        least = 1 if granularity == "blocks" else 2  # a token window of 1 is DuoAttention's recent_size 0
+        recents = [1 + -(-(max(1, recent) - 1) // b)] if recent is not None else [x for x in WINDOW_STEPS if least <= x < nb] or [1]
+        unit = "blocks"
+
+        def sink_tokens(s: int) -> int:
+            return s * b
+
+        def recent_tokens(r: int) -> int:
+            return r * b if granularity == "blocks" else (r - 1) * b + 1
 
         def make(s: int, r: int) -> Candidate:
-            return block_streaming(s, r, b)
+            if granularity == "blocks":
+                return block_streaming(s, r, b)
+            return Candidate.make("streaming", sink=sink_tokens(s), window=recent_tokens(r))
     else:
         floor = max(0, min_sink)
         sinks = [min(sink, n)] if sink is not None else sorted({floor, *(x for x in SINK_TOKENS[1:3] if floor <= x < n // 2)})
         recents = [min(recent, n)] if recent is not None else [x * b for x in WINDOW_STEPS if x * b < n] or [1]
-        unit, scale = "tokens", 1
+        unit = "tokens"
+
+        def sink_tokens(s: int) -> int:
+            return s
+
+        def recent_tokens(r: int) -> int:
+            return r
 
         def make(s: int, r: int) -> Candidate:
             return Candidate.make("streaming", sink=s, window=max(1, r))
@@ -315,15 +339,16 @@ def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_score
     sc = make(s, r)
     choices = [[dense if (lay * nkv + head // group) in dense_groups else sc for head in range(nh)] for lay in range(nl)]
     tuned: dict[str, Any] = {}
+    reach = "blocks" if granularity == "blocks" else "blocks' reach"
     if sink is None or recent is None:
-        tuned = {"sink": [x * scale for x in sinks], "recent": [x * scale for x in recents], "granularity": unit,
+        tuned = {"sink": [sink_tokens(x) for x in sinks], "recent": [recent_tokens(x) for x in recents], "granularity": granularity,
                  "settings": len(tried),
-                 "text": f"sink over {_sizes_text(sinks, unit)} x recent over {_sizes_text(recents, unit)}, "
-                         "each with as many dense KV heads as fit"}
-    sizes = f"sink {s * scale} + recent {r * scale}" + (f" (whole blocks: {s} + {r})" if unit == "blocks" else "")
+                 "text": f"sink over {_sizes_text(sinks, unit)} x recent over "
+                         f"{_sizes_text(recents, unit if unit == 'tokens' else reach)}, each with as many dense KV heads as fit"}
+    sizes = f"sink {sink_tokens(s)} + recent {recent_tokens(r)}" + (f" (whole blocks: {s} + {r})" if granularity == "blocks" and unit == "blocks" else "")
     return _assemble(est, "duo_attention", choices, budget, budget_kind,
                      f"{k} of {nl * nkv} KV heads dense (by {ranked_by}), rest {sizes}",
-                     {"dense_kv_heads": k, "sink": s * scale, "recent": r * scale, "granularity": unit,
+                     {"dense_kv_heads": k, "sink": sink_tokens(s), "recent": recent_tokens(r), "granularity": granularity,
                       "ranked_by": ranked_by, "tuned": tuned})
 
 

@@ -501,6 +501,27 @@ def test_duo_streaming_heads_take_the_whole_blocks_they_cost(curves):
         assert r.mean_recall > float(old.recall.mean())
 
 
+def test_duo_in_tokens_is_exportable_to_duoattention_at_the_same_tiles(curves, tmp_path):
+    from attnlab.sparsity_stats.baselines import duo_attention_style
+
+    est = curves.estimator
+    blocks = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, sink=BLOCK, recent=2 * BLOCK)
+    tokens = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, sink=BLOCK, recent=2 * BLOCK,
+                                 granularity="tokens")
+    stream = {c for row in tokens.choices for c in row if c.kind != "dense"}
+    # recent 32 tokens reaches 3 blocks; the largest token window with those tiles is 2 * 16 + 1
+    assert stream == {Candidate.make("streaming", sink=BLOCK, window=2 * BLOCK + 1)}
+    assert tokens.params["recent"] == 2 * BLOCK + 1 and blocks.params["recent"] == 3 * BLOCK
+    np.testing.assert_array_equal(tokens.density, blocks.density)  # the same tiles
+    assert tokens.mean_recall <= blocks.mean_recall + 1e-5
+    tuned = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, granularity="tokens")
+    assert tuned.within_budget and min(tuned.params["tuned"]["recent"]) == BLOCK + 1  # never a 1-token window
+    written = export_policy(tuned.to_policy(curves, 0.3), tmp_path / "duo", "duo", seq_len=512, force=True)
+    assert written
+    with pytest.raises(PolicyError, match="granularity 'blocks'"):
+        duo_attention_style(est, 0.3, budget_kind="kv", granularity="blocks")
+
+
 @pytest.mark.parametrize("budget", [0.2, 0.3, 0.5])
 def test_tuned_baselines_are_the_best_on_their_grids(curves, budget):
     from attnlab.sparsity_stats.baselines import (
