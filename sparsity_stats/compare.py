@@ -1,7 +1,9 @@
 """The trade-off table and plot: budgeted policy against the usual uniform choices.
 
 `compare_policies` fits a `PolicyGenerator` at each budget and the three baselines
-(`attnlab.sparsity_stats.baselines`) at the same budget, all estimated from the same run. The
+(`attnlab.sparsity_stats.baselines`) at the same budget, all estimated from the same run; each
+baseline takes the whole blocks it costs and has its free parameters tuned on that run (the
+``tuned`` column says over which grid). The
 baselines' own choices are offered to the optimiser as extra candidates, so at equal budget the
 budgeted policy's expected recall is never below a baseline that fits the budget, unless heads
 are protected (retrieval heads kept dense spend budget on what recall does not measure); then a
