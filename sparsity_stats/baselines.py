@@ -148,6 +148,9 @@ def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int | None:
     return lo
 
 
+_HUGE = 1 << 40  # a length no fixed size is capped at
+
+
 def _blocks(tokens: int, block_size: int) -> int:
     return max(1, -(-int(tokens) // block_size))
 
@@ -171,14 +174,14 @@ def rounded_up(c: Candidate, block_size: int) -> Candidate:
     b = int(block_size)
     p = c.param_dict
     if c.kind == "streaming" and p["sink"].beta == 0 and p["window"].beta == 0:
-        s, w = int(p["sink"].resolve(10**9)), max(1, int(p["window"].resolve(10**9)))
+        s, w = p["sink"].resolve(_HUGE), max(1, p["window"].resolve(_HUGE))
         sb = -(-s // b)
         return Candidate.make("a_shape", sink=sb * b, window=(1 + -(-(w - 1) // b)) * b)
     if c.kind == "vertical_slash" and p["vertical"].beta == 0 and p["slash"].beta == 0:
-        return Candidate.make("vertical_slash", vertical=_blocks(p["vertical"].alpha, b) * b,
-                              slash=_blocks(p["slash"].alpha, b) * b, estimate=p["estimate"])
+        return Candidate.make("vertical_slash", vertical=max(1, p["vertical"].blocks(_HUGE, b)) * b,
+                              slash=max(1, p["slash"].blocks(_HUGE, b)) * b, estimate=p["estimate"])
     if c.kind == "block_topk" and "topk" in p and p["topk"].beta == 0:
-        return Candidate.make("block_topk", topk=max(2, _blocks(p["topk"].alpha, b)) * b, estimate=p["estimate"])
+        return Candidate.make("block_topk", topk=max(2, p["topk"].blocks(_HUGE, b)) * b, estimate=p["estimate"])
     return c
 
 
