@@ -139,6 +139,10 @@ EVAL_SAMPLES = _declare("eval_samples", "eval_samples.parquet", "parquet", "task
                         "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("sample", "task", "length", "method", "score", "correct", "density"))
 EVAL_SUMMARY = _declare("eval_summary", "eval_summary.csv", "csv", "task-suite scores per task, length and method: 95% intervals, density, paired outcomes vs dense",
                         "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("task", "length", "method", "n", "score", "ci_low", "ci_high", "density"))
+ISO_DENSITY = _declare("iso_density", "iso_density.csv", "csv",
+                       "every eval method at the same achieved densities per task and length, with 95% intervals "
+                       "(the markdown table and the HTML plot beside it as .md and .html)",
+                       "attnlab eval --compare {run}", ("task", "length", "target", "method", "setting", "density", "score", "ci_low", "ci_high"))
 CIRCUIT = _declare("circuit", "circuit.json", "json", "a head-level circuit: nodes, edges, faithfulness curve",
                    "attnlab circuit --task ioi --model MODEL --out {run}")
 

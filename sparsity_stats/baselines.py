@@ -1,15 +1,25 @@
 """The usual uniform choices, at a given budget, for comparison with the budgeted policy.
 
+Every baseline gets its best shot: at equal cost it takes the most attention its rule allows,
+and its free parameters are tuned on the same profile the budgeted policy sees (the setting
+with the highest expected recall within the budget wins; ``BaselineResult.params["tuned"]``
+and the ``detail`` say what was tuned over which grid).
+
 - **uniform streaming** (StreamingLLM): the same sink and window for every head; the window is
-  the largest that fits the budget.
+  the largest that fits the budget, the sink (sink vs window split) tuned over a small grid.
 - **DuoAttention-style**: whole KV heads either dense ("retrieval heads") or streaming with one
   sink/recent size; heads are ranked by their retrieval score (the run's detections) or, when
   the run has none, by how much attention streaming would lose (the signal DuoAttention's gates
-  learn); the most that fit the budget go dense.
+  learn); the most that fit the budget go dense. The streaming size is tuned over a grid.
 - **MInference-style**: MInference's fixed grid (stream_llm (100, 800); vertical_and_slash (30,
   800), (100, 750), (500, 700), (3500, 100); block_sparse with 100 blocks of 64), each head
   taking its best by recall, with no global budget. Its sizes are made for 128k-token prompts,
-  so the grid is scaled by one factor, the largest whose density fits the budget.
+  so the grid is scaled by one factor, tuned: the fitting scale with the best recall.
+
+Under a density budget (cost = tiles a block-sparse kernel computes) sizes are rounded up to
+the whole blocks they occupy (`rounded_up`): a token-exact sink 64 + recent 1 at 64-token
+blocks computes the first block and the diagonal block, so it keeps both whole (``a_shape``).
+Under a KV budget (cost = cached tokens) streaming stays token-exact.
 
 - **SnapKV-style** (`snapkv_uniform`, decode only): dense prefill, every KV head keeps the same
   share of the prompt in its cache, chosen by the observation window's attention.
@@ -29,12 +39,14 @@ budgeted policy (`ProfileEstimator`), so the comparison is like for like.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .curves import ProfileEstimator
+from .errors import PolicyError
 from .kinds import Candidate
 
 MINFERENCE_GRID = (
@@ -45,11 +57,20 @@ MINFERENCE_GRID = (
     ("vertical_slash", 3500, 100),
     ("block_topk", 100 * 64, 0),
 )
+#: Window (recent) sizes the streaming baselines try, in blocks.
+WINDOW_STEPS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+#: Sink sizes the token-exact (KV budget) streaming baselines try, in tokens (at least ``min_sink``).
+SINK_TOKENS = (4, 16, 64, 256)
+#: MInference's scale factors tried before the bisection at the edge of the budget.
+MINFERENCE_SCALES = 40
+_BISECTIONS = 8
 
 
 @dataclass
 class BaselineResult:
-    """A baseline's choice per head and its expected recall, density and KV share ``[L, H]``."""
+    """A baseline's choice per head and its expected recall, density and KV share ``[L, H]``.
+
+    ``params["tuned"]`` says what was tuned and over which grid (``detail`` says it in words)."""
 
     name: str
     choices: list[list[Candidate]]
@@ -72,6 +93,11 @@ class BaselineResult:
     def mean_kv(self) -> float:
         return float(self.kv.mean())
 
+    @property
+    def tuned(self) -> str:
+        """What was tuned, over which grid, in words ("" when nothing was)."""
+        return str(self.params.get("tuned", {}).get("text", ""))
+
     def to_policy(self, curves, budget: float, budget_kind: str = "density"):
         """This baseline as a `Policy` (estimates from ``curves``, extended with its candidates);
         ``policy.budget["method"]`` names the baseline."""
@@ -79,7 +105,8 @@ class BaselineResult:
 
         choices = {(la, h): c for la, row in enumerate(self.choices) for h, c in enumerate(row)}
         expected = self.mean_density if budget_kind == "density" else self.mean_kv
-        policy = policy_from_choices(curves.extend(self.candidates()), choices, reason=f"{self.name} baseline ({self.detail})",
+        policy = policy_from_choices(curves.extend(self.candidates()), choices, reason=f"{self.name} baseline ({self.detail}"
+                                     + (f"; tuned: {self.tuned})" if self.tuned else ")"),
                                      budget={"kind": budget_kind, "value": budget, "method": self.name, "expected": expected})
         return policy.with_decode(decode_from_prefill(policy)) if budget_kind == "kv" else policy
 
@@ -108,86 +135,248 @@ def _cost(e, budget_kind: str) -> float:
     return float(e.density.mean() if budget_kind == "density" else e.kv.mean())
 
 
-def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int = 4, budget_kind: str = "density") -> BaselineResult:
-    """Same sink and window for all heads: the largest window within ``budget``."""
-    n = max(est.eval_lengths)
+def _fits(est: ProfileEstimator, c: Candidate, budget: float, budget_kind: str) -> bool:
+    return _cost(est.evaluate(c), budget_kind) <= budget + 1e-12
 
-    def cand(w: int) -> Candidate:
-        return Candidate.make("streaming", sink=sink, window=w)
 
-    lo, hi = 1, n
-    if _cost(est.evaluate(cand(1)), budget_kind) > budget:
-        hi = 1
-    while lo < hi:  # largest w with cost <= budget (cost is non-decreasing in w)
+def _largest(fits: Callable[[int], bool], lo: int, hi: int) -> int | None:
+    """The largest ``x`` in ``[lo, hi]`` with ``fits(x)`` (``fits`` monotone: true, then false);
+    None when not even ``lo`` fits."""
+    if hi < lo or not fits(lo):
+        return None
+    while lo < hi:
         mid = (lo + hi + 1) // 2
-        if _cost(est.evaluate(cand(mid)), budget_kind) <= budget:
+        if fits(mid):
             lo = mid
         else:
             hi = mid - 1
-    c = cand(lo)
+    return lo
+
+
+_HUGE = 1 << 40  # a length no fixed size is capped at
+
+
+def _blocks(tokens: int, block_size: int) -> int:
+    return max(1, -(-int(tokens) // block_size))
+
+
+def block_streaming(sink_blocks: int, window_blocks: int, block_size: int) -> Candidate:
+    """Sink and recent on whole blocks (MInference's A-shape): what a block-sparse kernel that
+    computes a sink + recent rule's tiles can keep of them."""
+    return Candidate.make("a_shape", sink=sink_blocks * block_size, window=window_blocks * block_size)
+
+
+def rounded_up(c: Candidate, block_size: int) -> Candidate:
+    """``c`` with its sizes rounded up to the whole blocks it already computes: the same tiles
+    (the same density at every length), at least the same attention.
+
+    - ``streaming(s, w)`` (token-exact) → ``a_shape`` with ``ceil(s / B)`` sink blocks and the
+      ``1 + ceil((w - 1) / B)`` blocks the first query of a block reaches back to: e.g. sink 64 +
+      recent 1 at 64-token blocks → the first block + the whole diagonal block;
+    - ``vertical_slash`` and ``block_topk(topk)`` → their sizes as the whole blocks they keep;
+    - other kinds unchanged.
+    """
+    b = int(block_size)
+    p = c.param_dict
+    if c.kind == "streaming" and p["sink"].beta == 0 and p["window"].beta == 0:
+        s, w = p["sink"].resolve(_HUGE), max(1, p["window"].resolve(_HUGE))
+        sb = -(-s // b)
+        return Candidate.make("a_shape", sink=sb * b, window=(1 + -(-(w - 1) // b)) * b)
+    if c.kind == "vertical_slash" and p["vertical"].beta == 0 and p["slash"].beta == 0:
+        return Candidate.make("vertical_slash", vertical=max(1, p["vertical"].blocks(_HUGE, b)) * b,
+                              slash=max(1, p["slash"].blocks(_HUGE, b)) * b, estimate=p["estimate"])
+    if c.kind == "block_topk" and "topk" in p and p["topk"].beta == 0:
+        return Candidate.make("block_topk", topk=max(2, p["topk"].blocks(_HUGE, b)) * b, estimate=p["estimate"])
+    return c
+
+
+def _sizes_text(values: Sequence[int], unit: str) -> str:
+    vals = list(values)
+    return f"{vals[0]} {unit}" if len(vals) == 1 else f"{{{', '.join(map(str, vals))}}} {unit}"
+
+
+def _best(results: list[tuple[float, Any]]) -> Any:
+    """The item of highest mean recall; ties go to the first tried (the smaller setting)."""
+    best = results[0]
+    for r in results[1:]:
+        if r[0] > best[0] + 1e-12:
+            best = r
+    return best[1]
+
+
+def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int | None = None, min_sink: int = 4,
+                      budget_kind: str = "density") -> BaselineResult:
+    """Same sink and window for all heads (StreamingLLM); the window is the largest within
+    ``budget``; the sink is ``sink`` or, when None, tuned: each sink of a small grid (at least
+    ``min_sink``) with its largest fitting window, the highest expected recall wins.
+
+    Under a density budget the sizes are whole blocks (``a_shape``): a block-sparse kernel
+    computes whole tiles, and a token-exact window touches the same tiles as the blocks
+    `rounded_up` gives. Under a KV budget (cost in tokens) they are token-exact (``streaming``).
+    """
+    n = max(est.eval_lengths)
+    b = est.block_size
+    if budget_kind == "density":
+        nb = -(-n // b)
+        floor = _blocks(max(1, min_sink), b)
+        sinks = [_blocks(sink, b)] if sink is not None else sorted({x for x in (floor, 2 * floor, 4 * floor) if x < nb} or {floor})
+        unit, scale, wmax = "blocks", b, nb
+
+        def make(s: int, w: int) -> Candidate:
+            return block_streaming(s, w, b)
+    else:
+        floor = max(0, min_sink)
+        sinks = [sink] if sink is not None else sorted({floor, *(x for x in SINK_TOKENS if floor <= x < n // 2)})
+        unit, scale, wmax = "tokens", 1, n
+
+        def make(s: int, w: int) -> Candidate:
+            return Candidate.make("streaming", sink=s, window=w)
+
+    tried = []
+    for s in sinks:
+        w = _largest(lambda w, s=s: _fits(est, make(s, w), budget, budget_kind), 1, wmax)
+        if w is not None:
+            tried.append((float(est.evaluate(make(s, w)).recall.mean()), (s, w)))
+    s, w = _best(tried) if tried else (sinks[0], 1)
+    c = make(s, w)
     choices = [[c] * est.n_heads for _ in range(est.n_layers)]
-    return _assemble(est, "uniform_streaming", choices, budget, budget_kind, f"sink {sink}, window {lo}", {"sink": sink, "window": lo})
+    tuned: dict[str, Any] = {}
+    if sink is None:
+        tuned = {"sink": [x * scale for x in sinks], "window": "largest within the budget", "granularity": unit,
+                 "settings": len(tried),
+                 "text": f"sink over {_sizes_text(sinks, unit)}, each with its largest window within the budget"}
+    detail = f"sink {s * scale}, window {w * scale}" + (f" (whole blocks: {s} + {w})" if unit == "blocks" else "")
+    return _assemble(est, "uniform_streaming", choices, budget, budget_kind, detail,
+                     {"sink": s * scale, "window": w * scale, "granularity": unit, "tuned": tuned})
 
 
 def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_scores: np.ndarray | None = None,
-                        sink: int = 64, recent: int = 256, budget_kind: str = "density") -> BaselineResult:
-    """Top-ranked KV heads dense, the rest streaming (sink, recent); as many dense as fit."""
+                        sink: int | None = None, recent: int | None = None, min_sink: int = 4,
+                        budget_kind: str = "density", granularity: str | None = None) -> BaselineResult:
+    """Top-ranked KV heads dense, the rest streaming (sink, recent); as many dense as fit.
+
+    ``sink`` and ``recent`` fixed, or (None) tuned: every pair of a grid (sinks of at least
+    ``min_sink``; recents of 1, 2, 3, 4, 6, ... blocks), each with as many dense KV heads as
+    then fit, the highest expected recall wins. A fixed ``recent`` that does not fit alone
+    shrinks until it does.
+
+    ``granularity`` (default ``"blocks"`` under a density budget, ``"tokens"`` under a KV one):
+    ``"blocks"``: the streaming heads keep whole blocks (``a_shape``, as DuoAttention's own
+    block-streaming prefill does; sizes rounded up as `rounded_up` does: the same tiles, more
+    attention); ``"tokens"``: token-exact ``streaming`` (what DuoAttention's config holds, for
+    ``export --format duo``) — under a density budget still rounded up to the most the same
+    tiles allow (sink ``k B`` tokens, recent ``(k - 1) B + 1``, at least 2 blocks' reach).
+    """
     nl, nh, nkv = est.n_layers, est.n_heads, est.n_kv_heads
     group = nh // nkv
     n = max(est.eval_lengths)
+    b = est.block_size
     dense = Candidate.make("dense")
+    d_eval = est.evaluate(dense)
+    granularity = granularity or ("blocks" if budget_kind == "density" else "tokens")
+    if granularity not in ("blocks", "tokens") or (granularity == "blocks" and budget_kind != "density"):
+        raise PolicyError(f"granularity {granularity!r}: use 'blocks' (density budgets) or 'tokens'")
+    if budget_kind == "density":
+        nb = -(-n // b)
+        floor = _blocks(max(1, min_sink), b)
+        sinks = [_blocks(sink, b)] if sink is not None else sorted({x for x in (floor, 2 * floor) if x < nb} or {floor})
+        least = 1 if granularity == "blocks" else 2  # a token window of 1 is DuoAttention's recent_size 0
+        recents = [1 + -(-(max(1, recent) - 1) // b)] if recent is not None else [x for x in WINDOW_STEPS if least <= x < nb] or [1]
+        unit = "blocks"
 
-    def stream(r: int) -> Candidate:
-        return Candidate.make("streaming", sink=min(sink, n), window=max(1, r))
+        def sink_tokens(s: int) -> int:
+            return s * b
 
-    r = min(recent, n)
-    if _cost(est.evaluate(stream(r)), budget_kind) > budget:  # shrink the recent window to fit
-        lo, hi = 1, r
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if _cost(est.evaluate(stream(mid)), budget_kind) <= budget:
-                lo = mid
-            else:
-                hi = mid - 1
-        r = lo
-    s_eval = est.evaluate(stream(r))
-    if retrieval_scores is not None:
-        score = retrieval_scores.reshape(nl, nkv, group).max(-1)
-        ranked_by = "retrieval score"
+        def recent_tokens(r: int) -> int:
+            return r * b if granularity == "blocks" else (r - 1) * b + 1
+
+        def make(s: int, r: int) -> Candidate:
+            if granularity == "blocks":
+                return block_streaming(s, r, b)
+            return Candidate.make("streaming", sink=sink_tokens(s), window=recent_tokens(r))
     else:
-        score = (1 - s_eval.recall).reshape(nl, nkv, group).sum(-1)
-        ranked_by = "attention lost to streaming"
-    order = np.argsort(-score.reshape(-1), kind="stable")
-    s_cost = s_eval.density if budget_kind == "density" else s_eval.kv
-    base = float(s_cost.mean())
-    # each dense KV group adds (1 - its heads' streaming cost) * group / heads to the mean
-    k = 0
-    used = base
-    for g in order:
-        lay, kv = divmod(int(g), nkv)
-        heads = slice(kv * group, (kv + 1) * group)
-        add = float((1.0 - s_cost[lay, heads]).sum()) / (nl * nh)
-        if used + add > budget + 1e-12:
-            break
-        used += add
-        k += 1
-    dense_groups = {int(g) for g in order[:k]}
-    sc = stream(r)
+        floor = max(0, min_sink)
+        sinks = [min(sink, n)] if sink is not None else sorted({floor, *(x for x in SINK_TOKENS[1:3] if floor <= x < n // 2)})
+        recents = [min(recent, n)] if recent is not None else [x * b for x in WINDOW_STEPS if x * b < n] or [1]
+        unit = "tokens"
+
+        def sink_tokens(s: int) -> int:
+            return s
+
+        def recent_tokens(r: int) -> int:
+            return r
+
+        def make(s: int, r: int) -> Candidate:
+            return Candidate.make("streaming", sink=s, window=max(1, r))
+
+    def fits(c: Candidate) -> bool:
+        return _fits(est, c, budget, budget_kind)
+
+    if recent is not None:  # a fixed recent that does not fit alone shrinks until it does
+        recents = [_largest(lambda r: fits(make(sinks[0], r)), 1, recents[0]) or 1] if not fits(make(sinks[0], recents[0])) else recents
+
+    def with_dense(s: int, r: int) -> tuple[float, tuple]:
+        s_eval = est.evaluate(make(s, r))
+        if retrieval_scores is not None:
+            score = retrieval_scores.reshape(nl, nkv, group).max(-1)
+        else:
+            score = (1 - s_eval.recall).reshape(nl, nkv, group).sum(-1)
+        order = np.argsort(-score.reshape(-1), kind="stable")
+        s_cost = s_eval.density if budget_kind == "density" else s_eval.kv
+        used = float(s_cost.mean())
+        # each dense KV group adds (1 - its heads' streaming cost) * group / heads to the mean
+        k = 0
+        for g in order:
+            lay, kv = divmod(int(g), nkv)
+            heads = slice(kv * group, (kv + 1) * group)
+            add = float((1.0 - s_cost[lay, heads]).sum()) / (nl * nh)
+            if used + add > budget + 1e-12:
+                break
+            used += add
+            k += 1
+        groups = {int(g) for g in order[:k]}
+        is_dense = np.array([[(lay * nkv + h // group) in groups for h in range(nh)] for lay in range(nl)])
+        recall = float(np.where(is_dense, d_eval.recall, s_eval.recall).mean())
+        return recall, (s, r, k, groups)
+
+    tried = [with_dense(s, r) for s in sinks for r in recents if fits(make(s, r))]
+    if not tried:
+        tried = [with_dense(sinks[0], 1)]
+    s, r, k, dense_groups = _best(tried)
+    ranked_by = "retrieval score" if retrieval_scores is not None else "attention lost to streaming"
+    sc = make(s, r)
     choices = [[dense if (lay * nkv + head // group) in dense_groups else sc for head in range(nh)] for lay in range(nl)]
+    tuned: dict[str, Any] = {}
+    reach = "blocks" if granularity == "blocks" else "blocks' reach"
+    if sink is None or recent is None:
+        tuned = {"sink": [sink_tokens(x) for x in sinks], "recent": [recent_tokens(x) for x in recents], "granularity": granularity,
+                 "settings": len(tried),
+                 "text": f"sink over {_sizes_text(sinks, unit)} x recent over "
+                         f"{_sizes_text(recents, unit if unit == 'tokens' else reach)}, each with as many dense KV heads as fit"}
+    sizes = f"sink {sink_tokens(s)} + recent {recent_tokens(r)}" + (f" (whole blocks: {s} + {r})" if granularity == "blocks" and unit == "blocks" else "")
     return _assemble(est, "duo_attention", choices, budget, budget_kind,
-                     f"{k} of {nl * nkv} KV heads dense (by {ranked_by}), rest sink {min(sink, n)} + recent {r}",
-                     {"dense_kv_heads": k, "sink": min(sink, n), "recent": r, "ranked_by": ranked_by})
+                     f"{k} of {nl * nkv} KV heads dense (by {ranked_by}), rest {sizes}",
+                     {"dense_kv_heads": k, "sink": sink_tokens(s), "recent": recent_tokens(r), "granularity": granularity,
+                      "ranked_by": ranked_by, "tuned": tuned})
 
 
-def _minference_choice(est: ProfileEstimator, scale: float) -> tuple[list[list[Candidate]], np.ndarray, np.ndarray]:
+def minference_candidates(scale: float, block_size: int | None = None) -> list[Candidate]:
+    """MInference's grid scaled by ``scale``; with ``block_size``, sizes rounded up to the whole
+    blocks they compute (`rounded_up`: the streaming entry becomes MInference's own A-shape)."""
     cands = []
     for kind, a, b in MINFERENCE_GRID:
         if kind == "streaming":
-            cands.append(Candidate.make("streaming", sink=max(1, round(a * scale)), window=max(1, round(b * scale))))
+            c = Candidate.make("streaming", sink=max(1, round(a * scale)), window=max(1, round(b * scale)))
         elif kind == "vertical_slash":
-            cands.append(Candidate.make("vertical_slash", vertical=max(1, round(a * scale)), slash=max(1, round(b * scale))))
+            c = Candidate.make("vertical_slash", vertical=max(1, round(a * scale)), slash=max(1, round(b * scale)))
         else:
-            cands.append(Candidate.make("block_topk", topk=max(1, round(a * scale))))
+            c = Candidate.make("block_topk", topk=max(1, round(a * scale)))
+        cands.append(c if block_size is None else rounded_up(c, block_size))
+    return cands
+
+
+def _minference_choice(est: ProfileEstimator, scale: float, blocks: bool = True) -> tuple[list[list[Candidate]], np.ndarray, np.ndarray]:
+    cands = minference_candidates(scale, est.block_size if blocks else None)
     evals = [est.evaluate(c) for c in cands]
     rec = np.stack([e.recall for e in evals], -1)
     den = np.stack([e.density for e in evals], -1)
@@ -199,32 +388,39 @@ def _minference_choice(est: ProfileEstimator, scale: float) -> tuple[list[list[C
 
 
 def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str = "density") -> BaselineResult:
-    """Each head's best of MInference's grid (no global budget), grid scaled to fit ``budget``."""
+    """Each head's best of MInference's grid (no global budget), the grid scaled by one factor:
+    tuned over `MINFERENCE_SCALES` geometric steps and a bisection at the budget's edge, the
+    fitting scale with the highest expected recall wins. Sizes are the whole blocks they
+    compute (`minference_candidates` with the block size)."""
     n = max(est.eval_lengths)
-    scales = np.geomspace(1.0 / 3500, max(1.0, n / 100), 40)
-    fits = []
-    for s in scales:
-        choices, _, den = _minference_choice(est, float(s))
-        cost = den.mean() if budget_kind == "density" else 1.0
-        fits.append(cost <= budget + 1e-12)
+    scales = [float(s) for s in np.geomspace(1.0 / 3500, max(1.0, n / 100), MINFERENCE_SCALES)]
+    tried: dict[float, tuple[float, bool]] = {}
+
+    def trial(s: float) -> bool:
+        _, rec, den = _minference_choice(est, s)
+        ok = (den.mean() if budget_kind == "density" else 1.0) <= budget + 1e-12
+        tried[s] = (float(rec.mean()), bool(ok))
+        return ok
+
+    fits = [trial(s) for s in scales]
     ok = [i for i, f in enumerate(fits) if f]
-    if not ok:
-        scale = float(scales[0])
-    else:
-        i = max(ok)
-        scale = float(scales[i])
-        if i + 1 < len(scales):  # refine between the last fitting and the first failing scale
-            lo, hi = float(scales[i]), float(scales[i + 1])
-            for _ in range(8):
-                mid = (lo * hi) ** 0.5
-                _, _, den = _minference_choice(est, mid)
-                if den.mean() <= budget + 1e-12:
-                    lo = mid
-                else:
-                    hi = mid
-            scale = lo
+    if ok and max(ok) + 1 < len(scales):  # refine between the last fitting and the first failing scale
+        lo, hi = scales[max(ok)], scales[max(ok) + 1]
+        for _ in range(_BISECTIONS):
+            mid = (lo * hi) ** 0.5
+            if trial(mid):
+                lo = mid
+            else:
+                hi = mid
+    fitting = sorted((s, r) for s, (r, f) in tried.items() if f)
+    scale = _best([(r, s) for s, r in fitting]) if fitting else scales[0]
     choices, _, _ = _minference_choice(est, scale)
-    return _assemble(est, "minference", choices, budget, budget_kind, f"grid scaled by {scale:.3g}", {"scale": scale})
+    tuned = {"scale": {"geometric": [scales[0], scales[-1], MINFERENCE_SCALES], "bisections": _BISECTIONS},
+             "settings": len(tried), "fitting": len(fitting),
+             "text": (f"grid scale over {MINFERENCE_SCALES} geometric steps in [{scales[0]:.3g}, {scales[-1]:.3g}] "
+                      f"+ {_BISECTIONS} bisections ({len(fitting)} of {len(tried)} fit), the best recall")}
+    return _assemble(est, "minference", choices, budget, budget_kind, f"grid scaled by {scale:.3g}, whole blocks",
+                     {"scale": scale, "tuned": tuned})
 
 
 def snapkv_uniform(curves, budget: float, *, window: int = 32, kernel: int = 7, sink: int = 4):

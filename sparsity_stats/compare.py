@@ -1,7 +1,9 @@
 """The trade-off table and plot: budgeted policy against the usual uniform choices.
 
 `compare_policies` fits a `PolicyGenerator` at each budget and the three baselines
-(`attnlab.sparsity_stats.baselines`) at the same budget, all estimated from the same run. The
+(`attnlab.sparsity_stats.baselines`) at the same budget, all estimated from the same run; each
+baseline takes the whole blocks it costs and has its free parameters tuned on that run (the
+``tuned`` column says over which grid). The
 baselines' own choices are offered to the optimiser as extra candidates, so at equal budget the
 budgeted policy's expected recall is never below a baseline that fits the budget, unless heads
 are protected (retrieval heads kept dense spend budget on what recall does not measure); then a
@@ -27,7 +29,7 @@ from .generator import PolicyGenerator, check_block_granularity, check_budget
 
 METHODS = ("budgeted", "budgeted_unprotected", "uniform_streaming", "duo_attention", "minference")
 COLUMNS = ("budget", "method", "density", "kv_share", "expected_recall", "min_head_recall", "dense_heads",
-           "within_budget", "optimality_gap", "detail")
+           "within_budget", "optimality_gap", "detail", "tuned")
 
 
 def _row(budget: float, r: BaselineResult) -> dict[str, Any]:
@@ -35,7 +37,7 @@ def _row(budget: float, r: BaselineResult) -> dict[str, Any]:
     return {
         "budget": budget, "method": r.name, "density": r.mean_density, "kv_share": r.mean_kv,
         "expected_recall": r.mean_recall, "min_head_recall": float(r.recall.min()), "dense_heads": dense,
-        "within_budget": r.within_budget, "optimality_gap": float("nan"), "detail": r.detail,
+        "within_budget": r.within_budget, "optimality_gap": float("nan"), "detail": r.detail, "tuned": r.tuned,
     }
 
 
@@ -49,6 +51,7 @@ def _gen_row(budget: float, gen: PolicyGenerator, method: str) -> dict[str, Any]
         "kv_share": float(gen.expected_kv_.mean()), "expected_recall": float(gen.expected_recall_.mean()),
         "min_head_recall": float(gen.expected_recall_.min()), "dense_heads": int(kinds.get("dense", 0)),
         "within_budget": True, "optimality_gap": gen.optimality_gap_ / gen.choice_.size, "detail": detail,
+        "tuned": "",
     }
 
 
@@ -62,7 +65,8 @@ def compare_policies(
     **generator_kwargs: Any,
 ) -> pd.DataFrame:
     """One row per (budget, method): mean density, KV share, expected recall (mean and worst
-    head), dense heads, whether the budget holds, the optimiser's gap, and what was chosen.
+    head), dense heads, whether the budget holds, the optimiser's gap, what was chosen, and
+    (baselines) what was tuned over which grid on the same profile (``tuned``).
 
     ``generator_kwargs`` go to `PolicyGenerator` (constraints, kinds, block size, ...).
     ``policies_out``: a folder to save every compared policy into as ``{method}-{budget}.json``
@@ -94,8 +98,8 @@ def compare_policies(
     min_sink = int(generator_kwargs.get("min_sink", 4))
     for b in it:
         base = [
-            uniform_streaming(est, b, sink=max(4, min_sink), budget_kind=budget_kind),
-            duo_attention_style(est, b, retrieval_scores=curves.retrieval_scores, sink=max(min_sink, min(64, est.block_size)),
+            uniform_streaming(est, b, min_sink=max(4, min_sink), budget_kind=budget_kind),
+            duo_attention_style(est, b, retrieval_scores=curves.retrieval_scores, min_sink=max(4, min_sink),
                                 budget_kind=budget_kind),
         ]
         if budget_kind == "density":
@@ -112,7 +116,8 @@ def compare_policies(
             gen = None
             rows.append({"budget": b, "method": "budgeted", "density": float("nan"), "kv_share": float("nan"),
                          "expected_recall": float("nan"), "min_head_recall": float("nan"), "dense_heads": 0,
-                         "within_budget": False, "optimality_gap": float("nan"), "detail": f"infeasible: {exc}"})
+                         "within_budget": False, "optimality_gap": float("nan"), "detail": f"infeasible: {exc}",
+                         "tuned": ""})
         protecting = kwargs.get("protect_retrieval", "dense") != "none" or kwargs.get("protected_heads")
         if protecting and (gen is None or gen.protected_):
             # the same optimiser without protected heads: what protection costs in recall
@@ -129,13 +134,24 @@ def compare_policies(
 
 
 def format_table(table: pd.DataFrame) -> str:
-    """The comparison as fixed-width text (what ``attnlab policy compare`` prints)."""
-    show = table.copy()
+    """The comparison as fixed-width text (what ``attnlab policy compare`` prints), then one
+    line per baseline and grid saying what was tuned on the profile."""
+    show = table.drop(columns=["tuned"], errors="ignore").copy()
     for col in ("density", "kv_share", "expected_recall", "min_head_recall"):
         show[col] = show[col].map(lambda v: f"{v:.4f}")
     show["optimality_gap"] = show["optimality_gap"].map(lambda v: "" if pd.isna(v) else f"{v:.1e}")
     show["within_budget"] = show["within_budget"].map(lambda v: "yes" if v else "NO")
-    return show.to_string(index=False)
+    text = show.to_string(index=False)
+    if "tuned" in table:
+        notes: dict[tuple[str, str], list[str]] = {}
+        for r in table.itertuples():
+            if isinstance(r.tuned, str) and r.tuned:
+                notes.setdefault((str(r.method), r.tuned), []).append(f"{r.budget:g}")
+        if notes:
+            text += "\nbaselines tuned on the same profile (highest expected recall within the budget):"
+            for (method, tuned), budgets in notes.items():
+                text += f"\n  {method} (budget {', '.join(budgets)}): {tuned}"
+    return text
 
 
 def tradeoff_figure(table: pd.DataFrame, title: str = "Expected recall vs density"):

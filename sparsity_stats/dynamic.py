@@ -119,17 +119,33 @@ def published_policy(model, kind: str, *, block_size: int = 64, **params: float)
 
 def parse_baseline(spec: str) -> tuple[str, dict[str, float]]:
     """``"flexprefill"`` or ``"xattention:tau=0.95,stride=16"`` → ``(kind, params)``."""
+    runs = parse_baselines(spec)
+    if len(runs) != 1:
+        from .policy import PolicyError
+
+        raise PolicyError(f"baseline {spec!r} is a sweep of {len(runs)} settings: give one value per parameter")
+    return runs[0]
+
+
+def parse_baselines(spec: str) -> list[tuple[str, dict[str, float]]]:
+    """A baseline or a sweep of one: ``"xattention:tau=0.8/0.9/0.95,stride=8"`` → one
+    ``(kind, params)`` per combination of the ``/``-separated values, in order (a dynamic
+    method's density is only known per input: run several settings and let ``eval --compare``
+    report each at the density it reaches)."""
+    import itertools
+
     from .policy import PolicyError
 
     kind, _, rest = spec.partition(":")
-    params: dict[str, float] = {}
+    grid: dict[str, list[float]] = {}
     for item in filter(None, rest.split(",")):
         key, eq, value = item.partition("=")
         try:
             if not eq:
                 raise ValueError
-            params[key.strip()] = float(value)
+            grid[key.strip()] = [float(v) for v in value.split("/")]
         except ValueError:
-            raise PolicyError(f"baseline {spec!r}: parameters are KEY=NUMBER, comma-separated "
+            raise PolicyError(f"baseline {spec!r}: parameters are KEY=NUMBER (or KEY=A/B/C for a sweep), comma-separated "
                               "(e.g. xattention:tau=0.95,stride=16)") from None
-    return kind.strip(), params
+    keys = list(grid)
+    return [(kind.strip(), dict(zip(keys, values, strict=True))) for values in itertools.product(*(grid[k] for k in keys))]

@@ -1,4 +1,5 @@
-"""``attnlab eval``: the offline task suite, dense and under one or more policies, paired."""
+"""``attnlab eval``: the offline task suite, dense and under one or more policies, paired;
+``attnlab eval --compare RUN``: the iso-density report of such a run."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ from pathlib import Path
 from attnlab.cliargs import (
     add_model_arguments,
     add_quiet_argument,
+    fraction,
     int_list,
     load_model_from_args,
     nonneg_int,
     positive_int,
+    unit_float_list,
 )
 from attnlab.errors import AttnlabError
 from attnlab.shards import add_ray_arguments, add_shard_argument
@@ -32,12 +35,41 @@ def _policy_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
+#: Options that only running the suite uses: refused with --compare, never ignored.
+_RUN_ONLY = ("policy", "baseline", "shard", "ray")
+#: Options that only --compare uses.
+_COMPARE_ONLY = ("densities", "tolerance", "floor")
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    """``attnlab eval --compare RUN``: the iso-density report, written into RUN."""
+    from .evaluate import HEADLINE_FLOOR, ISO_DENSITIES, ISO_TOLERANCE, write_iso_density
+
+    for name in _RUN_ONLY:
+        if getattr(args, name, None) is not None:
+            raise AttnlabError(f"--{name} does not apply to eval --compare, which reads the results already in "
+                               f"{args.compare}: drop --{name}, or run the suite with --out")
+    densities = args.densities or list(ISO_DENSITIES)
+    tolerance = ISO_TOLERANCE if args.tolerance is None else args.tolerance
+    floor = HEADLINE_FLOOR if args.floor is None else args.floor
+    _, markdown, paths = write_iso_density(args.compare, densities, tolerance=tolerance, floor=floor)
+    print(markdown)
+    print(f"wrote {paths['csv']}, {paths['markdown']} and {paths['html']}")
+    return 0
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.compare is not None:
+        return _cmd_compare(args)
+    for name in _COMPARE_ONLY:
+        if getattr(args, name, None) is not None:
+            raise AttnlabError(f"--{name} applies only to eval --compare RUN (the iso-density report): drop it, "
+                               "or run the report on this run's results afterwards")
     from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, ensure_run, preflight_run
     from attnlab.shards import mark_shard
     from attnlab.tasks import resolve_tasks, task_suite
 
-    from .dynamic import parse_baseline, published_policy
+    from .dynamic import parse_baselines, published_policy
     from .evaluate import evaluate, format_summary, summarize
     from .executors import prepare_triton
     from .kinds import BASELINE_KINDS, get_kind
@@ -49,7 +81,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()
     policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
-    baselines = [parse_baseline(spec) for spec in args.baseline or []]
+    baselines = [run for spec in args.baseline or [] for run in parse_baselines(spec)]
     for kind, params in baselines:  # bad names and parameters before the model loads
         get_kind(kind).validate(params, f"--baseline {kind}")
         if kind not in BASELINE_KINDS:
@@ -123,7 +155,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         description="Generate the task suite (RULER-style, offline, deterministic by --seed) at each length, answer "
                     "every sample greedily with dense attention and under each --policy (sparse prefill, dense "
                     "decode), grade by string match, and store per-sample results and a summary with 95%% "
-                    f"intervals in --out. Tasks: {', '.join(TASKS)}.",
+                    f"intervals in --out. Tasks: {', '.join(TASKS)}. `attnlab eval --compare RUN` reports such a run "
+                    "at equal achieved densities (iso-density tables and plot).",
     )
     add_model_arguments(p)
     p.add_argument("--policy", action="append", metavar="POLICY.json",
@@ -131,7 +164,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="append", metavar="METHOD[:K=V,...]",
                    help="a published dynamic method run as its authors do, per input, on every head: xattention "
                         "(tau 0.9, stride 8) or flexprefill (gamma 0.9, delta 0.1); parameters override the "
-                        "defaults, e.g. xattention:tau=0.95 (repeat for several)")
+                        "defaults, e.g. xattention:tau=0.95; KEY=A/B/C runs a sweep, one baseline per value "
+                        "(e.g. xattention:tau=0.8/0.9/0.95), for `--compare` to report each at the density it "
+                        "reaches (repeat for several)")
     p.add_argument("--baseline-block-size", type=positive_int, default=64,
                    help="block size of the --baseline methods (default 64, as both papers)")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
@@ -139,7 +174,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default 5)")
     p.add_argument("--executor", choices=EXECUTORS, default="flex", help="how sparse prefill runs (default flex)")
     p.add_argument("--seed", type=nonneg_int, default=0)
-    p.add_argument("--out", required=True, help="run directory for the results (created, or added to)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="run directory for the results (created, or added to)")
+    target.add_argument("--compare", metavar="RUN", default=None,
+                        help="instead of running the suite: the iso-density report of an eval run's results — every "
+                             "method at the same achieved densities per task and length, with 95%% intervals "
+                             "(markdown printed; the table, the markdown and a self-contained HTML plot written into RUN)")
+    p.add_argument("--densities", type=unit_float_list, default=None,
+                   help="--compare: target densities, comma-separated (default 0.1,0.2,0.3,0.5)")
+    p.add_argument("--tolerance", type=fraction, default=None,
+                   help="--compare: how far a measured setting's achieved density may be from a target (default 0.05); "
+                        "the nearest one within it is reported, nothing is interpolated")
+    p.add_argument("--floor", type=fraction, default=None,
+                   help="--compare: tasks where dense scores below this are shown but left out of the mean (default 0.2)")
     add_shard_argument(p)
     add_ray_arguments(p)
     add_quiet_argument(p)

@@ -6,10 +6,16 @@ today), graded by RULER's string match, and stored one row per (sample, method).
 gives per task, length and method: the mean score with a 95% bootstrap interval, the achieved
 prefill density, and the paired outcome against dense on the same samples (both right, only
 dense, only sparse, neither) — the honest comparison on few samples.
+
+`iso_density` (``attnlab eval --compare RUN``) reads those rows back and reports every method
+at the same achieved densities per task and length (the Sparse Frontier's iso-density tables):
+each method's measured setting nearest each target density, within a tolerance, never an
+interpolated point.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -152,3 +158,223 @@ def merge_eval_shards(shards: list, merged) -> None:
     table = table.iloc[table["sample"].map(position).argsort(kind="stable")].reset_index(drop=True)
     merged.write(EVAL_SAMPLES, table)
     merged.write(EVAL_SUMMARY, summarize(table))
+
+
+# -- the iso-density report -------------------------------------------------------------------
+#: Target densities of the iso-density report (`iso_density`).
+ISO_DENSITIES = (0.1, 0.2, 0.3, 0.5)
+#: How far a measured setting's achieved density may be from a target and still stand for it.
+ISO_TOLERANCE = 0.05
+#: Tasks where dense scores below this are reported but left out of the mean over tasks.
+HEADLINE_FLOOR = 0.2
+MEAN = "mean"
+ISO_COLUMNS = ("task", "length", "target", "method", "setting", "density", "n", "score", "ci_low", "ci_high",
+               "reference", "in_mean")
+
+
+def method_family(name: str) -> str:
+    """The method a result name belongs to, its setting stripped: ``xattention:tau=0.95`` →
+    ``xattention``, ``budgeted-0.3`` (``policy compare --save-policies``' names) → ``budgeted``."""
+    base = name.split(":", 1)[0]
+    return re.sub(r"[-_@](\d+(\.\d*)?|\.\d+)(e-?\d+)?$", "", base) or base
+
+
+def stratified_bootstrap_ci(groups: Sequence[Sequence[float]], *, level: float = 0.95, n: int = BOOTSTRAP,
+                            seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of group means, resampling within each group
+    (the mean over tasks, each task's samples resampled); seeded like `bootstrap_ci`."""
+    xs = [np.asarray(g, dtype=float) for g in groups]
+    if not xs or any(x.size == 0 for x in xs):
+        return float("nan"), float("nan")
+    if all(np.all(x == x[0]) for x in xs):
+        v = float(np.mean([x[0] for x in xs]))
+        return v, v
+    rng = np.random.default_rng(seed)
+    means = np.mean([x[rng.integers(0, x.size, size=(n, x.size))].mean(axis=1) for x in xs], axis=0)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIES, *, tolerance: float = ISO_TOLERANCE,
+                floor: float = HEADLINE_FLOOR) -> pd.DataFrame:
+    """Every method at the same achieved densities, per task and length (`ISO_COLUMNS`).
+
+    Results are grouped into methods by `method_family` (a method run at several budgets or
+    parameters has several *settings*). For each task, length, method and target density the
+    row is the setting whose achieved density (the mean over that task's samples at that
+    length) is nearest the target, if it is within ``tolerance``: its own setting name, achieved
+    density, score and 95% bootstrap interval (`bootstrap_ci` of its per-sample scores). Nothing
+    is interpolated: a method with no setting that near has no row there. Dense is a
+    ``reference`` row at every target (density 1). Rows with task ``"mean"`` average the tasks
+    where dense scores at least ``floor`` (``in_mean``), for methods present on all of them, with
+    a stratified bootstrap interval (`stratified_bootstrap_ci`).
+
+    Raises `AttnlabError` naming the targets no method (dense aside) comes within ``tolerance`` of.
+    """
+    from attnlab.errors import AttnlabError
+
+    missing = [c for c in ("task", "length", "method", "score", "density", "sample") if c not in samples.columns]
+    if missing:
+        raise AttnlabError(f"the per-sample eval results lack column(s) {', '.join(missing)}: re-create them with `attnlab eval`")
+    settings = []
+    for (task, length, method), part in samples.groupby(["task", "length", "method"], sort=False):
+        settings.append({"task": task, "length": int(length), "method": method_family(str(method)), "setting": str(method),
+                         "density": 1.0 if method == DENSE else float(part.density.mean()),
+                         "scores": part.score.to_numpy(float)})
+    rows: list[dict[str, Any]] = []
+    reached: dict[float, bool] = {float(t): False for t in densities}
+    dense_score = {(s["task"], s["length"]): float(s["scores"].mean()) for s in settings if s["setting"] == DENSE}
+    for t in densities:
+        t = float(t)
+        by_cell: dict[tuple[str, int, str], dict[str, Any]] = {}
+        for s in settings:
+            gap = abs(s["density"] - t)
+            if s["setting"] != DENSE and gap > tolerance + 1e-12:
+                continue
+            key = (s["task"], s["length"], s["method"])
+            best = by_cell.get(key)
+            if best is None or gap < abs(best["density"] - t) - 1e-12:
+                by_cell[key] = s
+        for (task, length, method), s in by_cell.items():
+            reference = s["setting"] == DENSE and abs(1.0 - t) > tolerance + 1e-12
+            reached[t] |= not reference
+            lo, hi = bootstrap_ci(s["scores"])
+            rows.append({"task": task, "length": length, "target": t, "method": method, "setting": s["setting"],
+                         "density": s["density"], "n": len(s["scores"]), "score": float(s["scores"].mean()),
+                         "ci_low": lo, "ci_high": hi, "reference": reference,
+                         "in_mean": dense_score.get((task, length), 1.0) >= floor, "_scores": s["scores"]})
+    far = [t for t, ok in reached.items() if not ok]
+    if far:
+        measured = sorted(s["density"] for s in settings if s["setting"] != DENSE)
+        span = f"{measured[0]:.3f} to {measured[-1]:.3f}" if measured else "none: the run holds dense results only"
+        raise AttnlabError(f"density {', '.join(f'{t:g}' for t in far)}: no method's achieved density is within {tolerance:g} of it "
+                           f"(measured per task and length: {span}); choose densities in that range, widen --tolerance, "
+                           "or evaluate policies at those budgets")
+    table = pd.DataFrame(rows)
+    means = []
+    for (length, t, method), part in table.groupby(["length", "target", "method"], sort=False):
+        kept = {task for (task, ln), v in dense_score.items() if ln == length and v >= floor}
+        part = part[part.task.isin(kept)]
+        if not kept or set(part.task) != kept:
+            continue
+        lo, hi = stratified_bootstrap_ci(list(part["_scores"]))
+        names = sorted(set(part.setting))
+        means.append({"task": MEAN, "length": length, "target": t, "method": method,
+                      "setting": names[0] if len(names) == 1 else "per task: " + ", ".join(names),
+                      "density": float(part.density.mean()), "n": int(part.n.sum()), "score": float(part.score.mean()),
+                      "ci_low": lo, "ci_high": hi, "reference": bool(part.reference.all()), "in_mean": True})
+    table = pd.concat([table.drop(columns="_scores"), pd.DataFrame(means)], ignore_index=True)
+    return table[list(ISO_COLUMNS)]
+
+
+def _cell(r: Any) -> str:
+    text = f"{r.score:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
+    return text if r.method == DENSE else f"{text} ({r.setting} @ {r.density:.3f})"
+
+
+def format_iso_density(table: pd.DataFrame, *, title: str = "", tolerance: float = ISO_TOLERANCE,
+                       floor: float = HEADLINE_FLOOR) -> str:
+    """The report as markdown: one table per length and target density, tasks by methods."""
+    methods = [DENSE] + [m for m in dict.fromkeys(table.method) if m != DENSE] if DENSE in set(table.method) else list(dict.fromkeys(table.method))
+    left_out = sorted({r.task for r in table.itertuples() if r.task != MEAN and not r.in_mean})
+    lines = [f"# Iso-density report{': ' + title if title else ''}", "",
+             "Score (RULER string match; mean with a 95% bootstrap interval) of every method at the same achieved "
+             "prefill density, per task and length. A cell is the method's measured setting whose achieved density on "
+             f"that task and length is nearest the target, within ±{tolerance:g}: its setting and achieved density are "
+             "shown. An empty cell: no setting measured that near (nothing is interpolated). Dense (density 1) is the "
+             f"reference. The mean is over the tasks where dense scores at least {floor:g}"
+             + (f"; left out: {', '.join(left_out)}." if left_out else " (all of them).") + " Its interval resamples "
+             "each task's samples.", ""]
+    for length in sorted(set(table.length)):
+        for t in sorted(set(table.target)):
+            part = table[(table.length == length) & (table.target == t)]
+            if part.empty:
+                continue
+            lines += [f"## {length} tokens, density {t:g}", "", "| task | " + " | ".join(methods) + " |",
+                      "|---|" + "---|" * len(methods)]
+            tasks = [x for x in dict.fromkeys(part.task) if x != MEAN] + ([MEAN] if MEAN in set(part.task) else [])
+            for task in tasks:
+                cells = {r.method: _cell(r) for r in part[part.task == task].itertuples()}
+                name = f"**{MEAN}**" if task == MEAN else (task if task not in left_out else f"{task} (dense < {floor:g})")
+                lines.append(f"| {name} | " + " | ".join(cells.get(m, "") for m in methods) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
+def iso_density_figure(samples: pd.DataFrame, table: pd.DataFrame, title: str = "Score vs achieved density"):
+    """Plotly figure: one panel per task and length (and the mean), score against achieved
+    density for every measured setting of every method (with 95% intervals), the points the
+    report picked circled, the target densities as dotted lines."""
+    import plotly.graph_objects as go
+    from plotly.colors import qualitative
+    from plotly.subplots import make_subplots
+
+    summary = summarize(samples)
+    summary["family"] = summary.method.map(lambda m: method_family(str(m)))
+    panels = [(task, int(length)) for task, length in dict.fromkeys(zip(summary.task, summary.length, strict=True))]
+    panels += [(MEAN, int(length)) for length in sorted(set(table.length[table.task == MEAN]))]
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig = make_subplots(rows=nrows, cols=cols, subplot_titles=[f"{task} · {length}" for task, length in panels],
+                        shared_xaxes=True)
+    families = [DENSE] + [f for f in dict.fromkeys(summary.family) if f != DENSE]
+    color = {f: qualitative.Plotly[i % len(qualitative.Plotly)] for i, f in enumerate(families)}
+    shown: set[str] = set()
+    for i, (task, length) in enumerate(panels):
+        row, col = i // cols + 1, i % cols + 1
+        if task == MEAN:
+            points = table[(table.task == MEAN) & (table.length == length)].rename(columns={"method": "family", "setting": "method"})
+            points = points.drop_duplicates(["family", "method"])
+        else:
+            points = summary[(summary.task == task) & (summary.length == length)]
+        for fam in families:
+            sub = points[points.family == fam].sort_values("density")
+            if sub.empty:
+                continue
+            fig.add_trace(go.Scatter(
+                x=sub.density, y=sub.score, mode="lines+markers", name=fam, legendgroup=fam, showlegend=fam not in shown,
+                marker={"color": color[fam], "size": 8}, line={"color": color[fam]},
+                error_y={"type": "data", "symmetric": False, "array": sub.ci_high - sub.score, "arrayminus": sub.score - sub.ci_low},
+                customdata=sub[["method"]].to_numpy(),
+                hovertemplate="%{customdata[0]}<br>density %{x:.3f}<br>score %{y:.3f}<extra>" + fam + "</extra>"),
+                row=row, col=col)
+            shown.add(fam)
+        picked = table[(table.task == task) & (table.length == length) & ~table.reference]
+        if not picked.empty:
+            fig.add_trace(go.Scatter(
+                x=picked.density, y=picked.score, mode="markers", name="at a target density", legendgroup="picked",
+                showlegend="picked" not in shown, marker={"symbol": "circle-open", "size": 16, "color": "black"},
+                customdata=picked[["method", "setting", "target"]].to_numpy(),
+                hovertemplate="%{customdata[0]} (%{customdata[1]}) for density %{customdata[2]}<extra></extra>"),
+                row=row, col=col)
+            shown.add("picked")
+        for t in sorted(set(table.target)):
+            fig.add_vline(x=float(t), line={"dash": "dot", "color": "grey", "width": 1}, row=row, col=col)
+    fig.update_layout(title=title, template="plotly_white", height=320 * nrows + 120,
+                      legend={"orientation": "h", "y": -0.08})
+    fig.update_xaxes(title_text="achieved density", range=[0, 1.05])
+    fig.update_yaxes(title_text="score", range=[-0.05, 1.05])
+    return fig
+
+
+def write_iso_density(run, densities: Sequence[float] = ISO_DENSITIES, *, tolerance: float = ISO_TOLERANCE,
+                      floor: float = HEADLINE_FLOOR) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+    """Read an eval run's per-sample results, build the iso-density report and write it into
+    the run: the table (`ISO_DENSITY`, CSV), the markdown beside it (``.md``) and a
+    self-contained HTML plot (``.html``, plotly inlined: it opens offline). Returns
+    ``(table, markdown, paths)``."""
+    from attnlab.runs import EVAL_SAMPLES, ISO_DENSITY, Run, atomic_path
+
+    run = Run.coerce(run)
+    samples = run.read(EVAL_SAMPLES)
+    table = iso_density(samples, densities, tolerance=tolerance, floor=floor)
+    title = f"{run.identity.name or run.name}: {run.name}"
+    markdown = format_iso_density(table, title=title, tolerance=tolerance, floor=floor)
+    csv_path = run.write(ISO_DENSITY, table)
+    md_path, html_path = csv_path.with_suffix(".md"), csv_path.with_suffix(".html")
+    with atomic_path(md_path) as tmp:
+        tmp.write_text(markdown + "\n")
+    fig = iso_density_figure(samples, table, f"{title} — score vs achieved density (targets {', '.join(f'{t:g}' for t in densities)})")
+    with atomic_path(html_path) as tmp:
+        fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+    return table, markdown, {"csv": csv_path, "markdown": md_path, "html": html_path}

@@ -114,6 +114,20 @@ def test_published_kinds_validate_their_parameters(tiny_llama):
         parse_baseline("xattention:tau")
 
 
+def test_a_baseline_sweep_expands_to_one_setting_per_value():
+    from attnlab.sparsity_stats.dynamic import parse_baseline, parse_baselines
+    from attnlab.sparsity_stats.errors import PolicyError
+
+    assert parse_baselines("flexprefill") == [("flexprefill", {})]
+    assert parse_baselines("xattention:tau=0.8/0.9,stride=8/16") == [
+        ("xattention", {"tau": 0.8, "stride": 8.0}), ("xattention", {"tau": 0.8, "stride": 16.0}),
+        ("xattention", {"tau": 0.9, "stride": 8.0}), ("xattention", {"tau": 0.9, "stride": 16.0})]
+    with pytest.raises(PolicyError, match="a sweep of 2 settings"):
+        parse_baseline("xattention:tau=0.8/0.9")
+    with pytest.raises(PolicyError, match="KEY=NUMBER"):
+        parse_baselines("xattention:tau=0.8/x")
+
+
 def test_xattention_keeps_the_blocks_its_antidiagonal_scores_choose(tiny_llama):
     """compile_for_input on hand-made q/k: the kept blocks are the rows' cheapest prefix of the
     antidiagonal scores reaching tau (diagonal and first block always)."""

@@ -454,8 +454,113 @@ def test_uniform_streaming_takes_the_largest_window_that_fits(curves):
     r = uniform_streaming(est, 0.3)
     w = r.params["window"]
     assert r.within_budget and r.mean_density <= 0.3
-    bigger = est.evaluate(Candidate.make("streaming", sink=4, window=w + 1))
+    # under a density budget the window is whole blocks: the next one up does not fit
+    assert r.params["granularity"] == "blocks" and w % BLOCK == 0
+    bigger = est.evaluate(Candidate.make("a_shape", sink=r.params["sink"], window=w + BLOCK))
     assert bigger.density.mean() > 0.3
+    kv = uniform_streaming(est, 0.3, sink=4, budget_kind="kv")  # a KV budget: token-exact, as before
+    w = kv.params["window"]
+    assert kv.within_budget and kv.choices[0][0].kind == "streaming" and not kv.tuned
+    assert est.evaluate(Candidate.make("streaming", sink=4, window=w + 1)).kv.mean() > 0.3
+
+
+def test_rounding_up_to_blocks_keeps_the_cost_and_adds_attention(curves):
+    from attnlab.sparsity_stats.baselines import rounded_up
+
+    est = curves.estimator
+    for s, w in ((16, 1), (4, 1), (0, 7), (16, 17), (3, 300), (64, 100)):
+        token = Candidate.make("streaming", sink=s, window=w)
+        blocks = rounded_up(token, BLOCK)
+        assert blocks.kind == "a_shape"
+        a, b = est.evaluate(token), est.evaluate(blocks)
+        np.testing.assert_array_equal(a.density, b.density)  # the same tiles
+        assert (b.recall >= a.recall - 1e-5).all()  # a superset of the pairs (token estimates carry ~1e-6 noise)
+    assert rounded_up(Candidate.make("streaming", sink=64, window=1), 64) == Candidate.make("a_shape", sink=64, window=64)
+    for c in (Candidate.make("vertical_slash", vertical=30, slash=100), Candidate.make("block_topk", topk=20)):
+        r = rounded_up(c, BLOCK)
+        assert r.describe() != c.describe()
+        np.testing.assert_array_equal(est.evaluate(r).density, est.evaluate(c).density)
+        np.testing.assert_array_equal(est.evaluate(r).recall, est.evaluate(c).recall)
+    assert rounded_up(Candidate.make("block_topk", gamma=0.9), BLOCK) == Candidate.make("block_topk", gamma=0.9)
+
+
+def test_duo_streaming_heads_take_the_whole_blocks_they_cost(curves):
+    """Where the old rule shrank Duo's recent window to 1 token (sink + recent 1 fits, recent 2
+    does not), the streaming heads now keep the whole diagonal block: same tiles, more attention."""
+    from attnlab.sparsity_stats.baselines import duo_attention_style
+
+    est = curves.estimator
+    old = est.evaluate(Candidate.make("streaming", sink=BLOCK, window=1))
+    assert est.evaluate(Candidate.make("streaming", sink=BLOCK, window=2)).density.mean() > 0.15 >= old.density.mean()
+    for kwargs in ({"sink": BLOCK, "recent": 256}, {}):  # fixed sizes (shrunk to fit), and tuned
+        r = duo_attention_style(est, 0.15, retrieval_scores=curves.retrieval_scores, **kwargs)
+        stream = next(c for row in r.choices for c in row if c.kind != "dense")
+        assert stream == Candidate.make("a_shape", sink=BLOCK, window=BLOCK)
+        assert r.params["recent"] == BLOCK and r.within_budget
+        assert r.mean_density == pytest.approx(old.density.mean())  # equal cost to the old choice
+        assert r.mean_recall > float(old.recall.mean())
+
+
+def test_duo_in_tokens_is_exportable_to_duoattention_at_the_same_tiles(curves, tmp_path):
+    from attnlab.sparsity_stats.baselines import duo_attention_style
+
+    est = curves.estimator
+    blocks = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, sink=BLOCK, recent=2 * BLOCK)
+    tokens = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, sink=BLOCK, recent=2 * BLOCK,
+                                 granularity="tokens")
+    stream = {c for row in tokens.choices for c in row if c.kind != "dense"}
+    # recent 32 tokens reaches 3 blocks; the largest token window with those tiles is 2 * 16 + 1
+    assert stream == {Candidate.make("streaming", sink=BLOCK, window=2 * BLOCK + 1)}
+    assert tokens.params["recent"] == 2 * BLOCK + 1 and blocks.params["recent"] == 3 * BLOCK
+    np.testing.assert_array_equal(tokens.density, blocks.density)  # the same tiles
+    assert tokens.mean_recall <= blocks.mean_recall + 1e-5
+    tuned = duo_attention_style(est, 0.3, retrieval_scores=curves.retrieval_scores, granularity="tokens")
+    assert tuned.within_budget and min(tuned.params["tuned"]["recent"]) == BLOCK + 1  # never a 1-token window
+    written = export_policy(tuned.to_policy(curves, 0.3), tmp_path / "duo", "duo", seq_len=512, force=True)
+    assert written
+    with pytest.raises(PolicyError, match="granularity 'blocks'"):
+        duo_attention_style(est, 0.3, budget_kind="kv", granularity="blocks")
+
+
+@pytest.mark.parametrize("budget", [0.2, 0.3, 0.5])
+def test_tuned_baselines_are_the_best_on_their_grids(curves, budget):
+    from attnlab.sparsity_stats.baselines import (
+        _minference_choice,
+        block_streaming,
+        duo_attention_style,
+        minference_style,
+    )
+
+    est = curves.estimator
+    nb = max(est.eval_lengths) // BLOCK
+    # uniform streaming: every (sink, window) of its sink grid and every window, by brute force
+    r = uniform_streaming(est, budget)
+    sinks = [x // BLOCK for x in r.params["tuned"]["sink"]]
+    assert sinks == [1, 2, 4] and "sink over {1, 2, 4} blocks" in r.tuned
+    best = max(float(e.recall.mean()) for s in sinks for w in range(1, nb + 1)
+               for e in [est.evaluate(block_streaming(s, w, BLOCK))] if e.density.mean() <= budget + 1e-12)
+    assert r.within_budget and r.mean_recall == pytest.approx(best, abs=1e-12)
+    # Duo: each (sink, recent) of its grid, fixed, against the tuned one
+    d = duo_attention_style(est, budget, retrieval_scores=curves.retrieval_scores)
+    # a token window of (k - 1) * B + 1 occupies exactly k blocks (the first query of a block reaches k - 1 back)
+    pairs = [(s, q) for s in d.params["tuned"]["sink"] for q in d.params["tuned"]["recent"]]
+    grid = [duo_attention_style(est, budget, retrieval_scores=curves.retrieval_scores, sink=s, recent=q - BLOCK + 1)
+            for s, q in pairs]
+    fitting = [g for g, (s, q) in zip(grid, pairs, strict=True) if g.within_budget and g.params["recent"] == q]  # not shrunk
+    assert len(fitting) == d.params["tuned"]["settings"] and d.within_budget
+    assert d.mean_recall == pytest.approx(max(g.mean_recall for g in fitting), abs=1e-12)
+    # MInference: no fitting scale of its geometric grid does better
+    m = minference_style(est, budget)
+    lo, hi, steps = m.params["tuned"]["scale"]["geometric"]
+    assert m.within_budget and m.mean_density <= budget + 1e-12
+    for s in np.geomspace(lo, hi, steps):
+        _, rec, den = _minference_choice(est, float(s))
+        if den.mean() <= budget + 1e-12:
+            assert m.mean_recall >= rec.mean() - 1e-12
+    table = compare_policies(curves, [budget])
+    tuned = dict(zip(table["method"], table["tuned"], strict=True))
+    assert tuned["budgeted"] == "" and "grid scale over 40 geometric steps" in tuned["minference"]
+    assert "recent over" in tuned["duo_attention"]
 
 
 def test_budgeted_policy_dominates_baselines_at_equal_budget(curves):

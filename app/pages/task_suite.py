@@ -1,6 +1,7 @@
 """Tasks: the task suite's scores (``attnlab eval``) — score against achieved density per task and
-method with 95% intervals and the Pareto front, and the samples a policy changed (each can be
-opened in the head inspector)."""
+method with 95% intervals and the Pareto front, the iso-density report when the run has one
+(``attnlab eval --compare``), and the samples a policy changed (each can be opened in the head
+inspector)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import streamlit as st
 
 from attnlab.app import data, figures, live, state
 from attnlab.errors import AttnlabError
-from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY
+from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, ISO_DENSITY
 
 ALL_TASKS = "all tasks (mean)"
 
@@ -62,8 +63,23 @@ def render(ctx: state.PageContext) -> None:
     st.caption("Score: RULER's string match (share of the references in the greedy answer), mean over samples with a "
                "95% bootstrap interval; density: the achieved prefill density. Paired columns count, on the same "
                "samples, both right / only dense right / only the policy right / neither.")
+    iso_density(run)
     if samples is not None:
         changed_samples(ctx, samples, list(dict.fromkeys(summary["method"])))
+
+
+def iso_density(run) -> None:
+    """The iso-density report's tables (every method at the same achieved densities), or the
+    command that writes them."""
+    st.subheader("At equal density")
+    report = run.file(ISO_DENSITY).with_suffix(".md")
+    if not run.has(ISO_DENSITY) or not report.is_file():
+        st.caption(f"Compare every method at the same achieved densities, per task and length: "
+                   f"`attnlab eval --compare {run.path} --densities 0.1,0.2,0.3,0.5` (writes the tables and an HTML plot "
+                   "into the run).")
+        return
+    with st.expander("iso-density report", expanded=False):
+        st.markdown(report.read_text().split("\n", 2)[-1])  # without its title line
 
 
 ctx = state.page_context(state.TASKS)
