@@ -42,6 +42,7 @@ from .export import (
 from .generator import PolicyGenerator, policy_from_choices
 from .kinds import (
     BASELINE_KINDS,
+    CANDIDATE_KINDS,
     DYNAMIC_KINDS,
     KINDS,
     STATIC_KINDS,
@@ -104,6 +105,7 @@ __all__ = [
     "default_candidates",
     "duo_attention_style",
     "BASELINE_KINDS",
+    "CANDIDATE_KINDS",
     "DecodeHead",
     "DYNAMIC_KINDS",
     "Elastic",

@@ -46,7 +46,7 @@ from attnlab.runs import (
 )
 
 from .errors import PolicyError
-from .kinds import KINDS
+from .kinds import CANDIDATE_KINDS, KINDS
 
 #: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
 FEW_BLOCKS = 64
@@ -267,8 +267,9 @@ def _generator_options() -> argparse.ArgumentParser:
     g.add_argument("--budget-kind", choices=BUDGET_KINDS, default="density", help="density (FLOPs) or kv (KV cache) budget")
     g.add_argument("--block-size", type=positive_int, default=None, help="policy block size (default: the run's block maps)")
     g.add_argument("--lengths", type=int_list, default=None, help="comma-separated lengths to evaluate at (default: the longest profiled)")
-    g.add_argument("--kinds", type=name_list(KINDS), default=list(KINDS), metavar="KIND,...",
-                   help=f"kinds to choose from, some of {','.join(KINDS)} (default: all)")
+    g.add_argument("--kinds", type=name_list(CANDIDATE_KINDS), default=list(KINDS), metavar="KIND,...",
+                   help=f"kinds to choose from, some of {','.join(CANDIDATE_KINDS)} (default: {','.join(KINDS)}; "
+                        "xattention: a per-head tau, run per input)")
     g.add_argument("--min-sink", type=nonneg_int, default=4, help="minimum sink tokens of streaming/A-shape heads (default 4)")
     g.add_argument("--gqa", action="store_true", help="heads sharing a KV head share a policy")
     g.add_argument("--protect", choices=PROTECT, default="dense", help="retrieval heads: keep dense, hold a recall floor, or none")

@@ -54,6 +54,7 @@ from .kinds import (
     BlockTopK,
     Candidate,
     VerticalSlash,
+    XAttention,
     get_kind,
     select_vertical_slash,
     windowed_causal_tiles,
@@ -62,6 +63,9 @@ from .masks import check_block_size, single_thread
 from .patterns import Pattern, and_masks, generate_causal, generate_sink, generate_window
 
 Tensor = torch.Tensor
+
+#: XAttention thresholds the generator may give a head (``kinds`` with ``"xattention"``).
+XATTENTION_TAUS = (0.8, 0.9, 0.95, 0.98)
 
 _ERR_NO_ROWS = (
     "the run's block maps measured no query block below {n} tokens: evaluate at a length the run "
@@ -328,6 +332,9 @@ class ProfileEstimator:
             elif isinstance(kind, BlockTopK):
                 r, d, exact = self._block_topk(kind, params, n, qbn)
                 density_is = "exact" if exact else "expected"
+            elif isinstance(kind, XAttention):  # on the profile: the blocks reaching tau of each row's mass
+                r, d, _ = self._block_topk(get_kind("block_topk"), {"gamma": params["tau"]}, n, qbn)
+                density_is = "expected"
             else:  # pragma: no cover - every kind is handled above
                 raise PolicyError(f"no estimator for kind {candidate.kind}")
             sink = self.sink_share(n)
@@ -470,7 +477,8 @@ def default_candidates(
       2, 3, 4, 6, ... blocks below ``n_ref``;
     - ``a_shape``: one sink block (more if ``min_sink`` needs) x windows of 1, 2, 3, 4, 6, ... blocks;
     - ``vertical_slash``: 1, 2, 4, ... 32 blocks of columns x the same of diagonals;
-    - ``block_topk``: 2, 3, 4, 6, 8, ... blocks per row, and gamma 0.8, 0.9, 0.95, 0.98.
+    - ``block_topk``: 2, 3, 4, 6, 8, ... blocks per row, and gamma 0.8, 0.9, 0.95, 0.98;
+    - ``xattention`` (only when asked for): tau 0.8, 0.9, 0.95, 0.98 at stride 8.
 
     ``elastic``: ``"fixed"`` sizes (``alpha`` tokens), ``"proportional"`` (``beta * N`` equal
     at ``n_ref``), or ``"both"``.
@@ -519,6 +527,9 @@ def default_candidates(
                 out.append(Candidate.make("block_topk", topk=kf))
         for g in (0.8, 0.9, 0.95, 0.98):
             out.append(Candidate.make("block_topk", gamma=g))
+    if "xattention" in kinds:  # a per-head tau, XAttention's published stride
+        for tau in XATTENTION_TAUS:
+            out.append(Candidate.make("xattention", tau=tau, stride=XAttention.defaults["stride"]))
     seen: dict[str, Candidate] = {}
     for c in out:
         seen.setdefault(c.key(), c)

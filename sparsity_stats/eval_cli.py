@@ -12,6 +12,7 @@ from attnlab.cliargs import (
     fraction,
     int_list,
     load_model_from_args,
+    model_argv,
     nonneg_int,
     positive_int,
     unit_float_list,
@@ -129,13 +130,12 @@ def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
 
     if args.shard is not None:
         raise ShardError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # workers' cwd differs
-    argv = ["eval", "--model", model, "--tasks", ",".join(tasks), "--lengths", ",".join(map(str, args.lengths)),
-            "--samples", str(args.samples), "--executor", args.executor, "--seed", str(args.seed)]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.trust_remote_code:
-        argv.append("--trust-remote-code")
+    def local(path: str) -> str:  # Ray workers run in another folder
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    argv = ["eval", *model_argv(args, resolve=local), "--tasks", ",".join(tasks),
+            "--lengths", ",".join(map(str, args.lengths)), "--samples", str(args.samples), "--executor", args.executor,
+            "--seed", str(args.seed)]
     for policy in args.policy or []:
         argv += ["--policy", str(Path(policy).resolve())]
     for spec in args.baseline or []:

@@ -42,7 +42,7 @@ from attnlab.runs import BLOCK_MAPS, Run
 
 from .curves import HeadCurves, ProfileEstimator, compute_curves, retrieval_scores_from_run
 from .errors import ERR_BUDGET, ERR_BUDGET_KIND, ERR_INFEASIBLE, PolicyError
-from .kinds import KINDS, AShape, Candidate, Streaming, get_kind
+from .kinds import CANDIDATE_KINDS, KINDS, AShape, Candidate, Streaming, get_kind
 from .knapsack import InfeasibleError, MCKPSolution, solve_mckp
 from .policy import DecodeHead, HeadPolicy, Policy
 
@@ -241,8 +241,8 @@ class PolicyGenerator:
         if not _whole(self.max_nodes) or self.max_nodes < 1:
             raise PolicyError(f"max_nodes must be a positive whole number, got {self.max_nodes!r}")
         for k in self.kinds:
-            if k not in KINDS:
-                raise PolicyError(f"unknown kind {k!r} in kinds: use some of {', '.join(KINDS)}")
+            if k not in CANDIDATE_KINDS:
+                raise PolicyError(f"unknown kind {k!r} in kinds: use some of {', '.join(CANDIDATE_KINDS)}")
 
     # -- fit ------------------------------------------------------------------------------
     def fit(self, data: Run | str | os.PathLike | HeadCurves) -> PolicyGenerator:
@@ -504,7 +504,8 @@ class PolicyGenerator:
             "expected_kv": float(self.expected_kv_.mean()),
             "min_head_recall": float(self.expected_recall_.min()),
             "dense_heads": int(sum(1 for h in heads if h.kind == "dense")),
-            "kinds": {k: int(sum(1 for h in heads if h.kind == k)) for k in KINDS},
+            "kinds": {k: int(sum(1 for h in heads if h.kind == k))
+                      for k in (*KINDS, *(k for k in CANDIDATE_KINDS if k not in KINDS and k in self.kinds))},
             "optimal": bool(self.solution_.optimal),
             "optimality_gap": self.optimality_gap_,
             "optimality_gap_per_head": self.optimality_gap_ / (nl * nh),

@@ -64,6 +64,11 @@ KINDS = STATIC_KINDS + DYNAMIC_KINDS
 #: XAttention (antidiagonal scores, threshold tau) and FlexPrefill (per-head pattern choice by
 #: Jensen-Shannon distance, cumulative attention gamma). See `attnlab.sparsity_stats.dynamic`.
 BASELINE_KINDS = ("xattention", "flexprefill")
+#: The generator's candidate kinds: `KINDS` by default, and on request (``--kinds ...,xattention``)
+#: XAttention with a per-head ``tau``, estimated on the profile as the cumulative-mass block
+#: selection it approximates (its antidiagonal scores only exist at run time). FlexPrefill
+#: chooses its pattern per input from q/k, which a profile cannot estimate: baseline only.
+CANDIDATE_KINDS = KINDS + ("xattention",)
 
 #: Default estimation rules of the dynamic kinds.
 DEFAULT_ESTIMATE = {

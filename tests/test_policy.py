@@ -939,3 +939,26 @@ def test_kv_baselines_choose_their_caches_at_the_same_budget(curves):
     kinds = {(e.layer, e.kv_head): e.kind for e in duo.decode_heads()}
     assert kinds[(1, 1)] == "full" and list(kinds.values()).count("full") == 1  # the retrieval head's KV head, first
     assert {(e.params["sink"], e.params["recent"]) for e in duo.decode_heads() if e.kind == "streaming"} == {(4, n // 8)}
+
+
+def test_xattention_is_a_per_head_candidate_estimated_as_its_block_selection(run, tmp_path):
+    """Asked for, XAttention enters the generator's grid with a per-head tau: on the profile it
+    is the cumulative-mass block selection it approximates (block_topk with gamma = tau)."""
+    from attnlab.sparsity_stats.curves import XATTENTION_TAUS
+
+    curves = compute_curves(run, kinds=("dense", "streaming", "block_topk", "xattention"))
+    for tau in XATTENTION_TAUS:
+        x = next(i for i, c in enumerate(curves.candidates) if c.kind == "xattention" and c.param_dict["tau"] == tau)
+        b = next(i for i, c in enumerate(curves.candidates) if c.kind == "block_topk" and c.param_dict.get("gamma") == tau)
+        np.testing.assert_array_equal(curves.recall[..., x], curves.recall[..., b])
+        np.testing.assert_array_equal(curves.density[..., x], curves.density[..., b])
+        assert curves.density_is[x] == "expected"
+    assert not any(c.kind == "xattention" for c in compute_curves(run).candidates)  # opt-in only
+    policy = PolicyGenerator(budget=0.3, kinds=("streaming", "xattention"), protect_retrieval="none").fit(curves).emit()
+    chosen = [h for h in policy.heads if h.kind == "xattention"]
+    assert chosen and {h.params["tau"] for h in chosen} <= set(XATTENTION_TAUS)
+    loaded = Policy.load(policy.save(tmp_path / "p.json"))
+    assert [(h.layer, h.head, h.kind, h.params) for h in loaded.heads] == [(h.layer, h.head, h.kind, h.params) for h in policy.heads]
+    assert main(["policy", str(run.path), "--budget", "0.3", "--kinds", "streaming,xattention", "--out",
+                 str(tmp_path / "c.json"), "--quiet"]) == 0
+    assert any(h.kind == "xattention" for h in Policy.load(tmp_path / "c.json").heads)
