@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -258,26 +258,35 @@ def validation_overview(entries: list[RunEntry], run: Run | None = None) -> pd.D
     """One row per run holding a validation summary (of ``run``'s model when given: `ModelIdentity.mismatch`):
     the policy, its achieved density and what it cost (`PARETO_MEASURES`). A summary that cannot
     be read is left out here (its own run's page reports it)."""
+    def row(name: str, s: dict) -> dict:
+        nd, ns = s.get("needle_dense"), s.get("needle_sparse")
+        return {
+            "run": name, "policy": s.get("policy", ""), "executor": s.get("executor", ""),
+            "prompt_tokens": s.get("prompt_tokens"), "density": float(s["density_mean"]),
+            "rel_l2_mean": s.get("rel_l2_mean"), "kl_mean": s.get("kl_mean"), "ppl_delta": s.get("ppl_delta"),
+            "needle_delta": None if nd is None or ns is None else float(ns) - float(nd),
+            "recall_mean": s.get("recall_mean"),
+        }
+
+    rows = _summary_rows(entries, run, VALIDATION_SUMMARY, row)
+    return pd.DataFrame(rows, columns=["run", "policy", "executor", "prompt_tokens", "density", *PARETO_MEASURES])
+
+
+def _summary_rows(entries: list[RunEntry], run: Run | None, art: Artifact, row: Callable[[str, dict], dict]) -> list[dict]:
+    """``row(run name, summary)`` for every run holding the JSON summary ``art`` (of ``run``'s
+    model when given). A summary that cannot be read, or that lacks what ``row`` needs, is left
+    out (its own run's page says why)."""
     rows = []
     for e in entries:
-        if e.run is None or not e.run.has(VALIDATION_SUMMARY):
+        if e.run is None or not e.run.has(art):
             continue
         try:
             if run is not None and run.identity.mismatch(e.run.identity) is not None:
                 continue
-            s = read_artifact(e.run, VALIDATION_SUMMARY)
-            density = float(s["density_mean"])
+            rows.append(row(e.name, read_artifact(e.run, art)))
         except (AttnlabError, KeyError, TypeError, ValueError):
             continue
-        nd, ns = s.get("needle_dense"), s.get("needle_sparse")
-        rows.append({
-            "run": e.name, "policy": s.get("policy", ""), "executor": s.get("executor", ""),
-            "prompt_tokens": s.get("prompt_tokens"), "density": density,
-            "rel_l2_mean": s.get("rel_l2_mean"), "kl_mean": s.get("kl_mean"), "ppl_delta": s.get("ppl_delta"),
-            "needle_delta": None if nd is None or ns is None else float(ns) - float(nd),
-            "recall_mean": s.get("recall_mean"),
-        })
-    return pd.DataFrame(rows, columns=["run", "policy", "executor", "prompt_tokens", "density", *PARETO_MEASURES])
+    return rows
 
 
 #: Decode-phase measures the Validation page plots against the KV cache kept: column → (label, lower is better).
@@ -293,26 +302,18 @@ def decode_overview(entries: list[RunEntry], run: Run | None = None) -> pd.DataF
     """One row per run holding a decode-phase validation (`DECODE_SUMMARY`; of ``run``'s model when
     given): the policy, the share of the dense KV cache it held, and what it cost
     (`DECODE_MEASURES`). A summary that cannot be read is left out here (its own run's page says why)."""
-    rows = []
-    for e in entries:
-        if e.run is None or not e.run.has(DECODE_SUMMARY):
-            continue
-        try:
-            if run is not None and run.identity.mismatch(e.run.identity) is not None:
-                continue
-            s = read_artifact(e.run, DECODE_SUMMARY)
-            kv = float(s["kv_fraction"])
-        except (AttnlabError, KeyError, TypeError, ValueError):
-            continue
+    def row(name: str, s: dict) -> dict:
         nd, nc = s.get("needle_dense"), s.get("needle_compressed")
-        rows.append({
-            "run": e.name, "policy": s.get("policy", ""), "phase": s.get("phase", ""),
-            "prompt_tokens": s.get("prompt_tokens"), "needle_n": s.get("needle_n", 0), "kv_fraction": kv,
+        return {
+            "run": name, "policy": s.get("policy", ""), "phase": s.get("phase", ""),
+            "prompt_tokens": s.get("prompt_tokens"), "needle_n": s.get("needle_n", 0), "kv_fraction": float(s["kv_fraction"]),
             "kv_vs_predicted": s.get("kv_vs_predicted"),
             "needle_compressed": nc, "needle_delta": None if nd is None or nc is None else float(nc) - float(nd),
             "token_match": s.get("token_match"), "kl_mean": s.get("kl_mean"),
             "tokens_per_s_compressed": s.get("tokens_per_s_compressed"), "tokens_per_s_dense": s.get("tokens_per_s_dense"),
-        })
+        }
+
+    rows = _summary_rows(entries, run, DECODE_SUMMARY, row)
     cols = ["run", "policy", "phase", "prompt_tokens", "needle_n", "kv_fraction", "kv_vs_predicted", *DECODE_MEASURES,
             "tokens_per_s_compressed", "tokens_per_s_dense"]
     frame = pd.DataFrame(rows, columns=cols)

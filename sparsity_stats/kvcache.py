@@ -69,17 +69,39 @@ _ERR_CONTEXT = "{what} needs {need} positions, beyond {model}'s context of {n_ct
 _ERR_UNSUPPORTED = "the policy KV cache does not support {what}: use greedy or sampled generation"
 
 
-class PolicyCacheLayer(CacheLayerMixin):
+class _SeenLayer(CacheLayerMixin):
+    """What both cache layers answer the same way: positions come from the tokens seen (not
+    kept), no maximum length, and no beam search or cropping."""
+
+    is_sliding = False
+    is_croppable = False
+    supports_early_init = False
+    seen: int
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        """Tokens seen (not kept): the position the next token takes."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise AttnlabError(_ERR_UNSUPPORTED.format(what="beam search"))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise AttnlabError(_ERR_UNSUPPORTED.format(what="cropping (assisted generation)"))
+
+
+class PolicyCacheLayer(_SeenLayer):
     """One layer's cache: a ``[1, H_kv, capacity, d]`` key and value buffer in which each KV head
     fills its own first ``lengths[h]`` slots, with the absolute position of every slot
     (`EMPTY`; `COMPENSATION` for the compensation entry, at ``comp_slot[h]``). A streaming
     head, once full, overwrites its oldest recent token in place (a ring after its sink, the
     compensation entry after the ring), so a decode step copies one token per head, never the
     cache."""
-
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
 
     def __init__(self, heads: list[DecodeHead]):
         super().__init__()
@@ -209,22 +231,6 @@ class PolicyCacheLayer(CacheLayerMixin):
             self.bias = bias
         return self.keys[:, :, :m], self.values[:, :, :m]
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        """Tokens seen (not kept): the position the next token takes."""
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise AttnlabError(_ERR_UNSUPPORTED.format(what="beam search"))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise AttnlabError(_ERR_UNSUPPORTED.format(what="cropping (assisted generation)"))
-
     def reset(self) -> None:
         self.__init__(self.heads)
 
@@ -342,15 +348,11 @@ def window_scores(query: torch.Tensor, key: torch.Tensor, scaling: float, heads:
     return out
 
 
-class BatchedPolicyCacheLayer(CacheLayerMixin):
+class BatchedPolicyCacheLayer(_SeenLayer):
     """One layer's cache for a batch of sequences: one `PolicyCacheLayer` per sequence, each fed
     only its own tokens (a row's left padding, ``pads[b]`` tokens, never enters its cache), so
     every row keeps, evicts and counts exactly what it would alone. `CachedAttention` attends
     row by row over each row's cache (the keys `update` returns are not read)."""
-
-    is_sliding = False
-    is_croppable = False
-    supports_early_init = False
 
     def __init__(self, heads: list[DecodeHead], pads: list[int]):
         super().__init__()
@@ -383,21 +385,6 @@ class BatchedPolicyCacheLayer(CacheLayerMixin):
     @property
     def compressed(self) -> bool:
         return all(row.compressed for row in self.rows)
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
-
-    def get_seq_length(self) -> int:
-        return self.seen
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise AttnlabError(_ERR_UNSUPPORTED.format(what="beam search"))
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise AttnlabError(_ERR_UNSUPPORTED.format(what="cropping (assisted generation)"))
 
     def reset(self) -> None:
         self.__init__(self.heads, self.pads)
