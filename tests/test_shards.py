@@ -59,6 +59,7 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     pd.testing.assert_frame_equal(merged.read(EVAL_SUMMARY), single.read(EVAL_SUMMARY))
     assert merged.identity.mismatch(single.identity) is None
     assert merged.manifest["stages"]["eval"]["parameters"] == single.manifest["stages"]["eval"]["parameters"]
+    _timing_recorded(merged, "eval", 3)
 
     capsys.readouterr()
     # a missing shard, a duplicated one, another job's shard: one line each, nothing written
@@ -113,6 +114,7 @@ def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
         assert (getattr(a, name) - getattr(b, name)).abs().max().item() <= 1e-6, name
     assert not merged.has(PROFILE_ACCUM) and merged.has(BLOCK_MAPS)
     assert merged.manifest["parameters"] == single.manifest["parameters"]
+    _timing_recorded(merged, "profile", 2)
     # the same job on a local Ray cluster (2 workers): the same run
     assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
     on_ray = Run.open(tmp_path / "ray")
@@ -289,3 +291,55 @@ def test_merged_validate_shards_equal_the_single_process_run(on_tiny, tmp_path, 
         capsys.readouterr()
         assert main([*args, "--shard", "3/4", "--out", str(tmp_path / "e")]) == 2
         assert "gets no prompt of 3" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_retrieval_on_a_local_ray_cluster_records_ray_startup_apart(tiny_dir, tmp_path, capsys):
+    """probe retrieval on real local Ray (2 workers) equals its shards merged by hand; Ray's start-up
+    seconds are recorded apart from the shards' own."""
+    from attnlab.probes.retrieval import STAGE
+    from attnlab.runs import DETECTIONS, RETRIEVAL_TRACE
+
+    args = ["probe", "retrieval", "--model", str(tiny_dir), "--lengths", "160", "--depths", "0.5", "--samples", "2",
+            "--causal-k", "", "--quiet"]
+    by_hand = _shards_and_merge(args, tmp_path, 2)
+    assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    assert "2 shards on Ray, merged" in capsys.readouterr().out
+    on_ray = Run.open(tmp_path / "ray")
+    pd.testing.assert_frame_equal(on_ray.read(DETECTIONS), by_hand.read(DETECTIONS))
+    pd.testing.assert_frame_equal(on_ray.read(RETRIEVAL_TRACE), by_hand.read(RETRIEVAL_TRACE))
+    entry = on_ray.manifest["stages"][STAGE]
+    assert entry["ray_startup_s"] > 0 and entry["workers"] == 2 and len(entry["shard_seconds"]) == 2
+    assert not (tmp_path / ".ray.shards").exists()
+    # the causal check can't be split: refused before Ray starts
+    assert main([*args[:-3], "--ray", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "--causal-k ''" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_retrieval_shards_equal_the_single_process_run(monkeypatch, embedded, tmp_path):
+    """SmolLM2-135M, short settings: the sharded retrieval probe merges into the single-process run."""
+    from attnlab.probes import cli as probe_cli
+    from attnlab.runs import DETECTIONS, RETRIEVAL_TRACE
+
+    monkeypatch.setattr(probe_cli, "load_model_from_args", lambda args: embedded)
+    args = ["probe", "retrieval", "--model", "smollm2-135m", "--lengths", "256", "--depths", "0.3,0.7",
+            "--samples", "3", "--causal-k", "", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    merged, single = _shards_and_merge(args, tmp_path, 2), Run.open(tmp_path / "single")
+    pd.testing.assert_frame_equal(merged.read(DETECTIONS), single.read(DETECTIONS))
+    pd.testing.assert_frame_equal(merged.read(RETRIEVAL_TRACE), single.read(RETRIEVAL_TRACE))
+
+
+@pytest.mark.slow
+def test_smollm2_circuit_shards_equal_the_single_process_run(monkeypatch, embedded, tmp_path):
+    """SmolLM2-135M, activation patching of its 270 heads over 2 IOI examples, in 2 shards."""
+    from attnlab.circuits import cli as circuit_cli
+    from attnlab.runs import CIRCUIT
+
+    monkeypatch.setattr(circuit_cli, "load_model_from_args", lambda args: embedded)
+    args = ["circuit", "--model", "smollm2-135m", "--task", "ioi", "--examples", "2", "--method", "activation",
+            "--no-faithfulness", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "csingle")]) == 0
+    merged, single = _shards_and_merge(args, tmp_path, 2, prefix="c"), Run.open(tmp_path / "csingle")
+    assert merged.read(CIRCUIT) == single.read(CIRCUIT) and merged.read(CIRCUIT)["nodes"]
