@@ -91,7 +91,7 @@ def shard_type(text: str) -> Shard:
 
 def add_shard_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=shard_type, metavar="I/N",
-                        help="do shard I of N of the work (round-robin over samples) into its own run; "
+                        help="do shard I of N of the work (round-robin over its units: samples, or heads for circuit) into its own run; "
                              "join the N runs with `attnlab merge`")
 
 

@@ -329,17 +329,3 @@ def test_smollm2_retrieval_shards_equal_the_single_process_run(monkeypatch, embe
     merged, single = _shards_and_merge(args, tmp_path, 2), Run.open(tmp_path / "single")
     pd.testing.assert_frame_equal(merged.read(DETECTIONS), single.read(DETECTIONS))
     pd.testing.assert_frame_equal(merged.read(RETRIEVAL_TRACE), single.read(RETRIEVAL_TRACE))
-
-
-@pytest.mark.slow
-def test_smollm2_circuit_shards_equal_the_single_process_run(monkeypatch, embedded, tmp_path):
-    """SmolLM2-135M, activation patching of its 270 heads over 2 IOI examples, in 2 shards."""
-    from attnlab.circuits import cli as circuit_cli
-    from attnlab.runs import CIRCUIT
-
-    monkeypatch.setattr(circuit_cli, "load_model_from_args", lambda args: embedded)
-    args = ["circuit", "--model", "smollm2-135m", "--task", "ioi", "--examples", "2", "--method", "activation",
-            "--no-faithfulness", "--quiet"]
-    assert main([*args, "--out", str(tmp_path / "csingle")]) == 0
-    merged, single = _shards_and_merge(args, tmp_path, 2, prefix="c"), Run.open(tmp_path / "csingle")
-    assert merged.read(CIRCUIT) == single.read(CIRCUIT) and merged.read(CIRCUIT)["nodes"]
