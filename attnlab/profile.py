@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,7 @@ def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, pa
     acc = _load_accum(partial, done, model, max_blocks)
     names = config.names
     bar = tqdm(total=len(todo), desc=f"profiling {model.name}", unit="sample", disable=not progress, initial=len(done))
+    t_start = time.perf_counter()
     for i in todo:
         prompt = prompts[i]
         if i in done:
@@ -159,6 +161,8 @@ def _profile_locked(model: LoadedModel, prompts: Sequence[Prompt], out: Path, pa
     shutil.rmtree(partial / "samples")
     if shard is None:
         (partial / PROFILE_ACCUM).unlink()  # a shard keeps its exact float64 sums for the merge
+    if shard is not None:  # wall seconds of this process's samples (a resumed shard: since the resume)
+        manifest["shard"]["seconds"] = time.perf_counter() - t_start
     manifest["status"] = "complete"
     manifest["tables"] = {HEAD_STATS.filename: len(table), BLOCK_MAPS.filename: list(acc["sum"].shape)}
     write_json(partial / MANIFEST, manifest)

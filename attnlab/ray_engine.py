@@ -4,7 +4,9 @@
 task per shard — each task loads the model once and runs the ordinary ``--shard I/N`` command
 (one GPU per task when the cluster has GPUs) — retries a failed shard, shows one progress bar
 over the whole job, and merges the shards into the run one process would have written
-(`attnlab.shards.merge_shards`). The shards live in a hidden folder beside the output and are
+(`attnlab.shards.merge_shards`). The merged manifest records Ray's start-up seconds apart from
+the shards' own (``stages[stage]["ray_startup_s"]``; each shard's wall seconds are under
+``shards``), so `attnlab.shards.predict_wall` can predict larger clusters. The shards live in a hidden folder beside the output and are
 removed after the merge. Ray is an optional extra: ``pip install 'attnlab[ray]'``.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Sequence
 
 from attnlab.errors import AttnlabError
@@ -64,12 +67,14 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
         shutil.rmtree(work)
     work.mkdir(parents=True)
     started_here = not ray.is_initialized()
+    t0 = time.perf_counter()
     if started_here:
         ray.init(address=None if address in (None, LOCAL) else address, include_dashboard=False,
                  log_to_driver=False, configure_logging=False,
                  num_cpus=max(shards, 1) if address in (None, LOCAL) else None)
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        startup = time.perf_counter() - t0
         task = ray.remote(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=True)(_shard_task)
         paths = [work / f"shard-{i}" for i in range(shards)]
         pending = {task.remote(list(argv), i, shards, str(paths[i]), threads): i for i in range(shards)}
@@ -88,7 +93,10 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
                                    f"(the finished shards are in {work})") from None
                 bar.update()
         bar.close()
-        run = merge_shards(paths, out, force=force)
+        # start-up apart from the shards' time (model loads included), so both can be scaled
+        run = merge_shards(paths, out, force=force,
+                           engine={"engine": "ray", "workers": shards, "ray_startup_s": startup,
+                                   "ray_shards_s": time.perf_counter() - t0 - startup})
     finally:
         if started_here:
             ray.shutdown()

@@ -3,14 +3,16 @@
 A sharded stage (``--shard I/N``) does the units ``j`` of its deterministic work list with
 ``j % N == I`` (round-robin, so long and short units spread evenly) and writes a complete,
 ordinary run that records which shard it is (``manifest["shard"]``: index, count, the stage,
-its parameters, and the names of the units it did). ``attnlab merge SHARD... --out RUN`` checks
+its parameters, the names of the units it did, and its wall seconds). ``attnlab merge SHARD... --out RUN`` checks
 that the shards belong together — one model (the identity check), one stage with the same
 parameters, the same shard count, every index once (a missing or duplicated shard is named) —
 and writes the run a single process would have written. Any launcher works: a shell loop, a
 SLURM array, Ray.
 
 Which stages merge, and how, is declared here (`MERGERS`): a merger reads the shards' files and
-writes the merged run's.
+writes the merged run's. The merged manifest keeps every shard's wall seconds and unit count
+(``stages[stage]["shards"]``), from which `predict_wall` predicts the wall time of a job on more
+workers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import importlib
 import os
 import shutil
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -59,10 +62,20 @@ class Shard:
         """This shard's share of ``units``: every ``count``-th, from ``index``."""
         return list(units[self.index :: self.count])
 
-    def record(self, stage: str, parameters: dict[str, Any], units: Sequence[str], total: int) -> dict[str, Any]:
-        """What a shard run's manifest says about the shard (``manifest["shard"]``)."""
-        return {"index": self.index, "count": self.count, "stage": stage, "parameters": parameters,
-                "units": list(units), "total": int(total)}
+    def record(self, stage: str, parameters: dict[str, Any], units: Sequence[str], total: int, *,
+               seconds: float | None = None, unit_seconds: Sequence[float] | None = None) -> dict[str, Any]:
+        """What a shard run's manifest says about the shard (``manifest["shard"]``): which job and
+        units, and how long it took — ``seconds`` the shard's wall time (model load excluded),
+        ``unit_seconds`` each unit's, in the order of ``units``, when the stage times them."""
+        rec: dict[str, Any] = {"index": self.index, "count": self.count, "stage": stage, "parameters": parameters,
+                               "units": list(units), "total": int(total), "n_units": len(units)}
+        if seconds is not None:
+            rec["seconds"] = float(seconds)
+        if unit_seconds is not None:
+            if len(unit_seconds) != len(units):
+                raise ValueError(f"{len(unit_seconds)} unit times for {len(units)} units")
+            rec["unit_seconds"] = [float(t) for t in unit_seconds]
+        return rec
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
@@ -78,7 +91,7 @@ def shard_type(text: str) -> Shard:
 
 def add_shard_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard", type=shard_type, metavar="I/N",
-                        help="do shard I of N of the work (round-robin over samples) into its own run; "
+                        help="do shard I of N of the work (round-robin over its units: samples, or heads for circuit) into its own run; "
                              "join the N runs with `attnlab merge`")
 
 
@@ -87,6 +100,29 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the shards as Ray tasks and merge them: on a local cluster started here, or on "
                              "the cluster at ADDRESS (needs pip install 'attnlab[ray]')")
     parser.add_argument("--workers", type=positive_int, default=2, help="shards (Ray tasks) with --ray (default 2)")
+
+
+def check_share(shard: Shard | None, units: Sequence[T], what: str = "sample") -> list[T]:
+    """``shard``'s share of ``units`` (all of them without a shard); a shard that would get
+    nothing is refused with the largest usable shard count."""
+    if shard is None:
+        return list(units)
+    share = shard.take(units)
+    if not share:
+        raise ShardError(f"--shard {shard} gets no {what} of {len(units)}: use at most {len(units)} shards")
+    return share
+
+
+class Stopwatch:
+    """Wall seconds of a shard's work: ``with Stopwatch() as clock: ...; clock.seconds``."""
+
+    def __enter__(self) -> Stopwatch:
+        self.start = time.perf_counter()
+        self.seconds = 0.0
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.start
 
 
 def mark_shard(run: Run, record: dict[str, Any]) -> None:
@@ -105,8 +141,11 @@ def mark_shard(run: Run, record: dict[str, Any]) -> None:
 #: stage → ``"module:function"`` that merges it: ``function(shard runs in index order, the merged
 #: run being written)``. Named, not imported: the stages live above this core module.
 MERGERS: dict[str, str] = {
+    "circuit": "attnlab.circuits.circuit:merge_circuit_shards",
     "eval": "attnlab.sparsity_stats.evaluate:merge_eval_shards",
+    "probe:retrieval": "attnlab.probes.retrieval:merge_retrieval_shards",
     "profile": "attnlab.profile:merge_profile_shards",
+    "validate": "attnlab.sparsity_stats.validation:merge_validation_shards",
 }
 
 
@@ -168,8 +207,60 @@ def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
     return stage, dict(first["parameters"]), [by_index[i] for i in range(int(first["count"]))]
 
 
-def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, force: bool = False) -> Run:
-    """Merge shard runs into ``out`` (the run a single process would have written)."""
+def shard_timing(shards: Sequence[Run]) -> list[dict[str, Any]]:
+    """Each shard's index, unit count and wall seconds (None when the shard did not record them),
+    in index order: what the merged manifest keeps under ``stages[stage]["shards"]``."""
+    rows = []
+    for run in shards:
+        rec = _record(run)
+        rows.append({"index": int(rec["index"]), "units": int(rec.get("n_units", len(rec.get("units", [])))),
+                     "seconds": rec.get("seconds")})
+    return rows
+
+
+def unit_seconds(shards: Sequence[Run]) -> list[float]:
+    """Per-unit wall seconds in the single-process work order: each unit's own time where its
+    shard recorded it, else its shard's seconds shared evenly over the shard's units."""
+    times: dict[int, float] = {}
+    for run in shards:
+        rec = _record(run)
+        index, count, units = shard_units(run)
+        own = rec.get("unit_seconds")
+        if own is None:
+            if rec.get("seconds") is None:
+                raise ShardError(f"shard {run.path} recorded no time: re-run it with this attnlab")
+            own = [float(rec["seconds"]) / max(len(units), 1)] * len(units)
+        for j, t in enumerate(own):
+            times[j * count + index] = float(t)
+    return [times[k] for k in sorted(times)]
+
+
+def predict_wall(unit_times: Sequence[float], workers: int, *, startup: float = 0.0) -> float:
+    """Predicted wall seconds of a job on ``workers`` workers, from its units' times.
+
+    The model is the one `Shard.take` implements: unit ``j`` (in the single-process work order)
+    goes to worker ``j % workers`` (round-robin), every worker runs its units one after the
+    other, and the job ends when its slowest worker does, after a fixed ``startup`` (e.g. Ray's
+    start-up, `run_sharded`'s ``ray_startup_s``, plus a model load):
+    ``wall = startup + max over w of sum(unit_times[w::workers])``. Communication and the merge
+    are not modelled (the merge reads small files). With more workers than units the extra
+    workers idle.
+    """
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if any(t < 0 for t in unit_times):
+        raise ValueError("unit times must be >= 0")
+    loads = [sum(unit_times[w::workers]) for w in range(min(workers, len(unit_times)))]
+    return float(startup) + (max(loads) if loads else 0.0)
+
+
+def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, force: bool = False,
+                 engine: dict[str, Any] | None = None) -> Run:
+    """Merge shard runs into ``out`` (the run a single process would have written).
+
+    The merged manifest's ``stages[stage]`` keeps the shards it came from, each shard's wall
+    seconds and units (``shards``, ``shard_seconds``) and ``engine``'s fields (e.g. Ray's
+    ``ray_startup_s``)."""
     from attnlab.runs import (
         MANIFEST,
         Run,
@@ -189,7 +280,10 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     partial.mkdir(parents=True)
     try:
         manifest = new_manifest(stage, ordered[0].identity, parameters)
-        manifest["stages"] = {stage: {"parameters": parameters, "merged_from": [str(r.path) for r in ordered]}}
+        timing = shard_timing(ordered)
+        manifest["stages"] = {stage: {"parameters": parameters, "merged_from": [str(r.path) for r in ordered],
+                                      "shards": timing, "shard_seconds": [t["seconds"] for t in timing],
+                                      **(engine or {})}}
         manifest["status"] = "complete"
         write_json(partial / MANIFEST, manifest)
         _merger(stage)(ordered, Run(partial, manifest))

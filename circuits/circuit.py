@@ -289,3 +289,40 @@ def circuit_figure(circuit: Circuit, *, n_layers: int | None = None, n_heads: in
 def scores_tensor(circuit: Circuit) -> torch.Tensor:
     """All head scores ``[layers, heads]`` stored with the circuit."""
     return torch.tensor(circuit.all_scores or [])
+
+
+# ---------------------------------------------------------------------------------------
+# sharded activation patching
+# ---------------------------------------------------------------------------------------
+def discover_shard(model, task: Task, shard, *, direction: str = "denoising", threshold: float = DEFAULT_THRESHOLD,
+                   ) -> tuple[Circuit, list[tuple[int, int]], float]:
+    """Activation patching of ``shard``'s share of the heads (round-robin over ``(layer, head)``
+    in layer order; the others score 0) and the circuit selected from those scores, without
+    the faithfulness curve (it needs every head's score: `merge_circuit_shards` joins the
+    shards). Returns ``(circuit, the heads done, wall seconds)``."""
+    from attnlab.shards import check_share
+
+    from .patching import activation_patching
+
+    heads = check_share(shard, [(layer, h) for layer in range(model.n_layers) for h in range(model.n_heads)], "head")
+    scores = activation_patching(model, task, direction=direction, heads=heads)
+    return select_circuit(scores, threshold=threshold, task=task), heads, scores.seconds
+
+
+def merge_circuit_shards(shards: list[Run], merged: Run) -> None:
+    """`attnlab merge` of ``circuit`` shards (activation patching, no faithfulness curve): each
+    head's score from the shard that patched it, the metrics of the task (the same in every
+    shard), and the circuit selected from them as one process selects it."""
+    parts = [run.read(CIRCUIT) for run in shards]
+    first = parts[0]
+    ident = merged.identity
+    nodes = torch.zeros(int(ident.n_layers), int(ident.n_heads), dtype=torch.float32)
+    for run, part in zip(shards, parts, strict=True):
+        scores = torch.tensor(part["scores"], dtype=torch.float32)
+        for label in run.manifest["shard"]["units"]:
+            layer, head = parse_head_label(label)
+            nodes[layer, head] = scores[layer, head]
+    scores = Scores(nodes, first["method"], first["direction"], float(first["clean_metric"]), float(first["corrupted_metric"]))
+    circuit = select_circuit(scores, threshold=float(merged.manifest["parameters"]["threshold"]))
+    circuit.task = first["task"]
+    merged.write(CIRCUIT, circuit.to_json())

@@ -5,15 +5,79 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from attnlab.cliargs import add_model_arguments, load_model_from_args, positive_int, unit_float
+from attnlab.cliargs import (
+    add_model_arguments,
+    add_quiet_argument,
+    load_model_from_args,
+    positive_int,
+    unit_float,
+)
 from attnlab.errors import AttnlabError
 from attnlab.names import head_label
-from attnlab.runs import preflight_run
+from attnlab.runs import Run, preflight_run
+from attnlab.shards import add_ray_arguments, add_shard_argument
 
 from .circuit import CUTS, node_label
 from .faithfulness import REFINE_MODES
 from .patching import DIRECTIONS, METHODS
 from .tasks import BUILTIN_TASKS
+
+
+def _check_shardable(args: argparse.Namespace) -> None:
+    """``--shard``/``--ray`` split activation patching over heads; what needs every head's score
+    (or has no per-head loop) is refused with the option to change."""
+    option = "--shard" if args.shard is not None else "--ray"
+    if args.method != "activation":
+        raise AttnlabError(f"{option} splits activation patching over heads: add --method activation "
+                           f"({args.method} scores every head in one pass)")
+    for given, name in ((not args.no_faithfulness, "the faithfulness curve"), (args.refine, "--refine"),
+                        (args.verify_edges, "--verify-edges")):
+        if given:
+            fix = "add --no-faithfulness" if name == "the faithfulness curve" else f"drop {name}"
+            raise AttnlabError(f"{option} can't run {name} (it needs every head's score): {fix}, "
+                               f"or run it without {option}")
+
+
+def _circuit_on_ray(args: argparse.Namespace) -> int:
+    """``circuit --method activation --ray``: the heads as Ray tasks, one shard per worker, merged into --out."""
+    from attnlab.ray_engine import run_sharded
+    from attnlab.runs import CIRCUIT
+
+    if args.shard is not None:
+        raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+    task = str(Path(args.task).resolve()) if args.task.endswith(".jsonl") else args.task
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # workers' cwd differs
+    argv = ["circuit", "--model", model, "--task", task, "--method", args.method, "--direction", args.direction,
+            "--threshold", repr(args.threshold), "--examples", str(args.examples), "--seed", str(args.seed),
+            "--no-faithfulness"]
+    if args.device:
+        argv += ["--device", args.device]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
+    nodes = run.read(CIRCUIT)["nodes"]
+    print(f"heads ({len(nodes)}): " + "  ".join(f"{n['name']}={n['score']:.3f}" for n in nodes))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
+    return 0
+
+
+def _circuit_shard(args: argparse.Namespace, model, task) -> int:
+    """``--shard I/N``: activation patching of this shard's heads into a shard run."""
+    from attnlab.shards import mark_shard
+
+    from .circuit import discover_shard, save_circuit
+
+    circuit, heads, seconds = discover_shard(model, task, args.shard, direction=args.direction, threshold=args.threshold)
+    extra = {"examples": len(task), "seed": args.seed}
+    path = save_circuit(circuit, model, args.out, extra)
+    run = Run.open(path.parent)
+    parameters = {"method": circuit.method, "direction": circuit.direction, "threshold": circuit.threshold,
+                  "task": circuit.task.get("name"), **extra}
+    mark_shard(run, args.shard.record("circuit", parameters, [head_label(a, b) for a, b in heads],
+                                      model.n_layers * model.n_heads, seconds=seconds))
+    print(f"shard {args.shard}: patched {len(heads)} heads; join the shards with `attnlab merge`")
+    print(f"wrote {path}")
+    return 0
 
 
 def _cmd_circuit(args: argparse.Namespace) -> int:
@@ -27,12 +91,18 @@ def _cmd_circuit(args: argparse.Namespace) -> int:
         raise AttnlabError(f"task file {args.task} does not exist")
     if args.cut == "faithfulness" and args.no_faithfulness:
         raise AttnlabError("--cut faithfulness needs the faithfulness curve: drop --no-faithfulness")
+    if args.shard is not None or args.ray is not None:
+        _check_shardable(args)
+    if args.ray is not None:
+        return _circuit_on_ray(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before the slow model load
         raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
     model = load_model_from_args(args)
     preflight_run(out, model)
     task = load_task(model, args.task, n=args.examples, seed=args.seed)
+    if args.shard is not None:
+        return _circuit_shard(args, model, task)
     circuit = discover(model, task, method=args.method, direction=args.direction, threshold=args.threshold,
                        faithfulness=not args.no_faithfulness, cut=args.cut)
     if args.refine:
@@ -88,4 +158,7 @@ def add_commands(subparsers) -> None:
                    "grow (add heads from none) | prune (remove heads from all); stored under faithfulness.refined")
     p.add_argument("--refine-step", type=positive_int, default=1, help="heads added or removed per refinement step (default 1)")
     p.add_argument("--out", required=True, help="run directory to write the circuit into (created if needed)")
+    add_shard_argument(p)
+    add_ray_arguments(p)
+    add_quiet_argument(p)
     p.set_defaults(func=_cmd_circuit)

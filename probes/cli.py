@@ -18,6 +18,7 @@ from attnlab.cliargs import (
 )
 from attnlab.errors import AttnlabError
 from attnlab.names import head_label
+from attnlab.shards import add_ray_arguments, add_shard_argument
 
 from .detections import HEAD_TYPES
 from .retrieval import MODES
@@ -59,7 +60,7 @@ def _retrieval(model, args) -> None:
     res = probe_retrieval(
         model, args.out, lengths=args.lengths or (512, 1024), depths=args.depths, n_samples=args.samples,
         mode=args.mode, haystack=args.haystack, causal_ks=args.causal_k, draws=args.draws, seed=args.seed,
-        progress=not args.quiet,
+        progress=not args.quiet, shard=args.shard,
     )
     s = res.summary
     _print_top(res.detections, "retrieval", args.top)
@@ -128,9 +129,49 @@ def _print_summary(summary: dict[str, Any]) -> None:
         print("  " + ", ".join(f"{k}={_fmt(v)}" for k, v in list(short.items())[:8]))
 
 
+def _retrieval_on_ray(args: argparse.Namespace) -> int:
+    """``probe retrieval --ray``: the needle suite as Ray tasks, one shard per worker, merged into --out."""
+    from pathlib import Path
+
+    from attnlab.ray_engine import run_sharded
+    from attnlab.runs import RETRIEVAL_SUMMARY
+    from attnlab.shards import ShardError
+
+    if args.shard is not None:
+        raise ShardError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+    if args.causal_k:
+        raise ShardError("--ray can't run the causal check (it ablates the top heads ranked over every sample): "
+                         "give --causal-k '' with --ray, or run it without --ray")
+
+    def local(path: str) -> str:  # Ray workers run in another folder
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    argv = ["probe", "retrieval", "--model", local(args.model), "--depths", ",".join(map(str, args.depths)),
+            "--mode", args.mode, "--causal-k", ",".join(map(str, args.causal_k)), "--draws", str(args.draws),
+            "--seed", str(args.seed)]
+    for flag, value in (("--lengths", args.lengths and ",".join(map(str, args.lengths))), ("--samples", args.samples),
+                        ("--haystack", args.haystack and local(args.haystack)), ("--device", args.device)):
+        if value:
+            argv += [flag, str(value)]
+    if args.trust_remote_code:
+        argv.append("--trust-remote-code")
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
+    s = run.read(RETRIEVAL_SUMMARY)
+    _print_top(run.detections(), "retrieval", args.top)
+    print("retrieval: " + ", ".join(f"{k}={_fmt(s.get(k))}" for k in ("samples", "accuracy", "counted", "retrieval_heads")))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
+    return 0
+
+
 def _cmd_probe(args: argparse.Namespace) -> int:
     from attnlab.runs import check_writable_target, preflight_run
 
+    if (args.shard is not None or args.ray is not None) and args.probe != "retrieval":
+        option = "--shard" if args.shard is not None else "--ray"
+        raise AttnlabError(f"{option} shards `attnlab probe retrieval` only (one greedy answer per needle sample); "
+                           f"run `attnlab probe {args.probe}` without {option}")
+    if args.ray is not None:
+        return _retrieval_on_ray(args)
     if args.probe == "families":
         _families(args)
         return 0
@@ -192,6 +233,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None, help="JSONL of {text, labels: [[start_char, end_char], ...]} (linear)")
     p.add_argument("--top", type=positive_int, default=10, help="heads to print")
     p.add_argument("--seed", type=int, default=0)
+    add_shard_argument(p)
+    add_ray_arguments(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_probe)
 

@@ -89,6 +89,8 @@ _ERR_K = (
 )
 _ERR_DRAWS = "draws must be at least 1, got {draws}"
 _ERR_NO_SAMPLES = "no needle samples to score: give at least one length, depth and kind"
+_ERR_SHARD_CAUSAL = ("--shard can't run the causal check (it ablates the top heads ranked over every sample): "
+                     "give --causal-k '' with --shard, or run it without --shard")
 
 
 # ---------------------------------------------------------------------------------------
@@ -464,6 +466,7 @@ def probe_retrieval(
     max_new_tokens: int | None = None,
     seed: int = 0,
     progress: bool = True,
+    shard=None,
 ) -> ProbeResult:
     """The retrieval probe, end to end: scores, evidence, top heads and the causal check.
 
@@ -480,6 +483,9 @@ def probe_retrieval(
         max_new_tokens: cap on answer length (default: value tokens + 6).
         seed: seeds the suite and the random heads.
         progress: tqdm bars over samples.
+        shard: an `attnlab.shards.Shard`: score only its share of the suite (round-robin) into
+            a shard run for `attnlab merge` (`merge_retrieval_shards`); the causal check needs
+            the ranking over every sample, so it is refused with a shard (``causal_ks=()``).
 
     Everything is validated before any model work (suite, context lengths, output directory,
     K values); a mistake raises a `ProbeError` (an `AttnlabError`) and writes nothing.
@@ -491,6 +497,8 @@ def probe_retrieval(
     """
     if mode not in MODES:
         raise ProbeError(_ERR_MODE.format(modes=list(MODES), mode=mode))
+    if shard is not None and causal_ks:
+        raise ProbeError(_ERR_SHARD_CAUSAL)
     check_routable(model)
     preflight_run(out, model)
     _check_causal(model, causal_ks, draws)
@@ -506,6 +514,11 @@ def probe_retrieval(
         "max_new_tokens": max_new_tokens, "seed": int(seed),
     }
     means = _ablation_means(model, lengths, seed) if ablation == "mean" and causal_ks else None
+    total = len(samples)
+    if shard is not None:
+        from attnlab.shards import check_share
+
+        samples = check_share(shard, samples)
 
     t0 = time.perf_counter()
     traces = [trace_sample(model, s, max_new_tokens=max_new_tokens) for s in _progress(samples, progress, "retrieval score")]
@@ -531,6 +544,11 @@ def probe_retrieval(
     tables = {NEEDLE_RESULTS.key: results, RETRIEVAL_TRACE.key: trace_frame(samples, traces), CAUSAL_CHECK.key: causal}
     run = ensure_run(out, model.identity(), STAGE, params)
     _write_retrieval(run, detections, tables, summary, causal_summary if causal_ks else None)
+    if shard is not None:
+        from attnlab.shards import mark_shard
+
+        mark_shard(run, shard.record(STAGE, params, [s.name for s in samples], total, seconds=score_seconds,
+                                     unit_seconds=[t.seconds for t in traces]))
     return ProbeResult(run, detections, summary, tables, {"scores": scores, "traces": traces, "samples": samples})
 
 
@@ -592,3 +610,58 @@ def _write_retrieval(
     stored = json.loads(json.dumps(summary, default=float))
     run.write(RETRIEVAL_SUMMARY, stored)
     run.record_stage(STAGE, summary=stored)
+
+
+# ---------------------------------------------------------------------------------------
+# merging shards
+# ---------------------------------------------------------------------------------------
+class _Heads:
+    """The head layout `detection_rows` and `retrieval_summary` read, from a run's identity."""
+
+    def __init__(self, identity):
+        self.n_layers, self.n_heads, self.n_kv_heads = int(identity.n_layers), int(identity.n_heads), int(identity.n_kv_heads)
+        self.group_size = self.n_heads // self.n_kv_heads
+
+    def kv_head(self, head: int) -> int:
+        return head // self.group_size
+
+
+def _scores_from_tables(results: pd.DataFrame, trace: pd.DataFrame, heads: _Heads, mode: str) -> RetrievalScores:
+    """`score_traces` again from the stored tables: copy events per sample and head from the
+    trace, the counting filter from the results (the same numbers, bit for bit)."""
+    names = [str(n) for n in results["sample"]]
+    hits = torch.zeros(len(names), heads.n_layers, heads.n_heads, dtype=torch.int64)
+    rows = trace[(trace["mode"] == mode) & trace["hit"].astype(bool)]
+    index = {n: i for i, n in enumerate(names)}
+    for (sample, layer, head), n in rows.groupby(["sample", "layer", "head"]).size().items():
+        hits[index[str(sample)], int(layer), int(head)] = int(n)
+    span = torch.tensor((results["needle_end"] - results["needle_start"]).to_numpy(), dtype=torch.float64)
+    per_sample = torch.stack([hits[i].to(torch.float32) / float(span[i]) for i in range(len(names))])
+    counted_col, rouge_col = ("counted", "rouge1") if mode == "greedy" else ("teacher_counted", "teacher_rouge1")
+    return RetrievalScores(mode, names, per_sample, hits, [bool(c) for c in results[counted_col]],
+                           [float(r) for r in results[rouge_col]])
+
+
+def merge_retrieval_shards(shards: list[Run], merged: Run) -> None:
+    """`attnlab merge` of ``probe retrieval`` shards (made with ``--causal-k ''``): results and
+    trace in the single-process sample order; scores, detections and the summary recomputed
+    from them (what one process would have written; ``seconds_per_sample`` is the mean of the
+    samples' own times)."""
+    from attnlab.shards import full_order
+
+    position = full_order(shards)
+
+    def ordered(frames: list[pd.DataFrame]) -> pd.DataFrame:
+        table = pd.concat(frames, ignore_index=True)
+        return table.iloc[table["sample"].map(position).argsort(kind="stable")].reset_index(drop=True)
+
+    results = ordered([run.read(NEEDLE_RESULTS) for run in shards])
+    trace = ordered([run.read(RETRIEVAL_TRACE) for run in shards])
+    params = merged.manifest["parameters"]
+    heads = _Heads(merged.identity)
+    scores = {m: _scores_from_tables(results, trace, heads, m) for m in MODES}
+    mode = params["mode"]
+    detections = detection_rows(scores[mode], heads)
+    summary = retrieval_summary(heads, scores, mode, results, seed=int(params["seed"]),
+                                seconds_per_sample=float(results["seconds"].mean()), causal={})
+    _write_retrieval(merged, detections, {NEEDLE_RESULTS.key: results, RETRIEVAL_TRACE.key: trace}, summary, None)

@@ -260,11 +260,12 @@ def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows
     if scored:
         heads = np.mean([np.asarray(r["decode_recall"], dtype=float) for r in scored], axis=0)
         worst = int(np.argmin(heads))
+        n_heads = int(policy.identity["n_heads"])  # the policy's model (a merge has no model loaded)
         nll_d, nll_c = _mean(scored, "nll_dense"), _mean(scored, "nll_compressed")
         s.update(ppl_dense=math.exp(nll_d), ppl_compressed=math.exp(nll_c), ppl_delta=math.exp(nll_c) - math.exp(nll_d),
                  decode_recall_mean=float(heads.mean()), decode_recall_worst=float(heads[worst]),
-                 decode_recall_worst_head=head_label(worst // model.n_heads, worst % model.n_heads),
-                 decode_recall_heads=heads.reshape(model.n_layers, model.n_heads).tolist())
+                 decode_recall_worst_head=head_label(worst // n_heads, worst % n_heads),
+                 decode_recall_heads=heads.reshape(-1, n_heads).tolist())
     if needle:
         d = [r["correct_dense"] for r in needle]
         c = [r["correct_compressed"] for r in needle]
@@ -291,11 +292,16 @@ def validate_decode(
     out: str | Path | None = None,
     progress: bool = True,
     seed: int = 0,
+    shard=None,
+    job: dict[str, Any] | None = None,
 ) -> DecodeReport:
     """Validate ``policy``'s decode phase on ``model`` (see the module docstring); write the
-    paired samples and the summary to the run ``out`` when given (checked before any work)."""
+    paired samples and the summary to the run ``out`` when given (checked before any work).
+    ``shard`` (an `attnlab.shards.Shard`): only its round-robin share of the prompts, then the
+    needle samples (`attnlab.sparsity_stats.validation.shard_units`), into a shard run with the
+    job's parameters ``job`` (with ``phase="both"`` the prefill report has recorded it already)."""
     from .executors import PolicyExecutor
-    from .validation import _held_out_prompts, _needle_samples
+    from .validation import _held_out_prompts, _needle_samples, shard_share
 
     if phase not in ("decode", "both"):
         raise ValueError(f"phase must be 'decode' or 'both', got {phase!r}")
@@ -314,12 +320,21 @@ def validate_decode(
         # the held-out text runs on past the prompt: its next new_tokens are the scored continuation
         prompts = _held_out_prompts(model, n_prompts, prompt_tokens + new_tokens, seed)
     needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
+    indices = list(range(len(prompts)))
+    if shard is not None:
+        indices, needles = shard_share(shard, len(prompts), needles, need_prompt=phase == "both")
+    t_start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    for i, p in enumerate(tqdm(prompts, desc="decode: continuations", unit="prompt", disable=not progress)):
-        ids, reference = p.input_ids[:, :prompt_tokens], p.input_ids[0, prompt_tokens:].tolist()
+    unit_seconds = []
+    for i in tqdm(indices, desc="decode: continuations", unit="prompt", disable=not progress):
+        t0 = time.perf_counter()
+        ids, reference = prompts[i].input_ids[:, :prompt_tokens], prompts[i].input_ids[0, prompt_tokens:].tolist()
         rows.append({"sample": f"prompt{i}", **continuation_row(model, policy, ids, new_tokens, prefill, reference)})
+        unit_seconds.append(time.perf_counter() - t0)
     for s in tqdm(needles, desc="decode: needle", unit="sample", disable=not progress):
+        t0 = time.perf_counter()
         rows.append(needle_row(model, policy, s, prefill))
+        unit_seconds.append(time.perf_counter() - t0)
     samples = pd.DataFrame(rows)
     if "decode_recall" in samples:  # a list per continuation, None (not NaN) on needle rows
         samples["decode_recall"] = [r.get("decode_recall") for r in rows]
@@ -330,7 +345,37 @@ def validate_decode(
         run.write(DECODE_SAMPLES, report.samples)
         run.write(DECODE_SUMMARY, {**report.summary, "policy_file": policy.to_dict()})
         report.run = run
+        if shard is not None:
+            from attnlab.shards import mark_shard
+
+            rec = shard.record("validate", job or {}, [r["sample"] for r in rows], len(prompts) + needle_samples,
+                               seconds=time.perf_counter() - t_start, unit_seconds=unit_seconds)
+            old = run.manifest.get("shard") if phase == "both" else None
+            if old:  # the prefill part of the same units ran first: one record, both times
+                rec["seconds"] += old.get("seconds", 0.0)
+                rec["unit_seconds"] = [a + b for a, b in zip(old["unit_seconds"], rec["unit_seconds"], strict=True)]
+            mark_shard(run, rec)
     return report
+
+
+def merge_decode_shards(shards: list[Run], merged: Run, position: dict[str, int]) -> dict[str, Any]:
+    """The decode part of `attnlab merge` of ``validate`` shards: the paired samples in the
+    single-process order and the summary recomputed from them; returns the stage's parameters."""
+    from .validation import _Measured
+
+    parts = [run.read(DECODE_SUMMARY) for run in shards]
+    first = parts[0]
+    table = pd.concat([run.read(DECODE_SAMPLES) for run in shards], ignore_index=True)
+    table = table.iloc[table["sample"].map(position).argsort(kind="stable")].reset_index(drop=True)
+    rows = [{k: v for k, v in r.items()} for r in table.to_dict("records")]
+    policy = Policy.from_dict(first["policy_file"])
+    summary = _summary(_Measured(first["model"], first["device"]), policy, first["phase"], first["executor"], rows,
+                       int(first["new_tokens"]))
+    merged.write(DECODE_SAMPLES, table)
+    merged.write(DECODE_SUMMARY, {**summary, "policy_file": first["policy_file"]})
+    job = merged.manifest["parameters"]
+    return {"phase": first["phase"], "executor": first["executor"], "prompt_tokens": job["prompt_tokens"],
+            "n_prompts": job["n_prompts"], "new_tokens": first["new_tokens"], "needle_samples": job["needle_samples"]}
 
 
 @torch.no_grad()

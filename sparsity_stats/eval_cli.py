@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from attnlab.cliargs import (
@@ -105,6 +106,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         samples = args.shard.take(samples)
         if not samples:
             raise AttnlabError(f"--shard {args.shard} gets no sample of {total}: use at most {total} shards")
+    t_start = time.perf_counter()
     table = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet)
     summary = summarize(table)
     parameters = {"tasks": tasks, "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
@@ -114,7 +116,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     run.write(EVAL_SAMPLES, table)
     run.write(EVAL_SUMMARY, summary)
     if args.shard is not None:
-        mark_shard(run, args.shard.record("eval", parameters, [s.name for s in samples], total))
+        mark_shard(run, args.shard.record("eval", parameters, [s.name for s in samples], total,
+                                          seconds=time.perf_counter() - t_start))
     print(format_summary(summary))
     print(f"wrote {run.file(EVAL_SAMPLES)} and {run.file(EVAL_SUMMARY)}")
     return 0

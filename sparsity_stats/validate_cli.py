@@ -9,13 +9,51 @@ from attnlab.cliargs import (
     add_model_arguments,
     add_quiet_argument,
     load_model_from_args,
+    model_argv,
     nonneg_int,
     positive_int,
 )
 from attnlab.errors import AttnlabError
+from attnlab.shards import add_ray_arguments, add_shard_argument
 
+from .decode_validation import NEW_TOKENS
 from .executors import EXECUTORS
 from .export import EXPORT_FORMATS
+
+
+def _job(args: argparse.Namespace, policy) -> dict:
+    """The parameters every shard of one ``validate`` job shares (its shard record's)."""
+    import hashlib
+    import json
+
+    text = json.dumps(policy.to_dict(), sort_keys=True, default=str)
+    return {"phase": args.phase, "executor": args.executor, "deployed_as": args.deployed_as, "n_prompts": args.prompts,
+            "prompt_tokens": args.tokens, "needle_samples": args.needle, "needle_length": args.needle_length,
+            "new_tokens": args.new_tokens, "seed": args.seed, "policy_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def _validate_on_ray(args: argparse.Namespace) -> int:
+    """``validate --ray``: the prompts and needle samples as Ray tasks, one shard per worker, merged into --out."""
+    from attnlab.ray_engine import run_sharded
+    from attnlab.runs import DECODE_SUMMARY, VALIDATION_SUMMARY
+
+    if args.shard is not None:
+        raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
+    def local(path: str) -> str:  # Ray workers run in another folder
+        return str(Path(path).resolve()) if Path(path).exists() else path
+
+    argv = ["validate", str(Path(args.policy).resolve()), *model_argv(args, resolve=local), "--executor", args.executor,
+            "--prompts", str(args.prompts), "--tokens", str(args.tokens), "--needle", str(args.needle),
+            "--needle-length", str(args.needle_length), "--phase", args.phase, "--new-tokens", str(args.new_tokens),
+            "--seed", str(args.seed)]
+    if args.deployed_as:
+        argv += ["--as", args.deployed_as]
+    run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
+    summary = run.read(VALIDATION_SUMMARY) if args.phase != "decode" else run.read(DECODE_SUMMARY)
+    keys = ("n_prompts", "kl_mean", "ppl_delta", "needle_dense", "needle_sparse", "token_match", "needle_compressed")
+    print(", ".join(f"{k}={summary[k]}" for k in keys if summary.get(k) is not None))
+    print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
+    return 0
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -26,9 +64,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     if args.executor == "triton":
         prepare_triton()  # the interpreter must be chosen before the kernel module loads
     policy = Policy.load(args.policy)
+    if args.ray is not None:
+        return _validate_on_ray(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():  # before the slow model load
         raise AttnlabError(f"--out {out} is a file, not a run directory: give a new folder or an existing run of this model")
+    if args.shard is not None and out.exists():
+        raise AttnlabError(f"--out {out} exists: a shard writes a run of its own, give a new folder")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)
     if args.phase != "prefill":
@@ -36,7 +78,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     report = validate_policy(
         model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
-        seed=args.seed, deployed_as=args.deployed_as,
+        seed=args.seed, deployed_as=args.deployed_as, shard=args.shard, job=_job(args, policy),
     )
     print(report.format())
     print(f"wrote {args.out}")
@@ -55,13 +97,13 @@ def _validate_decode(args: argparse.Namespace, model, policy) -> int:
         report = validate_policy(
             model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
             needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
-            seed=args.seed,
+            seed=args.seed, shard=args.shard, job=_job(args, policy),
         )
         print(report.format())
     decode = validate_decode(
         model, policy, phase=args.phase, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         new_tokens=args.new_tokens, needle_samples=args.needle, needle_length=args.needle_length, out=args.out,
-        progress=not args.quiet, seed=args.seed,
+        progress=not args.quiet, seed=args.seed, shard=args.shard, job=_job(args, policy),
     )
     print(decode.format())
     print(f"wrote {args.out}")
@@ -101,10 +143,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                    help="prefill: the policy's prefill heads (default, as before); decode: dense prefill, then generation "
                         "with the policy's compressed KV cache vs a full one; both: the prefill report, then generation "
                         "with both phases")
-    p.add_argument("--new-tokens", type=positive_int, default=64,
-                   help="tokens generated per prompt for continuation agreement with --phase decode|both (default 64)")
+    p.add_argument("--new-tokens", type=positive_int, default=NEW_TOKENS,
+                   help="tokens generated (and of the text's own continuation scored) per prompt with --phase "
+                        f"decode|both (default {NEW_TOKENS})")
     p.add_argument("--seed", type=nonneg_int, default=0)
     p.add_argument("--out", required=True, help="run directory for the report (created, or added to)")
+    add_shard_argument(p)
+    add_ray_arguments(p)
     add_quiet_argument(p)
     p.set_defaults(func=_cmd_validate)
 

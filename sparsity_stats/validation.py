@@ -272,6 +272,8 @@ def validate_policy(
     progress: bool = True,
     seed: int = 0,
     deployed_as: str | None = None,
+    shard=None,
+    job: dict[str, Any] | None = None,
 ) -> ValidationReport:
     """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
 
@@ -286,6 +288,10 @@ def validate_policy(
         deployed_as: an export format (``minference``, ``duo``, ``flex``, ...): run the policy as
             that tool runs the exported file (`attnlab.sparsity_stats.deployed`), through the fp32
             reference, instead of through ``executor``.
+        shard: an `attnlab.shards.Shard`: validate only its share (round-robin over the prompts,
+            then the needle samples: `shard_units`) into a shard run that also keeps each
+            prompt's raw measures (``summary["per_prompt"]``) for `merge_validation_shards`;
+            ``job`` is the job's parameters its shard record carries.
     """
     if deployed_as is not None:
         from .deployed import DeployedExecutor
@@ -300,22 +306,63 @@ def validate_policy(
     if prompts is None:
         prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
     needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
+    t_start = time.perf_counter()
+    indices = list(range(len(prompts)))
+    if shard is not None:
+        indices, needles = shard_share(shard, len(prompts), needles)
     heads: list[pd.DataFrame] = []
     measured = _ModelLevel()
-    for i, p in enumerate(tqdm(prompts, desc=f"validating ({executor})", unit="prompt", disable=not progress)):
-        ids = p.input_ids.to(model.device)
+    unit_seconds = []
+    for i in tqdm(indices, desc=f"validating ({executor})", unit="prompt", disable=not progress):
+        t0 = time.perf_counter()
+        ids = prompts[i].input_ids.to(model.device)
         h = head_errors(model, ex, ids)
         h.insert(0, "sample", i)
         heads.append(h)
         measured.add(model, ex, ids)
+        unit_seconds.append(time.perf_counter() - t0)
     per_head = _per_head_table(heads, policy)
-    report = ValidationReport(per_head, _summary(model, policy, executor, prompts, per_head, measured))
-    if needle_samples > 0:
-        report.samples = needle_accuracy(model, ex, needle_samples, needle_length, seed=seed, progress=progress, samples=needles)
+    report = ValidationReport(per_head, _summary(model, policy, executor, [prompts[i] for i in indices], per_head, measured))
+    if needles:
+        for s in tqdm(needles, desc="needle accuracy", unit="sample", disable=not progress):
+            t0 = time.perf_counter()
+            report.samples += needle_accuracy(model, ex, 1, needle_length, seed=seed, progress=False, samples=[s])
+            unit_seconds.append(time.perf_counter() - t0)
         _add_needle(report.summary, report.samples)
+    if shard is not None:  # the raw per-prompt measures the merge recomputes the report from
+        report.summary["per_prompt"] = {
+            "sample": indices, "kl": measured.kl, "nll_dense": measured.nll_dense, "nll_sparse": measured.nll_sparse,
+            "device": str(model.device), "heads": pd.concat(heads, ignore_index=True).to_dict("list"),
+        }
     if out is not None:
         report.run = _write_report(out, model, policy, report, needle_samples)
+        if shard is not None:
+            from attnlab.shards import mark_shard
+
+            mark_shard(report.run, shard.record("validate", job or {}, [f"prompt{i}" for i in indices] + [s.name for s in needles],
+                                                len(prompts) + needle_samples, seconds=time.perf_counter() - t_start,
+                                                unit_seconds=unit_seconds))
     return report
+
+
+def shard_units(n_prompts: int, needles: list[Any]) -> list[str]:
+    """The work list `validate` shards, in the single-process order: the held-out prompts
+    (``prompt{i}``), then the needle samples (by name)."""
+    return [f"prompt{i}" for i in range(n_prompts)] + [s.name for s in needles]
+
+
+def shard_share(shard, n_prompts: int, needles: list[Any], *, need_prompt: bool = True) -> tuple[list[int], list[Any]]:
+    """``shard``'s prompts (indices) and needle samples: its round-robin share of `shard_units`.
+    ``need_prompt``: every shard must get a prompt (the prefill report is a mean over prompts)."""
+    from attnlab.shards import ShardError, check_share
+
+    units = list(range(n_prompts)) + list(needles)
+    share = check_share(shard, units, "prompt or needle sample")
+    indices = [u for u in share if isinstance(u, int)]
+    if need_prompt and not indices:
+        raise ShardError(f"--shard {shard} gets no prompt of {n_prompts}, and every shard needs one for the "
+                         f"prefill report: use at most {n_prompts} shards (or raise --prompts)")
+    return indices, [u for u in share if not isinstance(u, int)]
 
 
 def _needle_samples(model: LoadedModel, n: int, length: int, seed: int) -> list[Any]:
@@ -348,3 +395,68 @@ def needle_accuracy(model: LoadedModel, executor: PolicyExecutor, n: int, length
                      "correct_dense": bool(dense.contains), "correct_sparse": bool(sparse.contains),
                      "prefill_tokens": int(s.input_ids.shape[-1]), "prefill_density": density})
     return rows
+
+
+# ---------------------------------------------------------------------------------------
+# merging shards
+# ---------------------------------------------------------------------------------------
+class _Measured:
+    """What `_summary` reads of a model, from a shard's summary."""
+
+    def __init__(self, name: str, device: str):
+        self.name = name
+        self.device = torch.device(device)
+
+
+def merge_validation_shards(shards: list[Run], merged: Run) -> None:
+    """`attnlab merge` of ``validate`` shards: the per-head table, KL, perplexities and needle
+    accuracy recomputed from every prompt's raw measures in the single-process order (the
+    prefill phase), and the decode samples and summary (`decode_validation.merge_decode_shards`)
+    for ``--phase decode|both``; the manifest as one process writes it. Times are the sums of
+    the shards'."""
+    from attnlab.runs import MANIFEST, write_json
+    from attnlab.shards import full_order
+
+    job = merged.manifest["parameters"]
+    phase = job["phase"]
+    position = full_order(shards)
+    stages: dict[str, Any] = {}
+    kind = "validate_decode"
+    if phase in ("prefill", "both"):
+        kind = "validate"
+        parts = [run.read(VALIDATION_SUMMARY) for run in shards]
+        first = parts[0]
+        policy = Policy.from_dict(first["policy_file"])
+        raw = sorted(((i, k, nd, ns) for p in parts for i, k, nd, ns in
+                      zip(p["per_prompt"]["sample"], p["per_prompt"]["kl"], p["per_prompt"]["nll_dense"],
+                          p["per_prompt"]["nll_sparse"], strict=True)))
+        measured = _ModelLevel(kl=[r[1] for r in raw], nll_dense=[r[2] for r in raw], nll_sparse=[r[3] for r in raw],
+                               time_dense_s=sum(p["time_dense_s"] for p in parts),
+                               time_sparse_s=sum(p["time_sparse_s"] for p in parts))
+        table = pd.concat([pd.DataFrame(p["per_prompt"]["heads"]) for p in parts], ignore_index=True)
+        table = table.iloc[table["sample"].argsort(kind="stable")].reset_index(drop=True)
+        per_head = _per_head_table([table], policy)
+
+        class _Prompt:
+            n_tokens = int(first["prompt_tokens"])
+
+        summary = _summary(_Measured(first["model"], first["per_prompt"]["device"]), policy, first["executor"],
+                           [_Prompt()] * len(raw), per_head, measured)
+        needle = sorted((s for p in parts for s in p["needle"]), key=lambda s: position[s["sample"]])
+        if needle:
+            _add_needle(summary, needle)
+        merged.write(VALIDATION_HEADS, per_head)
+        merged.write(VALIDATION_SUMMARY, {**summary, "needle": needle, "policy_file": first["policy_file"]})
+        stages["validate"] = {"executor": summary["executor"], "prompt_tokens": summary["prompt_tokens"],
+                              "n_prompts": summary["n_prompts"], "needle_samples": job["needle_samples"]}
+    if phase in ("decode", "both"):
+        from .decode_validation import merge_decode_shards
+
+        stages["validate_decode"] = merge_decode_shards(shards, merged, position)
+    # the manifest one process writes: the first stage's kind and parameters, every stage's entry
+    manifest = dict(merged.manifest)
+    entry = manifest["stages"].pop("validate")
+    manifest.update(kind=kind, parameters=stages[kind], job=job)
+    manifest["stages"] = {name: {**(entry if name == kind else {}), "parameters": params} for name, params in stages.items()}
+    write_json(merged.file(MANIFEST), manifest)
+    merged.manifest = manifest

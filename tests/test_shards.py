@@ -59,6 +59,7 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     pd.testing.assert_frame_equal(merged.read(EVAL_SUMMARY), single.read(EVAL_SUMMARY))
     assert merged.identity.mismatch(single.identity) is None
     assert merged.manifest["stages"]["eval"]["parameters"] == single.manifest["stages"]["eval"]["parameters"]
+    _timing_recorded(merged, "eval", 3)
 
     capsys.readouterr()
     # a missing shard, a duplicated one, another job's shard: one line each, nothing written
@@ -113,8 +114,218 @@ def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
         assert (getattr(a, name) - getattr(b, name)).abs().max().item() <= 1e-6, name
     assert not merged.has(PROFILE_ACCUM) and merged.has(BLOCK_MAPS)
     assert merged.manifest["parameters"] == single.manifest["parameters"]
+    _timing_recorded(merged, "profile", 2)
     # the same job on a local Ray cluster (2 workers): the same run
     assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
     on_ray = Run.open(tmp_path / "ray")
     pd.testing.assert_frame_equal(on_ray.read(HEAD_STATS), single.read(HEAD_STATS))
     assert (on_ray.block_maps().mass_sum - a.mass_sum).abs().max().item() <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# timing and the wall-time model
+# ---------------------------------------------------------------------------------------
+def test_predict_wall_is_round_robin_max_plus_startup():
+    from attnlab.shards import predict_wall
+
+    times = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert predict_wall(times, 1) == 15.0
+    assert predict_wall(times, 2) == 9.0  # worker 0: 1+3+5, worker 1: 2+4
+    assert predict_wall(times, 2, startup=1.5) == 10.5
+    assert predict_wall(times, 8) == 5.0  # more workers than units: the longest unit
+    assert predict_wall([], 4, startup=2.0) == 2.0
+    with pytest.raises(ValueError):
+        predict_wall(times, 0)
+    with pytest.raises(ValueError):
+        predict_wall([-1.0], 1)
+    rec = Shard(1, 2).record("x", {}, ["a", "b"], 4, seconds=3.0, unit_seconds=[1.0, 2.0])
+    assert rec["seconds"] == 3.0 and rec["n_units"] == 2 and rec["unit_seconds"] == [1.0, 2.0]
+    with pytest.raises(ValueError):
+        Shard(0, 2).record("x", {}, ["a"], 2, unit_seconds=[1.0, 2.0])
+
+
+# ---------------------------------------------------------------------------------------
+# probe retrieval, circuit, validate: in-process on the tiny Llama
+# ---------------------------------------------------------------------------------------
+@pytest.fixture
+def on_tiny(monkeypatch, tiny_llama):
+    """Every stage's CLI gets the session's tiny Llama instead of loading --model."""
+    from attnlab.circuits import cli as circuit_cli
+    from attnlab.probes import cli as probe_cli
+    from attnlab.sparsity_stats import validate_cli
+
+    for module in (probe_cli, circuit_cli, validate_cli):
+        monkeypatch.setattr(module, "load_model_from_args", lambda args: tiny_llama)
+    return tiny_llama
+
+
+def _shards_and_merge(args, tmp_path, n, prefix="s"):
+    for i in range(n):
+        assert main([*args, "--shard", f"{i}/{n}", "--out", str(tmp_path / f"{prefix}{i}")]) == 0
+    assert main(["merge", *(str(tmp_path / f"{prefix}{i}") for i in reversed(range(n))),
+                 "--out", str(tmp_path / f"{prefix}merged")]) == 0
+    return Run.open(tmp_path / f"{prefix}merged")
+
+
+def _timing_recorded(merged, stage, n):
+    entry = merged.manifest["stages"][stage]
+    assert len(entry["shard_seconds"]) == n and all(s > 0 for s in entry["shard_seconds"])
+    assert [s["index"] for s in entry["shards"]] == list(range(n)) and all(s["units"] >= 1 for s in entry["shards"])
+
+
+def test_merged_retrieval_shards_equal_the_single_process_run(on_tiny, tmp_path, capsys):
+    from attnlab.probes.retrieval import STAGE
+    from attnlab.runs import DETECTIONS, NEEDLE_RESULTS, RETRIEVAL_SUMMARY, RETRIEVAL_TRACE
+    from attnlab.shards import unit_seconds
+
+    args = ["probe", "retrieval", "--model", "tiny", "--lengths", "160", "--depths", "0.2,0.8", "--samples", "5",
+            "--causal-k", "", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    merged = _shards_and_merge(args, tmp_path, 2)
+    single = Run.open(tmp_path / "single")
+    pd.testing.assert_frame_equal(merged.read(DETECTIONS), single.read(DETECTIONS))
+    pd.testing.assert_frame_equal(merged.read(RETRIEVAL_TRACE), single.read(RETRIEVAL_TRACE))
+    pd.testing.assert_frame_equal(merged.read(NEEDLE_RESULTS).drop(columns="seconds"),
+                                  single.read(NEEDLE_RESULTS).drop(columns="seconds"))
+    a, b = single.read(RETRIEVAL_SUMMARY), merged.read(RETRIEVAL_SUMMARY)
+    assert {k: v for k, v in a.items() if k != "seconds_per_sample"} == {k: v for k, v in b.items() if k != "seconds_per_sample"}
+    assert merged.manifest["parameters"] == single.manifest["parameters"] and merged.manifest["kind"] == STAGE
+    _timing_recorded(merged, STAGE, 2)
+    shards = [Run.open(tmp_path / f"s{i}") for i in range(2)]
+    assert len(shards[1].manifest["shard"]["unit_seconds"]) == 2
+    assert len(unit_seconds(shards)) == 5
+
+    capsys.readouterr()
+    # another job's shard (another seed), a missing one, a duplicated one: named, nothing written
+    assert main([*args, "--seed", "3", "--shard", "1/2", "--out", str(tmp_path / "other")]) == 0
+    assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "other"), "--out", str(tmp_path / "m1")]) == 2
+    assert "is a shard of another job" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "s0"), "--out", str(tmp_path / "m2")]) == 2
+    assert "shard(s) 1/2 missing" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "m3")]) == 2
+    assert "shard 0/2 is given twice" in capsys.readouterr().err
+    assert not any((tmp_path / m).exists() for m in ("m1", "m2", "m3"))
+    # what can't be sharded says which option to change
+    assert main([*args[:-3], "--shard", "0/2", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "--causal-k ''" in capsys.readouterr().err
+    assert main(["probe", "sinks", "--model", "tiny", "--shard", "0/2", "--out", str(tmp_path / "k")]) == 2
+    assert "shards `attnlab probe retrieval` only" in capsys.readouterr().err
+    assert main([*args, "--shard", "5/6", "--out", str(tmp_path / "e")]) == 2
+    assert "gets no sample of 5" in capsys.readouterr().err
+    assert not any((tmp_path / m).exists() for m in ("c", "k", "e"))
+
+
+def test_merged_circuit_shards_equal_the_single_process_run(on_tiny, tmp_path, capsys):
+    from attnlab.runs import CIRCUIT
+
+    args = ["circuit", "--model", "tiny", "--task", "induction", "--examples", "4", "--method", "activation",
+            "--no-faithfulness", "--threshold", "0.3", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    merged = _shards_and_merge(args, tmp_path, 3)
+    single = Run.open(tmp_path / "single")
+    assert merged.read(CIRCUIT) == single.read(CIRCUIT)
+    assert len(single.read(CIRCUIT)["nodes"]) >= 1
+    assert merged.manifest["parameters"] == single.manifest["parameters"]
+    _timing_recorded(merged, "circuit", 3)
+    assert Run.open(tmp_path / "s1").manifest["shard"]["units"] == ["L0.H1", "L1.H0", "L1.H3"]  # heads 1, 4, 7 of 8
+
+    capsys.readouterr()
+    assert main([*args[:7], "--no-faithfulness", "--shard", "0/2", "--out", str(tmp_path / "a")]) == 2
+    assert "add --method activation" in capsys.readouterr().err
+    assert main([*args[:9], "--shard", "0/2", "--out", str(tmp_path / "b")]) == 2
+    assert "add --no-faithfulness" in capsys.readouterr().err
+    assert main([*args, "--refine", "grow", "--shard", "0/2", "--out", str(tmp_path / "c")]) == 2
+    assert "drop --refine" in capsys.readouterr().err
+    assert not any((tmp_path / m).exists() for m in ("a", "b", "c"))
+
+
+def _policy(model, tmp_path):
+    from attnlab.sparsity_stats.policy import POLICY_FORMAT, POLICY_SCHEMA, DecodeHead, Policy
+
+    mixed = [("dense", {}), ("streaming", {"sink": 4, "window": 24}), ("block_topk", {"topk": 2})]
+    heads = [{"layer": la, "head": h, "kv_head": model.kv_head(h), "kind": mixed[(la + h) % 3][0],
+              "params": mixed[(la + h) % 3][1]} for la in range(model.n_layers) for h in range(model.n_heads)]
+    policy = Policy.from_dict({"format": POLICY_FORMAT, "schema": POLICY_SCHEMA, "model": model.identity().to_dict(),
+                               "block_size": 16, "heads": heads})
+    policy = policy.with_decode([DecodeHead.make(la, kv, "streaming", sink=2, recent=8)
+                                 for la in range(model.n_layers) for kv in range(model.n_kv_heads)])
+    return policy.save(tmp_path / "p.json")
+
+
+_TIMES = {"time_dense_s", "time_sparse_s", "tokens_per_s_dense", "tokens_per_s_compressed"}
+
+
+def _same_summary(a, b):
+    assert {k: v for k, v in a.items() if k not in _TIMES} == {k: v for k, v in b.items() if k not in _TIMES}
+
+
+@pytest.mark.parametrize("phase", ["prefill", pytest.param("both", marks=pytest.mark.slow), "decode"])
+def test_merged_validate_shards_equal_the_single_process_run(on_tiny, tmp_path, capsys, phase):
+    from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, VALIDATION_HEADS, VALIDATION_SUMMARY
+
+    path = _policy(on_tiny, tmp_path)
+    args = ["validate", str(path), "--model", "tiny", "--phase", phase, "--prompts", "3", "--tokens", "64",
+            "--needle", "2", "--needle-length", "160", "--new-tokens", "4", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    merged = _shards_and_merge(args, tmp_path, 2)
+    single = Run.open(tmp_path / "single")
+    if phase != "decode":
+        pd.testing.assert_frame_equal(merged.read(VALIDATION_HEADS), single.read(VALIDATION_HEADS))
+        _same_summary(merged.read(VALIDATION_SUMMARY), single.read(VALIDATION_SUMMARY))
+        assert merged.read(VALIDATION_SUMMARY)["n_prompts"] == 3 and merged.read(VALIDATION_SUMMARY)["needle_n"] == 2
+    else:
+        assert not merged.has(VALIDATION_SUMMARY)
+    if phase != "prefill":
+        drop = ["tokens_per_s_dense", "tokens_per_s_compressed"]
+        pd.testing.assert_frame_equal(merged.read(DECODE_SAMPLES).drop(columns=drop),
+                                      single.read(DECODE_SAMPLES).drop(columns=drop))
+        _same_summary(merged.read(DECODE_SUMMARY), single.read(DECODE_SUMMARY))
+    assert merged.manifest["kind"] == single.manifest["kind"]
+    assert merged.manifest["parameters"] == single.manifest["parameters"]
+    assert {k: v["parameters"] for k, v in merged.manifest["stages"].items()} == \
+        {k: v["parameters"] for k, v in single.manifest["stages"].items()}
+    units = Run.open(tmp_path / "s1").manifest["shard"]["units"]
+    assert units[0] == "prompt1" and len(units) == 2  # prompt0..2 then two needles, round-robin
+    _timing_recorded(merged, single.manifest["kind"], 2)
+    if phase == "prefill":
+        capsys.readouterr()
+        assert main([*args, "--shard", "3/4", "--out", str(tmp_path / "e")]) == 2
+        assert "gets no prompt of 3" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.mark.slow
+def test_retrieval_on_a_local_ray_cluster_records_ray_startup_apart(tiny_dir, tmp_path, capsys):
+    """probe retrieval on real local Ray (2 workers) equals its shards merged by hand; Ray's start-up
+    seconds are recorded apart from the shards' own."""
+    from attnlab.probes.retrieval import STAGE
+    from attnlab.runs import DETECTIONS, RETRIEVAL_TRACE
+
+    args = ["probe", "retrieval", "--model", str(tiny_dir), "--lengths", "160", "--depths", "0.5", "--samples", "2",
+            "--causal-k", "", "--quiet"]
+    by_hand = _shards_and_merge(args, tmp_path, 2)
+    assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
+    assert "2 shards on Ray, merged" in capsys.readouterr().out
+    on_ray = Run.open(tmp_path / "ray")
+    pd.testing.assert_frame_equal(on_ray.read(DETECTIONS), by_hand.read(DETECTIONS))
+    pd.testing.assert_frame_equal(on_ray.read(RETRIEVAL_TRACE), by_hand.read(RETRIEVAL_TRACE))
+    entry = on_ray.manifest["stages"][STAGE]
+    assert entry["ray_startup_s"] > 0 and entry["workers"] == 2 and len(entry["shard_seconds"]) == 2
+    assert not (tmp_path / ".ray.shards").exists()
+    # the causal check can't be split: refused before Ray starts
+    assert main([*args[:-3], "--ray", "--out", str(tmp_path / "c"), "--quiet"]) == 2
+    assert "--causal-k ''" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_retrieval_shards_equal_the_single_process_run(monkeypatch, embedded, tmp_path):
+    """SmolLM2-135M, short settings: the sharded retrieval probe merges into the single-process run."""
+    from attnlab.probes import cli as probe_cli
+    from attnlab.runs import DETECTIONS, RETRIEVAL_TRACE
+
+    monkeypatch.setattr(probe_cli, "load_model_from_args", lambda args: embedded)
+    args = ["probe", "retrieval", "--model", "smollm2-135m", "--lengths", "256", "--depths", "0.3,0.7",
+            "--samples", "3", "--causal-k", "", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    merged, single = _shards_and_merge(args, tmp_path, 2), Run.open(tmp_path / "single")
+    pd.testing.assert_frame_equal(merged.read(DETECTIONS), single.read(DETECTIONS))
+    pd.testing.assert_frame_equal(merged.read(RETRIEVAL_TRACE), single.read(RETRIEVAL_TRACE))
