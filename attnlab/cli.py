@@ -22,6 +22,7 @@ from attnlab.cliargs import (
     add_model_arguments,
     add_quiet_argument,
     int_list,
+    local_path,
     model_argv,
     nonneg_int,
     positive_int,
@@ -89,7 +90,6 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 def _profile_on_ray(args: argparse.Namespace) -> int:
     """The same profile as Ray tasks, one shard per worker, merged into --out."""
-    from pathlib import Path
 
     from attnlab.profile import summarize
     from attnlab.ray_engine import run_sharded
@@ -97,11 +97,8 @@ def _profile_on_ray(args: argparse.Namespace) -> int:
     if args.shard is not None:
         raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
 
-    def local(path: str) -> str:  # Ray workers run in another folder
-        return str(Path(path).resolve()) if Path(path).exists() else path
-
-    prompts = args.prompts if args.prompts.startswith("builtin") else local(args.prompts)
-    argv = ["profile", *model_argv(args, resolve=local), "--prompts", prompts,
+    prompts = args.prompts if args.prompts.startswith("builtin") else local_path(args.prompts)
+    argv = ["profile", *model_argv(args), "--prompts", prompts,
             "--path", args.path, "--block-size", str(args.block_size), "--windows", ",".join(map(str, args.windows)),
             "--seed", str(args.seed)]
     if args.lengths:

@@ -170,9 +170,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, default: str | None 
                              "(accelerate's device_map; see docs/devices.md). Not with --device")
 
 
-def model_argv(args: argparse.Namespace, *, resolve: Callable[[str], str] = str) -> list[str]:
+def local_path(text: str) -> str:
+    """``text`` as an absolute path when it names an existing file or folder, else unchanged (a
+    Hub id, an embedded name): what a command re-run in another folder (a Ray worker) needs."""
+    from pathlib import Path
+
+    return str(Path(text).resolve()) if text and Path(text).exists() else text
+
+
+def model_argv(args: argparse.Namespace, *, resolve: Callable[[str], str] = local_path) -> list[str]:
     """The options of `add_model_arguments` as a command line, for a stage that re-runs itself
-    (a shard, a Ray task): ``--model`` (through ``resolve``, e.g. to an absolute path),
+    (a shard, a Ray task): ``--model`` (through ``resolve``: an absolute path when it is one),
     ``--device``, ``--device-map`` when given and ``--trust-remote-code`` when set."""
     argv = ["--model", resolve(args.model), "--device", str(args.device), *device_map_argv(getattr(args, "device_map", None))]
     if getattr(args, "trust_remote_code", False):

@@ -9,6 +9,7 @@ from attnlab.cliargs import (
     add_model_arguments,
     add_quiet_argument,
     load_model_from_args,
+    model_argv,
     positive_int,
     unit_float,
 )
@@ -46,14 +47,9 @@ def _circuit_on_ray(args: argparse.Namespace) -> int:
     if args.shard is not None:
         raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
     task = str(Path(args.task).resolve()) if args.task.endswith(".jsonl") else args.task
-    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model  # workers' cwd differs
-    argv = ["circuit", "--model", model, "--task", task, "--method", args.method, "--direction", args.direction,
+    argv = ["circuit", *model_argv(args), "--task", task, "--method", args.method, "--direction", args.direction,
             "--threshold", repr(args.threshold), "--examples", str(args.examples), "--seed", str(args.seed),
             "--no-faithfulness"]
-    if args.device:
-        argv += ["--device", args.device]
-    if args.trust_remote_code:
-        argv.append("--trust-remote-code")
     run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
     nodes = run.read(CIRCUIT)["nodes"]
     print(f"heads ({len(nodes)}): " + "  ".join(f"{n['name']}={n['score']:.3f}" for n in nodes))

@@ -12,6 +12,8 @@ from attnlab.cliargs import (
     fraction_list,
     int_list,
     load_model_from_args,
+    local_path,
+    model_argv,
     nonneg_int,
     positive_int,
     unit_float,
@@ -131,7 +133,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
 
 def _retrieval_on_ray(args: argparse.Namespace) -> int:
     """``probe retrieval --ray``: the needle suite as Ray tasks, one shard per worker, merged into --out."""
-    from pathlib import Path
 
     from attnlab.ray_engine import run_sharded
     from attnlab.runs import RETRIEVAL_SUMMARY
@@ -143,18 +144,13 @@ def _retrieval_on_ray(args: argparse.Namespace) -> int:
         raise ShardError("--ray can't run the causal check (it ablates the top heads ranked over every sample): "
                          "give --causal-k '' with --ray, or run it without --ray")
 
-    def local(path: str) -> str:  # Ray workers run in another folder
-        return str(Path(path).resolve()) if Path(path).exists() else path
-
-    argv = ["probe", "retrieval", "--model", local(args.model), "--depths", ",".join(map(str, args.depths)),
+    argv = ["probe", "retrieval", *model_argv(args), "--depths", ",".join(map(str, args.depths)),
             "--mode", args.mode, "--causal-k", ",".join(map(str, args.causal_k)), "--draws", str(args.draws),
             "--seed", str(args.seed)]
     for flag, value in (("--lengths", args.lengths and ",".join(map(str, args.lengths))), ("--samples", args.samples),
-                        ("--haystack", args.haystack and local(args.haystack)), ("--device", args.device)):
+                        ("--haystack", args.haystack and local_path(args.haystack))):
         if value:
             argv += [flag, str(value)]
-    if args.trust_remote_code:
-        argv.append("--trust-remote-code")
     run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
     s = run.read(RETRIEVAL_SUMMARY)
     _print_top(run.detections(), "retrieval", args.top)

@@ -133,10 +133,7 @@ def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
 
     if args.shard is not None:
         raise ShardError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
-    def local(path: str) -> str:  # Ray workers run in another folder
-        return str(Path(path).resolve()) if Path(path).exists() else path
-
-    argv = ["eval", *model_argv(args, resolve=local), "--tasks", ",".join(tasks),
+    argv = ["eval", *model_argv(args), "--tasks", ",".join(tasks),
             "--lengths", ",".join(map(str, args.lengths)), "--samples", str(args.samples), "--executor", args.executor,
             "--seed", str(args.seed)]
     for policy in args.policy or []:

@@ -39,10 +39,7 @@ def _validate_on_ray(args: argparse.Namespace) -> int:
 
     if args.shard is not None:
         raise AttnlabError("--ray runs every shard itself: drop --shard (or drop --ray and launch the shards yourself)")
-    def local(path: str) -> str:  # Ray workers run in another folder
-        return str(Path(path).resolve()) if Path(path).exists() else path
-
-    argv = ["validate", str(Path(args.policy).resolve()), *model_argv(args, resolve=local), "--executor", args.executor,
+    argv = ["validate", str(Path(args.policy).resolve()), *model_argv(args), "--executor", args.executor,
             "--prompts", str(args.prompts), "--tokens", str(args.tokens), "--needle", str(args.needle),
             "--needle-length", str(args.needle_length), "--phase", args.phase, "--new-tokens", str(args.new_tokens),
             "--seed", str(args.seed)]

@@ -269,7 +269,14 @@ def test_cli_profile_with_a_device_map_writes_the_same_run(tmp_path, tiny_dir):
     pd.testing.assert_frame_equal(a, b, atol=1e-6, rtol=0)
 
 
-def test_profile_on_ray_passes_the_device_map_to_every_shard(tmp_path, tiny_dir, monkeypatch):
+@pytest.mark.parametrize("command", [
+    ["profile", "--samples", "2", "--lengths", "40"],
+    ["eval", "--tasks", "niah_noise", "--samples", "1"],
+    ["validate", "POLICY", "--prompts", "2"],
+    ["probe", "retrieval", "--causal-k", ""],
+    ["circuit", "--task", "induction", "--method", "activation", "--no-faithfulness"],
+], ids=lambda c: c[0])
+def test_every_command_on_ray_passes_the_model_options_to_every_shard(tmp_path, tiny_dir, monkeypatch, command):
     """A Ray shard re-runs the command: it must load the model placed the same way."""
     from attnlab import ray_engine
 
@@ -281,9 +288,17 @@ def test_profile_on_ray_passes_the_device_map_to_every_shard(tmp_path, tiny_dir,
 
     monkeypatch.setattr(ray_engine, "run_sharded", fake_run_sharded)
     (tmp_path / "map.json").write_text(json.dumps(TINY_MAP))
-    assert main(["profile", "--model", str(tiny_dir), "--samples", "2", "--lengths", "40", "--device-map",
-                 str(tmp_path / "map.json"), "--trust-remote-code", "--ray", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    if "POLICY" in command:
+        from attnlab.sparsity_stats.policy import HeadPolicy, Policy
+
+        model = load_model(tiny_dir, verbose=False)
+        heads = [HeadPolicy(la, h, h // model.group_size, "dense", {}) for la in range(model.n_layers) for h in range(model.n_heads)]
+        Policy(model.identity().to_dict(), 16, heads).save(tmp_path / "policy.json")
+    command = [str(tmp_path / "policy.json") if a == "POLICY" else a for a in command]
+    assert main([*command, "--model", str(tiny_dir), "--device-map", str(tmp_path / "map.json"), "--trust-remote-code",
+                 "--ray", "--out", str(tmp_path / "r"), "--quiet"]) == 2
     argv = seen["argv"]
+    assert argv[0] == command[0]
     assert json.loads(argv[argv.index("--device-map") + 1]) == TINY_MAP
     assert argv[argv.index("--model") + 1] == str(Path(tiny_dir).resolve()) and "--trust-remote-code" in argv
 
