@@ -314,7 +314,8 @@ def attribution_patching(
         # positions before the first one where clean and corrupted differ write nothing (their z
         # is the same in both runs): edge products skip them
         start = _first_changed_position(delta) if edges else 0
-        writes = [head_writes(model, layer, delta[layer][:, start:]).detach() for layer in range(L)] if edges else []
+        # every sender's write on one device (layers may live on several: a device map)
+        writes = [head_writes(model, layer, delta[layer][:, start:]).detach().to(model.device) for layer in range(L)] if edges else []
         if ig_steps > 0:
             alphas = [(k + 0.5) / ig_steps for k in range(ig_steps)]
         else:
@@ -335,16 +336,16 @@ def attribution_patching(
                 grads = torch.autograd.grad(metric, wanted, retain_graph=edges, allow_unused=True)
                 dz = [g if g is not None else torch.zeros_like(z) for g, z in zip(grads[:L], trace.z, strict=False)]
                 for layer in range(L):
-                    nodes[layer] += weight * (delta[layer] * dz[layer]).sum(dim=(0, 1, 3)).double()
+                    nodes[layer] += weight * (delta[layer] * dz[layer]).sum(dim=(0, 1, 3)).double().cpu()
                 if edges:
-                    d_final = grads[L][:, start:]
+                    d_final = grads[L][:, start:].to(model.device)
                     if batch_edges:
                         flat = torch.stack(writes).reshape(L * H, -1)  # [senders, B*n*d_model], layer-major
-                        logit_edges += weight * (flat @ d_final.reshape(-1)).reshape(L, H).double()
+                        logit_edges += weight * (flat @ d_final.reshape(-1)).reshape(L, H).double().cpu()
                         _edges_batched(trace, dz, flat, edge_scores, weight, start)
                     else:
                         for layer in range(L):
-                            logit_edges[layer] += weight * (writes[layer] * d_final[None]).sum(dim=(1, 2, 3)).double()
+                            logit_edges[layer] += weight * (writes[layer] * d_final[None]).sum(dim=(1, 2, 3)).double().cpu()
                         _edges_loop(trace, dz, writes, edge_scores, weight, start)
                 del trace, grads
     method = "ig" if ig_steps > 0 else "attribution"
@@ -370,9 +371,9 @@ def _edges_loop(trace: Trace, dz: list[torch.Tensor], writes: list[torch.Tensor]
             mask = torch.zeros_like(dz[r_layer])
             mask[:, :, r, :] = dz[r_layer][:, :, r, :]
             (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=mask, retain_graph=True)
-            g = g[:, start:]
+            g = g[:, start:].to(writes[0].device)
             for s_layer in range(r_layer):
-                edge_scores[s_layer, :, r_layer, r] += weight * (writes[s_layer] * g[None]).sum(dim=(1, 2, 3)).double()
+                edge_scores[s_layer, :, r_layer, r] += weight * (writes[s_layer] * g[None]).sum(dim=(1, 2, 3)).double().cpu()
 
 
 def _edges_batched(trace: Trace, dz: list[torch.Tensor], senders: torch.Tensor, edge_scores: torch.Tensor,
@@ -392,9 +393,9 @@ def _edges_batched(trace: Trace, dz: list[torch.Tensor], senders: torch.Tensor, 
         outs = dz[r_layer][None] * eye[:, None, None, :, None]  # [H, B, n, H, d]: head r's slice only
         (g,) = torch.autograd.grad(trace.z[r_layer], trace.resid[r_layer], grad_outputs=outs, retain_graph=True,
                                    is_grads_batched=True)
-        g = g[:, :, start:].reshape(H, -1)  # [H receivers, B*n'*d_model]
+        g = g[:, :, start:].reshape(H, -1).to(senders.device)  # [H receivers, B*n'*d_model]
         prod = senders[: r_layer * H] @ g.T  # [r_layer*H senders, H receivers]
-        edge_scores[:r_layer, :, r_layer, :] += weight * prod.reshape(r_layer, H, H).double()
+        edge_scores[:r_layer, :, r_layer, :] += weight * prod.reshape(r_layer, H, H).double().cpu()
 
 
 # ---------------------------------------------------------------------------------------

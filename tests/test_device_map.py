@@ -303,6 +303,23 @@ def test_every_command_on_ray_passes_the_model_options_to_every_shard(tmp_path, 
     assert argv[argv.index("--model") + 1] == str(Path(tiny_dir).resolve()) and "--trust-remote-code" in argv
 
 
+@pytest.mark.parametrize("batch_edges", [True, False])
+def test_attribution_patching_with_edges_under_a_device_map(tiny_pair, batch_edges):
+    """Edge scores multiply one layer's head writes by a later layer's gradient: the placed
+    model gathers them on one device and gives the single-device scores."""
+    from attnlab.circuits.patching import attribution_patching
+    from attnlab.circuits.tasks import induction_task_for
+
+    one, placed = tiny_pair
+    task = induction_task_for(one, n=2, seed=0)
+    a = attribution_patching(one, task, batch_edges=batch_edges)
+    b = attribution_patching(placed, task, batch_edges=batch_edges)
+    torch.testing.assert_close(b.nodes, a.nodes, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.edges, a.edges, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b.logit_edges, a.logit_edges, atol=1e-6, rtol=0)
+    assert a.edges.abs().max() > 0
+
+
 def test_load_errors_are_attnlab_errors():
     assert issubclass(ModelLoadError, AttnlabError)
 
