@@ -62,6 +62,8 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
         raise RayError(f"--workers must be at least 1, got {shards}")
     out = check_writable_target(out, force=force).resolve()  # Ray workers need absolute paths
     ray = _import_ray()
+    if address not in (None, LOCAL) and not ray.is_initialized():
+        check_address(address)  # before anything is written: an address that does not answer is one line
     work = out.parent / f".{out.name}.shards"
     if work.exists():
         shutil.rmtree(work)
@@ -69,9 +71,15 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
     started_here = not ray.is_initialized()
     t0 = time.perf_counter()
     if started_here:
-        ray.init(address=None if address in (None, LOCAL) else address, include_dashboard=False,
-                 log_to_driver=False, configure_logging=False,
-                 num_cpus=max(shards, 1) if address in (None, LOCAL) else None)
+        try:
+            ray.init(address=None if address in (None, LOCAL) else address, include_dashboard=False,
+                     log_to_driver=False, configure_logging=False,
+                     num_cpus=max(shards, 1) if address in (None, LOCAL) else None)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            shutil.rmtree(work, ignore_errors=True)
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise RayError(f"could not join the Ray cluster at {address}: {reason}; check the address "
+                           "(`ray status` on the head node) or drop ADDRESS to start a local cluster") from None
     try:
         gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         startup = time.perf_counter() - t0
@@ -104,9 +112,42 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
     return run
 
 
+#: Seconds to wait for a Ray address to accept a connection before giving up with one line.
+CONNECT_TIMEOUT_S = 10.0
+#: Fault injection for tests: when this environment variable names a file that does not exist
+#: yet, the first attempt of shard 0 creates it and kills its own worker process (as an
+#: out-of-memory kill would), so that the retry path runs for real.
+CRASH_ONCE_ENV = "ATTNLAB_RAY_CRASH_ONCE"
+
+
+def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
+    """`RayError` (one line) unless ``address`` (``host:port`` or ``ray://host:port``) accepts a
+    TCP connection within ``timeout`` seconds."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise RayError(f"--ray {address!r} is not a Ray address: give HOST:PORT (e.g. 10.0.0.5:6379) or "
+                       "ray://HOST:10001, or no ADDRESS to start a local cluster")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        why = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__).lower()
+        raise RayError(f"the Ray cluster at {address} does not answer ({why} within {timeout:g} s): start it "
+                       "(`ray start --head`) or check the address; nothing was written") from None
+
+
 def _shard_task(argv: list[str], index: int, count: int, out: str, threads: int) -> str:
     import contextlib
     import io
+
+    crash = os.environ.get(CRASH_ONCE_ENV)
+    if crash and index == 0 and not os.path.exists(crash):
+        with open(crash, "w") as f:
+            f.write("killed once\n")
+        os._exit(1)  # the worker process dies: Ray sees a lost worker, not an exception
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -78,7 +78,7 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     assert not list(tmp_path.glob(".m*.partial"))
 
 
-def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp_path, capsys):
+def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp_path, capsys, monkeypatch):
     """Real Ray, locally, 2 workers: the merged run equals one process's; the shards are cleaned."""
     assert main(eval_args(tiny_dir, tmp_path / "single")) == 0
     assert main(eval_args(tiny_dir, tmp_path / "ray", "--ray", "--workers", "2")) == 0
@@ -92,6 +92,31 @@ def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp
     err = capsys.readouterr().err
     assert "failed after 2 retries" in err and "could not load model" in err
     assert not (tmp_path / "bad").exists()
+    # a worker killed in the middle of shard 0 (its process dies): Ray retries it, the job completes
+    from attnlab.ray_engine import CRASH_ONCE_ENV
+
+    marker = tmp_path / "killed-once"
+    monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # the local cluster's workers inherit the environment
+    assert main(eval_args(tiny_dir, tmp_path / "retried", "--ray", "--workers", "2")) == 0
+    assert marker.read_text() == "killed once\n"  # the first attempt did die
+    pd.testing.assert_frame_equal(Run.open(tmp_path / "retried").read(EVAL_SAMPLES), single.read(EVAL_SAMPLES))
+
+
+def test_a_ray_address_that_does_not_answer_is_one_line(tiny_dir, tmp_path, capsys):
+    import socket
+    import time
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    t = time.perf_counter()
+    assert main(eval_args(tiny_dir, tmp_path / "r", "--ray", f"127.0.0.1:{port}")) == 2
+    err = capsys.readouterr().err.strip()
+    assert time.perf_counter() - t < 30
+    assert len(err.splitlines()) == 1 and f"the Ray cluster at 127.0.0.1:{port} does not answer" in err
+    assert main(eval_args(tiny_dir, tmp_path / "r", "--ray", "headnode")) == 2
+    assert "is not a Ray address" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*"))
 
 
 def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
