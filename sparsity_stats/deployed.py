@@ -87,3 +87,28 @@ class DeployedExecutor:
             return attend(query, key, value, scaling=scaling, variant=variant)
         out, _ = self.sparse(layer, query, key, value, scaling, variant)
         return out.transpose(1, 2).contiguous()
+
+
+def duo_decode_policy(policy: Policy, *, seq_len: int | None = None) -> Policy:
+    """``policy`` with the decode section DuoAttention runs from its export: the policy written
+    as a DuoAttention pattern folder and read back as Duo reads it (`emulators.read_duo`, the
+    full heads chosen by ``sparsify_attention_heads`` at the recorded sparsity); full KV heads keep
+    the whole cache, the others the pattern's ``sink_size`` + ``recent_size`` tokens. What
+    ``attnlab validate POLICY --as duo --phase decode`` validates: Duo is a KV-cache method, so its
+    own phase is decode."""
+    import tempfile
+
+    from .emulators import duo_full_heads, read_duo
+    from .export import export_policy
+    from .policy import DecodeHead
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_policy(policy, tmp, "duo", seq_len=seq_len)
+        gates, cfg = read_duo(tmp)
+    sparsity = cfg.get("sparsity")
+    full = duo_full_heads(gates, sparsity=sparsity, threshold=None if sparsity is not None else 0.5)
+    sink, recent = int(cfg["sink_size"]), int(cfg["recent_size"])
+    heads = [DecodeHead.make(layer, kv, "full") if full[layer, kv] else
+             DecodeHead.make(layer, kv, "streaming", sink=sink, recent=recent)
+             for layer in range(full.shape[0]) for kv in range(full.shape[1])]
+    return policy.with_decode(heads)

@@ -88,17 +88,27 @@ def _validate_decode(args: argparse.Namespace, model, policy) -> int:
     from .decode_validation import validate_decode
     from .validation import validate_policy
 
-    if policy.decode_note():
+    decoding = policy
+    if args.deployed_as is not None:
+        if args.deployed_as != "duo":
+            raise AttnlabError(f"--as {args.deployed_as} deploys a prefill pattern: validate it with --phase prefill "
+                               "(only --as duo, a KV-cache method, has a decode phase)")
+        from .deployed import duo_decode_policy
+
+        decoding = duo_decode_policy(policy)
+        print("note: decode keeps what the DuoAttention export says (full KV heads, the rest its sink + recent "
+              "tokens), read back as DuoAttention reads it")
+    elif policy.decode_note():
         print(f"note: {policy.decode_note()}")
     if args.phase == "both":
         report = validate_policy(
             model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
             needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
-            seed=args.seed, shard=args.shard, job=_job(args, policy),
+            seed=args.seed, deployed_as=args.deployed_as, shard=args.shard, job=_job(args, policy),
         )
         print(report.format())
     decode = validate_decode(
-        model, policy, phase=args.phase, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
+        model, decoding, phase=args.phase, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
         new_tokens=args.new_tokens, needle_samples=args.needle, needle_length=args.needle_length, out=args.out,
         progress=not args.quiet, seed=args.seed, shard=args.shard, job=_job(args, policy),
     )

@@ -70,3 +70,44 @@ def test_unknown_format_is_refused(tiny_llama, capsys):
     with pytest.raises(SystemExit):
         main(["validate", "p.json", "--as", "tensorrt", "--out", "x"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_the_duo_export_is_validated_in_its_own_phase_decode(tiny_llama, tmp_path, monkeypatch, capsys):
+    """`--as duo --phase decode`: the cache keeps what the DuoAttention file says, read back as
+    Duo reads it — full KV heads, the others the file's sink + recent tokens."""
+    import dataclasses
+
+    from attnlab.cli import main
+    from attnlab.runs import DECODE_SUMMARY, Run
+    from attnlab.sparsity_stats import validate_cli
+    from attnlab.sparsity_stats.deployed import duo_decode_policy
+    from attnlab.sparsity_stats.emulators import read_duo
+    from attnlab.sparsity_stats.export import export_policy
+    from attnlab.sparsity_stats.policy import Policy
+
+    streaming = policy_of(tiny_llama, "streaming", {"sink": 16, "window": 32})
+    policy = Policy(streaming.model, streaming.block_size,
+                    [dataclasses.replace(h, kind="dense", params={}) if (h.layer, h.kv_head) == (1, 0) else h
+                     for h in streaming.heads])
+    export_policy(policy, tmp_path / "duo", "duo")
+    gates, cfg = read_duo(tmp_path / "duo")
+    decoded = duo_decode_policy(policy)
+    kinds = {(e.layer, e.kv_head): (e.kind, dict(e.params)) for e in decoded.decode_heads()}
+    assert kinds[1, 0] == ("full", {})
+    stream = {k: v for k, v in kinds.items() if k != (1, 0)}
+    assert {v[0] for v in stream.values()} == {"streaming"} and len(stream) == 3
+    assert all(p["sink"] == int(cfg["sink_size"]) and p["recent"] == int(cfg["recent_size"]) for _, p in stream.values())
+    assert [h.kind for h in decoded.heads] == [h.kind for h in policy.heads]  # prefill heads untouched
+
+    monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    path = policy.save(tmp_path / "p.json")
+    assert main(["validate", str(path), "--as", "duo", "--phase", "decode", "--prompts", "1", "--tokens", "64",
+                 "--new-tokens", "4", "--out", str(tmp_path / "r"), "--quiet"]) == 0
+    assert "decode keeps what the DuoAttention export says" in capsys.readouterr().out
+    s = Run.open(tmp_path / "r").read(DECODE_SUMMARY)
+    assert [e["kind"] for e in s["policy_file"]["decode"]["heads"]].count("full") == 1
+    assert s["kv_fraction"] < 1.0 and s["kv_vs_predicted"] == 1.0
+    assert main(["validate", str(path), "--as", "minference", "--phase", "decode", "--out", str(tmp_path / "r2"),
+                 "--quiet"]) == 2
+    assert "validate it with --phase prefill" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
