@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from attnlab.errors import AttnlabError
+
 EMBEDDED_MODEL = "smollm2-135m"
 
 
@@ -182,7 +184,13 @@ def model_argv(args: argparse.Namespace, *, resolve: Callable[[str], str] = loca
     """The options of `add_model_arguments` as a command line, for a stage that re-runs itself
     (a shard, a Ray task): ``--model`` (through ``resolve``: an absolute path when it is one),
     ``--device``, ``--device-map`` when given and ``--trust-remote-code`` when set."""
-    argv = ["--model", resolve(args.model), "--device", str(args.device), *device_map_argv(getattr(args, "device_map", None))]
+    placement = getattr(args, "device_map", None)
+    if isinstance(placement, dict):
+        gpus = {str(d) for d in placement.values() if isinstance(d, int) or str(d).startswith("cuda")}
+        if len(gpus) > 1:
+            raise AttnlabError(f"--ray gives each worker one GPU, but --device-map spreads the model over {len(gpus)} "
+                               "GPUs: run without --ray (launch --shard I/N yourself, one multi-GPU job per shard)")
+    argv = ["--model", resolve(args.model), "--device", str(args.device), *device_map_argv(placement)]
     if getattr(args, "trust_remote_code", False):
         argv.append("--trust-remote-code")
     return argv

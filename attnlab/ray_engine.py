@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 from attnlab.errors import AttnlabError
-from attnlab.runs import Run, check_writable_target
+from attnlab.runs import MANIFEST, Run, check_writable_target
 from attnlab.shards import merge_shards
 
 LOCAL = "local"
@@ -62,7 +62,7 @@ def run_sharded(argv: Sequence[str], out: str | os.PathLike, *, shards: int, add
         raise RayError(f"--workers must be at least 1, got {shards}")
     out = check_writable_target(out, force=force).resolve()  # Ray workers need absolute paths
     ray = _import_ray()
-    if address not in (None, LOCAL) and not ray.is_initialized():
+    if address not in (None, LOCAL, "auto") and not ray.is_initialized():
         check_address(address)  # before anything is written: an address that does not answer is one line
     work = out.parent / f".{out.name}.shards"
     if work.exists():
@@ -139,10 +139,23 @@ def check_address(address: str, timeout: float = CONNECT_TIMEOUT_S) -> None:
                        "(`ray start --head`) or check the address; nothing was written") from None
 
 
+def _finished_shard(path: str) -> bool:
+    """Whether ``path`` holds a shard run that finished (its manifest carries the shard record)."""
+    import json
+
+    try:
+        with open(os.path.join(path, MANIFEST.filename), encoding="utf-8") as f:
+            return isinstance(json.load(f).get("shard"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _shard_task(argv: list[str], index: int, count: int, out: str, threads: int) -> str:
     import contextlib
     import io
 
+    if os.path.isdir(out) and not _finished_shard(out):  # a retry after a worker died mid-shard: start clean
+        shutil.rmtree(out, ignore_errors=True)
     crash = os.environ.get(CRASH_ONCE_ENV)
     if crash and index == 0 and not os.path.exists(crash):
         with open(crash, "w") as f:

@@ -119,16 +119,16 @@ def _nll(logits: torch.Tensor, tokens: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def _forced(model: LoadedModel, ids: torch.Tensor, policy: Policy | None, tokens: list[int], prefill, observe) -> torch.Tensor:
     """Teacher-forced decode of ``tokens`` through ``policy``'s cache (None: a full cache);
-    ``observe(layer, step, query, key, scaling, cache)`` at every decode step of every layer
-    (step ``i >= 1`` is the query at position ``n + i - 1``). The logits ``[len(tokens), vocab]``."""
+    ``observe(layer, step, query, key, scaling, cache)`` at every forward of every layer: step 0
+    is the prefill (``key`` every prompt key), step ``i >= 1`` the query at position ``n + i - 1``
+    (``key`` what the cache holds, its new token last). The logits ``[len(tokens), vocab]``."""
     cache = make_cache(model, policy)
     inner = CachedAttention(cache, prefill) if isinstance(cache, PolicyCache) else _dense_fn(prefill)
     step = [0]
 
     def fn(layer, query, key, value, *, scaling, attention_mask=None):
         out = inner(layer, query, key, value, scaling=scaling, attention_mask=attention_mask)
-        if query.shape[-2] == 1:
-            observe(layer, step[0], query, key, scaling, cache)
+        observe(layer, step[0], query, key, scaling, cache)
         return out
 
     logits = []
@@ -153,8 +153,12 @@ def scored_continuation(model: LoadedModel, policy: Policy, ids: torch.Tensor, r
     keys: dict[int, torch.Tensor] = {}
 
     def record(layer, step, query, key, scaling, cache):
+        # every key seen, kept here: a sliding-window layer's cache holds only its window
+        if step == 0:
+            keys[layer] = key[0].clone()
+            return
         queries[layer, step] = query[0, :, 0, :].float()
-        keys[layer] = key[0]
+        keys[layer] = torch.cat([keys[layer], key[0][:, -1:]], dim=1)
 
     dense_logits = _forced(model, ids, None, reference, prefill, record)
     n_layers, n_heads, group = model.n_layers, model.n_heads, model.group_size
@@ -162,6 +166,8 @@ def scored_continuation(model: LoadedModel, policy: Policy, ids: torch.Tensor, r
     steps = torch.zeros(n_layers, dtype=torch.float64)
 
     def recall(layer, step, query, key, scaling, cache):
+        if step == 0:
+            return
         pos = n + step - 1
         q = queries[layer, step]
         k = keys[layer][:, : pos + 1].float()

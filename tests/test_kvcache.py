@@ -600,3 +600,17 @@ def test_validate_decode_reports_perplexity_and_decode_recall(tmp_path, tiny_lla
     assert rows.loc[rows["task"] == "needle", "decode_recall"].isna().all()
     assert "perplexity of the text's own continuation" in report.format()
     assert Run.open(tmp_path / "run").read(DECODE_SUMMARY)["decode_recall_worst_head"].startswith("L")
+
+
+def test_decode_phase_on_a_sliding_window_model_is_refused_up_front():
+    """The policy cache attends plainly (no window, soft-cap or sinks): a model that needs a
+    variant is refused before any work, naming the window, never run with the wrong attention."""
+    from attnlab.attention import RoutingError
+    from attnlab.models import TINY_WINDOW, tiny_model
+    from attnlab.sparsity_stats.decode_validation import scored_continuation
+
+    model = tiny_model("mistral-window")
+    with pytest.raises(RoutingError, match=f"sliding window {TINY_WINDOW}"):
+        scored_continuation(model, dense_policy(model), prompt(TINY_WINDOW + 24), prompt(8, seed=4)[0].tolist())
+    with pytest.raises(RoutingError, match=f"sliding window {TINY_WINDOW}"):
+        kc.greedy_decode(model, prompt(TINY_WINDOW + 24), dense_policy(model), 2)

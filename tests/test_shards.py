@@ -354,3 +354,35 @@ def test_smollm2_retrieval_shards_equal_the_single_process_run(monkeypatch, embe
     merged, single = _shards_and_merge(args, tmp_path, 2), Run.open(tmp_path / "single")
     pd.testing.assert_frame_equal(merged.read(DETECTIONS), single.read(DETECTIONS))
     pd.testing.assert_frame_equal(merged.read(RETRIEVAL_TRACE), single.read(RETRIEVAL_TRACE))
+
+
+def test_a_retried_shard_starts_from_a_clean_folder(tiny_dir, tmp_path):
+    """A worker that died mid-shard may leave its shard folder half-written (a run without the
+    shard record): the retry removes it instead of failing on "--out exists"; a finished shard
+    is recognised by its record."""
+    import json
+
+    from attnlab.ray_engine import _finished_shard, _shard_task
+    from attnlab.runs import MANIFEST
+
+    out = tmp_path / "shard-0"
+    out.mkdir()
+    (out / MANIFEST.filename).write_text(json.dumps({"schema": 1, "kind": "eval"}))  # no shard record
+    assert not _finished_shard(str(out))
+    argv = ["eval", "--model", str(tiny_dir), "--tasks", "niah_noise", "--lengths", "160", "--samples", "2"]
+    assert _shard_task(argv, 0, 2, str(out), 1) == str(out)
+    assert _finished_shard(str(out)) and Run.open(out).manifest["shard"]["index"] == 0
+
+
+def test_ray_refuses_a_device_map_over_several_gpus():
+    import argparse
+
+    from attnlab.cliargs import model_argv
+    from attnlab.errors import AttnlabError
+
+    two = argparse.Namespace(model="m", device="cpu", device_map={"model.layers.0": "cuda:0", "model.layers.1": 1},
+                             trust_remote_code=False)
+    with pytest.raises(AttnlabError, match="spreads the model over 2 GPUs"):
+        model_argv(two)
+    one = argparse.Namespace(model="m", device="cpu", device_map={"": "cuda:0"}, trust_remote_code=False)
+    assert model_argv(one)[-2:] == ["--device-map", '{"":"cuda:0"}']
