@@ -273,13 +273,13 @@ def _summary(model: LoadedModel, policy: Policy, phase: str, executor: str, rows
                  decode_recall_worst_head=head_label(worst // n_heads, worst % n_heads),
                  decode_recall_heads=heads.reshape(-1, n_heads).tolist())
     if needle:
-        d = [r["correct_dense"] for r in needle]
-        c = [r["correct_compressed"] for r in needle]
-        s.update(needle_dense=sum(d) / len(d), needle_compressed=sum(c) / len(c),
-                 needle_both=sum(a and b for a, b in zip(d, c, strict=True)),
-                 needle_dense_only=sum(a and not b for a, b in zip(d, c, strict=True)),
-                 needle_compressed_only=sum(b and not a for a, b in zip(d, c, strict=True)),
-                 needle_neither=sum(not a and not b for a, b in zip(d, c, strict=True)))
+        from .evaluate import paired_counts
+
+        d = [bool(r["correct_dense"]) for r in needle]
+        c = [bool(r["correct_compressed"]) for r in needle]
+        pc = paired_counts(d, c)
+        s.update(needle_dense=sum(d) / len(d), needle_compressed=sum(c) / len(c), needle_both=pc["both"],
+                 needle_dense_only=pc["only_dense"], needle_compressed_only=pc["only_sparse"], needle_neither=pc["neither"])
     return s
 
 
