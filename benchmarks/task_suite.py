@@ -209,9 +209,9 @@ def main() -> None:
         for s in built:
             s.score(s.answers[0])  # grading by string match on a reply
         grade_s = time.perf_counter() - t
-        timed = [next(s for s in built if s.task == task) for task in TASKS]
+        timed = [x for task in TASKS for x in [b for b in built if b.task == task][: args.cost_answers]]
         answer_s = []
-        for s in timed[: args.cost_answers * len(TASKS)]:
+        for s in timed:
             t = time.perf_counter()
             answer(model, s)
             answer_s.append(time.perf_counter() - t)
@@ -275,7 +275,7 @@ def markdown(args, argv, pilot, kept, left_out, chosen, n, report, table, table_
             "",
             f"Generating {cost['samples']} samples ({cost['samples'] // 9} of each task) took {cost['generate_s']:.1f} s and "
             f"grading them {cost['grade_s']:.3f} s; one dense answer took {cost['mean_answer_s']:.1f} s on average "
-            f"({cost['answers_timed']} timed, one per task), so running the model densely on them would take about "
+            f"({cost['answers_timed']} timed, {args.cost_answers} per task), so running the model densely on them would take about "
             f"{cost['model_s_estimate'] / 60:.0f} min: the suite costs **{100 * cost['ratio']:.2f}%** of that "
             "(target < 5%), and less against every further method run on the same samples.",
         ]
