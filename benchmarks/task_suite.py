@@ -105,6 +105,14 @@ def main() -> None:
     torch.set_grad_enabled(False)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
+    # the cached steps below are only valid for the settings they were made with
+    settings = {"length": args.length, "profile_samples": args.profile_samples,
+                "retrieval_samples": args.retrieval_samples, "pilot_samples": args.pilot_samples}
+    recorded = work / "settings.json"
+    if recorded.exists() and json.loads(recorded.read_text()) != settings:
+        raise SystemExit(f"{work} holds steps made with {recorded.read_text().strip()}, not {settings}: "
+                         "give another --work (or delete that folder)")
+    recorded.write_text(json.dumps(settings))
     started = time.perf_counter()
     times: dict[str, float] = {}
     model_flags = ["--model", "smollm2-135m", "--quiet"]
@@ -181,7 +189,7 @@ def main() -> None:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             with (work / f"eval-{n}-s{i}.log").open("w") as log:
                 procs.append(subprocess.Popen(["bash", "-c", script], env=env, stdout=log, stderr=subprocess.STDOUT))
-        if any(p.wait() != 0 for p in procs):
+        if any([p.wait() != 0 for p in procs]):  # a list: wait for every shard, even after a failure
             raise SystemExit(f"an eval shard failed: see {work}/eval-{n}-s*.log")
         cli("merge", *[str(ev / f"s{i}") for i in range(args.shards)], "--out", str(ev / "merged"))
         if left_out:
