@@ -367,8 +367,15 @@ def validate_decode(
 def merge_decode_shards(shards: list[Run], merged: Run, position: dict[str, int]) -> dict[str, Any]:
     """The decode part of `attnlab merge` of ``validate`` shards: the paired samples in the
     single-process order and the summary recomputed from them; returns the stage's parameters."""
+    from attnlab.shards import ShardError, shard_units
+
     from .validation import _Measured
 
+    for run in shards:  # e.g. --phase both stopped after its prefill part had recorded the shard
+        if not (run.has(DECODE_SUMMARY) and run.has(DECODE_SAMPLES)):
+            index, count, _ = shard_units(run)
+            raise ShardError(f"shard {index}/{count} ({run.path}) has no decode results: its decode phase did not "
+                             f"finish; re-run that shard (--shard {index}/{count}) and merge again")
     parts = [run.read(DECODE_SUMMARY) for run in shards]
     first = parts[0]
     table = pd.concat([run.read(DECODE_SAMPLES) for run in shards], ignore_index=True)

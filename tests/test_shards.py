@@ -318,6 +318,24 @@ def test_merged_validate_shards_equal_the_single_process_run(on_tiny, tmp_path, 
         assert "gets no prompt of 3" in capsys.readouterr().err and not (tmp_path / "e").exists()
 
 
+def test_merge_names_a_validate_shard_whose_decode_phase_did_not_finish(on_tiny, tmp_path, capsys):
+    """A shard whose record was written but whose decode results are missing (``--phase both``
+    stopped between its phases) is named by the merge, which writes nothing."""
+    from attnlab.runs import DECODE_SUMMARY
+
+    path = _policy(on_tiny, tmp_path)
+    args = ["validate", str(path), "--model", "tiny", "--phase", "decode", "--prompts", "2", "--tokens", "48",
+            "--new-tokens", "2", "--quiet"]
+    for i in range(2):
+        assert main([*args, "--shard", f"{i}/2", "--out", str(tmp_path / f"s{i}")]) == 0
+    Run.open(tmp_path / "s1").file(DECODE_SUMMARY).unlink()
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "shard 1/2" in err and "has no decode results" in err and "--shard 1/2" in err
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.slow
 def test_retrieval_on_a_local_ray_cluster_records_ray_startup_apart(tiny_dir, tmp_path, capsys):
     """probe retrieval on real local Ray (2 workers) equals its shards merged by hand; Ray's start-up
