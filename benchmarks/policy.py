@@ -309,24 +309,15 @@ def measure_recall(
 # fitting the policies
 # ---------------------------------------------------------------------------------------------
 def fit_policies(curves, budgets: Sequence[float], *, min_sink: int = 4) -> tuple[dict[tuple[float, str], Any], dict]:
-    """The budgeted policy and the three baselines at each budget, as `compare_policies` builds
-    them. Returns ({(budget, method): Policy or None}, {(budget, method): detail})."""
-    from attnlab.sparsity_stats import (
-        PolicyError,
-        PolicyGenerator,
-        duo_attention_style,
-        minference_style,
-        uniform_streaming,
-    )
-    est = curves.estimator
+    """The budgeted policy and the three baselines (tuned: `compare.tuned_baselines`) at each
+    budget, as `compare_policies` builds them. Returns ({(budget, method): Policy or None}, {(budget, method): detail})."""
+    from attnlab.sparsity_stats import PolicyError, PolicyGenerator
+    from attnlab.sparsity_stats.compare import tuned_baselines
+
     policies: dict[tuple[float, str], Any] = {}
     info: dict[tuple[float, str], dict] = {}
     for b in budgets:
-        base = [
-            uniform_streaming(est, b, sink=max(4, min_sink)),
-            duo_attention_style(est, b, retrieval_scores=curves.retrieval_scores, sink=max(min_sink, min(64, est.block_size))),
-            minference_style(est, b),
-        ]
+        base = tuned_baselines(curves, b, min_sink=min_sink)  # each tuned on the same profile, as `policy compare`
         extra = [c for r in base if r.within_budget for c in r.candidates()]
         try:
             gen = PolicyGenerator(budget=b, extra_candidates=extra, min_sink=min_sink).fit(curves)

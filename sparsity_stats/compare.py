@@ -97,13 +97,7 @@ def compare_policies(
         it = tqdm(budgets, desc="budgets", unit="budget", disable=None)
     min_sink = int(generator_kwargs.get("min_sink", 4))
     for b in it:
-        base = [
-            uniform_streaming(est, b, min_sink=max(4, min_sink), budget_kind=budget_kind),
-            duo_attention_style(est, b, retrieval_scores=curves.retrieval_scores, min_sink=max(4, min_sink),
-                                budget_kind=budget_kind),
-        ]
-        if budget_kind == "density":
-            base.append(minference_style(est, b, budget_kind=budget_kind))
+        base = tuned_baselines(curves, b, min_sink=min_sink, budget_kind=budget_kind)
         extra = [c for r in base if r.within_budget for c in r.candidates()]
         kwargs = dict(generator_kwargs)
         kwargs["extra_candidates"] = list(kwargs.get("extra_candidates", ())) + extra
@@ -131,6 +125,22 @@ def compare_policies(
             for r in base:
                 r.to_policy(curves, b, budget_kind).save(save_dir / f"{r.name}-{b:g}.json")
     return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def tuned_baselines(curves: HeadCurves, budget: float, *, min_sink: int = 4,
+                    budget_kind: str = "density") -> list[BaselineResult]:
+    """The baselines `compare_policies` sets against the budgeted policy at ``budget``, each
+    tuned on ``curves``' profile (its best shot): uniform streaming, DuoAttention-style (by
+    ``curves.retrieval_scores``) and, under a density budget, MInference-style."""
+    est = curves.estimator
+    base = [
+        uniform_streaming(est, budget, min_sink=max(4, min_sink), budget_kind=budget_kind),
+        duo_attention_style(est, budget, retrieval_scores=curves.retrieval_scores, min_sink=max(4, min_sink),
+                            budget_kind=budget_kind),
+    ]
+    if budget_kind == "density":
+        base.append(minference_style(est, budget, budget_kind=budget_kind))
+    return base
 
 
 def format_table(table: pd.DataFrame) -> str:
