@@ -1,0 +1,296 @@
+"""What might close the task-suite gap: budgeted policies made another way, answered on the very
+samples of a finished ``benchmarks/task_suite.py`` run and set beside its methods.
+
+A variant changes what the generator sees, never the samples that are scored:
+
+- ``PROMPTS``: ``builtin`` (the suite run's profile prompts: ``--profile-samples`` built-in
+  prompts) or ``tasks`` (one task-suite sample of each ``--profile-tasks`` task, on seed 2 — the
+  suite scores seed 0 and pilots on seed 1 — written as a ``.jsonl`` prompt file: a user's
+  "profile on prompts like my workload");
+- ``BLOCK``: the block size of the profile and the policy (64 in the suite run);
+- optional extra ``attnlab policy compare`` flags.
+
+For each variant, the user's commands: ``attnlab profile --path qk``, ``probe retrieval``, ``policy
+compare --budgets 0.3 --save-policies``. Its budgeted policy then answers the suite run's scored
+samples (its tasks, length and sample count; seed 0) with the function ``attnlab eval`` uses
+(sparse prefill through the flex executor, dense decode), over ``--shards`` processes. Dense and
+the other methods are not re-run: their per-sample results are read from the suite run.
+
+    python benchmarks/task_suite_variants.py --suite /tmp/ts \\
+        --variant tasks64=tasks:64 --variant tasks16=tasks:16 --append benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from task_suite import (  # the same folder: run as a script
+    GAMMAS,
+    TARGET,
+    TAUS,
+    cli,
+    prefill_density,
+)
+
+PROFILE_SEED = 2
+#: the suite run's block size (its dynamic baselines ran at it) and the iso-density tolerance
+SUITE_BLOCK = 64
+TOLERANCE = 0.05
+
+
+def parse_variant(text: str) -> dict:
+    """``NAME=PROMPTS:BLOCK[:EXTRA policy compare FLAGS]`` → its fields (one clear line if malformed)."""
+    name, _, spec = text.partition("=")
+    parts = spec.split(":", 2)
+    if not name or len(parts) < 2 or parts[0] not in ("builtin", "tasks") or not parts[1].isdigit():
+        raise SystemExit(f"--variant {text!r}: expected NAME=PROMPTS:BLOCK[:FLAGS] with PROMPTS builtin or tasks and "
+                         "BLOCK a block size, e.g. tasks16=tasks:16 or more=tasks:64:--retrieval-threshold 0.07")
+    return {"name": name, "prompts": parts[0], "block": int(parts[1]), "flags": shlex.split(parts[2]) if len(parts) > 2 else []}
+
+
+def method_policy(model, spec: str):
+    """A policy file (``.json``), or a published dynamic method at a block size
+    (``xattention:tau=0.5@16``)."""
+    from attnlab.sparsity_stats.dynamic import parse_baseline, published_policy
+    from attnlab.sparsity_stats.policy import Policy
+
+    if spec.endswith(".json"):
+        return Policy.load(spec)
+    method, _, block = spec.rpartition("@")
+    kind, params = parse_baseline(method)
+    return published_policy(model, kind, block_size=int(block), **params)
+
+
+def answer_shard(args) -> None:
+    """One process's share (round-robin) of the scored samples under one policy: rows as JSON lines."""
+    import torch
+
+    import attnlab
+    from attnlab.sparsity_stats.evaluate import answer
+    from attnlab.sparsity_stats.executors import PolicyExecutor
+    from attnlab.tasks import task_suite
+
+    torch.set_grad_enabled(False)
+    i, n = (int(x) for x in args.answer_shard.split("/"))
+    model = attnlab.load_model("smollm2-135m", verbose=False)
+    samples = task_suite(model.tokenizer, args.tasks.split(","), [args.length], args.samples, seed=0)[i::n]
+    ex = PolicyExecutor(method_policy(model, args.policy), "flex")
+    with open(args.rows, "w") as f:
+        for s in samples:
+            t = time.perf_counter()
+            reply, density = answer(model, s, ex)
+            f.write(json.dumps({"sample": s.name, "task": s.task, "score": s.score(reply), "correct": s.score(reply) == 1.0,
+                                "density": density, "reply": reply, "seconds": time.perf_counter() - t}) + "\n")
+            f.flush()
+
+
+def answer_all(spec: str, vdir: Path, stem: str, tasks: list[str], length: int, n: int, shards: int):
+    """Every scored sample answered under ``spec`` (cached as ``vdir/STEM-N.jsonl``), over ``shards`` processes."""
+    import pandas as pd
+
+    done = vdir / f"{stem}-{n}.jsonl"
+    if not done.exists():
+        procs = []
+        for i in range(shards):
+            argv = [sys.executable, __file__, "--answer-shard", f"{i}/{shards}", "--policy", spec,
+                    "--rows", str(vdir / f"{stem}-rows-{i}.jsonl"), "--tasks", ",".join(tasks), "--length", str(length),
+                    "--samples", str(n)]
+            with (vdir / f"{stem}-answer-{i}.log").open("w") as log:
+                procs.append(subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                              stderr=subprocess.STDOUT))
+        if any([p.wait() != 0 for p in procs]):  # a list: wait for every process, even after a failure
+            raise SystemExit(f"an answering process failed: see {vdir}/{stem}-answer-*.log")
+        done.write_text("".join((vdir / f"{stem}-rows-{i}.jsonl").read_text() for i in range(shards)))
+    return pd.read_json(done, lines=True)
+
+
+def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, str]]:
+    """The baselines at the variant's block size (``--baselines``): its MInference-style policy when
+    it lands within ``TOLERANCE`` of the target density, and, unless the block size is the suite's
+    (whose run already holds them), XAttention and FlexPrefill at the grid setting whose prefill
+    density on pilot samples (seed 1, as the suite's pilot) is nearest the target."""
+    import pandas as pd
+
+    import attnlab
+    from attnlab.sparsity_stats.dynamic import published_policy
+    from attnlab.tasks import task_suite
+
+    out = {}
+    compared = pd.read_csv(vdir / "profile" / "policy_compare.csv")
+    mi = compared[compared.method == "minference"]
+    if len(mi) and abs(float(mi.density.iloc[0]) - TARGET) <= TOLERANCE:
+        out[f"minference-{TARGET:g}"] = ("minference", str(vdir / "cmp" / f"minference-{TARGET:g}.json"))
+    if v["block"] == SUITE_BLOCK:
+        return out
+    grid_file = vdir / "pilot_grid.json"
+    if not grid_file.exists():
+        model = attnlab.load_model("smollm2-135m", verbose=False)
+        pilot = task_suite(model.tokenizer, ["niah_essay", "variable_tracking"], [length], 2, seed=1)
+        probe = [s for s in pilot if s.task == "niah_essay"][:2] + [s for s in pilot if s.task == "variable_tracking"][:1]
+        grid = {}
+        for kind, key, values in (("xattention", "tau", TAUS), ("flexprefill", "gamma", GAMMAS)):
+            for x in values:
+                pol = published_policy(model, kind, block_size=v["block"], **{key: x})
+                grid[f"{kind}:{key}={x:g}@{v['block']}"] = prefill_density(model, probe, pol)
+        grid_file.write_text(json.dumps(grid, indent=1))
+    grid = json.loads(grid_file.read_text())
+    for kind in ("xattention", "flexprefill"):
+        spec = min((k for k in grid if k.startswith(kind)), key=lambda k: abs(grid[k] - TARGET))
+        out[spec] = (spec.replace(":", "_").replace("=", "").replace("@", "_b"), spec)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--suite", type=Path, help="the --work folder of a finished benchmarks/task_suite.py run")
+    parser.add_argument("--variant", action="append", default=[], help="NAME=PROMPTS:BLOCK[:FLAGS] (repeat)")
+    parser.add_argument("--profile-tasks", default="niah_noise,niah_essay,niah_uuid,niah_multikey,niah_multivalue,"
+                        "niah_multiquery,variable_tracking,common_words", help="tasks whose samples make the profile prompts")
+    parser.add_argument("--profile-samples", type=int, default=4, help="built-in prompts (PROMPTS builtin)")
+    parser.add_argument("--retrieval-samples", type=int, default=10)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--baselines", action="store_true",
+                        help="also run the baselines at each variant's block size (MInference-style from its profile; "
+                        "XAttention and FlexPrefill when the block size is not the suite's)")
+    parser.add_argument("--append", type=Path)
+    # one answering process (internal)
+    parser.add_argument("--answer-shard", help=argparse.SUPPRESS)
+    for hidden in ("--policy", "--rows", "--tasks"):
+        parser.add_argument(hidden, help=argparse.SUPPRESS)
+    parser.add_argument("--length", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--samples", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.answer_shard:
+        return answer_shard(args)
+    if args.suite is None or not args.variant:
+        raise SystemExit("give --suite (a finished task_suite.py --work folder) and at least one --variant")
+    variants = [parse_variant(v) for v in args.variant]
+    import pandas as pd
+
+    from attnlab.runs import EVAL_SAMPLES, Run
+    from attnlab.tasks import task_suite
+
+    merged = sorted(args.suite.glob("eval-*/merged"))
+    if len(merged) != 1:
+        raise SystemExit(f"{args.suite} holds {len(merged)} merged eval runs (eval-N/merged), not one: give a finished "
+                         "task_suite.py --work folder")
+    suite = Run.open(merged[0]).read(EVAL_SAMPLES)
+    settings = json.loads((args.suite / "settings.json").read_text()) if (args.suite / "settings.json").exists() else {}
+    length = int(suite.length.iloc[0])
+    tasks = list(dict.fromkeys(suite.task))
+    n = int(suite[suite.method == "dense"].groupby("task").size().min())
+    work = args.suite / "variants"
+    work.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    model_flags = ["--model", "smollm2-135m", "--quiet"]
+    rows = []
+    for v in variants:
+        t0 = time.perf_counter()
+        vdir = work / v["name"]
+        vdir.mkdir(exist_ok=True)
+        recorded = vdir / "variant.json"
+        if recorded.exists() and json.loads(recorded.read_text()) != v:
+            raise SystemExit(f"{vdir} was made for {recorded.read_text().strip()}, not {v}: give the variant another name")
+        recorded.write_text(json.dumps(v))
+        policy = vdir / "cmp" / f"budgeted-{TARGET:g}.json"
+        if not policy.exists():
+            prof = vdir / "profile"
+            if v["prompts"] == "tasks":
+                import attnlab
+
+                model = attnlab.load_model("smollm2-135m", verbose=False)
+                prompt_file = vdir / "prompts.jsonl"
+                with prompt_file.open("w") as f:
+                    for s in task_suite(model.tokenizer, args.profile_tasks.split(","), [length], 1, seed=PROFILE_SEED):
+                        f.write(json.dumps({"text": model.tokenizer.decode(s.input_ids[0].tolist()), "name": s.name}) + "\n")
+                source = ["--prompts", str(prompt_file)]
+            else:
+                source = ["--lengths", str(length), "--samples", str(args.profile_samples)]
+            cli("profile", *model_flags, *source, "--path", "qk", "--block-size", str(v["block"]), "--out", str(prof),
+                "--force", log=vdir / "profile.log")
+            cli("probe", "retrieval", *model_flags, "--out", str(prof), "--samples", str(args.retrieval_samples),
+                "--lengths", str(length), "--causal-k", "", log=vdir / "probe.log")
+            cli("policy", "compare", str(prof), "--budgets", str(TARGET), *v["flags"], "--save-policies", str(vdir / "cmp"),
+                "--force", "--quiet", log=vdir / "compare.log")
+        methods = {f"budgeted-{TARGET:g}": ("answers", str(policy))}
+        if args.baselines:
+            methods.update(variant_baselines(v, vdir, length))
+        for label, (stem, spec) in methods.items():
+            part = answer_all(spec, vdir, stem, tasks, length, n, args.shards)
+            part["method"] = f"{v['name']}: {label}"
+            rows.append(part)
+        v["minutes"] = (time.perf_counter() - t0) / 60
+        if (vdir / "pilot_grid.json").exists():
+            v["grid"] = json.loads((vdir / "pilot_grid.json").read_text())
+        compared = pd.read_csv(vdir / "profile" / "policy_compare.csv")
+        v["detail"] = str(compared[compared.method == "budgeted"].detail.iloc[0])
+    table = pd.concat([suite[["sample", "task", "method", "score", "correct", "density"]],
+                       *[r[["sample", "task", "method", "score", "correct", "density"]] for r in rows]], ignore_index=True)
+    md = markdown(args, variants, table, tasks, length, n, settings, started)
+    (work / "variants.md").write_text(md)
+    print(md)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n" + md)
+
+
+def markdown(args, variants, table, tasks, length, n, settings, started) -> str:
+    from attnlab.sparsity_stats.evaluate import bootstrap_ci, paired_counts, stratified_bootstrap_ci
+
+    methods = list(dict.fromkeys(table.method))
+    suite_budgeted = f"budgeted-{TARGET:g}"
+    lines = [
+        "## Task suite: budgeted policies made another way, on the same samples (`benchmarks/task_suite_variants.py`)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: `{platform.platform()}`, "
+        f"{os.cpu_count()} cores (shared); {(time.perf_counter() - started) / 60:.0f} min in all",
+        f"- command: `python benchmarks/{Path(sys.argv[0]).name} {shlex.join(sys.argv[1:])}`",
+        f"- scored samples: those of the suite run in `{args.suite}` ({settings or 'settings not recorded'}): {n} per task "
+        f"at {length} tokens, seed 0; its methods' results are read from it, not re-run",
+        "- variants (NAME=PROMPTS:BLOCK[:FLAGS]): "
+        + "; ".join(f"**{v['name']}**: {'task-suite samples of seed 2 (' + args.profile_tasks + ')' if v['prompts'] == 'tasks' else 'built-in prompts'}"
+                    f", {v['block']}-token blocks{', ' + shlex.join(v['flags']) if v['flags'] else ''} → {v['detail']} "
+                    f"({v['minutes']:.0f} min)" for v in variants),
+        *[f"- {v['name']}: pilot prefill densities at {v['block']}-token blocks (seed 1): "
+          + ", ".join(f"{k} {x:.3f}" for k, x in v["grid"].items()) for v in variants if v.get("grid")],
+        "",
+        "Score per task (mean with a 95% bootstrap interval) and mean achieved prefill density; the mean over tasks "
+        "has a stratified interval.",
+        "",
+        "| method | density | " + " | ".join(tasks) + " | **mean** |",
+        "|---|---:|" + "---|" * (len(tasks) + 1),
+    ]
+    for m in methods:
+        cells = []
+        for task in tasks:
+            x = table[(table.task == task) & (table.method == m)].score
+            lo, hi = bootstrap_ci(x.tolist())
+            cells.append(f"{x.mean():.2f} [{lo:.2f}, {hi:.2f}]")
+        groups = [table[(table.task == t) & (table.method == m)].score.tolist() for t in tasks]
+        lo, hi = stratified_bootstrap_ci(groups)
+        cells.append(f"**{np.mean([np.mean(g) for g in groups]):.2f}** [{lo:.2f}, {hi:.2f}]")
+        lines.append(f"| {m} | {table[table.method == m].density.mean():.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"Paired against the suite's `{suite_budgeted}` on the same samples (exact match):", "",
+              "| variant | task | both right | only suite's | only variant | neither |", "|---|---|---:|---:|---:|---:|"]
+    for v in variants:
+        name = f"{v['name']}: budgeted-{TARGET:g}"
+        for task in tasks:
+            a = table[(table.task == task) & (table.method == suite_budgeted)].sort_values("sample")
+            b = table[(table.task == task) & (table.method == name)].sort_values("sample")
+            c = paired_counts(a.correct.tolist(), b.correct.tolist())
+            lines.append(f"| {v['name']} | {task} | {c['both']} | {c['only_dense']} | {c['only_sparse']} | {c['neither']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
