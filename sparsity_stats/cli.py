@@ -116,18 +116,23 @@ def _policy_make(args: argparse.Namespace) -> int:
     gap = "optimal" if s["optimal"] else f"gap <= {s['optimality_gap_per_head']:.2e} recall per head"
     print(f"  optimiser   {s['n_candidates']} candidates per head, {s['solver_nodes']} nodes, {gap}")
     print(f"  wrote       {out}")
-    n_eval = max(policy.eval_lengths or [0])
-    if n_eval and n_eval // policy.block_size < FEW_BLOCKS:
+    _coarse_note(policy.block_size, max(policy.eval_lengths or [0]))
+    return 0
+
+
+def _coarse_note(block_size: int, n_eval: int) -> None:
+    """A note on stderr when ``block_size`` leaves few blocks per row at ``n_eval`` tokens."""
+    if n_eval and n_eval // block_size < FEW_BLOCKS:
         finer = max(16, 1 << (max(n_eval // FEW_BLOCKS, 1).bit_length() - 1))  # a power of two, at least 16
         hint = (f"; profile with --block-size {finer} for finer ones (README: Validating a policy)"
-                if finer < policy.block_size else "")
-        print(f"note: at {n_eval} tokens a {policy.block_size}-token block leaves {n_eval // policy.block_size} blocks per row, "
+                if finer < block_size else "")
+        print(f"note: at {n_eval} tokens a {block_size}-token block leaves {n_eval // block_size} blocks per row, "
               f"so patterns are coarse{hint}", file=sys.stderr)
-    return 0
 
 
 def _policy_compare(args: argparse.Namespace) -> int:
     from .compare import compare_policies, format_table, write_tradeoff_html
+    from .curves import ProfileEstimator
 
     run = Run.open(args.run)
     out = Path(args.out) if args.out is not None else run.path / COMPARE_TABLE  # '' is refused, not the default
@@ -145,6 +150,8 @@ def _policy_compare(args: argparse.Namespace) -> int:
     print(f"wrote {out} and {html}")
     if args.save_policies:
         print(f"saved the policies to {args.save_policies}/ (attnlab validate DIR/METHOD-BUDGET.json --out RUN)")
+    est = ProfileEstimator.from_run(run, block_size=args.block_size, eval_lengths=args.lengths)
+    _coarse_note(est.block_size, max(est.eval_lengths))
     return 0
 
 

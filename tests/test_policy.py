@@ -602,6 +602,13 @@ def test_cli_policy_suggests_a_smaller_block_when_rows_have_few_blocks(tmp_path,
     assert "at 512 tokens a 64-token block leaves 8 blocks per row" in err and "--block-size 16" in err
     err = policy_note(16, 512)  # already the smallest block suggested: a note, no hint
     assert "leaves 32 blocks per row" in err and "--block-size" not in err
+    # policy compare says the same of the block size its policies (and baselines) are built at
+    r = make_synthetic_run(tmp_path / "cmp", n_layers=2, n_heads=4, n_kv_heads=2, lengths=(512,), block_size=64)
+    assert cli("policy", "compare", str(r.path), "--budgets", "0.6", "--quiet") == 0
+    err = capsys.readouterr().err
+    assert "at 512 tokens a 64-token block leaves 8 blocks per row" in err and "--block-size 16" in err
+    assert cli("policy", "compare", str(r.path), "--budgets", "0.6", "--block-size", "128", "--force", "--quiet") == 0
+    assert "a 128-token block leaves 4 blocks per row" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,match", [
