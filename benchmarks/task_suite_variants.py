@@ -17,7 +17,7 @@ samples (its tasks, length and sample count; seed 0) with the function ``attnlab
 the other methods are not re-run: their per-sample results are read from the suite run.
 
     python benchmarks/task_suite_variants.py --suite /tmp/ts \\
-        --variant tasks64=tasks:64 --variant tasks16=tasks:16 --append benchmarks/RESULTS.md
+        --variant tasks64=tasks:64 --variant tasks16=tasks:16 --baselines tasks16 --append benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -159,9 +159,9 @@ def main() -> None:
     parser.add_argument("--profile-samples", type=int, default=4, help="built-in prompts (PROMPTS builtin)")
     parser.add_argument("--retrieval-samples", type=int, default=10)
     parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--baselines", action="store_true",
-                        help="also run the baselines at each variant's block size (MInference-style from its profile; "
-                        "XAttention and FlexPrefill when the block size is not the suite's)")
+    parser.add_argument("--baselines", default="", metavar="NAME,...",
+                        help="variants (or 'all') that also run the baselines at their block size (MInference-style from "
+                        "their profile; XAttention and FlexPrefill when the block size is not the suite's)")
     parser.add_argument("--append", type=Path)
     # one answering process (internal)
     parser.add_argument("--answer-shard", help=argparse.SUPPRESS)
@@ -223,7 +223,7 @@ def main() -> None:
             cli("policy", "compare", str(prof), "--budgets", str(TARGET), *v["flags"], "--save-policies", str(vdir / "cmp"),
                 "--force", "--quiet", log=vdir / "compare.log")
         methods = {f"budgeted-{TARGET:g}": ("answers", str(policy))}
-        if args.baselines:
+        if args.baselines == "all" or v["name"] in args.baselines.split(","):
             methods.update(variant_baselines(v, vdir, length))
         for label, (stem, spec) in methods.items():
             part = answer_all(spec, vdir, stem, tasks, length, n, args.shards)
