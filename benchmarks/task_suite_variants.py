@@ -260,7 +260,7 @@ def markdown(args, variants, table, tasks, length, n, settings, started) -> str:
         "- variants (NAME=PROMPTS:BLOCK[:FLAGS]): "
         + "; ".join(f"**{v['name']}**: {'task-suite samples of seed 2 (' + args.profile_tasks + ')' if v['prompts'] == 'tasks' else 'built-in prompts'}"
                     f", {v['block']}-token blocks{', ' + shlex.join(v['flags']) if v['flags'] else ''} → {v['detail']} "
-                    f"({v['minutes']:.0f} min)" for v in variants),
+                    f"({v['minutes']:.0f} min in this invocation; steps cached in `--suite`/variants are not redone)" for v in variants),
         *[f"- {v['name']}: pilot prefill densities at {v['block']}-token blocks (seed 1): "
           + ", ".join(f"{k} {x:.3f}" for k, x in v["grid"].items()) for v in variants if v.get("grid")],
         "",
