@@ -16,6 +16,13 @@ samples (its tasks, length and sample count; seed 0) with the function ``attnlab
 (sparse prefill through the flex executor, dense decode), over ``--shards`` processes. Dense and
 the other methods are not re-run: their per-sample results are read from the suite run.
 
+``--baselines NAME,...`` (or ``all``): those variants also answer under the baselines at their own
+block size, so that a gain from the block size is not credited to the generator: their
+MInference-style policy from the same compare (when its density is within 0.05 of 0.3) and, at a
+block size other than the suite's, XAttention and FlexPrefill at the τ and γ whose prefill
+density on pilot samples (seed 1) is nearest 0.3. Every step is cached under
+``--suite``/variants/NAME.
+
     python benchmarks/task_suite_variants.py --suite /tmp/ts \\
         --variant tasks64=tasks:64 --variant tasks16=tasks:16 --baselines tasks16 --append benchmarks/RESULTS.md
 """
