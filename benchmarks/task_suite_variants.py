@@ -23,8 +23,12 @@ block size other than the suite's, XAttention and FlexPrefill at the τ and γ w
 density on pilot samples (seed 1) is nearest 0.3. Every step is cached under
 ``--suite``/variants/NAME.
 
+``--mass`` adds each method's attention mass kept at run time (``benchmarks/policy.py``'s
+`measure_recall`, dynamic heads choosing from the input) on the first scored sample of each task:
+the figure the generator maximises, set beside the score it is meant to stand for.
+
     python benchmarks/task_suite_variants.py --suite /tmp/ts \\
-        --variant tasks64=tasks:64 --variant tasks16=tasks:16 --baselines tasks16 --append benchmarks/RESULTS.md
+        --variant tasks64=tasks:64 --variant tasks16=tasks:16 --baselines tasks16 --mass --append benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -169,6 +173,9 @@ def main() -> None:
     parser.add_argument("--baselines", default="", metavar="NAME,...",
                         help="variants (or 'all') that also run the baselines at their block size (MInference-style from "
                         "their profile; XAttention and FlexPrefill when the block size is not the suite's)")
+    parser.add_argument("--mass", action="store_true",
+                        help="also measure each method's attention mass kept on one scored sample per task (what the "
+                        "generator maximises), beside its score")
     parser.add_argument("--append", type=Path)
     # one answering process (internal)
     parser.add_argument("--answer-shard", help=argparse.SUPPRESS)
@@ -201,6 +208,9 @@ def main() -> None:
     started = time.perf_counter()
     model_flags = ["--model", "smollm2-135m", "--quiet"]
     rows = []
+    # each method's policy, for --mass: the suite's policy files and dynamic baselines, then the variants'
+    specs = {m: (str(args.suite / "cmp" / f"{m}.json") if ":" not in m else f"{m}@{SUITE_BLOCK}")
+             for m in dict.fromkeys(suite.method) if m != "dense"}
     for v in variants:
         t0 = time.perf_counter()
         vdir = work / v["name"]
@@ -235,6 +245,7 @@ def main() -> None:
         for label, (stem, spec) in methods.items():
             part = answer_all(spec, vdir, stem, tasks, length, n, args.shards)
             part["method"] = f"{v['name']}: {label}"
+            specs[part["method"].iloc[0]] = spec
             rows.append(part)
         v["minutes"] = (time.perf_counter() - t0) / 60
         if (vdir / "pilot_grid.json").exists():
@@ -243,7 +254,8 @@ def main() -> None:
         v["detail"] = str(compared[compared.method == "budgeted"].detail.iloc[0])
     table = pd.concat([suite[["sample", "task", "method", "score", "correct", "density"]],
                        *[r[["sample", "task", "method", "score", "correct", "density"]] for r in rows]], ignore_index=True)
-    md = markdown(args, variants, table, tasks, length, n, settings, started)
+    mass = kept_mass(specs, tasks, length) if args.mass else None
+    md = markdown(args, variants, table, tasks, length, n, settings, started, mass)
     (work / "variants.md").write_text(md)
     print(md)
     if args.append:
@@ -251,7 +263,28 @@ def main() -> None:
             f.write("\n" + md)
 
 
-def markdown(args, variants, table, tasks, length, n, settings, started) -> str:
+def kept_mass(specs: dict[str, str], tasks: list[str], length: int) -> dict[str, tuple[float, float]]:
+    """Each method's attention mass kept (mean over heads and queries) and achieved density on the
+    first scored sample of every task, its dynamic heads choosing their blocks from that input
+    (``benchmarks/policy.py``'s `measure_recall`, the figure the generator maximises)."""
+    import torch
+    from policy import measure_recall  # the same folder
+
+    import attnlab
+    from attnlab.tasks import task_suite
+
+    torch.set_grad_enabled(False)
+    model = attnlab.load_model("smollm2-135m", verbose=False)
+    ids = [s.input_ids for s in task_suite(model.tokenizer, tasks, [length], 1, seed=0)]
+    policies = {m: method_policy(model, spec) for m, spec in specs.items()}
+    out = {}
+    for b in sorted({p.block_size for p in policies.values()}):  # measured together per block size
+        got = measure_recall(model, {m: p for m, p in policies.items() if p.block_size == b}, ids)
+        out.update({m: (float(r.recall.mean()), float(r.density.mean())) for m, r in got.items()})
+    return out
+
+
+def markdown(args, variants, table, tasks, length, n, settings, started, mass=None) -> str:
     from attnlab.sparsity_stats.evaluate import bootstrap_ci, paired_counts, stratified_bootstrap_ci
 
     methods = list(dict.fromkeys(table.method))
@@ -272,10 +305,13 @@ def markdown(args, variants, table, tasks, length, n, settings, started) -> str:
           + ", ".join(f"{k} {x:.3f}" for k, x in v["grid"].items()) for v in variants if v.get("grid")],
         "",
         "Score per task (mean with a 95% bootstrap interval) and mean achieved prefill density; the mean over tasks "
-        "has a stratified interval.",
+        "has a stratified interval."
+        + (" `kept mass`: the attention mass the method keeps (mean over heads and queries, dynamic heads choosing "
+           "from the input) on the first scored sample of each task — what the generator maximises on its profile."
+           if mass else ""),
         "",
-        "| method | density | " + " | ".join(tasks) + " | **mean** |",
-        "|---|---:|" + "---|" * (len(tasks) + 1),
+        "| method | density | " + ("kept mass | " if mass else "") + " | ".join(tasks) + " | **mean** |",
+        "|---|---:|" + ("---:|" if mass else "") + "---|" * (len(tasks) + 1),
     ]
     for m in methods:
         cells = []
@@ -286,6 +322,8 @@ def markdown(args, variants, table, tasks, length, n, settings, started) -> str:
         groups = [table[(table.task == t) & (table.method == m)].score.tolist() for t in tasks]
         lo, hi = stratified_bootstrap_ci(groups)
         cells.append(f"**{np.mean([np.mean(g) for g in groups]):.2f}** [{lo:.2f}, {hi:.2f}]")
+        if mass:
+            cells.insert(0, f"{mass[m][0]:.3f}" if m in mass else "1")
         lines.append(f"| {m} | {table[table.method == m].density.mean():.3f} | " + " | ".join(cells) + " |")
     lines += ["", f"Paired against the suite's `{suite_budgeted}` on the same samples (exact match):", "",
               "| variant | task | both right | only suite's | only variant | neither |", "|---|---|---:|---:|---:|---:|"]
