@@ -132,7 +132,6 @@ def _coarse_note(block_size: int, n_eval: int) -> None:
 
 def _policy_compare(args: argparse.Namespace) -> int:
     from .compare import compare_policies, format_table, write_tradeoff_html
-    from .curves import ProfileEstimator
 
     run = Run.open(args.run)
     out = Path(args.out) if args.out is not None else run.path / COMPARE_TABLE  # '' is refused, not the default
@@ -150,8 +149,7 @@ def _policy_compare(args: argparse.Namespace) -> int:
     print(f"wrote {out} and {html}")
     if args.save_policies:
         print(f"saved the policies to {args.save_policies}/ (attnlab validate DIR/METHOD-BUDGET.json --out RUN)")
-    est = ProfileEstimator.from_run(run, block_size=args.block_size, eval_lengths=args.lengths)
-    _coarse_note(est.block_size, max(est.eval_lengths))
+    _coarse_note(table.attrs["block_size"], max(table.attrs["eval_lengths"]))
     return 0
 
 

@@ -70,7 +70,8 @@ def compare_policies(
 
     ``generator_kwargs`` go to `PolicyGenerator` (constraints, kinds, block size, ...).
     ``policies_out``: a folder to save every compared policy into as ``{method}-{budget}.json``
-    (budgeted and baselines alike), ready for ``attnlab validate``.
+    (budgeted and baselines alike), ready for ``attnlab validate``. The table's ``attrs`` hold the
+    ``block_size`` and ``eval_lengths`` the policies were built at.
     """
     save_dir = None if policies_out is None else Path(policies_out)
     if save_dir is not None:
@@ -124,7 +125,9 @@ def compare_policies(
         if save_dir is not None:
             for r in base:
                 r.to_policy(curves, b, budget_kind).save(save_dir / f"{r.name}-{b:g}.json")
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table.attrs.update(block_size=int(est.block_size), eval_lengths=[int(x) for x in est.eval_lengths])
+    return table
 
 
 def tuned_baselines(curves: HeadCurves, budget: float, *, min_sink: int = 4,
