@@ -61,6 +61,25 @@ def cli(*argv: str, log: Path | None = None) -> None:
         raise SystemExit(f"`attnlab {shlex.join(argv)}` failed:\n{out.stderr[-3000:]}")
 
 
+def pilot_probe(samples):
+    """The pilot samples the dynamic methods' densities are measured on: two ``niah_essay``, one
+    ``variable_tracking``."""
+    return [s for s in samples if s.task == "niah_essay"][:2] + [s for s in samples if s.task == "variable_tracking"][:1]
+
+
+def density_grid(model, samples, block_size: int, suffix: str = "") -> dict[str, float]:
+    """Mean prefill density of XAttention over `TAUS` and FlexPrefill over `GAMMAS` at
+    ``block_size``, keyed ``kind:key=value`` + ``suffix``."""
+    from attnlab.sparsity_stats.dynamic import published_policy
+
+    grid = {}
+    for kind, key, values in (("xattention", "tau", TAUS), ("flexprefill", "gamma", GAMMAS)):
+        for v in values:
+            policy = published_policy(model, kind, block_size=block_size, **{key: v})
+            grid[f"{kind}:{key}={v:g}{suffix}"] = prefill_density(model, samples, policy)
+    return grid
+
+
 def prefill_density(model, samples, policy) -> float:
     """Mean achieved prefill density of ``policy`` over ``samples`` (prefill only, no decoding)."""
     import torch
@@ -98,7 +117,6 @@ def main() -> None:
 
     import attnlab
     from attnlab.runs import EVAL_SAMPLES, Run
-    from attnlab.sparsity_stats.dynamic import published_policy
     from attnlab.sparsity_stats.evaluate import answer
     from attnlab.tasks import TASKS, task_suite
 
@@ -146,11 +164,7 @@ def main() -> None:
             reply, _ = answer(model, s)
             answer_s.append(time.perf_counter() - t1)
             dense_score.setdefault(s.task, []).append(s.score(reply))
-        probe = [s for s in samples if s.task == "niah_essay"][:2] + [s for s in samples if s.task == "variable_tracking"][:1]
-        grid = {}
-        for kind, key, values in (("xattention", "tau", TAUS), ("flexprefill", "gamma", GAMMAS)):
-            for v in values:
-                grid[f"{kind}:{key}={v:g}"] = prefill_density(model, probe, published_policy(model, kind, block_size=64, **{key: v}))
+        grid = density_grid(model, pilot_probe(samples), 64)
         pilot = {"dense": {k: float(np.mean(v)) for k, v in dense_score.items()}, "dense_answer_s": float(np.mean(answer_s)),
                  "grid": grid, "seconds": time.perf_counter() - t}
         pilot_file.write_text(json.dumps(pilot, indent=1))

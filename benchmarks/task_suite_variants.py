@@ -46,11 +46,10 @@ from pathlib import Path
 
 import numpy as np
 from task_suite import (  # the same folder: run as a script
-    GAMMAS,
     TARGET,
-    TAUS,
     cli,
-    prefill_density,
+    density_grid,
+    pilot_probe,
 )
 
 PROFILE_SEED = 2
@@ -100,7 +99,8 @@ def answer_shard(args) -> None:
         for s in samples:
             t = time.perf_counter()
             reply, density = answer(model, s, ex)
-            f.write(json.dumps({"sample": s.name, "task": s.task, "score": s.score(reply), "correct": s.score(reply) == 1.0,
+            score = s.score(reply)
+            f.write(json.dumps({"sample": s.name, "task": s.task, "score": score, "correct": score == 1.0,
                                 "density": density, "reply": reply, "seconds": time.perf_counter() - t}) + "\n")
             f.flush()
 
@@ -133,7 +133,6 @@ def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, 
     import pandas as pd
 
     import attnlab
-    from attnlab.sparsity_stats.dynamic import published_policy
     from attnlab.tasks import task_suite
 
     out = {}
@@ -147,13 +146,7 @@ def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, 
     if not grid_file.exists():
         model = attnlab.load_model("smollm2-135m", verbose=False)
         pilot = task_suite(model.tokenizer, ["niah_essay", "variable_tracking"], [length], 2, seed=1)
-        probe = [s for s in pilot if s.task == "niah_essay"][:2] + [s for s in pilot if s.task == "variable_tracking"][:1]
-        grid = {}
-        for kind, key, values in (("xattention", "tau", TAUS), ("flexprefill", "gamma", GAMMAS)):
-            for x in values:
-                pol = published_policy(model, kind, block_size=v["block"], **{key: x})
-                grid[f"{kind}:{key}={x:g}@{v['block']}"] = prefill_density(model, probe, pol)
-        grid_file.write_text(json.dumps(grid, indent=1))
+        grid_file.write_text(json.dumps(density_grid(model, pilot_probe(pilot), v["block"], f"@{v['block']}"), indent=1))
     grid = json.loads(grid_file.read_text())
     for kind in ("xattention", "flexprefill"):
         spec = min((k for k in grid if k.startswith(kind)), key=lambda k: abs(grid[k] - TARGET))
@@ -189,6 +182,12 @@ def main() -> None:
     if args.suite is None or not args.variant:
         raise SystemExit("give --suite (a finished task_suite.py --work folder) and at least one --variant")
     variants = [parse_variant(v) for v in args.variant]
+    unknown = set(filter(None, args.baselines.split(","))) - {"all"} - {v["name"] for v in variants}
+    if unknown:
+        raise SystemExit(f"--baselines names {', '.join(sorted(unknown))}, not a --variant: give variant names or 'all'")
+    for v in variants:  # what the cached profile depends on besides the variant itself
+        v["profile"] = ({"tasks": args.profile_tasks, "seed": PROFILE_SEED} if v["prompts"] == "tasks"
+                        else {"samples": args.profile_samples}) | {"retrieval_samples": args.retrieval_samples}
     import pandas as pd
 
     from attnlab.runs import EVAL_SAMPLES, Run
