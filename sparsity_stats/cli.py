@@ -82,9 +82,13 @@ def _refuse_existing(path: Path, force: bool) -> None:
 
 
 def _generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    if args.focus_weight is not None and not args.focus_last:
+        raise PolicyError("--focus-weight weights the queries --focus-last names: give --focus-last T too (e.g. 64)")
     return {
         "block_size": args.block_size,
         "eval_lengths": args.lengths,
+        "focus_last": args.focus_last,
+        "focus_weight": 0.5 if args.focus_weight is None else args.focus_weight,
         "kinds": args.kinds,
         "min_sink": args.min_sink,
         "protect_retrieval": args.protect,
@@ -272,6 +276,11 @@ def _generator_options() -> argparse.ArgumentParser:
     g.add_argument("--budget-kind", choices=BUDGET_KINDS, default="density", help="density (FLOPs) or kv (KV cache) budget")
     g.add_argument("--block-size", type=positive_int, default=None, help="policy block size (default: the run's block maps)")
     g.add_argument("--lengths", type=int_list, default=None, help="comma-separated lengths to evaluate at (default: the longest profiled)")
+    g.add_argument("--focus-last", type=positive_int, default=None, metavar="T",
+                   help="weight the queries of the last T tokens of each profiled prompt (its question and the start of "
+                        "the answer) by --focus-weight in the objective (default: every query alike)")
+    g.add_argument("--focus-weight", type=unit_float, default=None, metavar="W",
+                   help="with --focus-last, those queries' share of the objective, in (0, 1] (default 0.5)")
     g.add_argument("--kinds", type=name_list(CANDIDATE_KINDS), default=list(KINDS), metavar="KIND,...",
                    help=f"kinds to choose from, some of {','.join(CANDIDATE_KINDS)} (default: {','.join(KINDS)}; "
                         "xattention: a per-head tau, run per input)")

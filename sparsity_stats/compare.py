@@ -82,7 +82,9 @@ def compare_policies(
     else:
         run = Run.coerce(run)
         est = ProfileEstimator.from_run(run, block_size=generator_kwargs.get("block_size"),
-                                        eval_lengths=generator_kwargs.get("eval_lengths"))
+                                        eval_lengths=generator_kwargs.get("eval_lengths"),
+                                        focus_last=generator_kwargs.get("focus_last"),
+                                        focus_weight=generator_kwargs.get("focus_weight", 0.5))
         check_block_granularity(est, run)  # a too-coarse block size is named as such, first
         curves = compute_curves(
             est, kinds=generator_kwargs.get("kinds", PolicyGenerator().kinds), min_sink=int(generator_kwargs.get("min_sink", 4)),

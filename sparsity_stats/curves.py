@@ -31,6 +31,16 @@ relative to a full causal layer (for budgets across layers); the KV share is at 
 Recall needs no change there (the profile holds no mass outside the window). A learned sink
 (gpt-oss) takes mass no key receives — the block maps' rows sum to ``1 -`` its share — and
 every policy keeps it: recall is ``sink + (1 - sink) · recall over the keys``.
+
+**Which queries count** (``focus_last``, ``focus_weight``). By default every measured query
+counts alike. A task's answer starts from the last rows of the prompt — the first generated
+token is the prefill's last query, and the question sits just before it — which are a few dozen
+of a thousand rows. With ``focus_last=T`` the objective becomes ``(1 - focus_weight) · recall over
+every query + focus_weight · recall over the queries of the blocks holding the last T tokens``
+of each evaluation length (rounded out to whole blocks). Density is unchanged: a kernel computes
+every row. It needs prompts that end at the evaluation length (a profile of prompts of the length
+one deploys at, ending the way the workload's do); elsewhere it is refused. The token-level
+streaming correction was measured over every query, so it applies to the first term only.
 """
 
 from __future__ import annotations
@@ -72,6 +82,12 @@ _ERR_NO_ROWS = (
     "profiled (lengths {lengths}), or re-profile without --last-queries"
 )
 _ERR_EVAL_LEN = "evaluation length {n} exceeds what the run's block maps cover ({covered} tokens): use lengths <= {covered}"
+_ERR_FOCUS_END = (
+    "--focus-last {t} weights the queries that end each prompt, but no profiled prompt (lengths {lengths}) ends in "
+    "the last {t} tokens of evaluation length {n}: evaluate at the length the prompts were profiled at "
+    "(--lengths {longest}) or drop --focus-last"
+)
+_ERR_FOCUS_SETTING = "{name} must be {what}, got {got!r} ({option})"
 
 
 # -- tile geometry --------------------------------------------------------------------------
@@ -137,6 +153,25 @@ class CandidateEval:
     density_is: str
 
 
+def _check_focus(focus_last, focus_weight, eval_lengths: Sequence[int], profiled_lengths: Sequence[int]):
+    """``(focus_last or None, focus_weight)`` checked: whole tokens (0 or None: no focus), a weight in
+    (0, 1], and a profiled prompt ending in the focus window of every evaluation length."""
+    if focus_last is None or focus_last == 0:
+        return None, float(focus_weight)
+    if not (isinstance(focus_last, (int, np.integer)) and not isinstance(focus_last, bool)) or focus_last < 0:
+        raise PolicyError(_ERR_FOCUS_SETTING.format(name="focus_last", what="a whole number of tokens >= 1",
+                                                    got=focus_last, option="--focus-last"))
+    if not (isinstance(focus_weight, (int, float, np.floating)) and not isinstance(focus_weight, bool)
+            and 0 < float(focus_weight) <= 1):
+        raise PolicyError(_ERR_FOCUS_SETTING.format(name="focus_weight", what="a number in (0, 1]",
+                                                    got=focus_weight, option="--focus-weight"))
+    ends = sorted({int(x) for x in profiled_lengths})
+    for n in eval_lengths:
+        if ends and not any(n - int(focus_last) < e <= n for e in ends):
+            raise PolicyError(_ERR_FOCUS_END.format(t=focus_last, n=n, lengths=ends, longest=max(ends)))
+    return int(focus_last), float(focus_weight)
+
+
 class ProfileEstimator:
     """Expected recall, density and KV share of any candidate for every head of a profiled model.
 
@@ -155,6 +190,8 @@ class ProfileEstimator:
         block_size: int | None = None,
         eval_lengths: Sequence[int] | None = None,
         source: dict[str, Any] | None = None,
+        focus_last: int | None = None,
+        focus_weight: float = 0.5,
     ):
         self.model = dict(model)
         self.n_layers = int(model["n_layers"])
@@ -198,6 +235,8 @@ class ProfileEstimator:
         for n in self.eval_lengths:
             if n > self.covered:
                 raise PolicyError(_ERR_EVAL_LEN.format(n=n, covered=self.covered))
+        self.focus_last, self.focus_weight = _check_focus(focus_last, focus_weight, self.eval_lengths, self.profiled_lengths)
+        self._uniform: dict[int, Tensor] = {}
         self._weighted: dict[int, Tensor] = {}
         self._sink: dict[int, np.ndarray] = {}
         self._sorted: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
@@ -207,7 +246,8 @@ class ProfileEstimator:
 
     @classmethod
     def from_run(cls, run: Run | str | os.PathLike, *, block_size: int | None = None,
-                 eval_lengths: Sequence[int] | None = None) -> ProfileEstimator:
+                 eval_lengths: Sequence[int] | None = None, focus_last: int | None = None,
+                 focus_weight: float = 0.5) -> ProfileEstimator:
         """Read block maps, head statistics and profiled lengths from a run directory.
 
         The estimator's ``model`` is the run's `ModelIdentity` (with its weights fingerprint),
@@ -220,7 +260,11 @@ class ProfileEstimator:
         lengths = (run.manifest.get("parameters") or {}).get("lengths") or []
         source = {"path": str(run.path), "name": run.name, "created": run.manifest.get("created")}
         return cls(maps, run.identity.to_dict(), head_stats=stats, profiled_lengths=lengths, block_size=block_size,
-                   eval_lengths=eval_lengths, source=source)
+                   eval_lengths=eval_lengths, source=source, focus_last=focus_last, focus_weight=focus_weight)
+
+    def objective(self) -> dict[str, Any]:
+        """Which queries the recall estimates weight (recorded in a policy's generator settings)."""
+        return {"focus_last": self.focus_last, "focus_weight": self.focus_weight if self.focus_last else None}
 
     # -- statistics used as corrections ---------------------------------------------------
     def _read_stats(self, table: pd.DataFrame | None) -> dict[str, np.ndarray]:
@@ -242,10 +286,10 @@ class ProfileEstimator:
         return out
 
     # -- maps per evaluation length ---------------------------------------------------------
-    def weighted_mass(self, n: int) -> Tensor:
-        """``[L, H, QB, QB]`` mass of the first ``n // B`` query blocks, scaled so that the
-        kept share of all measured queries is ``(weighted_mass * keep).sum((-1, -2))``."""
-        got = self._weighted.get(n)
+    def _uniform_mass(self, n: int) -> Tensor:
+        """``[L, H, QB, QB]`` mass of the first ``n // B`` query blocks, every measured query alike:
+        the kept share of all measured queries is ``(mass * keep).sum((-1, -2))``."""
+        got = self._uniform.get(n)
         if got is None:
             qbn = n // self.block_size
             m = self.mass[:, :, :qbn, :qbn]
@@ -256,14 +300,38 @@ class ProfileEstimator:
             m = m * causal
             total = (m.sum(-1) * w).sum(-1)  # [L, H]
             got = (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32)
-            self._weighted[n] = got
+            self._uniform[n] = got
             sink = (1.0 - total / w.sum()).clamp(min=0).numpy()
             self._sink[n] = np.where(sink > 1e-4, sink, 0.0)  # below that: rounding, not a learned sink
         return got
 
+    def weighted_mass(self, n: int) -> Tensor:
+        """``[L, H, QB, QB]`` mass of the first ``n // B`` query blocks, scaled so that the
+        objective's kept share is ``(weighted_mass * keep).sum((-1, -2))``: every measured query
+        alike, or (``focus_last``) blended with the queries that end the prompts."""
+        got = self._weighted.get(n)
+        if got is None:
+            got = self._uniform_mass(n)
+            if self.focus_last:
+                b = self.block_size
+                qbn = n // b
+                first = min(max(0, (n - self.focus_last) // b), qbn - 1)
+                w = self.row_weight[:qbn].clone()
+                w[:first] = 0
+                m = self.mass[:, :, :qbn, :qbn] * torch.tril(torch.ones(qbn, qbn, dtype=torch.bool))
+                total = (m.sum(-1) * w).sum(-1)
+                if float(w.sum()) == 0:
+                    raise PolicyError(_ERR_FOCUS_END.format(t=self.focus_last, n=n, lengths=self.profiled_lengths,
+                                                            longest=max(self.profiled_lengths)))
+                focus = (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32)
+                a = float(self.focus_weight)
+                got = (1.0 - a) * got + a * focus
+            self._weighted[n] = got
+        return got
+
     def sink_share(self, n: int) -> np.ndarray:
         """``[L, H]`` mean softmax mass of a learned attention sink at length ``n`` (0 without one)."""
-        self.weighted_mass(n)
+        self._uniform_mass(n)
         return self._sink[n]
 
     def layer_cost(self, n: int) -> np.ndarray:
@@ -365,13 +433,16 @@ class ProfileEstimator:
         recall = torch.einsum("lhqk,qk->lh", wm, cov).to(torch.float64).numpy()
         if candidate.kind == "streaming":
             s, w = kind.stream(params, n)
-            recall = recall + self._stream_correction(s, w, n, qbn)
+            # measured over every query: it corrects the uniform term of a focused objective only
+            share = 1.0 - (float(self.focus_weight) if self.focus_last else 0.0)
+            recall = recall + share * self._stream_correction(s, w, n, qbn)
         return recall, density
 
     def _stream_correction(self, s: int, w: int, n: int, qbn: int) -> np.ndarray:
-        """Measured-minus-block-estimated mass for the sink and the window (see module docstring)."""
+        """Measured-minus-block-estimated mass for the sink and the window (see module docstring),
+        over every measured query."""
         b = self.block_size
-        wm = self.weighted_mass(n)
+        wm = self._uniform_mass(n)
         out = np.zeros((self.n_layers, self.n_heads))
 
         def block_est(p: Pattern) -> np.ndarray:
@@ -625,8 +696,12 @@ def compute_curves(
     min_sink: int = 4,
     elastic: str = "auto",
     progress: bool = False,
+    focus_last: int | None = None,
+    focus_weight: float = 0.5,
 ) -> HeadCurves:
     """Evaluate ``candidates`` (default: `default_candidates`) on every head of ``run``.
+
+    ``focus_last``/``focus_weight``: which queries the recall weights (`ProfileEstimator`).
 
     ``elastic="auto"`` offers proportional sizes next to fixed ones only when the run was
     evaluated at more than one length (a single length cannot tell them apart).
@@ -636,7 +711,8 @@ def compute_curves(
         est = run
     else:
         run = Run.coerce(run)
-        est = ProfileEstimator.from_run(run, block_size=block_size, eval_lengths=eval_lengths)
+        est = ProfileEstimator.from_run(run, block_size=block_size, eval_lengths=eval_lengths,
+                                        focus_last=focus_last, focus_weight=focus_weight)
         retrieval = retrieval_scores_from_run(run)
     if candidates is None:
         mode = elastic if elastic != "auto" else ("both" if len(set(est.eval_lengths)) > 1 else "fixed")

@@ -132,6 +132,10 @@ class PolicyGenerator:
         block_size: tile size of the policy (default: the run's block maps).
         eval_lengths: lengths (tokens) at which recall and density are averaged (default: the
             longest profiled length).
+        focus_last: weight the queries of the last ``focus_last`` tokens of each evaluation
+            length (where a prompt's question and answer start sit) by ``focus_weight`` in the
+            objective, every query by the rest (`ProfileEstimator`; default: every query alike).
+        focus_weight: the focused queries' share of the objective, in (0, 1] (default 0.5).
         kinds: policy kinds to choose from.
         candidates: an explicit candidate grid (default: `default_candidates`).
         extra_candidates: candidates added to the grid (e.g. the baselines' choices).
@@ -165,6 +169,8 @@ class PolicyGenerator:
         budget_kind: str = "density",
         block_size: int | None = None,
         eval_lengths: Sequence[int] | None = None,
+        focus_last: int | None = None,
+        focus_weight: float = 0.5,
         kinds: Sequence[str] = KINDS,
         candidates: Sequence[Candidate] | None = None,
         extra_candidates: Sequence[Candidate] = (),
@@ -185,6 +191,8 @@ class PolicyGenerator:
         self.budget_kind = budget_kind
         self.block_size = block_size
         self.eval_lengths = eval_lengths
+        self.focus_last = focus_last
+        self.focus_weight = focus_weight
         self.kinds = tuple(kinds)
         self.candidates = candidates
         self.extra_candidates = tuple(extra_candidates)
@@ -209,6 +217,8 @@ class PolicyGenerator:
             "budget_kind": self.budget_kind,
             "block_size": self.block_size,
             "eval_lengths": list(self.eval_lengths) if self.eval_lengths else None,
+            "focus_last": self.focus_last,
+            "focus_weight": self.focus_weight if self.focus_last else None,
             "kinds": list(self.kinds),
             "min_sink": self.min_sink,
             "elastic": self.elastic,
@@ -263,11 +273,17 @@ class PolicyGenerator:
         ``extra_candidates``."""
         if isinstance(data, HeadCurves):
             curves = data
+            made = curves.estimator.objective()
+            if self.focus_last and made != {"focus_last": self.focus_last, "focus_weight": float(self.focus_weight)}:
+                raise PolicyError(f"the curves weight queries by {made}, not focus_last={self.focus_last}, "
+                                  f"focus_weight={self.focus_weight}: compute them with those settings "
+                                  "(compute_curves(..., focus_last=, focus_weight=))")
             if self.candidates is not None:
                 curves = curves.extend(self.candidates)
         else:
             run = Run.coerce(data)
-            est = ProfileEstimator.from_run(run, block_size=self.block_size, eval_lengths=self.eval_lengths)
+            est = ProfileEstimator.from_run(run, block_size=self.block_size, eval_lengths=self.eval_lengths,
+                                            focus_last=self.focus_last, focus_weight=self.focus_weight)
             self.map_block_size_ = _map_block_size(run)
             check_block_granularity(est, run)
             curves = compute_curves(
@@ -524,7 +540,7 @@ class PolicyGenerator:
             profiled_lengths=list(est.profiled_lengths),
             eval_lengths=list(est.eval_lengths),
             summary=summary,
-            generator=self.get_params(),
+            generator={**self.get_params(), **est.objective()},  # what the curves weighted
         )
         if self.decode == "always" or (self.decode == "auto" and self.budget_kind == "kv"):
             policy = policy.with_decode(decode_from_prefill(policy))

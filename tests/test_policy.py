@@ -273,6 +273,67 @@ def test_stream_correction_uses_token_statistics(run):
         assert abs(corrected - measured) < 0.05
 
 
+def test_focused_objective_is_the_recall_of_the_queries_that_end_the_prompt(run):
+    # focus on the last 64 tokens at 512: blocks 28-31, which only the 512-token sample measured
+    n_eval, last = max(LENGTHS), 64
+    uniform = ProfileEstimator.from_run(run)
+    focused = ProfileEstimator.from_run(run, focus_last=last, focus_weight=1.0)
+    half = ProfileEstimator.from_run(run, focus_last=last)  # the default weight, 0.5
+    cases = [Candidate.make("a_shape", sink=16, window=64), Candidate.make("streaming", sink=4, window=64)]
+    for cand in cases:
+        full = token_mask(cand.spec.pattern(cand.param_dict, n_eval, BLOCK), n_eval, n_eval)[0].double()
+        got = focused.evaluate(cand).recall
+        for layer, head in [(0, 0), (0, 1), (1, 0), (1, 3)]:
+            measured = float((_probs(n_eval, layer, head, 0)[-last:] * full[-last:]).sum()) / last
+            tol = 1e-5 if cand.kind == "a_shape" else 0.05  # block-exact; streaming splits tiles uniformly
+            assert abs(got[layer, head] - measured) <= tol, (cand.describe(), layer, head, got[layer, head], measured)
+        # the blend is linear: the token-level streaming correction applies to the every-query term only
+        blend = 0.5 * uniform.evaluate(cand).recall + 0.5 * got
+        np.testing.assert_allclose(half.evaluate(cand).recall, blend, atol=1e-6)
+    # the last queries attend differently from the average one on this profile (else the test proves nothing)
+    assert np.abs(focused.evaluate(cases[0]).recall - uniform.evaluate(cases[0]).recall).max() > 0.1
+    # density is what a kernel computes over every row: unchanged
+    np.testing.assert_array_equal(focused.evaluate(cases[0]).density, uniform.evaluate(cases[0]).density)
+
+
+def test_the_generator_optimises_the_focused_objective_and_records_it(run, tmp_path):
+    kw = {"budget": 0.3, "protect_retrieval": "none"}
+    plain = PolicyGenerator(**kw).fit(run)
+    focused = PolicyGenerator(**kw, focus_last=64, focus_weight=1.0).fit(run)
+    on_focus = compute_curves(run, focus_last=64, focus_weight=1.0)
+    keys = [c.key() for c in on_focus.candidates]
+
+    def focus_recall(gen):
+        chosen = [[keys.index(gen.curves_.candidates[gen.choice_[lay, h]].key()) for h in range(4)] for lay in range(2)]
+        return sum(on_focus.recall[lay, h, chosen[lay][h]] for lay in range(2) for h in range(4))
+
+    assert (plain.choice_ != focused.choice_).any()
+    assert focus_recall(focused) > focus_recall(plain) + 0.1  # it keeps what the last queries attend to
+    assert focused.expected_density_.mean() <= 0.3 + 1e-9  # at the same budget
+    policy = focused.emit()
+    assert (policy.generator["focus_last"], policy.generator["focus_weight"]) == (64, 1.0)
+    assert plain.emit().generator["focus_last"] is None
+    with pytest.raises(PolicyError, match="curves weight queries by"):  # curves made another way are not reused silently
+        PolicyGenerator(**kw, focus_last=32).fit(on_focus)
+
+
+def test_a_focus_where_no_prompt_ends_is_refused(run, tmp_path, capsys):
+    # at 256 tokens the last queries are the middle of the 384- and 512-token prompts: not their questions
+    with pytest.raises(PolicyError, match=r"no profiled prompt .* ends in the last 64 tokens of evaluation length 256.*--lengths 512"):
+        ProfileEstimator.from_run(run, eval_lengths=[256], focus_last=64)
+    for bad, match in (({"focus_last": -3}, "focus_last must be a whole number"), ({"focus_last": 2.5}, "focus_last must be"),
+                       ({"focus_last": 64, "focus_weight": 0.0}, r"focus_weight must be a number in \(0, 1\]")):
+        with pytest.raises(PolicyError, match=match):
+            ProfileEstimator.from_run(run, **bad)
+    out = tmp_path / "p.json"
+    assert main(["policy", str(run.path), "--out", str(out), "--quiet", "--focus-weight", "0.7"]) == 2
+    assert "give --focus-last T too" in capsys.readouterr().err and not out.exists()
+    assert main(["policy", str(run.path), "--out", str(out), "--quiet", "--lengths", "256", "--focus-last", "64"]) == 2
+    assert "ends in the last 64 tokens" in capsys.readouterr().err and not out.exists()
+    assert main(["policy", str(run.path), "--out", str(out), "--quiet", "--budget", "0.4", "--focus-last", "64", "--focus-weight", "0.7"]) == 0
+    assert Policy.load(out).generator["focus_weight"] == 0.7
+
+
 def test_curves_table_and_reasons(curves):
     frame = curves.to_frame()
     assert len(frame) == 8 * len(curves.candidates)
