@@ -307,7 +307,7 @@ def validate_decode(
     needle samples (`attnlab.sparsity_stats.validation.shard_units`), into a shard run with the
     job's parameters ``job`` (with ``phase="both"`` the prefill report has recorded it already)."""
     from .executors import PolicyExecutor
-    from .validation import _held_out_prompts, _needle_samples, shard_share
+    from .validation import _needle_samples, held_out_prompts, shard_share
 
     if phase not in ("decode", "both"):
         raise ValueError(f"phase must be 'decode' or 'both', got {phase!r}")
@@ -322,9 +322,8 @@ def validate_decode(
         prefill = ex.attention
     prompts = []
     if n_prompts > 0:
-        check_context(model, prompt_tokens, new_tokens, what="--tokens with a continuation")
         # the held-out text runs on past the prompt: its next new_tokens are the scored continuation
-        prompts = _held_out_prompts(model, n_prompts, prompt_tokens + new_tokens, seed)
+        prompts = held_out_prompts(model, n_prompts, prompt_tokens, seed, continuation=new_tokens)
     needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
     indices = list(range(len(prompts)))
     if shard is not None:

@@ -105,6 +105,7 @@ def _validate_decode(args: argparse.Namespace, model, policy) -> int:
             model, policy, executor=args.executor, n_prompts=args.prompts, prompt_tokens=args.tokens,
             needle_samples=args.needle, needle_length=args.needle_length, out=args.out, progress=not args.quiet,
             seed=args.seed, deployed_as=args.deployed_as, shard=args.shard, job=_job(args, policy),
+            continuation=args.new_tokens,  # the texts the decode phase continues: both phases read the same prompts
         )
         print(report.format())
     decode = validate_decode(

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,11 +163,19 @@ def _nll_and_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, t
     return float(nll), logp
 
 
-def _held_out_prompts(model: LoadedModel, n_prompts: int, prompt_tokens: int, seed: int) -> list[Prompt]:
-    """Built-in prompts on another seed than profiling's default (held out from the fit)."""
+def held_out_prompts(model: LoadedModel, n_prompts: int, prompt_tokens: int, seed: int, continuation: int = 0) -> list[Prompt]:
+    """Built-in prompts on another seed than profiling's default (held out from the fit).
+
+    ``continuation > 0``: texts of ``prompt_tokens + continuation`` tokens (the held-out text runs
+    on past the prompt, for the decode phase's scored continuation); the prefill and the decode
+    validation of one ``--phase both`` job build them alike, so they measure the same texts."""
+    from .kvcache import check_context
+
     if prompt_tokens > model.n_ctx:
         raise AttnlabError(_ERR_TOKENS.format(tokens=prompt_tokens, model=model.name, n_ctx=model.n_ctx))
-    return builtin_prompts(model.tokenizer, [prompt_tokens], n_prompts, seed=seed + 1000)
+    if continuation:
+        check_context(model, prompt_tokens, continuation, what="--tokens with a continuation")
+    return builtin_prompts(model.tokenizer, [prompt_tokens + continuation], n_prompts, seed=seed + 1000)
 
 
 @dataclass
@@ -274,6 +282,7 @@ def validate_policy(
     deployed_as: str | None = None,
     shard=None,
     job: dict[str, Any] | None = None,
+    continuation: int = 0,
 ) -> ValidationReport:
     """Validate ``policy`` on ``model`` (see the module docstring); write a report when ``out`` is given.
 
@@ -292,6 +301,9 @@ def validate_policy(
             then the needle samples: `shard_units`) into a shard run that also keeps each
             prompt's raw measures (``summary["per_prompt"]``) for `merge_validation_shards`;
             ``job`` is the job's parameters its shard record carries.
+        continuation: build the default prompts this many tokens longer and validate their first
+            ``prompt_tokens``: the very texts `validate_decode` continues (``--phase both``), so
+            both phases are measured on the same prompts.
     """
     if deployed_as is not None:
         from .deployed import DeployedExecutor
@@ -303,8 +315,9 @@ def validate_policy(
     ex.check_model(model)
     if out is not None:
         preflight_run(out, model)
-    if prompts is None:
-        prompts = _held_out_prompts(model, n_prompts, prompt_tokens, seed)
+    if prompts is None:  # their first prompt_tokens (a continuation is decode's to score)
+        prompts = [replace(p, input_ids=p.input_ids[:, :prompt_tokens])
+                   for p in held_out_prompts(model, n_prompts, prompt_tokens, seed, continuation)]
     needles = _needle_samples(model, needle_samples, needle_length, seed) if needle_samples > 0 else []
     t_start = time.perf_counter()
     indices = list(range(len(prompts)))

@@ -280,9 +280,14 @@ def test_an_all_streaming_cache_allocates_less_than_a_full_one(tiny_llama):
 def test_validate_cli_phase_both_writes_both_reports(tmp_path, tiny_llama, monkeypatch, capsys):
     from attnlab.cli import main
     from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, VALIDATION_SUMMARY, Run
-    from attnlab.sparsity_stats import validate_cli
+    from attnlab.sparsity_stats import decode_validation, validate_cli, validation
 
     monkeypatch.setattr(validate_cli, "load_model_from_args", lambda args: tiny_llama)
+    seen = {"prefill": [], "decode": []}  # the prompt ids each phase measured
+    head_errors, continuation_row = validation.head_errors, decode_validation.continuation_row
+    monkeypatch.setattr(validation, "head_errors", lambda m, ex, ids: seen["prefill"].append(ids.tolist()) or head_errors(m, ex, ids))
+    monkeypatch.setattr(decode_validation, "continuation_row",
+                        lambda m, p, ids, *a, **k: seen["decode"].append(ids.tolist()) or continuation_row(m, p, ids, *a, **k))
     d = dense_policy(tiny_llama).to_dict()
     d["heads"][0].update(kind="streaming", params={"sink": 4, "window": 16})
     d["schema"] = 2
@@ -297,6 +302,8 @@ def test_validate_cli_phase_both_writes_both_reports(tmp_path, tiny_llama, monke
     run = Run.open(tmp_path / "r")
     assert run.has(VALIDATION_SUMMARY) and run.has(DECODE_SUMMARY)
     assert run.read(DECODE_SUMMARY)["phase"] == "both" and len(run.read(DECODE_SAMPLES)) == 1
+    # both phases measured the same 64-token prompt: the one whose next 4 tokens decode scores
+    assert len(seen["prefill"][0][0]) == 64 and seen["prefill"] == seen["decode"]
 
 
 # -- HeadKV- and RazorAttention-style baselines -------------------------------------------------
