@@ -286,20 +286,23 @@ class ProfileEstimator:
         return out
 
     # -- maps per evaluation length ---------------------------------------------------------
+    def _rows_mass(self, qbn: int, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The causal mass of the first ``qbn`` query blocks with rows weighted by ``w [qbn]``,
+        scaled to sum to 1 per head, and each head's weighted total before scaling."""
+        m = self.mass[:, :, :qbn, :qbn] * torch.tril(torch.ones(qbn, qbn, dtype=torch.bool))
+        total = (m.sum(-1) * w).sum(-1)  # [L, H]
+        return (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32), total
+
     def _uniform_mass(self, n: int) -> Tensor:
         """``[L, H, QB, QB]`` mass of the first ``n // B`` query blocks, every measured query alike:
         the kept share of all measured queries is ``(mass * keep).sum((-1, -2))``."""
         got = self._uniform.get(n)
         if got is None:
             qbn = n // self.block_size
-            m = self.mass[:, :, :qbn, :qbn]
             w = self.row_weight[:qbn]
             if qbn == 0 or float(w.sum()) == 0:
                 raise PolicyError(_ERR_NO_ROWS.format(n=n, lengths=self.profiled_lengths))
-            causal = torch.tril(torch.ones(qbn, qbn, dtype=torch.bool))
-            m = m * causal
-            total = (m.sum(-1) * w).sum(-1)  # [L, H]
-            got = (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32)
+            got, total = self._rows_mass(qbn, w)
             self._uniform[n] = got
             sink = (1.0 - total / w.sum()).clamp(min=0).numpy()
             self._sink[n] = np.where(sink > 1e-4, sink, 0.0)  # below that: rounding, not a learned sink
@@ -313,19 +316,14 @@ class ProfileEstimator:
         if got is None:
             got = self._uniform_mass(n)
             if self.focus_last:
-                b = self.block_size
-                qbn = n // b
-                first = min(max(0, (n - self.focus_last) // b), qbn - 1)
+                qbn = n // self.block_size
                 w = self.row_weight[:qbn].clone()
-                w[:first] = 0
-                m = self.mass[:, :, :qbn, :qbn] * torch.tril(torch.ones(qbn, qbn, dtype=torch.bool))
-                total = (m.sum(-1) * w).sum(-1)
+                w[: min(max(0, (n - self.focus_last) // self.block_size), qbn - 1)] = 0  # blocks of the last T tokens
                 if float(w.sum()) == 0:
                     raise PolicyError(_ERR_FOCUS_END.format(t=self.focus_last, n=n, lengths=self.profiled_lengths,
                                                             longest=max(self.profiled_lengths)))
-                focus = (m * w[None, None, :, None] / total.clamp(min=1e-30)[:, :, None, None]).to(torch.float32)
                 a = float(self.focus_weight)
-                got = (1.0 - a) * got + a * focus
+                got = (1.0 - a) * got + a * self._rows_mass(qbn, w)[0]
             self._weighted[n] = got
         return got
 
