@@ -346,17 +346,20 @@ class ProfileEstimator:
             density[rows] = min(1.0, kept(w) / max(1, windowed_causal_tiles(n, self.block_size, w)))
         return density
 
-    def _sorted_rows(self, n: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Per row, weighted masses in block_topk order (diagonal, first block, then by mass),
-        their cumulative sums and the row totals: for top-k and gamma selection."""
+    def _sorted_rows(self, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Per row, masses in block_topk order (diagonal, first block, then by mass), their
+        cumulative sums and the row totals over every measured query — what a row's own gamma
+        selection sees, whatever the objective weights — and the objective's cumulative sums in
+        the same order (`weighted_mass`): for top-k and gamma selection."""
         got = self._sorted.get(n)
         if got is None:
             from .kinds import _forced_block_order
 
-            wm = self.weighted_mass(n)
+            wm = self._uniform_mass(n)
             order, _ = _forced_block_order(wm)
             s = torch.gather(wm, -1, order).to(torch.float64)
-            got = (s, s.cumsum(-1), wm.to(torch.float64).sum(-1))
+            objective = torch.gather(self.weighted_mass(n), -1, order).to(torch.float64).cumsum(-1)
+            got = (s, s.cumsum(-1), wm.to(torch.float64).sum(-1), objective)
             self._sorted[n] = got
         return got
 
@@ -504,12 +507,12 @@ class ProfileEstimator:
 
     def _block_topk(self, kind: BlockTopK, params, n: int, qbn: int) -> tuple[np.ndarray, np.ndarray, bool]:
         b = self.block_size
-        s, cum, total = self._sorted_rows(n)
+        s, cum, total, objective = self._sorted_rows(n)
         n_causal = torch.arange(1, qbn + 1)
         k = kind.topk_blocks(params, n, b)
         if k is not None:
             keep = torch.clamp(n_causal, max=k)
-            recall = torch.gather(cum, -1, (keep - 1).expand(cum.shape[:-1])[..., None]).squeeze(-1).sum(-1)
+            recall = torch.gather(objective, -1, (keep - 1).expand(cum.shape[:-1])[..., None]).squeeze(-1).sum(-1)
             bound = kind.block_bound(params, n, b)
             density = np.full((self.n_layers, self.n_heads), bound / causal_tiles(n, b))
             return recall.numpy(), self._windowed_density(density, n, lambda w: bound), not self.layer_windows.any()
@@ -517,7 +520,7 @@ class ProfileEstimator:
         before = cum - s
         needed = (before < gamma * total[..., None] - 1e-12).sum(-1)
         keep = torch.minimum(torch.maximum(needed, torch.clamp(n_causal, max=2)), n_causal)
-        recall = torch.gather(cum, -1, (keep - 1)[..., None]).squeeze(-1).sum(-1)
+        recall = torch.gather(objective, -1, (keep - 1)[..., None]).squeeze(-1).sum(-1)
         # rows beyond the evaluated ones (a partial last block) keep the same share
         density = (keep.sum(-1).to(torch.float64) / causal_tiles(qbn * b, b)).numpy()
         for w in sorted({int(x) for x in self.layer_windows if x}):

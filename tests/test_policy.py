@@ -292,8 +292,12 @@ def test_focused_objective_is_the_recall_of_the_queries_that_end_the_prompt(run)
         np.testing.assert_allclose(half.evaluate(cand).recall, blend, atol=1e-6)
     # the last queries attend differently from the average one on this profile (else the test proves nothing)
     assert np.abs(focused.evaluate(cases[0]).recall - uniform.evaluate(cases[0]).recall).max() > 0.1
-    # density is what a kernel computes over every row: unchanged
-    np.testing.assert_array_equal(focused.evaluate(cases[0]).density, uniform.evaluate(cases[0]).density)
+    # density is what a kernel computes over every row, whatever the objective weights: a gamma
+    # head still selects its blocks row by row on every query's attention
+    for cand in [cases[0], Candidate.make("block_topk", gamma=0.9), Candidate.make("block_topk", topk=48)]:
+        np.testing.assert_array_equal(focused.evaluate(cand).density, uniform.evaluate(cand).density)
+        blend = 0.5 * uniform.evaluate(cand).recall + 0.5 * focused.evaluate(cand).recall
+        np.testing.assert_allclose(half.evaluate(cand).recall, blend, atol=1e-6)
 
 
 def test_the_generator_optimises_the_focused_objective_and_records_it(run, tmp_path):
