@@ -6,7 +6,8 @@ A variant changes what the generator sees, never the samples that are scored:
 - ``PROMPTS``: ``builtin`` (the suite run's profile prompts: ``--profile-samples`` built-in
   prompts) or ``tasks`` (one task-suite sample of each ``--profile-tasks`` task, on seed 2 — the
   suite scores seed 0 and pilots on seed 1 — written as a ``.jsonl`` prompt file: a user's
-  "profile on prompts like my workload");
+  "profile on prompts like my workload"); ``tasks=T1+T2+...`` profiles on those tasks only, so
+  the others are held out from the fit;
 - ``BLOCK``: the block size of the profile and the policy (64 in the suite run);
 - optional extra ``attnlab policy compare`` flags.
 
@@ -59,13 +60,26 @@ TOLERANCE = 0.05
 
 
 def parse_variant(text: str) -> dict:
-    """``NAME=PROMPTS:BLOCK[:EXTRA policy compare FLAGS]`` → its fields (one clear line if malformed)."""
+    """``NAME=PROMPTS:BLOCK[:EXTRA policy compare FLAGS]`` → its fields (one clear line if malformed);
+    ``tasks=T1+T2`` gives the profile's tasks as ``_tasks`` (the caller folds it into the recorded
+    profile settings)."""
     name, _, spec = text.partition("=")
     parts = spec.split(":", 2)
-    if not name or len(parts) < 2 or parts[0] not in ("builtin", "tasks") or not parts[1].isdigit():
-        raise SystemExit(f"--variant {text!r}: expected NAME=PROMPTS:BLOCK[:FLAGS] with PROMPTS builtin or tasks and "
-                         "BLOCK a block size, e.g. tasks16=tasks:16 or more=tasks:64:--retrieval-threshold 0.07")
-    return {"name": name, "prompts": parts[0], "block": int(parts[1]), "flags": shlex.split(parts[2]) if len(parts) > 2 else []}
+    prompts, _, only = parts[0].partition("=")
+    if (not name or len(parts) < 2 or prompts not in ("builtin", "tasks") or (only and prompts != "tasks")
+            or not parts[1].isdigit()):
+        raise SystemExit(f"--variant {text!r}: expected NAME=PROMPTS:BLOCK[:FLAGS] with PROMPTS builtin, tasks or "
+                         "tasks=T1+T2 and BLOCK a block size, e.g. tasks16=tasks:16, held=tasks=niah_noise+niah_essay:16 "
+                         "or more=tasks:64:--retrieval-threshold 0.07")
+    out = {"name": name, "prompts": prompts, "block": int(parts[1]), "flags": shlex.split(parts[2]) if len(parts) > 2 else []}
+    if only:
+        from attnlab.tasks import TASKS
+
+        unknown = [t for t in only.split("+") if t not in TASKS]
+        if unknown:
+            raise SystemExit(f"--variant {text!r}: unknown task(s) {', '.join(unknown)}: use some of {', '.join(TASKS)}")
+        out["_tasks"] = only.replace("+", ",")
+    return out
 
 
 def method_policy(model, spec: str):
@@ -186,7 +200,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--baselines names {', '.join(sorted(unknown))}, not a --variant: give variant names or 'all'")
     for v in variants:  # what the cached profile depends on besides the variant itself
-        v["profile"] = ({"tasks": args.profile_tasks, "seed": PROFILE_SEED} if v["prompts"] == "tasks"
+        v["profile"] = ({"tasks": v.pop("_tasks", args.profile_tasks), "seed": PROFILE_SEED} if v["prompts"] == "tasks"
                         else {"samples": args.profile_samples}) | {"retrieval_samples": args.retrieval_samples}
     import pandas as pd
 
@@ -227,7 +241,7 @@ def main() -> None:
                 model = attnlab.load_model("smollm2-135m", verbose=False)
                 prompt_file = vdir / "prompts.jsonl"
                 with prompt_file.open("w") as f:
-                    for s in task_suite(model.tokenizer, args.profile_tasks.split(","), [length], 1, seed=PROFILE_SEED):
+                    for s in task_suite(model.tokenizer, v["profile"]["tasks"].split(","), [length], 1, seed=PROFILE_SEED):
                         f.write(json.dumps({"text": model.tokenizer.decode(s.input_ids[0].tolist()), "name": s.name}) + "\n")
                 source = ["--prompts", str(prompt_file)]
             else:
@@ -297,7 +311,7 @@ def markdown(args, variants, table, tasks, length, n, settings, started, mass=No
         f"- scored samples: those of the suite run in `{args.suite}` ({settings or 'settings not recorded'}): {n} per task "
         f"at {length} tokens, seed 0; its methods' results are read from it, not re-run",
         "- variants (NAME=PROMPTS:BLOCK[:FLAGS]): "
-        + "; ".join(f"**{v['name']}**: {'task-suite samples of seed 2 (' + args.profile_tasks + ')' if v['prompts'] == 'tasks' else 'built-in prompts'}"
+        + "; ".join(f"**{v['name']}**: {'task-suite samples of seed 2 (' + v['profile']['tasks'] + ')' if v['prompts'] == 'tasks' else 'built-in prompts'}"
                     f", {v['block']}-token blocks{', ' + shlex.join(v['flags']) if v['flags'] else ''} → {v['detail']} "
                     f"({v['minutes']:.0f} min in this invocation; steps cached in `--suite`/variants are not redone)" for v in variants),
         *[f"- {v['name']}: pilot prefill densities at {v['block']}-token blocks (seed 1): "
