@@ -239,7 +239,7 @@ class ProfileEstimator:
         self._uniform: dict[int, Tensor] = {}
         self._weighted: dict[int, Tensor] = {}
         self._sink: dict[int, np.ndarray] = {}
-        self._sorted: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self._sorted: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
         self._cache: dict[str, CandidateEval] = {}
         self._coverages: dict[tuple[str, int], Tensor] = {}
         self._stats = self._read_stats(head_stats)
