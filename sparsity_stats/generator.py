@@ -568,8 +568,9 @@ def policy_from_choices(curves: HeadCurves, choices: Mapping[tuple[int, int], Ca
             heads.append(HeadPolicy(lay, head, head // group_size, c.kind, c.param_dict, float(curves.recall[lay, head, i]),
                                     float(min(1.0, curves.density[lay, head, i])), reason, curves.density_is[i],
                                     {"expected_kv": round(float(curves.kv[lay, head, i]), 6)}))
+    # the estimates' objective (which queries their recall weights), as a budgeted policy records it
     return Policy(dict(est.model), est.block_size, heads, dict(est.source) or None, budget,
-                  list(est.profiled_lengths), list(est.eval_lengths))
+                  list(est.profiled_lengths), list(est.eval_lengths), generator=est.objective())
 
 
 def decode_from_prefill(policy: Policy, n: int | None = None) -> list[DecodeHead]:

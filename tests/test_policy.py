@@ -336,6 +336,13 @@ def test_a_focus_where_no_prompt_ends_is_refused(run, tmp_path, capsys):
     assert "ends in the last 64 tokens" in capsys.readouterr().err and not out.exists()
     assert main(["policy", str(run.path), "--out", str(out), "--quiet", "--budget", "0.4", "--focus-last", "64", "--focus-weight", "0.7"]) == 0
     assert Policy.load(out).generator["focus_weight"] == 0.7
+    # the baselines compare saves were tuned and estimated on the same objective, and say so
+    saved = tmp_path / "cmp"
+    assert main(["policy", "compare", str(run.path), "--budgets", "0.4", "--out", str(tmp_path / "c.csv"), "--quiet",
+                 "--focus-last", "64", "--save-policies", str(saved)]) == 0
+    for name in ("budgeted-0.4.json", "minference-0.4.json", "uniform_streaming-0.4.json"):
+        g = Policy.load(saved / name).generator
+        assert (g["focus_last"], g["focus_weight"]) == (64, 0.5), name
 
 
 def test_curves_table_and_reasons(curves):
