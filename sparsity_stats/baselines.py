@@ -195,6 +195,13 @@ def _sizes_text(values: Sequence[int], unit: str) -> str:
     return f"{vals[0]} {unit}" if len(vals) == 1 else f"{{{', '.join(map(str, vals))}}} {unit}"
 
 
+def _score(recall: np.ndarray, head_weights: np.ndarray | None) -> float:
+    """What a baseline's tuning maximises: mean expected recall over heads, weighted by
+    ``head_weights`` (``[L, H]``, e.g. `attnlab.sparsity_stats.sensitivity`) when given — the
+    budgeted policy's objective, so that both are tuned on the same one."""
+    return float(recall.mean() if head_weights is None else np.average(recall, weights=head_weights))
+
+
 def _best(results: list[tuple[float, Any]]) -> Any:
     """The item of highest mean recall; ties go to the first tried (the smaller setting)."""
     best = results[0]
@@ -205,7 +212,7 @@ def _best(results: list[tuple[float, Any]]) -> Any:
 
 
 def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int | None = None, min_sink: int = 4,
-                      budget_kind: str = "density") -> BaselineResult:
+                      budget_kind: str = "density", head_weights: np.ndarray | None = None) -> BaselineResult:
     """Same sink and window for all heads (StreamingLLM); the window is the largest within
     ``budget``; the sink is ``sink`` or, when None, tuned: each sink of a small grid (at least
     ``min_sink``) with its largest fitting window, the highest expected recall wins.
@@ -236,7 +243,7 @@ def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int | None 
     for s in sinks:
         w = _largest(lambda w, s=s: _fits(est, make(s, w), budget, budget_kind), 1, wmax)
         if w is not None:
-            tried.append((float(est.evaluate(make(s, w)).recall.mean()), (s, w)))
+            tried.append((_score(est.evaluate(make(s, w)).recall, head_weights), (s, w)))
     s, w = _best(tried) if tried else (sinks[0], 1)
     c = make(s, w)
     choices = [[c] * est.n_heads for _ in range(est.n_layers)]
@@ -252,7 +259,8 @@ def uniform_streaming(est: ProfileEstimator, budget: float, *, sink: int | None 
 
 def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_scores: np.ndarray | None = None,
                         sink: int | None = None, recent: int | None = None, min_sink: int = 4,
-                        budget_kind: str = "density", granularity: str | None = None) -> BaselineResult:
+                        budget_kind: str = "density", granularity: str | None = None,
+                        head_weights: np.ndarray | None = None) -> BaselineResult:
     """Top-ranked KV heads dense, the rest streaming (sink, recent); as many dense as fit.
 
     ``sink`` and ``recent`` fixed, or (None) tuned: every pair of a grid (sinks of at least
@@ -320,7 +328,8 @@ def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_score
         if retrieval_scores is not None:
             score = retrieval_scores.reshape(nl, nkv, group).max(-1)
         else:
-            score = (1 - s_eval.recall).reshape(nl, nkv, group).sum(-1)
+            lost = (1 - s_eval.recall) * (1.0 if head_weights is None else head_weights)
+            score = lost.reshape(nl, nkv, group).sum(-1)
         order = np.argsort(-score.reshape(-1), kind="stable")
         s_cost = s_eval.density if budget_kind == "density" else s_eval.kv
         used = float(s_cost.mean())
@@ -336,7 +345,7 @@ def duo_attention_style(est: ProfileEstimator, budget: float, *, retrieval_score
             k += 1
         groups = {int(g) for g in order[:k]}
         is_dense = np.array([[(lay * nkv + h // group) in groups for h in range(nh)] for lay in range(nl)])
-        recall = float(np.where(is_dense, d_eval.recall, s_eval.recall).mean())
+        recall = _score(np.where(is_dense, d_eval.recall, s_eval.recall), head_weights)
         return recall, (s, r, k, groups)
 
     tried = [with_dense(s, r) for s in sinks for r in recents if fits(make(s, r))]
@@ -387,7 +396,8 @@ def _minference_choice(est: ProfileEstimator, scale: float, blocks: bool = True)
     return choices, rec[li, hi, best], den[li, hi, best]
 
 
-def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str = "density") -> BaselineResult:
+def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str = "density",
+                     head_weights: np.ndarray | None = None) -> BaselineResult:
     """Each head's best of MInference's grid (no global budget), the grid scaled by one factor:
     tuned over `MINFERENCE_SCALES` geometric steps and a bisection at the budget's edge, the
     fitting scale with the highest expected recall wins. Sizes are the whole blocks they
@@ -399,7 +409,7 @@ def minference_style(est: ProfileEstimator, budget: float, *, budget_kind: str =
     def trial(s: float) -> bool:
         _, rec, den = _minference_choice(est, s)
         ok = (den.mean() if budget_kind == "density" else 1.0) <= budget + 1e-12
-        tried[s] = (float(rec.mean()), bool(ok))
+        tried[s] = (_score(rec, head_weights), bool(ok))
         return ok
 
     fits = [trial(s) for s in scales]

@@ -21,8 +21,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from attnlab.cliargs import (
     DeprecatedAlias,
+    add_model_arguments,
     add_quiet_argument,
     add_subcommands,
     fraction,
@@ -46,6 +49,7 @@ from attnlab.runs import (
 )
 
 from .errors import PolicyError
+from .executors import EXECUTORS
 from .kinds import CANDIDATE_KINDS, KINDS
 
 #: Fewer blocks per row than this at the evaluated length: `attnlab policy` suggests a smaller block.
@@ -81,10 +85,16 @@ def _refuse_existing(path: Path, force: bool) -> None:
     check_output_files([path], force=force, error=PolicyError)
 
 
-def _generator_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def _generator_kwargs(args: argparse.Namespace, run: Run) -> dict[str, Any]:
     if args.focus_weight is not None and not args.focus_last:
         raise PolicyError("--focus-weight weights the queries --focus-last names: give --focus-last T too (e.g. 64)")
+    weights = None
+    if args.head_weights is not None:
+        from .sensitivity import Sensitivity
+
+        weights = Sensitivity.load(args.head_weights, model=run.identity).weights
     return {
+        "head_weights": weights,
         "block_size": args.block_size,
         "eval_lengths": args.lengths,
         "focus_last": args.focus_last,
@@ -108,14 +118,15 @@ def _policy_make(args: argparse.Namespace) -> int:
     run = Run.open(args.run)
     out = Path(args.out) if args.out is not None else run.file(POLICY)  # '' is refused, not the default
     _refuse_existing(out, args.force)
-    gen = PolicyGenerator(budget=args.budget, budget_kind=args.budget_kind, **_generator_kwargs(args)).fit(run)
+    gen = PolicyGenerator(budget=args.budget, budget_kind=args.budget_kind, **_generator_kwargs(args, run)).fit(run)
     policy = gen.emit()
     policy.save(out)
     s = policy.summary
     kinds = ", ".join(f"{k} {v}" for k, v in s["kinds"].items() if v)
     print(f"policy for {policy.model.get('name')} ({policy.n_layers} layers x {policy.n_heads} heads), block {policy.block_size}")
     print(f"  budget      {args.budget_kind} <= {args.budget:g}   expected {policy.budget['expected']:.4f}")
-    print(f"  recall      mean {s['expected_recall']:.4f}   worst head {s['min_head_recall']:.4f}")
+    print(f"  recall      mean {s['expected_recall']:.4f}   worst head {s['min_head_recall']:.4f}"
+          + (f"   weighted by {args.head_weights}" if args.head_weights else ""))
     print(f"  heads       {kinds}" + (f"   ({len(s['protected_heads'])} protected)" if s["protected_heads"] else ""))
     gap = "optimal" if s["optimal"] else f"gap <= {s['optimality_gap_per_head']:.2e} recall per head"
     print(f"  optimiser   {s['n_candidates']} candidates per head, {s['solver_nodes']} nodes, {gap}")
@@ -142,7 +153,7 @@ def _policy_compare(args: argparse.Namespace) -> int:
     _refuse_existing(out, args.force)  # before with_suffix, which fails on '.' and 'x/..'
     html = out.with_suffix(".html")
     _refuse_existing(html, args.force)
-    kwargs = _generator_kwargs(args)
+    kwargs = _generator_kwargs(args, run)
     progress = kwargs.pop("progress")
     table = compare_policies(run, args.budgets, budget_kind=args.budget_kind, progress=progress,
                              policies_out=args.save_policies, **kwargs)
@@ -154,6 +165,36 @@ def _policy_compare(args: argparse.Namespace) -> int:
     if args.save_policies:
         print(f"saved the policies to {args.save_policies}/ (attnlab validate DIR/METHOD-BUDGET.json --out RUN)")
     _coarse_note(table.attrs["block_size"], max(table.attrs["eval_lengths"]))
+    return 0
+
+
+def _policy_sensitivity(args: argparse.Namespace) -> int:
+    from attnlab.cliargs import load_model_from_args
+    from attnlab.prompts import load_prompts
+
+    from .executors import prepare_triton
+    from .policy import Policy
+    from .sensitivity import dropped_mass, layer_sensitivity
+
+    _refuse_existing(Path(args.out), args.force)
+    if args.executor == "triton":
+        prepare_triton()  # the interpreter must be chosen before the kernel module loads
+    policy = Policy.load(args.policy)  # before the slow model load
+    dropped_mass(policy)  # a policy without expected recall is refused here, not after the load
+    model = load_model_from_args(args)
+    policy.check_model(model.identity(), args.policy)
+    whole = args.prompts.endswith(".jsonl")  # a JSONL file's lines are the prompts, whole
+    prompts = load_prompts(model, args.prompts, lengths=args.lengths if whole or args.lengths else [1024],
+                           n_samples=args.samples if whole or args.samples else 4, chat=args.chat, seed=args.seed)
+    sens = layer_sensitivity(model, policy, prompts, executor=args.executor, progress=not args.quiet)
+    sens.source.update(policy=str(args.policy), prompt_spec=args.prompts, seed=args.seed)
+    sens.save(args.out)
+    per = sens.weights.mean(axis=1)
+    order = np.argsort(-per)
+    print(f"layer sensitivity of {args.policy} on {len(prompts)} prompts ({sens.identity.name})")
+    print("  most sensitive   " + "  ".join(f"L{i} w={per[i]:.2f} (KL {sens.kl[i]:.3g}, drops {sens.dropped[i]:.2f})" for i in order[:5]))
+    print("  least sensitive  " + "  ".join(f"L{i} w={per[i]:.2f} (KL {sens.kl[i]:.3g}, drops {sens.dropped[i]:.2f})" for i in order[::-1][:5]))
+    print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out})")
     return 0
 
 
@@ -292,13 +333,16 @@ def _generator_options() -> argparse.ArgumentParser:
     g.add_argument("--recall-floor", type=fraction, default=None, help="recall floor in [0, 1] of every head")
     g.add_argument("--protect-heads", type=head_list, default=[], metavar="HEADS",
                    help="extra heads to protect, LAYER:HEAD or L<layer>.H<head>, comma-separated (e.g. circuit heads)")
+    g.add_argument("--head-weights", default=None, metavar="FILE",
+                   help="weight each head's recall in the objective by a sensitivity file from `attnlab policy "
+                        "sensitivity` (default: every head alike); baselines are tuned on the same weights")
     g.add_argument("--force", action="store_true", help="overwrite existing outputs")
     add_quiet_argument(g)
     return g
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``policy`` (sub-commands ``make``, the default, and ``compare``), ``export`` and ``import``."""
+    """Register ``policy`` (sub-commands ``make``, the default, ``compare`` and ``sensitivity``), ``export`` and ``import``."""
     from .export import EXPORT_FORMATS, IMPORT_FORMATS
 
     p = subparsers.add_parser(
@@ -334,6 +378,27 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                          help="also save every compared policy (budgeted and baselines) as DIR/METHOD-BUDGET.json, "
                          "for `attnlab validate`")
     compare.set_defaults(func=_policy_compare)
+
+    sens = commands.add_parser(
+        "sensitivity", help="how much each layer's sparsity under a policy costs the output: head weights for --head-weights",
+        description="Run each prompt densely and once per layer with only that layer under POLICY; the KL divergence of "
+        "the next-token distributions (dense || one layer sparse) per layer, divided by the attention mass the policy "
+        "expects that layer to drop, weighs the layer's heads in `policy make/compare --head-weights`: the budget goes "
+        "where a dropped unit of mass costs the output most. One dense and one forward per layer per prompt.",
+    )
+    sens.add_argument("policy", metavar="POLICY", help="the policy to measure around (e.g. from policy make, unweighted)")
+    add_model_arguments(sens)
+    sens.add_argument("--prompts", default="builtin", help="builtin | builtin:narrative,... | a text file | a .jsonl file "
+                      "(prompts like the workload: e.g. the ones the run was profiled on)")
+    sens.add_argument("--lengths", type=int_list, default=None, help="prompt lengths in tokens (default 1024; not for .jsonl)")
+    sens.add_argument("--samples", type=positive_int, default=None, help="number of prompts (default 4; not for .jsonl)")
+    sens.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
+    sens.add_argument("--seed", type=nonneg_int, default=0)
+    sens.add_argument("--executor", choices=EXECUTORS, default="flex", help="how the sparse layer runs (default flex)")
+    sens.add_argument("--out", required=True, help="sensitivity JSON to write")
+    sens.add_argument("--force", action="store_true", help="overwrite --out")
+    add_quiet_argument(sens)
+    sens.set_defaults(func=_policy_sensitivity)
 
     e = subparsers.add_parser(
         "export",

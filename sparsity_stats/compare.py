@@ -8,6 +8,10 @@ baselines' own choices are offered to the optimiser as extra candidates, so at e
 budgeted policy's expected recall is never below a baseline that fits the budget, unless heads
 are protected (retrieval heads kept dense spend budget on what recall does not measure); then a
 ``budgeted_unprotected`` row shows the same optimiser without protection, which always is. `tradeoff_figure` draws density against expected recall.
+
+With ``head_weights`` (``--head-weights``, `attnlab.sparsity_stats.sensitivity`) every method is
+tuned on, and the claim above holds for, the weighted recall (column ``weighted_recall``); the
+plain mean stays in ``expected_recall``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from attnlab.runs import Run, atomic_path
@@ -29,15 +34,21 @@ from .generator import PolicyGenerator, check_block_granularity, check_budget
 
 METHODS = ("budgeted", "budgeted_unprotected", "uniform_streaming", "duo_attention", "minference")
 COLUMNS = ("budget", "method", "density", "kv_share", "expected_recall", "min_head_recall", "dense_heads",
-           "within_budget", "optimality_gap", "detail", "tuned")
+           "within_budget", "optimality_gap", "detail", "tuned", "weighted_recall")
 
 
-def _row(budget: float, r: BaselineResult) -> dict[str, Any]:
+def _weighted(recall: np.ndarray, weights: np.ndarray | None) -> float:
+    """The weighted objective (NaN without ``--head-weights``: the plain mean is ``expected_recall``)."""
+    return float("nan") if weights is None else float(np.average(recall, weights=weights))
+
+
+def _row(budget: float, r: BaselineResult, weights: np.ndarray | None = None) -> dict[str, Any]:
     dense = sum(1 for row in r.choices for c in row if c.kind == "dense")
     return {
         "budget": budget, "method": r.name, "density": r.mean_density, "kv_share": r.mean_kv,
         "expected_recall": r.mean_recall, "min_head_recall": float(r.recall.min()), "dense_heads": dense,
         "within_budget": r.within_budget, "optimality_gap": float("nan"), "detail": r.detail, "tuned": r.tuned,
+        "weighted_recall": _weighted(r.recall, weights),
     }
 
 
@@ -51,7 +62,7 @@ def _gen_row(budget: float, gen: PolicyGenerator, method: str) -> dict[str, Any]
         "kv_share": float(gen.expected_kv_.mean()), "expected_recall": float(gen.expected_recall_.mean()),
         "min_head_recall": float(gen.expected_recall_.min()), "dense_heads": int(kinds.get("dense", 0)),
         "within_budget": True, "optimality_gap": gen.optimality_gap_ / gen.choice_.size, "detail": detail,
-        "tuned": "",
+        "tuned": "", "weighted_recall": _weighted(gen.expected_recall_, gen.head_weights),
     }
 
 
@@ -100,7 +111,8 @@ def compare_policies(
         it = tqdm(budgets, desc="budgets", unit="budget", disable=None)
     min_sink = int(generator_kwargs.get("min_sink", 4))
     for b in it:
-        base = tuned_baselines(curves, b, min_sink=min_sink, budget_kind=budget_kind)
+        base = tuned_baselines(curves, b, min_sink=min_sink, budget_kind=budget_kind,
+                               head_weights=generator_kwargs.get("head_weights"))
         extra = [c for r in base if r.within_budget for c in r.candidates()]
         kwargs = dict(generator_kwargs)
         kwargs["extra_candidates"] = list(kwargs.get("extra_candidates", ())) + extra
@@ -123,7 +135,7 @@ def compare_policies(
                 rows.append(_gen_row(b, PolicyGenerator(budget=b, budget_kind=budget_kind, **free).fit(curves), "budgeted_unprotected"))
             except PolicyError:
                 pass
-        rows.extend(_row(b, r) for r in base)
+        rows.extend(_row(b, r, generator_kwargs.get("head_weights")) for r in base)
         if save_dir is not None:
             for r in base:
                 r.to_policy(curves, b, budget_kind).save(save_dir / f"{r.name}-{b:g}.json")
@@ -133,18 +145,20 @@ def compare_policies(
 
 
 def tuned_baselines(curves: HeadCurves, budget: float, *, min_sink: int = 4,
-                    budget_kind: str = "density") -> list[BaselineResult]:
+                    budget_kind: str = "density", head_weights: np.ndarray | None = None) -> list[BaselineResult]:
     """The baselines `compare_policies` sets against the budgeted policy at ``budget``, each
     tuned on ``curves``' profile (its best shot): uniform streaming, DuoAttention-style (by
-    ``curves.retrieval_scores``) and, under a density budget, MInference-style."""
+    ``curves.retrieval_scores``) and, under a density budget, MInference-style. With
+    ``head_weights`` every one is tuned on the weighted recall the budgeted policy maximises."""
     est = curves.estimator
+    w = head_weights
     base = [
-        uniform_streaming(est, budget, min_sink=max(4, min_sink), budget_kind=budget_kind),
+        uniform_streaming(est, budget, min_sink=max(4, min_sink), budget_kind=budget_kind, head_weights=w),
         duo_attention_style(est, budget, retrieval_scores=curves.retrieval_scores, min_sink=max(4, min_sink),
-                            budget_kind=budget_kind),
+                            budget_kind=budget_kind, head_weights=w),
     ]
     if budget_kind == "density":
-        base.append(minference_style(est, budget, budget_kind=budget_kind))
+        base.append(minference_style(est, budget, budget_kind=budget_kind, head_weights=w))
     return base
 
 
@@ -152,7 +166,11 @@ def format_table(table: pd.DataFrame) -> str:
     """The comparison as fixed-width text (what ``attnlab policy compare`` prints), then one
     line per baseline and grid saying what was tuned on the profile."""
     show = table.drop(columns=["tuned"], errors="ignore").copy()
-    for col in ("density", "kv_share", "expected_recall", "min_head_recall"):
+    if "weighted_recall" in show and show["weighted_recall"].isna().all():
+        show = show.drop(columns=["weighted_recall"])
+    for col in ("density", "kv_share", "expected_recall", "min_head_recall", "weighted_recall"):
+        if col not in show:
+            continue
         show[col] = show[col].map(lambda v: f"{v:.4f}")
     show["optimality_gap"] = show["optimality_gap"].map(lambda v: "" if pd.isna(v) else f"{v:.1e}")
     show["within_budget"] = show["within_budget"].map(lambda v: "yes" if v else "NO")
@@ -163,7 +181,8 @@ def format_table(table: pd.DataFrame) -> str:
             if isinstance(r.tuned, str) and r.tuned:
                 notes.setdefault((str(r.method), r.tuned), []).append(f"{r.budget:g}")
         if notes:
-            text += "\nbaselines tuned on the same profile (highest expected recall within the budget):"
+            what = "weighted expected recall" if table["weighted_recall"].notna().any() else "expected recall"
+            text += f"\nbaselines tuned on the same profile (highest {what} within the budget):"
             for (method, tuned), budgets in notes.items():
                 text += f"\n  {method} (budget {', '.join(budgets)}): {tuned}"
     return text

@@ -1,0 +1,207 @@
+"""Layer sensitivity: what a policy's sparsity in one layer costs the model's output.
+
+The generator maximises the attention mass its heads keep, every head alike. But mass dropped
+in one layer does not cost the output what the same mass costs in another: an early layer's
+error reaches every later layer and every position's keys and values, which is what a decode
+step reads. `layer_sensitivity` measures it on the user's prompts:
+
+- each prompt runs densely, and then once per layer ``L`` with only ``L``'s heads under the
+  policy (every other layer dense);
+- ``kl[L]``: the KL divergence of the next-token distributions, dense ‖ only-``L``, mean over
+  positions and prompts — the damage ``L``'s sparsity does on its own, through every later
+  layer;
+- ``dropped[L]``: the attention mass the policy expects ``L``'s heads to drop, the sum over them
+  of ``1 - expected_recall`` (the generator's own figures);
+- the per-head weight of layer ``L``'s heads is ``kl[L] / dropped[L]``, scaled to mean 1 over
+  the heads. At the measured policy, ``sum_h w_h (1 - recall_h)`` over ``L``'s heads is then
+  proportional to ``kl[L]``: `PolicyGenerator` (``head_weights=``; ``attnlab policy make
+  --head-weights FILE``) spends the budget where a dropped unit of mass costs the output most.
+
+This is a first-order model (damage linear in the mass dropped, layers independent), measured
+around one policy; so that one measurement does not strip a layer bare, each weight is held
+within ``[1/10, 10]`` of the mean. A layer the policy leaves dense (nothing dropped, nothing to
+measure) gets the median weight of the measured layers.
+
+The weights are saved as JSON (``attnlab-sensitivity``, `Sensitivity.save`) with the model's
+identity; `Sensitivity.load` validates a file and names its first problem.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attnlab.attention import attend, route_attention
+from attnlab.identity import IdentityError, ModelIdentity
+from attnlab.runs import load_json, write_json
+
+from .errors import PolicyError
+from .executors import PolicyExecutor
+from .policy import Policy
+
+SENSITIVITY_FORMAT = "attnlab-sensitivity"
+#: Each weight is held within [1/CLIP, CLIP] times the mean.
+CLIP = 10.0
+#: Below this much expected dropped mass a layer counts as dense (nothing to measure).
+_NOTHING_DROPPED = 1e-6
+
+
+def _err(path: Any, problem: str, fix: str = "re-create it with `attnlab policy sensitivity`") -> PolicyError:
+    return PolicyError(f"{path}: {problem}; {fix}")
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer damage of a policy's sparsity, and the head weights it implies.
+
+    ``kl``, ``dropped``: ``[L]``; ``weights``: ``[L, H]`` (mean 1); ``model``: the identity;
+    ``source``: what was measured (policy, prompts, executor)."""
+
+    model: dict[str, Any]
+    kl: np.ndarray
+    dropped: np.ndarray
+    weights: np.ndarray
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        return ModelIdentity.from_dict(self.model)
+
+    @classmethod
+    def from_measure(cls, model: dict[str, Any], kl: Sequence[float], dropped: Sequence[float], n_heads: int,
+                     source: dict[str, Any] | None = None) -> Sensitivity:
+        """The weights implied by ``kl`` and ``dropped`` (see the module docstring)."""
+        kl_a = np.asarray(kl, dtype=float)
+        dropped_a = np.asarray(dropped, dtype=float)
+        if kl_a.shape != dropped_a.shape or kl_a.ndim != 1 or not len(kl_a):
+            raise ValueError(f"kl and dropped must be equal-length 1-d arrays, got {kl_a.shape} and {dropped_a.shape}")
+        return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": SENSITIVITY_FORMAT, "schema": 1, "model": self.model, "source": self.source,
+            "layers": [{"layer": i, "kl": float(k), "dropped_mass": float(d), "weight": float(self.weights[i].mean())}
+                       for i, (k, d) in enumerate(zip(self.kl, self.dropped, strict=True))],
+            "head_weights": [[round(float(w), 6) for w in row] for row in self.weights],
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        write_json(path, self.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> Sensitivity:
+        """Read and validate ``path``; with ``model`` (an identity, a run's or a policy's), also
+        check it was measured on that model."""
+        d = load_json(path, what="sensitivity file", fix="re-create it with `attnlab policy sensitivity`", error=PolicyError)
+        if not isinstance(d, dict) or d.get("format") != SENSITIVITY_FORMAT:
+            raise _err(path, f"is not an attnlab sensitivity file (no \"format\": \"{SENSITIVITY_FORMAT}\")",
+                       "give the JSON `attnlab policy sensitivity` wrote")
+        try:
+            ident = ModelIdentity.from_dict(d.get("model"), where=str(path))
+        except IdentityError as exc:
+            raise PolicyError(str(exc)) from None
+        layers, rows = d.get("layers"), d.get("head_weights")
+        if not isinstance(layers, list) or len(layers) != ident.n_layers:
+            raise _err(path, f"\"layers\" must list {ident.n_layers} layers (the model's)")
+        try:
+            kl = np.array([float(x["kl"]) for x in layers])
+            dropped = np.array([float(x["dropped_mass"]) for x in layers])
+            weights = np.array(rows, dtype=float)
+        except (TypeError, KeyError, ValueError):
+            raise _err(path, "a layer lacks a numeric kl or dropped_mass, or head_weights is not a table of numbers") from None
+        if weights.shape != (ident.n_layers, ident.n_heads):
+            raise _err(path, f"head_weights is {list(weights.shape)}, not [{ident.n_layers}, {ident.n_heads}] (layers x heads)")
+        if not np.isfinite(weights).all() or (weights < 0).any() or not weights.any():
+            raise _err(path, "head_weights must be finite, non-negative and not all zero")
+        out = cls(ident.to_dict(), kl, dropped, weights, d.get("source") if isinstance(d.get("source"), dict) else {})
+        if model is not None:
+            try:
+                ident.check(model, subject=f"sensitivity file {path}", fix="measure it on this model (attnlab policy sensitivity)")
+            except IdentityError as exc:
+                raise PolicyError(str(exc)) from None
+        return out
+
+
+def head_weights(kl: np.ndarray, dropped: np.ndarray, n_heads: int) -> np.ndarray:
+    """``[L, n_heads]``: layer ``L``'s heads weigh ``kl[L] / dropped[L]``, scaled to mean 1 and
+    held within ``[1/CLIP, CLIP]`` of it; a layer with nothing dropped gets the median of the
+    measured layers (all 1 when no layer dropped anything)."""
+    measured = dropped > _NOTHING_DROPPED
+    per = np.ones(len(kl))
+    if measured.any():
+        raw = np.maximum(kl[measured], 0.0) / dropped[measured]
+        if raw.max() > 0:
+            per[measured] = raw
+            per[~measured] = float(np.median(raw))
+            per = per / per.mean()
+            per = np.clip(per, 1.0 / CLIP, CLIP)
+            per = per / per.mean()
+    return np.repeat(per[:, None], n_heads, axis=1)
+
+
+def dropped_mass(policy: Policy) -> np.ndarray:
+    """``[L]``: the sum over each layer's heads of ``1 - expected_recall`` (the policy's own
+    estimates; one clear error when a head has none)."""
+    out = np.zeros(policy.n_layers)
+    for e in policy.heads:
+        if e.kind == "dense":
+            continue
+        if e.expected_recall is None or not math.isfinite(e.expected_recall):
+            raise PolicyError(f"head (layer {e.layer}, head {e.head}) of the policy has no expected recall, so the mass it "
+                              "drops is unknown: measure a policy made by `attnlab policy make` or `policy compare "
+                              "--save-policies`")
+        out[e.layer] += max(0.0, 1.0 - float(e.expected_recall))
+    return out
+
+
+def _log_probs(model, ids: torch.Tensor, fn) -> torch.Tensor:
+    with route_attention(model, fn):
+        logits = model.hf_model(ids.to(model.device), use_cache=False).logits
+    return torch.log_softmax(logits[0].float(), dim=-1)
+
+
+@torch.no_grad()
+def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor: str = "flex",
+                      progress: bool = True) -> Sensitivity:
+    """Measure ``policy``'s per-layer damage on ``prompts`` (each with ``input_ids [1, n]``)
+    with ``model`` (a `LoadedModel`): one dense forward and one per layer per prompt."""
+    if not prompts:
+        raise PolicyError("no prompts to measure sensitivity on: give at least one")
+    ex = PolicyExecutor(policy, executor)
+    ex.check_model(model)
+    dropped = dropped_mass(policy)
+    nl = policy.n_layers
+    kl = np.zeros(nl)
+    measured = [lay for lay in range(nl) if dropped[lay] > _NOTHING_DROPPED]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(prompts) * (1 + len(measured)), desc="sensitivity", unit="forward", disable=not progress or None)
+    for p in prompts:
+        ids = p.input_ids
+        dense = _log_probs(model, ids, None)
+        bar.update()
+        p_dense = dense.exp()
+        for lay in measured:
+            def only(layer, query, key, value, *, scaling, attention_mask=None, variant=None, _lay=lay):
+                if layer == _lay:
+                    return ex.attention(layer, query, key, value, scaling=scaling, attention_mask=attention_mask,
+                                        **({} if variant is None else {"variant": variant}))
+                return attend(query, key, value, scaling=scaling, variant=variant)
+
+            sparse = _log_probs(model, ids, only)
+            kl[lay] += float((p_dense * (dense - sparse)).sum(-1).mean()) / len(prompts)
+            bar.update()
+    bar.close()
+    source = {"policy": str(getattr(policy, "source_run", None) or ""), "block_size": policy.block_size,
+              "prompts": len(prompts), "lengths": sorted({int(p.input_ids.shape[-1]) for p in prompts}),
+              "executor": executor, "measure": "KL(dense || only this layer sparse), mean over positions and prompts"}
+    return Sensitivity.from_measure(model.identity().to_dict(), kl, dropped, policy.n_heads, source)
