@@ -1,9 +1,12 @@
-"""Command-line commands of the policy stage: ``policy make``, ``policy compare``, ``export``, ``import``.
+"""Command-line commands of the policy stage: ``policy make``, ``policy compare``, ``policy
+sensitivity``, ``export``, ``import``.
 
 ::
 
     attnlab policy RUN --budget 0.15 [--out policy.json]             # = attnlab policy make RUN ...
     attnlab policy compare RUN --budgets 0.05,0.1,0.2,0.4            # table + HTML trade-off plot
+    attnlab policy sensitivity policy.json --prompts p.jsonl --out w.json   # per-layer damage -> head weights
+    attnlab policy make RUN --budget 0.15 --head-weights w.json      # the budget goes where it costs most
     attnlab export policy.json --seq-len 8192 --block-size 64 --format npz|safetensors|flex|minference|duo|flashinfer --out masks/
     attnlab import minference|duo|npz|safetensors|flex FILE --run RUN --out policy.json
 
@@ -186,7 +189,8 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
     whole = args.prompts.endswith(".jsonl")  # a JSONL file's lines are the prompts, whole
     prompts = load_prompts(model, args.prompts, lengths=args.lengths if whole or args.lengths else [1024],
                            n_samples=args.samples if whole or args.samples else 4, chat=args.chat, seed=args.seed)
-    sens = layer_sensitivity(model, policy, prompts, executor=args.executor, progress=not args.quiet)
+    sens = layer_sensitivity(model, policy, prompts, executor=args.executor, focus_last=args.focus_last,
+                             progress=not args.quiet)
     sens.source.update(policy=str(args.policy), prompt_spec=args.prompts, seed=args.seed)
     sens.save(args.out)
     per = sens.weights.mean(axis=1)
@@ -394,6 +398,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sens.add_argument("--samples", type=positive_int, default=None, help="number of prompts (default 4; not for .jsonl)")
     sens.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     sens.add_argument("--seed", type=nonneg_int, default=0)
+    sens.add_argument("--focus-last", type=positive_int, default=None, metavar="T",
+                      help="average the KL over the last T positions of each prompt only (where a task's question and "
+                           "answer start sit), not every position")
     sens.add_argument("--executor", choices=EXECUTORS, default="flex", help="how the sparse layer runs (default flex)")
     sens.add_argument("--out", required=True, help="sensitivity JSON to write")
     sens.add_argument("--force", action="store_true", help="overwrite --out")

@@ -8,8 +8,9 @@ step reads. `layer_sensitivity` measures it on the user's prompts:
 - each prompt runs densely, and then once per layer ``L`` with only ``L``'s heads under the
   policy (every other layer dense);
 - ``kl[L]``: the KL divergence of the next-token distributions, dense ‖ only-``L``, mean over
-  positions and prompts — the damage ``L``'s sparsity does on its own, through every later
-  layer;
+  positions (or, with ``focus_last``, the last positions of each prompt, where a task's
+  question and answer start sit) and prompts — the damage ``L``'s sparsity does on its own,
+  through every later layer;
 - ``dropped[L]``: the attention mass the policy expects ``L``'s heads to drop, the sum over them
   of ``1 - expected_recall`` (the generator's own figures);
 - the per-head weight of layer ``L``'s heads is ``kl[L] / dropped[L]``, scaled to mean 1 over
@@ -19,7 +20,8 @@ step reads. `layer_sensitivity` measures it on the user's prompts:
 
 This is a first-order model (damage linear in the mass dropped, layers independent), measured
 around one policy; so that one measurement does not strip a layer bare, each weight is held
-within ``[1/10, 10]`` of the mean. A layer the policy leaves dense (nothing dropped, nothing to
+within ``[1/10, 10]`` of the mean (as far as the number of layers allows: with
+few layers a mean of 1 caps the largest lower). A layer the policy leaves dense (nothing dropped, nothing to
 measure) gets the median weight of the measured layers.
 
 The weights are saved as JSON (``attnlab-sensitivity``, `Sensitivity.save`) with the model's
@@ -142,9 +144,11 @@ def head_weights(kl: np.ndarray, dropped: np.ndarray, n_heads: int) -> np.ndarra
         if raw.max() > 0:
             per[measured] = raw
             per[~measured] = float(np.median(raw))
-            per = per / per.mean()
-            per = np.clip(per, 1.0 / CLIP, CLIP)
-            per = per / per.mean()
+            for _ in range(100):  # clip and rescale until both hold (a few rounds)
+                per = per / per.mean()
+                if per.max() <= CLIP * (1 + 1e-9) and per.min() >= (1 - 1e-9) / CLIP:
+                    break
+                per = np.clip(per, 1.0 / CLIP, CLIP)
     return np.repeat(per[:, None], n_heads, axis=1)
 
 
@@ -163,19 +167,31 @@ def dropped_mass(policy: Policy) -> np.ndarray:
     return out
 
 
-def _log_probs(model, ids: torch.Tensor, fn) -> torch.Tensor:
+def _log_probs(model, ids: torch.Tensor, fn, keep: int) -> torch.Tensor:
+    """Next-token log-probabilities of the last ``keep`` positions (0: all)."""
     with route_attention(model, fn):
-        logits = model.hf_model(ids.to(model.device), use_cache=False).logits
+        logits = model.hf_model(ids.to(model.device), use_cache=False, logits_to_keep=keep).logits
     return torch.log_softmax(logits[0].float(), dim=-1)
 
 
 @torch.no_grad()
 def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor: str = "flex",
-                      progress: bool = True) -> Sensitivity:
+                      focus_last: int | None = None, progress: bool = True) -> Sensitivity:
     """Measure ``policy``'s per-layer damage on ``prompts`` (each with ``input_ids [1, n]``)
-    with ``model`` (a `LoadedModel`): one dense forward and one per layer per prompt."""
+    with ``model`` (a `LoadedModel`): one dense forward and one per layer per prompt.
+
+    ``focus_last``: the KL is averaged over the last ``focus_last`` positions of each prompt only
+    (where a task prompt's question and answer start sit: the damage an answer sees) instead
+    of every position."""
     if not prompts:
         raise PolicyError("no prompts to measure sensitivity on: give at least one")
+    if focus_last is not None and (not isinstance(focus_last, int) or isinstance(focus_last, bool) or focus_last < 1):
+        raise PolicyError(f"focus_last must be a whole number of tokens >= 1, got {focus_last!r}")
+    short = [p for p in prompts if int(p.input_ids.shape[-1]) < (focus_last or 1)]
+    if short:
+        raise PolicyError(f"a prompt of {int(short[0].input_ids.shape[-1])} tokens is shorter than --focus-last {focus_last}: "
+                          "give a smaller --focus-last or longer prompts")
+    keep = int(focus_last or 0)
     ex = PolicyExecutor(policy, executor)
     ex.check_model(model)
     dropped = dropped_mass(policy)
@@ -187,7 +203,7 @@ def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor
     bar = tqdm(total=len(prompts) * (1 + len(measured)), desc="sensitivity", unit="forward", disable=not progress or None)
     for p in prompts:
         ids = p.input_ids
-        dense = _log_probs(model, ids, None)
+        dense = _log_probs(model, ids, None, keep)
         bar.update()
         p_dense = dense.exp()
         for lay in measured:
@@ -197,11 +213,13 @@ def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor
                                         **({} if variant is None else {"variant": variant}))
                 return attend(query, key, value, scaling=scaling, variant=variant)
 
-            sparse = _log_probs(model, ids, only)
+            sparse = _log_probs(model, ids, only, keep)
             kl[lay] += float((p_dense * (dense - sparse)).sum(-1).mean()) / len(prompts)
             bar.update()
     bar.close()
     source = {"policy": str(getattr(policy, "source_run", None) or ""), "block_size": policy.block_size,
               "prompts": len(prompts), "lengths": sorted({int(p.input_ids.shape[-1]) for p in prompts}),
-              "executor": executor, "measure": "KL(dense || only this layer sparse), mean over positions and prompts"}
+              "executor": executor, "focus_last": focus_last,
+              "measure": "KL(dense || only this layer sparse), mean over "
+                         + (f"the last {focus_last} positions" if focus_last else "positions") + " and prompts"}
     return Sensitivity.from_measure(model.identity().to_dict(), kl, dropped, policy.n_heads, source)

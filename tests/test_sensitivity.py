@@ -47,14 +47,16 @@ def _policy(model, recall_by_layer):
 
 
 @torch.no_grad()
-def _kl(model, ids, policy):
-    """KL(dense || policy) of the next-token distributions, mean over positions: the whole model
-    under ``policy`` through the executor, independently of `layer_sensitivity`."""
+def _kl(model, ids, policy, last=None):
+    """KL(dense || policy) of the next-token distributions, mean over positions (the ``last``
+    ones only, if given): the whole model under ``policy`` through the executor, independently
+    of `layer_sensitivity`."""
     with route_attention(model):
         dense = torch.log_softmax(model.hf_model(ids, use_cache=False).logits[0].float(), -1)
     with route_attention(model, PolicyExecutor(policy, "flex").attention):
         sparse = torch.log_softmax(model.hf_model(ids, use_cache=False).logits[0].float(), -1)
-    return float((dense.exp() * (dense - sparse)).sum(-1).mean())
+    kl = (dense.exp() * (dense - sparse)).sum(-1)
+    return float(kl[-last:].mean() if last else kl.mean())
 
 
 def test_each_layer_kl_is_that_of_the_model_with_only_that_layer_sparse(tiny3):
@@ -73,6 +75,13 @@ def test_each_layer_kl_is_that_of_the_model_with_only_that_layer_sparse(tiny3):
     # the unmeasured layer takes the median weight of the measured ones
     per = sens.weights.mean(1)
     assert per[1] == pytest.approx(np.median(per[[0, 2]]))
+    # --focus-last: the KL of the last positions only
+    focused = layer_sensitivity(tiny3, policy, prompts, focus_last=8, progress=False)
+    want = np.mean([_kl(tiny3, p.input_ids, _policy(tiny3, [0.6, None, None]), last=8) for p in prompts])
+    assert focused.kl[0] == pytest.approx(want, rel=1e-4, abs=1e-7) and focused.kl[0] != pytest.approx(sens.kl[0], rel=1e-3)
+    assert focused.source["focus_last"] == 8 and "last 8 positions" in focused.source["measure"]
+    with pytest.raises(PolicyError, match="shorter than --focus-last 200"):
+        layer_sensitivity(tiny3, policy, prompts, focus_last=200, progress=False)
 
 
 def test_weights_make_the_weighted_loss_of_each_layer_proportional_to_its_damage():
@@ -87,6 +96,9 @@ def test_weights_make_the_weighted_loss_of_each_layer_proportional_to_its_damage
     # one near-harmless layer is held at 1/CLIP of the mean, not stripped bare
     w = head_weights(np.array([1.0, 1e-9, 1.0]), np.ones(3), n_heads=1)
     assert w.min() == pytest.approx(w.mean() / CLIP, rel=0.05) and w.min() > 0
+    # one dominant layer is held at CLIP times the mean after rescaling, not above it
+    w = head_weights(np.array([100.0] + [1.0] * 19), np.ones(20), n_heads=2)
+    assert w.max() == pytest.approx(CLIP * w.mean()) and w.mean() == pytest.approx(1.0)
     # nothing dropped anywhere, or no damage anywhere: every head alike
     assert (head_weights(np.zeros(2), np.zeros(2), 2) == 1).all()
     assert (head_weights(np.zeros(2), np.ones(2), 2) == 1).all()
