@@ -154,7 +154,7 @@ def test_compare_tunes_the_baselines_on_the_weights_and_reports_the_weighted_obj
     fitting = got[got.within_budget]
     assert (fitting.loc["budgeted", "weighted_recall"] >= fitting["weighted_recall"] - 1e-9).all()
     for method in ("uniform_streaming", "duo_attention", "minference"):
-        assert got.loc[method, "weighted_recall"] == pytest.approx(got.loc[method, "weighted_recall"])  # measured
+        assert np.isfinite(got.loc[method, "weighted_recall"]), method
     # each baseline's weighted recall is at least what its unweighted tuning reaches under the same weights
     from attnlab.sparsity_stats.compare import tuned_baselines
 

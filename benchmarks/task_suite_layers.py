@@ -1,0 +1,173 @@
+"""Where a sparse prefill loses task-suite answers: which layers' sparsity costs the answer.
+
+For task-suite samples that dense attention answers right, the log-probability of dense's own
+reply, teacher-forced as ``attnlab eval`` runs it (the reply's first token from the prefill's
+last row, the rest through a dense decode over the prefill's KV cache), under:
+
+- dense attention, and the policy (``--policy``, a policy file);
+- ``restore G``: the policy with the layers of group G dense (every other layer as the policy);
+- ``only G``: dense everywhere but group G, which runs as the policy.
+
+The gap ``dense - policy`` (nats per reply, summed over its tokens) is what the sparse prefill
+costs the answer. Per group, the share of it that making G dense wins back (``restore``) and
+the share G's sparsity causes alone (``only``), beside the prefill density each configuration
+runs at: where a budget spent on more attention would buy the most back.
+
+    python benchmarks/task_suite_layers.py --policy /tmp/t16/cmp/budgeted-0.3.json \\
+        --tasks niah_multikey,niah_multiquery,variable_tracking --samples 6 --group 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def with_dense_layers(policy, layers: set[int]):
+    """``policy`` with every head of ``layers`` dense (the rest unchanged)."""
+    from attnlab.sparsity_stats.policy import Policy
+
+    d = policy.to_dict()
+    for h in d["heads"]:
+        if h["layer"] in layers:
+            h.update(kind="dense", params={}, expected_recall=1.0, expected_density=1.0, density_is="exact",
+                     reason="made dense by benchmarks/task_suite_layers.py")
+    d.pop("summary", None)
+    d.pop("budget", None)
+    return Policy.from_dict(d)
+
+
+def reply_logprob(model, sample, reply_ids: list[int], executor) -> tuple[float, float]:
+    """``(log p(reply), prefill density)``: the first reply token scored on the prefill's last
+    row (sparse under ``executor``), the rest on a dense decode over the prefill's cache."""
+    from transformers import DynamicCache
+
+    from attnlab.attention import route_attention
+
+    with route_attention(model, None if executor is None else executor.attention):
+        cache = DynamicCache(config=model.hf_model.config)
+        ids = sample.input_ids.to(model.device)
+        first = model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        lp = float(torch.log_softmax(first.float(), -1)[reply_ids[0]])
+        if len(reply_ids) > 1:  # q_len != k_len: the executors attend densely, as a decode does
+            feed = torch.tensor([reply_ids[:-1]], device=model.device)
+            rest = model.hf_model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0]
+            lp += float(torch.log_softmax(rest.float(), -1).gather(1, torch.tensor(reply_ids[1:])[:, None]).sum())
+    if executor is None:
+        return lp, 1.0
+    layouts = list(executor.layouts_.values())
+    return lp, float(torch.cat([lay.density.float().flatten() for lay in layouts]).mean())
+
+
+def dense_reply(model, sample) -> list[int]:
+    """Dense greedy reply token ids (as `attnlab eval` produces them)."""
+    from transformers import DynamicCache
+
+    from attnlab.attention import route_attention
+    from attnlab.probes.needle import continue_greedy
+    from attnlab.sparsity_stats.evaluate import _stop
+
+    with route_attention(model, None):
+        cache = DynamicCache(config=model.hf_model.config)
+        logits = model.hf_model(input_ids=sample.input_ids.to(model.device), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1).logits
+        return continue_greedy(model, cache, int(logits[0, -1].argmax()), max_new_tokens=sample.max_new_tokens,
+                               generated=[], stop=_stop(model, sample))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", type=Path, required=True, help="a policy file (e.g. policy compare --save-policies)")
+    parser.add_argument("--tasks", default="niah_multikey,niah_multiquery,variable_tracking")
+    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--samples", type=int, default=6, help="samples per task (seed 0), those dense gets right kept")
+    parser.add_argument("--group", type=int, default=3, help="layers per group")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, help="write every sample's figures here")
+    parser.add_argument("--append", type=Path, help="append the markdown report to this file")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+
+    import attnlab
+    from attnlab.sparsity_stats.executors import PolicyExecutor
+    from attnlab.sparsity_stats.policy import Policy
+    from attnlab.tasks import task_suite
+
+    started = time.perf_counter()
+    model = attnlab.load_model("smollm2-135m", verbose=False)
+    policy = Policy.load(args.policy, model)
+    n_layers = policy.n_layers
+    groups = [list(range(i, min(i + args.group, n_layers))) for i in range(0, n_layers, args.group)]
+    configs: dict[str, Policy | None] = {"dense": None, "policy": policy}
+    for g in groups:
+        name = f"L{g[0]}-{g[-1]}"
+        configs[f"restore {name}"] = with_dense_layers(policy, set(g))
+        configs[f"only {name}"] = with_dense_layers(policy, set(range(n_layers)) - set(g))
+    executors = {k: (None if p is None else PolicyExecutor(p, "flex")) for k, p in configs.items()}
+    samples = task_suite(model.tokenizer, args.tasks.split(","), [args.length], args.samples, seed=0)
+    rows = []
+    from tqdm.auto import tqdm
+
+    for s in tqdm(samples, desc="samples"):
+        reply = dense_reply(model, s)
+        text = model.tokenizer.decode(reply, skip_special_tokens=True)
+        if s.score(text) < 1.0:
+            continue
+        row = {"sample": s.name, "task": s.task, "reply": text}
+        for k, ex in executors.items():
+            row[k], row[f"{k} density"] = reply_logprob(model, s, reply, ex)
+        rows.append(row)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    md = report(args, rows, groups, started)
+    print(md)
+    if args.append:
+        with args.append.open("a") as f:
+            f.write("\n" + md)
+
+
+def report(args, rows: list[dict], groups: list[list[int]], started: float) -> str:
+    if not rows:
+        return "no sample that dense answers right: nothing to split"
+    gap = np.array([r["dense"] - r["policy"] for r in rows])
+    counts = ", ".join(f"{t} {sum(r['task'] == t for r in rows)}" for t in dict.fromkeys(r["task"] for r in rows))
+    lines = [
+        "## Task suite: which layers' sparsity costs the answer (`benchmarks/task_suite_layers.py`)",
+        "",
+        f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: `{platform.platform()}`, "
+        f"torch {torch.__version__}; {(time.perf_counter() - started) / 60:.0f} min",
+        f"- command: `python benchmarks/task_suite_layers.py --policy {args.policy} --tasks {args.tasks} "
+        f"--length {args.length} --samples {args.samples} --group {args.group}"
+        + (f" --threads {args.threads}" if args.threads else "") + "`",
+        f"- {len(rows)} samples that dense answers right ({counts}); "
+        f"log p of dense's reply under dense {np.mean([r['dense'] for r in rows]):.2f}, under the policy "
+        f"{np.mean([r['policy'] for r in rows]):.2f} nats (mean); gap {gap.mean():.2f} nats (median {np.median(gap):.2f}); "
+        f"policy density {np.mean([r['policy density'] for r in rows]):.3f}",
+        "",
+        "Share of the summed gap won back by making the group dense (`restore`) and caused by the group alone "
+        "(`only`), with the prefill density each runs at (mean over samples).",
+        "",
+        "| layers | restore: share won back | restore: density | only: share caused | only: density |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    total = gap.sum()
+    for g in groups:
+        name = f"L{g[0]}-{g[-1]}"
+        won = sum(r[f"restore {name}"] - r["policy"] for r in rows) / total
+        caused = sum(r["dense"] - r[f"only {name}"] for r in rows) / total
+        lines.append(f"| {name} | {won:+.2f} | {np.mean([r[f'restore {name} density'] for r in rows]):.3f} | "
+                     f"{caused:+.2f} | {np.mean([r[f'only {name} density'] for r in rows]):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
