@@ -338,12 +338,17 @@ def markdown(args, variants, table, tasks, length, n, settings, started, mass=No
         if mass:
             cells.insert(0, f"{mass[m][0]:.3f}" if m in mass else "1")
         lines.append(f"| {m} | {table[table.method == m].density.mean():.3f} | " + " | ".join(cells) + " |")
-    lines += ["", f"Paired against the suite's `{suite_budgeted}` on the same samples (exact match):", "",
-              "| variant | task | both right | only suite's | only variant | neither |", "|---|---|---:|---:|---:|---:|"]
+    # pairs: against the suite's budgeted policy, or (a suite run without one) the first variant's
+    reference = suite_budgeted if suite_budgeted in methods else f"{variants[0]['name']}: budgeted-{TARGET:g}"
+    whose = "the suite's" if reference == suite_budgeted else "the first variant's"
+    lines += ["", f"Paired against {whose} `{reference}` on the same samples (exact match):", "",
+              "| variant | task | both right | only reference | only variant | neither |", "|---|---|---:|---:|---:|---:|"]
     for v in variants:
         name = f"{v['name']}: budgeted-{TARGET:g}"
+        if name == reference:
+            continue
         for task in tasks:
-            a = table[(table.task == task) & (table.method == suite_budgeted)].sort_values("sample")
+            a = table[(table.task == task) & (table.method == reference)].sort_values("sample")
             b = table[(table.task == task) & (table.method == name)].sort_values("sample")
             c = paired_counts(a.correct.tolist(), b.correct.tolist())
             lines.append(f"| {v['name']} | {task} | {c['both']} | {c['only_dense']} | {c['only_sparse']} | {c['neither']} |")
