@@ -185,7 +185,7 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
     policy = Policy.load(args.policy)  # before the slow model load
     dropped_mass(policy)  # a policy without expected recall is refused here, not after the load
     model = load_model_from_args(args)
-    policy.check_model(model.identity(), args.policy)
+    policy.check_model(model.identity(), args.policy)  # named by its file (layer_sensitivity's check is not)
     whole = args.prompts.endswith(".jsonl")  # a JSONL file's lines are the prompts, whole
     prompts = load_prompts(model, args.prompts, lengths=args.lengths if whole or args.lengths else [1024],
                            n_samples=args.samples if whole or args.samples else 4, chat=args.chat, seed=args.seed)

@@ -127,7 +127,8 @@ class Sensitivity:
         out = cls(ident.to_dict(), kl, dropped, weights, d.get("source") if isinstance(d.get("source"), dict) else {})
         if model is not None:
             try:
-                ident.check(model, subject=f"sensitivity file {path}", fix="measure it on this model (attnlab policy sensitivity)")
+                ModelIdentity.from_dict(model).check(ident, subject=f"sensitivity file {path}",
+                                                     fix="measure it on this model (attnlab policy sensitivity)")
             except IdentityError as exc:
                 raise PolicyError(str(exc)) from None
         return out
