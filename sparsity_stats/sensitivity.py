@@ -218,7 +218,8 @@ def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor
             kl[lay] += float((p_dense * (dense - sparse)).sum(-1).mean()) / len(prompts)
             bar.update()
     bar.close()
-    source = {"policy": str(getattr(policy, "source_run", None) or ""), "block_size": policy.block_size,
+    run = policy.source_run if isinstance(policy.source_run, dict) else {}
+    source = {"policy": f"made from {run['path']}" if run.get("path") else "", "block_size": policy.block_size,
               "prompts": len(prompts), "lengths": sorted({int(p.input_ids.shape[-1]) for p in prompts}),
               "executor": executor, "focus_last": focus_last,
               "measure": "KL(dense || only this layer sparse), mean over "
