@@ -34,7 +34,10 @@ section the choice implies (streaming KV heads keep sink + recent, the rest ever
 the baselines run in generation at the same KV budget (`kv_baselines`).
 
 Each returns a `BaselineResult` with a candidate per head and the same estimates as the
-budgeted policy (`ProfileEstimator`), so the comparison is like for like.
+budgeted policy (`ProfileEstimator`), so the comparison is like for like. Heads the user
+protects (``protected_heads``, ``protected_layers``: knowledge about the model, not part of the
+budgeted method) are kept dense by every baseline too, paid from its budget
+(`with_dense_heads`); the budgeted policy's own retrieval-head protection is not given to them.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .curves import ProfileEstimator
+from .curves import CandidateEval, ProfileEstimator
 from .errors import PolicyError
 from .kinds import Candidate
 
@@ -117,6 +120,37 @@ class BaselineResult:
             for c in row:
                 seen.setdefault(c.key(), c)
         return list(seen.values())
+
+
+class _DenseHeads:
+    """``est`` with the heads of ``mask`` (``[L, H]``) dense whatever candidate they are given,
+    so that a baseline tuned on it pays for them from its budget."""
+
+    def __init__(self, est: ProfileEstimator, mask: np.ndarray):
+        self._est, self.mask = est, np.asarray(mask, dtype=bool)
+        self._dense = est.evaluate(Candidate.make("dense"))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._est, name)
+
+    def evaluate(self, candidate: Candidate) -> CandidateEval:
+        e, d, m = self._est.evaluate(candidate), self._dense, self.mask
+        return CandidateEval(candidate, np.where(m, d.recall, e.recall), np.where(m, d.density, e.density),
+                             np.where(m, d.kv, e.kv), e.density_is)
+
+
+def with_dense_heads(est: ProfileEstimator, mask: np.ndarray | None,
+                     baseline: Callable[..., BaselineResult], *args: Any, **kwargs: Any) -> BaselineResult:
+    """``baseline(est, *args, **kwargs)`` with the heads of ``mask`` kept dense: tuned with their
+    cost in the budget, and dense in its choices (``detail`` says how many)."""
+    if mask is None or not np.any(mask):
+        return baseline(est, *args, **kwargs)
+    r = baseline(_DenseHeads(est, mask), *args, **kwargs)
+    dense = Candidate.make("dense")
+    r.choices = [[dense if mask[lay, head] else c for head, c in enumerate(row)] for lay, row in enumerate(r.choices)]
+    r.detail += f"; {int(np.sum(mask))} protected heads dense"
+    r.params["protected_heads"] = int(np.sum(mask))
+    return r
 
 
 def _assemble(est: ProfileEstimator, name: str, choices: list[list[Candidate]], budget: float,

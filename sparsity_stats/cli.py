@@ -84,6 +84,25 @@ def head_list(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def layer_list(text: str) -> list[int]:
+    """``6-8,12`` → ``[6, 7, 8, 12]`` (an argparse type: layers and inclusive ranges, comma-separated)."""
+    out: list[int] = []
+    for item in (x.strip() for x in str(text).split(",")):
+        if not item:
+            continue
+        first, dash, last = item.partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            lo, hi = -1, -1
+        if lo < 0 or hi < lo:
+            raise argparse.ArgumentTypeError(f"expected layers as numbers or ranges A-B, comma-separated (e.g. 6-8,12), got {text!r}")
+        out.extend(i for i in range(lo, hi + 1) if i not in out)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected layers as numbers or ranges A-B, comma-separated (e.g. 6-8,12), got {text!r}")
+    return out
+
+
 def _refuse_existing(path: Path, force: bool) -> None:
     check_output_files([path], force=force, error=PolicyError)
 
@@ -109,6 +128,7 @@ def _generator_kwargs(args: argparse.Namespace, run: Run) -> dict[str, Any]:
         "retrieval_floor": args.retrieval_floor,
         "recall_floor": args.recall_floor,
         "protected_heads": args.protect_heads,
+        "protected_layers": args.protect_layers,
         "gqa_consistent": args.gqa,
         "progress": not args.quiet,
     }
@@ -198,7 +218,13 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
     print(f"layer sensitivity of {args.policy} on {len(prompts)} prompts ({sens.identity.name})")
     print("  most sensitive   " + "  ".join(f"L{i} w={per[i]:.2f} (KL {sens.kl[i]:.3g}, drops {sens.dropped[i]:.2f})" for i in order[:5]))
     print("  least sensitive  " + "  ".join(f"L{i} w={per[i]:.2f} (KL {sens.kl[i]:.3g}, drops {sens.dropped[i]:.2f})" for i in order[::-1][:5]))
-    print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out})")
+    by_kl = np.argsort(-sens.kl)
+    print("  most damage (KL) " + "  ".join(f"L{i} {sens.kl[i]:.3g}" for i in by_kl[:5]))
+    if len(sens.kl) >= 3:
+        first, last, total = sens.worst_layers(3)
+        print(f"  worst 3 adjacent layers: L{first}-{last} ({total / max(sens.kl.sum(), 1e-30):.0%} of the summed KL): "
+              f"try `attnlab policy make RUN --protect-layers {first}-{last}` and check it on your task")
+    print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out}, or --protect-layers)")
     return 0
 
 
@@ -337,6 +363,9 @@ def _generator_options() -> argparse.ArgumentParser:
     g.add_argument("--recall-floor", type=fraction, default=None, help="recall floor in [0, 1] of every head")
     g.add_argument("--protect-heads", type=head_list, default=[], metavar="HEADS",
                    help="extra heads to protect, LAYER:HEAD or L<layer>.H<head>, comma-separated (e.g. circuit heads)")
+    g.add_argument("--protect-layers", type=layer_list, default=[], metavar="LAYERS",
+                   help="protect every head of these layers, e.g. 6-8 or 6,7,8 (the layers `attnlab policy sensitivity "
+                        "--focus-last` finds the answers depend on)")
     g.add_argument("--head-weights", default=None, metavar="FILE",
                    help="weight each head's recall in the objective by a sensitivity file from `attnlab policy "
                         "sensitivity` (default: every head alike); baselines are tuned on the same weights")

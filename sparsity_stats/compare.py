@@ -12,6 +12,11 @@ are protected (retrieval heads kept dense spend budget on what recall does not m
 With ``head_weights`` (``--head-weights``, `attnlab.sparsity_stats.sensitivity`) every method is
 tuned on, and the claim above holds for, the weighted recall (column ``weighted_recall``); the
 plain mean stays in ``expected_recall``.
+
+Heads the user protects (``protected_heads``, ``protected_layers``) are kept dense by every
+baseline too, paid from its budget (`requested_dense_heads`, `tuned_baselines`): that knowledge
+is the user's, not the budgeted method's, so a baseline without it would be a weakened one.
+The budgeted policy's retrieval-head protection stays its own.
 """
 
 from __future__ import annotations
@@ -27,7 +32,13 @@ import pandas as pd
 
 from attnlab.runs import Run, atomic_path
 
-from .baselines import BaselineResult, duo_attention_style, minference_style, uniform_streaming
+from .baselines import (
+    BaselineResult,
+    duo_attention_style,
+    minference_style,
+    uniform_streaming,
+    with_dense_heads,
+)
 from .curves import HeadCurves, ProfileEstimator, compute_curves, retrieval_scores_from_run
 from .errors import PolicyError
 from .generator import PolicyGenerator, check_block_granularity, check_budget
@@ -110,9 +121,10 @@ def compare_policies(
 
         it = tqdm(budgets, desc="budgets", unit="budget", disable=None)
     min_sink = int(generator_kwargs.get("min_sink", 4))
+    dense_heads = requested_dense_heads(generator_kwargs, est.n_layers, est.n_heads)
     for b in it:
         base = tuned_baselines(curves, b, min_sink=min_sink, budget_kind=budget_kind,
-                               head_weights=generator_kwargs.get("head_weights"))
+                               head_weights=generator_kwargs.get("head_weights"), dense_heads=dense_heads)
         extra = [c for r in base if r.within_budget for c in r.candidates()]
         kwargs = dict(generator_kwargs)
         kwargs["extra_candidates"] = list(kwargs.get("extra_candidates", ())) + extra
@@ -127,10 +139,10 @@ def compare_policies(
                          "expected_recall": float("nan"), "min_head_recall": float("nan"), "dense_heads": 0,
                          "within_budget": False, "optimality_gap": float("nan"), "detail": f"infeasible: {exc}",
                          "tuned": ""})
-        protecting = kwargs.get("protect_retrieval", "dense") != "none" or kwargs.get("protected_heads")
+        protecting = kwargs.get("protect_retrieval", "dense") != "none" or kwargs.get("protected_heads") or kwargs.get("protected_layers")
         if protecting and (gen is None or gen.protected_):
             # the same optimiser without protected heads: what protection costs in recall
-            free = {**kwargs, "protect_retrieval": "none", "protected_heads": ()}
+            free = {**kwargs, "protect_retrieval": "none", "protected_heads": (), "protected_layers": ()}
             try:
                 rows.append(_gen_row(b, PolicyGenerator(budget=b, budget_kind=budget_kind, **free).fit(curves), "budgeted_unprotected"))
             except PolicyError:
@@ -145,21 +157,38 @@ def compare_policies(
 
 
 def tuned_baselines(curves: HeadCurves, budget: float, *, min_sink: int = 4,
-                    budget_kind: str = "density", head_weights: np.ndarray | None = None) -> list[BaselineResult]:
+                    budget_kind: str = "density", head_weights: np.ndarray | None = None,
+                    dense_heads: np.ndarray | None = None) -> list[BaselineResult]:
     """The baselines `compare_policies` sets against the budgeted policy at ``budget``, each
     tuned on ``curves``' profile (its best shot): uniform streaming, DuoAttention-style (by
     ``curves.retrieval_scores``) and, under a density budget, MInference-style. With
-    ``head_weights`` every one is tuned on the weighted recall the budgeted policy maximises."""
+    ``head_weights`` every one is tuned on the weighted recall the budgeted policy maximises;
+    with ``dense_heads`` (bool ``[L, H]``: the user's protected heads) every one keeps those
+    heads dense and pays for them from its budget (`with_dense_heads`)."""
     est = curves.estimator
     w = head_weights
     base = [
-        uniform_streaming(est, budget, min_sink=max(4, min_sink), budget_kind=budget_kind, head_weights=w),
-        duo_attention_style(est, budget, retrieval_scores=curves.retrieval_scores, min_sink=max(4, min_sink),
-                            budget_kind=budget_kind, head_weights=w),
+        with_dense_heads(est, dense_heads, uniform_streaming, budget, min_sink=max(4, min_sink), budget_kind=budget_kind,
+                         head_weights=w),
+        with_dense_heads(est, dense_heads, duo_attention_style, budget, retrieval_scores=curves.retrieval_scores,
+                         min_sink=max(4, min_sink), budget_kind=budget_kind, head_weights=w),
     ]
     if budget_kind == "density":
-        base.append(minference_style(est, budget, budget_kind=budget_kind, head_weights=w))
+        base.append(with_dense_heads(est, dense_heads, minference_style, budget, budget_kind=budget_kind, head_weights=w))
     return base
+
+
+def requested_dense_heads(generator_kwargs: dict[str, Any], n_layers: int, n_heads: int) -> np.ndarray | None:
+    """bool ``[L, H]``: the heads the user protects (``protected_heads``, ``protected_layers``;
+    not the generator's retrieval heads), checked as the generator checks them; None if none."""
+    if not (generator_kwargs.get("protected_heads") or generator_kwargs.get("protected_layers")):
+        return None
+    asked = PolicyGenerator(protect_retrieval="none", protected_heads=generator_kwargs.get("protected_heads", ()),
+                            protected_layers=generator_kwargs.get("protected_layers", ()))
+    mask = np.zeros((n_layers, n_heads), dtype=bool)
+    for lay, head, _why in asked._protected(None, n_layers, n_heads):
+        mask[lay, head] = True
+    return mask
 
 
 def format_table(table: pd.DataFrame) -> str:

@@ -9,7 +9,8 @@ the total expected recall, weighted by ``head_weights`` if given, subject to
   <= ``budget`` (so ``0.15`` = 15% of dense causal attention), or a **KV** budget: mean over KV
   heads of the share of the KV cache kept <= ``budget`` (streaming heads keep sink + window);
 - **protected heads**: retrieval heads (the run's detections score >= ``retrieval_threshold``,
-  the Retrieval Head paper's 0.1) and any ``protected_heads`` stay dense, or keep at least
+  the Retrieval Head paper's 0.1), any ``protected_heads`` and every head of the
+  ``protected_layers`` stay dense, or keep at least
   ``retrieval_floor`` of their attention; ``recall_floor`` does the same for every head;
 - **minimum sink**: streaming and A-shape heads keep at least ``min_sink`` first tokens;
 - **GQA consistency** (optional; implied by a KV budget): the query heads that read one KV head
@@ -147,6 +148,8 @@ class PolicyGenerator:
         retrieval_floor: recall floor of protected heads when ``protect_retrieval="floor"``.
         recall_floor: recall floor of every head (None: none).
         protected_heads: extra ``(layer, head)`` pairs to protect (e.g. circuit heads).
+        protected_layers: layers whose every head is protected (e.g. the layers
+            ``attnlab policy sensitivity`` finds the answer depends on).
         gqa_consistent: heads sharing a KV head share a candidate.
         head_weights: ``[L, H]`` weights of the objective (default 1).
         max_nodes: branch-and-bound node limit (the gap is reported if reached).
@@ -181,6 +184,7 @@ class PolicyGenerator:
         retrieval_floor: float = 0.95,
         recall_floor: float | None = None,
         protected_heads: Iterable[tuple[int, int]] = (),
+        protected_layers: Iterable[int] = (),
         gqa_consistent: bool = False,
         head_weights: np.ndarray | None = None,
         max_nodes: int = 2_000_000,
@@ -203,6 +207,7 @@ class PolicyGenerator:
         self.retrieval_floor = retrieval_floor
         self.recall_floor = recall_floor
         self.protected_heads = tuple(tuple(x) for x in protected_heads)
+        self.protected_layers = tuple(protected_layers)
         self.gqa_consistent = gqa_consistent
         self.head_weights = head_weights
         self.max_nodes = max_nodes
@@ -227,6 +232,7 @@ class PolicyGenerator:
             "retrieval_floor": self.retrieval_floor,
             "recall_floor": self.recall_floor,
             "protected_heads": [list(x) for x in self.protected_heads],
+            "protected_layers": list(self.protected_layers),
             "gqa_consistent": self.gqa_consistent,
             "weighted": self.head_weights is not None,
             "max_nodes": self.max_nodes,
@@ -363,10 +369,20 @@ class PolicyGenerator:
         if scores is not None and self.protect_retrieval != "none":
             for lay, head in zip(*np.nonzero(scores >= self.retrieval_threshold), strict=False):
                 protected.append((int(lay), int(head), f"retrieval head (score {scores[lay, head]:.2f} >= {self.retrieval_threshold:g})"))
+        seen = {(lay, head) for lay, head, _ in protected}
         for lay, head in self.protected_heads:
             if not (0 <= lay < nl and 0 <= head < nh):
                 raise PolicyError(f"protected head {head_label(lay, head)} is outside the model's {nl} layers x {nh} heads")
-            protected.append((int(lay), int(head), "protected by request"))
+            if (lay, head) not in seen:
+                seen.add((lay, head))
+                protected.append((int(lay), int(head), "protected by request"))
+        for lay in self.protected_layers:
+            if not (_whole(lay) and 0 <= lay < nl):
+                raise PolicyError(f"protected layer {lay!r} is outside the model's layers 0-{nl - 1} (--protect-layers)")
+            for head in range(nh):
+                if (lay, head) not in seen:
+                    seen.add((lay, head))
+                    protected.append((int(lay), head, f"protected layer {lay}"))
         return protected
 
     def _groups(self, curves: HeadCurves) -> list[list[tuple[int, int]]]:

@@ -691,6 +691,8 @@ def test_cli_policy_suggests_a_smaller_block_when_rows_have_few_blocks(tmp_path,
     (["--lengths", "abc"], r"argument --lengths: expected a positive integer, got 'abc'"),
     (["--lengths", "512,-1"], r"argument --lengths: expected a positive integer"),
     (["--protect-heads", "3-1"], "LAYER:HEAD"),
+    (["--protect-layers", "3-1"], "ranges A-B"),
+    (["--protect-layers", "L3"], "ranges A-B"),
     (["--retrieval-threshold", "nan"], r"argument --retrieval-threshold: expected a finite number"),
     (["--retrieval-threshold", "-0.1"], r"argument --retrieval-threshold: expected a number in \[0, 1\]"),
     (["--recall-floor", "inf"], r"argument --recall-floor: expected a finite number"),
@@ -742,6 +744,32 @@ def test_cli_policy_compare_saves_every_policy_for_validation(run, tmp_path, cap
         assert policy.expected_recall == pytest.approx(row.expected_recall, abs=1e-6)
         assert policy.budget["value"] == row.budget
         assert policy.budget.get("method") == (None if row.method == "budgeted" else row.method)
+
+
+def test_compare_baselines_keep_the_users_protected_heads_dense_and_pay_for_them(run, curves, tmp_path, capsys):
+    from attnlab.sparsity_stats.compare import tuned_baselines
+
+    out, saved = tmp_path / "cmp.csv", tmp_path / "policies"
+    assert cli("policy", "compare", str(run.path), "--budgets", "0.75", "--protect-layers", "0", "--out", str(out),
+               "--save-policies", str(saved), "--quiet") == 0
+    table = pd.read_csv(out).set_index("method")
+    for method in ("uniform_streaming", "duo_attention", "minference"):
+        policy = Policy.load(saved / f"{method}-0.75.json", model=run.model)
+        assert [policy.entry(0, h).kind for h in range(4)] == ["dense"] * 4, method
+        assert policy.expected_density == pytest.approx(table.loc[method, "density"], abs=1e-6)
+        assert table.loc[method, "density"] <= 0.75 + 1e-9 and "4 protected heads dense" in table.loc[method, "detail"]
+    # the protected layer's cost comes out of the rest: layer 1 gets fewer blocks than without it
+    mask = np.zeros((2, 4), dtype=bool)
+    mask[0] = True
+    for free, held in zip(tuned_baselines(curves, 0.75), tuned_baselines(curves, 0.75, dense_heads=mask), strict=True):
+        assert (held.density[0] == 1).all() and (held.recall[0] == pytest.approx(1.0))
+        assert held.density[1].sum() <= free.density[1].sum() + 1e-9, free.name
+        assert held.mean_density <= 0.75 + 1e-9, free.name
+    # a layer the model lacks: one line, before anything is fitted or written
+    assert main(["policy", "compare", str(run.path), "--budgets", "0.75", "--protect-layers", "5", "--out",
+                 str(tmp_path / "bad.csv"), "--quiet"]) != 0
+    assert "protected layer 5 is outside the model's layers 0-1" in capsys.readouterr().err
+    assert not (tmp_path / "bad.csv").exists()
 
 
 def test_estimator_pools_block_maps_to_a_coarser_block(run):
@@ -899,6 +927,24 @@ def test_protect_heads_takes_pairs_and_head_labels(run, tmp_path):
     policy = Policy.load(out)
     assert policy.entry(0, 1).kind == "dense" and policy.entry(1, 2).kind == "dense"
     assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected by request"} == {(0, 1), (1, 2)}
+
+
+def test_protect_layers_keeps_every_head_of_those_layers_dense_within_the_budget(run, curves, tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["policy", str(run.path), "--budget", "0.75", "--protect-layers", "0-0", "--protect-heads", "L0.H1",
+                 "--out", str(out), "--quiet"]) == 0
+    policy = Policy.load(out)
+    assert [policy.entry(0, h).kind for h in range(4)] == ["dense"] * 4
+    assert policy.summary["protected_heads"].count([0, 1, "protected by request"]) == 1  # listed once, not twice
+    assert {(lay, head) for lay, head, why in policy.summary["protected_heads"] if why == "protected layer 0"} == {(0, 0), (0, 2), (0, 3)}
+    # the rest pays for them: the budget still holds, and layer 1 gets less than without the protection
+    free = PolicyGenerator(budget=0.75).fit(curves)
+    held = PolicyGenerator(budget=0.75, protected_layers=[0]).fit(curves)
+    assert held.expected_density_.mean() <= 0.75 + 1e-9
+    assert held.expected_density_[1].sum() < free.expected_density_[1].sum()
+    assert held.get_params()["protected_layers"] == [0]
+    with pytest.raises(PolicyError, match="protected layer 2 is outside the model's layers 0-1"):
+        PolicyGenerator(budget=0.6, protected_layers=[2]).fit(curves)
 
 
 # -- decode phase (issue 15) ------------------------------------------------------------------
