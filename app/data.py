@@ -220,11 +220,13 @@ def grid(frame: pd.DataFrame, column: str, n_layers: int, n_heads: int) -> np.nd
 
 # -- policies ----------------------------------------------------------------------------------
 def fit_policy(curves: Any, budget: float, budget_kind: str = "density", gqa: bool = False,
-               protect: str = "dense") -> dict[str, Any]:
-    """Fit `PolicyGenerator` on precomputed cost-recall curves; the emitted policy as a dict."""
+               protect: str = "dense", layers: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Fit `PolicyGenerator` on precomputed cost-recall curves (``layers``: protected layers); the
+    emitted policy as a dict."""
     from attnlab.sparsity_stats import PolicyGenerator
 
-    gen = PolicyGenerator(budget=budget, budget_kind=budget_kind, gqa_consistent=gqa, protect_retrieval=protect).fit(curves)
+    gen = PolicyGenerator(budget=budget, budget_kind=budget_kind, gqa_consistent=gqa, protect_retrieval=protect,
+                          protected_layers=layers).fit(curves)
     return gen.emit().to_dict()
 
 
@@ -544,21 +546,27 @@ def _curves(run_path: str, stamp: str):
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def _policy(run_path: str, stamp: str, budget: float, budget_kind: str, gqa: bool, protect: str) -> dict[str, Any]:
-    return fit_policy(_curves(run_path, stamp), budget, budget_kind, gqa, protect)
+def _policy(run_path: str, stamp: str, budget: float, budget_kind: str, gqa: bool, protect: str,
+            layers: tuple[int, ...] = ()) -> dict[str, Any]:
+    return fit_policy(_curves(run_path, stamp), budget, budget_kind, gqa, protect, layers)
 
 
-def cached_policy(run: Run, budget: float, budget_kind: str, gqa: bool, protect: str) -> dict[str, Any]:
-    return _policy(str(run.path), artifacts_key(run.path, CURVE_INPUTS), float(budget), budget_kind, bool(gqa), protect)
+def cached_policy(run: Run, budget: float, budget_kind: str, gqa: bool, protect: str,
+                  layers: tuple[int, ...] = ()) -> dict[str, Any]:
+    return _policy(str(run.path), artifacts_key(run.path, CURVE_INPUTS), float(budget), budget_kind, bool(gqa), protect,
+                   tuple(int(x) for x in layers))
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
-def _compare(run_path: str, stamp: str, budgets: tuple[float, ...], budget_kind: str, gqa: bool, protect: str) -> pd.DataFrame:
+def _compare(run_path: str, stamp: str, budgets: tuple[float, ...], budget_kind: str, gqa: bool, protect: str,
+             layers: tuple[int, ...] = ()) -> pd.DataFrame:
     from attnlab.sparsity_stats import compare_policies
 
     return compare_policies(_curves(run_path, stamp), list(budgets), budget_kind=budget_kind, gqa_consistent=gqa,
-                            protect_retrieval=protect)
+                            protect_retrieval=protect, protected_layers=layers)
 
 
-def cached_compare(run: Run, budgets: tuple[float, ...], budget_kind: str, gqa: bool, protect: str) -> pd.DataFrame:
-    return _compare(str(run.path), artifacts_key(run.path, CURVE_INPUTS), tuple(budgets), budget_kind, bool(gqa), protect)
+def cached_compare(run: Run, budgets: tuple[float, ...], budget_kind: str, gqa: bool, protect: str,
+                   layers: tuple[int, ...] = ()) -> pd.DataFrame:
+    return _compare(str(run.path), artifacts_key(run.path, CURVE_INPUTS), tuple(budgets), budget_kind, bool(gqa), protect,
+                    tuple(int(x) for x in layers))

@@ -67,7 +67,7 @@ _CONTEXT = "_page_context"
 #: Widgets whose value outlives a visit to another page (Streamlit forgets the value of a widget
 #: that a script run did not draw, unless it is written back to the session state first).
 KEEP_WIDGETS = ("inspector_prompt_source", "inspector_kind", "inspector_tokens", "inspector_seed", "inspector_text",
-                "policy_budget", "policy_budget_kind", "policy_gqa", "policy_protect")
+                "policy_budget", "policy_budget_kind", "policy_gqa", "policy_protect", "policy_protect_layers")
 
 
 @dataclass(frozen=True)

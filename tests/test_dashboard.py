@@ -281,6 +281,21 @@ def test_kv_budget_and_gqa_sharing(monkeypatch, runs_root):
     assert metrics(at)["expected recall"] == f"{ref.summary['expected_recall']:.3f}"
 
 
+def test_protected_layers_are_dense_in_the_policy_and_the_baselines(monkeypatch, runs_root):
+    at = goto(app(monkeypatch, runs_root), "Policy studio")
+    at.slider(key="policy_budget").set_value(0.8)
+    at.multiselect(key="policy_protect_layers").set_value([0]).run()
+    assert not at.exception and not at.error
+    kinds = np.array(json.loads(at.get("plotly_chart")[0].proto.spec)["data"][0]["text"])
+    assert all("dense" in k for k in kinds[0])
+    ref = PolicyGenerator(budget=0.8, protected_layers=[0]).fit(Run.open(runs_root / "tiny")).emit()
+    free = PolicyGenerator(budget=0.8).fit(Run.open(runs_root / "tiny")).emit()
+    assert any(free.entry(0, h).kind != "dense" for h in range(4))  # dense because protected, not anyway
+    assert metrics(at)["expected recall"] == f"{ref.summary['expected_recall']:.3f}"
+    table = table_with(at, "method")
+    assert table[table.method == "minference"]["detail"].str.contains("4 protected heads dense").all()
+
+
 def test_a_rewritten_table_is_read_again(monkeypatch, runs_root, tmp_path):
     root = tmp_path / "runs"
     shutil.copytree(runs_root / "tiny", root / "tiny")

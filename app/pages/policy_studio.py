@@ -27,6 +27,10 @@ def render(ctx: state.PageContext) -> None:
         gqa = st.checkbox("heads sharing a KV head share a policy", key="policy_gqa")
         protect = st.selectbox("retrieval heads", ("dense", "floor", "none"), key="policy_protect",
                                help="keep heads with retrieval score >= 0.1 dense, hold a recall floor, or nothing")
+        layers = tuple(sorted(st.multiselect(
+            "protect layers", list(range(n_layers)), key="policy_protect_layers",
+            help="keep every head of these layers dense (paid from the budget, by the baselines too): the layers "
+                 "`attnlab policy sensitivity --focus-last 64` finds your answers depend on")))
     try:  # the checked readers first: a damaged or old table gets its own message and command
         data.cached_artifact(run, HEAD_STATS)
         data.cached_block_maps(run)
@@ -35,7 +39,7 @@ def render(ctx: state.PageContext) -> None:
         return
     with st.spinner("fitting the policy from the stored statistics"):
         try:
-            policy = data.cached_policy(run, budget, budget_kind, gqa, protect)
+            policy = data.cached_policy(run, budget, budget_kind, gqa, protect, layers)
         except AttnlabError as exc:
             st.error(f"{exc}\n\nMove the budget slider up, or relax the constraints in the sidebar.")
             policy = None
@@ -60,7 +64,7 @@ def render(ctx: state.PageContext) -> None:
     st.subheader("Trade-off against baselines")
     try:
         with st.spinner("comparing against uniform streaming, DuoAttention and MInference styles"):
-            cmp = data.cached_compare(run, COMPARE_BUDGETS, budget_kind, gqa, protect)
+            cmp = data.cached_compare(run, COMPARE_BUDGETS, budget_kind, gqa, protect, layers)
         from attnlab.sparsity_stats import tradeoff_figure
 
         fig = tradeoff_figure(cmp.dropna(subset=["density", "expected_recall"]))
