@@ -221,9 +221,11 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
     by_kl = np.argsort(-sens.kl)
     print("  most damage (KL) " + "  ".join(f"L{i} {sens.kl[i]:.3g}" for i in by_kl[:5]))
     if len(sens.kl) >= 3:
-        first, last, total = sens.worst_layers(3)
-        print(f"  worst 3 adjacent layers: L{first}-{last} ({total / max(sens.kl.sum(), 1e-30):.0%} of the summed KL): "
-              f"try `attnlab policy make RUN --protect-layers {first}-{last}` and check it on your task")
+        top = sens.layer_windows(3)[:3]
+        share = max(float(sens.kl.sum()), 1e-30)
+        print("  3 adjacent layers  " + "  ".join(f"L{a}-{b} {s / share:.0%}" for a, b, s in top) + " of the summed KL")
+        print(f"  to keep the top ones dense: `attnlab policy make RUN --protect-layers {top[0][0]}-{top[0][1]}`; "
+              "near-ties can differ on a task, so validate each (`attnlab eval`)")
     print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out}, or --protect-layers)")
     return 0
 

@@ -86,16 +86,19 @@ class Sensitivity:
             raise ValueError(f"kl and dropped must be equal-length 1-d arrays, got {kl_a.shape} and {dropped_a.shape}")
         return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}))
 
-    def worst_layers(self, width: int = 3) -> tuple[int, int, float]:
-        """The ``width`` consecutive layers whose KLs sum highest: ``(first, last, sum)``, the
-        candidates for ``--protect-layers first-last``. Consecutive, because a task's answer is
-        often assembled over a few adjacent layers (on SmolLM2's task suite, layers 6-8 caused
-        75% of the log p its answers lost; `benchmarks/task_suite_layers.py`)."""
+    def layer_windows(self, width: int = 3) -> list[tuple[int, int, float]]:
+        """Every run of ``width`` consecutive layers as ``(first, last, summed KL)``, the highest
+        sum first (ties: the earlier window): the candidates for ``--protect-layers first-last``.
+        Consecutive, because a task's answer is often assembled over a few adjacent layers (on
+        SmolLM2's task suite, layers 6-8 caused 75% of the log p its answers lost;
+        `benchmarks/task_suite_layers.py`). Near-ties matter: there the focused KL put layers 7-9
+        (0.026) just above 6-8 (0.025), and protecting 7-9 scored 0.64 where 6-8 scored 0.69, so
+        validate the top windows on your task."""
         if not (isinstance(width, int) and 1 <= width <= len(self.kl)):
             raise ValueError(f"width must be a whole number of layers in [1, {len(self.kl)}], got {width!r}")
         sums = np.convolve(self.kl, np.ones(width), mode="valid")
-        first = int(np.argmax(sums))
-        return first, first + width - 1, float(sums[first])
+        order = sorted(range(len(sums)), key=lambda i: (-sums[i], i))
+        return [(i, i + width - 1, float(sums[i])) for i in order]
 
     def to_dict(self) -> dict[str, Any]:
         return {

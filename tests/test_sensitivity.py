@@ -163,14 +163,15 @@ def test_compare_tunes_the_baselines_on_the_weights_and_reports_the_weighted_obj
         assert np.average(weighted.recall, weights=w) >= np.average(unweighted.recall, weights=w) - 1e-9, weighted.name
 
 
-def test_worst_layers_is_the_adjacent_window_with_the_most_kl(run):
+def test_layer_windows_rank_adjacent_layers_by_summed_kl(run):
     sens = Sensitivity.from_measure(run.model, [0.1, 0.5, 0.4, 0.0, 0.9], [1.0] * 5, n_heads=4)
-    assert sens.worst_layers(2) == (1, 2, pytest.approx(0.9))  # ties go to the first window
-    assert sens.worst_layers(1) == (4, 4, pytest.approx(0.9))
-    assert sens.worst_layers(3) == (2, 4, pytest.approx(1.3))
+    assert sens.layer_windows(2) == [(1, 2, pytest.approx(0.9)), (3, 4, pytest.approx(0.9)),  # ties: the earlier first
+                                     (0, 1, pytest.approx(0.6)), (2, 3, pytest.approx(0.4))]
+    assert sens.layer_windows(1)[0] == (4, 4, pytest.approx(0.9))
+    assert sens.layer_windows(3)[0] == (2, 4, pytest.approx(1.3)) and len(sens.layer_windows(5)) == 1
     for bad in (0, 6, 2.0):
         with pytest.raises(ValueError, match="whole number of layers in"):
-            sens.worst_layers(bad)
+            sens.layer_windows(bad)
 
 
 def test_cli_make_and_compare_read_head_weights(run, tmp_path, capsys):
@@ -208,7 +209,7 @@ def test_cli_sensitivity_on_the_embedded_model(embedded, tmp_path, capsys):
     assert sens.kl[0] > 0 and sens.kl[29] > 0 and (sens.kl[1:29] == 0).all()  # only layers that drop mass run
     assert sens.source["prompts"] == 1 and sens.source["lengths"] == [128]
     assert "most sensitive   L" in printed and f"wrote {out}" in printed
-    first, last, _ = sens.worst_layers(3)
+    first, last, _ = sens.layer_windows(3)[0]
     worst = 0 if sens.kl[0] > sens.kl[29] else 29
     assert first <= worst <= last and f"--protect-layers {first}-{last}" in printed
     # a policy without expected recall: the dropped mass is unknown, said in one line
