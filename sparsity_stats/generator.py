@@ -232,7 +232,7 @@ class PolicyGenerator:
             "retrieval_floor": self.retrieval_floor,
             "recall_floor": self.recall_floor,
             "protected_heads": [list(x) for x in self.protected_heads],
-            "protected_layers": list(self.protected_layers),
+            "protected_layers": [int(x) if _whole(x) else x for x in self.protected_layers],
             "gqa_consistent": self.gqa_consistent,
             "weighted": self.head_weights is not None,
             "max_nodes": self.max_nodes,
