@@ -204,13 +204,15 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
         prepare_triton()  # the interpreter must be chosen before the kernel module loads
     policy = Policy.load(args.policy)  # before the slow model load
     dropped_mass(policy)  # a policy without expected recall is refused here, not after the load
+    if args.windows is not None and args.windows > policy.n_layers:
+        raise PolicyError(f"--windows {args.windows}: the policy has only {policy.n_layers} layers; give at most that")
     model = load_model_from_args(args)
     policy.check_model(model.identity(), args.policy)  # named by its file (layer_sensitivity's check is not)
     whole = args.prompts.endswith(".jsonl")  # a JSONL file's lines are the prompts, whole
     prompts = load_prompts(model, args.prompts, lengths=args.lengths if whole or args.lengths else [1024],
                            n_samples=args.samples if whole or args.samples else 4, chat=args.chat, seed=args.seed)
     sens = layer_sensitivity(model, policy, prompts, executor=args.executor, focus_last=args.focus_last,
-                             progress=not args.quiet)
+                             window=args.windows, progress=not args.quiet)
     sens.source.update(policy=str(args.policy), prompt_spec=args.prompts, seed=args.seed)
     sens.save(args.out)
     per = sens.weights.mean(axis=1)
@@ -220,10 +222,15 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
     print("  least sensitive  " + "  ".join(f"L{i} w={per[i]:.2f} (KL {sens.kl[i]:.3g}, drops {sens.dropped[i]:.2f})" for i in order[::-1][:5]))
     by_kl = np.argsort(-sens.kl)
     print("  most damage (KL) " + "  ".join(f"L{i} {sens.kl[i]:.3g}" for i in by_kl[:5]))
-    if len(sens.kl) >= 3:
-        top = sens.layer_windows(3)[:3]
-        share = max(float(sens.kl.sum()), 1e-30)
-        print("  3 adjacent layers  " + "  ".join(f"L{a}-{b} {s / share:.0%}" for a, b, s in top) + " of the summed KL")
+    width = args.windows or 3
+    if len(sens.kl) >= width:
+        top = sens.layer_windows(width)[:3]
+        if sens.measured_windows(width):
+            print(f"  {width} adjacent layers sparse together (KL)  " + "  ".join(f"L{a}-{b} {s:.3g}" for a, b, s in top))
+        else:
+            share = max(float(sens.kl.sum()), 1e-30)
+            print(f"  {width} adjacent layers  " + "  ".join(f"L{a}-{b} {s / share:.0%}" for a, b, s in top)
+                  + " of the summed KL (--windows 3 measures them together)")
         print(f"  to keep the top ones dense: `attnlab policy make RUN --protect-layers {top[0][0]}-{top[0][1]}`; "
               "near-ties can differ on a task, so validate each (`attnlab eval`)")
     print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out}, or --protect-layers)")
@@ -432,6 +439,10 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sens.add_argument("--focus-last", type=positive_int, default=None, metavar="T",
                       help="average the KL over the last T positions of each prompt only (where a task's question and "
                            "answer start sit), not every position")
+    sens.add_argument("--windows", type=positive_int, default=None, metavar="W",
+                      help="also run every W adjacent layers under the policy together and rank them for "
+                           "--protect-layers by that KL, not by the sum of single-layer KLs (one more forward per "
+                           "window per prompt)")
     sens.add_argument("--executor", choices=EXECUTORS, default="flex", help="how the sparse layer runs (default flex)")
     sens.add_argument("--out", required=True, help="sensitivity JSON to write")
     sens.add_argument("--force", action="store_true", help="overwrite --out")

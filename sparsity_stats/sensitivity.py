@@ -18,6 +18,12 @@ step reads. `layer_sensitivity` measures it on the user's prompts:
   proportional to ``kl[L]``: `PolicyGenerator` (``head_weights=``; ``attnlab policy make
   --head-weights FILE``) spends the budget where a dropped unit of mass costs the output most.
 
+With ``window=W`` it also runs every run of ``W`` adjacent layers under the policy together
+(every other layer dense) and records that KL per window (``window_kl``): layers that build an
+answer together can cost more together than the sum of their single-layer KLs says, and a
+window's measured KL is what ``--protect-layers`` candidates are best ranked by
+(`Sensitivity.layer_windows`). It costs one more forward per window per prompt.
+
 This is a first-order model (damage linear in the mass dropped, layers independent), measured
 around one policy; so that one measurement does not strip a layer bare, each weight is held
 within ``[1/10, 10]`` of the mean (as far as the number of layers allows: with
@@ -64,13 +70,17 @@ class Sensitivity:
     """Per-layer damage of a policy's sparsity, and the head weights it implies.
 
     ``kl``, ``dropped``: ``[L]``; ``weights``: ``[L, H]`` (mean 1); ``model``: the identity;
-    ``source``: what was measured (policy, prompts, executor)."""
+    ``source``: what was measured (policy, prompts, executor); ``window_kl``: ``[L - W + 1]``,
+    the KL with layers ``i..i+W-1`` under the policy together, when windows of ``W = window``
+    layers were measured (else None)."""
 
     model: dict[str, Any]
     kl: np.ndarray
     dropped: np.ndarray
     weights: np.ndarray
     source: dict[str, Any] = field(default_factory=dict)
+    window: int | None = None
+    window_kl: np.ndarray | None = None
 
     @property
     def identity(self) -> ModelIdentity:
@@ -78,27 +88,43 @@ class Sensitivity:
 
     @classmethod
     def from_measure(cls, model: dict[str, Any], kl: Sequence[float], dropped: Sequence[float], n_heads: int,
-                     source: dict[str, Any] | None = None) -> Sensitivity:
-        """The weights implied by ``kl`` and ``dropped`` (see the module docstring)."""
+                     source: dict[str, Any] | None = None, window_kl: Sequence[float] | None = None) -> Sensitivity:
+        """The weights implied by ``kl`` and ``dropped`` (see the module docstring); ``window_kl``
+        (``[L - W + 1]``) the measured KL of every window of ``W`` adjacent layers, if any."""
         kl_a = np.asarray(kl, dtype=float)
         dropped_a = np.asarray(dropped, dtype=float)
         if kl_a.shape != dropped_a.shape or kl_a.ndim != 1 or not len(kl_a):
             raise ValueError(f"kl and dropped must be equal-length 1-d arrays, got {kl_a.shape} and {dropped_a.shape}")
-        return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}))
+        win, win_kl = None, None
+        if window_kl is not None:
+            win_kl = np.asarray(window_kl, dtype=float)
+            win = len(kl_a) - len(win_kl) + 1
+            if win_kl.ndim != 1 or not 1 <= win <= len(kl_a):
+                raise ValueError(f"window_kl must be a 1-d array of 1 to {len(kl_a)} windows, got shape {win_kl.shape}")
+        return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}), win, win_kl)
 
     def layer_windows(self, width: int = 3) -> list[tuple[int, int, float]]:
-        """Every run of ``width`` consecutive layers as ``(first, last, summed KL)``, the highest
-        sum first (ties: the earlier window): the candidates for ``--protect-layers first-last``.
+        """Every run of ``width`` consecutive layers as ``(first, last, KL)``, the highest KL first
+        (ties: the earlier window): the candidates for ``--protect-layers first-last``. The KL is
+        the one measured with the window's layers sparse together when windows of this width were
+        measured (``window_kl``; `measured_windows`), else the sum of its layers' single-layer KLs.
         Consecutive, because a task's answer is often assembled over a few adjacent layers (on
         SmolLM2's task suite, layers 6-8 caused 75% of the log p its answers lost;
-        `benchmarks/task_suite_layers.py`). Near-ties matter: there the focused KL put layers 7-9
-        (0.026) just above 6-8 (0.025), and protecting 7-9 scored 0.64 where 6-8 scored 0.69, so
+        `benchmarks/task_suite_layers.py`). Near-ties matter: there the summed focused KL put layers
+        7-9 (0.026) just above 6-8 (0.025), and protecting 7-9 scored 0.64 where 6-8 scored 0.69, so
         validate the top windows on your task."""
-        if not (isinstance(width, int) and 1 <= width <= len(self.kl)):
+        if not (isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= len(self.kl)):
             raise ValueError(f"width must be a whole number of layers in [1, {len(self.kl)}], got {width!r}")
-        sums = np.convolve(self.kl, np.ones(width), mode="valid")
+        if self.measured_windows(width):
+            sums = self.window_kl
+        else:
+            sums = np.convolve(self.kl, np.ones(width), mode="valid")
         order = sorted(range(len(sums)), key=lambda i: (-sums[i], i))
         return [(i, i + width - 1, float(sums[i])) for i in order]
+
+    def measured_windows(self, width: int) -> bool:
+        """Whether windows of ``width`` layers were measured together (else `layer_windows` sums)."""
+        return self.window_kl is not None and self.window == width
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -106,7 +132,9 @@ class Sensitivity:
             "layers": [{"layer": i, "kl": float(k), "dropped_mass": float(d), "weight": float(self.weights[i].mean())}
                        for i, (k, d) in enumerate(zip(self.kl, self.dropped, strict=True))],
             "head_weights": [[round(float(w), 6) for w in row] for row in self.weights],
-        }
+        } | ({} if self.window_kl is None else {
+            "window": self.window,
+            "windows": [{"first": i, "last": i + self.window - 1, "kl": float(k)} for i, k in enumerate(self.window_kl)]})
 
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
@@ -138,7 +166,23 @@ class Sensitivity:
             raise _err(path, f"head_weights is {list(weights.shape)}, not [{ident.n_layers}, {ident.n_heads}] (layers x heads)")
         if not np.isfinite(weights).all() or (weights < 0).any() or not weights.any():
             raise _err(path, "head_weights must be finite, non-negative and not all zero")
-        out = cls(ident.to_dict(), kl, dropped, weights, d.get("source") if isinstance(d.get("source"), dict) else {})
+        win, win_kl = None, None
+        if "windows" in d or "window" in d:
+            win, wins = d.get("window"), d.get("windows")
+            if not (isinstance(win, int) and not isinstance(win, bool) and 1 <= win <= ident.n_layers):
+                raise _err(path, f"\"window\" must be a whole number of layers in [1, {ident.n_layers}], got {win!r}")
+            n_win = ident.n_layers - win + 1
+            try:
+                ok = isinstance(wins, list) and len(wins) == n_win and all(
+                    int(w["first"]) == i and int(w["last"]) == i + win - 1 for i, w in enumerate(wins))
+                win_kl = np.array([float(w["kl"]) for w in wins]) if ok else None
+            except (TypeError, KeyError, ValueError):
+                ok = False
+            if not ok or not np.isfinite(win_kl).all():
+                raise _err(path, f"\"windows\" must list the {n_win} windows of {win} layers in order, each with "
+                                 "first, last and a finite kl")
+        out = cls(ident.to_dict(), kl, dropped, weights, d.get("source") if isinstance(d.get("source"), dict) else {},
+                  win, win_kl)
         if model is not None:
             try:
                 ModelIdentity.from_dict(model).check(ident, subject=f"sensitivity file {path}",
@@ -189,17 +233,34 @@ def _log_probs(model, ids: torch.Tensor, fn, keep: int) -> torch.Tensor:
     return torch.log_softmax(logits[0].float(), dim=-1)
 
 
+def _only(ex: PolicyExecutor, layers: frozenset[int]):
+    """An attention function that runs ``layers`` under the policy and every other layer densely."""
+
+    def fn(layer, query, key, value, *, scaling, attention_mask=None, variant=None):
+        if layer in layers:
+            return ex.attention(layer, query, key, value, scaling=scaling, attention_mask=attention_mask,
+                                **({} if variant is None else {"variant": variant}))
+        return attend(query, key, value, scaling=scaling, variant=variant)
+
+    return fn
+
+
 @torch.no_grad()
 def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor: str = "flex",
-                      focus_last: int | None = None, progress: bool = True) -> Sensitivity:
+                      focus_last: int | None = None, window: int | None = None, progress: bool = True) -> Sensitivity:
     """Measure ``policy``'s per-layer damage on ``prompts`` (each with ``input_ids [1, n]``)
     with ``model`` (a `LoadedModel`): one dense forward and one per layer per prompt.
 
     ``focus_last``: the KL is averaged over the last ``focus_last`` positions of each prompt only
     (where a task prompt's question and answer start sit: the damage an answer sees) instead
-    of every position."""
+    of every position. ``window``: also measure every run of ``window`` adjacent layers under
+    the policy together (one more forward per window per prompt; ``Sensitivity.window_kl``)."""
     if not prompts:
         raise PolicyError("no prompts to measure sensitivity on: give at least one")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool)
+                               or not 1 <= window <= policy.n_layers):
+        raise PolicyError(f"window must be a whole number of layers in [1, {policy.n_layers}] (the policy's layers), "
+                          f"got {window!r}")
     if focus_last is not None and (not isinstance(focus_last, int) or isinstance(focus_last, bool) or focus_last < 1):
         raise PolicyError(f"focus_last must be a whole number of tokens >= 1, got {focus_last!r}")
     short = [p for p in prompts if int(p.input_ids.shape[-1]) < (focus_last or 1)]
@@ -213,29 +274,37 @@ def layer_sensitivity(model, policy: Policy, prompts: Sequence[Any], *, executor
     nl = policy.n_layers
     kl = np.zeros(nl)
     measured = [lay for lay in range(nl) if dropped[lay] > _NOTHING_DROPPED]
+    # (what is measured, layers run sparse): single layers, then windows with anything dropped
+    groups: list[tuple[tuple[str, int], frozenset[int]]] = [(("layer", lay), frozenset([lay])) for lay in measured]
+    win_kl = None
+    if window is not None:
+        win_kl = np.zeros(nl - window + 1)
+        groups += [] if window == 1 else [(("window", i), frozenset(range(i, i + window))) for i in range(nl - window + 1)
+                   if dropped[i:i + window].max() > _NOTHING_DROPPED]
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(prompts) * (1 + len(measured)), desc="sensitivity", unit="forward", disable=not progress or None)
+    bar = tqdm(total=len(prompts) * (1 + len(groups)), desc="sensitivity", unit="forward", disable=not progress or None)
     for p in prompts:
         ids = p.input_ids
         dense = _log_probs(model, ids, None, keep)
         bar.update()
         p_dense = dense.exp()
-        for lay in measured:
-            def only(layer, query, key, value, *, scaling, attention_mask=None, variant=None, _lay=lay):
-                if layer == _lay:
-                    return ex.attention(layer, query, key, value, scaling=scaling, attention_mask=attention_mask,
-                                        **({} if variant is None else {"variant": variant}))
-                return attend(query, key, value, scaling=scaling, variant=variant)
-
-            sparse = _log_probs(model, ids, only, keep)
-            kl[lay] += float((p_dense * (dense - sparse)).sum(-1).mean()) / len(prompts)
+        for (what, i), layers in groups:
+            sparse = _log_probs(model, ids, _only(ex, layers), keep)
+            value = float((p_dense * (dense - sparse)).sum(-1).mean()) / len(prompts)
+            if what == "layer":
+                kl[i] += value
+            else:
+                win_kl[i] += value
             bar.update()
     bar.close()
+    if window == 1:
+        win_kl = kl.copy()  # a window of one layer is that layer
     run = policy.source_run if isinstance(policy.source_run, dict) else {}
     source = {"policy": f"made from {run['path']}" if run.get("path") else "", "block_size": policy.block_size,
               "prompts": len(prompts), "lengths": sorted({int(p.input_ids.shape[-1]) for p in prompts}),
               "executor": executor, "focus_last": focus_last,
               "measure": "KL(dense || only this layer sparse), mean over "
-                         + (f"the last {focus_last} positions" if focus_last else "positions") + " and prompts"}
-    return Sensitivity.from_measure(model.identity().to_dict(), kl, dropped, policy.n_heads, source)
+                         + (f"the last {focus_last} positions" if focus_last else "positions") + " and prompts"
+                         + (f"; windows of {window} adjacent layers sparse together" if window else "")}
+    return Sensitivity.from_measure(model.identity().to_dict(), kl, dropped, policy.n_heads, source, window_kl=win_kl)

@@ -84,6 +84,41 @@ def test_each_layer_kl_is_that_of_the_model_with_only_that_layer_sparse(tiny3):
         layer_sensitivity(tiny3, policy, prompts, focus_last=200, progress=False)
 
 
+def test_window_kl_is_that_of_the_model_with_the_window_sparse_together(tiny3, tmp_path, capsys):
+    policy = _policy(tiny3, [0.6, None, 0.8])
+    prompts = [type("P", (), {"input_ids": random_ids(96, seed=s)})() for s in (0, 1)]
+    sens = layer_sensitivity(tiny3, policy, prompts, window=2, focus_last=16, progress=False)
+    assert sens.window == 2 and sens.window_kl.shape == (2,)
+    for first, recalls in ((0, [0.6, None, None]), (1, [None, None, 0.8])):  # windows 0-1 and 1-2
+        want = np.mean([_kl(tiny3, p.input_ids, _policy(tiny3, recalls), last=16) for p in prompts])
+        assert sens.window_kl[first] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    # the window of all three layers is the whole policy, whose KL is not the sum of the layers'
+    whole = layer_sensitivity(tiny3, policy, prompts, window=3, focus_last=16, progress=False)
+    want = np.mean([_kl(tiny3, p.input_ids, policy, last=16) for p in prompts])
+    assert whole.window_kl[0] == pytest.approx(want, rel=1e-4, abs=1e-7)
+    assert whole.window_kl[0] != pytest.approx(whole.kl.sum(), rel=1e-3)
+    assert whole.layer_windows(3) == [(0, 2, pytest.approx(want, rel=1e-4))] and whole.measured_windows(3)
+    # ranked by the measured KL; another width falls back to the summed single-layer KLs
+    assert sens.layer_windows(2)[0][2] == pytest.approx(sens.window_kl.max())
+    assert not sens.measured_windows(1) and sens.layer_windows(1)[0][2] == pytest.approx(sens.kl.max())
+    one = layer_sensitivity(tiny3, policy, prompts[:1], window=1, progress=False)
+    np.testing.assert_array_equal(one.window_kl, one.kl)
+    # the file keeps the windows; a bad list is named
+    path = sens.save(tmp_path / "w.json")
+    back = Sensitivity.load(path, model=tiny3.identity())
+    assert back.window == 2 and back.window_kl == pytest.approx(sens.window_kl)
+    d = json.loads(path.read_text())
+    for change, match in ((lambda d: d["windows"].pop(), "must list the 2 windows of 2 layers"),
+                          (lambda d: d.update(window=9), "whole number of layers in")):
+        bad = json.loads(json.dumps(d))
+        change(bad)
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(PolicyError, match=match):
+            Sensitivity.load(tmp_path / "bad.json")
+    with pytest.raises(PolicyError, match=r"window must be a whole number of layers in \[1, 3\]"):
+        layer_sensitivity(tiny3, policy, prompts, window=4, progress=False)
+
+
 def test_weights_make_the_weighted_loss_of_each_layer_proportional_to_its_damage():
     kl, dropped = np.array([0.2, 0.0, 0.05, 0.3]), np.array([1.0, 0.0, 0.5, 3.0])
     w = head_weights(kl, dropped, n_heads=3)
@@ -217,3 +252,13 @@ def test_cli_sensitivity_on_the_embedded_model(embedded, tmp_path, capsys):
     assert main(["policy", "sensitivity", str(tmp_path / "bare.json"), "--lengths", "128", "--samples", "1",
                  "--out", str(tmp_path / "t.json"), "--quiet"]) != 0
     assert "has no expected recall" in capsys.readouterr().err and not (tmp_path / "t.json").exists()
+    # --windows: the windows run sparse together, and the printed suggestion is their best
+    assert main(["policy", "sensitivity", str(tmp_path / "p.json"), "--lengths", "128", "--samples", "1", "--windows", "2",
+                 "--out", str(tmp_path / "w.json"), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    sens = Sensitivity.load(tmp_path / "w.json", model=ident)
+    assert sens.window == 2 and (sens.window_kl[1:28] == 0).all() and sens.window_kl[0] > 0 and sens.window_kl[28] > 0
+    first, last, _ = sens.layer_windows(2)[0]
+    assert "2 adjacent layers sparse together" in printed and f"--protect-layers {first}-{last}" in printed
+    assert main(["policy", "sensitivity", str(tmp_path / "p.json"), "--windows", "31", "--out", str(tmp_path / "x.json")]) != 0
+    assert "--windows 31: the policy has only 30 layers" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
