@@ -87,8 +87,13 @@ def main() -> None:
     parser.add_argument("--policy", type=Path, required=True, help="a policy file (e.g. policy compare --save-policies)")
     parser.add_argument("--tasks", default="niah_multikey,niah_multiquery,variable_tracking")
     parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--samples", type=int, default=6, help="samples per task (seed 0), those dense gets right kept")
+    parser.add_argument("--samples", type=int, default=6, help="samples per task, those dense gets right kept")
+    parser.add_argument("--seed", type=int, default=0, help="task-suite seed (0 is the one `attnlab eval` scores; "
+                        "another seed diagnoses without touching the scored samples)")
     parser.add_argument("--group", type=int, default=3, help="layers per group")
+    parser.add_argument("--stride", type=int, default=0, help="layers between group starts (default --group: disjoint "
+                        "groups; 1: every window of --group adjacent layers)")
+    parser.add_argument("--modes", default="restore,only", help="which configurations per group: restore, only or both")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, help="write every sample's figures here")
     parser.add_argument("--append", type=Path, help="append the markdown report to this file")
@@ -106,14 +111,23 @@ def main() -> None:
     model = attnlab.load_model("smollm2-135m", verbose=False)
     policy = Policy.load(args.policy, model)
     n_layers = policy.n_layers
-    groups = [list(range(i, min(i + args.group, n_layers))) for i in range(0, n_layers, args.group)]
+    stride = args.stride or args.group
+    groups = [list(range(i, i + args.group)) for i in range(0, n_layers - args.group + 1, stride)]
+    if stride == args.group and n_layers % args.group:
+        groups.append(list(range(groups[-1][-1] + 1 if groups else 0, n_layers)))
+    modes = set(args.modes.split(","))
+    if not modes or modes - {"restore", "only"}:
+        parser.error(f"--modes {args.modes}: use restore, only, or restore,only")
+    args.modes_ = [m for m in ("restore", "only") if m in modes]
     configs: dict[str, Policy | None] = {"dense": None, "policy": policy}
     for g in groups:
         name = f"L{g[0]}-{g[-1]}"
-        configs[f"restore {name}"] = with_dense_layers(policy, set(g))
-        configs[f"only {name}"] = with_dense_layers(policy, set(range(n_layers)) - set(g))
+        if "restore" in modes:
+            configs[f"restore {name}"] = with_dense_layers(policy, set(g))
+        if "only" in modes:
+            configs[f"only {name}"] = with_dense_layers(policy, set(range(n_layers)) - set(g))
     executors = {k: (None if p is None else PolicyExecutor(p, "flex")) for k, p in configs.items()}
-    samples = task_suite(model.tokenizer, args.tasks.split(","), [args.length], args.samples, seed=0)
+    samples = task_suite(model.tokenizer, args.tasks.split(","), [args.length], args.samples, seed=args.seed)
     rows = []
     from tqdm.auto import tqdm
 
@@ -146,7 +160,8 @@ def report(args, rows: list[dict], groups: list[list[int]], started: float) -> s
         f"- date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: `{platform.platform()}`, "
         f"torch {torch.__version__}; {(time.perf_counter() - started) / 60:.0f} min",
         f"- command: `python benchmarks/task_suite_layers.py --policy {args.policy} --tasks {args.tasks} "
-        f"--length {args.length} --samples {args.samples} --group {args.group}"
+        f"--length {args.length} --samples {args.samples} --seed {args.seed} --group {args.group}"
+        + (f" --stride {args.stride}" if args.stride else "") + f" --modes {args.modes}"
         + (f" --threads {args.threads}" if args.threads else "") + "`",
         f"- {len(rows)} samples that dense answers right ({counts}); "
         f"log p of dense's reply under dense {np.mean([r['dense'] for r in rows]):.2f}, under the policy "
@@ -156,16 +171,19 @@ def report(args, rows: list[dict], groups: list[list[int]], started: float) -> s
         "Share of the summed gap won back by making the group dense (`restore`) and caused by the group alone "
         "(`only`), with the prefill density each runs at (mean over samples).",
         "",
-        "| layers | restore: share won back | restore: density | only: share caused | only: density |",
-        "|---|---:|---:|---:|---:|",
+        "| layers | " + " | ".join(("restore: share won back | restore: density" if m == "restore" else
+                                    "only: share caused | only: density") for m in args.modes_) + " |",
+        "|---|" + "---:|---:|" * len(args.modes_),
     ]
     total = gap.sum()
     for g in groups:
         name = f"L{g[0]}-{g[-1]}"
-        won = sum(r[f"restore {name}"] - r["policy"] for r in rows) / total
-        caused = sum(r["dense"] - r[f"only {name}"] for r in rows) / total
-        lines.append(f"| {name} | {won:+.2f} | {np.mean([r[f'restore {name} density'] for r in rows]):.3f} | "
-                     f"{caused:+.2f} | {np.mean([r[f'only {name} density'] for r in rows]):.3f} |")
+        cells = []
+        for m in args.modes_:
+            k = f"{m} {name}"
+            share = sum((r[k] - r["policy"]) if m == "restore" else (r["dense"] - r[k]) for r in rows) / total
+            cells.append(f"{share:+.2f} | {np.mean([r[f'{k} density'] for r in rows]):.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
