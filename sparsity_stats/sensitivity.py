@@ -20,9 +20,12 @@ step reads. `layer_sensitivity` measures it on the user's prompts:
 
 With ``window=W`` it also runs every run of ``W`` adjacent layers under the policy together
 (every other layer dense) and records that KL per window (``window_kl``): layers that build an
-answer together can cost more together than the sum of their single-layer KLs says, and a
-window's measured KL is what ``--protect-layers`` candidates are best ranked by
-(`Sensitivity.layer_windows`). It costs one more forward per window per prompt.
+answer together can cost more together than the sum of their single-layer KLs says, so
+`Sensitivity.layer_windows` ranks ``--protect-layers`` candidates by the measured KL when there
+is one. It costs one more forward per window per prompt. Neither ranking is a verdict: on
+SmolLM2's task suite the measured windows put layers 5-7 first (as did the log p of dense's
+answers on unscored samples), and protecting 5-7 scored 0.63 where 6-8 (third) scored 0.69 (5-7
+won multi-key and lost variable tracking), so validate the top windows.
 
 This is a first-order model (damage linear in the mass dropped, layers independent), measured
 around one policy; so that one measurement does not strip a layer bare, each weight is held
@@ -110,9 +113,9 @@ class Sensitivity:
         measured (``window_kl``; `measured_windows`), else the sum of its layers' single-layer KLs.
         Consecutive, because a task's answer is often assembled over a few adjacent layers (on
         SmolLM2's task suite, layers 6-8 caused 75% of the log p its answers lost;
-        `benchmarks/task_suite_layers.py`). Near-ties matter: there the summed focused KL put layers
-        7-9 (0.026) just above 6-8 (0.025), and protecting 7-9 scored 0.64 where 6-8 scored 0.69, so
-        validate the top windows on your task."""
+        `benchmarks/task_suite_layers.py`). The ranking is a shortlist, not a verdict: there the
+        summed focused KL put layers 7-9 first and the measured one 5-7, which scored 0.64 and 0.63
+        where 6-8 (second and third) scored 0.69, so validate the top windows on your task."""
         if not (isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= len(self.kl)):
             raise ValueError(f"width must be a whole number of layers in [1, {len(self.kl)}], got {width!r}")
         if self.measured_windows(width):
