@@ -82,12 +82,16 @@ class Sensitivity:
     dropped: np.ndarray
     weights: np.ndarray
     source: dict[str, Any] = field(default_factory=dict)
-    window: int | None = None
     window_kl: np.ndarray | None = None
 
     @property
     def identity(self) -> ModelIdentity:
         return ModelIdentity.from_dict(self.model)
+
+    @property
+    def window(self) -> int | None:
+        """The width of the measured windows (None when none were measured)."""
+        return None if self.window_kl is None else len(self.kl) - len(self.window_kl) + 1
 
     @classmethod
     def from_measure(cls, model: dict[str, Any], kl: Sequence[float], dropped: Sequence[float], n_heads: int,
@@ -98,13 +102,12 @@ class Sensitivity:
         dropped_a = np.asarray(dropped, dtype=float)
         if kl_a.shape != dropped_a.shape or kl_a.ndim != 1 or not len(kl_a):
             raise ValueError(f"kl and dropped must be equal-length 1-d arrays, got {kl_a.shape} and {dropped_a.shape}")
-        win, win_kl = None, None
+        win_kl = None
         if window_kl is not None:
             win_kl = np.asarray(window_kl, dtype=float)
-            win = len(kl_a) - len(win_kl) + 1
-            if win_kl.ndim != 1 or not 1 <= win <= len(kl_a):
+            if win_kl.ndim != 1 or not 1 <= len(win_kl) <= len(kl_a):
                 raise ValueError(f"window_kl must be a 1-d array of 1 to {len(kl_a)} windows, got shape {win_kl.shape}")
-        return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}), win, win_kl)
+        return cls(dict(model), kl_a, dropped_a, head_weights(kl_a, dropped_a, n_heads), dict(source or {}), win_kl)
 
     def layer_windows(self, width: int = 3) -> list[tuple[int, int, float]]:
         """Every run of ``width`` consecutive layers as ``(first, last, KL)``, the highest KL first
@@ -169,7 +172,7 @@ class Sensitivity:
             raise _err(path, f"head_weights is {list(weights.shape)}, not [{ident.n_layers}, {ident.n_heads}] (layers x heads)")
         if not np.isfinite(weights).all() or (weights < 0).any() or not weights.any():
             raise _err(path, "head_weights must be finite, non-negative and not all zero")
-        win, win_kl = None, None
+        win_kl = None
         if "windows" in d or "window" in d:
             win, wins = d.get("window"), d.get("windows")
             if not (isinstance(win, int) and not isinstance(win, bool) and 1 <= win <= ident.n_layers):
@@ -185,7 +188,7 @@ class Sensitivity:
                 raise _err(path, f"\"windows\" must list the {n_win} windows of {win} layers in order, each with "
                                  "first, last and a finite kl")
         out = cls(ident.to_dict(), kl, dropped, weights, d.get("source") if isinstance(d.get("source"), dict) else {},
-                  win, win_kl)
+                  win_kl)
         if model is not None:
             try:
                 ModelIdentity.from_dict(model).check(ident, subject=f"sensitivity file {path}",
