@@ -232,7 +232,8 @@ def _policy_sensitivity(args: argparse.Namespace) -> int:
             print(f"  {width} adjacent layers  " + "  ".join(f"L{a}-{b} {s / share:.0%}" for a, b, s in top)
                   + " of the summed KL (--windows 3 measures them together)")
         print(f"  to keep the top ones dense: `attnlab policy make RUN --protect-layers {top[0][0]}-{top[0][1]}`; "
-              "near-ties can differ on a task, so validate each (`attnlab eval`)")
+              "near-ties can differ on a task, so make a policy per window and validate each on your task "
+              "(`attnlab eval`, or benchmarks/task_suite_layers.py --candidate)")
     print(f"wrote {args.out} (attnlab policy make RUN --head-weights {args.out}, or --protect-layers)")
     return 0
 

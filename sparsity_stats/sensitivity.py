@@ -25,7 +25,10 @@ answer together can cost more together than the sum of their single-layer KLs sa
 is one. It costs one more forward per window per prompt. Neither ranking is a verdict: on
 SmolLM2's task suite the measured windows put layers 5-7 first (as did the log p of dense's
 answers on unscored samples), and protecting 5-7 scored 0.63 where 6-8 (third) scored 0.69 (5-7
-won multi-key and lost variable tracking), so validate the top windows.
+won multi-key and lost variable tracking), so validate the top windows: build a policy per window
+and score each on unscored task samples. There, the log p of dense's replies (partly right ones
+kept, each task weighted alike; `benchmarks/task_suite_layers.py --candidate`) ranked 6-8, 7-9,
+5-7, the order of their scores.
 
 This is a first-order model (damage linear in the mass dropped, layers independent), measured
 around one policy; so that one measurement does not strip a layer bare, each weight is held
@@ -118,7 +121,8 @@ class Sensitivity:
         SmolLM2's task suite, layers 6-8 caused 75% of the log p its answers lost;
         `benchmarks/task_suite_layers.py`). The ranking is a shortlist, not a verdict: there the
         summed focused KL put layers 7-9 first and the measured one 5-7, which scored 0.64 and 0.63
-        where 6-8 (second and third) scored 0.69, so validate the top windows on your task."""
+        where 6-8 (second and third) scored 0.69, so validate the top windows on your task (each
+        window's policy scored by dense's reply log p on unscored samples put 6-8 first)."""
         if not (isinstance(width, int) and not isinstance(width, bool) and 1 <= width <= len(self.kl)):
             raise ValueError(f"width must be a whole number of layers in [1, {len(self.kl)}], got {width!r}")
         if self.measured_windows(width):
