@@ -367,7 +367,8 @@ def _generator_options() -> argparse.ArgumentParser:
                         "xattention: a per-head tau, run per input)")
     g.add_argument("--min-sink", type=nonneg_int, default=4, help="minimum sink tokens of streaming/A-shape heads (default 4)")
     g.add_argument("--gqa", action="store_true", help="heads sharing a KV head share a policy")
-    g.add_argument("--protect", choices=PROTECT, default="dense", help="retrieval heads: keep dense, hold a recall floor, or none")
+    g.add_argument("--protect", choices=PROTECT, default="dense", help="protected heads (retrieval heads, --protect-heads, --protect-layers): keep dense, or hold "
+                   "a recall floor (--retrieval-floor); none: retrieval heads are not protected (the others stay dense)")
     g.add_argument("--retrieval-threshold", type=fraction, default=0.1, help="retrieval score in [0, 1] from which a head is protected (default 0.1)")
     g.add_argument("--retrieval-floor", type=fraction, default=0.95, help="recall floor in [0, 1] of protected heads with --protect floor")
     g.add_argument("--recall-floor", type=fraction, default=None, help="recall floor in [0, 1] of every head")
