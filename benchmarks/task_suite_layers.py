@@ -225,7 +225,8 @@ def main() -> None:
 
 def report(args, rows: list[dict], started: float) -> str:
     if not rows:
-        return "no sample that dense answers right: nothing to split"
+        return (f"no sample that dense answers {'right' if args.keep == 'right' else 'at least partly right'}: "
+                "nothing to split (more --samples, or --keep partial)")
     gap = np.array([r["dense"] - r["policy"] for r in rows])
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     counts = ", ".join(f"{t} {sum(r['task'] == t for r in rows)}" for t in tasks)
