@@ -34,6 +34,7 @@ import argparse
 import datetime
 import json
 import platform
+import shlex
 import time
 from pathlib import Path
 
@@ -224,13 +225,12 @@ def main() -> None:
 
 
 def report(args, rows: list[dict], started: float) -> str:
+    kept = "dense answers right" if args.keep == "right" else "dense answers at least partly right"
     if not rows:
-        return (f"no sample that dense answers {'right' if args.keep == 'right' else 'at least partly right'}: "
-                "nothing to split (more --samples, or --keep partial)")
+        return f"no sample that {kept}: nothing to split (more --samples, or --keep partial)"
     gap = np.array([r["dense"] - r["policy"] for r in rows])
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     counts = ", ".join(f"{t} {sum(r['task'] == t for r in rows)}" for t in tasks)
-    kept = "dense answers right" if args.keep == "right" else "dense answers at least partly right"
     lines = [
         "## Task suite: which layers' sparsity costs the answer (`benchmarks/task_suite_layers.py`)",
         "",
@@ -238,9 +238,9 @@ def report(args, rows: list[dict], started: float) -> str:
         f"torch {torch.__version__}; {(time.perf_counter() - started) / 60:.0f} min",
         f"- command: `python benchmarks/task_suite_layers.py --policy {args.policy} --tasks {args.tasks} "
         f"--length {args.length} --samples {args.samples} --seed {args.seed}"
-        + (f" --windows {args.windows}" if args.windows is not None else f" --group {args.group}"
+        + (f" --windows {shlex.quote(args.windows)}" if args.windows is not None else f" --group {args.group}"
            + (f" --stride {args.stride}" if args.stride else ""))
-        + f" --modes {args.modes} --keep {args.keep}" + "".join(f" --candidate {c}" for c in args.candidate)
+        + f" --modes {args.modes} --keep {args.keep}" + "".join(f" --candidate {shlex.quote(c)}" for c in args.candidate)
         + (f" --threads {args.threads}" if args.threads else "") + "`",
         f"- {len(rows)} samples that {kept} ({counts}); "
         f"log p of dense's reply under dense {np.mean([r['dense'] for r in rows]):.2f}, under the policy "
