@@ -67,16 +67,17 @@ def pilot_probe(samples):
     return [s for s in samples if s.task == "niah_essay"][:2] + [s for s in samples if s.task == "variable_tracking"][:1]
 
 
-def density_grid(model, samples, block_size: int, suffix: str = "") -> dict[str, float]:
+def density_grid(model, samples, block_size: int, suffix: str = "", dense_layers=()) -> dict[str, float]:
     """Mean prefill density of XAttention over `TAUS` and FlexPrefill over `GAMMAS` at
-    ``block_size``, keyed ``kind:key=value`` + ``suffix``."""
-    from attnlab.sparsity_stats.dynamic import published_policy
+    ``block_size`` (the heads of ``dense_layers`` dense), keyed by the result name
+    (``kind:key=value``, ``kind[denseA-B]:key=value``) + ``suffix``."""
+    from attnlab.sparsity_stats.dynamic import baseline_name, published_policy
 
     grid = {}
     for kind, key, values in (("xattention", "tau", TAUS), ("flexprefill", "gamma", GAMMAS)):
         for v in values:
-            policy = published_policy(model, kind, block_size=block_size, **{key: v})
-            grid[f"{kind}:{key}={v:g}{suffix}"] = prefill_density(model, samples, policy)
+            policy = published_policy(model, kind, block_size=block_size, dense_layers=dense_layers, **{key: v})
+            grid[baseline_name(kind, {key: v}, dense_layers) + suffix] = prefill_density(model, samples, policy)
     return grid
 
 

@@ -84,15 +84,32 @@ def parse_variant(text: str) -> dict:
 
 def method_policy(model, spec: str):
     """A policy file (``.json``), or a published dynamic method at a block size
-    (``xattention:tau=0.5@16``)."""
+    (``xattention:tau=0.5@16``; ``xattention[dense6-8]:tau=0.4@16`` keeps layers 6-8 dense)."""
+    import re
+
+    from attnlab.sparsity_stats.cli import layer_list
     from attnlab.sparsity_stats.dynamic import parse_baseline, published_policy
     from attnlab.sparsity_stats.policy import Policy
 
     if spec.endswith(".json"):
         return Policy.load(spec)
     method, _, block = spec.rpartition("@")
-    kind, params = parse_baseline(method)
-    return published_policy(model, kind, block_size=int(block), **params)
+    dense = re.match(r"^(\w+)\[dense([0-9,-]+)\]", method)
+    layers = layer_list(dense.group(2)) if dense else []
+    kind, params = parse_baseline(re.sub(r"\[dense[0-9,-]+\]", "", method, count=1))
+    return published_policy(model, kind, block_size=int(block), dense_layers=layers, **params)
+
+
+def protected_layers(flags: list[str]) -> list[int]:
+    """The layers a variant's ``policy compare`` flags protect (``--protect-layers A-B``), [] if none."""
+    from attnlab.sparsity_stats.cli import layer_list
+
+    for i, flag in enumerate(flags):
+        if flag == "--protect-layers" and i + 1 < len(flags):
+            return layer_list(flags[i + 1])
+        if flag.startswith("--protect-layers="):
+            return layer_list(flag.partition("=")[2])
+    return []
 
 
 def answer_shard(args) -> None:
@@ -142,11 +159,14 @@ def answer_all(spec: str, vdir: Path, stem: str, tasks: list[str], length: int, 
 def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, str]]:
     """The baselines at the variant's block size (``--baselines``): its MInference-style policy when
     it lands within ``TOLERANCE`` of the target density, and, unless the block size is the suite's
-    (whose run already holds them), XAttention and FlexPrefill at the grid setting whose prefill
-    density on pilot samples (seed 1, as the suite's pilot) is nearest the target."""
+    and no layer is protected (the suite's run already holds those), XAttention and FlexPrefill at
+    the grid setting whose prefill density on pilot samples (seed 1, as the suite's pilot) is
+    nearest the target. Layers the variant protects (``--protect-layers``) are dense in the
+    dynamic baselines too (the MInference-style policy gets them from ``policy compare``)."""
     import pandas as pd
 
     import attnlab
+    from attnlab.sparsity_stats.dynamic import layers_text
     from attnlab.tasks import task_suite
 
     out = {}
@@ -154,17 +174,20 @@ def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, 
     mi = compared[compared.method == "minference"]
     if len(mi) and abs(float(mi.density.iloc[0]) - TARGET) <= TOLERANCE:
         out[f"minference-{TARGET:g}"] = ("minference", str(vdir / "cmp" / f"minference-{TARGET:g}.json"))
-    if v["block"] == SUITE_BLOCK:
+    dense = protected_layers(v["flags"])
+    if v["block"] == SUITE_BLOCK and not dense:
         return out
-    grid_file = vdir / "pilot_grid.json"
+    grid_file = vdir / ("pilot_grid.json" if not dense else f"pilot_grid-dense{layers_text(dense)}.json")
     if not grid_file.exists():
         model = attnlab.load_model("smollm2-135m", verbose=False)
         pilot = task_suite(model.tokenizer, ["niah_essay", "variable_tracking"], [length], 2, seed=1)
-        grid_file.write_text(json.dumps(density_grid(model, pilot_probe(pilot), v["block"], f"@{v['block']}"), indent=1))
+        grid = density_grid(model, pilot_probe(pilot), v["block"], f"@{v['block']}", dense_layers=dense)
+        grid_file.write_text(json.dumps(grid, indent=1))
     grid = json.loads(grid_file.read_text())
     for kind in ("xattention", "flexprefill"):
         spec = min((k for k in grid if k.startswith(kind)), key=lambda k: abs(grid[k] - TARGET))
-        out[spec] = (spec.replace(":", "_").replace("=", "").replace("@", "_b"), spec)
+        stem = spec.replace("[", "_").replace("]", "").replace(":", "_").replace("=", "").replace("@", "_b")
+        out[spec] = (stem, spec)
     return out
 
 
@@ -261,8 +284,8 @@ def main() -> None:
             specs[part["method"].iloc[0]] = spec
             rows.append(part)
         v["minutes"] = (time.perf_counter() - t0) / 60
-        if (vdir / "pilot_grid.json").exists():
-            v["grid"] = json.loads((vdir / "pilot_grid.json").read_text())
+        for grid_file in sorted(vdir.glob("pilot_grid*.json")):
+            v.setdefault("grid", {}).update(json.loads(grid_file.read_text()))
         compared = pd.read_csv(vdir / "profile" / "policy_compare.csv")
         v["detail"] = str(compared[compared.method == "budgeted"].detail.iloc[0])
     table = pd.concat([suite[["sample", "task", "method", "score", "correct", "density"]],

@@ -105,16 +105,58 @@ def fewest_reaching(mass: Tensor, gamma: float, *, force_first: bool = True) -> 
     return out.scatter(-1, order, keep_sorted)
 
 
-def published_policy(model, kind: str, *, block_size: int = 64, **params: float):
+def published_policy(model, kind: str, *, block_size: int = 64, dense_layers=(), **params: float):
     """A policy that runs one published dynamic method (``xattention`` or ``flexprefill``) on
     every head of ``model`` (a `LoadedModel` or a `ModelIdentity`), with its published defaults
-    unless ``params`` say otherwise: the baseline as its authors run it."""
+    unless ``params`` say otherwise: the baseline as its authors run it.
+
+    ``dense_layers`` keeps every head of those layers dense and runs the method on the rest: the
+    same layers a budgeted policy protects (``--protect-layers``) given to the baseline, so that a
+    win is not the protection's alone. Its achieved density counts the dense heads, so a lower
+    ``tau``/``gamma`` reaches the same density."""
     from .kinds import BASELINE_KINDS
-    from .policy import PolicyError, uniform_policy
+    from .policy import PolicyError, _identity_of, uniform_policy
 
     if kind not in BASELINE_KINDS:
         raise PolicyError(f"unknown published method {kind!r}: choose one of {', '.join(BASELINE_KINDS)}")
-    return uniform_policy(model, kind, params, block_size=block_size, budget={"method": kind})
+    layers = sorted({int(x) for x in dense_layers})
+    budget: dict = {"method": kind}
+    if layers:
+        n_layers = int(_identity_of(model).to_dict()["n_layers"])
+        outside = [x for x in layers if not 0 <= x < n_layers]
+        if outside:
+            raise PolicyError(f"dense layer(s) {outside} outside the model's layers 0-{n_layers - 1}: "
+                              "give layers the model has")
+        budget["dense_layers"] = layers
+    policy = uniform_policy(model, kind, params, block_size=block_size, budget=budget)
+    if not layers:
+        return policy
+    d = policy.to_dict()
+    for h in d["heads"]:
+        if h["layer"] in layers:
+            h["kind"], h["params"] = "dense", {}
+    return type(policy).from_dict(d)
+
+
+def layers_text(layers) -> str:
+    """``[6, 7, 8, 12]`` → ``"6-8,12"`` (the form ``--protect-layers`` reads)."""
+    out: list[str] = []
+    xs = sorted({int(x) for x in layers})
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def baseline_name(kind: str, params: dict, dense_layers=()) -> str:
+    """The result name of a published method: ``xattention:tau=0.7``, or with dense layers
+    ``xattention[dense6-8]:tau=0.7`` (its own family in ``eval --compare``)."""
+    base = kind + (f"[dense{layers_text(dense_layers)}]" if len(dense_layers) else "")
+    return base + ("" if not params else ":" + ",".join(f"{k}={v:g}" for k, v in params.items()))
 
 
 def parse_baseline(spec: str) -> tuple[str, dict[str, float]]:

@@ -21,6 +21,7 @@ from attnlab.cliargs import (
 from attnlab.errors import AttnlabError
 from attnlab.shards import add_ray_arguments, add_shard_argument
 
+from .cli import layer_list
 from .executors import EXECUTORS
 
 _ERR_NAMES = "two policies would both be called {name!r} in the results: give them files with different names"
@@ -71,7 +72,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from attnlab.shards import mark_shard
     from attnlab.tasks import resolve_tasks, task_suite
 
-    from .dynamic import parse_baselines, published_policy
+    from .dynamic import baseline_name, parse_baselines, published_policy
     from .evaluate import evaluate, format_summary, summarize
     from .executors import prepare_triton
     from .kinds import BASELINE_KINDS, get_kind
@@ -84,6 +85,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         prepare_triton()
     policies = {name: Policy.load(path) for name, path in _policy_names(args.policy or []).items()}
     baselines = [run for spec in args.baseline or [] for run in parse_baselines(spec)]
+    if args.baseline_dense_layers and not baselines:
+        raise AttnlabError("--baseline-dense-layers applies to the --baseline methods: add a --baseline (e.g. "
+                           "xattention:tau=0.7), or drop it (a --policy file keeps the layers its maker protected)")
     for kind, params in baselines:  # bad names and parameters before the model loads
         get_kind(kind).validate(params, f"--baseline {kind}")
         if kind not in BASELINE_KINDS:
@@ -92,10 +96,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     for name, policy in policies.items():
         policy.check_model(model.identity(), name)
     for kind, params in baselines:
-        name = kind + ("" if not params else ":" + ",".join(f"{k}={v:g}" for k, v in params.items()))
+        name = baseline_name(kind, params, args.baseline_dense_layers)
         if name in policies or name == "dense":
             raise AttnlabError(_ERR_NAMES.format(name=name))
-        policies[name] = published_policy(model, kind, block_size=args.baseline_block_size, **params)
+        policies[name] = published_policy(model, kind, block_size=args.baseline_block_size,
+                                          dense_layers=args.baseline_dense_layers, **params)
     too_long = [n for n in args.lengths if n > model.n_ctx]
     if too_long:
         raise AttnlabError(f"--lengths {too_long} exceed the model's context of {model.n_ctx} tokens: choose lengths <= {model.n_ctx}")
@@ -141,6 +146,8 @@ def _eval_on_ray(args: argparse.Namespace, tasks: list[str]) -> int:
     for spec in args.baseline or []:
         argv += ["--baseline", spec]
     argv += ["--baseline-block-size", str(args.baseline_block_size)]
+    if args.baseline_dense_layers:
+        argv += ["--baseline-dense-layers", ",".join(map(str, args.baseline_dense_layers))]
     run = run_sharded(argv, args.out, shards=args.workers, address=args.ray, progress=not args.quiet)
     print(format_summary(run.read(EVAL_SUMMARY)))
     print(f"wrote {run.path} ({args.workers} shards on Ray, merged)")
@@ -169,6 +176,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "reaches (repeat for several)")
     p.add_argument("--baseline-block-size", type=positive_int, default=64,
                    help="block size of the --baseline methods (default 64, as both papers)")
+    p.add_argument("--baseline-dense-layers", type=layer_list, default=[], metavar="LAYERS",
+                   help="keep every head of these layers dense in the --baseline methods, e.g. 6-8: the layers a "
+                        "budgeted policy protects (policy make --protect-layers), given to the baselines too so a win "
+                        "is not the protection's alone; results are named e.g. xattention[dense6-8]:tau=0.7 and "
+                        "their density counts the dense heads (a lower tau/gamma reaches the same density)")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", type=int_list, default=[1024], help="prompt lengths in tokens, comma-separated (default 1024)")
     p.add_argument("--samples", type=positive_int, default=5, help="samples per task and length (default 5)")

@@ -185,3 +185,36 @@ def test_eval_runs_the_published_baselines(tiny_llama, tmp_path, capsys):
     assert (table.density[1:] < 1.0).all() and (table.density[1:] > 0).all()
     assert main([*argv[:-3], "--baseline", "minference", "--out", str(tmp_path / "r2")]) == 2
     assert "unknown kind 'minference'" in capsys.readouterr().err
+
+    # the baselines with layer 1 dense: their own names, and more of the map kept than without
+    assert main([*argv[:-3], "--baseline-dense-layers", "1", "--out", str(tmp_path / "r3"), "--quiet"]) == 0
+    dense1 = Run.open(tmp_path / "r3").read(EVAL_SAMPLES)
+    assert list(dense1.method) == ["dense", "xattention[dense1]", "flexprefill[dense1]:gamma=0.8"]
+    assert (dense1.density.to_numpy()[1:] > table.density.to_numpy()[1:]).all()
+    assert main([*argv[:-3], "--baseline-dense-layers", "2", "--out", str(tmp_path / "r4")]) == 2
+    assert "dense layer(s) [2] outside the model's layers 0-1" in capsys.readouterr().err
+    assert not (tmp_path / "r4").exists()
+    no_baseline = [a for a in argv if a not in ("--baseline", "xattention", "flexprefill:gamma=0.8")]
+    assert main([*no_baseline[:-3], "--baseline-dense-layers", "1", "--out", str(tmp_path / "r5")]) == 2
+    assert "--baseline-dense-layers applies to the --baseline methods" in capsys.readouterr().err
+
+
+def test_published_baselines_keep_the_given_layers_dense(tiny_llama):
+    """dense_layers: those layers' heads are dense (the full causal map at run time), the other
+    layers run the method; the name gives the layers in --protect-layers' form."""
+    from attnlab.sparsity_stats.dynamic import baseline_name, layers_text, published_policy
+    from attnlab.sparsity_stats.evaluate import method_family
+    from attnlab.sparsity_stats.masks import compile_for_input
+
+    policy = published_policy(tiny_llama, "xattention", block_size=16, dense_layers=[1], tau=0.5)
+    assert {h.layer: h.kind for h in policy.heads} == {0: "xattention", 1: "dense"}
+    assert policy.budget == {"method": "xattention", "dense_layers": [1]}
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(4, 128, 16, generator=g) * 2, torch.randn(2, 128, 16, generator=g) * 2
+    causal = torch.ones(8, 8, dtype=torch.bool).tril().expand(4, 8, 8)
+    assert torch.equal(compile_for_input(policy, 1, q, k).block_mask(), causal)
+    assert compile_for_input(policy, 0, q, k).block_mask().sum() < causal.sum(), "tau 0.5 drops blocks in layer 0"
+    assert layers_text([8, 6, 7, 12, 14, 15]) == "6-8,12,14-15"
+    name = baseline_name("xattention", {"tau": 0.7}, [6, 7, 8])
+    assert name == "xattention[dense6-8]:tau=0.7" and method_family(name) == "xattention[dense6-8]"
+    assert baseline_name("flexprefill", {}, []) == "flexprefill"
