@@ -20,8 +20,10 @@ the other methods are not re-run: their per-sample results are read from the sui
 ``--baselines NAME,...`` (or ``all``): those variants also answer under the baselines at their own
 block size, so that a gain from the block size is not credited to the generator: their
 MInference-style policy from the same compare (when its density is within 0.05 of 0.3) and, at a
-block size other than the suite's, XAttention and FlexPrefill at the τ and γ whose prefill
-density on pilot samples (seed 1) is nearest 0.3. Every step is cached under
+block size other than the suite's or when the variant protects layers, XAttention and FlexPrefill
+at the τ and γ whose prefill density on pilot samples (seed 1) is nearest 0.3. A variant's
+``--protect-layers`` are dense in every baseline too (``xattention[dense6-8]:tau=0.7@16``), so a
+gain from protecting them is not credited to the generator either. Every step is cached under
 ``--suite``/variants/NAME.
 
 ``--mass`` adds each method's attention mass kept at run time (``benchmarks/policy.py``'s
