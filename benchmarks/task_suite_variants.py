@@ -366,17 +366,17 @@ def markdown(args, variants, table, tasks, length, n, settings, started, mass=No
     # pairs: against the suite's budgeted policy, or (a suite run without one) the first variant's
     reference = suite_budgeted if suite_budgeted in methods else f"{variants[0]['name']}: budgeted-{TARGET:g}"
     whose = "the suite's" if reference == suite_budgeted else "the first variant's"
-    lines += ["", f"Paired against {whose} `{reference}` on the same samples (exact match):", "",
-              "| variant | task | both right | only reference | only variant | neither |", "|---|---|---:|---:|---:|---:|"]
-    for v in variants:
-        name = f"{v['name']}: budgeted-{TARGET:g}"
-        if name == reference:
+    lines += ["", f"Paired against {whose} `{reference}` on the same samples (exact match; every other method, "
+              "the variants' baselines too):", "",
+              "| method | task | both right | only reference | only method | neither |", "|---|---|---:|---:|---:|---:|"]
+    for name in methods:
+        if name in ("dense", reference):
             continue
         for task in tasks:
             a = table[(table.task == task) & (table.method == reference)].sort_values("sample")
             b = table[(table.task == task) & (table.method == name)].sort_values("sample")
             c = paired_counts(a.correct.tolist(), b.correct.tolist())
-            lines.append(f"| {v['name']} | {task} | {c['both']} | {c['only_dense']} | {c['only_sparse']} | {c['neither']} |")
+            lines.append(f"| {name} | {task} | {c['both']} | {c['only_dense']} | {c['only_sparse']} | {c['neither']} |")
     return "\n".join(lines) + "\n"
 
 
