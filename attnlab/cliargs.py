@@ -82,6 +82,25 @@ def fraction(text: str) -> float:
     return value
 
 
+def layer_list(text: str) -> list[int]:
+    """``6-8,12`` → ``[6, 7, 8, 12]`` (an argparse type: layers and inclusive ranges, comma-separated)."""
+    out: list[int] = []
+    for item in (x.strip() for x in str(text).split(",")):
+        if not item:
+            continue
+        first, dash, last = item.partition("-")
+        try:
+            lo, hi = int(first), int(last if dash else first)
+        except ValueError:
+            lo, hi = -1, -1
+        if lo < 0 or hi < lo:
+            raise argparse.ArgumentTypeError(f"expected layers as numbers or ranges A-B, comma-separated (e.g. 6-8,12), got {text!r}")
+        out.extend(i for i in range(lo, hi + 1) if i not in out)
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected layers as numbers or ranges A-B, comma-separated (e.g. 6-8,12), got {text!r}")
+    return out
+
+
 def _list_of(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         values = [item(v) for v in _split(text)]

@@ -87,24 +87,19 @@ def parse_variant(text: str) -> dict:
 def method_policy(model, spec: str):
     """A policy file (``.json``), or a published dynamic method at a block size
     (``xattention:tau=0.5@16``; ``xattention[dense6-8]:tau=0.4@16`` keeps layers 6-8 dense)."""
-    import re
-
-    from attnlab.sparsity_stats.cli import layer_list
-    from attnlab.sparsity_stats.dynamic import parse_baseline, published_policy
+    from attnlab.sparsity_stats.dynamic import parse_baseline_name, published_policy
     from attnlab.sparsity_stats.policy import Policy
 
     if spec.endswith(".json"):
         return Policy.load(spec)
     method, _, block = spec.rpartition("@")
-    dense = re.match(r"^(\w+)\[dense([0-9,-]+)\]", method)
-    layers = layer_list(dense.group(2)) if dense else []
-    kind, params = parse_baseline(re.sub(r"\[dense[0-9,-]+\]", "", method, count=1))
+    kind, params, layers = parse_baseline_name(method)
     return published_policy(model, kind, block_size=int(block), dense_layers=layers, **params)
 
 
 def protected_layers(flags: list[str]) -> list[int]:
     """The layers a variant's ``policy compare`` flags protect (``--protect-layers A-B``), [] if none."""
-    from attnlab.sparsity_stats.cli import layer_list
+    from attnlab.cliargs import layer_list
 
     for i, flag in enumerate(flags):
         if flag == "--protect-layers" and i + 1 < len(flags):

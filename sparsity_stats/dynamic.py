@@ -159,6 +159,21 @@ def baseline_name(kind: str, params: dict, dense_layers=()) -> str:
     return base + ("" if not params else ":" + ",".join(f"{k}={v:g}" for k, v in params.items()))
 
 
+def parse_baseline_name(name: str) -> tuple[str, dict[str, float], list[int]]:
+    """The inverse of `baseline_name`: ``xattention[dense6-8]:tau=0.7`` → ``("xattention",
+    {"tau": 0.7}, [6, 7, 8])``."""
+    from attnlab.cliargs import layer_list
+
+    kind, _, rest = name.partition(":")
+    kind, bracket, dense = kind.partition("[dense")
+    if bracket and not dense.endswith("]"):
+        from .policy import PolicyError
+
+        raise PolicyError(f"baseline {name!r}: dense layers are written [denseA-B], e.g. xattention[dense6-8]:tau=0.7")
+    kind, params = parse_baseline(kind + (":" + rest if rest else ""))
+    return kind, params, (layer_list(dense[:-1]) if bracket else [])
+
+
 def parse_baseline(spec: str) -> tuple[str, dict[str, float]]:
     """``"flexprefill"`` or ``"xattention:tau=0.95,stride=16"`` → ``(kind, params)``."""
     runs = parse_baselines(spec)

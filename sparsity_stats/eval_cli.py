@@ -12,6 +12,7 @@ from attnlab.cliargs import (
     add_quiet_argument,
     fraction,
     int_list,
+    layer_list,
     load_model_from_args,
     model_argv,
     nonneg_int,
@@ -21,7 +22,6 @@ from attnlab.cliargs import (
 from attnlab.errors import AttnlabError
 from attnlab.shards import add_ray_arguments, add_shard_argument
 
-from .cli import layer_list
 from .executors import EXECUTORS
 
 _ERR_NAMES = "two policies would both be called {name!r} in the results: give them files with different names"

@@ -218,3 +218,7 @@ def test_published_baselines_keep_the_given_layers_dense(tiny_llama):
     name = baseline_name("xattention", {"tau": 0.7}, [6, 7, 8])
     assert name == "xattention[dense6-8]:tau=0.7" and method_family(name) == "xattention[dense6-8]"
     assert baseline_name("flexprefill", {}, []) == "flexprefill"
+    from attnlab.sparsity_stats.dynamic import parse_baseline_name
+
+    assert parse_baseline_name(name) == ("xattention", {"tau": 0.7}, [6, 7, 8])
+    assert parse_baseline_name("flexprefill:gamma=0.8") == ("flexprefill", {"gamma": 0.8}, [])
