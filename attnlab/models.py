@@ -207,6 +207,29 @@ class LoadedModel:
         )
 
 
+def cache_keyword(hf_model: Any) -> str:
+    """The keyword a Hugging Face model's ``forward`` takes its KV cache by: ``cache`` where it
+    has one (transformers 5.2x renamed it; ``past_key_values`` warns there and goes in 5.40),
+    else ``past_key_values``."""
+    import inspect
+
+    forward = type(hf_model).forward
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_with_cache(hf_model: Any, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> Any:
+    """``hf_model(input_ids, <cache keyword>=cache, use_cache=True, **kwargs)``: one step that
+    reads and extends ``cache`` (a ``DynamicCache``), under whichever keyword this transformers
+    version takes (`cache_keyword`)."""
+    kwargs[cache_keyword(hf_model)] = cache
+    kwargs.setdefault("use_cache", True)
+    return hf_model(input_ids=input_ids, **kwargs)
+
+
 # ---------------------------------------------------------------------------------------
 # placement: where modules run when a device map spreads the model
 # ---------------------------------------------------------------------------------------

@@ -85,6 +85,7 @@ def decode_from(model, prefilled, policy, limit: int, stop):
     from transformers import DynamicCache
 
     from attnlab.attention import route_attention
+    from attnlab.models import forward_with_cache
     from attnlab.sparsity_stats.kvcache import (
         CachedAttention,
         PolicyCache,
@@ -108,7 +109,7 @@ def decode_from(model, prefilled, policy, limit: int, stop):
     tokens = [int(logits.argmax())]
     with route_attention(model, fn):
         while len(tokens) < limit and not stop(tokens):
-            out = model.hf_model(input_ids=torch.tensor([[tokens[-1]]]), cache=cache, use_cache=True, logits_to_keep=1)
+            out = forward_with_cache(model.hf_model, torch.tensor([[tokens[-1]]]), cache, logits_to_keep=1)
             tokens.append(int(out.logits[0, -1].argmax()))
     return tokens, cache
 

@@ -62,15 +62,16 @@ def reply_logprob(model, sample, reply_ids: list[int], executor) -> tuple[float,
     from transformers import DynamicCache
 
     from attnlab.attention import route_attention
+    from attnlab.models import forward_with_cache
 
     with route_attention(model, None if executor is None else executor.attention):
         cache = DynamicCache(config=model.hf_model.config)
         ids = sample.input_ids.to(model.device)
-        first = model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+        first = forward_with_cache(model.hf_model, ids, cache, logits_to_keep=1).logits[0, -1]
         lp = float(torch.log_softmax(first.float(), -1)[reply_ids[0]])
         if len(reply_ids) > 1:  # q_len != k_len: the executors attend densely, as a decode does
             feed = torch.tensor([reply_ids[:-1]], device=model.device)
-            rest = model.hf_model(input_ids=feed, past_key_values=cache, use_cache=True).logits[0]
+            rest = forward_with_cache(model.hf_model, feed, cache).logits[0]
             lp += float(torch.log_softmax(rest.float(), -1).gather(1, torch.tensor(reply_ids[1:])[:, None]).sum())
     if executor is None:
         return lp, 1.0
@@ -83,13 +84,13 @@ def dense_reply(model, sample) -> list[int]:
     from transformers import DynamicCache
 
     from attnlab.attention import route_attention
+    from attnlab.models import forward_with_cache
     from attnlab.probes.needle import continue_greedy
     from attnlab.sparsity_stats.evaluate import _stop
 
     with route_attention(model, None):
         cache = DynamicCache(config=model.hf_model.config)
-        logits = model.hf_model(input_ids=sample.input_ids.to(model.device), past_key_values=cache, use_cache=True,
-                                logits_to_keep=1).logits
+        logits = forward_with_cache(model.hf_model, sample.input_ids.to(model.device), cache, logits_to_keep=1).logits
         return continue_greedy(model, cache, int(logits[0, -1].argmax()), max_new_tokens=sample.max_new_tokens,
                                generated=[], stop=_stop(model, sample))
 

@@ -45,6 +45,7 @@ import torch
 
 from attnlab.attention import attend, route_attention, sdpa
 from attnlab.errors import PromptError
+from attnlab.models import forward_with_cache
 from attnlab.prompts import KINDS as HAYSTACK_REGISTERS
 from attnlab.prompts import generate_text, read_text_file
 
@@ -577,7 +578,7 @@ def continue_greedy(
     generated.append(int(next_token))
     while len(generated) < max_new_tokens and not stop(generated):
         feed = torch.tensor([[generated[-1]]], device=model.device)
-        logits = model.hf_model(input_ids=feed, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward_with_cache(model.hf_model, feed, cache, logits_to_keep=1).logits
         token = int(logits[0, -1].argmax())
         if on_step is not None:
             on_step(token)
@@ -645,7 +646,7 @@ def greedy_answer(
     with route_attention(model, attention):
         cache = DynamicCache(config=model.hf_model.config)
         ids = sample.input_ids.to(model.device)
-        logits = model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward_with_cache(model.hf_model, ids, cache, logits_to_keep=1).logits
         generated = continue_greedy(
             model, cache, int(logits[0, -1].argmax()), max_new_tokens=limit, generated=[],
             stop=make_stop(model, sample, stop_on_answer=stop_on_answer),

@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from attnlab.attention import check_routable, route_attention
+from attnlab.models import forward_with_cache
 from attnlab.runs import (
     CAUSAL_CHECK,
     CAUSAL_SUMMARY,
@@ -240,7 +241,7 @@ def trace_sample(
         cache = DynamicCache(config=model.hf_model.config)
         full = torch.cat([prompt, torch.tensor([answer], device=model.device)], dim=1)
         recorder.rows = n_answer + 1
-        logits = model.hf_model(input_ids=full, past_key_values=cache, use_cache=True, logits_to_keep=n_answer + 1).logits
+        logits = forward_with_cache(model.hf_model, full, cache, logits_to_keep=n_answer + 1).logits
         rows_argmax = recorder.take()  # [T + 1, layers, heads]
         pred = logits[0].argmax(-1).tolist()  # row t predicts position n_prompt + t
         # The greedy answer follows the value while the predictions agree with it.

@@ -38,7 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnlab.attention import layer_variants, route_attention, scores_to_probs
-from attnlab.models import LoadedModel
+from attnlab.models import LoadedModel, forward_with_cache
 from attnlab.names import head_label
 from attnlab.runs import DECODE_SAMPLES, DECODE_SUMMARY, Run, ensure_run, preflight_run
 
@@ -136,7 +136,7 @@ def _forced(model: LoadedModel, ids: torch.Tensor, policy: Policy | None, tokens
         feed = ids.to(model.device)
         for i, token in enumerate(tokens):
             step[0] = i
-            logits.append(model.hf_model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float().cpu())
+            logits.append(forward_with_cache(model.hf_model, feed, cache, logits_to_keep=1).logits[0, -1].float().cpu())
             feed = torch.tensor([[int(token)]], device=model.device)
     return torch.stack(logits)
 

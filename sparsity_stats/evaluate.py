@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attnlab.attention import route_attention
-from attnlab.models import LoadedModel
+from attnlab.models import LoadedModel, forward_with_cache
 from attnlab.probes.needle import continue_greedy, stop_token_ids
 from attnlab.tasks import TaskSample
 
@@ -60,7 +60,7 @@ def answer(model: LoadedModel, sample: TaskSample, executor: PolicyExecutor | No
     with route_attention(model, None if executor is None else executor.attention):
         cache = DynamicCache(config=model.hf_model.config)
         ids = sample.input_ids.to(model.device)
-        logits = model.hf_model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = forward_with_cache(model.hf_model, ids, cache, logits_to_keep=1).logits
         generated = continue_greedy(model, cache, int(logits[0, -1].argmax()),
                                     max_new_tokens=sample.max_new_tokens, generated=[], stop=_stop(model, sample))
     text = model.tokenizer.decode(generated, skip_special_tokens=True)

@@ -56,7 +56,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from attnlab.attention import route_attention, sdpa
 from attnlab.errors import AttnlabError
-from attnlab.models import LoadedModel
+from attnlab.models import LoadedModel, forward_with_cache
 
 from .policy import DecodeHead, Policy
 
@@ -629,7 +629,7 @@ def prefill_chunks(model: LoadedModel, cache: Cache, input_ids: torch.Tensor, pr
         cache.prefill_final = False
     try:
         for start, stop in zip(bounds[:-1], bounds[1:], strict=True):
-            model.hf_model(input_ids=input_ids[:, start:stop].to(model.device), cache=cache, use_cache=True, logits_to_keep=1)
+            forward_with_cache(model.hf_model, input_ids[:, start:stop].to(model.device), cache, logits_to_keep=1)
     finally:
         if policy_cache:
             cache.prefill_final = True
@@ -712,7 +712,7 @@ def greedy_decode(model: LoadedModel, input_ids: torch.Tensor, policy: Policy | 
     with route_attention(model, fn):
         feed = prefill_chunks(model, cache, input_ids, prefill_chunk).to(model.device)
         for i in range(n):
-            out = model.hf_model(input_ids=feed, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1].float()
+            out = forward_with_cache(model.hf_model, feed, cache, logits_to_keep=1).logits[0, -1].float()
             logits.append(out.cpu())
             token = int(force[i]) if force is not None and i < len(force) else int(out.argmax())
             tokens.append(token)

@@ -8,6 +8,7 @@ from conftest import random_ids
 from transformers import DynamicCache
 
 from attnlab.attention import route_attention
+from attnlab.models import forward_with_cache
 from attnlab.probes.ablation import (
     ABLATION_METHODS,
     AblationError,
@@ -77,13 +78,13 @@ def test_routed_ablation_acts_in_kv_cache_decoding(tiny, method):
     with torch.no_grad():
         with route_attention(tiny, ablated_attention(None, ablation)):
             cache = DynamicCache(config=tiny.hf_model.config)
-            tiny.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True)
-            step = tiny.hf_model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+            forward_with_cache(tiny.hf_model, ids[:, :-1], cache)
+            step = forward_with_cache(tiny.hf_model, ids[:, -1:], cache).logits[0, -1]
             full = tiny.hf_model(ids).logits[0, -1]
         with route_attention(tiny):
             cache = DynamicCache(config=tiny.hf_model.config)
-            tiny.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True)
-            dense_step = tiny.hf_model(ids[:, -1:], past_key_values=cache, use_cache=True).logits[0, -1]
+            forward_with_cache(tiny.hf_model, ids[:, :-1], cache)
+            dense_step = forward_with_cache(tiny.hf_model, ids[:, -1:], cache).logits[0, -1]
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-4)
     assert (step - dense_step).abs().max() > 1e-4
 

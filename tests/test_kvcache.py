@@ -13,6 +13,7 @@ import torch
 
 from attnlab.attention import route_attention, sdpa
 from attnlab.errors import AttnlabError
+from attnlab.models import forward_with_cache
 from attnlab.sparsity_stats import kvcache as kc
 from attnlab.sparsity_stats.policy import DecodeHead, HeadPolicy, Policy
 
@@ -94,7 +95,7 @@ def test_streaming_eviction_by_hand_keeps_sink_and_recent_at_their_positions(tin
         feed = prompt(n)
         with route_attention(tiny_llama, masked):
             for token in got.tokens:
-                out = tiny_llama.hf_model(input_ids=feed, cache=cache_ref, use_cache=True, logits_to_keep=1).logits[0, -1]
+                out = forward_with_cache(tiny_llama.hf_model, feed, cache_ref, logits_to_keep=1).logits[0, -1]
                 logits.append(out)
                 feed = torch.tensor([[token]])
     assert (torch.stack(logits) - got.logits).abs().max() <= 1e-5

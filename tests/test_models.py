@@ -127,3 +127,34 @@ def test_gguf_file_source(embedded):
     ids = random_ids(16)
     with torch.no_grad():
         torch.testing.assert_close(m.bridge(ids), embedded.bridge(ids))
+
+
+def test_forward_with_cache_uses_the_keyword_this_transformers_takes(tiny_llama):
+    """One cached step equals the full forward's last row, with no deprecation warning; an
+    older forward without ``cache`` gets ``past_key_values``."""
+    import warnings
+
+    from transformers import DynamicCache
+
+    from attnlab.attention import route_attention
+    from attnlab.models import cache_keyword, forward_with_cache
+
+    ids = random_ids(24)
+    with torch.no_grad(), route_attention(tiny_llama):
+        full = tiny_llama.hf_model(input_ids=ids, use_cache=False).logits[0, -1]
+        cache = DynamicCache(config=tiny_llama.hf_model.config)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            forward_with_cache(tiny_llama.hf_model, ids[:, :-1], cache)
+            step = forward_with_cache(tiny_llama.hf_model, ids[:, -1:], cache).logits[0, -1]
+    assert cache.get_seq_length() == 24  # the cache was read and extended, not ignored
+    assert torch.allclose(step, full, atol=1e-4)
+
+    class OlderForward:  # the signature of a transformers release before the rename
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            return {"past_key_values": past_key_values, "use_cache": use_cache}
+
+        __call__ = forward
+
+    assert cache_keyword(OlderForward()) == "past_key_values"
+    assert forward_with_cache(OlderForward(), ids, "C") == {"past_key_values": "C", "use_cache": True}
