@@ -41,12 +41,18 @@ def _policy_names(paths: list[str]) -> dict[str, str]:
 #: Options that only running the suite uses: refused with --compare, never ignored.
 _RUN_ONLY = ("policy", "baseline", "shard", "ray")
 #: Options that only --compare uses.
-_COMPARE_ONLY = ("densities", "tolerance", "floor")
+_COMPARE_ONLY = ("densities", "tolerance", "floor", "margin")
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     """``attnlab eval --compare RUN``: the iso-density report, written into RUN."""
-    from .evaluate import HEADLINE_FLOOR, ISO_DENSITIES, ISO_TOLERANCE, write_iso_density
+    from .evaluate import (
+        GAP_MARGIN,
+        HEADLINE_FLOOR,
+        ISO_DENSITIES,
+        ISO_TOLERANCE,
+        write_iso_density,
+    )
 
     for name in _RUN_ONLY:
         if getattr(args, name, None) is not None:
@@ -55,7 +61,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     densities = args.densities or list(ISO_DENSITIES)
     tolerance = ISO_TOLERANCE if args.tolerance is None else args.tolerance
     floor = HEADLINE_FLOOR if args.floor is None else args.floor
-    _, markdown, paths = write_iso_density(args.compare, densities, tolerance=tolerance, floor=floor)
+    margin = GAP_MARGIN if args.margin is None else args.margin
+    _, markdown, paths = write_iso_density(args.compare, densities, tolerance=tolerance, floor=floor, margin=margin)
     print(markdown)
     print(f"wrote {paths['csv']}, {paths['markdown']} and {paths['html']}")
     return 0
@@ -199,6 +206,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
                         "the nearest one within it is reported, nothing is interpolated")
     p.add_argument("--floor", type=fraction, default=None,
                    help="--compare: tasks where dense scores below this are shown but left out of the mean (default 0.2)")
+    p.add_argument("--margin", type=fraction, default=None,
+                   help="--compare: a method is shown within this of dense when the upper end of its paired gap's "
+                        "interval is below it (default 0.05: 5 points)")
     add_shard_argument(p)
     add_ray_arguments(p)
     add_quiet_argument(p)

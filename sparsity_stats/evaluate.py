@@ -168,8 +168,11 @@ ISO_TOLERANCE = 0.05
 #: Tasks where dense scores below this are reported but left out of the mean over tasks.
 HEADLINE_FLOOR = 0.2
 MEAN = "mean"
+#: The headline's margin: a method is shown within this of dense when the upper end of its paired
+#: gap's interval is below it (issue 16's "within 5 points of dense").
+GAP_MARGIN = 0.05
 ISO_COLUMNS = ("task", "length", "target", "method", "setting", "density", "n", "score", "ci_low", "ci_high",
-               "reference", "in_mean")
+               "reference", "in_mean", "gap", "gap_low", "gap_high")
 
 
 def method_family(name: str) -> str:
@@ -209,6 +212,11 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
     where dense scores at least ``floor`` (``in_mean``), for methods present on all of them, with
     a stratified bootstrap interval (`stratified_bootstrap_ci`).
 
+    ``gap``, ``gap_low``, ``gap_high``: dense's score minus the method's on the same samples (the
+    paired difference, positive when dense is ahead), with its 95% interval; on a ``"mean"`` row
+    the mean of the tasks' gaps, its interval resampling each task's paired differences. NaN on
+    dense's own rows and where the run holds no dense answers for those samples.
+
     Raises `AttnlabError` naming the targets no method (dense aside) comes within ``tolerance`` of.
     """
     from attnlab.errors import AttnlabError
@@ -220,10 +228,12 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
     for (task, length, method), part in samples.groupby(["task", "length", "method"], sort=False):
         settings.append({"task": task, "length": int(length), "method": method_family(str(method)), "setting": str(method),
                          "density": 1.0 if method == DENSE else float(part.density.mean()),
-                         "scores": part.score.to_numpy(float)})
+                         "scores": part.score.to_numpy(float),
+                         "by_sample": part.groupby("sample", sort=False).score.mean()})
     rows: list[dict[str, Any]] = []
     reached: dict[float, bool] = {float(t): False for t in densities}
     dense_score = {(s["task"], s["length"]): float(s["scores"].mean()) for s in settings if s["setting"] == DENSE}
+    dense_by_sample = {(s["task"], s["length"]): s["by_sample"] for s in settings if s["setting"] == DENSE}
     for t in densities:
         t = float(t)
         by_cell: dict[tuple[str, int, str], dict[str, Any]] = {}
@@ -239,10 +249,14 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
             reference = s["setting"] == DENSE and abs(1.0 - t) > tolerance + 1e-12
             reached[t] |= not reference
             lo, hi = bootstrap_ci(s["scores"])
+            diffs = _paired_diffs(dense_by_sample.get((task, length)), s)
+            g_lo, g_hi = bootstrap_ci(diffs)
             rows.append({"task": task, "length": length, "target": t, "method": method, "setting": s["setting"],
                          "density": s["density"], "n": len(s["scores"]), "score": float(s["scores"].mean()),
                          "ci_low": lo, "ci_high": hi, "reference": reference,
-                         "in_mean": dense_score.get((task, length), 1.0) >= floor, "_scores": s["scores"]})
+                         "in_mean": dense_score.get((task, length), 1.0) >= floor, "_scores": s["scores"],
+                         "gap": float(diffs.mean()) if diffs.size else float("nan"), "gap_low": g_lo, "gap_high": g_hi,
+                         "_diffs": diffs})
     far = [t for t, ok in reached.items() if not ok]
     if far:
         measured = sorted(s["density"] for s in settings if s["setting"] != DENSE)
@@ -258,13 +272,28 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
         if not kept or set(part.task) != kept:
             continue
         lo, hi = stratified_bootstrap_ci(list(part["_scores"]))
+        diffs = list(part["_diffs"])
+        paired = all(d.size for d in diffs)
+        g_lo, g_hi = stratified_bootstrap_ci(diffs) if paired else (float("nan"), float("nan"))
         names = sorted(set(part.setting))
         means.append({"task": MEAN, "length": length, "target": t, "method": method,
                       "setting": names[0] if len(names) == 1 else "per task: " + ", ".join(names),
                       "density": float(part.density.mean()), "n": int(part.n.sum()), "score": float(part.score.mean()),
-                      "ci_low": lo, "ci_high": hi, "reference": bool(part.reference.all()), "in_mean": True})
-    table = pd.concat([table.drop(columns="_scores"), pd.DataFrame(means)], ignore_index=True)
+                      "ci_low": lo, "ci_high": hi, "reference": bool(part.reference.all()), "in_mean": True,
+                      "gap": float(np.mean([d.mean() for d in diffs])) if paired else float("nan"),
+                      "gap_low": g_lo, "gap_high": g_hi})
+    table = pd.concat([table.drop(columns=["_scores", "_diffs"]), pd.DataFrame(means)], ignore_index=True)
     return table[list(ISO_COLUMNS)]
+
+
+def _paired_diffs(dense: pd.Series | None, setting: dict[str, Any]) -> np.ndarray:
+    """Dense's score minus the setting's, sample by sample, on the samples both answered (empty
+    for dense itself or without dense answers)."""
+    if dense is None or setting["setting"] == DENSE:
+        return np.zeros(0)
+    mine = setting["by_sample"]
+    common = mine.index.intersection(dense.index)
+    return (dense.loc[common] - mine.loc[common]).to_numpy(float)
 
 
 def _cell(r: Any) -> str:
@@ -272,9 +301,17 @@ def _cell(r: Any) -> str:
     return text if r.method == DENSE else f"{text} ({r.setting} @ {r.density:.3f})"
 
 
+def _gap_verdict(r: Any, margin: float) -> str:
+    if not np.isfinite(r.gap_high):
+        return "no interval"
+    return "yes" if r.gap_high < margin else "not shown"
+
+
 def format_iso_density(table: pd.DataFrame, *, title: str = "", tolerance: float = ISO_TOLERANCE,
-                       floor: float = HEADLINE_FLOOR) -> str:
-    """The report as markdown: one table per length and target density, tasks by methods."""
+                       floor: float = HEADLINE_FLOOR, margin: float = GAP_MARGIN) -> str:
+    """The report as markdown: one table per length and target density, tasks by methods, then
+    each method's paired gap to dense over the mean's tasks and whether it is shown within
+    ``margin`` (the interval's upper end below it)."""
     methods = [DENSE] + [m for m in dict.fromkeys(table.method) if m != DENSE] if DENSE in set(table.method) else list(dict.fromkeys(table.method))
     left_out = sorted({r.task for r in table.itertuples() if r.task != MEAN and not r.in_mean})
     lines = [f"# Iso-density report{': ' + title if title else ''}", "",
@@ -298,6 +335,17 @@ def format_iso_density(table: pd.DataFrame, *, title: str = "", tolerance: float
                 name = f"**{MEAN}**" if task == MEAN else (task if task not in left_out else f"{task} (dense < {floor:g})")
                 lines.append(f"| {name} | " + " | ".join(cells.get(m, "") for m in methods) + " |")
             lines.append("")
+            gaps = part[(part.task == MEAN) & (part.method != DENSE)] if "gap" in part.columns else part.iloc[:0]
+            gaps = gaps[np.isfinite(gaps.gap.astype(float))]
+            if not gaps.empty:
+                lines += [f"Paired gap to dense over the mean's tasks (dense's score minus the method's on the same "
+                          f"samples; the interval resamples each task's differences). Within {margin:g}: the "
+                          "interval's upper end is below it.", "",
+                          f"| method | setting | density | gap to dense | within {margin:g} |", "|---|---|---:|---|---|"]
+                for r in gaps.itertuples():
+                    lines.append(f"| {r.method} | {r.setting} | {r.density:.3f} | {r.gap:+.3f} [{r.gap_low:+.3f}, "
+                                 f"{r.gap_high:+.3f}] | {_gap_verdict(r, margin)} |")
+                lines.append("")
     return "\n".join(lines)
 
 
@@ -358,7 +406,7 @@ def iso_density_figure(samples: pd.DataFrame, table: pd.DataFrame, title: str = 
 
 
 def write_iso_density(run, densities: Sequence[float] = ISO_DENSITIES, *, tolerance: float = ISO_TOLERANCE,
-                      floor: float = HEADLINE_FLOOR) -> tuple[pd.DataFrame, str, dict[str, Any]]:
+                      floor: float = HEADLINE_FLOOR, margin: float = GAP_MARGIN) -> tuple[pd.DataFrame, str, dict[str, Any]]:
     """Read an eval run's per-sample results, build the iso-density report and write it into
     the run: the table (`ISO_DENSITY`, CSV), the markdown beside it (``.md``) and a
     self-contained HTML plot (``.html``, plotly inlined: it opens offline). Returns
@@ -369,7 +417,7 @@ def write_iso_density(run, densities: Sequence[float] = ISO_DENSITIES, *, tolera
     samples = run.read(EVAL_SAMPLES)
     table = iso_density(samples, densities, tolerance=tolerance, floor=floor)
     title = f"{run.identity.name or run.name}: {run.name}"
-    markdown = format_iso_density(table, title=title, tolerance=tolerance, floor=floor)
+    markdown = format_iso_density(table, title=title, tolerance=tolerance, floor=floor, margin=margin)
     csv_path = run.write(ISO_DENSITY, table)
     md_path, html_path = csv_path.with_suffix(".md"), csv_path.with_suffix(".html")
     with atomic_path(md_path) as tmp:

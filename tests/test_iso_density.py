@@ -109,6 +109,33 @@ def test_intervals_are_the_bootstrap_of_the_picked_samples_and_the_mean_leaves_o
     assert "(xattention:tau=0.95 @ 0.280)" in text
 
 
+def test_the_gap_to_dense_is_paired_by_sample_and_judged_by_its_interval():
+    samples = samples_table()
+    shuffled = samples.sample(frac=1.0, random_state=7)  # pairing is by sample name, not by row order
+    for table in (iso_density(samples, [0.3]), iso_density(shuffled, [0.3])):
+        at = {(r.task, r.method): r for r in table.itertuples()}
+        diffs = _scores(samples, "recall", "dense") - _scores(samples, "recall", "budgeted-0.3")
+        assert list(diffs) == [0, 0, 1, 0, 0, 0]
+        row = at[("recall", "budgeted")]
+        assert row.gap == pytest.approx(1 / 6) and (row.gap_low, row.gap_high) == bootstrap_ci(diffs)
+        assert at[("recall", "xattention")].gap == pytest.approx(0.5 / 6)  # a partial score pairs too
+        hard = _scores(samples, "hard", "dense") - _scores(samples, "hard", "budgeted-0.3")
+        assert list(hard) == [0, 0, 1, 0, 0, -1]  # one sample each way: no gap
+        assert at[("hard", "budgeted")].gap == pytest.approx(0.0)
+        assert (at[("hard", "budgeted")].gap_low, at[("hard", "budgeted")].gap_high) == bootstrap_ci(hard)
+        assert np.isnan(at[("recall", "dense")].gap)
+        mean = at[("mean", "budgeted")]  # the mean's tasks only ("hard" is below the floor)
+        assert mean.gap == pytest.approx(1 / 6)
+        assert (mean.gap_low, mean.gap_high) == stratified_bootstrap_ci([diffs])
+    both = iso_density(samples, [0.3], floor=0.0)
+    mean = both[(both.task == "mean") & (both.method == "budgeted")].iloc[0]
+    assert mean.gap == pytest.approx(1 / 12)  # the mean of +1/6 (recall) and 0 (hard)
+    text = format_iso_density(iso_density(samples, [0.3]))
+    assert "| budgeted | budgeted-0.3 | 0.300 | +0.167 [" in text and "| within 0.05 |" in text
+    assert "| not shown |" in text and "| yes |" not in text
+    assert "| yes |" in format_iso_density(both, margin=0.6)
+
+
 def test_a_density_no_method_reaches_is_one_clear_error():
     with pytest.raises(AttnlabError, match=r"density 0\.9: no method's achieved density is within 0\.05 of it "
                                            r"\(measured per task and length: 0\.120 to 0\.520\)"):
@@ -131,6 +158,9 @@ def test_cli_compare_prints_markdown_and_writes_table_and_plot(eval_run, capsys)
     assert "plotly" in html.lower() and len(html) > 1_000_000, "plotly.js inlined: the plot opens offline"
     for name in ('"name":"budgeted"', '"name":"xattention"', '"name":"dense"', "xattention:tau=0.95"):
         assert name in html.replace(": ", ":")
+    assert {"gap", "gap_low", "gap_high"} <= set(table.columns) and "| within 0.05 |" in out
+    assert main(["eval", "--compare", str(eval_run.path), "--densities", "0.3", "--margin", "0.6"]) == 0
+    assert "| within 0.6 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -153,6 +183,8 @@ def test_cli_compare_refuses_a_run_without_eval_results_and_misplaced_options(tm
     assert len(err.splitlines()) == 1 and "eval_samples.parquet" in err and "attnlab eval" in err
     assert main(["eval", "--out", str(tmp_path / "x"), "--densities", "0.3"]) == 2
     assert "--densities applies only to eval --compare" in capsys.readouterr().err
+    assert main(["eval", "--out", str(tmp_path / "x"), "--margin", "0.05"]) == 2
+    assert "--margin applies only to eval --compare" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
     with pytest.raises(SystemExit) as exc:
         main(["eval", "--tasks", "niah_noise"])
