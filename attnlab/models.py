@@ -24,6 +24,7 @@ read (`check_device_map`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -210,12 +211,16 @@ class LoadedModel:
 def cache_keyword(hf_model: Any) -> str:
     """The keyword a Hugging Face model's ``forward`` takes its KV cache by: ``cache`` where it
     has one (transformers 5.2x renamed it; ``past_key_values`` warns there and goes in 5.40),
-    else ``past_key_values``."""
+    else ``past_key_values``. Read once per model class (it is asked at every decode step)."""
+    return _cache_keyword_of(type(hf_model))
+
+
+@functools.cache
+def _cache_keyword_of(cls: type) -> str:
     import inspect
 
-    forward = type(hf_model).forward
     try:
-        params = inspect.signature(forward).parameters
+        params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return "past_key_values"
     return "cache" if "cache" in params else "past_key_values"
