@@ -141,7 +141,7 @@ EVAL_SUMMARY = _declare("eval_summary", "eval_summary.csv", "csv", "task-suite s
                         "attnlab eval --policy {run}/policy.json --model MODEL --out {run}", ("task", "length", "method", "n", "score", "ci_low", "ci_high", "density"))
 ISO_DENSITY = _declare("iso_density", "iso_density.csv", "csv",
                        "every eval method at the same achieved densities per task and length, with 95% intervals "
-                       "and the paired gap to dense (gap, gap_low, gap_high; absent in reports made before it) "
+                       "and the paired gap to dense (gap, gap_low, gap_high, n_paired; absent in reports made before it) "
                        "(the markdown table and the HTML plot beside it as .md and .html)",
                        "attnlab eval --compare {run}", ("task", "length", "target", "method", "setting", "density", "score", "ci_low", "ci_high"))
 CIRCUIT = _declare("circuit", "circuit.json", "json", "a head-level circuit: nodes, edges, faithfulness curve",

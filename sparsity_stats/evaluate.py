@@ -172,7 +172,7 @@ MEAN = "mean"
 #: gap's interval is below it (issue 16's "within 5 points of dense").
 GAP_MARGIN = 0.05
 ISO_COLUMNS = ("task", "length", "target", "method", "setting", "density", "n", "score", "ci_low", "ci_high",
-               "reference", "in_mean", "gap", "gap_low", "gap_high")
+               "reference", "in_mean", "gap", "gap_low", "gap_high", "n_paired")
 
 
 def method_family(name: str) -> str:
@@ -215,7 +215,8 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
     ``gap``, ``gap_low``, ``gap_high``: dense's score minus the method's on the same samples (the
     paired difference, positive when dense is ahead), with its 95% interval; on a ``"mean"`` row
     the mean of the tasks' gaps, its interval resampling each task's paired differences. NaN on
-    dense's own rows and where the run holds no dense answers for those samples.
+    dense's own rows and where the run holds no dense answers for those samples. ``n_paired``: how
+    many samples the gap pairs (fewer than ``n`` when dense did not answer them all).
 
     Raises `AttnlabError` naming the targets no method (dense aside) comes within ``tolerance`` of.
     """
@@ -256,7 +257,7 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
                          "ci_low": lo, "ci_high": hi, "reference": reference,
                          "in_mean": dense_score.get((task, length), 1.0) >= floor, "_scores": s["scores"],
                          "gap": float(diffs.mean()) if diffs.size else float("nan"), "gap_low": g_lo, "gap_high": g_hi,
-                         "_diffs": diffs})
+                         "n_paired": int(diffs.size), "_diffs": diffs})
     far = [t for t, ok in reached.items() if not ok]
     if far:
         measured = sorted(s["density"] for s in settings if s["setting"] != DENSE)
@@ -281,7 +282,7 @@ def iso_density(samples: pd.DataFrame, densities: Sequence[float] = ISO_DENSITIE
                       "density": float(part.density.mean()), "n": int(part.n.sum()), "score": float(part.score.mean()),
                       "ci_low": lo, "ci_high": hi, "reference": bool(part.reference.all()), "in_mean": True,
                       "gap": float(np.mean([d.mean() for d in diffs])) if paired else float("nan"),
-                      "gap_low": g_lo, "gap_high": g_hi})
+                      "gap_low": g_lo, "gap_high": g_hi, "n_paired": int(sum(d.size for d in diffs))})
     table = pd.concat([table.drop(columns=["_scores", "_diffs"]), pd.DataFrame(means)], ignore_index=True)
     return table[list(ISO_COLUMNS)]
 
@@ -299,12 +300,6 @@ def _paired_diffs(dense: pd.Series | None, setting: dict[str, Any]) -> np.ndarra
 def _cell(r: Any) -> str:
     text = f"{r.score:.2f} [{r.ci_low:.2f}, {r.ci_high:.2f}]"
     return text if r.method == DENSE else f"{text} ({r.setting} @ {r.density:.3f})"
-
-
-def _gap_verdict(r: Any, margin: float) -> str:
-    if not np.isfinite(r.gap_high):
-        return "no interval"
-    return "yes" if r.gap_high < margin else "not shown"
 
 
 def format_iso_density(table: pd.DataFrame, *, title: str = "", tolerance: float = ISO_TOLERANCE,
@@ -335,16 +330,17 @@ def format_iso_density(table: pd.DataFrame, *, title: str = "", tolerance: float
                 name = f"**{MEAN}**" if task == MEAN else (task if task not in left_out else f"{task} (dense < {floor:g})")
                 lines.append(f"| {name} | " + " | ".join(cells.get(m, "") for m in methods) + " |")
             lines.append("")
-            gaps = part[(part.task == MEAN) & (part.method != DENSE)] if "gap" in part.columns else part.iloc[:0]
+            gaps = part[(part.task == MEAN) & (part.method != DENSE)]
             gaps = gaps[np.isfinite(gaps.gap.astype(float))]
             if not gaps.empty:
                 lines += [f"Paired gap to dense over the mean's tasks (dense's score minus the method's on the same "
                           f"samples; the interval resamples each task's differences). Within {margin:g}: the "
                           "interval's upper end is below it.", "",
-                          f"| method | setting | density | gap to dense | within {margin:g} |", "|---|---|---:|---|---|"]
+                          f"| method | setting | density | paired samples | gap to dense | within {margin:g} |",
+                          "|---|---|---:|---:|---|---|"]
                 for r in gaps.itertuples():
-                    lines.append(f"| {r.method} | {r.setting} | {r.density:.3f} | {r.gap:+.3f} [{r.gap_low:+.3f}, "
-                                 f"{r.gap_high:+.3f}] | {_gap_verdict(r, margin)} |")
+                    lines.append(f"| {r.method} | {r.setting} | {r.density:.3f} | {r.n_paired} of {r.n} | {r.gap:+.3f} "
+                                 f"[{r.gap_low:+.3f}, {r.gap_high:+.3f}] | {'yes' if r.gap_high < margin else 'not shown'} |")
                 lines.append("")
     return "\n".join(lines)
 

@@ -123,7 +123,8 @@ def test_the_gap_to_dense_is_paired_by_sample_and_judged_by_its_interval():
         assert list(hard) == [0, 0, 1, 0, 0, -1]  # one sample each way: no gap
         assert at[("hard", "budgeted")].gap == pytest.approx(0.0)
         assert (at[("hard", "budgeted")].gap_low, at[("hard", "budgeted")].gap_high) == bootstrap_ci(hard)
-        assert np.isnan(at[("recall", "dense")].gap)
+        assert np.isnan(at[("recall", "dense")].gap) and at[("recall", "dense")].n_paired == 0
+        assert at[("recall", "budgeted")].n_paired == 6
         mean = at[("mean", "budgeted")]  # the mean's tasks only ("hard" is below the floor)
         assert mean.gap == pytest.approx(1 / 6)
         assert (mean.gap_low, mean.gap_high) == stratified_bootstrap_ci([diffs])
@@ -131,7 +132,11 @@ def test_the_gap_to_dense_is_paired_by_sample_and_judged_by_its_interval():
     mean = both[(both.task == "mean") & (both.method == "budgeted")].iloc[0]
     assert mean.gap == pytest.approx(1 / 12)  # the mean of +1/6 (recall) and 0 (hard)
     text = format_iso_density(iso_density(samples, [0.3]))
-    assert "| budgeted | budgeted-0.3 | 0.300 | +0.167 [" in text and "| within 0.05 |" in text
+    assert "| budgeted | budgeted-0.3 | 0.300 | 6 of 6 | +0.167 [" in text and "| within 0.05 |" in text
+    # a method with samples dense did not answer: the gap pairs only the shared ones, and says so
+    partial = samples[~((samples.method == "dense") & (samples["sample"] == "recall-2"))]
+    row = iso_density(partial, [0.3]).query("task == 'mean' and method == 'budgeted'").iloc[0]
+    assert row.n_paired == 5 and row.n == 6 and row.gap == pytest.approx(0.0)
     assert "| not shown |" in text and "| yes |" not in text
     assert "| yes |" in format_iso_density(both, margin=0.6)
 
