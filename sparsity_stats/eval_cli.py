@@ -80,7 +80,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from attnlab.tasks import resolve_tasks, task_suite
 
     from .dynamic import baseline_name, parse_baselines, published_policy
-    from .evaluate import evaluate, format_summary, summarize
+    from .evaluate import (
+        combine_answers,
+        earlier_answers,
+        evaluate,
+        format_summary,
+        method_digest,
+        summarize,
+    )
     from .executors import prepare_triton
     from .kinds import BASELINE_KINDS, get_kind
     from .policy import Policy
@@ -118,12 +125,23 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         samples = args.shard.take(samples)
         if not samples:
             raise AttnlabError(f"--shard {args.shard} gets no sample of {total}: use at most {total} shards")
+    digests = {name: method_digest(policy, args.executor) for name, policy in policies.items()}
+    earlier, recorded = earlier_answers(args.out, seed=args.seed, digests=digests)
+    done = set(zip(earlier["sample"], earlier["method"], strict=True))
     t_start = time.perf_counter()
-    table = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet)
+    new = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet, done=done)
+    if not earlier.empty:
+        kept = sum((s.name, m) in done for s in samples for m in ["dense", *policies])
+        print(f"kept {kept} answers {args.out} already held (same --seed and methods); answered {len(new)}")
+    table = combine_answers(earlier, new)
     summary = summarize(table)
-    parameters = {"tasks": tasks, "lengths": list(args.lengths), "samples": args.samples, "seed": args.seed,
+    parameters = {"tasks": list(dict.fromkeys([*recorded.get("tasks", []), *tasks])),
+                  "lengths": list(dict.fromkeys([*recorded.get("lengths", []), *args.lengths])),
+                  "samples": max(args.samples, recorded.get("samples", 0)), "seed": args.seed,
                   "executor": args.executor,
-                  "policies": {k: str(v) for k, v in _policy_names(args.policy or []).items()}}
+                  "policies": {**recorded.get("policies", {}),
+                               **{k: str(v) for k, v in _policy_names(args.policy or []).items()}},
+                  "digests": {**recorded.get("digests", {}), **digests}}
     run = ensure_run(args.out, model, "eval", parameters)
     run.write(EVAL_SAMPLES, table)
     run.write(EVAL_SUMMARY, summary)
@@ -194,7 +212,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--executor", choices=EXECUTORS, default="flex", help="how sparse prefill runs (default flex)")
     p.add_argument("--seed", type=nonneg_int, default=0)
     target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--out", help="run directory for the results (created, or added to)")
+    target.add_argument("--out", help="run directory for the results (created, or added to: the answers an earlier "
+                                      "eval of the same --seed left there are kept, not answered again — dense once "
+                                      "for any number of methods added later)")
     target.add_argument("--compare", metavar="RUN", default=None,
                         help="instead of running the suite: the iso-density report of an eval run's results — every "
                              "method at the same achieved densities per task and length, with 95%% intervals "

@@ -15,6 +15,8 @@ interpolated point.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -72,8 +74,10 @@ def answer(model: LoadedModel, sample: TaskSample, executor: PolicyExecutor | No
 
 
 def evaluate(model: LoadedModel, samples: Sequence[TaskSample], policies: Mapping[str, Policy], *,
-             executor: str = "flex", progress: bool = True) -> pd.DataFrame:
-    """One row per (sample, method): dense first, then each policy by its name."""
+             executor: str = "flex", progress: bool = True,
+             done: frozenset[tuple[str, str]] | set[tuple[str, str]] = frozenset()) -> pd.DataFrame:
+    """One row per (sample, method): dense first, then each policy by its name. ``done``: the
+    (sample name, method) pairs already answered (`earlier_answers`), skipped."""
     executors = {}
     for name, policy in policies.items():
         ex = PolicyExecutor(policy, executor)
@@ -81,17 +85,78 @@ def evaluate(model: LoadedModel, samples: Sequence[TaskSample], policies: Mappin
         executors[name] = ex
     rows: list[dict[str, Any]] = []
     methods: list[tuple[str, PolicyExecutor | None]] = [(DENSE, None), *executors.items()]
-    bar = tqdm(total=len(samples) * len(methods), desc="eval", unit="answer", disable=not progress)
-    for sample in samples:
-        for method, ex in methods:
-            reply, density = answer(model, sample, ex)
-            score = sample.score(reply)
-            rows.append({"sample": sample.name, "task": sample.task, "length": sample.context_length,
-                         "n_tokens": sample.n_tokens, "method": method, "score": score,
-                         "correct": score == 1.0, "density": density, "reply": reply})
-            bar.update()
+    todo = [(sample, method, ex) for sample in samples for method, ex in methods if (sample.name, method) not in done]
+    bar = tqdm(total=len(todo), desc="eval", unit="answer", disable=not progress)
+    for sample, method, ex in todo:
+        reply, density = answer(model, sample, ex)
+        score = sample.score(reply)
+        rows.append({"sample": sample.name, "task": sample.task, "length": sample.context_length,
+                     "n_tokens": sample.n_tokens, "method": method, "score": score,
+                     "correct": score == 1.0, "density": density, "reply": reply})
+        bar.update()
     bar.close()
     return pd.DataFrame(rows, columns=list(SAMPLE_COLUMNS))
+
+
+# -- adding to an eval run ----------------------------------------------------------------------
+def method_digest(policy: Policy, executor: str) -> str:
+    """What a method's answers depend on besides the sample: the policy (all of it but its
+    creation time, so a baseline built again digests the same) and the executor. `eval` keeps
+    an earlier answer of a method only under the same digest."""
+    d = policy.to_dict()
+    d.pop("created", None)
+    blob = json.dumps({"policy": d, "executor": executor}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def earlier_answers(out, *, seed: int, digests: Mapping[str, str]) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The answers an existing eval run at ``out`` holds, for `eval` to keep rather than answer
+    again (dense is answered once for any number of methods added later), and the eval parameters
+    recorded with them (``digests``: `method_digest` by method). An empty table when ``out``
+    holds none.
+
+    A sample's name does not say its seed, so answers of another ``--seed`` cannot be kept or
+    mixed; a method named as one in the run but with another digest (another policy under the
+    same file name, another executor, or answers from before digests were recorded) cannot be
+    kept either: both raise `RunError`, before any answer is computed."""
+    from pathlib import Path
+
+    from attnlab.errors import RunError
+    from attnlab.runs import EVAL_SAMPLES, Run
+
+    empty = pd.DataFrame(columns=list(SAMPLE_COLUMNS))
+    if not Path(out).is_dir():
+        return empty, {}
+    run = Run.open(out)
+    if not run.has(EVAL_SAMPLES):
+        return empty, {}
+    params: dict[str, Any] = run.manifest.get("stages", {}).get("eval", {}).get("parameters", {})
+    if params.get("seed") != seed:
+        raise RunError(f"{out} holds eval answers of --seed {params.get('seed')}, and this eval is of --seed {seed} "
+                       f"(the samples share names, not prompts): use --seed {params.get('seed')} to add to it, or "
+                       "another --out")
+    table = run.read(EVAL_SAMPLES)
+    recorded = params.get("digests", {})
+    held = set(table["method"])
+    for name, digest in digests.items():
+        if name in held and recorded.get(name) != digest:
+            raise RunError(f"{out} already holds answers named {name!r} from another policy or executor (or from "
+                           "before eval recorded which): give the policy file another name, or use another --out")
+    return table, params
+
+
+def combine_answers(earlier: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``earlier`` and ``new`` answers in one table: grouped by sample (the earlier samples in
+    their order, then the new ones), dense first in each, then the methods in order of first
+    appearance."""
+    parts = [t for t in (earlier, new) if not t.empty]
+    if len(parts) < 2:
+        return (parts[0] if parts else new).reset_index(drop=True)
+    table = pd.concat(parts, ignore_index=True)
+    samples = {name: i for i, name in enumerate(dict.fromkeys(table["sample"]))}
+    methods = {name: i for i, name in enumerate(dict.fromkeys([DENSE, *table["method"]]))}
+    key = table["sample"].map(samples) * len(methods) + table["method"].map(methods)
+    return table.iloc[key.argsort(kind="stable")].reset_index(drop=True)
 
 
 def bootstrap_ci(values: Sequence[float], *, level: float = 0.95, n: int = BOOTSTRAP, seed: int = 0) -> tuple[float, float]:

@@ -189,6 +189,63 @@ def test_evaluate_refuses_a_policy_for_another_model(tiny_llama, tiny_gpt2):
         evaluate(tiny_llama, samples, {"other": streaming_policy(tiny_gpt2)}, executor="reference", progress=False)
 
 
+def test_eval_adds_to_a_run_without_answering_again(monkeypatch, tiny_llama, tmp_path, capsys):
+    """A second eval into the same run keeps the answers it holds (dense once for any number of
+    methods, a longer --samples answers only the new samples) and refuses what it cannot pair."""
+    from attnlab.cli import main
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, Run
+    from attnlab.sparsity_stats import eval_cli
+    from attnlab.sparsity_stats import evaluate as ev
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    monkeypatch.setattr(eval_cli, "load_model_from_args", lambda args: tiny_llama)
+    calls, real = [], ev.answer
+    monkeypatch.setattr(ev, "answer", lambda model, sample, ex=None: calls.append((sample.name, ex is None))
+                        or real(model, sample, ex))
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    streaming_policy(tiny_llama).save(a)
+    uniform_policy(tiny_llama, "streaming", {"sink": 16, "window": 64}, block_size=16).save(b)
+    out = tmp_path / "run"
+    base = ["eval", "--tasks", "niah_noise", "--lengths", "300", "--executor", "reference", "--out", str(out), "--quiet"]
+    assert main([*base, "--samples", "2", "--policy", str(a)]) == 0
+    assert len(calls) == 4
+    first = Run.open(out).read(EVAL_SAMPLES)
+
+    calls.clear()  # another policy: only its answers are computed
+    assert main([*base, "--samples", "2", "--policy", str(b)]) == 0
+    assert calls == [("niah_noise-300-0", False), ("niah_noise-300-1", False)]
+    assert "kept 2 answers" in capsys.readouterr().out
+    run = Run.open(out)
+    table = run.read(EVAL_SAMPLES)
+    assert table.method.tolist() == ["dense", "a", "b"] * 2
+    pd.testing.assert_frame_equal(table[table.method != "b"].reset_index(drop=True), first)
+    assert set(run.read(EVAL_SUMMARY).method) == {"dense", "a", "b"}
+    params = run.manifest["stages"]["eval"]["parameters"]
+    assert set(params["policies"]) == set(params["digests"]) == {"a", "b"}
+
+    calls.clear()  # a third sample: answered by all three methods, the first two kept
+    both = [*base, "--samples", "3", "--policy", str(a), "--policy", str(b)]
+    assert main(both) == 0
+    assert calls == [("niah_noise-300-2", True), ("niah_noise-300-2", False), ("niah_noise-300-2", False)]
+    assert Run.open(out).manifest["stages"]["eval"]["parameters"]["samples"] == 3
+    calls.clear()  # the same command again answers nothing
+    assert main(both) == 0 and calls == []
+    assert len(Run.open(out).read(EVAL_SAMPLES)) == 9
+
+    # another seed, or another policy under a name the run holds: one line each, nothing answered or changed
+    capsys.readouterr()
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    assert main([*base, "--samples", "2", "--seed", "1"]) == 2
+    assert "holds eval answers of --seed 0, and this eval is of --seed 1" in capsys.readouterr().err
+    uniform_policy(tiny_llama, "streaming", {"sink": 16, "window": 48}, block_size=16).save(a)
+    assert main([*base, "--samples", "2", "--policy", str(a)]) == 2
+    assert "already holds answers named 'a' from another policy or executor" in capsys.readouterr().err
+    streaming_policy(tiny_llama).save(a)  # the same policy under another executor is another method too
+    assert main([*base[:-5], "--executor", "flex", *base[-3:], "--samples", "2", "--policy", str(a)]) == 2
+    assert calls == []
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
 @pytest.mark.slow
 def test_eval_cli_writes_paired_results_to_the_run(embedded, tmp_path, capsys):
     from attnlab.cli import main
