@@ -78,6 +78,35 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     assert not list(tmp_path.glob(".m*.partial"))
 
 
+def test_a_policy_added_to_every_eval_shard_merges_like_one_run(tiny_dir, tmp_path, capsys, monkeypatch):
+    """The README's way to add a method to a sharded eval: the same command with the new
+    --policy into every shard folder (dense is kept), then merge again."""
+    from attnlab.models import load_model
+    from attnlab.sparsity_stats import evaluate as ev
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    policy = tmp_path / "stream.json"
+    uniform_policy(load_model(str(tiny_dir), verbose=False), "streaming", {"sink": 16, "window": 32},
+                   block_size=16).save(policy)
+    assert main(eval_args(tiny_dir, tmp_path / "single", "--policy", str(policy), "--executor", "reference")) == 0
+    for i in range(2):
+        assert main(eval_args(tiny_dir, tmp_path / f"s{i}", "--shard", f"{i}/2")) == 0
+    calls, real = [], ev.answer
+    monkeypatch.setattr(ev, "answer", lambda model, sample, ex=None: calls.append(ex is None) or real(model, sample, ex))
+    for i in range(2):
+        assert main(eval_args(tiny_dir, tmp_path / f"s{i}", "--shard", f"{i}/2", "--policy", str(policy),
+                              "--executor", "reference")) == 0
+    assert calls == [False] * 6, "only the policy's answers, dense kept"
+    # a shard left without the policy is another job's shard
+    assert main(eval_args(tiny_dir, tmp_path / "plain1", "--shard", "1/2")) == 0
+    assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "plain1"), "--out", str(tmp_path / "bad")]) == 2
+    assert "is a shard of another job" in capsys.readouterr().err
+    assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "merged")]) == 0
+    single, merged = Run.open(tmp_path / "single"), Run.open(tmp_path / "merged")
+    pd.testing.assert_frame_equal(merged.read(EVAL_SAMPLES), single.read(EVAL_SAMPLES))
+    pd.testing.assert_frame_equal(merged.read(EVAL_SUMMARY), single.read(EVAL_SUMMARY))
+
+
 def test_eval_on_a_local_ray_cluster_equals_the_single_process_run(tiny_dir, tmp_path, capsys, monkeypatch):
     """Real Ray, locally, 2 workers: the merged run equals one process's; the shards are cleaned."""
     assert main(eval_args(tiny_dir, tmp_path / "single")) == 0
