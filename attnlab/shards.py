@@ -177,6 +177,14 @@ def _record(run: Run) -> dict[str, Any]:
     return rec
 
 
+def _differ_in_digests_only(a: Any, b: Any) -> bool:
+    """Two eval shards' parameters that differ only in that one records ``digests`` (from
+    `attnlab eval` since it keeps answers by method digest) and the other does not."""
+    if not (isinstance(a, dict) and isinstance(b, dict)) or ("digests" in a) == ("digests" in b):
+        return False
+    return {k: v for k, v in a.items() if k != "digests"} == {k: v for k, v in b.items() if k != "digests"}
+
+
 def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
     """``(stage, parameters, runs in index order)`` when ``runs`` are the complete set of shards
     of one job; otherwise a `ShardError` naming what is wrong."""
@@ -189,6 +197,11 @@ def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
         rec = _record(run)
         identity.check(run.identity, subject=f"shard {run.path}", fix="merge only shards of one model")
         for key in ("stage", "count", "parameters"):
+            if key == "parameters" and rec[key] != first[key] and _differ_in_digests_only(rec[key], first[key]):
+                old, new = (run, runs[0]) if "digests" not in rec[key] else (runs[0], run)
+                raise ShardError(f"{old.path} was answered by an attnlab that recorded no method digests, {new.path} "
+                                 "by one that does, so their answers cannot be shown to come from the same policies: "
+                                 "run the older shards again (into empty folders), then merge")
             if rec[key] != first[key]:
                 raise ShardError(f"{run.path} is a shard of another job than {runs[0].path}: its {key} differs "
                                  f"({rec[key]!r} vs {first[key]!r}); merge only the shards of one job")

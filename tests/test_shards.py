@@ -101,6 +101,19 @@ def test_a_policy_added_to_every_eval_shard_merges_like_one_run(tiny_dir, tmp_pa
     assert main(eval_args(tiny_dir, tmp_path / "plain1", "--shard", "1/2")) == 0
     assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "plain1"), "--out", str(tmp_path / "bad")]) == 2
     assert "is a shard of another job" in capsys.readouterr().err
+    # a shard from before eval recorded digests: named as such, not as another job
+    import json
+
+    from attnlab.runs import MANIFEST
+
+    old = tmp_path / "old1"
+    assert main(eval_args(tiny_dir, old, "--shard", "1/2", "--policy", str(policy), "--executor", "reference")) == 0
+    manifest = json.loads((old / MANIFEST.filename).read_text())
+    del manifest["shard"]["parameters"]["digests"]
+    (old / MANIFEST.filename).write_text(json.dumps(manifest))
+    assert main(["merge", str(tmp_path / "s0"), str(old), "--out", str(tmp_path / "bad")]) == 2
+    assert f"{old} was answered by an attnlab that recorded no method digests" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
     assert main(["merge", str(tmp_path / "s1"), str(tmp_path / "s0"), "--out", str(tmp_path / "merged")]) == 0
     single, merged = Run.open(tmp_path / "single"), Run.open(tmp_path / "merged")
     pd.testing.assert_frame_equal(merged.read(EVAL_SAMPLES), single.read(EVAL_SAMPLES))
