@@ -81,6 +81,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from .dynamic import baseline_name, parse_baselines, published_policy
     from .evaluate import (
+        DENSE,
         combine_answers,
         earlier_answers,
         evaluate,
@@ -131,7 +132,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     new = evaluate(model, samples, policies, executor=args.executor, progress=not args.quiet, done=done)
     if not earlier.empty:
-        kept = sum((s.name, m) in done for s in samples for m in ["dense", *policies])
+        kept = sum((s.name, m) in done for s in samples for m in [DENSE, *policies])
         print(f"kept {kept} answers {args.out} already held (same --seed and methods); answered {len(new)}")
     table = combine_answers(earlier, new)
     summary = summarize(table)
