@@ -197,7 +197,7 @@ def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
         rec = _record(run)
         identity.check(run.identity, subject=f"shard {run.path}", fix="merge only shards of one model")
         for key in ("stage", "count", "parameters"):
-            if key == "parameters" and rec[key] != first[key] and _differ_in_digests_only(rec[key], first[key]):
+            if key == "parameters" and _differ_in_digests_only(rec[key], first[key]):
                 old, new = (run, runs[0]) if "digests" not in rec[key] else (runs[0], run)
                 raise ShardError(f"{old.path} was answered by an attnlab that recorded no method digests, {new.path} "
                                  "by one that does, so their answers cannot be shown to come from the same policies: "
