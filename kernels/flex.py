@@ -11,6 +11,7 @@ its log-sum-exp (exact: ``out * sigmoid(lse - sink)``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,19 @@ if TYPE_CHECKING:
     from torch.nn.attention.flex_attention import BlockMask
 
 _COMPILED_FLEX: dict[str, Any] = {}
+#: How many shapes compiled Flex keeps before torch._dynamo would give up and run Flex eagerly
+#: (its default is 8: an eval over prompts of a dozen lengths passed it).
+FLEX_RECOMPILE_LIMIT = 256
+
+
+def _many_compilations() -> contextlib.AbstractContextManager:
+    """torch._dynamo's recompile limits raised to `FLEX_RECOMPILE_LIMIT` for one Flex call
+    (never lowered: a user's higher setting stands)."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    return config.patch(recompile_limit=max(config.recompile_limit, FLEX_RECOMPILE_LIMIT),
+                        accumulated_recompile_limit=max(config.accumulated_recompile_limit, 4 * FLEX_RECOMPILE_LIMIT))
 
 
 def flex_mask_mod(layout: BlockSparseLayout) -> Callable[..., torch.Tensor]:
@@ -91,9 +105,12 @@ def flex_block_sparse_attention(
     Inductor's Flex supports neither the log-sum-exp nor gradients (torch 2.13).
     ``compiled=False`` runs Flex's eager path, which materialises the scores (fine for
     tests, slow and memory-hungry otherwise). Pass a prebuilt ``block_mask`` to keep its
-    construction out of a timing loop. Compiled Flex recompiles per shape and per
-    (block size, causal, length) of the layout; past torch._dynamo's recompile limit
-    (``torch._dynamo.config.cache_size_limit``, default 8) it silently runs eagerly.
+    construction out of a timing loop. Compiled Flex compiles once per shape and per (block
+    size, causal, length) of the layout (6-11 s at 2k tokens on the CPU; dynamic shapes fail
+    in Inductor's CPU code generation on torch 2.13). It may keep `FLEX_RECOMPILE_LIMIT`
+    compilations: past torch._dynamo's default of 8, Flex would fall back to its eager path,
+    36-78x slower per call at 2k tokens on the CPU (`benchmarks/RESULTS.md`, "FlexAttention on
+    the CPU: prompts of many lengths").
 
     ``softcap`` c > 0 is a ``score_mod`` ``c * tanh(s / c)`` on the scaled scores (before the
     mask). ``sinks`` (float ``[Hq]``): each head's learned logit joins the softmax denominator
@@ -119,7 +136,7 @@ def flex_block_sparse_attention(
     gqa = q.shape[1] != k.shape[1]
     score_mod = None if softcap is None else _softcap_score_mod(softcap)
     if compiled and q.device.type == "cpu":
-        with torch.no_grad():
+        with torch.no_grad(), _many_compilations():
             out = attend(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa)
         return out, None
     # Compiled Flex on a GPU tiles with its own BLOCK_M/BLOCK_N (128 on Hopper for some head
@@ -129,10 +146,11 @@ def flex_block_sparse_attention(
     if compiled and q.device.type == "cuda":
         tile = min(int(block_mask.BLOCK_SIZE[0]), int(block_mask.BLOCK_SIZE[1]), 64)
         options = {"BLOCK_M": tile, "BLOCK_N": tile}
-    out, aux = attend(
-        q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
-        return_aux=AuxRequest(lse=True), kernel_options=options,
-    )  # fmt: skip
+    with _many_compilations() if compiled else contextlib.nullcontext():
+        out, aux = attend(
+            q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale, enable_gqa=gqa,
+            return_aux=AuxRequest(lse=True), kernel_options=options,
+        )  # fmt: skip
     lse = aux.lse.float()
     if sinks is not None:
         # p_j = exp(s_j) / (exp(lse) + exp(sink)) = Flex's p_j * sigmoid(lse - sink); a row

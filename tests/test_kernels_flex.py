@@ -91,6 +91,24 @@ def test_compiled_flex_matches_reference():
         torch.testing.assert_close(lse.double()[finite], gold_lse[finite], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_compiled_flex_keeps_compiling_past_dynamos_default_limit():
+    """An eval over prompts of a dozen lengths compiles Flex once per length: past torch._dynamo's
+    default of 8 it must not fall back to Flex's eager path (36-78x slower per call at 2k tokens on
+    the CPU). With the fallback made an error, the ninth and tenth lengths still run compiled and
+    exact, and the user's own limit is back afterwards."""
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        for n in range(33, 43):
+            index = mixed_index(n, n, 16, causal=True).to(DEVICE)
+            q, k, v = inputs(n, n)
+            out, _ = flex_block_sparse_attention(q, k, v, index, compiled=True)
+            gold_out, _ = reference_attention(q, k, v, index.token_mask())
+            torch.testing.assert_close(out.double(), gold_out, atol=2e-6, rtol=0)
+        assert torch._dynamo.config.recompile_limit == 8
+
+
 @pytest.mark.parametrize(("n_q", "n_k", "causal"), [(100, 100, True), (40, 100, False), (100, 40, True)])
 def test_one_predicate_for_the_mask_flex_and_the_reference(n_q, n_k, causal):
     """The layout's token mask is block membership AND `attends`; Flex's mask_mod evaluates the
