@@ -55,10 +55,13 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from attnlab.shards import merge_shards
+    from attnlab.shards import describe_partial, merge_shards, partial_record
 
-    run = merge_shards(args.shards, args.out, force=args.force)
+    run = merge_shards(args.shards, args.out, force=args.force, partial=args.partial)
     print(f"merged {len(args.shards)} shards into {run.path}")
+    record = partial_record(run)
+    if record is not None:
+        print(describe_partial(record))
     return 0
 
 
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards", nargs="+", metavar="SHARD", help="the shard run directories (every index once)")
     p.add_argument("--out", required=True, help="run directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--partial", action="store_true",
+                   help="eval only: merge the shards done so far (any of a job's shards, once each) to report a long "
+                        "job before it ends; the run and its reports say which shards are missing")
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("info", help="describe a run directory")

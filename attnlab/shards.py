@@ -7,7 +7,8 @@ its parameters, the names of the units it did, and its wall seconds). ``attnlab 
 that the shards belong together — one model (the identity check), one stage with the same
 parameters, the same shard count, every index once (a missing or duplicated shard is named) —
 and writes the run a single process would have written. Any launcher works: a shell loop, a
-SLURM array, Ray.
+SLURM array, Ray. ``merge --partial`` joins some of an eval job's shards (`PARTIAL_STAGES`) into
+a run that records which are missing (`partial_record`), to report a long job before it ends.
 
 Which stages merge, and how, is declared here (`MERGERS`): a merger reads the shards' files and
 writes the merged run's. The merged manifest keeps every shard's wall seconds and unit count
@@ -185,9 +186,16 @@ def _differ_in_digests_only(a: Any, b: Any) -> bool:
     return {k: v for k, v in a.items() if k != "digests"} == {k: v for k, v in b.items() if k != "digests"}
 
 
-def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
+#: Stages whose shards may be merged before the job is done (``merge --partial``): their units
+#: are samples, each answered on its own, so a subset is a smaller sample of the same job, not a
+#: wrong one. (A profile, circuit or validation merged from some shards would under-count.)
+PARTIAL_STAGES = ("eval",)
+
+
+def check_shards(runs: Sequence[Run], *, partial: bool = False) -> tuple[str, dict[str, Any], list[Run]]:
     """``(stage, parameters, runs in index order)`` when ``runs`` are the complete set of shards
-    of one job; otherwise a `ShardError` naming what is wrong."""
+    of one job (with ``partial``, of an `PARTIAL_STAGES` job: any of its shards, once each);
+    otherwise a `ShardError` naming what is wrong."""
     if not runs:
         raise ShardError("merge needs the shard runs: attnlab merge SHARD... --out RUN")
     first = _record(runs[0])
@@ -209,15 +217,36 @@ def check_shards(runs: Sequence[Run]) -> tuple[str, dict[str, Any], list[Run]]:
         if i in by_index:
             raise ShardError(f"shard {i}/{first['count']} is given twice ({by_index[i].path} and {run.path}): pass each once")
         by_index[i] = run
-    missing = [i for i in range(int(first["count"])) if i not in by_index]
-    if missing:
-        count = first["count"]
-        names = ", ".join(f"{i}/{count}" for i in missing)
-        raise ShardError(f"shard(s) {names} missing: run them (--shard I/{count}) and pass every shard to merge")
     stage = str(first["stage"])
+    count = int(first["count"])
+    missing = [i for i in range(count) if i not in by_index]
+    if partial and stage not in PARTIAL_STAGES:
+        raise ShardError(f"--partial merges the shards of {', '.join(PARTIAL_STAGES)} only, not of {stage} (merged "
+                         f"from some shards it would under-count): run every shard (--shard I/{count}), then merge "
+                         "without --partial")
+    if missing and not partial:
+        names = ", ".join(f"{i}/{count}" for i in missing)
+        more = " (or pass --partial to report the shards done so far)" if stage in PARTIAL_STAGES else ""
+        raise ShardError(f"shard(s) {names} missing: run them (--shard I/{count}) and pass every shard to merge{more}")
     if stage not in MERGERS:
         raise ShardError(f"stage {stage!r} has no merge; mergeable stages: {', '.join(sorted(MERGERS))}")
-    return stage, dict(first["parameters"]), [by_index[i] for i in range(int(first["count"]))]
+    return stage, dict(first["parameters"]), [by_index[i] for i in sorted(by_index)]
+
+
+def partial_record(run: Run) -> dict[str, Any] | None:
+    """What a run merged with ``--partial`` from some of its job's shards recorded: ``{"shards":
+    [indices merged], "count": N, "missing": [indices]}``, or None for a whole job (or no merge)."""
+    for stage in (run.manifest.get("stages") or {}).values():
+        if isinstance(stage, dict) and isinstance(stage.get("partial"), dict):
+            return stage["partial"]
+    return None
+
+
+def describe_partial(record: dict[str, Any]) -> str:
+    """One line for reports: which shards a partial merge holds."""
+    done, count, missing = len(record["shards"]), int(record["count"]), list(record["missing"])
+    return (f"partial job: {done} of its {count} shards merged (missing {', '.join(map(str, missing))}); "
+            "the figures are of the samples answered so far")
 
 
 def shard_timing(shards: Sequence[Run]) -> list[dict[str, Any]]:
@@ -268,12 +297,14 @@ def predict_wall(unit_times: Sequence[float], workers: int, *, startup: float = 
 
 
 def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, force: bool = False,
-                 engine: dict[str, Any] | None = None) -> Run:
+                 engine: dict[str, Any] | None = None, partial: bool = False) -> Run:
     """Merge shard runs into ``out`` (the run a single process would have written).
 
     The merged manifest's ``stages[stage]`` keeps the shards it came from, each shard's wall
     seconds and units (``shards``, ``shard_seconds``) and ``engine``'s fields (e.g. Ray's
-    ``ray_startup_s``)."""
+    ``ray_startup_s``). With ``partial`` (eval only), some of a job's shards merge into a run of
+    the samples answered so far; ``stages[stage]["partial"]`` then names the shards merged and
+    missing (`partial_record`), and the reports say so. Merge the whole job again when it is done."""
     from attnlab.runs import (
         MANIFEST,
         Run,
@@ -285,7 +316,7 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     )
 
     runs = [Run.open(p) for p in paths]
-    stage, parameters, ordered = check_shards(runs)
+    stage, parameters, ordered = check_shards(runs, partial=partial)
     out = check_writable_target(out, force=force)
     partial = partial_dir(out)
     if partial.exists():
@@ -297,6 +328,11 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
         manifest["stages"] = {stage: {"parameters": parameters, "merged_from": [str(r.path) for r in ordered],
                                       "shards": timing, "shard_seconds": [t["seconds"] for t in timing],
                                       **(engine or {})}}
+        count = int(_record(ordered[0])["count"])
+        merged = [int(_record(r)["index"]) for r in ordered]
+        if len(merged) < count:
+            manifest["stages"][stage]["partial"] = {"shards": merged, "count": count,
+                                                    "missing": [i for i in range(count) if i not in merged]}
         manifest["status"] = "complete"
         write_json(partial / MANIFEST, manifest)
         _merger(stage)(ordered, Run(partial, manifest))

@@ -473,12 +473,19 @@ def write_iso_density(run, densities: Sequence[float] = ISO_DENSITIES, *, tolera
     self-contained HTML plot (``.html``, plotly inlined: it opens offline). Returns
     ``(table, markdown, paths)``."""
     from attnlab.runs import EVAL_SAMPLES, ISO_DENSITY, Run, atomic_path
+    from attnlab.shards import describe_partial, partial_record
 
     run = Run.coerce(run)
     samples = run.read(EVAL_SAMPLES)
     table = iso_density(samples, densities, tolerance=tolerance, floor=floor)
+    partial = partial_record(run)
     title = f"{run.identity.name or run.name}: {run.name}"
+    if partial is not None:
+        title += f" (partial: {len(partial['shards'])} of {partial['count']} shards)"
     markdown = format_iso_density(table, title=title, tolerance=tolerance, floor=floor, margin=margin)
+    if partial is not None:  # under the heading, before the first table
+        heading, _, rest = markdown.partition("\n")
+        markdown = f"{heading}\n\n**{describe_partial(partial)}.**\n{rest}"
     csv_path = run.write(ISO_DENSITY, table)
     md_path, html_path = csv_path.with_suffix(".md"), csv_path.with_suffix(".html")
     with atomic_path(md_path) as tmp:

@@ -64,7 +64,8 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     capsys.readouterr()
     # a missing shard, a duplicated one, another job's shard: one line each, nothing written
     assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "s2"), "--out", str(tmp_path / "m2")]) == 2
-    assert "shard(s) 1/3 missing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "shard(s) 1/3 missing" in err and "--partial" in err
     assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "s0"), str(tmp_path / "s1"), str(tmp_path / "s2"),
                  "--out", str(tmp_path / "m3")]) == 2
     assert "shard 0/3 is given twice" in capsys.readouterr().err
@@ -74,8 +75,41 @@ def test_merged_eval_shards_equal_the_single_process_run(tiny_dir, tmp_path, cap
     assert "is a shard of another job" in capsys.readouterr().err
     assert main(["merge", str(tmp_path / "single"), "--out", str(tmp_path / "m5")]) == 2
     assert "is not a shard" in capsys.readouterr().err
-    assert not any((tmp_path / m).exists() for m in ("m2", "m3", "m4", "m5"))
+    assert main(["merge", str(tmp_path / "s0"), str(tmp_path / "s0"), "--partial", "--out", str(tmp_path / "m6")]) == 2
+    assert "shard 0/3 is given twice" in capsys.readouterr().err
+    assert not any((tmp_path / m).exists() for m in ("m2", "m3", "m4", "m5", "m6"))
     assert not list(tmp_path.glob(".m*.partial"))
+
+
+def test_a_partial_eval_merge_holds_the_shards_done_and_says_so(tiny_dir, tmp_path, capsys):
+    """A long eval job reported before it ends: `merge --partial` of shards 2 and 0 of 3 holds
+    exactly the single-process run's rows of those shards, in its order, records the shard that
+    is missing, and the iso-density report names it."""
+    from attnlab.shards import partial_record
+
+    method = ["--baseline", "xattention", "--baseline-block-size", "16", "--executor", "reference"]  # a sparse method
+    assert main(eval_args(tiny_dir, tmp_path / "single", *method)) == 0
+    for i in (0, 2):
+        assert main(eval_args(tiny_dir, tmp_path / f"s{i}", "--shard", f"{i}/3", *method)) == 0
+    capsys.readouterr()
+    assert main(["merge", str(tmp_path / "s2"), str(tmp_path / "s0"), "--partial", "--out", str(tmp_path / "m")]) == 0
+    assert "partial job: 2 of its 3 shards merged (missing 1)" in capsys.readouterr().out
+    merged, single = Run.open(tmp_path / "m"), Run.open(tmp_path / "single")
+    done = set(Run.open(tmp_path / "s0").manifest["shard"]["units"]) | set(Run.open(tmp_path / "s2").manifest["shard"]["units"])
+    expected = single.read(EVAL_SAMPLES)
+    expected = expected[expected["sample"].isin(done)].reset_index(drop=True)
+    assert len(expected) == 2 * 4 and len(done) == 4  # dense and the baseline on 4 samples
+    pd.testing.assert_frame_equal(merged.read(EVAL_SAMPLES), expected)
+    assert partial_record(merged) == {"shards": [0, 2], "count": 3, "missing": [1]}
+    assert partial_record(single) is None
+    compare = ["--densities", "0.5", "--tolerance", "0.5"]
+    assert main(["eval", "--compare", str(tmp_path / "m"), *compare]) == 0
+    report = (tmp_path / "m" / "iso_density.md").read_text()
+    assert "(partial: 2 of 3 shards)" in report.splitlines()[0]
+    assert "partial job: 2 of its 3 shards merged (missing 1)" in report
+    # a whole job's report says nothing of the kind
+    assert main(["eval", "--compare", str(tmp_path / "single"), *compare]) == 0
+    assert "partial" not in (tmp_path / "single" / "iso_density.md").read_text()
 
 
 def test_a_policy_added_to_every_eval_shard_merges_like_one_run(tiny_dir, tmp_path, capsys, monkeypatch):
@@ -161,7 +195,7 @@ def test_a_ray_address_that_does_not_answer_is_one_line(tiny_dir, tmp_path, caps
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r*"))
 
 
-def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
+def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path, capsys):
     from attnlab.runs import BLOCK_MAPS, HEAD_STATS, PROFILE_ACCUM
 
     args = ["profile", "--model", str(tiny_dir), "--lengths", "96,160", "--samples", "5", "--block-size", "16",
@@ -182,6 +216,10 @@ def test_merged_profile_shards_equal_the_single_process_run(tiny_dir, tmp_path):
     assert not merged.has(PROFILE_ACCUM) and merged.has(BLOCK_MAPS)
     assert merged.manifest["parameters"] == single.manifest["parameters"]
     _timing_recorded(merged, "profile", 2)
+    # a profile merged from some of its shards would under-count: --partial is refused, nothing written
+    assert main(["merge", str(tmp_path / "p0"), "--partial", "--out", str(tmp_path / "half")]) == 2
+    assert "--partial merges the shards of eval only, not of profile" in capsys.readouterr().err
+    assert not (tmp_path / "half").exists()
     # the same job on a local Ray cluster (2 workers): the same run
     assert main([*args, "--ray", "--workers", "2", "--out", str(tmp_path / "ray")]) == 0
     on_ray = Run.open(tmp_path / "ray")
