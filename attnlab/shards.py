@@ -244,8 +244,10 @@ def partial_record(run: Run) -> dict[str, Any] | None:
 
 def describe_partial(record: dict[str, Any]) -> str:
     """One line for reports: which shards a partial merge holds."""
-    done, count, missing = len(record["shards"]), int(record["count"]), list(record["missing"])
-    return (f"partial job: {done} of its {count} shards merged (missing {', '.join(map(str, missing))}); "
+    from attnlab.sparsity_stats.dynamic import layers_text  # [6, 7, 8, 12] -> "6-8,12"
+
+    done, count = len(record["shards"]), int(record["count"])
+    return (f"partial job: {done} of its {count} shards merged (missing {layers_text(record['missing'])}); "
             "the figures are of the samples answered so far")
 
 
