@@ -466,6 +466,14 @@ def test_tasks_page_plots_scores_against_density_and_opens_a_changed_sample(monk
     assert current_page(at) == "Head inspector"
     assert at.session_state["inspector_prompt_source"] == "own text"
     assert "secret number" in at.session_state["inspector_text"], "the sample's prompt, rebuilt from its seed"
+    assert not at.warning, "a whole job: no partial-job warning"
+    # a run merged with `merge --partial` from 2 of 3 shards says so above its figures
+    run = Run.open(root / "tiny")
+    run.update_manifest(stages={**run.manifest["stages"],
+                                "eval": {**run.manifest["stages"]["eval"],
+                                         "partial": {"shards": [0, 2], "count": 3, "missing": [1]}}})
+    at = goto(app(monkeypatch, root), "Tasks", "tiny")
+    assert "partial job: 2 of its 3 shards merged (missing 1)" in texts(at.warning)
 
 
 # -- head inspector ------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import streamlit as st
 from attnlab.app import data, figures, live, state
 from attnlab.errors import AttnlabError
 from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, ISO_DENSITY
+from attnlab.shards import describe_partial, partial_record
 
 ALL_TASKS = "all tasks (mean)"
 
@@ -51,6 +52,9 @@ def render(ctx: state.PageContext) -> None:
     except AttnlabError as exc:
         state.show_problem(exc)
         return
+    partial = partial_record(run)
+    if partial is not None:
+        st.warning(describe_partial(partial) + f": merge all {partial['count']} shards again when they are done.")
     tasks = list(dict.fromkeys(summary["task"]))
     lengths = sorted(set(int(n) for n in summary["length"]))
     c = st.columns(2)
