@@ -320,10 +320,10 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
     runs = [Run.open(p) for p in paths]
     stage, parameters, ordered = check_shards(runs, partial=partial)
     out = check_writable_target(out, force=force)
-    partial = partial_dir(out)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    staging = partial_dir(out)  # the run is written here, then moved into place
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     try:
         manifest = new_manifest(stage, ordered[0].identity, parameters)
         timing = shard_timing(ordered)
@@ -336,10 +336,10 @@ def merge_shards(paths: Sequence[str | os.PathLike], out: str | os.PathLike, *, 
             manifest["stages"][stage]["partial"] = {"shards": merged, "count": count,
                                                     "missing": [i for i in range(count) if i not in merged]}
         manifest["status"] = "complete"
-        write_json(partial / MANIFEST, manifest)
-        _merger(stage)(ordered, Run(partial, manifest))
-        finalize_partial(partial, out)
+        write_json(staging / MANIFEST, manifest)
+        _merger(stage)(ordered, Run(staging, manifest))
+        finalize_partial(staging, out)
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     return Run.open(out)
