@@ -101,6 +101,20 @@ def layer_list(text: str) -> list[int]:
     return out
 
 
+def layers_text(layers) -> str:
+    """``[6, 7, 8, 12]`` → ``"6-8,12"``: the form `layer_list` reads (also any indices, e.g. shards)."""
+    out: list[str] = []
+    xs = sorted({int(x) for x in layers})
+    i = 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
 def _list_of(item: Callable[[str], Any], what: str) -> Callable[[str], list[Any]]:
     def parse(text: str) -> list[Any]:
         values = [item(v) for v in _split(text)]

@@ -244,7 +244,7 @@ def partial_record(run: Run) -> dict[str, Any] | None:
 
 def describe_partial(record: dict[str, Any]) -> str:
     """One line for reports: which shards a partial merge holds."""
-    from attnlab.sparsity_stats.dynamic import layers_text  # [6, 7, 8, 12] -> "6-8,12"
+    from attnlab.cliargs import layers_text  # [6, 7, 8, 12] -> "6-8,12"
 
     done, count = len(record["shards"]), int(record["count"])
     return (f"partial job: {done} of its {count} shards merged (missing {layers_text(record['missing'])}); "

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from attnlab.cliargs import layers_text
+
 #: Published defaults (XAttention: stride 8, threshold 0.9; FlexPrefill: gamma 0.9, tau 0.1).
 XATTENTION_DEFAULTS = {"tau": 0.9, "stride": 8}
 FLEXPREFILL_DEFAULTS = {"gamma": 0.9, "delta": 0.1}
@@ -136,20 +138,6 @@ def published_policy(model, kind: str, *, block_size: int = 64, dense_layers=(),
         if h["layer"] in layers:
             h["kind"], h["params"] = "dense", {}
     return type(policy).from_dict(d)
-
-
-def layers_text(layers) -> str:
-    """``[6, 7, 8, 12]`` → ``"6-8,12"`` (the form ``--protect-layers`` reads)."""
-    out: list[str] = []
-    xs = sorted({int(x) for x in layers})
-    i = 0
-    while i < len(xs):
-        j = i
-        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
-            j += 1
-        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
-        i = j + 1
-    return ",".join(out)
 
 
 def baseline_name(kind: str, params: dict, dense_layers=()) -> str:
