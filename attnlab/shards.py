@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from attnlab.cliargs import positive_int
+from attnlab.cliargs import layers_text, positive_int
 from attnlab.errors import AttnlabError
 
 if TYPE_CHECKING:  # the run store pulls in torch; the CLI's parser must not
@@ -244,8 +244,6 @@ def partial_record(run: Run) -> dict[str, Any] | None:
 
 def describe_partial(record: dict[str, Any]) -> str:
     """One line for reports: which shards a partial merge holds."""
-    from attnlab.cliargs import layers_text  # [6, 7, 8, 12] -> "6-8,12"
-
     done, count = len(record["shards"]), int(record["count"])
     return (f"partial job: {done} of its {count} shards merged (missing {layers_text(record['missing'])}); "
             "the figures are of the samples answered so far")

@@ -163,7 +163,7 @@ def variant_baselines(v: dict, vdir: Path, length: int) -> dict[str, tuple[str, 
     import pandas as pd
 
     import attnlab
-    from attnlab.sparsity_stats.dynamic import layers_text
+    from attnlab.cliargs import layers_text
     from attnlab.tasks import task_suite
 
     out = {}

@@ -202,7 +202,8 @@ def test_eval_runs_the_published_baselines(tiny_llama, tmp_path, capsys):
 def test_published_baselines_keep_the_given_layers_dense(tiny_llama):
     """dense_layers: those layers' heads are dense (the full causal map at run time), the other
     layers run the method; the name gives the layers in --protect-layers' form."""
-    from attnlab.sparsity_stats.dynamic import baseline_name, layers_text, published_policy
+    from attnlab.cliargs import layers_text
+    from attnlab.sparsity_stats.dynamic import baseline_name, published_policy
     from attnlab.sparsity_stats.evaluate import method_family
     from attnlab.sparsity_stats.masks import compile_for_input
 
