@@ -11,7 +11,7 @@ each method's paired gap to dense over the same tasks, and whether it is shown w
 ``--margin``. Only samples every shown method (and dense) answered are used, so a partial baseline
 is compared on its own samples, never against a different set.
 
-    attnlab merge plus-minference2k/s* --partial --out merged
+    attnlab merge benchmarks/data/eval-2k-seed4/s* --out merged
     python benchmarks/task_suite_paired.py merged --reference p68n2k
 """
 
