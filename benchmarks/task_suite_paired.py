@@ -26,13 +26,13 @@ import pandas as pd
 
 from attnlab.sparsity_stats.evaluate import (
     DENSE,
+    GAP_MARGIN,
+    HEADLINE_FLOOR,
+    MEAN,
     bootstrap_ci,
     paired_counts,
     stratified_bootstrap_ci,
 )
-
-FLOOR = 0.2
-MARGIN = 0.05
 
 
 def common_samples(samples: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
@@ -43,7 +43,7 @@ def common_samples(samples: pd.DataFrame, methods: list[str]) -> pd.DataFrame:
     return part.set_index(["task", "length", "sample"]).loc[lambda d: d.index.isin(keep)].reset_index()
 
 
-def paired_table(samples: pd.DataFrame, reference: str, methods: list[str], *, floor: float = FLOOR) -> pd.DataFrame:
+def paired_table(samples: pd.DataFrame, reference: str, methods: list[str], *, floor: float = HEADLINE_FLOOR) -> pd.DataFrame:
     """Per task (and a ``mean`` row over the tasks where dense ≥ ``floor``) and length: ``n``, each
     method's ``score:M`` with ``low:M``/``high:M``, and for each method ``diff:M`` (reference −
     method, paired) with its interval and ``only_ref:M``/``only:M`` counts; ``gap:M`` (dense −
@@ -53,10 +53,15 @@ def paired_table(samples: pd.DataFrame, reference: str, methods: list[str], *, f
     unknown = [m for m in shown if m not in known]
     if unknown:
         raise SystemExit(f"task_suite_paired: the run has no answers of {', '.join(unknown)}; "
-                         f"it holds {', '.join(known)}")
+                         f"it holds {', '.join(known)}: name those in --reference and --methods")
+    twice = samples[samples.method.isin(shown)].duplicated(["task", "length", "sample", "method"])
+    if twice.any():
+        raise SystemExit(f"task_suite_paired: {int(twice.sum())} sample(s) were answered twice by the same method "
+                         "(the run's rows are not one per sample): merge shards with `attnlab merge`, not by hand")
     data = common_samples(samples, shown)
     if data.empty:
-        raise SystemExit(f"task_suite_paired: no sample was answered by all of {', '.join(shown)}")
+        raise SystemExit(f"task_suite_paired: no sample was answered by all of {', '.join(shown)}: "
+                         "leave out with --methods a method that answered other samples")
     rows = []
     for length, at in data.groupby("length", sort=True):
         by = {m: at[at.method == m].pivot_table(index=["task", "sample"], values=["score", "correct"],
@@ -86,7 +91,7 @@ def paired_table(samples: pd.DataFrame, reference: str, methods: list[str], *, f
             rows.append(r)
         used = [per_task[t] for t in tasks if per_task[t]["in_mean"]]
         if used:
-            mean = {"task": "mean", "length": int(length), "n": sum(r["n"] for r in used), "in_mean": True}
+            mean = {"task": MEAN, "length": int(length), "n": sum(r["n"] for r in used), "in_mean": True}
             for m in shown:
                 groups = [by[m].loc[r["task"]].score.tolist() for r in used]
                 mean[f"score:{m}"] = float(np.mean([np.mean(g) for g in groups]))
@@ -107,7 +112,7 @@ def _ci(lo: float, hi: float, signed: bool = False) -> str:
 
 
 def markdown(table: pd.DataFrame, samples: pd.DataFrame, reference: str, methods: list[str], *,
-             floor: float = FLOOR, margin: float = MARGIN) -> str:
+             floor: float = HEADLINE_FLOOR, margin: float = GAP_MARGIN) -> str:
     shown = [DENSE, reference, *methods]
     common = common_samples(samples, shown)
     density = {m: common[common.method == m].density.mean() for m in shown}
@@ -119,7 +124,7 @@ def markdown(table: pd.DataFrame, samples: pd.DataFrame, reference: str, methods
         lines += [f"At {length} tokens:", "", "| " + " | ".join(head) + " |",
                   "|---|---:|" + "---|" * (len(head) - 2)]
         for r in part.to_dict("records"):
-            mean = r["task"] == "mean"
+            mean = r["task"] == MEAN
             name = f"**mean, {int(part.in_mean.sum()) - 1} tasks**" if mean else (
                 r["task"] if r["in_mean"] else f"{r['task']} (dense < {floor:g}: left out)")
             cells = [name, str(r["n"])]
@@ -131,7 +136,7 @@ def markdown(table: pd.DataFrame, samples: pd.DataFrame, reference: str, methods
                 cells.append(f"{f'**{v}**' if mean else v} {_ci(r[f'diff_low:{m}'], r[f'diff_high:{m}'], True)}")
             cells += ["" if mean else f"{int(r[f'only_ref:{m}'])} / {int(r[f'only:{m}'])}" for m in methods]
             lines.append("| " + " | ".join(cells) + " |")
-        mean = part[part.task == "mean"]
+        mean = part[part.task == MEAN]
         if not mean.empty:
             r = mean.iloc[0]
             lines += ["", "Paired gap to dense over the mean's tasks (dense minus the method, same samples):", ""]
@@ -148,9 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("run", type=Path, help="an `attnlab eval` run folder (or `attnlab merge`'s output)")
     p.add_argument("--reference", required=True, help="the method the others are paired against (e.g. the pick)")
     p.add_argument("--methods", default="", help="comma-separated methods to set beside it (default: every other one)")
-    p.add_argument("--floor", type=float, default=FLOOR, help="tasks where dense scores below this are left out of the mean")
-    p.add_argument("--margin", type=float, default=MARGIN, help="'within' margin for the gap to dense (default 0.05)")
+    p.add_argument("--floor", type=float, default=HEADLINE_FLOOR, help="tasks where dense scores below this are left out of the mean")
+    p.add_argument("--margin", type=float, default=GAP_MARGIN, help="'within' margin for the gap to dense (default 0.05)")
     args = p.parse_args(argv)
+    if not 0 <= args.floor <= 1 or not 0 < args.margin <= 1:
+        p.error(f"--floor must be in [0, 1] and --margin in (0, 1] (scores are fractions): got {args.floor:g} and {args.margin:g}")
     path = args.run / "eval_samples.parquet"
     if not path.is_file():
         raise SystemExit(f"task_suite_paired: {path} does not exist: pass an `attnlab eval --out` or `attnlab merge --out` folder")

@@ -64,5 +64,7 @@ def test_the_markdown_names_the_left_out_task_and_the_gap_verdict(bench, samples
 def test_an_unknown_method_or_missing_run_is_one_line(bench, samples, tmp_path):
     with pytest.raises(SystemExit, match="no answers of xattention; it holds base, dense, pick"):
         bench.paired_table(samples, "pick", ["xattention"])
+    with pytest.raises(SystemExit, match="answered twice by the same method"):
+        bench.paired_table(pd.concat([samples, samples.iloc[:1]]), "pick", ["base"])
     with pytest.raises(SystemExit, match="does not exist"):
         bench.main([str(tmp_path), "--reference", "pick"])
