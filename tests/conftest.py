@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -36,3 +38,12 @@ def tiny_gpt2():
 def random_ids(n: int, seed: int = 0, vocab: int = 40000) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(100, vocab, (1, n), generator=g)
+
+
+def load_benchmark(filename: str):
+    """The script ``benchmarks/<filename>`` as a module (the benchmarks are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    spec = importlib.util.spec_from_file_location("attnlab_bench_" + path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,15 @@
 """The layer-diagnosis benchmark's arithmetic: window parsing, candidate parsing, and the pooled
 vs per-task shares of the lost log-probability (hand-computed on fixed rows)."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "task_suite_layers.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnlab_task_suite_layers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("task_suite_layers.py")
 
 
 def test_windows_parse_and_bad_ones_are_named(bench):

@@ -2,26 +2,19 @@
 spans are the needles' tokens, and the recorded probabilities are the softmax over the keys the
 method keeps (on a tiny model, under a real streaming policy)."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from conftest import load_benchmark
 
 from attnlab.kernels.layout import BlockSparseLayout
 from attnlab.sparsity_stats.executors import PolicyExecutor
 from attnlab.sparsity_stats.policy import uniform_policy
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "task_suite_multikey.py"
-
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnlab_task_suite_multikey", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("task_suite_multikey.py")
 
 
 @pytest.mark.parametrize("n", [77, 128, 130])

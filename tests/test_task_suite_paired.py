@@ -1,21 +1,14 @@
 """The paired-report benchmark script on fixed per-sample results: the differences, counts and
 mean row it prints are those of the samples every method answered, and bad input is one line."""
 
-import importlib.util
-from pathlib import Path
-
 import pandas as pd
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("attnlab_task_suite_paired", BENCH / "task_suite_paired.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("task_suite_paired.py")
 
 
 def rows(task, method, scores, density):
