@@ -126,7 +126,8 @@ def measure(model, sample, executor) -> dict[str, np.ndarray]:
 
 
 def stored_answers(shards: str, task: str):
-    """``{sample: {method: correct}}`` from the eval shards under ``shards``."""
+    """Whether each answer was right, from the eval shards under ``shards``: a table with one row
+    per sample of ``task`` and one column per method."""
     import pandas as pd
 
     files = sorted(glob.glob(str(Path(shards) / "s*" / "eval_samples.parquet")))
@@ -134,7 +135,7 @@ def stored_answers(shards: str, task: str):
         raise SystemExit(f"no eval shards (s*/eval_samples.parquet) under {shards}")
     t = pd.concat([pd.read_parquet(f) for f in files])
     t = t[t["task"] == task]
-    return t.pivot(index="sample", columns="method", values="correct"), t
+    return t.pivot(index="sample", columns="method", values="correct")
 
 
 def report(results: list[dict], methods: list[str]) -> None:
@@ -179,18 +180,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--report"]:
+        if len(argv) != 2 or not Path(argv[1]).is_file():
+            raise SystemExit("--report takes one file: the --out JSON of an earlier run")
         saved = json.loads(Path(argv[1]).read_text())
-        results = saved["results"]
-        if any("values" not in r for r in results):  # written before the needle values were saved
-            import attnlab
-            from attnlab.tasks import build_task_sample
-
-            a = saved["args"]
-            tok = attnlab.load_model("smollm2-135m", verbose=False).tokenizer
-            for r in results:
-                s = build_task_sample(tok, a["task"], a["length"], int(r["sample"].rsplit("-", 1)[1]), seed=a["seed"])
-                r["values"] = {"asked": s.answers[0], "distractors": s.details["distractors"]}
-        report(results, saved.get("methods") or list(results[0]["methods"]))
+        report(saved["results"], saved.get("methods") or list(saved["results"][0]["methods"]))
         return 0
     ap.add_argument("shards", help="folder of eval shards (s*/) holding the pick's and --against's answers")
     ap.add_argument("--policy", required=True, help="the budgeted pick's policy file (its name is the method's)")
@@ -216,7 +209,7 @@ def main(argv=None) -> int:
     from attnlab.tasks import build_task_sample
 
     pick = Path(args.policy).stem
-    table, rows = stored_answers(args.shards, args.task)
+    table = stored_answers(args.shards, args.task)
     for m in (pick, args.against):
         if m not in table.columns:
             raise SystemExit(f"the shards under {args.shards} hold no answers of {m!r}: methods {list(table.columns)}")
