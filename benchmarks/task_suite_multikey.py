@@ -203,12 +203,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import attnlab
-    from attnlab.sparsity_stats.dynamic import parse_baselines, published_policy
+    from attnlab.sparsity_stats.dynamic import baseline_name, parse_baselines, published_policy
     from attnlab.sparsity_stats.executors import PolicyExecutor
     from attnlab.sparsity_stats.policy import Policy
     from attnlab.tasks import build_task_sample
 
     pick = Path(args.policy).stem
+    against = parse_baselines(args.against)
+    if len(against) != 1:
+        raise SystemExit(f"--against {args.against}: give one setting (e.g. flexprefill:gamma=0.9), not a sweep")
+    args.against = baseline_name(*against[0])  # eval's name for it, as the shards hold it
     table = stored_answers(args.shards, args.task)
     for m in (pick, args.against):
         if m not in table.columns:
@@ -223,7 +227,7 @@ def main(argv=None) -> int:
     methods = {"dense": None, pick: PolicyExecutor(Policy.load(args.policy), args.executor)}
     for spec in [args.against, *args.baseline]:
         for kind, params in parse_baselines(spec):
-            methods[spec] = PolicyExecutor(published_policy(model, kind, block_size=args.block_size, **params),
+            methods[baseline_name(kind, params)] = PolicyExecutor(published_policy(model, kind, block_size=args.block_size, **params),
                                              args.executor)
     for name, ex in methods.items():
         if ex is not None:
