@@ -39,41 +39,64 @@ is loaded on first use of `block_sparse_attention`, and this package sets no env
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+if __name__ == "kernels":
+    # This folder is the package `attnlab.kernels`. A process started in the repository root
+    # (`python -m pytest`, `python -c ...`) also finds it as top-level `kernels`: the import name
+    # of Hugging Face's kernel-hub package, which transformers >= 5.25 requires and imports. Hand
+    # that name to the installed package, found on the rest of sys.path, so transformers gets the
+    # module it asked for; attnlab's own names (the `else` branch) stay out of it.
+    import importlib.machinery as _machinery
+    import importlib.util as _util
+    import os as _os
+    import sys as _sys
 
-from attnlab.kernels.flex import flex_block_mask, flex_block_sparse_attention, flex_mask_mod
-from attnlab.kernels.layout import (
-    SUPPORTED_BLOCK_SIZES,
-    TOKEN_SEMANTICS,
-    BlockSparseLayout,
-    KernelInputError,
-    attends,
-)
-from attnlab.kernels.reference import reference_attention
+    _root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
+    _elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
+    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the `kernels` folder here is attnlab's: import it as "
+            "`attnlab.kernels`; Hugging Face's kernel hub is `pip install kernels`)",
+            name="kernels",
+        )
+    _hub = _util.module_from_spec(_spec)
+    _sys.modules["kernels"] = _hub
+    _spec.loader.exec_module(_hub)
+else:
+    from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from attnlab.kernels.block_sparse import block_sparse_attention
+    from attnlab.kernels.flex import flex_block_mask, flex_block_sparse_attention, flex_mask_mod
+    from attnlab.kernels.layout import (
+        SUPPORTED_BLOCK_SIZES,
+        TOKEN_SEMANTICS,
+        BlockSparseLayout,
+        KernelInputError,
+        attends,
+    )
+    from attnlab.kernels.reference import reference_attention
 
-__all__ = [
-    "SUPPORTED_BLOCK_SIZES",
-    "TOKEN_SEMANTICS",
-    "BlockSparseLayout",
-    "KernelInputError",
-    "attends",
-    "block_sparse_attention",
-    "flex_block_mask",
-    "flex_block_sparse_attention",
-    "flex_mask_mod",
-    "reference_attention",
-]
-
-
-def __getattr__(name: str) -> Any:
-    # The kernel module imports triton and decorates the kernel, which fixes interpreter vs.
-    # GPU mode for the process: defer that until someone actually asks for the kernel, so
-    # importing the layout type (as policy code does) never decides it for them.
-    if name == "block_sparse_attention":
+    if TYPE_CHECKING:
         from attnlab.kernels.block_sparse import block_sparse_attention
 
-        return block_sparse_attention
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    __all__ = [
+        "SUPPORTED_BLOCK_SIZES",
+        "TOKEN_SEMANTICS",
+        "BlockSparseLayout",
+        "KernelInputError",
+        "attends",
+        "block_sparse_attention",
+        "flex_block_mask",
+        "flex_block_sparse_attention",
+        "flex_mask_mod",
+        "reference_attention",
+    ]
+
+    def __getattr__(name: str) -> Any:
+        # The kernel module imports triton and decorates the kernel, which fixes interpreter vs.
+        # GPU mode for the process: defer that until someone actually asks for the kernel, so
+        # importing the layout type (as policy code does) never decides it for them.
+        if name == "block_sparse_attention":
+            from attnlab.kernels.block_sparse import block_sparse_attention
+
+            return block_sparse_attention
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

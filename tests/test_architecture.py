@@ -126,3 +126,41 @@ def test_artifact_file_names_are_spelled_once(art):
                 if pattern.search(line):
                     hits.append(f"{rel}:{i}: {line.strip()}")
     assert not hits, f"{art.filename} is spelled outside attnlab/runs.py:\n" + "\n".join(hits)
+
+
+_WHICH_KERNELS = """
+import kernels
+import attnlab.kernels as ours
+print(getattr(kernels, "MARK", None), kernels.__file__, ours.__file__, hasattr(ours, "BlockSparseLayout"))
+"""
+
+
+def test_the_kernels_folder_hands_its_top_level_name_to_the_hub_package(tmp_path):
+    """Run in the repository root, `import kernels` finds our folder first; transformers >= 5.25
+    imports Hugging Face's `kernels` by that name, so the folder must hand it the installed one."""
+    import subprocess
+    import sys
+
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("MARK = 'hub'\n")
+    (hub / "layer.py").write_text("WHERE = 'hub submodule'\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", _WHICH_KERNELS + "from kernels.layer import WHERE; print(WHERE)"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split("\n")
+    mark, hub_file, ours_file, has_layout = out[0].split()
+    assert (mark, Path(hub_file)) == ("hub", hub / "__init__.py")
+    assert Path(ours_file) == ROOT / "kernels" / "__init__.py" and has_layout == "True"
+    assert out[1] == "hub submodule"
+
+
+def test_without_the_hub_package_top_level_kernels_is_missing_not_ours():
+    """Whatever is installed, `import kernels` from the root never yields attnlab's folder."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _WHICH_KERNELS], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        assert "No module named 'kernels'" in proc.stderr and "attnlab.kernels" in proc.stderr
+    else:
+        assert not Path(proc.stdout.split()[1]).is_relative_to(ROOT), proc.stdout
