@@ -53,15 +53,20 @@ if __name__ == "kernels":
     _root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
     _elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
     _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None or _spec.loader is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the `kernels` folder here is attnlab's: import it as "
-            "`attnlab.kernels`; Hugging Face's kernel hub is `pip install kernels`)",
-            name="kernels",
-        )
-    _hub = _util.module_from_spec(_spec)
-    _sys.modules["kernels"] = _hub
-    _spec.loader.exec_module(_hub)
+    if _spec is not None and _spec.loader is not None:
+        _hub = _util.module_from_spec(_spec)
+        _sys.modules["kernels"] = _hub
+        _spec.loader.exec_module(_hub)
+    else:
+        # No hub package installed: stay an empty module with no version, which transformers
+        # (< 5.25, where `kernels` is optional) reads as "kernels not available". Raising here
+        # would break its import-time check of every optional package.
+        def __getattr__(name: str):
+            raise AttributeError(
+                f"module 'kernels' has no attribute {name!r}: this `kernels` is attnlab's folder, "
+                "imported from the repository root; import it as `attnlab.kernels` (Hugging Face's "
+                "kernel hub, `pip install kernels`, is not installed)"
+            )
 else:
     from typing import TYPE_CHECKING, Any
 

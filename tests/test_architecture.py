@@ -154,13 +154,19 @@ def test_the_kernels_folder_hands_its_top_level_name_to_the_hub_package(tmp_path
     assert out[1] == "hub submodule"
 
 
-def test_without_the_hub_package_top_level_kernels_is_missing_not_ours():
-    """Whatever is installed, `import kernels` from the root never yields attnlab's folder."""
+def test_without_the_hub_package_top_level_kernels_is_empty_not_ours():
+    """Whatever is installed, `import kernels` from the root never yields attnlab's names; with
+    no hub package it is an empty module without a version (transformers < 5.25 reads that as
+    "not available"), and one line says what to import instead."""
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-c", _WHICH_KERNELS], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode:
-        assert "No module named 'kernels'" in proc.stderr and "attnlab.kernels" in proc.stderr
-    else:
-        assert Path(proc.stdout.split()[1]).parent != ROOT / "kernels", proc.stdout
+    code = _WHICH_KERNELS + "print(getattr(kernels, '__version__', 'unversioned'))\nkernels.BlockSparseLayout\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    mark, hub_file, ours_file, has_layout, version = proc.stdout.split()
+    assert Path(ours_file) == ROOT / "kernels" / "__init__.py" and has_layout == "True"
+    if Path(hub_file).parent == ROOT / "kernels":  # no hub installed: the empty stand-in
+        assert version == "unversioned" and proc.returncode == 1
+        assert "import it as `attnlab.kernels`" in proc.stderr.strip().splitlines()[-1]
+    else:  # the hub is installed: it has the name, and not our layout type
+        assert "no attribute 'BlockSparseLayout'" in proc.stderr
