@@ -1,0 +1,96 @@
+"""A budgeted policy with a published dynamic method on some layers: the multi-key experiment.
+
+At 2k (seed 4) FlexPrefill γ 0.9 answers `niah_multikey` 12 points better than the budgeted
+pick, and the last-row diagnosis (`task_suite_multikey.py`; RESULTS.md, "Multi-key at 2k")
+located the difference in layers 21–23: there FlexPrefill's rows read the asked needle more
+selectively. This script tests that diagnosis: it keeps the pick's heads everywhere except on
+``--layers``, whose heads all run the published method (FlexPrefill or XAttention, chosen per
+input as `attnlab eval --baseline` runs it), and writes the result as an ordinary policy file
+that `attnlab eval --policy` runs:
+
+    python benchmarks/hybrid_policy.py benchmarks/data/eval-2k-seed4/policies/p68n2k.json \\
+        --layers 17-24 --method flexprefill:gamma=0.9 \\
+        --out benchmarks/data/eval-2k-seed4/policies/p68n2k-fp17-24.json
+
+The hybrid's density is measured per input by `eval` (the replaced heads' cost is not known in
+advance); the file records where it came from under ``generator.hybrid``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from attnlab.cliargs import layer_list, layers_text
+from attnlab.errors import AttnlabError
+from attnlab.sparsity_stats.dynamic import parse_baselines
+from attnlab.sparsity_stats.kinds import BASELINE_KINDS, get_kind
+from attnlab.sparsity_stats.policy import Policy
+
+#: Per-head estimates the generator wrote that no longer hold for a replaced head.
+_ESTIMATES = ("expected_recall", "expected_density", "expected_kv", "density_is")
+
+
+def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) -> Policy:
+    """``policy`` with every head of ``layers`` running published method ``kind`` (``params``
+    validated as `eval --baseline` validates them); every other head unchanged."""
+    if kind not in BASELINE_KINDS:
+        raise AttnlabError(f"--method {kind!r} is not a published dynamic method: choose {', '.join(BASELINE_KINDS)}")
+    params = get_kind(kind).validate(params, f"--method {kind}")
+    d = policy.to_dict()
+    n_layers = int(d["model"]["n_layers"])
+    outside = [x for x in layers if not 0 <= x < n_layers]
+    if not layers or outside:
+        raise AttnlabError(f"--layers {layers_text(layers) or '(none)'}: give layers the model has (0-{n_layers - 1})")
+    dense = sorted({h["layer"] for h in d["heads"] if h["layer"] in layers and h["kind"] == "dense"})
+    if len(dense) == len(set(layers)):
+        raise AttnlabError(f"--layers {layers_text(layers)}: every head there is dense in the policy; "
+                           "choose layers it makes sparse")
+    why = f"hybrid: {kind} ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on layers {layers_text(layers)}"
+    for h in d["heads"]:
+        if h["layer"] in layers:
+            h["kind"], h["params"], h["reason"] = kind, dict(params), why
+            for key in _ESTIMATES:
+                h.pop(key, None)
+    # the generator's totals no longer describe the file: the replaced heads' cost and recall
+    # are only known per input (eval measures the density), so they are not claimed
+    kinds: dict[str, int] = {}
+    for h in d["heads"]:
+        kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+    d["summary"] = {"objective": d.get("summary", {}).get("objective"), "kinds": kinds,
+                    "dense_heads": kinds.get("dense", 0), "note": why + "; expected recall and density not "
+                    "known in advance (measured per input by eval)"}
+    d["budget"] = {k: v for k, v in d.get("budget", {}).items() if k != "expected"}
+    d["generator"] = {**d.get("generator", {}), "hybrid": {"layers": sorted(set(layers)), "kind": kind,
+                                                           "params": dict(params)}}
+    return Policy.from_dict(d, path="hybrid policy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("policy", type=Path, help="the budgeted policy (a policy .json)")
+    p.add_argument("--layers", type=layer_list, required=True, help="layers whose heads run --method, e.g. 17-24")
+    p.add_argument("--method", required=True, metavar="METHOD[:K=V,...]",
+                   help="a published dynamic method as `eval --baseline` takes it, e.g. flexprefill:gamma=0.9")
+    p.add_argument("--out", type=Path, required=True, help="where the hybrid policy is written (.json)")
+    args = p.parse_args(argv)
+    try:
+        runs = parse_baselines(args.method)
+        if len(runs) != 1:
+            raise AttnlabError(f"--method {args.method!r} is a sweep; give one value per parameter")
+        kind, params = runs[0]
+        hybrid = hybrid_policy(Policy.load(args.policy), args.layers, kind, params)
+        if args.out.exists():
+            raise AttnlabError(f"{args.out} exists; remove it or choose another --out")
+        hybrid.save(args.out)
+    except AttnlabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    changed = sum(h.kind == kind for h in hybrid.heads)
+    print(f"wrote {args.out}: {changed} heads run {kind} on layers {layers_text(args.layers)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""benchmarks/hybrid_policy.py: the budgeted pick with a published dynamic method on some layers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import load_benchmark
+
+from attnlab.errors import AttnlabError
+from attnlab.sparsity_stats.policy import Policy
+
+DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "eval-2k-seed4" / "policies"
+hp = load_benchmark("hybrid_policy.py")
+
+
+def _heads(d):
+    return {(h["layer"], h["head"]): h for h in d["heads"]}
+
+
+def _choices(d):
+    return {key: (h["kind"], h["params"]) for key, h in _heads(d).items()}
+
+
+def test_only_the_given_layers_change_and_they_run_the_method_as_eval_baseline_validates_it():
+    pick = Policy.load(DATA / "p68n2k.json")
+    hybrid = hp.hybrid_policy(pick, [17, 18, 24], "flexprefill", {"gamma": 0.85})
+    before, after = _heads(pick.to_dict()), _heads(hybrid.to_dict())
+    assert before.keys() == after.keys()
+    for key, h in after.items():
+        if key[0] in (17, 18, 24):
+            assert (h["kind"], h["params"]) == ("flexprefill", {"gamma": 0.85, "delta": 0.1})  # default delta added
+            assert h["expected_recall"] is None and h["expected_density"] is None  # no claim about its cost
+        else:
+            assert h == before[key]
+    summary = hybrid.to_dict()["summary"]
+    assert summary["kinds"]["flexprefill"] == 27 and sum(summary["kinds"].values()) == 270
+    assert "expected_recall" not in summary and "expected" not in hybrid.to_dict()["budget"]
+
+
+def test_the_committed_hybrid_is_what_the_script_makes(tmp_path):
+    """The policy the 2k multi-key run used (p68n2k-fp17-24.json) is the script's output."""
+    out = tmp_path / "h.json"
+    assert hp.main([str(DATA / "p68n2k.json"), "--layers", "17-24", "--method", "flexprefill:gamma=0.9",
+                    "--out", str(out)]) == 0
+    made, kept = json.loads(out.read_text()), json.loads((DATA / "p68n2k-fp17-24.json").read_text())
+    assert _choices(made) == _choices(kept)
+    changed = [k for k, (kind, _) in _choices(made).items() if kind == "flexprefill"]
+    assert sorted({layer for layer, _ in changed}) == list(range(17, 25)) and len(changed) == 72
+
+
+@pytest.mark.parametrize(("layers", "method", "words"), [
+    ([6, 7, 8], ("flexprefill", {}), "every head there is dense"),
+    ([28, 31], ("flexprefill", {}), "0-29"),
+    ([20], ("block_topk", {}), "not a published dynamic method"),
+    ([20], ("xattention", {"tau": 1.5}), "params.tau"),
+])
+def test_bad_requests_are_one_line_naming_the_fix(layers, method, words):
+    with pytest.raises(AttnlabError, match=words):
+        hp.hybrid_policy(Policy.load(DATA / "p68n2k.json"), layers, *method)
+
+
+def test_an_existing_output_is_never_overwritten(tmp_path, capsys):
+    out = tmp_path / "h.json"
+    out.write_text("keep me")
+    assert hp.main([str(DATA / "p68n2k.json"), "--layers", "20", "--method", "xattention", "--out", str(out)]) == 2
+    assert out.read_text() == "keep me" and "exists" in capsys.readouterr().err
