@@ -4,7 +4,7 @@ At 2k (seed 4) FlexPrefill γ 0.9 answers `niah_multikey` 12 points better than 
 pick, and the last-row diagnosis (`task_suite_multikey.py`; RESULTS.md, "Multi-key at 2k")
 located the difference in layers 21–23: there FlexPrefill's rows read the asked needle more
 selectively. This script tests that diagnosis: it keeps the pick's heads everywhere except on
-``--layers``, whose heads all run the published method (FlexPrefill or XAttention, chosen per
+``--layers``, whose sparse heads all run the published method (FlexPrefill or XAttention, chosen per
 input as `attnlab eval --baseline` runs it), and writes the result as an ordinary policy file
 that `attnlab eval --policy` runs:
 
@@ -43,16 +43,17 @@ def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) ->
     outside = [x for x in layers if not 0 <= x < n_layers]
     if not layers or outside:
         raise AttnlabError(f"--layers {layers_text(layers) or '(none)'}: give layers the model has (0-{n_layers - 1})")
-    dense = sorted({h["layer"] for h in d["heads"] if h["layer"] in layers and h["kind"] == "dense"})
-    if len(dense) == len(set(layers)):
+    # dense heads (protected layers, heads the budget kept whole) stay dense: the swap is of
+    # one sparse rule for another
+    swapped = [h for h in d["heads"] if h["layer"] in layers and h["kind"] != "dense"]
+    if not swapped:
         raise AttnlabError(f"--layers {layers_text(layers)}: every head there is dense in the policy; "
                            "choose layers it makes sparse")
     why = f"hybrid: {kind} ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on layers {layers_text(layers)}"
-    for h in d["heads"]:
-        if h["layer"] in layers:
-            h["kind"], h["params"], h["reason"] = kind, dict(params), why
-            for key in _ESTIMATES:
-                h.pop(key, None)
+    for h in swapped:
+        h["kind"], h["params"], h["reason"] = kind, dict(params), why
+        for key in _ESTIMATES:
+            h.pop(key, None)
     # the generator's totals no longer describe the file: the replaced heads' cost and recall
     # are only known per input (eval measures the density), so they are not claimed
     kinds: dict[str, int] = {}

@@ -39,6 +39,13 @@ def test_only_the_given_layers_change_and_they_run_the_method_as_eval_baseline_v
     assert "expected_recall" not in summary and "expected" not in hybrid.to_dict()["budget"]
 
 
+def test_dense_heads_in_the_layers_stay_dense():
+    """Layer 6 is protected (dense) in the pick: asked for layers 5-7, only layer 5 changes."""
+    hybrid = _choices(hp.hybrid_policy(Policy.load(DATA / "p68n2k.json"), [5, 6, 7], "xattention", {}).to_dict())
+    assert {layer for (layer, _), (kind, _) in hybrid.items() if kind == "xattention"} == {5}
+    assert all(hybrid[(layer, h)][0] == "dense" for layer in (6, 7) for h in range(9))
+
+
 def test_the_committed_hybrid_is_what_the_script_makes(tmp_path):
     """The policy the 2k multi-key run used (p68n2k-fp17-24.json) is the script's output."""
     out = tmp_path / "h.json"
