@@ -28,13 +28,15 @@ from attnlab.sparsity_stats.dynamic import parse_baselines
 from attnlab.sparsity_stats.kinds import BASELINE_KINDS, get_kind
 from attnlab.sparsity_stats.policy import Policy
 
-#: Per-head estimates the generator wrote that no longer hold for a replaced head.
+#: Per-head estimates the generator wrote that no longer hold for a replaced head (the policy
+#: writes them back as null, and ``density_is`` as its default: no estimate to qualify).
 _ESTIMATES = ("expected_recall", "expected_density", "expected_kv", "density_is")
 
 
 def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) -> Policy:
-    """``policy`` with every head of ``layers`` running published method ``kind`` (``params``
-    validated as `eval --baseline` validates them); every other head unchanged."""
+    """``policy`` with every sparse head of ``layers`` running published method ``kind``
+    (``params`` validated as `eval --baseline` validates them); dense heads and every other
+    layer unchanged."""
     if kind not in BASELINE_KINDS:
         raise AttnlabError(f"--method {kind!r} is not a published dynamic method: choose {', '.join(BASELINE_KINDS)}")
     params = get_kind(kind).validate(params, f"--method {kind}")
@@ -71,7 +73,7 @@ def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("policy", type=Path, help="the budgeted policy (a policy .json)")
-    p.add_argument("--layers", type=layer_list, required=True, help="layers whose heads run --method, e.g. 17-24")
+    p.add_argument("--layers", type=layer_list, required=True, help="layers whose sparse heads run --method, e.g. 17-24")
     p.add_argument("--method", required=True, metavar="METHOD[:K=V,...]",
                    help="a published dynamic method as `eval --baseline` takes it, e.g. flexprefill:gamma=0.9")
     p.add_argument("--out", type=Path, required=True, help="where the hybrid policy is written (.json)")

@@ -138,6 +138,7 @@ print(getattr(kernels, "MARK", None), kernels.__file__, ours.__file__, hasattr(o
 def test_the_kernels_folder_hands_its_top_level_name_to_the_hub_package(tmp_path):
     """Run in the repository root, `import kernels` finds our folder first; transformers >= 5.25
     imports Hugging Face's `kernels` by that name, so the folder must hand it the installed one."""
+    import os
     import subprocess
     import sys
 
@@ -145,7 +146,7 @@ def test_the_kernels_folder_hands_its_top_level_name_to_the_hub_package(tmp_path
     hub.mkdir(parents=True)
     (hub / "__init__.py").write_text("MARK = 'hub'\n")
     (hub / "layer.py").write_text("WHERE = 'hub submodule'\n")
-    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     out = subprocess.run([sys.executable, "-c", _WHICH_KERNELS + "from kernels.layer import WHERE; print(WHERE)"],
                          cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.split("\n")
     mark, hub_file, ours_file, has_layout = out[0].split()
