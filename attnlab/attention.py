@@ -60,6 +60,13 @@ _ERR_NOT_REGISTRY = (
 )
 
 
+_ERR_BIAS = (
+    "{cls} adds a position bias (ALiBi) to its attention scores{where}: attnlab's executors and q/k "
+    "statistics compute softmax(q·k) without it, so they cannot run on this model. Use the pattern "
+    "path (--path pattern) for statistics"
+)
+
+
 _ERR_VARIANT_DIFFERS = (
     "{cls} (layer {layer}) passes its attention function {got}, but its config describes {want}: "
     "attnlab will not guess which one the model computes; check the config's window fields"
@@ -260,6 +267,8 @@ def _dispatch(module: Any, query, key, value, attention_mask, dropout: float = 0
     counts = getattr(_state, "counts", None)
     if counts is not None:
         counts[layer] = counts.get(layer, 0) + 1
+    if mask_bias(attention_mask):  # a bias the config did not announce: never computed without it
+        raise RoutingError(_ERR_BIAS.format(cls=type(module).__name__, where=f" through its attention mask (layer {layer})"))
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
     variant = AttentionVariant(
@@ -400,6 +409,23 @@ def layer_windows_of(identity: Any, n_layers: int) -> list[int]:
     return [int(w) for w in windows]
 
 
+def uses_alibi(cfg: Any) -> bool:
+    """Whether a Hugging Face config asks for ALiBi position biases (Falcon's ``alibi``, MPT's
+    ``attn_config.alibi``, BLOOM always): transformers adds them to the attention mask."""
+    attn_config = getattr(cfg, "attn_config", None)
+    return bool(getattr(cfg, "alibi", False) or getattr(attn_config, "alibi", False)
+                or getattr(cfg, "model_type", None) == "bloom")
+
+
+def mask_bias(attention_mask: Any) -> bool:
+    """Whether an additive attention mask carries a bias: a value that is neither 0 (attend) nor
+    a masking value (-inf or the dtype's most negative numbers). Boolean masks never do."""
+    if not isinstance(attention_mask, torch.Tensor) or not attention_mask.is_floating_point():
+        return False
+    masked = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+    return bool(((attention_mask != 0) & ~masked).any())
+
+
 def check_routable(model: Any, fn: AttentionFn | None = None) -> list[AttentionVariant]:
     """Refuse, before any forward, a model whose attention attnlab cannot route, and a ``fn``
     that does not take the ``variant`` its layers need; returns `layer_variants`."""
@@ -411,6 +437,8 @@ def check_routable(model: Any, fn: AttentionFn | None = None) -> list[AttentionV
         if not _uses_registry(hf):
             same = [i for i, m in enumerate(modules) if type(m) is type(hf)]
             raise RoutingError(_ERR_NOT_REGISTRY.format(cls=type(hf).__name__, layers=_layer_span(same)))
+    if uses_alibi(model.hf_model.config):
+        raise RoutingError(_ERR_BIAS.format(cls=type(modules[0]).__name__, where=" (its config asks for ALiBi)"))
     variants = layer_variants(model)
     if fn is not None and not _accepts_variant(fn):
         special = [i for i, v in enumerate(variants) if not v.plain]

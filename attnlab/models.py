@@ -831,16 +831,17 @@ def _tiny_config(kind: str, vocab: int, n_layers: int, n_ctx: int, tokenizer: An
     if kind == "opt":  # passes scaling=1.0: its queries come pre-scaled
         return tf.OPTConfig(hidden_size=64, word_embed_proj_dim=64, ffn_dim=128, num_hidden_layers=n_layers,
                             num_attention_heads=4, max_position_embeddings=n_ctx, pad_token_id=0, **ids)
-    if kind == "falcon":  # computes attention itself: refused by every routed path
+    if kind in ("falcon", "falcon-alibi"):  # falcon-alibi: the bias rides in the attention mask, every routed path refuses it
         return tf.FalconConfig(hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=4,
-                               new_decoder_architecture=False, multi_query=True, **ids)
+                               new_decoder_architecture=False, multi_query=True, alibi=kind == "falcon-alibi", **ids)
     raise ValueError(f"tiny_model kind must be one of {', '.join(TINY_KINDS)}, got {kind!r}")
 
 
 #: Architectures `tiny_model` builds (the architecture matrix of tests/test_architectures.py).
 TINY_KINDS: tuple[str, ...] = (
     "llama", "qwen2", "qwen2-window", "qwen3", "mistral", "mistral-window", "gemma", "gemma2", "gemma3",
-    "gpt-oss", "phi3", "olmo2", "granite", "stablelm", "gpt-neox", "gpt2", "opt", "falcon", "phi", "cohere",
+    "gpt-oss", "phi3", "olmo2", "granite", "stablelm", "gpt-neox", "gpt2", "opt", "falcon", "falcon-alibi", "phi",
+    "cohere",
 )  # fmt: skip
 
 

@@ -10,8 +10,9 @@ For each architecture of `attnlab.models.TINY_KINDS` (built from a config, no we
   the executor equals one before;
 - **generate**: `LoadedModel.generate` gives the plain Hugging Face model's greedy tokens.
 
-An architecture that must be refused (Falcon: its attention never reaches transformers'
-attention registry) is asserted to be refused on every routed path, with its reason.
+An architecture that must be refused (Falcon with ALiBi: transformers adds its position bias to
+the attention mask, which attnlab's executors and q/k statistics do not compute) is asserted to be
+refused on every routed path, with its reason.
 
 Every check records what it measured; `test_support_table_is_generated_from_the_matrix`
 (slow: it needs the whole matrix) renders docs/support.md from those records and requires the
@@ -23,14 +24,16 @@ file to equal the rendering, so the table is never edited by hand. Regenerate it
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from conftest import random_ids
 from test_executors import make_policy
 
-from attnlab.attention import RoutingError, layer_variants, route_attention
+from attnlab.attention import RoutingError, layer_variants, mask_bias, route_attention, uses_alibi
 from attnlab.capture import capture
 from attnlab.models import TINY_KINDS, tiny_hf_model, tiny_model
 from attnlab.names import attn_hook
@@ -39,7 +42,9 @@ from attnlab.stats import StatConfig
 
 SUPPORT_MD = Path(__file__).resolve().parents[1] / "docs" / "support.md"
 #: Architectures that every routed path must refuse, and the words their refusal must contain.
-REFUSED = {"falcon": "FalconAttention computes attention itself"}
+REFUSED = {"falcon-alibi": "adds a position bias (ALiBi) to its attention scores"}
+#: The table holds for this transformers minor version (a new one can change what reaches attnlab).
+TRANSFORMERS_MINOR = ".".join(transformers.__version__.split(".")[:2])
 #: Small sizes so that the windows (8 tokens), block maps and chunks all cross boundaries.
 STATS = StatConfig(sink_tokens=(1, 4), windows=(4, 16), budgets=(4, 16), block_size=8, query_chunk=16, coverage_rows=64)
 N_TOKENS = 83  # not a multiple of the block size: ragged last block
@@ -103,7 +108,7 @@ def test_loads_and_pattern_path_is_hf_eager(kind):
     assert diff <= 1e-5, f"{kind}: the bridge's forward differs from Hugging Face eager by {diff:.2e}"
     assert sorted(patterns) == list(range(model.n_layers)), "hook_pattern must fire on every layer"
     record(kind, "class", type(plain).__name__)
-    record(kind, "attention", describe_attention(model.identity()["attention"]))
+    record(kind, "attention", "ALiBi" if uses_alibi(plain.config) else describe_attention(model.identity()["attention"]))
     record(kind, "pattern", "ok")
 
 
@@ -112,7 +117,7 @@ def test_qk_statistics_equal_the_pattern_path(kind):
     model = model_of(kind)
     ids = random_ids(N_TOKENS, seed=2)
     if kind in REFUSED:
-        with pytest.raises(RoutingError, match=REFUSED[kind]):
+        with pytest.raises(RoutingError, match=re.escape(REFUSED[kind])):
             capture(model, ids, STATS, path="qk")
         record(kind, "qk", "refused")
         return
@@ -163,7 +168,7 @@ def test_reference_executor(kind):
     if kind in REFUSED:
         model = model_of(kind)
         for name in EXECUTORS:
-            with pytest.raises(RoutingError, match=REFUSED[kind]):
+            with pytest.raises(RoutingError, match=re.escape(REFUSED[kind])):
                 with run_with_policy(model, make_policy(model), name):
                     pass
         record(kind, "executors", "refused")
@@ -205,12 +210,33 @@ def test_generate_equals_plain_hf_greedy(kind):
 
 
 def test_refused_model_is_refused_with_its_reason_before_any_forward():
-    model = model_of("falcon")
+    model = model_of("falcon-alibi")
     calls = []
-    with pytest.raises(RoutingError, match=r"FalconAttention computes attention itself .*--path pattern"):
+    with pytest.raises(RoutingError, match=r"FalconAttention adds a position bias \(ALiBi\).*config asks for ALiBi.*--path pattern"):
         with route_attention(model, lambda *a, **k: calls.append(a)):
             pass
     assert calls == []
+
+
+def test_a_bias_in_the_attention_mask_is_refused_at_run_time(monkeypatch):
+    """A model whose config does not announce its bias is stopped at its first attention call."""
+    import attnlab.attention as attention
+
+    model = model_of("falcon-alibi")
+    monkeypatch.setattr(attention, "uses_alibi", lambda cfg: False)
+    with pytest.raises(RoutingError, match=r"FalconAttention adds a position bias \(ALiBi\).* through its attention mask \(layer 0\)"):
+        capture(model, random_ids(N_TOKENS, seed=2), STATS, path="qk")
+
+
+def test_mask_bias_tells_a_bias_from_masking():
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    assert not mask_bias(causal) and not mask_bias(None)
+    low = torch.finfo(torch.float32).min
+    assert not mask_bias(torch.zeros(5, 5).masked_fill(~causal, float("-inf")))
+    assert not mask_bias(torch.zeros(5, 5).masked_fill(~causal, low))
+    alibi = -torch.arange(5.0)[None, :].flip(-1).expand(5, 5) * 0.25
+    assert mask_bias(alibi.masked_fill(~causal, low))
+    assert mask_bias(torch.full((5, 5), 1e-6).masked_fill(~causal, low)), "any finite nonzero value is a bias"
 
 
 # --- the support table -----------------------------------------------------------------------
@@ -232,7 +258,8 @@ def render_table(results: dict[str, dict[str, str]]) -> str:
         "# What works where",
         "",
         "Generated by `ATTNLAB_UPDATE_SUPPORT=1 python -m pytest tests/test_architectures.py` (the",
-        "architecture matrix of tiny random-init models; do not edit by hand). **ok** means: the",
+        "architecture matrix of tiny random-init models; do not edit by hand), measured with",
+        f"transformers {TRANSFORMERS_MINOR}, the version attnlab asks for. **ok** means: the",
         "pattern path equals Hugging Face eager attention; q/k statistics and block maps equal the",
         "pattern path's to <= 1e-5; every executor agrees with the reference to <= 1e-4 under a",
         "mixed sparse policy and equals the model's own forward under an all-dense policy, and the",
@@ -248,8 +275,9 @@ def render_table(results: dict[str, dict[str, str]]) -> str:
         cells = [row.get("executors", row.get(col, "-")) if col in _EXECUTOR_COLUMNS else row.get(col, "-") for col, _ in COLUMNS]
         lines.append(f"| {kind} | {row.get('class', '-')} | {row.get('attention', '-')} | " + " | ".join(cells) + " |")
     if any(kind in REFUSED for kind in TINY_KINDS):
-        lines += ["", "Refused:"] + [f"- {kind}: {why} instead of through transformers' attention registry; "
-                                      "use the pattern path (`--path pattern`) for its statistics." for kind, why in REFUSED.items()]
+        lines += ["", "Refused:"] + [f"- {kind}: {why}, which attnlab's executors and q/k statistics "
+                                      "do not compute; use the pattern path (`--path pattern`) for its statistics."
+                                      for kind, why in REFUSED.items()]
     return "\n".join(lines) + "\n"
 
 

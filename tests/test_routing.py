@@ -8,20 +8,27 @@ import torch
 
 from attnlab import attention
 from attnlab.attention import RoutingError, route_attention, sdpa
-from attnlab.models import EMBEDDED_MODELS, EMBEDDED_NAME, _embedded_cache, wrap_hf_model
+from attnlab.models import tiny_hf_model, wrap_hf_model
 
 
 @pytest.fixture(scope="module")
-def tiny_falcon():
-    """Falcon's attention computes itself, never through transformers' attention registry."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, FalconConfig
+def tiny_own_attention():
+    """A tiny Llama whose attention modules compute attention themselves (transformers' eager
+    function called directly), never through transformers' attention registry."""
+    from transformers.models.llama import modeling_llama as ml
 
-    tok = AutoTokenizer.from_pretrained(_embedded_cache(EMBEDDED_MODELS[EMBEDDED_NAME], verbose=False))
-    cfg = FalconConfig(architectures=["FalconForCausalLM"], vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, new_decoder_architecture=False, multi_query=True)
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager")
-    return wrap_hf_model(hf, tok, name="tiny-falcon", source="config")
+    class OwnAttention(ml.LlamaAttention):
+        def forward(self, hidden_states, position_embeddings=None, attention_mask=None, cache=None, **kwargs):
+            shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+            q, k, v = (proj(hidden_states).view(shape).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+            q, k = ml.apply_rotary_pos_emb(q, k, *position_embeddings)
+            out, weights = ml.eager_attention_forward(self, q, k, v, attention_mask, scaling=self.scaling)
+            return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+    hf, tok = tiny_hf_model("llama")
+    for layer in hf.model.layers:
+        layer.self_attn.__class__ = OwnAttention
+    return wrap_hf_model(hf, tok, name="tiny-own-attention", source="config")
 
 
 def _counting_fn(calls: list[int]):
@@ -32,25 +39,25 @@ def _counting_fn(calls: list[int]):
     return fn
 
 
-def test_a_model_that_bypasses_the_registry_is_refused_up_front(tiny_falcon):
+def test_a_model_that_bypasses_the_registry_is_refused_up_front(tiny_own_attention):
     calls: list[int] = []
-    with pytest.raises(RoutingError, match=r"FalconAttention computes attention itself .*\(layers 0,1\).*--path pattern"):
-        with route_attention(tiny_falcon, _counting_fn(calls)):
+    with pytest.raises(RoutingError, match=r"OwnAttention computes attention itself .*\(layers 0,1\).*--path pattern"):
+        with route_attention(tiny_own_attention, _counting_fn(calls)):
             pass
     assert calls == []
 
 
-def test_a_bypass_at_run_time_stops_the_forward(tiny_falcon, monkeypatch):
+def test_a_bypass_at_run_time_stops_the_forward(tiny_own_attention, monkeypatch):
     """Even when the up-front check is fooled, the first layer that does not route stops the forward."""
     monkeypatch.setattr(attention, "_uses_registry", lambda module: True)
     calls: list[int] = []
     ids = torch.randint(100, 1000, (1, 12))
-    with pytest.raises(RoutingError, match=r"FalconAttention \(layer 0; layers 0,1 use it\) ran its attention 0 times"):
-        with route_attention(tiny_falcon, _counting_fn(calls)):
-            tiny_falcon.bridge(ids)
+    with pytest.raises(RoutingError, match=r"OwnAttention \(layer 0; layers 0,1 use it\) ran its attention 0 times"):
+        with route_attention(tiny_own_attention, _counting_fn(calls)):
+            tiny_own_attention.bridge(ids)
     assert calls == []
     # the model is restored: a plain forward works and routing can start again
-    tiny_falcon.bridge(ids)
+    tiny_own_attention.bridge(ids)
     assert getattr(attention._state, "fn", None) is None
 
 
