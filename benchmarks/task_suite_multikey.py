@@ -107,22 +107,35 @@ class LastRow:
         return out
 
 
-def measure(model, sample, executor) -> dict[str, np.ndarray]:
+def measure(model, sample, executor, answer_ids=()) -> dict[str, np.ndarray]:
     """``probs [L, H, n]`` and ``kept [L, H, n]`` of the prompt's last row, and the prefill's
-    greedy first token, under ``executor`` (None: dense)."""
+    greedy first token, under ``executor`` (None: dense). With ``answer_ids`` (the reference
+    answer's tokens), the reply is then teacher-forced as `attnlab eval` decodes it (dense rows
+    over the cache the method's prefill filled): ``p_answer [steps]`` is the probability of the
+    reference's token at each step, ``greedy [steps]`` the token greedy decoding would have
+    chosen there."""
     from transformers import DynamicCache
 
     from attnlab.attention import route_attention
     from attnlab.models import forward_with_cache
 
     rec = LastRow(executor)
+    p_answer, greedy = [], []
     with torch.no_grad(), route_attention(model, rec):
         cache = DynamicCache(config=model.hf_model.config)
         logits = forward_with_cache(model.hf_model, sample.input_ids.to(model.device), cache, logits_to_keep=1).logits
+        first = int(logits[0, -1].argmax())
+        for i, token in enumerate(answer_ids):
+            probs = torch.softmax(logits[0, -1].float(), -1)
+            p_answer.append(float(probs[token]))
+            greedy.append(int(probs.argmax()))
+            if i + 1 < len(answer_ids):
+                feed = torch.tensor([[token]], device=model.device)
+                logits = forward_with_cache(model.hf_model, feed, cache, logits_to_keep=1).logits
     layers = sorted(rec.probs)
     return {"probs": torch.stack([rec.probs[i] for i in layers]).numpy(),
             "kept": torch.stack([rec.kept[i] for i in layers]).numpy(),
-            "first": int(logits[0, -1].argmax())}
+            "first": first, "p_answer": np.asarray(p_answer), "greedy": greedy}
 
 
 def stored_answers(shards: str, task: str):
@@ -145,6 +158,7 @@ def report(results: list[dict], methods: list[str]) -> None:
         return f"{r['group']}, dense {'right' if r['answered'].get('dense') else 'wrong'}"
 
     groups = list(dict.fromkeys(key(r) for r in results))
+    distractors = any(r["values"].get("distractors") for r in results)
     print("| samples | n | method | right | asked | other | selectivity "
           "| asked kept whole |")
     print("|---|---:|---|---:|---:|---:|---:|---:|")
@@ -159,12 +173,14 @@ def report(results: list[dict], methods: list[str]) -> None:
                 whole.append((np.asarray(d["kept"]).ravel()[r["top"]] >= 1.0).mean())
             right = sum(r["answered"].get(method, False) for r in rs)
             a, o = np.mean(asked), np.mean(other)
+            sel = f"{a / (a + o):.2f}" if distractors else "–"
             print(f"| {group} | {len(rs)} | {method} | {right} "
-                  f"| {a:.3f} | {o:.3f} | {a / (a + o):.2f} | {np.mean(whole):.2f} |")
+                  f"| {a:.3f} | {o:.3f} | {sel} | {np.mean(whole):.2f} |")
     dense_needles = np.mean([np.asarray(r["methods"]["dense"]["asked"]) + np.asarray(r["methods"]["dense"]["other"])
                              for r in results], axis=0).sum(-1)  # [L]: the layer's heads, summed
     layers = [int(i) for i in np.flatnonzero(dense_needles >= 0.5)]
-    print("\n## per layer: selectivity asked / (asked + other), the layer's heads summed, mean over samples")
+    what = "selectivity asked / (asked + other)" if distractors else "the asked needle's mass"
+    print(f"\n## per layer: {what}, the layer's heads summed, mean over samples")
     print(f"(layers where dense puts a mass of 0.5 or more on the needles, summed over heads: {layers})\n")
     print("| samples | method | " + " | ".join(f"L{i}" for i in layers) + " |")
     print("|---|---|" + "---:|" * len(layers))
@@ -173,7 +189,42 @@ def report(results: list[dict], methods: list[str]) -> None:
         for method in methods:
             a = np.mean([np.asarray(r["methods"][method]["asked"]).sum(-1) for r in rs], axis=0)
             o = np.mean([np.asarray(r["methods"][method]["other"]).sum(-1) for r in rs], axis=0)
-            print(f"| {group} | {method} | " + " | ".join(f"{a[i] / (a[i] + o[i]):.2f}" for i in layers) + " |")
+            cells = [a[i] / (a[i] + o[i]) if distractors else a[i] for i in layers]
+            print(f"| {group} | {method} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    if all("p_answer" in d for r in results for d in r["methods"].values()):
+        reply_report(results, methods, key, groups)
+
+
+def reply_report(results, methods, key, groups) -> None:
+    """The reference answer teacher-forced after each method's prefill (dense decode rows, as
+    eval decodes): per group and method, the mean probability of the answer's first digit (the
+    step after the leading space, if any), the smallest step probability, and where greedy
+    decoding would first leave the reference."""
+    print("\n## the reference reply, teacher-forced after each method's prefill (dense decode rows)")
+    print("(steps: the answer's tokens; `leaves at`: the step where greedy decoding first picks "
+          "another token, counted over the group's samples)\n")
+    print("| samples | n | method | P(first digit) | smallest step P | follows the reference | "
+          "leaves at its first digit | leaves later |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for group in groups:
+        rs = [r for r in results if key(r) == group]
+        for method in methods:
+            first, low, keep, at_first, later = [], [], 0, 0, 0
+            for r in rs:
+                d = r["methods"][method]
+                p = np.asarray(d["p_answer"])
+                digit = r.get("first_digit", 0)
+                first.append(p[digit])
+                low.append(p.min())
+                off = [i for i, (g, t) in enumerate(zip(d["greedy"], r["answer_ids"], strict=True)) if g != t]
+                if not off:
+                    keep += 1
+                elif off[0] <= digit:
+                    at_first += 1
+                else:
+                    later += 1
+            print(f"| {group} | {len(rs)} | {method} | {np.mean(first):.2f} | {np.mean(low):.2f} "
+                  f"| {keep} | {at_first} | {later} |")
 
 
 def main(argv=None) -> int:
@@ -220,6 +271,7 @@ def main(argv=None) -> int:
     ok_pick, ok_base = table[pick].astype(bool), table[args.against].astype(bool)
     groups = {f"only {args.against}": list(table.index[ok_base & ~ok_pick]),
               f"only {pick}": list(table.index[ok_pick & ~ok_base]),
+              "neither": list(table.index[~ok_pick & ~ok_base]),
               "both": list(table.index[ok_pick & ok_base])[: args.controls]}
 
     t0 = time.perf_counter()
@@ -245,21 +297,28 @@ def main(argv=None) -> int:
         ids = sample.input_ids[0].tolist()
         text, starts = token_starts(model.tokenizer, ids)
         asked = needle_span(text, starts, sample.answers[0])
-        others = [needle_span(text, starts, v) for v in sample.details["distractors"]]
+        distractors = sample.details.get("distractors", [])  # single-needle tasks have none
+        others = [needle_span(text, starts, v) for v in distractors]
+        # the reply as eval's greedy decoding would give it right: " " + the value, token by token
+        answer_ids = model.tokenizer.encode(" " + sample.answers[0], add_special_tokens=False)
+        first_digit = next(i for i, t in enumerate(answer_ids) if model.tokenizer.decode([t]).strip())
         per = {}
         for method, ex in methods.items():
-            m = measure(model, sample, ex)
+            m = measure(model, sample, ex, answer_ids)
             a, b = asked
             per[method] = {
                 "asked": m["probs"][..., a:b].sum(-1),
-                "other": sum(m["probs"][..., x:y].sum(-1) for x, y in others),
+                "other": sum((m["probs"][..., x:y].sum(-1) for x, y in others), np.zeros(m["probs"].shape[:2])),
                 "kept": m["kept"][..., a:b].mean(-1),
                 "first": model.tokenizer.decode([m["first"]]),
+                "p_answer": m["p_answer"],
+                "greedy": m["greedy"],
             }
         needles = per["dense"]["asked"] + per["dense"]["other"]
         top = np.argsort(needles.ravel())[::-1][: args.top]
         results.append({"sample": name, "group": group, "top": top.tolist(),
-                        "values": {"asked": sample.answers[0], "distractors": sample.details["distractors"]},
+                        "answer_ids": answer_ids, "first_digit": first_digit,
+                        "values": {"asked": sample.answers[0], "distractors": distractors},
                         "answered": {k: bool(v) for k, v in table.loc[name].items() if k in methods},
                         "methods": {k: {f: (v.tolist() if isinstance(v, np.ndarray) else v) for f, v in d.items()}
                                     for k, d in per.items()}})

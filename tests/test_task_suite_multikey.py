@@ -5,7 +5,7 @@ method keeps (on a tiny model, under a real streaming policy)."""
 import numpy as np
 import pytest
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, random_ids
 
 from attnlab.kernels.layout import BlockSparseLayout
 from attnlab.sparsity_stats.executors import PolicyExecutor
@@ -82,3 +82,43 @@ def test_the_last_rows_probabilities_are_the_softmax_over_the_kept_keys(bench, t
     assert torch.allclose(dense.probs[0], torch.softmax(scores, -1), atol=1e-6)
     assert np.isclose(float(dense.probs[0][:, 4:-16].sum()), float(4 - torch.softmax(scores, -1)[:, kept[0]].sum()),
                       atol=1e-5)
+
+
+def test_the_teacher_forced_reply_is_the_models_probability_of_each_answer_token(bench, tiny_llama):
+    """`measure`'s answer steps: after a dense prefill, each step's probability of the reference
+    token is what one forward over prompt + reference gives at that position, and ``greedy`` is
+    that position's argmax; under a sparse prefill the first step changes and still sums to one."""
+    from types import SimpleNamespace
+
+    ids = random_ids(40, seed=3, vocab=tiny_llama.hf_model.config.vocab_size)
+    answer = [5, 17, 9]
+    sample = SimpleNamespace(input_ids=ids)
+    m = bench.measure(tiny_llama, sample, None, answer)
+    with torch.no_grad():
+        whole = tiny_llama.hf_model(input_ids=torch.cat([ids, torch.tensor([answer[:-1]])], -1)).logits[0, -len(answer):]
+    probs = torch.softmax(whole.float(), -1)
+    assert np.allclose(m["p_answer"], probs[torch.arange(3), answer].numpy(), rtol=1e-4, atol=0)
+    assert m["greedy"] == probs.argmax(-1).tolist() and m["first"] == m["greedy"][0]
+    ex = PolicyExecutor(uniform_policy(tiny_llama, "streaming", {"sink": 4, "window": 16}, block_size=16), "reference")
+    sparse = bench.measure(tiny_llama, sample, ex, answer)
+    assert not np.isclose(sparse["p_answer"][0], m["p_answer"][0], rtol=1e-3, atol=0)
+    assert sparse["kept"].shape == m["kept"].shape and not sparse["kept"].all()
+
+
+def test_the_reply_report_counts_where_greedy_leaves_the_reference(bench, capsys):
+    """Two samples, answer ``[" ", "4", "4", "8"]``: one followed all the way, one left at its
+    second digit (the ``44.`` replies of the 4k essay misses); and a third left at its first digit."""
+    def method(p, greedy):
+        return {"p_answer": p, "greedy": greedy}
+
+    ref = [0, 4, 4, 8]
+    results = [
+        {"group": "g", "answered": {"dense": True}, "answer_ids": ref, "first_digit": 1,
+         "methods": {"dense": method([1.0, 0.9, 0.8, 0.7], ref), "pick": method([1.0, 0.9, 0.8, 0.2], [0, 4, 4, 99])}},
+        {"group": "g", "answered": {"dense": True}, "answer_ids": ref, "first_digit": 1,
+         "methods": {"dense": method([1.0, 0.5, 0.8, 0.7], ref), "pick": method([1.0, 0.1, 0.8, 0.7], [0, 1, 4, 8])}},
+    ]
+    bench.reply_report(results, ["dense", "pick"], lambda r: "g", ["g"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| g |")]
+    assert rows[0] == "| g | 2 | dense | 0.70 | 0.60 | 2 | 0 | 0 |"
+    assert rows[1] == "| g | 2 | pick | 0.50 | 0.15 | 0 | 1 | 1 |"
