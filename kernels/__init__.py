@@ -45,19 +45,11 @@ if __name__ == "kernels":
     # of Hugging Face's kernel-hub package, which transformers >= 5.25 requires and imports. Hand
     # that name to the installed package, found on the rest of sys.path, so transformers gets the
     # module it asked for; attnlab's own names (the `else` branch) stay out of it.
-    import importlib.machinery as _machinery
-    import importlib.util as _util
     import os as _os
-    import sys as _sys
 
-    _root = _os.path.realpath(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))))
-    _elsewhere = [p for p in _sys.path if _os.path.realpath(p or _os.curdir) != _root]
-    _spec = _machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is not None and _spec.loader is not None:
-        _hub = _util.module_from_spec(_spec)
-        _sys.modules["kernels"] = _hub
-        _spec.loader.exec_module(_hub)
-    else:
+    from ._hub_name import hand_over as _hand_over
+
+    if not _hand_over(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))):
         # No hub package installed: stay an empty module with no version, which transformers
         # (< 5.25, where `kernels` is optional) reads as "kernels not available". Raising here
         # would break its import-time check of every optional package.

@@ -155,6 +155,28 @@ def test_the_kernels_folder_hands_its_top_level_name_to_the_hub_package(tmp_path
     assert out[1] == "hub submodule"
 
 
+def test_a_benchmark_script_hands_the_kernels_name_to_the_hub_package(tmp_path):
+    """`python benchmarks/<script>.py` puts benchmarks/ first on sys.path, where kernels.py (the
+    kernel benchmark) would shadow the hub package transformers >= 5.25 imports: it hands the
+    name over too, to a stand-in hub here and to the installed one in transformers' own import."""
+    import os
+    import subprocess
+    import sys
+
+    hub = tmp_path / "site" / "kernels"
+    hub.mkdir(parents=True)
+    (hub / "__init__.py").write_text("MARK = 'hub'\n")
+    first = f"import sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", first + "import kernels; print(kernels.MARK, kernels.__file__)"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["hub", str(hub / "__init__.py")]
+    real = subprocess.run([sys.executable, "-c", first + "import transformers.integrations.hub_kernels, kernels; "
+                           "print(kernels.__file__)"], cwd=tmp_path, capture_output=True, text=True)
+    assert real.returncode == 0, real.stderr.strip().splitlines()[-1]
+    assert Path(real.stdout.strip()).parent != ROOT / "benchmarks" and Path(real.stdout.strip()).name == "__init__.py"
+
+
 def test_without_the_hub_package_top_level_kernels_is_empty_not_ours():
     """Whatever is installed, `import kernels` from the root never yields attnlab's names; with
     no hub package it is an empty module without a version (transformers < 5.25 reads that as
