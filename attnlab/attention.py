@@ -61,7 +61,7 @@ _ERR_NOT_REGISTRY = (
 
 
 _ERR_BIAS = (
-    "{cls} adds a position bias (ALiBi) to its attention scores{where}: attnlab's executors and q/k "
+    "{cls} adds {bias} to its attention scores{where}: attnlab's executors and q/k "
     "statistics compute softmax(q·k) without it, so they cannot run on this model. Use the pattern "
     "path (--path pattern) for statistics"
 )
@@ -268,7 +268,10 @@ def _dispatch(module: Any, query, key, value, attention_mask, dropout: float = 0
     if counts is not None:
         counts[layer] = counts.get(layer, 0) + 1
     if mask_bias(attention_mask):  # a bias the config did not announce: never computed without it
-        raise RoutingError(_ERR_BIAS.format(cls=type(module).__name__, where=f" through its attention mask (layer {layer})"))
+        raise RoutingError(_ERR_BIAS.format(
+            cls=type(module).__name__, bias="a bias",
+            where=f" through its attention mask (layer {layer}: values other than 0 and the masking value, "
+                  "as ALiBi's position bias gives)"))
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
     variant = AttentionVariant(
@@ -438,7 +441,8 @@ def check_routable(model: Any, fn: AttentionFn | None = None) -> list[AttentionV
             same = [i for i, m in enumerate(modules) if type(m) is type(hf)]
             raise RoutingError(_ERR_NOT_REGISTRY.format(cls=type(hf).__name__, layers=_layer_span(same)))
     if uses_alibi(model.hf_model.config):
-        raise RoutingError(_ERR_BIAS.format(cls=type(modules[0]).__name__, where=" (its config asks for ALiBi)"))
+        raise RoutingError(_ERR_BIAS.format(cls=type(modules[0]).__name__, bias="a position bias (ALiBi)",
+                                            where=" (its config asks for ALiBi)"))
     variants = layer_variants(model)
     if fn is not None and not _accepts_variant(fn):
         special = [i for i, v in enumerate(variants) if not v.plain]

@@ -224,7 +224,8 @@ def test_a_bias_in_the_attention_mask_is_refused_at_run_time(monkeypatch):
 
     model = model_of("falcon-alibi")
     monkeypatch.setattr(attention, "uses_alibi", lambda cfg: False)
-    with pytest.raises(RoutingError, match=r"FalconAttention adds a position bias \(ALiBi\).* through its attention mask \(layer 0\)"):
+    with pytest.raises(RoutingError, match=r"FalconAttention adds a bias to its attention scores through its attention mask \(layer 0: values "
+                                          r"other than 0 and the masking value.*--path pattern"):
         capture(model, random_ids(N_TOKENS, seed=2), STATS, path="qk")
 
 
