@@ -87,7 +87,7 @@ def test_the_last_rows_probabilities_are_the_softmax_over_the_kept_keys(bench, t
 def test_the_teacher_forced_reply_is_the_models_probability_of_each_answer_token(bench, tiny_llama):
     """`measure`'s answer steps: after a dense prefill, each step's probability of the reference
     token is what one forward over prompt + reference gives at that position, and ``greedy`` is
-    that position's argmax; under a sparse prefill the first step changes and still sums to one."""
+    that position's argmax; under a sparse prefill the first step's probability changes."""
     from types import SimpleNamespace
 
     ids = random_ids(40, seed=3, vocab=tiny_llama.hf_model.config.vocab_size)
@@ -106,8 +106,9 @@ def test_the_teacher_forced_reply_is_the_models_probability_of_each_answer_token
 
 
 def test_the_reply_report_counts_where_greedy_leaves_the_reference(bench, capsys):
-    """Two samples, answer ``[" ", "4", "4", "8"]``: one followed all the way, one left at its
-    second digit (the ``44.`` replies of the 4k essay misses); and a third left at its first digit."""
+    """Two samples, answer ``[" ", "4", "4", "8"]``: dense follows both all the way; the pick leaves
+    the first at its last digit (as the ``44.`` replies of the 4k essay misses do) and the second at its
+    first digit."""
     def method(p, greedy):
         return {"p_answer": p, "greedy": greedy}
 
