@@ -51,7 +51,8 @@ def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) ->
     if not swapped:
         raise AttnlabError(f"--layers {layers_text(layers)}: every head there is dense in the policy; "
                            "choose layers it makes sparse")
-    why = f"hybrid: {kind} ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on layers {layers_text(layers)}"
+    where = f"layer{'s' if len(layers) > 1 else ''} {layers_text(layers)}"
+    why = f"hybrid: {kind} ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on {where}"
     for h in swapped:
         h["kind"], h["params"], h["reason"] = kind, dict(params), why
         for key in _ESTIMATES:
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     changed = sum(h.kind == kind for h in hybrid.heads)
-    print(f"wrote {args.out}: {changed} heads run {kind} on layers {layers_text(args.layers)}")
+    print(f"wrote {args.out}: {changed} heads run {kind} on layer{'s' if len(args.layers) > 1 else ''} {layers_text(args.layers)}")
     return 0
 
 

@@ -73,3 +73,14 @@ def test_an_existing_output_is_never_overwritten(tmp_path, capsys):
     out.write_text("keep me")
     assert hp.main([str(DATA / "p68n2k.json"), "--layers", "20", "--method", "xattention", "--out", str(out)]) == 2
     assert out.read_text() == "keep me" and "exists" in capsys.readouterr().err
+
+
+def test_each_swapped_head_says_which_layers_the_method_runs_on(capsys, tmp_path):
+    """The reason and the summary line name "layer 21" for one layer, "layers 17-24" for several."""
+    pick = Policy.load(DATA / "p68n2k.json")
+    one = {h["reason"] for h in hp.hybrid_policy(pick, [21], "xattention", {"tau": 0.94}).to_dict()["heads"]
+           if h["kind"] == "xattention"}
+    assert one == {"hybrid: xattention (tau 0.94, stride 8) on layer 21"}
+    assert hp.main([str(DATA / "p68n2k.json"), "--layers", "17-24", "--method", "xattention",
+                    "--out", str(tmp_path / "h.json")]) == 0
+    assert capsys.readouterr().out.strip().endswith("heads run xattention on layers 17-24")
