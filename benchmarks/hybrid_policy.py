@@ -14,6 +14,13 @@ that `attnlab eval --policy` runs:
 
 The hybrid's density is measured per input by `eval` (the replaced heads' cost is not known in
 advance); the file records where it came from under ``generator.hybrid``.
+
+``--estimate antidiagonal`` changes the rule, not the method: the policy's own ``block_topk``
+heads on ``--layers`` keep their top-k and rank key blocks by XAttention's antidiagonal scores
+instead of mean-pooled q . k (the 4k essay experiment; recorded under ``generator.estimate``):
+
+    python benchmarks/hybrid_policy.py benchmarks/data/eval-4k-seed4/policies/p68n4k.json \
+        --layers 0-29 --estimate antidiagonal --out p68n4k-ad.json
 """
 
 from __future__ import annotations
@@ -71,28 +78,61 @@ def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) ->
     return Policy.from_dict(d, path="hybrid policy")
 
 
+def estimate_policy(policy: Policy, layers: list[int], stride: int) -> Policy:
+    """``policy`` with every ``block_topk`` head of ``layers`` ranking its blocks by XAttention's
+    antidiagonal scores (``params.estimate = {"rule": "antidiagonal", "stride": stride}``) instead
+    of mean-pooled q . k: the same number of blocks per row, so the same density on every input
+    up to which blocks the rule picks; every other head unchanged."""
+    d = policy.to_dict()
+    n_layers = int(d["model"]["n_layers"])
+    if not layers or any(not 0 <= x < n_layers for x in layers):
+        raise AttnlabError(f"--layers {layers_text(layers) or '(none)'}: give layers the model has (0-{n_layers - 1})")
+    changed = [h for h in d["heads"] if h["layer"] in layers and h["kind"] == "block_topk"]
+    if not changed:
+        raise AttnlabError(f"--layers {layers_text(layers)}: no block_topk head there; choose layers the policy runs as block_topk")
+    where = f"layer{'s' if len(layers) > 1 else ''} {layers_text(layers)}"
+    for h in changed:
+        h["params"] = {**h["params"], "estimate": {"rule": "antidiagonal", "stride": int(stride)}}
+        h["reason"] = f"{h.get('reason', '')} [estimate: antidiagonal, stride {stride}, on {where}]".strip()
+    d["generator"] = {**d.get("generator", {}), "estimate": {"layers": sorted(set(layers)), "rule": "antidiagonal",
+                                                             "stride": int(stride), "heads": len(changed)}}
+    return Policy.from_dict(d, path="policy with antidiagonal estimates")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("policy", type=Path, help="the budgeted policy (a policy .json)")
     p.add_argument("--layers", type=layer_list, required=True, help="layers whose sparse heads run --method, e.g. 17-24")
-    p.add_argument("--method", required=True, metavar="METHOD[:K=V,...]",
-                   help="a published dynamic method as `eval --baseline` takes it, e.g. flexprefill:gamma=0.9")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--method", metavar="METHOD[:K=V,...]",
+                     help="a published dynamic method as `eval --baseline` takes it, e.g. flexprefill:gamma=0.9")
+    how.add_argument("--estimate", choices=["antidiagonal"],
+                     help="instead of --method: keep every head, and let the block_topk heads of --layers rank "
+                          "their blocks by XAttention's antidiagonal scores (same top-k)")
+    p.add_argument("--stride", type=int, default=8, help="--estimate antidiagonal: the antidiagonal stride (default 8)")
     p.add_argument("--out", type=Path, required=True, help="where the hybrid policy is written (.json)")
     args = p.parse_args(argv)
+    where = f"layer{'s' if len(args.layers) > 1 else ''} {layers_text(args.layers)}"
     try:
-        runs = parse_baselines(args.method)
-        if len(runs) != 1:
-            raise AttnlabError(f"--method {args.method!r} is a sweep; give one value per parameter")
-        kind, params = runs[0]
-        hybrid = hybrid_policy(Policy.load(args.policy), args.layers, kind, params)
         if args.out.exists():
             raise AttnlabError(f"{args.out} exists; remove it or choose another --out")
-        hybrid.save(args.out)
+        if args.estimate:
+            made = estimate_policy(Policy.load(args.policy), args.layers, args.stride)
+            what = "block_topk heads rank blocks by antidiagonal scores"
+            changed = made.to_dict()["generator"]["estimate"]["heads"]
+        else:
+            runs = parse_baselines(args.method)
+            if len(runs) != 1:
+                raise AttnlabError(f"--method {args.method!r} is a sweep; give one value per parameter")
+            kind, params = runs[0]
+            made = hybrid_policy(Policy.load(args.policy), args.layers, kind, params)
+            what = f"heads run {kind}"
+            changed = sum(h.kind == kind for h in made.heads)
+        made.save(args.out)
     except AttnlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    changed = sum(h.kind == kind for h in hybrid.heads)
-    print(f"wrote {args.out}: {changed} heads run {kind} on layer{'s' if len(args.layers) > 1 else ''} {layers_text(args.layers)}")
+    print(f"wrote {args.out}: {changed} {what} on {where}")
     return 0
 
 

@@ -238,7 +238,8 @@ def _mask_meta(policy: Policy, layouts: list[BlockSparseLayout], n: int, b: int,
         "dynamic": [d for d, _ in dyn_est],
         "estimator": [e for _, e in dyn_est],
         "dynamic_note": ("dynamic[l][h] true: the head picks its blocks per input (rule in estimator[l][h]: last_q = "
-                         "MInference's last-queries column/diagonal sums, pooled_qk = mean-pooled q.k per block); "
+                         "MInference's last-queries column/diagonal sums, pooled_qk = mean-pooled q.k per block, "
+                         "antidiagonal = XAttention's strided antidiagonal sums of q.k); "
                          "its arrays hold the PRIOR choice (first columns, nearest diagonals), not what it runs"),
         "units": UNITS,
         "arrays": FLEX_ARRAY_DOC if flex else ARRAY_DOC,

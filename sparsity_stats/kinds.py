@@ -20,7 +20,8 @@ size up to whole blocks of the compile's block size (``ceil(size / B)``).
 Static kinds are fixed by the sequence length. Dynamic kinds carry an estimation rule and pick
 their blocks per input from `BlockScores`: MInference's last-``q`` queries for
 ``vertical_slash`` (column and diagonal sums of their attention), and mean-pooled ``q . k``
-over blocks for ``block_topk`` (FlexPrefill / SeerAttention style). `estimate_block_scores`
+over blocks for ``block_topk`` (FlexPrefill / SeerAttention style; rule ``antidiagonal``:
+XAttention's strided antidiagonal scores instead). `estimate_block_scores`
 computes them from an input's queries and keys; `scores_from_block_maps` reads the same from a
 profiled run; with neither, a compile uses `prior_block_scores` (first columns, nearest
 diagonals). Dynamic kinds always keep the first key block and the diagonal, as MInference
@@ -145,7 +146,7 @@ class BlockScores:
     slash: Tensor
     blocks: Tensor
     #: XAttention's antidiagonal block scores ``[H, QB, KB]`` (rows sum to 1), when a layer has
-    #: ``xattention`` heads; None otherwise.
+    #: ``xattention`` heads or ``block_topk`` heads with ``estimate.rule`` ``antidiagonal``; None otherwise.
     antidiagonal: Tensor | None = None
 
     @property
@@ -491,7 +492,10 @@ class BlockTopK(Kind):
     def pattern(self, params, n, block_size, scores=None):
         scores = scores if scores is not None else prior_block_scores(n, block_size)
         k = self.topk_blocks(params, n, block_size)
-        table = select_block_topk(scores.blocks[0], topk_blocks=k, gamma=params.get("gamma"))
+        blocks = scores.blocks
+        if params.get("estimate", {}).get("rule") == "antidiagonal" and scores.antidiagonal is not None:
+            blocks = scores.antidiagonal  # XAttention's scores; without an input, the ones given
+        table = select_block_topk(blocks[0], topk_blocks=k, gamma=params.get("gamma"))
         p = and_masks(generate_causal(), on_blocks(generate_blocks(table), block_size))
         tag = f"{k}b" if k is not None else f"gamma{params['gamma']:g}"
         return named(p, f"block_topk_{tag}")

@@ -283,15 +283,22 @@ def estimate_layer_scores(policy: Policy, layer: int, q: Tensor, k: Tensor, bloc
     if not last and any(e.kind == "flexprefill" for e in policy.layer(layer)):
         last = [b]  # FlexPrefill estimates from the last block of queries
     scores = estimate_block_scores(q, k, b, last_q=max(last, default=64))
-    strides = [int(e.params["stride"]) for e in policy.layer(layer) if e.kind == "xattention"]
-    if strides:  # XAttention's antidiagonal scores, at the finest stride its heads ask for
+    from .policy import antidiagonal_stride
+
+    wanted = {h: s for h, e in enumerate(policy.layer(layer)) if (s := antidiagonal_stride(e.kind, e.params)) is not None}
+    if wanted:  # XAttention's antidiagonal scores, each head's row at the stride it asks for
         from .dynamic import antidiagonal_block_scores
 
-        stride = min(strides)
-        if b % stride:
-            raise PolicyError(f"layer {layer}: XAttention's stride {stride} does not divide the block size {b}: "
-                              "use a stride that divides it (params.stride)")
-        scores.antidiagonal = antidiagonal_block_scores(q, k, b, stride=stride)
+        for stride in sorted(set(wanted.values())):
+            if b % stride:
+                raise PolicyError(f"layer {layer}: antidiagonal stride {stride} does not divide the block size {b}: "
+                                  "use a stride that divides it (params.stride, or params.estimate.stride of block_topk)")
+            at = antidiagonal_block_scores(q, k, b, stride=stride)
+            if scores.antidiagonal is None:
+                scores.antidiagonal = at  # heads that ask for no stride get the finest (unused by them)
+            else:
+                heads = [h for h, s in wanted.items() if s == stride]
+                scores.antidiagonal[heads] = at[heads]
     return scores
 
 

@@ -67,6 +67,7 @@ import pandas as pd
 from attnlab.identity import IdentityError, ModelIdentity
 from attnlab.runs import load_json, write_json
 
+from .dynamic import STRIDES, XATTENTION_DEFAULTS
 from .errors import (
     ERR_FIELD,
     ERR_FOREIGN,
@@ -94,11 +95,25 @@ MAX_BLOCK_SIZE = 4096
 MAX_TOKENS = 1 << 31
 #: The estimation rule each dynamic kind may carry in ``params.estimate``, with the fields the
 #: rule takes (name -> check, message). What attnlab executes: MInference's last-queries rule for
-#: vertical-slash heads, FlexPrefill's mean-pooled q/k blocks for block top-k heads.
+#: vertical-slash heads; for block top-k heads FlexPrefill's mean-pooled q/k blocks (the default)
+#: or XAttention's strided antidiagonal scores (``stride`` queries and keys per antidiagonal).
 ESTIMATE_RULES: dict[str, dict[str, dict[str, tuple[Any, str]]]] = {
     "vertical_slash": {"last_q": {"last_q": (lambda v: _is_int(v) and 1 <= v <= MAX_TOKENS, f"a whole number of queries in [1, {MAX_TOKENS}]")}},
-    "block_topk": {"pooled_qk": {"pool": (lambda v: v == "mean", "'mean'")}},
+    "block_topk": {"pooled_qk": {"pool": (lambda v: v == "mean", "'mean'")},
+                   "antidiagonal": {"stride": (lambda v: _is_int(v) and v in STRIDES, f"one of {', '.join(map(str, STRIDES))}")}},
 }
+
+
+def antidiagonal_stride(kind: str, params: Mapping[str, Any]) -> int | None:
+    """The stride of the antidiagonal scores a head chooses its blocks from: an ``xattention``
+    head's ``params.stride``, a ``block_topk`` head's ``params.estimate.stride`` under rule
+    ``antidiagonal`` (8 when not given, XAttention's default); None for any other head."""
+    if kind == "xattention":
+        return int(params["stride"])
+    est = params.get("estimate") if kind == "block_topk" else None
+    if isinstance(est, Mapping) and est.get("rule") == "antidiagonal":
+        return int(est.get("stride", XATTENTION_DEFAULTS["stride"]))
+    return None
 
 
 def _is_int(x: Any) -> bool:
@@ -674,6 +689,12 @@ class Policy:
             if (e.layer, e.head) in heads:
                 raise PolicyError(ERR_HEAD_DUPLICATE.format(path=path, head=f"(layer {e.layer}, head {e.head})"))
             heads[(e.layer, e.head)] = e
+        for e in heads.values():
+            stride = antidiagonal_stride(e.kind, e.params)
+            if stride is not None and int(bs) % stride:
+                raise PolicyError(ERR_FIELD.format(where=f"{path}: layer {e.layer} head {e.head}", field="params.stride" if e.kind == "xattention" else "params.estimate.stride",
+                                                   problem=f"is {stride}, which does not divide the block size {bs} (antidiagonals are scored within blocks)",
+                                                   fix=f"use a stride that divides {bs}, e.g. {min(8, int(bs))}"))
         if len(heads) != expected:
             missing = next(((la, h) for la in range(pmodel["n_layers"]) for h in range(pmodel["n_heads"]) if (la, h) not in heads), None)
             if missing is not None and len(heads) < expected:

@@ -223,3 +223,76 @@ def test_published_baselines_keep_the_given_layers_dense(tiny_llama):
 
     assert parse_baseline_name(name) == ("xattention", {"tau": 0.7}, [6, 7, 8])
     assert parse_baseline_name("flexprefill:gamma=0.8") == ("flexprefill", {"gamma": 0.8}, [])
+
+
+def _planted(n_kv=2, n_heads=4):
+    """q/k (128 tokens, 16-token blocks) where the last query block reads one key token in block 3
+    that block 3's other keys cancel in the mean, while block 5's keys lean a little towards it
+    on average: the mean-pooled estimate prefers block 5, the antidiagonals block 3."""
+    g = torch.Generator().manual_seed(1)
+    d = 16
+    q = torch.randn(n_heads, 128, d, generator=g) * 0.1
+    k = torch.randn(n_kv, 128, d, generator=g) * 0.1
+    q[:, 112:, 0] = 4.0
+    k[:, 48, 0] = 40.0
+    k[:, 49:64, 0] = -40.0 / 15
+    k[:, 80:96, 0] += 2.0
+    return q, k
+
+
+def test_block_topk_under_the_antidiagonal_rule_keeps_the_top_k_of_xattentions_scores(tiny_llama):
+    """The same top-k (3 blocks), two estimates: the default mean-pooled one keeps block 5 in the
+    last row, the antidiagonal one the planted block 3, and its whole mask is the top-k of
+    `antidiagonal_block_scores` at the head's stride."""
+    from attnlab.sparsity_stats.kinds import select_block_topk
+    from attnlab.sparsity_stats.masks import compile_for_input
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    q, k = _planted()
+    anti = uniform_policy(tiny_llama, "block_topk", {"topk": 48, "estimate": {"rule": "antidiagonal", "stride": 4}}, block_size=16)
+    pooled = uniform_policy(tiny_llama, "block_topk", {"topk": 48}, block_size=16)
+    got, base = compile_for_input(anti, 0, q, k).block_mask(), compile_for_input(pooled, 0, q, k).block_mask()
+    assert torch.equal(got, select_block_topk(antidiagonal_block_scores(q, k, 16, stride=4), topk_blocks=3))
+    assert got[:, -1].nonzero()[:, 1].tolist() == [0, 3, 7] * 4
+    assert base[:, -1].nonzero()[:, 1].tolist() == [0, 5, 7] * 4
+    assert got.sum() == base.sum(), "the rule changes which blocks, not how many"
+
+
+def test_each_head_gets_the_antidiagonal_stride_it_asks_for(tiny_llama):
+    """One layer mixing an XAttention head (stride 2), antidiagonal top-k heads (strides 4 and 8)
+    and a mean-pooled one: each head's row of the layer's antidiagonal scores is its own stride's."""
+    from attnlab.sparsity_stats.masks import estimate_layer_scores
+    from attnlab.sparsity_stats.policy import Policy, uniform_policy
+
+    d = uniform_policy(tiny_llama, "block_topk", {"topk": 48, "estimate": {"rule": "antidiagonal", "stride": 4}}, block_size=16).to_dict()
+    layer0 = {h["head"]: h for h in d["heads"] if h["layer"] == 0}
+    layer0[1]["params"]["estimate"]["stride"] = 8
+    layer0[2].update(kind="xattention", params={"tau": 0.9, "stride": 2})
+    layer0[3]["params"] = {"topk": 48}
+    q, k = _planted()
+    scores = estimate_layer_scores(Policy.from_dict(d), 0, q, k)
+    for head, stride in {0: 4, 1: 8, 2: 2}.items():
+        assert torch.allclose(scores.antidiagonal[head], antidiagonal_block_scores(q, k, 16, stride=stride)[head]), head
+    assert not torch.allclose(scores.antidiagonal[0], scores.antidiagonal[1])
+
+
+@pytest.mark.parametrize(("estimate", "match"), [
+    ({"rule": "antidiagonal", "stride": 32}, r"layer 0 head 0: field 'params.estimate.stride' is 32, which does not divide the block size 16"),
+    ({"rule": "antidiagonal", "stride": 3}, r"field 'params.estimate.stride' must be one of 1, 2, 4, 8, 16, 32, 64, got 3"),
+    ({"rule": "antidiagonal", "pool": "mean"}, r"field 'params.estimate.pool' is not a field of rule 'antidiagonal'"),
+    ({"rule": "strided"}, r"use 'pooled_qk' or 'antidiagonal'"),
+])
+def test_a_bad_antidiagonal_estimate_is_refused_when_the_policy_loads(tiny_llama, estimate, match):
+    from attnlab.sparsity_stats.errors import PolicyError
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    with pytest.raises(PolicyError, match=match):
+        uniform_policy(tiny_llama, "block_topk", {"topk": 48, "estimate": estimate}, block_size=16)
+
+
+def test_an_xattention_stride_that_does_not_divide_the_block_size_is_refused_when_the_policy_loads(tiny_llama):
+    from attnlab.sparsity_stats.errors import PolicyError
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    with pytest.raises(PolicyError, match=r"field 'params.stride' is 32, which does not divide the block size 16 \(antidiagonals are scored within blocks\); use a stride that divides 16, e.g. 8"):
+        uniform_policy(tiny_llama, "xattention", {"tau": 0.9, "stride": 32}, block_size=16)

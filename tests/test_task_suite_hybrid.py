@@ -84,3 +84,23 @@ def test_each_swapped_head_says_which_layers_the_method_runs_on(capsys, tmp_path
     assert hp.main([str(DATA / "p68n2k.json"), "--layers", "17-24", "--method", "xattention",
                     "--out", str(tmp_path / "h.json")]) == 0
     assert capsys.readouterr().out.strip().endswith("heads run xattention on layers 17-24")
+
+
+def test_the_estimate_mode_changes_only_the_block_topk_heads_rule(tmp_path, capsys):
+    """--estimate antidiagonal: the block_topk heads of the layers keep kind and top-k and gain the
+    antidiagonal rule; every other head (and every head outside the layers) is unchanged."""
+    pick = Policy.load(DATA / "p68n2k.json")
+    out = tmp_path / "ad.json"
+    assert hp.main([str(DATA / "p68n2k.json"), "--layers", "20-22", "--estimate", "antidiagonal", "--out", str(out)]) == 0
+    before, after = _heads(pick.to_dict()), _heads(json.loads(out.read_text()))
+    changed = [key for key, h in before.items() if key[0] in (20, 21, 22) and h["kind"] == "block_topk"]
+    assert changed and capsys.readouterr().out.strip().endswith(f"{len(changed)} block_topk heads rank blocks by antidiagonal scores on layers 20-22")
+    for key, h in after.items():
+        if key in changed:
+            assert h["params"]["estimate"] == {"rule": "antidiagonal", "stride": 8}
+            assert {k: v for k, v in h["params"].items() if k != "estimate"} == {k: v for k, v in before[key]["params"].items() if k != "estimate"}
+            assert h["kind"] == "block_topk"
+        else:
+            assert h == before[key]
+    assert Policy.load(out).to_dict()["generator"]["estimate"]["heads"] == len(changed)  # it loads, and says what changed
+    assert hp.main([str(DATA / "p68n2k.json"), "--layers", "20", "--estimate", "antidiagonal", "--out", str(out)]) == 2  # no overwrite
