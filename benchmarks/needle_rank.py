@@ -40,6 +40,7 @@ import torch
 from task_suite_multikey import (  # the same folder: run as a script
     last_row_mask,
     needle_span,
+    read_report,
     token_starts,
 )
 
@@ -122,10 +123,9 @@ def report(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--report"]:
-        if len(argv) != 2 or not Path(argv[1]).is_file():
-            raise SystemExit("--report takes one file: the --out JSON of an earlier run")
-        report(json.loads(Path(argv[1]).read_text())["rows"])
+    saved = read_report(argv)
+    if saved is not None:
+        report(saved["rows"])
         return 0
     ap.add_argument("diagnosis", help="the --out JSON of task_suite_multikey.py (samples, groups, needle heads)")
     ap.add_argument("--policy", required=True, help="the budgeted pick's policy file")

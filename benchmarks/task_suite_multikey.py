@@ -227,13 +227,20 @@ def reply_report(results, methods, key, groups) -> None:
                   f"| {keep} | {at_first} | {later} |")
 
 
+def read_report(argv: list[str]) -> dict | None:
+    """The saved measurements when ``argv`` is ``--report FILE``; None for a measuring run."""
+    if argv[:1] != ["--report"]:
+        return None
+    if len(argv) != 2 or not Path(argv[1]).is_file():
+        raise SystemExit("--report takes one file: the --out JSON of an earlier run")
+    return json.loads(Path(argv[1]).read_text())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["--report"]:
-        if len(argv) != 2 or not Path(argv[1]).is_file():
-            raise SystemExit("--report takes one file: the --out JSON of an earlier run")
-        saved = json.loads(Path(argv[1]).read_text())
+    saved = read_report(argv)
+    if saved is not None:
         report(saved["results"], saved.get("methods") or list(saved["results"][0]["methods"]))
         return 0
     ap.add_argument("shards", help="folder of eval shards (s*/) holding the pick's and --against's answers")

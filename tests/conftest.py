@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -41,9 +42,16 @@ def random_ids(n: int, seed: int = 0, vocab: int = 40000) -> torch.Tensor:
 
 
 def load_benchmark(filename: str):
-    """The script ``benchmarks/<filename>`` as a module (the benchmarks are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / filename
+    """The script ``benchmarks/<filename>`` as a module (the benchmarks are scripts, not a package;
+    benchmarks/ is on sys.path while it loads, as when it runs, for the scripts that import a
+    neighbour)."""
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    path = folder / filename
     spec = importlib.util.spec_from_file_location("attnlab_bench_" + path.stem, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module

@@ -1,27 +1,15 @@
 """benchmarks/needle_rank.py: the ranks it reports are the order the pick's top-k keeps blocks in."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import load_benchmark
 
 from attnlab.sparsity_stats.kinds import select_block_topk
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def nr():
-    sys.path.insert(0, str(BENCH))  # the script imports its neighbour task_suite_multikey.py
-    try:
-        spec = importlib.util.spec_from_file_location("attnlab_needle_rank", BENCH / "needle_rank.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_benchmark("needle_rank.py")
 
 
 def test_the_diagonal_ranks_first_the_first_block_second_then_by_score(nr):

@@ -1,25 +1,14 @@
 """The variants benchmark's parsing: a variant's protected layers reach its dynamic baselines, and
 a baseline spec with dense layers builds the policy it names."""
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # the script imports its neighbour task_suite.py
-    try:
-        spec = importlib.util.spec_from_file_location("attnlab_task_suite_variants", BENCH / "task_suite_variants.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    return load_benchmark("task_suite_variants.py")
 
 
 def test_a_variants_protected_layers_are_read_from_its_flags(bench):
