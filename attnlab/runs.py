@@ -555,17 +555,23 @@ class Run:
         """Record in the manifest that ``stage`` ran (``stages[stage]``: parameters, summary, time).
         Given fields replace the stage's old ones; others are kept."""
         with self.locked():
-            self._reload_manifest()
-            stages = dict(self.manifest.get("stages", {}))
-            entry = dict(stages.get(stage, {}))
-            if parameters is not None:
-                entry["parameters"] = parameters
-            if summary is not None:
-                entry["summary"] = summary
-            entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            stages[stage] = entry
-            self.manifest["stages"] = stages
-            write_json(self.path / MANIFEST, self.manifest)
+            self.record_stage_locked(stage, parameters=parameters, summary=summary)
+
+    def record_stage_locked(self, stage: str, *, parameters: dict[str, Any] | None = None,
+                            summary: dict[str, Any] | None = None) -> None:
+        """`record_stage` for a caller that already holds the run's lock (`locked`): the lock
+        is per open file, so taking it again in the same process would wait for itself."""
+        self._reload_manifest()
+        stages = dict(self.manifest.get("stages", {}))
+        entry = dict(stages.get(stage, {}))
+        if parameters is not None:
+            entry["parameters"] = parameters
+        if summary is not None:
+            entry["summary"] = summary
+        entry["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        stages[stage] = entry
+        self.manifest["stages"] = stages
+        write_json(self.path / MANIFEST, self.manifest)
 
     def update_manifest(self, **fields: Any) -> None:
         """Set top-level manifest fields (under the run's lock, over the manifest on disk)."""
@@ -729,31 +735,38 @@ def preflight_run(out: str | os.PathLike, model: Any) -> Path:
     return out
 
 
-def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[str, Any]) -> Run:
+def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[str, Any], *, record: bool = True) -> Run:
     """The run directory a stage adds its results to: an existing run of the same model, or a
-    new one (created atomically with a complete manifest).
+    new one (created atomically with a complete manifest; never over a run another process
+    created meanwhile, which is opened instead).
 
     ``model`` is a `LoadedModel`, a `ModelIdentity` or an identity dict. Call it after the
     stage's work is done and before writing its files, so that a failed stage leaves nothing
-    behind. A stage's parameters are recorded under ``manifest["stages"][kind]``.
+    behind. A stage's parameters are recorded under ``manifest["stages"][kind]``; with
+    ``record=False`` the caller records them itself (e.g. merged with what another process
+    recorded, under the run's lock).
     """
     out = Path(out)
     identity = model.identity() if callable(getattr(model, "identity", None)) else ModelIdentity.from_dict(model)
     if out.exists() and not out.is_dir():
         raise RunError(_ERR_OUT_IS_FILE.format(path=out))
-    if out.exists():
-        run = Run.open(out)
-        run.check_model(identity)
-    else:
+    if not out.exists():
         check_writable_target(out, force=False)
-        partial = partial_dir(out)
+        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         manifest = new_manifest(kind, identity, parameters)
         manifest["status"] = "complete"
         write_json(partial / MANIFEST, manifest)
-        finalize_partial(partial, out)
-        run = Run.open(out)
-    run.record_stage(kind, parameters=parameters)
+        try:
+            os.rename(partial, out)  # fails when another process made ``out`` since the check
+        except OSError:
+            shutil.rmtree(partial, ignore_errors=True)
+            if not out.is_dir():
+                raise
+    run = Run.open(out)
+    run.check_model(identity)
+    if record:
+        run.record_stage(kind, parameters=parameters)
     return run

@@ -134,18 +134,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if not earlier.empty:
         kept = sum((s.name, m) in done for s in samples for m in [DENSE, *policies])
         print(f"kept {kept} answers {args.out} already held (same --seed and methods); answered {len(new)}")
-    table = combine_answers(earlier, new)
-    summary = summarize(table)
-    parameters = {"tasks": list(dict.fromkeys([*recorded.get("tasks", []), *tasks])),
-                  "lengths": list(dict.fromkeys([*recorded.get("lengths", []), *args.lengths])),
-                  "samples": max(args.samples, recorded.get("samples", 0)), "seed": args.seed,
-                  "executor": args.executor,
-                  "policies": {**recorded.get("policies", {}),
-                               **{k: str(v) for k, v in _policy_names(args.policy or []).items()}},
-                  "digests": {**recorded.get("digests", {}), **digests}}
-    run = ensure_run(args.out, model, "eval", parameters)
-    run.write(EVAL_SAMPLES, table)
-    run.write(EVAL_SUMMARY, summary)
+    def parameters_with(recorded: dict) -> dict:
+        return {"tasks": list(dict.fromkeys([*recorded.get("tasks", []), *tasks])),
+                "lengths": list(dict.fromkeys([*recorded.get("lengths", []), *args.lengths])),
+                "samples": max(args.samples, recorded.get("samples", 0)), "seed": args.seed,
+                "executor": args.executor,
+                "policies": {**recorded.get("policies", {}),
+                             **{k: str(v) for k, v in _policy_names(args.policy or []).items()}},
+                "digests": {**recorded.get("digests", {}), **digests}}
+
+    run = ensure_run(args.out, model, "eval", parameters_with(recorded), record=False)
+    with run.locked():
+        # another eval may have added answers to --out while these were computed (two methods
+        # answered into one folder at once): merge with what is there now, never over it
+        now, recorded = earlier_answers(args.out, seed=args.seed, digests=digests)
+        held = set(zip(now["sample"], now["method"], strict=True))
+        fresh = new[[(s, m) not in held for s, m in zip(new["sample"], new["method"], strict=True)]] if len(new) else new
+        table = combine_answers(now, fresh)
+        summary = summarize(table)
+        parameters = parameters_with(recorded)
+        run.record_stage_locked("eval", parameters=parameters)
+        run.write(EVAL_SAMPLES, table)
+        run.write(EVAL_SUMMARY, summary)
     if args.shard is not None:
         mark_shard(run, args.shard.record("eval", parameters, [s.name for s in samples], total,
                                           seconds=time.perf_counter() - t_start))

@@ -246,6 +246,40 @@ def test_eval_adds_to_a_run_without_answering_again(monkeypatch, tiny_llama, tmp
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
 
 
+def test_two_evals_adding_to_one_run_at_once_lose_nothing(monkeypatch, tiny_llama, tmp_path):
+    """While one eval answers method c, another (as a second process would) adds b and c to the
+    same run and finishes first: the slower one's write merges with what is there, so b's answers
+    and its recorded policy stay, and c is stored once."""
+    from attnlab.cli import main
+    from attnlab.runs import EVAL_SAMPLES, EVAL_SUMMARY, Run
+    from attnlab.sparsity_stats import eval_cli
+    from attnlab.sparsity_stats import evaluate as ev
+    from attnlab.sparsity_stats.policy import uniform_policy
+
+    monkeypatch.setattr(eval_cli, "load_model_from_args", lambda args: tiny_llama)
+    paths = {name: tmp_path / f"{name}.json" for name in "abc"}
+    for window, path in zip((32, 48, 64), paths.values(), strict=True):
+        uniform_policy(tiny_llama, "streaming", {"sink": 16, "window": window}, block_size=16).save(path)
+    out = tmp_path / "run"
+    base = ["eval", "--tasks", "niah_noise", "--lengths", "300", "--samples", "2", "--executor", "reference",
+            "--out", str(out), "--quiet"]
+    assert main([*base, "--policy", str(paths["a"])]) == 0
+    real = ev.evaluate
+
+    def racing(model, samples, policies, **kw):
+        rows = real(model, samples, policies, **kw)
+        monkeypatch.setattr(ev, "evaluate", real)  # the other eval, finishing while this one answers
+        assert main([*base, "--policy", str(paths["b"]), "--policy", str(paths["c"])]) == 0
+        return rows
+
+    monkeypatch.setattr(ev, "evaluate", racing)
+    assert main([*base, "--policy", str(paths["c"])]) == 0
+    run = Run.open(out)
+    assert run.read(EVAL_SAMPLES).method.tolist() == ["dense", "a", "b", "c"] * 2
+    assert set(run.read(EVAL_SUMMARY).method) == {"dense", "a", "b", "c"}
+    assert set(run.manifest["stages"]["eval"]["parameters"]["digests"]) == {"a", "b", "c"}
+
+
 @pytest.mark.slow
 def test_eval_cli_writes_paired_results_to_the_run(embedded, tmp_path, capsys):
     from attnlab.cli import main
