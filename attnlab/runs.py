@@ -752,7 +752,7 @@ def ensure_run(out: str | os.PathLike, model: Any, kind: str, parameters: dict[s
         raise RunError(_ERR_OUT_IS_FILE.format(path=out))
     if not out.exists():
         check_writable_target(out, force=False)
-        partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+        partial = partial_dir(out).with_name(f"{partial_dir(out).name}-{os.getpid()}")  # one per process
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)

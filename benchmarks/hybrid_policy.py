@@ -40,6 +40,11 @@ from attnlab.sparsity_stats.policy import Policy
 _ESTIMATES = ("expected_recall", "expected_density", "expected_kv", "density_is")
 
 
+def _where(layers: list[int]) -> str:
+    """"layer 21" or "layers 17-24": the layers a rewrite touched, for reasons and messages."""
+    return f"layer{'s' if len(layers) > 1 else ''} {layers_text(layers)}"
+
+
 def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) -> Policy:
     """``policy`` with every sparse head of ``layers`` running published method ``kind``
     (``params`` validated as `eval --baseline` validates them); dense heads and every other
@@ -58,7 +63,7 @@ def hybrid_policy(policy: Policy, layers: list[int], kind: str, params: dict) ->
     if not swapped:
         raise AttnlabError(f"--layers {layers_text(layers)}: every head there is dense in the policy; "
                            "choose layers it makes sparse")
-    where = f"layer{'s' if len(layers) > 1 else ''} {layers_text(layers)}"
+    where = _where(layers)
     why = f"hybrid: {kind} ({', '.join(f'{k} {v:g}' for k, v in params.items())}) on {where}"
     for h in swapped:
         h["kind"], h["params"], h["reason"] = kind, dict(params), why
@@ -90,7 +95,7 @@ def estimate_policy(policy: Policy, layers: list[int], stride: int) -> Policy:
     changed = [h for h in d["heads"] if h["layer"] in layers and h["kind"] == "block_topk"]
     if not changed:
         raise AttnlabError(f"--layers {layers_text(layers)}: no block_topk head there; choose layers the policy runs as block_topk")
-    where = f"layer{'s' if len(layers) > 1 else ''} {layers_text(layers)}"
+    where = _where(layers)
     for h in changed:
         h["params"] = {**h["params"], "estimate": {"rule": "antidiagonal", "stride": int(stride)}}
         h["reason"] = f"{h.get('reason', '')} [estimate: antidiagonal, stride {stride}, on {where}]".strip()
@@ -112,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, default=8, help="--estimate antidiagonal: the antidiagonal stride (default 8)")
     p.add_argument("--out", type=Path, required=True, help="where the hybrid policy is written (.json)")
     args = p.parse_args(argv)
-    where = f"layer{'s' if len(args.layers) > 1 else ''} {layers_text(args.layers)}"
+    where = _where(args.layers)
     try:
         if args.out.exists():
             raise AttnlabError(f"{args.out} exists; remove it or choose another --out")
